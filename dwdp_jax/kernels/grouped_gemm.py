@@ -1,0 +1,39 @@
+"""Grouped (ragged) SwiGLU expert FFN backends.
+
+Input rows are sorted by expert; `group_sizes_G[g]` rows belong to expert g of the slab, starting at row 0.
+Rows past sum(group_sizes_G) produce zeros, which is what lets the split-weight MoE run one call per slab
+on a shared sorted buffer. The XLA backend is `jax.lax.ragged_dot`: exact and portable, but XLA:GPU expands
+it densely (G x the FLOPs), so it is the CPU/reference backend only; the Hopper kernel plugs in by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+GroupedFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.Array, w_up_GDF: jax.Array,
+                    w_down_GFD: jax.Array) -> jax.Array:
+    """down(silu(gate(x)) * up(x)) per expert group, accumulated in fp32, returned in x's dtype."""
+    acc = jnp.float32
+    gate_MF = jax.lax.ragged_dot(x_MD, w_gate_GDF, group_sizes_G, preferred_element_type=acc)
+    up_MF = jax.lax.ragged_dot(x_MD, w_up_GDF, group_sizes_G, preferred_element_type=acc)
+    h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
+    return jax.lax.ragged_dot(h_MF, w_down_GFD, group_sizes_G, preferred_element_type=acc).astype(x_MD.dtype)
+
+
+_BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn}
+
+
+def register_backend(name: str, fn: GroupedFFN) -> None:
+    _BACKENDS[name] = fn
+
+
+def get_backend(name: str) -> GroupedFFN:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown grouped GEMM backend {name!r}; available: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]

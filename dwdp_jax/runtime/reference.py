@@ -1,0 +1,51 @@
+"""The reference runtime: one device, all weights, one jitted prefill. The ground truth for DEP and DWDP."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwdp_jax.packing import PackedBatch, pack
+from models.config import ModelConfig
+from models.deepseek_v3 import DeepseekV3
+from models.experts import ExpertSlab, ExpertView
+
+
+class Params(NamedTuple):
+    """A whole model: the NNX module (every non-routed weight) and one full expert slab per MoE layer."""
+
+    model: DeepseekV3
+    experts: tuple[ExpertSlab, ...]
+
+
+class PrefillOutput(NamedTuple):
+    logits_TV: np.ndarray  # float32, real tokens only, in input order
+    expert_ids: list[np.ndarray]  # per MoE layer [T, top-k], real tokens only
+    hidden_TD: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
+def _forward(graphdef, state, experts, tokens_T, segment_ids_T, positions_T, backend="xla"):
+    model = nnx.merge(graphdef, state)
+    views = [ExpertView.single(slab, backend) for slab in experts[:model.cfg.num_moe_layers]]
+    return model(tokens_T, segment_ids_T, positions_T, views)
+
+
+def prefill(params: Params, batch: PackedBatch, backend: str = "xla") -> PrefillOutput:
+    graphdef, state = nnx.split(params.model)
+    h, logits, ids = _forward(graphdef, state, params.experts, jnp.asarray(batch.tokens_T),
+                              jnp.asarray(batch.segment_ids_T), jnp.asarray(batch.positions_T), backend=backend)
+    n = batch.num_tokens
+    return PrefillOutput(np.asarray(logits[:n], np.float32), [np.asarray(i[:n]) for i in ids], np.asarray(h[:n]))
+
+
+def prefill_logits(config: ModelConfig, params: Params, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """Logits [sum of lengths, vocab] (float32) of every token of the sequences, packed into one batch."""
+    if params.model.cfg != config:
+        raise ValueError("params were built for a different ModelConfig than the one given")
+    return prefill(params, pack(sequences, vocab_size=config.vocab_size)).logits_TV

@@ -1,0 +1,305 @@
+"""DeepSeek-V3/R1 in Flax NNX: the whole model in one file, pure math.
+
+Dimension letters: T tokens of a packed batch, D hidden, F MLP width, H heads, K per-head q/k width
+(nope + rope), N nope width, R rope width, V value width (einsums) / vocab (shapes), Q q-LoRA rank,
+C kv-LoRA rank, E experts. Weights are stored [in, out] (the transpose of the HF checkpoint).
+
+Routed experts are not module state: every MoE layer receives them as an argument (`models.experts`), so the
+same modules run the reference, DEP and DWDP. Nothing here knows about devices or placement.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dwdp_jax.kernels import attention as attention_kernels
+from models.config import ModelConfig
+from models.experts import ExpertSlab, RoutedExperts
+
+INIT_STD = 0.02  # HF initializer_range
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
+    return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Normalized in fp32, cast back to the input dtype before the weight multiply (as HF)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[jax.Array, float]:
+    """Inverse frequencies of the rope dims, YaRN-blended whenever the config has yarn scaling, and the
+    cos/sin attention factor (1.0 for R1: YaRN's magnitude correction lives in the softmax scale)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    yarn = cfg.rope_scaling
+    if yarn is None:
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(yarn.beta_slow)), dim - 1)
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / max(high - low, 1e-3), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = inv_freq / yarn.factor * (1 - extrapolation) + inv_freq * extrapolation
+
+    def mscale(scale: float, m: float) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if yarn.mscale and yarn.mscale_all_dim:
+        factor = mscale(yarn.factor, yarn.mscale) / mscale(yarn.factor, yarn.mscale_all_dim)
+    else:
+        factor = mscale(yarn.factor, 1.0)
+    return inv_freq, factor
+
+
+def apply_rope(x_THR: jax.Array, positions_T: jax.Array, inv_freq_R2: jax.Array, factor: float) -> jax.Array:
+    """Rotates the checkpoint's interleaved pairs (x0, x1), (x2, x3), ...; output order [evens' ; odds']."""
+    angles_TR2 = positions_T[:, None].astype(jnp.float32) * inv_freq_R2[None, :]
+    cos_T1R2 = (jnp.cos(angles_TR2) * factor)[:, None, :]
+    sin_T1R2 = (jnp.sin(angles_TR2) * factor)[:, None, :]
+    x32 = x_THR.astype(jnp.float32)
+    even, odd = x32[..., 0::2], x32[..., 1::2]
+    out = jnp.concatenate([even * cos_T1R2 - odd * sin_T1R2, odd * cos_T1R2 + even * sin_T1R2], axis=-1)
+    return out.astype(x_THR.dtype)
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention, prefill form: latents expanded per head, naive causal attention."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_impl: str = "xla"):
+        dt = jnp.dtype(cfg.dtype)
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.cfg = cfg
+        self.attention_impl = attention_impl
+        if cfg.q_lora_rank is None:
+            self.q_proj = _param(rngs, (d, h, cfg.qk_head_dim), dt)
+        else:
+            self.q_a_proj = _param(rngs, (d, cfg.q_lora_rank), dt)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dt)
+            self.q_b_proj = _param(rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), dt)
+        self.kv_a_proj_with_mqa = _param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), dt)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dt)
+        self.kv_b_proj = _param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim), dt)
+        self.o_proj = _param(rngs, (h, cfg.v_head_dim, d), dt)
+
+    def __call__(self, x_TD, segment_ids_T, positions_T):
+        cfg = self.cfg
+        with jax.named_scope("mla_proj"):
+            if cfg.q_lora_rank is None:
+                q_THK = jnp.einsum("td,dhk->thk", x_TD, self.q_proj[...])
+            else:
+                q_TQ = self.q_a_layernorm(x_TD @ self.q_a_proj[...])
+                q_THK = jnp.einsum("tq,qhk->thk", q_TQ, self.q_b_proj[...])
+            q_nope_THN, q_pe_THR = jnp.split(q_THK, [cfg.qk_nope_head_dim], axis=-1)
+            kv_a = x_TD @ self.kv_a_proj_with_mqa[...]
+            c_TC = self.kv_a_layernorm(kv_a[:, :cfg.kv_lora_rank])
+            k_pe_T1R = kv_a[:, None, cfg.kv_lora_rank:]  # one rope key shared by all heads
+            kv_THX = jnp.einsum("tc,chx->thx", c_TC, self.kv_b_proj[...])
+            k_nope_THN, v_THV = jnp.split(kv_THX, [cfg.qk_nope_head_dim], axis=-1)
+        with jax.named_scope("rope"):
+            inv_freq, factor = rope_inv_freq(cfg)
+            q_pe_THR = apply_rope(q_pe_THR, positions_T, inv_freq, factor)
+            k_pe_T1R = apply_rope(k_pe_T1R, positions_T, inv_freq, factor)
+        q_THK = jnp.concatenate([q_nope_THN, q_pe_THR], axis=-1)
+        k_THK = jnp.concatenate([k_nope_THN, jnp.broadcast_to(k_pe_T1R, q_pe_THR.shape)], axis=-1)
+        with jax.named_scope("attention"):
+            attend = attention_kernels.get_backend(self.attention_impl)
+            o_THV = attend(q_THK, k_THK, v_THV, segment_ids_T, positions_T, scale=cfg.softmax_scale)
+        with jax.named_scope("mla_out"):
+            return jnp.einsum("thv,hvd->td", o_THV, self.o_proj[...])
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _param(rngs, (d, f), dtype)
+        self.up_proj = _param(rngs, (d, f), dtype)
+        self.down_proj = _param(rngs, (f, d), dtype)
+
+    def __call__(self, x_TD):
+        h_TF = jax.nn.silu(x_TD @ self.gate_proj[...]) * (x_TD @ self.up_proj[...])
+        return h_TF @ self.down_proj[...]
+
+
+class Router(nnx.Module):
+    """Sigmoid router with group-limited top-k (DeepSeek `noaux_tc`), all in fp32.
+
+    The correction bias only chooses experts and scores groups (sum of each group's top-2); the weights are
+    the unbiased sigmoid scores of the chosen experts, normalized, times routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.weight = _param(rngs, (cfg.hidden_size, cfg.n_routed_experts), jnp.float32)
+        self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+
+    def __call__(self, x_TD):
+        cfg = self.cfg
+        logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        scores_TE = jax.nn.sigmoid(logits_TE)
+        choice_TE = scores_TE + self.e_score_correction_bias[...]
+        t = x_TD.shape[0]
+        choice_TGe = choice_TE.reshape(t, cfg.n_group, -1)
+        group_scores_TG = jax.lax.top_k(choice_TGe, 2)[0].sum(-1) if choice_TGe.shape[-1] > 1 else choice_TGe[..., 0]
+        _, kept_groups = jax.lax.top_k(group_scores_TG, cfg.topk_group)
+        keep_TG = jnp.zeros((t, cfg.n_group), bool).at[jnp.arange(t)[:, None], kept_groups].set(True)
+        choice_TE = jnp.where(jnp.repeat(keep_TG, cfg.n_routed_experts // cfg.n_group, axis=1), choice_TE, -jnp.inf)
+        _, ids_TK = jax.lax.top_k(choice_TE, cfg.num_experts_per_tok)
+        weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=1)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdims=True) + 1e-20)
+        return weights_TK * cfg.routed_scaling_factor, ids_TK
+
+
+class MoE(nnx.Module):
+    """Router + routed experts (given as an argument) + shared experts on the same normed input."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.gate = Router(cfg, rngs)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                  jnp.dtype(cfg.dtype), rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x_TD, experts: RoutedExperts, valid_T=None):
+        with jax.named_scope("router"):
+            weights_TK, ids_TK = self.gate(x_TD)
+        with jax.named_scope("routed_experts"):
+            y_TD = experts(x_TD, ids_TK, weights_TK, valid_T)
+        if self.shared_experts is not None:
+            with jax.named_scope("shared_expert"):
+                y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD, ids_TK
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x += MLA(norm(x)); x += FFN(norm(x)), FFN dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs, attention_impl: str = "xla"):
+        dt = jnp.dtype(cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.self_attn = MLA(cfg, rngs, attention_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dt, rngs)
+
+    def attention(self, x_TD, segment_ids_T, positions_T):
+        return x_TD + self.self_attn(self.input_layernorm(x_TD), segment_ids_T, positions_T)
+
+    def ffn(self, x_TD, experts: RoutedExperts | None = None, valid_T=None):
+        h_TD = self.post_attention_layernorm(x_TD)
+        if isinstance(self.mlp, MoE):
+            y_TD, ids_TK = self.mlp(h_TD, experts, valid_T)
+            return x_TD + y_TD, ids_TK
+        with jax.named_scope("dense_mlp"):
+            return x_TD + self.mlp(h_TD), None
+
+    def __call__(self, x_TD, segment_ids_T, positions_T, experts: RoutedExperts | None = None, valid_T=None):
+        return self.ffn(self.attention(x_TD, segment_ids_T, positions_T), experts, valid_T)
+
+
+class MTP(nnx.Module):
+    """Multi-token prediction module (checkpoint layer num_hidden_layers): predicts token i+2 from the main
+    model's final hidden state at i and the embedding of token i+1; embedding and head are the main model's."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_impl: str = "xla"):
+        dt = jnp.dtype(cfg.dtype)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.eh_proj = _param(rngs, (2 * cfg.hidden_size, cfg.hidden_size), dt)
+        self.layer = DecoderLayer(cfg, moe=True, rngs=rngs, attention_impl=attention_impl)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)  # checkpoint name: shared_head.norm
+
+
+class DeepseekV3(nnx.Module):
+    """Embedding, decoder layers, final norm, lm_head (untied) and the MTP modules."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_impl: str = "xla"):
+        dt = jnp.dtype(cfg.dtype)
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                                                   jnp.float32).astype(dt))
+        self.layers = nnx.List([DecoderLayer(cfg, cfg.is_moe_layer(i), rngs, attention_impl)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dt)
+        self.mtp = nnx.List([MTP(cfg, rngs, attention_impl) for _ in range(cfg.num_nextn_predict_layers)])
+
+    def embed(self, tokens_T):
+        return self.embed_tokens[...][tokens_T]
+
+    def head(self, h_TD):
+        """Final norm and fp32 logits."""
+        with jax.named_scope("lm_head"):
+            return jnp.einsum("td,dv->tv", self.norm(h_TD), self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_T, segment_ids_T, positions_T, experts: Sequence[RoutedExperts]):
+        """Packed prefill. `experts[m]` serves the m-th MoE layer. Returns (final hidden [T, D] before the final
+        norm, logits [T, V] fp32, expert ids per MoE layer [T, top-k])."""
+        valid_T = segment_ids_T >= 0
+        x_TD = self.embed(tokens_T)
+        expert_ids = []
+        moe_layers = iter(experts)
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x_TD, ids = layer(x_TD, segment_ids_T, positions_T,
+                                  next(moe_layers) if self.cfg.is_moe_layer(i) else None, valid_T)
+            if ids is not None:
+                expert_ids.append(ids)
+        return x_TD, self.head(x_TD), expert_ids
+
+    def mtp_logits(self, h_TD, next_tokens_T, segment_ids_T, positions_T, experts: RoutedExperts, depth: int = 0):
+        """Logits of MTP module `depth` from the main model's final hidden states (after the final norm, as the
+        serving engines feed it) and the embeddings of the next tokens."""
+        mtp = self.mtp[depth]
+        e_TD = mtp.enorm(self.embed(next_tokens_T))
+        x_TD = jnp.concatenate([e_TD, mtp.hnorm(self.norm(h_TD))], axis=-1) @ mtp.eh_proj[...]
+        x_TD, ids_TK = mtp.layer(x_TD, segment_ids_T, positions_T, experts, segment_ids_T >= 0)
+        return jnp.einsum("td,dv->tv", mtp.norm(x_TD), self.lm_head[...], preferred_element_type=jnp.float32), ids_TK
+
+
+def init_expert_slab(cfg: ModelConfig, key: jax.Array) -> ExpertSlab:
+    """All routed experts of one MoE layer as a single slab."""
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    dt = jnp.dtype(cfg.dtype)
+    kg, ku, kd = jax.random.split(key, 3)
+    return ExpertSlab(w_gate_EDF=(INIT_STD * jax.random.normal(kg, (e, d, f), jnp.float32)).astype(dt),
+                      w_up_EDF=(INIT_STD * jax.random.normal(ku, (e, d, f), jnp.float32)).astype(dt),
+                      w_down_EFD=(INIT_STD * jax.random.normal(kd, (e, f, d), jnp.float32)).astype(dt))
+
+
+def num_expert_layers(cfg: ModelConfig) -> int:
+    """MoE layers of the main model followed by one per MTP module."""
+    return cfg.num_moe_layers + cfg.num_nextn_predict_layers
+
+
+def init_experts(cfg: ModelConfig, key: jax.Array) -> tuple[ExpertSlab, ...]:
+    return tuple(init_expert_slab(cfg, k) for k in jax.random.split(key, num_expert_layers(cfg)))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, attention_impl: str = "xla"):
+    """Random parameters: (model, experts), experts[m] the routed experts of MoE layer m (MTP layers last)."""
+    model = DeepseekV3(cfg, nnx.Rngs(seed), attention_impl)
+    return model, init_experts(cfg, jax.random.key(seed + 1))
+
+
+def abstract_model(cfg: ModelConfig):
+    """Shapes and dtypes only (no memory): the full 671B model checks on a laptop."""
+    model = nnx.eval_shape(lambda: DeepseekV3(cfg, nnx.Rngs(0)))
+    return model, jax.eval_shape(lambda: init_experts(cfg, jax.random.key(1)))

@@ -1,0 +1,120 @@
+"""The expert weights view: how the routed-expert computation receives its weights.
+
+A MoE layer's routed experts arrive as an explicit argument, never as module state, so one model serves the
+reference (one slab holding all E experts), DWDP (the local slab plus the prefetched remote slabs, consumed
+where they lie, no merge) and DEP (its own shard, behind an all-to-all). A view is an ordered tuple of slabs
+whose global expert ranges [start, start + count) tile [0, E) in order; tokens sorted by global expert id are
+therefore also sorted by slab, and each slab runs one grouped GEMM over its own rows of the shared buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from dwdp_jax.kernels import grouped_gemm
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertSlab:
+    """Consecutive experts [start, start + count) of one MoE layer, SwiGLU weights stored [in, out]."""
+
+    w_gate_EDF: jax.Array
+    w_up_EDF: jax.Array
+    w_down_EFD: jax.Array
+    start: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def count(self) -> int:
+        return self.w_gate_EDF.shape[0]
+
+
+class RoutedExperts(Protocol):
+    """Anything that applies the routed experts to routed tokens (the view below, DEP's dispatcher)."""
+
+    def __call__(self, x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
+                 valid_T: jax.Array | None = None) -> jax.Array: ...
+
+
+def sort_by_expert(ids_TK: jax.Array, num_experts: int, valid_T: jax.Array | None = None):
+    """Stable order of the T*K (token, choice) rows by expert; padding tokens go last and count nowhere.
+
+    Returns (order_M, group_sizes_E) with M = T*K; row m of the sorted buffer is token order_M[m] // K.
+    """
+    flat_ids_M = ids_TK.reshape(-1)
+    if valid_T is not None:
+        flat_ids_M = jnp.where(jnp.repeat(valid_T, ids_TK.shape[1]), flat_ids_M, num_experts)
+    order_M = jnp.argsort(flat_ids_M, stable=True)
+    group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[flat_ids_M].add(1, mode="drop")
+    return order_M, group_sizes_E
+
+
+def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, slabs: tuple[ExpertSlab, ...],
+                           backend: str) -> jax.Array:
+    """One grouped GEMM per slab over its rows of the sorted buffer, the weights used where they lie."""
+    ffn = grouped_gemm.get_backend(backend)
+    m = x_sorted_MD.shape[0]
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    y_sorted_MD = jnp.zeros_like(x_sorted_MD)
+    for slab in slabs:
+        sizes_G = jax.lax.dynamic_slice_in_dim(group_sizes_E, slab.start, slab.count)
+        if slab.start == 0:
+            y_sorted_MD = y_sorted_MD + ffn(x_sorted_MD, sizes_G, slab.w_gate_EDF, slab.w_up_EDF, slab.w_down_EFD)
+            continue
+        # Rotate this slab's rows to the front (the kernel's groups start at row 0) and back; a gather on
+        # activations, never a copy of weights.
+        row0 = starts_E[slab.start]
+        rows_M = jnp.arange(m)
+        x_slab_MD = x_sorted_MD[(rows_M + row0) % m]
+        y_slab_MD = ffn(x_slab_MD, sizes_G, slab.w_gate_EDF, slab.w_up_EDF, slab.w_down_EFD)
+        y_sorted_MD = y_sorted_MD + y_slab_MD[(rows_M - row0) % m]
+    return y_sorted_MD
+
+
+def combine(y_sorted_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
+    """Unsort the expert outputs and take the routing-weighted sum over the K choices (fp32)."""
+    t, k = weights_TK.shape
+    y_MD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD)
+    y_TKD = y_MD.reshape(t, k, -1).astype(jnp.float32)
+    return jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(jnp.float32)).astype(y_sorted_MD.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertView:
+    """All E experts of one MoE layer as an ordered tuple of slabs tiling [0, E)."""
+
+    slabs: tuple[ExpertSlab, ...]
+    num_experts: int = dataclasses.field(metadata=dict(static=True))
+    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+
+    def __post_init__(self):
+        expected = 0
+        for i, slab in enumerate(self.slabs):
+            if not hasattr(slab, "start") or not hasattr(slab.w_gate_EDF, "shape"):
+                return  # a pytree of non-arrays (specs, shardings) built by a JAX transform
+            if slab.start != expected:
+                raise ValueError(f"ExpertView slab {i} starts at expert {slab.start}, expected {expected}: "
+                                 f"slabs must tile [0, {self.num_experts}) in order")
+            expected += slab.count
+        if expected != self.num_experts:
+            raise ValueError(f"ExpertView slabs cover {expected} experts, expected num_experts={self.num_experts}")
+
+    @classmethod
+    def single(cls, slab: ExpertSlab, backend: str = "xla") -> "ExpertView":
+        return cls(slabs=(slab,), num_experts=slab.count, backend=backend)
+
+    def __call__(self, x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
+                 valid_T: jax.Array | None = None) -> jax.Array:
+        k = ids_TK.shape[1]
+        with jax.named_scope("moe_permute"):
+            order_M, group_sizes_E = sort_by_expert(ids_TK, self.num_experts, valid_T)
+            x_sorted_MD = x_TD[order_M // k]
+        with jax.named_scope("moe_gmm"):
+            y_sorted_MD = grouped_ffn_over_slabs(x_sorted_MD, group_sizes_E, self.slabs, self.backend)
+        with jax.named_scope("moe_combine"):
+            return combine(y_sorted_MD, order_M, weights_TK)
