@@ -1,0 +1,208 @@
+"""Per-rank memory planner for the reference, DEP and DWDP runtimes: fail before any allocation, with the numbers.
+
+A plan is arithmetic on the model config (no jax, no devices), so an R1-sized run that cannot fit is refused
+in milliseconds on a laptop instead of as an out-of-memory error minutes into weight loading, and so that
+reduced-depth R1-width configs for a given card can be derived (`max_layers_that_fit`).
+
+Weights are counted exactly from `ModelConfig` (the MTP head is not served and not counted, as in
+`cfg.param_count()`). Activations are an estimate of the peak of one forward step over a packed batch of
+T = max_num_tokens tokens (context-only: no KV cache outlives the step); see `activation_bytes`.
+`device_bytes` is what the process may allocate on one device (e.g. `device.memory_stats()["bytes_limit"]`,
+which reflects XLA's preallocation fraction), not the card's nameplate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dwdp_jax.placement import Placement
+from models.config import ModelConfig
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_FP32_BYTES = 4
+ATTENTION_IMPLS = ("naive", "flash")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one rank needs, by category. `description` names the shape that produced the numbers."""
+
+    description: str
+    replicated_weight_bytes: int
+    local_expert_bytes: int
+    prefetch_slot_bytes: int
+    all_to_all_bytes: int
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.replicated_weight_bytes + self.local_expert_bytes + self.prefetch_slot_bytes
+                + self.all_to_all_bytes + self.activation_bytes)
+
+    def check(self, device_bytes: int) -> int:
+        """Raise ValueError listing every category when the plan exceeds `device_bytes`; else return the headroom."""
+        headroom_bytes = device_bytes - self.total_bytes
+        if headroom_bytes < 0:
+            raise ValueError(f"does not fit: {self.summary()} > device_bytes {_format_bytes(device_bytes)} "
+                             f"(short by {_format_bytes(-headroom_bytes)})")
+        return headroom_bytes
+
+    def summary(self) -> str:
+        parts = [("replicated weights", self.replicated_weight_bytes), ("local experts", self.local_expert_bytes),
+                 ("prefetch slots", self.prefetch_slot_bytes), ("all-to-all buffers", self.all_to_all_bytes),
+                 ("activations", self.activation_bytes)]
+        listed = " + ".join(f"{name} {_format_bytes(value)}" for name, value in parts if value)
+        return f"{self.description}: {listed} = total {_format_bytes(self.total_bytes)}"
+
+
+def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
+              weight_bytes_per_param: float | None = None, attention_impl: str = "naive",
+              device_bytes: int | None = None) -> MemoryPlan:
+    """One DWDP rank: replicated non-expert weights, L local experts per MoE layer, two prefetch slots of one
+    layer's (N-1)P remote experts, and the activations of its own T tokens (they never leave the rank).
+
+    With `device_bytes` the plan is also checked (ValueError with the numbers when it does not fit).
+    """
+    if placement.num_experts != cfg.n_routed_experts:
+        raise ValueError(f"placement.num_experts={placement.num_experts} must equal cfg.n_routed_experts="
+                         f"{cfg.n_routed_experts}")
+    param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
+    remote_experts = placement.num_experts - placement.local_experts
+    plan = MemoryPlan(
+        description=(f"dwdp N={placement.num_ranks} L={placement.local_experts} P={placement.prefetch_experts}, "
+                     f"{cfg.num_moe_layers} MoE layers, T={max_num_tokens}, {attention_impl} attention, "
+                     f"{param_bytes} B/param"),
+        replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
+        local_expert_bytes=math.ceil(placement.local_experts * cfg.num_moe_layers * cfg.expert_params() * param_bytes),
+        prefetch_slot_bytes=math.ceil(2 * remote_experts * cfg.expert_params() * param_bytes),
+        all_to_all_bytes=0,
+        activation_bytes=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
+                                          attention_impl))
+    if device_bytes is not None:
+        plan.check(device_bytes)
+    return plan
+
+
+def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
+             attention_impl: str = "naive", device_bytes: int | None = None) -> MemoryPlan:
+    """One DEP rank: replicated non-expert weights, E/N experts per MoE layer, all-to-all buffers, activations.
+
+    Dropless expert parallelism must size for the worst case, every row of the group routed to this rank:
+    the dispatch receives up to N*T*K rows of D (plus its own T*K-row send buffer; the combine reuses both), and
+    its grouped GEMM runs over those N*T*K rows.
+    """
+    if num_ranks < 1 or cfg.n_routed_experts % num_ranks:
+        raise ValueError(f"plan_dep num_ranks must divide n_routed_experts={cfg.n_routed_experts}, got {num_ranks}")
+    param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
+    act_bytes = _DTYPE_BYTES[cfg.dtype]
+    rows_per_rank = max_num_tokens * cfg.num_experts_per_tok
+    local_experts = cfg.n_routed_experts // num_ranks
+    plan = MemoryPlan(
+        description=(f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
+                     f"{attention_impl} attention, {param_bytes} B/param"),
+        replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
+        local_expert_bytes=math.ceil(local_experts * cfg.num_moe_layers * cfg.expert_params() * param_bytes),
+        prefetch_slot_bytes=0,
+        all_to_all_bytes=(1 + num_ranks) * rows_per_rank * cfg.hidden_size * act_bytes,
+        activation_bytes=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
+    if device_bytes is not None:
+        plan.check(device_bytes)
+    return plan
+
+
+def plan_reference(cfg: ModelConfig, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
+                   attention_impl: str = "naive", device_bytes: int | None = None) -> MemoryPlan:
+    """The single-device ground truth: every weight on one device, T tokens."""
+    param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
+    plan = MemoryPlan(
+        description=f"reference, T={max_num_tokens}, {attention_impl} attention, {param_bytes} B/param",
+        replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
+        local_expert_bytes=math.ceil(routed_params(cfg) * param_bytes),
+        prefetch_slot_bytes=0,
+        all_to_all_bytes=0,
+        activation_bytes=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
+                                          attention_impl))
+    if device_bytes is not None:
+        plan.check(device_bytes)
+    return plan
+
+
+def max_layers_that_fit(cfg: ModelConfig, placement: Placement, max_num_tokens: int, device_bytes: int, *,
+                        weight_bytes_per_param: float | None = None, attention_impl: str = "naive") -> int:
+    """The largest num_hidden_layers <= cfg.num_hidden_layers, keeping first_k_dense_replace and at least one MoE
+    layer, whose DWDP plan fits `device_bytes`: the depth of an R1-width model that a given card can hold.
+
+    Raises ValueError with the numbers when even one MoE layer does not fit.
+    """
+    if cfg.num_moe_layers < 1:
+        raise ValueError(f"max_layers_that_fit needs a config with MoE layers, got num_hidden_layers="
+                         f"{cfg.num_hidden_layers} = first_k_dense_replace={cfg.first_k_dense_replace}")
+    for num_layers in range(cfg.num_hidden_layers, cfg.first_k_dense_replace, -1):
+        plan = plan_dwdp(cfg.replace(num_hidden_layers=num_layers), placement, max_num_tokens,
+                         weight_bytes_per_param=weight_bytes_per_param, attention_impl=attention_impl)
+        if plan.total_bytes <= device_bytes:
+            return num_layers
+    raise ValueError(f"not even one MoE layer fits: {plan.summary()} > device_bytes {_format_bytes(device_bytes)}")
+
+
+def replicated_params(cfg: ModelConfig) -> int:
+    """Weights every rank holds: embedding, lm_head, final norm and each layer's non-routed part (attention,
+    norms, dense MLPs, shared experts, routers with their bias)."""
+    embeddings = 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+    return embeddings + sum(cfg.layer_params(layer)["replicated"] for layer in range(cfg.num_hidden_layers))
+
+
+def routed_params(cfg: ModelConfig) -> int:
+    """All routed-expert weights of the model (every MoE layer, every expert)."""
+    return cfg.num_moe_layers * cfg.n_routed_experts * cfg.expert_params()
+
+
+def activation_bytes(cfg: ModelConfig, max_num_tokens: int, routed_rows: int, attention_impl: str = "naive") -> int:
+    """Estimated peak activation bytes of one forward step over T = max_num_tokens packed tokens.
+
+    The residual stream lives through the whole step; the phases (attention, dense MLP, MoE, logits) run one at
+    a time, so the peak is the residual plus the largest phase. With a = activation dtype bytes, f = 4 (fp32),
+    D hidden, H heads, V vocab, E experts, F = moe_intermediate_size, F_d = intermediate_size:
+      residual   = 2 T D a                                    (hidden state and its normed copy)
+      attention  = T (q_lora + kv_lora + rope) a              (MLA latents)
+                 + T H (2 qk_head_dim + 2 v_head_dim) a       (q, k, v and output, k/v expanded per head)
+                 + naive: H T^2 (f + a)                       (fp32 scores and probabilities of the packed batch)
+                   flash: 2 T H f                             (running max and sum; no T x T matrix)
+      dense MLP  = 2 T F_d a                                  (gate and up; only with dense layers)
+      MoE        = T E f + routed_rows (D + 2F) a + 2 T F n_shared a  (router logits, routed rows, shared expert)
+      logits     = T V f
+    routed_rows is T*K for the reference and DWDP (tokens stay on their rank) and the worst case N*T*K for DEP.
+    """
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if max_num_tokens < 1:
+        raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
+    t, d, h = max_num_tokens, cfg.hidden_size, cfg.num_attention_heads
+    a = _DTYPE_BYTES[cfg.dtype]
+    residual = 2 * t * d * a
+    attention = t * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a
+    attention += t * h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim) * a
+    attention += h * t * t * (_FP32_BYTES + a) if attention_impl == "naive" else 2 * t * h * _FP32_BYTES
+    dense_mlp = 2 * t * cfg.intermediate_size * a if cfg.first_k_dense_replace else 0
+    moe = t * cfg.n_routed_experts * _FP32_BYTES + routed_rows * (d + 2 * cfg.moe_intermediate_size) * a
+    moe += 2 * t * cfg.moe_intermediate_size * cfg.n_shared_experts * a
+    logits = t * cfg.vocab_size * _FP32_BYTES
+    return residual + max(attention, dense_mlp, moe, logits)
+
+
+def _weight_bytes_per_param(cfg: ModelConfig, weight_bytes_per_param: float | None) -> float:
+    """The storage dtype's size unless given (e.g. 1 + 4 / 128**2 for FP8 with 128x128 fp32 block scales)."""
+    if weight_bytes_per_param is None:
+        return _DTYPE_BYTES[cfg.dtype]
+    if weight_bytes_per_param <= 0:
+        raise ValueError(f"weight_bytes_per_param must be > 0, got {weight_bytes_per_param}")
+    return weight_bytes_per_param
+
+
+def _format_bytes(num_bytes: int) -> str:
+    """GiB for model-sized numbers, KiB/MiB for test-sized ones; the exact byte count always follows."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(num_bytes) >= size:
+            return f"{num_bytes / size:.2f} {unit} ({num_bytes} B)"
+    return f"{num_bytes} B"

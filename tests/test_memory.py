@@ -1,0 +1,107 @@
+"""Memory planner: exact weight accounting, refusal with the numbers before any allocation, monotone depth search."""
+
+import re
+
+import pytest
+
+from dwdp_jax import memory
+from dwdp_jax.placement import Placement
+from models.config import deepseek_r1, deepseek_v3_lite, tiny
+
+GB = 10 ** 9
+
+
+def test_replicated_plus_all_local_experts_is_the_whole_model():
+    cfg = deepseek_r1()
+    placement = Placement.uniform(cfg.n_routed_experts, 4)
+    plan = memory.plan_dwdp(cfg, placement, max_num_tokens=8192)
+    assert plan.replicated_weight_bytes + placement.num_ranks * plan.local_expert_bytes == 2 * cfg.param_count()
+    assert plan.prefetch_slot_bytes == 2 * 192 * cfg.expert_params() * 2
+    reference = memory.plan_reference(cfg, 8192)
+    assert reference.replicated_weight_bytes + reference.local_expert_bytes == 2 * cfg.param_count()
+
+
+def test_redundancy_trades_local_memory_for_slot_memory():
+    cfg = deepseek_v3_lite()
+    least = memory.plan_dwdp(cfg, Placement.for_group(72, 4), 1024)
+    redundant = memory.plan_dwdp(cfg, Placement.for_group(72, 4, local_experts=24), 1024)
+    expert_bytes = cfg.expert_params() * 2
+    assert redundant.local_expert_bytes - least.local_expert_bytes == 6 * cfg.num_moe_layers * expert_bytes
+    assert least.prefetch_slot_bytes - redundant.prefetch_slot_bytes == 2 * 6 * expert_bytes
+
+
+def test_full_r1_on_an_80_gb_device_is_refused_with_the_numbers():
+    cfg = deepseek_r1()
+    placement = Placement.uniform(cfg.n_routed_experts, 4)
+    with pytest.raises(ValueError) as error:
+        memory.plan_dwdp(cfg, placement, 8192, device_bytes=80 * GB)
+    message = str(error.value)
+    plan = memory.plan_dwdp(cfg, placement, 8192)
+    for name in ("replicated weights", "local experts", "prefetch slots", "activations", "device_bytes"):
+        assert name in message
+    for value in (plan.replicated_weight_bytes, plan.local_expert_bytes, plan.prefetch_slot_bytes,
+                  plan.activation_bytes, plan.total_bytes, 80 * GB):
+        assert f"({value} B)" in message
+    assert "N=4 L=64 P=64" in message
+
+
+def test_tiny_model_fits_one_gb():
+    cfg = tiny()
+    for num_ranks in (2, 3, 4):
+        plan = memory.plan_dwdp(cfg, Placement.for_group(cfg.n_routed_experts, num_ranks), 512, device_bytes=GB)
+        assert 0 < plan.total_bytes < GB
+        assert plan.check(GB) == GB - plan.total_bytes
+    memory.plan_dep(cfg, 4, 512, device_bytes=GB)
+    memory.plan_reference(cfg, 512, device_bytes=GB)
+
+
+def test_flash_attention_drops_the_quadratic_term():
+    cfg = deepseek_r1()
+    rows = 8192 * cfg.num_experts_per_tok
+    naive = memory.activation_bytes(cfg, 8192, rows, "naive")
+    flash = memory.activation_bytes(cfg, 8192, rows, "flash")
+    assert naive - 2 * 8192 * cfg.hidden_size * 2 == cfg.num_attention_heads * 8192 ** 2 * 6 + 8192 * (
+        1536 + 512 + 64) * 2 + 8192 * 128 * (2 * 192 + 2 * 128) * 2
+    assert flash < naive / 5
+    with pytest.raises(ValueError, match="attention_impl"):
+        memory.activation_bytes(cfg, 8192, rows, "paged")
+
+
+def test_dep_sizes_for_the_worst_case_all_to_all():
+    cfg = deepseek_r1()
+    dep = memory.plan_dep(cfg, 4, 8192, attention_impl="flash")
+    dwdp = memory.plan_dwdp(cfg, Placement.uniform(256, 4), 8192, attention_impl="flash")
+    assert dep.all_to_all_bytes == 5 * 8192 * 8 * cfg.hidden_size * 2
+    assert dep.local_expert_bytes == dwdp.local_expert_bytes and dep.prefetch_slot_bytes == 0
+    assert dep.activation_bytes > dwdp.activation_bytes
+    with pytest.raises(ValueError, match="num_ranks"):
+        memory.plan_dep(cfg, 3, 8192)
+
+
+def test_max_layers_that_fit_is_monotone_and_fits():
+    cfg = deepseek_r1()
+    placement = Placement.uniform(256, 4)
+    depths = []
+    for device_gb in (55, 60, 80, 100, 141, 200, 400, 800):
+        depth = memory.max_layers_that_fit(cfg, placement, 8192, device_gb * GB, attention_impl="flash")
+        shallow = cfg.replace(num_hidden_layers=depth)
+        memory.plan_dwdp(shallow, placement, 8192, attention_impl="flash", device_bytes=device_gb * GB)
+        if depth < cfg.num_hidden_layers:
+            with pytest.raises(ValueError):
+                memory.plan_dwdp(cfg.replace(num_hidden_layers=depth + 1), placement, 8192, attention_impl="flash",
+                                 device_bytes=device_gb * GB)
+        depths.append(depth)
+    assert depths == sorted(depths)
+    assert depths[-1] == cfg.num_hidden_layers and depths[0] > cfg.first_k_dense_replace
+    with pytest.raises(ValueError, match=re.escape("not even one MoE layer fits")):
+        memory.max_layers_that_fit(cfg, placement, 8192, 10 * GB)
+
+
+def test_bad_inputs():
+    cfg = tiny()
+    with pytest.raises(ValueError, match="n_routed_experts"):
+        memory.plan_dwdp(cfg, Placement.uniform(256, 4), 16)
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        memory.plan_dwdp(cfg, Placement.uniform(8, 4), 0)
+    with pytest.raises(ValueError, match="weight_bytes_per_param"):
+        memory.plan_reference(cfg, 16, weight_bytes_per_param=0)
