@@ -108,6 +108,15 @@ class ExpertView:
     def single(cls, slab: ExpertSlab, backend: str = "xla") -> "ExpertView":
         return cls(slabs=(slab,), num_experts=slab.count, backend=backend)
 
+    def merged(self) -> "ExpertView":
+        """The slabs concatenated into one (a copy of every expert weight): the paper's D2D merge, kept only as an
+        ablation of split-weight consumption."""
+        def cat(name):
+            return jnp.concatenate([getattr(s, name) for s in self.slabs], axis=0)
+
+        slab = ExpertSlab(cat("w_gate_EDF"), cat("w_up_EDF"), cat("w_down_EFD"), start=0)
+        return ExpertView((slab,), self.num_experts, self.backend)
+
     def __call__(self, x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
                  valid_T: jax.Array | None = None) -> jax.Array:
         k = ids_TK.shape[1]

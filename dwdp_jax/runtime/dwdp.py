@@ -1,0 +1,267 @@
+"""The DWDP runtime: one independent worker per device, no collectives, remote experts pulled a layer ahead.
+
+Each rank holds the replicated weights (embedding, attention, dense layers, shared experts, routers, head) and
+its local slab of every MoE layer. A forward step is a Python loop over per-stage jitted programs on the rank's
+own device: the dense front, one program per MoE layer (attention + MoE), the head. Before MoE layer m the rank
+reads slot m % 2, which its own pull filled; right after that MoE is enqueued it releases the slot and starts
+the pull of layer m + 2 into it; the first two MoE layers are primed at step start, behind the dense front.
+Nothing here ever waits for another rank: owners' weights are immutable and pulls need no cooperation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwdp_jax import memory
+from dwdp_jax.packing import PackedBatch
+from dwdp_jax.placement import Placement
+from dwdp_jax.runtime.reference import Params, PrefillOutput
+from dwdp_jax.transport import TransportOptions, export_pieces, make_transport
+from models.experts import ExpertSlab, ExpertView
+
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
+                  "ragged-all-to-all", "collective-broadcast")
+
+
+@dataclasses.dataclass(frozen=True)
+class DwdpOptions:
+    """Engine knobs; the defaults are the paper's DWDP. Each deviation is an ablation."""
+
+    transport: str = "device_put"
+    slices: int = 1  # >1: contention mitigation (each pull split into slices, round-robin over owners)
+    poison: bool = False  # NaN-fill released slots (tests)
+    prefetch: bool = True  # False: pull each layer synchronously right before its MoE (no overlap)
+    merge_experts: bool = False  # True: concatenate local and remote slabs before the MoE (the paper's D2D merge)
+    gemm_backend: str = "xla"
+    profile: bool = False  # block after every stage to time it (serializes the rank's own pipeline)
+    # With a device memory budget the engine refuses a group that does not fit before placing any weight.
+    device_bytes: int | None = None
+    max_num_tokens: int = 0
+    attention_memory: str = "naive"  # the activation estimate of the attention kernel in use
+
+    def __post_init__(self):
+        self.transport_options()  # validates slices before any device work
+
+    def transport_options(self) -> TransportOptions:
+        return TransportOptions(slices=self.slices, poison=self.poison)
+
+
+@dataclasses.dataclass
+class RankWeights:
+    """Everything one rank keeps on its device."""
+
+    device: jax.Device
+    embed_VD: jax.Array
+    dense_states: tuple
+    moe_states: tuple
+    norm_state: Any
+    lm_head_DV: jax.Array
+    local: tuple[ExpertSlab, ...]  # per MoE layer: this rank's experts [rP, rP + L)
+
+
+@dataclasses.dataclass
+class StepResult:
+    output: PrefillOutput
+    start_s: float
+    end_s: float
+    stages_s: dict[str, float]  # profile mode: front, attention+moe per layer summed, pull_wait, head
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T):
+    x_TD = embed_VD[tokens_T]
+    for state in dense_states:
+        x_TD, _ = nnx.merge(graphdef, state)(x_TD, segment_ids_T, positions_T)
+    return x_TD
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
+def _moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False):
+    layer = nnx.merge(graphdef, state)
+    return layer(x_TD, segment_ids_T, positions_T, view.merged() if merge else view, segment_ids_T >= 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _head(graphdef, norm_state, lm_head_DV, x_TD):
+    h_TD = nnx.merge(graphdef, norm_state)(x_TD)
+    return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
+
+
+def _split_stack(modules):
+    splits = [nnx.split(m) for m in modules]
+    return (splits[0][0] if splits else None), tuple(s for _, s in splits)
+
+
+class DwdpEngine:
+    """The weights of a DWDP group on its devices, and the per-rank forward step."""
+
+    def __init__(self, params: Params, placement: Placement, devices: list[jax.Device] | None = None,
+                 options: DwdpOptions = DwdpOptions()):
+        cfg = params.model.cfg
+        if placement.num_experts != cfg.n_routed_experts:
+            raise ValueError(f"placement.num_experts ({placement.num_experts}) must equal the model's "
+                             f"n_routed_experts ({cfg.n_routed_experts})")
+        available = jax.devices() if devices is None else devices
+        placement.check_devices(len(available))
+        if options.device_bytes is not None:
+            memory.plan_dwdp(cfg, placement, options.max_num_tokens, attention_impl=options.attention_memory,
+                             device_bytes=options.device_bytes)
+        self.devices = list(available)[:placement.num_ranks]
+        self.cfg, self.placement, self.options = cfg, placement, options
+        model = params.model
+        self._dense_graph, dense_states = _split_stack([model.layers[i] for i in range(cfg.first_k_dense_replace)])
+        self._moe_graph, moe_states = _split_stack([model.layers[i] for i in range(cfg.first_k_dense_replace,
+                                                                                     cfg.num_hidden_layers)])
+        self._norm_graph, norm_state = nnx.split(model.norm)
+        self.ranks = [self._place_rank(r, params, dense_states, moe_states, norm_state) for r in range(len(self.devices))]
+        exports = [[export_pieces(w.local[m], placement, r, options.slices, w.device) for m in range(cfg.num_moe_layers)]
+                   for r, w in enumerate(self.ranks)]
+        self.transport = make_transport(options.transport, placement, exports, self.devices,
+                                        options.transport_options())
+
+    def _place_rank(self, rank, params, dense_states, moe_states, norm_state) -> RankWeights:
+        device = self.devices[rank]
+        start, stop = self.placement.local_range(rank)
+
+        def put(tree):
+            return jax.device_put(tree, device)
+
+        local = tuple(ExpertSlab(*put((np.asarray(s.w_gate_EDF)[start:stop], np.asarray(s.w_up_EDF)[start:stop],
+                                       np.asarray(s.w_down_EFD)[start:stop])), start=start)
+                      for s in params.experts[:self.cfg.num_moe_layers])
+        return RankWeights(device, put(params.model.embed_tokens[...]), put(dense_states), put(moe_states),
+                           put(norm_state), put(params.model.lm_head[...]), local)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.ranks)
+
+    def _view(self, rank: int, layer: int, remote: tuple[ExpertSlab, ...]) -> ExpertView:
+        slabs = sorted((self.ranks[rank].local[layer],) + tuple(remote), key=lambda s: s.start)
+        return ExpertView(tuple(slabs), self.cfg.n_routed_experts, self.options.gemm_backend)
+
+    def step(self, rank: int, batch: PackedBatch) -> StepResult:
+        """One prefill of `batch` on `rank`, touching only this rank's device and its own slots."""
+        w, t, opts = self.ranks[rank], self.transport, self.options
+        n_moe = self.cfg.num_moe_layers
+        stages = {"front": 0.0, "layers": 0.0, "pull_wait": 0.0, "head": 0.0}
+        start_s = time.perf_counter()
+        tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
+        if opts.prefetch:
+            for m in range(min(2, n_moe)):
+                t.pull(rank, m, m % 2)
+        mark = time.perf_counter()
+        with jax.named_scope("dense_front"):
+            x = _front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos)
+        mark = self._lap(stages, "front", mark, x)
+        expert_ids = []
+        for m in range(n_moe):
+            slot = m % 2
+            if not opts.prefetch:
+                t.pull(rank, m, slot)
+            remote = t.acquire(rank, slot, m)
+            mark = self._lap(stages, "pull_wait", mark, remote)
+            x, ids = _moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, self._view(rank, m, remote),
+                                merge=opts.merge_experts)
+            t.release(rank, slot)
+            if opts.prefetch and m + 2 < n_moe:
+                t.pull(rank, m + 2, slot)
+            expert_ids.append(ids)
+            mark = self._lap(stages, "layers", mark, x)
+        logits = _head(self._norm_graph, w.norm_state, w.lm_head_DV, x)
+        n = batch.num_tokens
+        out = PrefillOutput(np.asarray(logits[:n]), [np.asarray(i[:n]) for i in expert_ids], np.asarray(x[:n]))
+        end_s = time.perf_counter()
+        stages["head"] = end_s - mark
+        return StepResult(out, start_s, end_s, stages if opts.profile else {})
+
+    def _lap(self, stages, name, mark, tree):
+        if not self.options.profile:
+            return mark
+        jax.block_until_ready(tree)
+        now = time.perf_counter()
+        stages[name] += now - mark
+        return now
+
+    def compiled_hlo(self, batch: PackedBatch, rank: int = 0) -> dict[str, str]:
+        """Optimized HLO text of the rank's programs (front, one MoE layer, head) for `batch`'s shapes."""
+        w = self.ranks[rank]
+        args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
+        x = jax.ShapeDtypeStruct((batch.budget, self.cfg.hidden_size), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
+        on_rank = jax.sharding.SingleDeviceSharding(w.device)
+        remote = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank),
+                              tuple(c for p in self.placement.pulls(rank)
+                                    for c in self.transport.exports[p.owner][0][(p.src_offset, p.count)]))
+        texts = {
+            "front": _front.lower(self._dense_graph, w.dense_states, w.embed_VD, *args).compile().as_text(),
+            "head": _head.lower(self._norm_graph, w.norm_state, w.lm_head_DV, x).compile().as_text(),
+        }
+        texts["moe_layer"] = _moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
+                                              self._view(rank, 0, remote),
+                                              merge=self.options.merge_experts).compile().as_text()
+        return texts
+
+
+def count_collectives(hlo_text: str) -> int:
+    return sum(hlo_text.count(f" {op}(") + hlo_text.count(f" {op}-start(") for op in COLLECTIVE_OPS)
+
+
+class DwdpWorkers:
+    """One host thread per rank, each looping on its own: take the next batch from `source(rank)` when free
+    (None = no more work), run the step, hand the result to `sink(rank, item, result)`.
+
+    `pause(rank)` holds a worker before its next step (to show the others do not depend on it).
+    """
+
+    def __init__(self, engine: DwdpEngine, source: Callable[[int], Any], sink: Callable[[int, Any, StepResult], None],
+                 batch_of: Callable[[Any], PackedBatch] = lambda item: item):
+        self.engine, self.source, self.sink, self.batch_of = engine, source, sink, batch_of
+        self._running = [threading.Event() for _ in range(engine.num_ranks)]
+        for e in self._running:
+            e.set()
+        self.errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._loop, args=(r,), name=f"dwdp-rank{r}", daemon=True)
+                         for r in range(engine.num_ranks)]
+
+    def start(self) -> "DwdpWorkers":
+        for th in self._threads:
+            th.start()
+        return self
+
+    def pause(self, rank: int) -> None:
+        self._running[rank].clear()
+
+    def resume(self, rank: int) -> None:
+        self._running[rank].set()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        for th in self._threads:
+            th.join(timeout_s)
+        if self.errors:
+            raise self.errors[0]
+
+    def _loop(self, rank: int) -> None:
+        try:
+            while True:
+                self._running[rank].wait()
+                item = self.source(rank)
+                if item is None:
+                    return
+                self.sink(rank, item, self.engine.step(rank, self.batch_of(item)))
+        except BaseException as e:  # surfaced by join(); a dead worker must not look like an idle one
+            self.errors.append(e)
+
+
+def queue_source(queues: list[queue.Queue]) -> Callable[[int], Any]:
+    """A source over per-rank queues ending with None."""
+    return lambda rank: queues[rank].get()

@@ -1,0 +1,131 @@
+"""The transport interface: how a DWDP rank gets the remote experts of a MoE layer into one of its two slots.
+
+Protocol per rank (DESIGN.md, execution model), slot = MoE layer index % 2:
+  pull(rank, layer, slot)   start the asynchronous copy of `layer`'s remote experts into `slot`
+  acquire(rank, slot)       the slabs of that slot for the MoE that reads them (read-after-write is the backend's job)
+  release(rank, slot)       after the reading MoE is enqueued: the slot may be overwritten (write-after-read)
+A rank only ever waits for its own pulls; the owners' weights are immutable after setup, so no pull needs any
+cooperation from the owner's worker.
+
+Owners export their experts as whole pre-split arrays, one per (layer, pull, slice), so a pull never slices a
+peer array (slicing would run work on the peer's compute stream).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dwdp_jax.placement import Placement
+from models.experts import ExpertSlab
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportOptions:
+    """`slices`: split every pull into this many pieces issued round-robin over the owners (the paper's
+    copy-engine contention mitigation; 1 = off). `poison`: fill a slot with NaN whenever it is released or about
+    to be pulled into, so any read of a stale or unfinished slot shows up in the results."""
+
+    slices: int = 1
+    poison: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.slices, int) or self.slices < 1:
+            raise ValueError(f"TransportOptions.slices must be an integer >= 1 (1 = contention mitigation off), "
+                             f"got {self.slices!r}")
+
+
+def slice_bounds(count: int, slices: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges splitting `count` experts into min(slices, count) near-equal pieces."""
+    edges = np.linspace(0, count, min(slices, count) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def export_pieces(local_slab: ExpertSlab, placement: Placement, owner: int, slices: int,
+                  device: jax.Device) -> dict[tuple[int, int], tuple[ExpertSlab, ...]]:
+    """The arrays `owner` serves to its peers for one layer: {(src_offset, count): slices}, built once at setup.
+
+    When a piece is the owner's whole slab and unsliced (the uniform L == P case) the local slab itself is
+    served: no extra memory.
+    """
+    wanted = {(p.src_offset, p.count) for r in range(placement.num_ranks) if r != owner
+              for p in placement.pulls(r) if p.owner == owner}
+    pieces = {}
+    for offset, count in sorted(wanted):
+        chunks = []
+        for a, b in slice_bounds(count, slices):
+            if (offset + a, b - a) == (0, local_slab.count):
+                chunks.append(local_slab)
+                continue
+            arrays = [jax.device_put(np.asarray(w)[offset + a:offset + b], device)
+                      for w in (local_slab.w_gate_EDF, local_slab.w_up_EDF, local_slab.w_down_EFD)]
+            chunks.append(ExpertSlab(*arrays, start=local_slab.start + offset + a))
+        pieces[(offset, count)] = tuple(chunks)
+    return pieces
+
+
+def poisoned_like(slabs: tuple[ExpertSlab, ...], device: jax.Device) -> tuple[ExpertSlab, ...]:
+    def nan(w):
+        return jax.device_put(jnp.full(w.shape, jnp.nan, w.dtype), device)
+
+    return tuple(ExpertSlab(nan(s.w_gate_EDF), nan(s.w_up_EDF), nan(s.w_down_EFD), start=s.start) for s in slabs)
+
+
+class Transport(abc.ABC):
+    """Two slots per rank; subclasses implement the copy."""
+
+    def __init__(self, placement: Placement, exports: list[list[dict]], devices: list[jax.Device],
+                 options: TransportOptions = TransportOptions()):
+        """exports[owner][layer] is `export_pieces(...)` of that owner and MoE layer."""
+        self.placement = placement
+        self.exports = exports
+        self.devices = devices
+        self.options = options
+        # slots[rank][slot] = (layer or None when free, slabs); each rank's entry is touched only by its own worker.
+        self.slots: list[list[tuple[int | None, tuple[ExpertSlab, ...]]]] = [[(None, ()), (None, ())] for _ in devices]
+
+    def pull(self, rank: int, layer: int, slot: int) -> None:
+        held = self.slots[rank][slot][0]
+        if held is not None:
+            raise RuntimeError(f"rank {rank} pulls layer {layer} into slot {slot} still holding layer {held}: "
+                               f"release it first (write-after-read)")
+        self._poison(rank, slot)
+        self.slots[rank][slot] = (layer, self._copy(rank, layer))
+
+    def acquire(self, rank: int, slot: int, layer: int) -> tuple[ExpertSlab, ...]:
+        held, slabs = self.slots[rank][slot]
+        if held != layer:
+            raise RuntimeError(f"rank {rank} reads layer {layer} from slot {slot}, which holds "
+                               f"{'nothing' if held is None else f'layer {held}'}")
+        return self._wait(rank, slabs)
+
+    def release(self, rank: int, slot: int) -> None:
+        """Called once the MoE reading the slot is enqueued; that MoE keeps its own references to the buffers."""
+        self.slots[rank][slot] = (None, self.slots[rank][slot][1])
+        self._poison(rank, slot)
+
+    def _poison(self, rank: int, slot: int) -> None:
+        if self.options.poison and self.slots[rank][slot][1]:
+            self.slots[rank][slot] = (None, poisoned_like(self.slots[rank][slot][1], self.devices[rank]))
+
+    def pull_order(self, rank: int) -> list[tuple[int, int, int]]:
+        """(owner, piece offset, piece count, slice index) in issue order: slice-major, round-robin over owners."""
+        pulls = self.placement.pulls(rank)
+        order = []
+        for i in range(self.options.slices):
+            for p in pulls:
+                if i < len(slice_bounds(p.count, self.options.slices)):
+                    order.append((p.owner, p.src_offset, p.count, i))
+        return order
+
+    @abc.abstractmethod
+    def _copy(self, rank: int, layer: int) -> tuple[ExpertSlab, ...]:
+        """Start the copies of `layer`'s remote experts to `rank`; returns the destination slabs."""
+
+    @abc.abstractmethod
+    def _wait(self, rank: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
+        """Make the slabs safe to read by the rank's next program (read-after-write)."""

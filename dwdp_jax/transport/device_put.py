@@ -1,0 +1,31 @@
+"""The portable transport: `jax.device_put` of the owners' pre-split arrays (CPU virtual devices and GPUs).
+
+On GPUs PJRT runs the copy as a copy-engine peer memcpy on the source's D2D stream, asynchronously to the host,
+and the destination's next program waits on the copy's definition event (read-after-write, no host sync). The
+destination buffer is freshly allocated and only becomes usable once the destination's compute stream reaches the
+allocation point, so a pull waits for the work already queued on its own device: the engine therefore issues the
+pull of layer m + 2 right after the MoE of layer m is enqueued, and the copy overlaps layer m + 1. Fresh buffers
+also make write-after-read automatic: the MoE that read the old slot holds its buffers until it finishes.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from dwdp_jax.transport.base import Transport
+from models.experts import ExpertSlab
+
+
+class DevicePutTransport(Transport):
+    def _copy(self, rank: int, layer: int) -> tuple[ExpertSlab, ...]:
+        device = self.devices[rank]
+        slabs = []
+        for owner, offset, count, i in self.pull_order(rank):
+            src = self.exports[owner][layer][(offset, count)][i]
+            gate, up, down = jax.device_put((src.w_gate_EDF, src.w_up_EDF, src.w_down_EFD), device)
+            slabs.append(ExpertSlab(gate, up, down, start=src.start))
+        return tuple(sorted(slabs, key=lambda s: s.start))
+
+    def _wait(self, rank: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
+        return slabs  # the consuming program waits on the copies' definition events on the device
+

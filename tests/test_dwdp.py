@@ -1,0 +1,170 @@
+"""DWDP engine on CPU virtual devices: exactness against the reference, slot discipline, no collectives,
+split-weight consumption, and independence of the per-device workers."""
+
+import queue
+import re
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from dwdp_jax.packing import pack
+from dwdp_jax.placement import Placement
+from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives, queue_source
+from dwdp_jax.runtime.reference import Params, prefill
+from models import config as C
+from models import deepseek_v3 as M
+
+CFG = C.tiny(num_hidden_layers=5, first_k_dense_replace=1)
+BUDGET = 32
+
+
+@pytest.fixture(scope="module")
+def params():
+    return Params(*M.init_model(CFG, seed=3))
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def batches_for(num_ranks: int):
+    """Different numbers of sequences per rank; the last rank gets none."""
+    rng = np.random.default_rng(num_ranks)
+    out = []
+    for r in range(num_ranks - 1):
+        lengths = rng.integers(1, 9, size=r + 1)
+        out.append([pack([rng.integers(0, CFG.vocab_size, n).tolist() for n in lengths], budget=BUDGET)])
+    out.append([])
+    out[0].append(pack([[5, 6, 7, 8, 9, 10, 11]], budget=BUDGET))  # rank 0 runs two steps
+    return out
+
+
+def assert_matches_reference(params, batch, output):
+    ref = prefill(params, batch)
+    assert rel_err(output.logits_TV, ref.logits_TV) <= 1e-6
+    assert np.isfinite(output.logits_TV).all()
+    for ours, theirs in zip(output.expert_ids, ref.expert_ids, strict=True):
+        np.testing.assert_array_equal(np.sort(ours, 1), np.sort(theirs, 1))
+
+
+def run_workers(engine, per_rank, pause_rank=None):
+    queues = [queue.Queue() for _ in range(engine.num_ranks)]
+    for q, batches in zip(queues, per_rank):
+        for b in batches:
+            q.put(b)
+    results, lock, done = [], threading.Lock(), [threading.Event() for _ in queues]
+
+    def sink(rank, batch, result):
+        with lock:
+            results.append((rank, batch, result))
+            if sum(r == rank for r, _, _ in results) == len(per_rank[rank]):
+                done[rank].set()
+
+    for r, batches in enumerate(per_rank):
+        if not batches:
+            done[r].set()
+    workers = DwdpWorkers(engine, queue_source(queues), sink)
+    if pause_rank is not None:
+        workers.pause(pause_rank)
+    workers.start()
+    return workers, queues, results, done
+
+
+def finish(workers, queues):
+    for q in queues:
+        q.put(None)
+    workers.join(timeout_s=120)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3, 4])
+def test_matches_reference_with_poisoned_slots(params, num_ranks):
+    placement = Placement.for_group(CFG.n_routed_experts, num_ranks)
+    if num_ranks == 3:
+        assert placement.local_experts > placement.prefetch_experts  # redundant placement
+    engine = DwdpEngine(params, placement, options=DwdpOptions(poison=True))
+    per_rank = batches_for(num_ranks)
+    workers, queues, results, _ = run_workers(engine, per_rank)
+    finish(workers, queues)
+    assert sorted(r for r, _, _ in results) == sorted(r for r, b in enumerate(per_rank) for _ in b)
+    for _, batch, result in results:
+        assert_matches_reference(params, batch, result.output)
+
+
+@pytest.mark.parametrize("options", [DwdpOptions(slices=3), DwdpOptions(prefetch=False), DwdpOptions(merge_experts=True),
+                                     DwdpOptions(profile=True)], ids=["sliced", "no_prefetch", "merged", "profile"])
+def test_ablations_stay_exact(params, options):
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=options)
+    batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)
+    for rank in range(4):
+        assert_matches_reference(params, batch, engine.step(rank, batch).output)
+
+
+def test_poisoned_stale_slot_is_visible(params):
+    """The poison is live: a view built from a released slot reads NaN."""
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=DwdpOptions(poison=True))
+    t = engine.transport
+    t.pull(1, 0, 0)
+    t.release(1, 0)
+    stale = t.slots[1][0][1]
+    assert stale and all(np.isnan(np.asarray(s.w_gate_EDF)).all() for s in stale)
+    with pytest.raises(RuntimeError, match="holds nothing"):
+        t.acquire(1, 0, 0)
+
+
+def test_slot_protocol_refuses_overwrite_before_release(params):
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2))
+    engine.transport.pull(0, 0, 0)
+    with pytest.raises(RuntimeError, match="write-after-read"):
+        engine.transport.pull(0, 2, 0)
+
+
+def expert_weight_concats(hlo: str) -> list[str]:
+    d, f = CFG.hidden_size, CFG.moe_intermediate_size
+    shapes = re.findall(r"= \w+\[(\d+),(\d+),(\d+)\][^ ]* concatenate\(", hlo)
+    return [s for s in shapes if (int(s[1]), int(s[2])) in ((d, f), (f, d))]
+
+
+def test_programs_have_no_collectives_and_no_weight_merge(params):
+    batch = pack([[1, 2, 3]], budget=BUDGET)
+    split = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4)).compiled_hlo(batch, rank=1)
+    assert set(split) == {"front", "moe_layer", "head"}
+    assert all(count_collectives(text) == 0 for text in split.values())
+    assert expert_weight_concats(split["moe_layer"]) == []
+    merged = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4),
+                        options=DwdpOptions(merge_experts=True)).compiled_hlo(batch, rank=1)
+    assert expert_weight_concats(merged["moe_layer"])  # the detector sees a merge when there is one
+
+
+def test_workers_progress_while_rank0_is_paused(params):
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4))
+    per_rank = [[pack([[1, 2, 3, 4]], budget=BUDGET)]] + [
+        [pack([[r, 7, 9], [11 + i]], budget=BUDGET) for i in range(3)] for r in range(1, 4)]
+    workers, queues, results, done = run_workers(engine, per_rank, pause_rank=0)
+    for r in range(1, 4):
+        assert done[r].wait(timeout=120), f"rank {r} did not finish while rank 0 was paused"
+    assert not any(r == 0 for r, _, _ in results)
+    for _, batch, result in results:
+        assert_matches_reference(params, batch, result.output)
+    workers.resume(0)
+    assert done[0].wait(timeout=120)
+    finish(workers, queues)
+    assert_matches_reference(params, per_rank[0][0], next(res for r, _, res in results if r == 0).output)
+
+
+def test_bad_groups_fail_before_device_work(params):
+    with pytest.raises(ValueError, match="n_routed_experts"):
+        DwdpEngine(params, Placement.for_group(16, 4))
+    with pytest.raises(ValueError, match="needs 4 devices, have 2"):
+        DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match="slices"):
+        DwdpOptions(slices=0)
+
+
+def test_memory_budget_refuses_before_placing(params):
+    with pytest.raises(ValueError, match="does not fit.*device_bytes"):
+        DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                   options=DwdpOptions(device_bytes=1024, max_num_tokens=BUDGET))
+    DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+               options=DwdpOptions(device_bytes=1 << 30, max_num_tokens=BUDGET))
