@@ -93,12 +93,18 @@ def test_matches_reference_with_poisoned_slots(params, num_ranks):
 
 
 @pytest.mark.parametrize("options", [DwdpOptions(slices=3), DwdpOptions(prefetch=False), DwdpOptions(merge_experts=True),
-                                     DwdpOptions(profile=True)], ids=["sliced", "no_prefetch", "merged", "profile"])
+                                     DwdpOptions()], ids=["sliced", "no_prefetch", "merged", "profiled"])
 def test_ablations_stay_exact(params, options):
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=options)
     batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)
+    profile = options == DwdpOptions()
     for rank in range(4):
-        assert_matches_reference(params, batch, engine.step(rank, batch).output)
+        result = engine.step(rank, batch, profile=profile)
+        assert_matches_reference(params, batch, result.output)
+        assert bool(result.stages_s) == profile
+        if profile:
+            assert set(result.stages_s) == {"front", "attention", "moe", "pull_wait", "head"}
+            assert all(v >= 0 for v in result.stages_s.values()) and result.stages_s["moe"] > 0
 
 
 def test_poisoned_stale_slot_is_visible(params):

@@ -43,7 +43,6 @@ class DwdpOptions:
     prefetch: bool = True  # False: pull each layer synchronously right before its MoE (no overlap)
     merge_experts: bool = False  # True: concatenate local and remote slabs before the MoE (the paper's D2D merge)
     gemm_backend: str = "xla"
-    profile: bool = False  # block after every stage to time it (serializes the rank's own pipeline)
     # With a device memory budget the engine refuses a group that does not fit before placing any weight.
     device_bytes: int | None = None
     max_num_tokens: int = 0
@@ -74,7 +73,7 @@ class StepResult:
     output: PrefillOutput
     start_s: float
     end_s: float
-    stages_s: dict[str, float]  # profile mode: front, attention+moe per layer summed, pull_wait, head
+    stages_s: dict[str, float]  # profiled steps only: seconds per stage, summed over layers
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -89,6 +88,16 @@ def _front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_
 def _moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False):
     layer = nnx.merge(graphdef, state)
     return layer(x_TD, segment_ids_T, positions_T, view.merged() if merge else view, segment_ids_T >= 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _attention(graphdef, state, x_TD, segment_ids_T, positions_T):
+    return nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
+def _ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False):
+    return nnx.merge(graphdef, state).ffn(x_TD, view.merged() if merge else view, segment_ids_T >= 0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -150,48 +159,56 @@ class DwdpEngine:
         slabs = sorted((self.ranks[rank].local[layer],) + tuple(remote), key=lambda s: s.start)
         return ExpertView(tuple(slabs), self.cfg.n_routed_experts, self.options.gemm_backend)
 
-    def step(self, rank: int, batch: PackedBatch) -> StepResult:
-        """One prefill of `batch` on `rank`, touching only this rank's device and its own slots."""
+    def step(self, rank: int, batch: PackedBatch, profile: bool = False) -> StepResult:
+        """One prefill of `batch` on `rank`, touching only this rank's device and its own slots.
+
+        `profile` runs attention and MoE as separate programs and syncs after every stage to time it (front,
+        attention, moe, pull_wait, head): it serializes the rank's pipeline, so it measures, it does not serve.
+        """
         w, t, opts = self.ranks[rank], self.transport, self.options
         n_moe = self.cfg.num_moe_layers
-        stages = {"front": 0.0, "layers": 0.0, "pull_wait": 0.0, "head": 0.0}
-        start_s = time.perf_counter()
+        stages = dict.fromkeys(("front", "attention", "moe", "pull_wait", "head"), 0.0)
+        start_s = mark = time.perf_counter()
+
+        def lap(name, tree):
+            nonlocal mark
+            if profile:
+                jax.block_until_ready(tree)
+                now = time.perf_counter()
+                stages[name] += now - mark
+                mark = now
+
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         if opts.prefetch:
             for m in range(min(2, n_moe)):
                 t.pull(rank, m, m % 2)
-        mark = time.perf_counter()
-        with jax.named_scope("dense_front"):
-            x = _front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos)
-        mark = self._lap(stages, "front", mark, x)
+        x = _front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos)
+        lap("front", x)
         expert_ids = []
         for m in range(n_moe):
             slot = m % 2
             if not opts.prefetch:
                 t.pull(rank, m, slot)
             remote = t.acquire(rank, slot, m)
-            mark = self._lap(stages, "pull_wait", mark, remote)
-            x, ids = _moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, self._view(rank, m, remote),
-                                merge=opts.merge_experts)
+            lap("pull_wait", remote)
+            view = self._view(rank, m, remote)
+            if profile:
+                x = _attention(self._moe_graph, w.moe_states[m], x, segs, pos)
+                lap("attention", x)
+                x, ids = _ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts)
+            else:
+                x, ids = _moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view, merge=opts.merge_experts)
             t.release(rank, slot)
             if opts.prefetch and m + 2 < n_moe:
                 t.pull(rank, m + 2, slot)
             expert_ids.append(ids)
-            mark = self._lap(stages, "layers", mark, x)
+            lap("moe", x)
         logits = _head(self._norm_graph, w.norm_state, w.lm_head_DV, x)
         n = batch.num_tokens
         out = PrefillOutput(np.asarray(logits[:n]), [np.asarray(i[:n]) for i in expert_ids], np.asarray(x[:n]))
         end_s = time.perf_counter()
         stages["head"] = end_s - mark
-        return StepResult(out, start_s, end_s, stages if opts.profile else {})
-
-    def _lap(self, stages, name, mark, tree):
-        if not self.options.profile:
-            return mark
-        jax.block_until_ready(tree)
-        now = time.perf_counter()
-        stages[name] += now - mark
-        return now
+        return StepResult(out, start_s, end_s, stages if profile else {})
 
     def compiled_hlo(self, batch: PackedBatch, rank: int = 0) -> dict[str, str]:
         """Optimized HLO text of the rank's programs (front, one MoE layer, head) for `batch`'s shapes."""
