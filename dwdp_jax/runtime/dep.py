@@ -1,0 +1,524 @@
+"""The DEP runtime: attention data-parallel + expert-parallel MoE, one SPMD program over N devices.
+
+DEP is the baseline DWDP is measured against, so it must be as good as JAX allows and differ from DWDP only
+in the strategy: the same Flax modules, the same grouped-GEMM and attention backends (chosen by name), the
+same packed batches. Each rank runs attention on its own sequences (padded to the shared static token budget,
+the padding masked), routes its tokens, sends every (token, choice) row to the rank owning the chosen expert,
+runs one grouped GEMM over the experts it owns (E/N consecutive experts along the expert axis), and sends
+the results back, where the routing-weighted sum over the K choices is taken. Dropless and exact: every
+buffer is sized for the worst case (all T*K rows of every rank landing on one rank), no capacity factor.
+
+Two dispatch backends move the rows (both exchange the per-(rank, expert) row counts first, with one small
+all_to_all, so every MoE layer has three all-to-alls: counts, dispatch, combine):
+- "dense": `jax.lax.all_to_all` of fixed [N, T*K, D] blocks, valid rows first in each block. Runs on every
+  platform (CPU virtual devices included); moves the worst case every time.
+- "ragged": `jax.lax.ragged_all_to_all`, which moves only the real rows and writes them straight into the
+  owner's buffer grouped by local expert (no local permute). XLA:CPU has no kernel for it (checked in jax
+  0.10.2: "HLO opcode ragged-all-to-all is not supported by XLA:CPU"), so it is GPU/TPU only.
+The default is "ragged" on GPU and "dense" elsewhere; the GPU default stands only as long as
+experiments/bench_dep_dispatch.py measures it faster on the card at hand.
+
+Every MoE layer is a barrier (its all-to-alls need every rank), so the slowest rank sets the pace. `profile`
+measures that: per-layer stage times from separately jitted stage programs, and the paper's synchronization
+estimate (Figure 1), 1 - mean(rank alone)/step, where "rank alone" is the same program with the other ranks'
+batches empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dwdp_jax.kernels import attention, grouped_gemm
+from dwdp_jax.packing import PackedBatch
+from dwdp_jax.runtime.reference import Params, PrefillOutput
+from models.deepseek_v3 import MLA
+from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
+
+AXIS = "ep"
+DISPATCH_BACKENDS = ("dense", "ragged")
+# Platforms with a ragged-all-to-all kernel (XLA:CPU has none in jax 0.10.2).
+RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so a CPU test can substitute an emulation
+
+
+def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+    """`jax.shard_map` (jax >= 0.7) or the experimental one of older releases. Replication is not checked:
+    the per-rank program mixes replicated weights and per-rank data freely and is never differentiated."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def default_dispatch(platform: str) -> str:
+    return "ragged" if platform in RAGGED_PLATFORMS else "dense"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row movement. A "segment" moves `size` consecutive rows from `src_start` to `dst_start`; the destination
+# segments are given in ascending order, which lets one searchsorted find every destination row's segment.
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _move_segments(x_RD: jax.Array, sizes_G: jax.Array, src_start_G: jax.Array, dst_start_G: jax.Array,
+                   num_rows: int) -> jax.Array:
+    """[num_rows, D] with each segment's rows copied to its destination; uncovered rows are zero."""
+    rows_Q = jnp.arange(num_rows, dtype=jnp.int32)
+    seg_Q = jnp.searchsorted(dst_start_G + sizes_G, rows_Q, side="right")
+    seg_Q = jnp.minimum(seg_Q, sizes_G.shape[0] - 1)
+    inside_Q = (rows_Q >= dst_start_G[seg_Q]) & (rows_Q < dst_start_G[seg_Q] + sizes_G[seg_Q])
+    src_Q = jnp.where(inside_Q, src_start_G[seg_Q] + rows_Q - dst_start_G[seg_Q], x_RD.shape[0])
+    return jnp.take(x_RD, src_Q, axis=0, mode="fill", fill_value=0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DispatchPlan:
+    """What a rank keeps between dispatch and combine.
+
+    order_M: the (token, choice) rows sorted by global expert (padding last); row m is token order_M[m] // K.
+    counts_NL: rows this rank sends to rank j's local expert l (its sorted rows are in this order).
+    peer_counts: the counts exchanged with the peers, layout per backend (dense [S, L], ragged [S, N, L]).
+    """
+
+    order_M: jax.Array
+    counts_NL: jax.Array
+    peer_counts: jax.Array
+
+
+class DenseAllToAll:
+    """Fixed-size blocks: rank j receives an [M, D] block from every rank (M = T*K, the worst case), valid
+    rows first. The receiver regroups its N blocks by local expert for the grouped GEMM and back."""
+
+    name = "dense"
+
+    @staticmethod
+    def exchange_counts(counts_NL: jax.Array) -> jax.Array:
+        """[S, L]: rows each source sends to each of this rank's experts."""
+        return jax.lax.all_to_all(counts_NL, AXIS, 0, 0, tiled=True)
+
+    @staticmethod
+    def local_group_sizes(peer_SL: jax.Array) -> jax.Array:
+        return peer_SL.sum(0)
+
+    @staticmethod
+    def _grouped_layout(peer_SL: jax.Array, m: int):
+        """Start of each (source, expert) run in the received blocks and in the expert-major grouped buffer."""
+        n = peer_SL.shape[0]
+        block_start_SL = (jnp.arange(n, dtype=jnp.int32) * m)[:, None] + _exclusive_cumsum(peer_SL, axis=1)
+        grouped_start_SL = _exclusive_cumsum(peer_SL.T.reshape(-1)).reshape(peer_SL.T.shape).T
+        return block_start_SL, grouped_start_SL
+
+    def dispatch(self, x_sorted_MD: jax.Array, counts_NL: jax.Array, peer_SL: jax.Array) -> jax.Array:
+        n = counts_NL.shape[0]
+        m, d = x_sorted_MD.shape
+        send_N = counts_NL.sum(1)
+        send_NMD = _move_segments(x_sorted_MD, send_N, _exclusive_cumsum(send_N), jnp.arange(n) * m, n * m)
+        recv_RD = jax.lax.all_to_all(send_NMD.reshape(n, m, d), AXIS, 0, 0, tiled=True).reshape(n * m, d)
+        block_start_SL, grouped_start_SL = self._grouped_layout(peer_SL, m)
+        # Destination segments in (expert, source) order: ascending in the grouped buffer.
+        return _move_segments(recv_RD, peer_SL.T.reshape(-1), block_start_SL.T.reshape(-1),
+                              grouped_start_SL.T.reshape(-1), n * m)
+
+    def combine(self, y_grouped_RD: jax.Array, counts_NL: jax.Array, peer_SL: jax.Array) -> jax.Array:
+        n = counts_NL.shape[0]
+        m = y_grouped_RD.shape[0] // n
+        d = y_grouped_RD.shape[1]
+        block_start_SL, grouped_start_SL = self._grouped_layout(peer_SL, m)
+        y_blocks_RD = _move_segments(y_grouped_RD, peer_SL.reshape(-1), grouped_start_SL.reshape(-1),
+                                     block_start_SL.reshape(-1), n * m)
+        back_RD = jax.lax.all_to_all(y_blocks_RD.reshape(n, m, d), AXIS, 0, 0, tiled=True).reshape(n * m, d)
+        send_N = counts_NL.sum(1)
+        return _move_segments(back_RD, send_N, jnp.arange(n) * m, _exclusive_cumsum(send_N), m)
+
+
+class RaggedAllToAll:
+    """`ragged_all_to_all` with one slice per (destination, local expert): every rank knows every rank's
+    counts, so each sender computes where its rows land in the owner's expert-major buffer, and the owner
+    runs the grouped GEMM on what it received as is. Moves only the real rows."""
+
+    name = "ragged"
+
+    @staticmethod
+    def exchange_counts(counts_NL: jax.Array) -> jax.Array:
+        """[S, N, L]: every rank's counts (an all_to_all of this rank's counts repeated N times)."""
+        n = counts_NL.shape[0]
+        return jax.lax.all_to_all(jnp.broadcast_to(counts_NL, (n, *counts_NL.shape)), AXIS, 0, 0, tiled=True)
+
+    @staticmethod
+    def local_group_sizes(all_SNL: jax.Array) -> jax.Array:
+        return all_SNL[:, jax.lax.axis_index(AXIS), :].sum(0)
+
+    @staticmethod
+    def _grouped_start_JLS(all_SNL: jax.Array) -> jax.Array:
+        """Start of source s's rows for expert l in rank j's expert-major buffer."""
+        n, _, l = all_SNL.shape
+        return _exclusive_cumsum(all_SNL.transpose(1, 2, 0).reshape(n, l * n)).reshape(n, l, n)
+
+    def dispatch(self, x_sorted_MD: jax.Array, counts_NL: jax.Array, all_SNL: jax.Array) -> jax.Array:
+        n = counts_NL.shape[0]
+        m, d = x_sorted_MD.shape
+        me = jax.lax.axis_index(AXIS)
+        send_E = counts_NL.reshape(-1)
+        return ragged_all_to_all(x_sorted_MD, jnp.zeros((n * m, d), x_sorted_MD.dtype),
+                                 _exclusive_cumsum(send_E), send_E,
+                                 self._grouped_start_JLS(all_SNL)[:, :, me].reshape(-1),
+                                 all_SNL[:, me, :].reshape(-1), axis_name=AXIS)
+
+    def combine(self, y_grouped_RD: jax.Array, counts_NL: jax.Array, all_SNL: jax.Array) -> jax.Array:
+        n, l = counts_NL.shape
+        m = y_grouped_RD.shape[0] // n
+        me = jax.lax.axis_index(AXIS)
+        # Where source s keeps its rows for my expert l: its sorted buffer is in global expert order.
+        source_start_SL = _exclusive_cumsum(all_SNL.reshape(n, n * l)).reshape(n, n, l)[:, me, :]
+        return ragged_all_to_all(y_grouped_RD, jnp.zeros((m, y_grouped_RD.shape[1]), y_grouped_RD.dtype),
+                                 self._grouped_start_JLS(all_SNL)[me].T.reshape(-1),
+                                 all_SNL[:, me, :].reshape(-1), source_start_SL.reshape(-1),
+                                 counts_NL.reshape(-1), axis_name=AXIS)
+
+
+DISPATCHERS = {"dense": DenseAllToAll(), "ragged": RaggedAllToAll()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three MoE stages, per rank (inside shard_map). The fast path composes them in one program; the profiled
+# path runs each as its own program.
+
+
+def dispatch_tokens(x_TD: jax.Array, ids_TK: jax.Array, valid_T: jax.Array | None, num_experts: int,
+                    dispatcher) -> tuple[jax.Array, DispatchPlan]:
+    """Sorts the rows by expert and sends each to its owner; returns the owner-side expert-major buffer
+    [N*M, D] (rows past the received total are zero) and the plan."""
+    n = jax.lax.axis_size(AXIS)
+    k = ids_TK.shape[1]
+    with jax.named_scope("dispatch"):
+        order_M, group_sizes_E = sort_by_expert(ids_TK, num_experts, valid_T)
+        counts_NL = group_sizes_E.reshape(n, num_experts // n)
+        peer_counts = dispatcher.exchange_counts(counts_NL)
+        x_grouped_RD = dispatcher.dispatch(x_TD[order_M // k], counts_NL, peer_counts)
+    return x_grouped_RD, DispatchPlan(order_M, counts_NL, peer_counts)
+
+
+def expert_ffn(x_grouped_RD: jax.Array, plan: DispatchPlan, slab: ExpertSlab, backend: str, dispatcher) -> jax.Array:
+    """The grouped GEMM over this rank's own experts, ids local to the slab (its start is 0)."""
+    with jax.named_scope("moe_gmm"):
+        return grouped_ffn_over_slabs(x_grouped_RD, dispatcher.local_group_sizes(plan.peer_counts), (slab,), backend)
+
+
+def combine_tokens(y_grouped_RD: jax.Array, plan: DispatchPlan, weights_TK: jax.Array, dispatcher) -> jax.Array:
+    """Sends the expert outputs back to their tokens' ranks and takes the routing-weighted sum over K."""
+    with jax.named_scope("combine"):
+        y_sorted_MD = dispatcher.combine(y_grouped_RD, plan.counts_NL, plan.peer_counts)
+        return combine(y_sorted_MD, plan.order_M, weights_TK)
+
+
+@dataclasses.dataclass(frozen=True)
+class DepExperts:
+    """The `RoutedExperts` of one MoE layer under DEP: this rank's slab behind dispatch and combine."""
+
+    slab: ExpertSlab
+    num_experts: int
+    dispatch: str
+    backend: str
+
+    def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
+        dispatcher = DISPATCHERS[self.dispatch]
+        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher)
+        y_grouped_RD = expert_ffn(x_grouped_RD, plan, self.slab, self.backend, dispatcher)
+        return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runtime.
+
+
+@dataclasses.dataclass(frozen=True)
+class DepProfile:
+    """Timings of one set of rank batches (seconds, medians over the repeats).
+
+    step_s: the fast path (one program). rank_alone_s[r]: the same program with only rank r's batch.
+    sync_overhead: 1 - mean(rank_alone_s) / step_s (paper Figure 1). layer_stage_s[i]: stage -> seconds of
+    decoder layer i from the profiled path (one program per stage, synchronized after each), whose outputs
+    are `outputs`; a dispatch or combine time includes waiting for the slowest rank.
+    """
+
+    step_s: float
+    rank_alone_s: tuple[float, ...]
+    sync_overhead: float
+    embed_s: float
+    layer_stage_s: tuple[dict[str, float], ...]
+    head_s: float
+    outputs: list[PrefillOutput]
+
+    @property
+    def stage_total_s(self) -> dict[str, float]:
+        totals = {"embed": self.embed_s, "head": self.head_s}
+        for stages in self.layer_stage_s:
+            for name, seconds in stages.items():
+                totals[name] = totals.get(name, 0.0) + seconds
+        return totals
+
+    @property
+    def profiled_step_s(self) -> float:
+        return sum(self.stage_total_s.values())
+
+
+def _with_attention_impl(model, attention_impl: str):
+    """A copy of the model (sharing its arrays) whose MLA modules use the named attention backend."""
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MLA):
+            module.attention_impl = attention_impl
+    return model
+
+
+def _median(samples: Sequence[float]) -> float:
+    return float(statistics.median(samples))
+
+
+class DepRuntime:
+    """DEP over the first `num_ranks` devices: replicated non-expert weights, E/N experts per rank and layer."""
+
+    def __init__(self, params: Params, num_ranks: int, token_budget: int, dispatch: str | None = None,
+                 gemm_backend: str = "xla", attention_impl: str = "xla", devices: Sequence[jax.Device] | None = None):
+        cfg = params.model.cfg
+        available = list(jax.devices() if devices is None else devices)
+        if not isinstance(num_ranks, int) or num_ranks < 1:
+            raise ValueError(f"num_ranks must be an integer >= 1, got {num_ranks!r}")
+        if num_ranks > len(available):
+            raise ValueError(f"num_ranks={num_ranks} exceeds the {len(available)} available devices; "
+                             f"allowed range [1, {len(available)}]")
+        if cfg.n_routed_experts % num_ranks:
+            raise ValueError(f"n_routed_experts ({cfg.n_routed_experts}) must be divisible by num_ranks ({num_ranks}): "
+                             "DEP shards every MoE layer's experts evenly along the expert axis")
+        if not isinstance(token_budget, int) or token_budget < 1:
+            raise ValueError(f"token_budget must be an integer >= 1, got {token_budget!r}")
+        if len(params.experts) < cfg.num_moe_layers:
+            raise ValueError(f"params.experts has {len(params.experts)} slabs, expected one per MoE layer "
+                             f"({cfg.num_moe_layers})")
+        platform = available[0].platform
+        dispatch = default_dispatch(platform) if dispatch is None else dispatch
+        if dispatch not in DISPATCH_BACKENDS:
+            raise ValueError(f"dispatch must be one of {DISPATCH_BACKENDS}, got {dispatch!r}")
+        if dispatch == "ragged" and platform not in RAGGED_PLATFORMS:
+            raise ValueError(f"dispatch='ragged' needs ragged_all_to_all, which XLA:{platform.upper()} does not "
+                             f"implement (platforms with it: {RAGGED_PLATFORMS}); use dispatch='dense'")
+        grouped_gemm.get_backend(gemm_backend)
+        attention.get_backend(attention_impl)
+
+        self.cfg, self.num_ranks, self.token_budget = cfg, num_ranks, token_budget
+        self.dispatch, self.gemm_backend, self.attention_impl = dispatch, gemm_backend, attention_impl
+        self.mesh = Mesh(np.asarray(available[:num_ranks]), (AXIS,))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._by_rank = NamedSharding(self.mesh, P(AXIS))
+        graphdef, state = nnx.split(_with_attention_impl(params.model, attention_impl))
+        self._graphdef, self._state = graphdef, jax.device_put(state, self._replicated)
+        self._layers = [nnx.split(layer) for layer in nnx.merge(graphdef, self._state).layers]
+        self._slabs = jax.device_put(tuple(params.experts[:cfg.num_moe_layers]), self._by_rank)
+        self._forward = self._spmd(self._forward_rank, (P(), P(AXIS), P(AXIS)))
+        self._programs: dict = {}
+
+    # -- building programs --------------------------------------------------------------------------------------
+
+    def _spmd(self, per_rank: Callable, in_specs) -> Callable:
+        """jit(shard_map(per_rank)); every output is per rank, concatenated along axis 0."""
+        return jax.jit(_shard_map(per_rank, self.mesh, in_specs, P(AXIS)))
+
+    def _experts(self, slab: ExpertSlab) -> DepExperts:
+        return DepExperts(slab, self.cfg.n_routed_experts, self.dispatch, self.gemm_backend)
+
+    def _forward_rank(self, state, slabs, batch):
+        tokens_T, segment_ids_T, positions_T = batch
+        model = nnx.merge(self._graphdef, state)
+        return model(tokens_T, segment_ids_T, positions_T, [self._experts(slab) for slab in slabs])
+
+    # -- inputs and outputs -------------------------------------------------------------------------------------
+
+    def _check_batches(self, batches: Sequence[PackedBatch | None]) -> None:
+        if len(batches) != self.num_ranks:
+            raise ValueError(f"got {len(batches)} batches, expected one per rank (num_ranks={self.num_ranks}); "
+                             "pass None for a rank with no sequences")
+        for r, batch in enumerate(batches):
+            if batch is not None and not isinstance(batch, PackedBatch):
+                raise ValueError(f"batches[{r}] must be a PackedBatch or None, got {type(batch).__name__}")
+            if batch is not None and batch.num_tokens > self.token_budget:
+                raise ValueError(f"batches[{r}] has {batch.num_tokens} tokens; allowed range [0, token_budget="
+                                 f"{self.token_budget}]")
+
+    def _device_inputs(self, batches: Sequence[PackedBatch | None]):
+        """Each rank's batch re-padded to the shared token budget, concatenated and split over the ranks."""
+        self._check_batches(batches)
+        b = self.token_budget
+        tokens = np.zeros(self.num_ranks * b, np.int32)
+        segments = np.full(self.num_ranks * b, -1, np.int32)
+        positions = np.zeros(self.num_ranks * b, np.int32)
+        for r, batch in enumerate(batches):
+            if batch is not None:
+                n = batch.num_tokens
+                tokens[r * b:r * b + n] = batch.tokens_T[:n]
+                segments[r * b:r * b + n] = batch.segment_ids_T[:n]
+                positions[r * b:r * b + n] = batch.positions_T[:n]
+        return jax.device_put((tokens, segments, positions), self._by_rank)
+
+    def _outputs(self, batches, hidden_TD, logits_TV, expert_ids) -> list[PrefillOutput]:
+        hidden, logits = np.asarray(hidden_TD), np.asarray(logits_TV, np.float32)
+        ids = [np.asarray(i) for i in expert_ids]
+        b = self.token_budget
+        outs = []
+        for r, batch in enumerate(batches):
+            rows = slice(r * b, r * b + (batch.num_tokens if batch is not None else 0))
+            outs.append(PrefillOutput(logits[rows], [i[rows] for i in ids], hidden[rows]))
+        return outs
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def step(self, batches: Sequence[PackedBatch | None]) -> list[PrefillOutput]:
+        """One prefill step: batches[r] is rank r's packed batch (None: no sequences). Per-rank outputs, real
+        tokens only, in input order."""
+        hidden_TD, logits_TV, expert_ids = self._forward(self._state, self._slabs, self._device_inputs(batches))
+        return self._outputs(batches, hidden_TD, logits_TV, expert_ids)
+
+    def compiled_hlo(self) -> str:
+        """The fast path's optimized HLO (for checking its collectives)."""
+        batch = jax.ShapeDtypeStruct((self.num_ranks * self.token_budget,), jnp.int32, sharding=self._by_rank)
+        return self._forward.lower(self._state, self._slabs, (batch, batch, batch)).compile().as_text()
+
+    def profile(self, batches: Sequence[PackedBatch | None], repeats: int = 3, warmup: int = 1) -> DepProfile:
+        """Stage times per layer and the synchronization estimate; see `DepProfile`."""
+        if repeats < 1 or warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+        self._check_batches(batches)
+        step_s = self._time_fast(self._device_inputs(batches), repeats, warmup)
+        alone_s = tuple(self._time_fast(self._device_inputs([b if i == r else None for i, b in enumerate(batches)]),
+                                        repeats, warmup) for r in range(self.num_ranks))
+        inputs = self._device_inputs(batches)
+        kept: list[dict] = []
+        for i in range(warmup + repeats):
+            times: dict = {}
+            result = self._profiled_step(inputs, times)
+            if i >= warmup:
+                kept.append(times)
+        med = {key: _median([s[key] for s in kept]) for key in kept[0]}
+        layer_stage_s = tuple({stage: seconds for (layer, stage), seconds in med.items() if layer == i}
+                              for i in range(self.cfg.num_hidden_layers))
+        return DepProfile(step_s=step_s, rank_alone_s=alone_s, sync_overhead=1.0 - float(np.mean(alone_s)) / step_s,
+                          embed_s=med[(None, "embed")], layer_stage_s=layer_stage_s, head_s=med[(None, "head")],
+                          outputs=self._outputs(batches, *result))
+
+    # -- measurement --------------------------------------------------------------------------------------------
+
+    def _time_fast(self, inputs, repeats: int, warmup: int) -> float:
+        samples = []
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(self._forward(self._state, self._slabs, inputs))
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+        return _median(samples)
+
+    def _program(self, name: str, per_rank: Callable, in_specs, *static) -> Callable:
+        """A cached stage program, per_rank(*static, *args); layers of equal structure share one (their graphdefs
+        compare equal)."""
+        key = (name, *static)
+        if key not in self._programs:
+            self._programs[key] = self._spmd(functools.partial(per_rank, *static), in_specs)
+        return self._programs[key]
+
+    def _profiled_step(self, inputs, times: dict):
+        """The forward step as one program per stage, each synchronized and timed into times[(layer, stage)];
+        the same modules and MoE stages as the fast path, in the order of DeepseekV3/DecoderLayer/MoE."""
+        rep, split = P(), P(AXIS)
+        dispatcher = DISPATCHERS[self.dispatch]
+        tokens_T, segment_ids_T, positions_T = inputs
+
+        def run(key, program, *args):
+            start = time.perf_counter()
+            out = jax.block_until_ready(program(*args))
+            times[key] = time.perf_counter() - start
+            return out
+
+        x_TD = run((None, "embed"), self._program("embed", _embed_rank, (rep, split), self._graphdef),
+                   self._state, tokens_T)
+        expert_ids = []
+        for i, (graphdef, state) in enumerate(self._layers):
+            x_TD = run((i, "attention"), self._program("attention", _attention_rank, (rep,) + (split,) * 3, graphdef),
+                       state, x_TD, segment_ids_T, positions_T)
+            if not self.cfg.is_moe_layer(i):
+                x_TD = run((i, "dense_mlp"), self._program("dense_mlp", _dense_mlp_rank, (rep, split), graphdef),
+                           state, x_TD)
+                continue
+            h_TD, weights_TK, ids_TK = run((i, "router"), self._program("router", _router_rank, (rep, split), graphdef),
+                                           state, x_TD)
+            x_grouped_RD, plan = run(
+                (i, "dispatch"),
+                self._program("dispatch", _dispatch_rank, (split,) * 3, self.cfg.n_routed_experts, dispatcher),
+                h_TD, ids_TK, segment_ids_T)
+            y_grouped_RD = run((i, "moe_gmm"),
+                               self._program("moe_gmm", _gmm_rank, (split,) * 3, self.gemm_backend, dispatcher),
+                               self._slabs[len(expert_ids)], x_grouped_RD, plan)
+            y_TD = run((i, "combine"), self._program("combine", _combine_rank, (split,) * 3, dispatcher),
+                       y_grouped_RD, plan, weights_TK)
+            x_TD = run((i, "shared_expert"), self._program("shared_expert", _shared_rank, (rep,) + (split,) * 3,
+                                                           graphdef), state, x_TD, h_TD, y_TD)
+            expert_ids.append(ids_TK)
+        logits_TV = run((None, "head"), self._program("head", _head_rank, (rep, split), self._graphdef),
+                        self._state, x_TD)
+        return x_TD, logits_TV, expert_ids
+
+
+# Per-rank stage programs of the profiled path (static arguments first).
+
+
+def _embed_rank(graphdef, state, tokens_T):
+    return nnx.merge(graphdef, state).embed(tokens_T)
+
+
+def _attention_rank(graphdef, state, x_TD, segment_ids_T, positions_T):
+    return nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
+
+
+def _dense_mlp_rank(graphdef, state, x_TD):
+    return nnx.merge(graphdef, state).ffn(x_TD)[0]
+
+
+def _router_rank(graphdef, state, x_TD):
+    layer = nnx.merge(graphdef, state)
+    h_TD = layer.post_attention_layernorm(x_TD)
+    weights_TK, ids_TK = layer.mlp.gate(h_TD)
+    return h_TD, weights_TK, ids_TK
+
+
+def _dispatch_rank(num_experts, dispatcher, h_TD, ids_TK, segment_ids_T):
+    return dispatch_tokens(h_TD, ids_TK, segment_ids_T >= 0, num_experts, dispatcher)
+
+
+def _gmm_rank(backend, dispatcher, slab, x_grouped_RD, plan):
+    return expert_ffn(x_grouped_RD, plan, slab, backend, dispatcher)
+
+
+def _combine_rank(dispatcher, y_grouped_RD, plan, weights_TK):
+    return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher)
+
+
+def _shared_rank(graphdef, state, x_TD, h_TD, y_TD):
+    moe = nnx.merge(graphdef, state).mlp
+    return x_TD + (y_TD + moe.shared_experts(h_TD) if moe.shared_experts is not None else y_TD)
+
+
+def _head_rank(graphdef, state, x_TD):
+    return nnx.merge(graphdef, state).head(x_TD)

@@ -1,0 +1,186 @@
+"""DEP runtime: exact against the reference on CPU virtual devices, both dispatch backends, validation before any
+device work, and the collectives of the compiled program."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dwdp_jax.packing import pack
+from dwdp_jax.runtime import dep
+from dwdp_jax.runtime.reference import Params, prefill
+from models.config import tiny
+from models.deepseek_v3 import init_model
+
+BUDGET = 32
+
+
+@pytest.fixture(scope="module")
+def params():
+    return Params(*init_model(tiny(n_routed_experts=8)))
+
+
+def _sequences(rng, lengths, vocab):
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def _rank_batches(num_ranks, vocab):
+    """Different token counts per rank, one rank with no sequences, one batch packed to a larger budget than
+    the runtime's (it fits, so it is re-padded)."""
+    rng = np.random.default_rng(num_ranks)
+    if num_ranks == 2:
+        return [pack(_sequences(rng, [9, 14], vocab), budget=BUDGET), None]
+    return [pack(_sequences(rng, [7, 9], vocab), budget=BUDGET), None,
+            pack(_sequences(rng, [BUDGET], vocab), budget=BUDGET),
+            pack(_sequences(rng, [3, 4, 5], vocab), budget=64)]
+
+
+def _rel_err(outs, refs):
+    a = np.concatenate([o.logits_TV for o in outs])
+    b = np.concatenate([r.logits_TV for r in refs])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name):
+    """jax.lax.ragged_all_to_all's documented semantics built from dense all_to_alls (XLA:CPU lacks the op):
+    slice i of the sender goes to rank i // (len / N) at the receiver's offset output_offsets[i] (the sender's)."""
+    rows_R = jnp.arange(operand.shape[0])
+    slices_GRD = jnp.take(operand, input_offsets[:, None] + rows_R, axis=0, mode="fill", fill_value=0)
+    slices_GRD = jnp.where((rows_R < send_sizes[:, None])[..., None], slices_GRD, 0)
+    recv_GRD = jax.lax.all_to_all(slices_GRD, axis_name, 0, 0, tiled=True)
+    offsets_G = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    target_GR = jnp.where(rows_R < recv_sizes[:, None], offsets_G[:, None] + rows_R, output.shape[0])
+    return output.at[target_GR.reshape(-1)].set(recv_GRD.reshape(-1, operand.shape[1]), mode="drop")
+
+
+def _count(op, hlo):
+    """Instructions of an HLO op (sync or async start), not counting longer op names that end with it."""
+    return len(re.findall(rf"(?<![\w-]){op}(?:-start)?\(", hlo))
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_dense_dep_equals_reference(params, num_ranks):
+    cfg = params.model.cfg
+    batches = _rank_batches(num_ranks, cfg.vocab_size)
+    outs = dep.DepRuntime(params, num_ranks, BUDGET, dispatch="dense").step(batches)
+    real = [(o, b) for o, b in zip(outs, batches) if b is not None]
+    refs = [prefill(params, b) for _, b in real]
+    assert _rel_err([o for o, _ in real], refs) <= 1e-6
+    experts_per_rank = cfg.n_routed_experts // num_ranks
+    for (out, batch), ref in zip(real, refs):
+        assert out.logits_TV.shape == (batch.num_tokens, cfg.vocab_size)
+        assert len(out.expert_ids) == cfg.num_moe_layers
+        for ids, ref_ids in zip(out.expert_ids, ref.expert_ids):
+            np.testing.assert_array_equal(ids, ref_ids)
+            assert len(np.unique(ids // experts_per_rank)) > 1  # the rows really went to several ranks
+    for out, batch in zip(outs, batches):
+        if batch is None:
+            assert out.logits_TV.shape == (0, cfg.vocab_size) and all(i.shape[0] == 0 for i in out.expert_ids)
+
+
+def test_ragged_offsets_match_dense_with_emulated_collective(params, monkeypatch):
+    """The ragged backend's offsets and sizes, checked on CPU through an emulation of the collective."""
+    batches = _rank_batches(4, params.model.cfg.vocab_size)
+    dense = dep.DepRuntime(params, 4, BUDGET, dispatch="dense").step(batches)
+    monkeypatch.setattr(dep, "ragged_all_to_all", _emulated_ragged_all_to_all)
+    monkeypatch.setattr(dep, "RAGGED_PLATFORMS", dep.RAGGED_PLATFORMS + ("cpu",))
+    ragged = dep.DepRuntime(params, 4, BUDGET, dispatch="ragged").step(batches)
+    for d, r in zip(dense, ragged):
+        np.testing.assert_array_equal(d.logits_TV, r.logits_TV)
+        for a, b in zip(d.expert_ids, r.expert_ids):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")
+def test_ragged_equals_dense_and_reference_on_gpu(params):
+    num_ranks = 4 if jax.device_count() >= 4 else 2
+    batches = _rank_batches(num_ranks, params.model.cfg.vocab_size)
+    ragged_runtime = dep.DepRuntime(params, num_ranks, BUDGET)
+    assert ragged_runtime.dispatch == "ragged"
+    ragged = ragged_runtime.step(batches)
+    dense = dep.DepRuntime(params, num_ranks, BUDGET, dispatch="dense").step(batches)
+    real = [i for i, b in enumerate(batches) if b is not None]
+    refs = [prefill(params, batches[i]) for i in real]
+    # GPU matmuls may use TF32 or split-K differently per shape: compare to the reference loosely, exactly between
+    # the backends (same rows, same grouped GEMM shapes).
+    assert _rel_err([ragged[i] for i in real], refs) <= 1e-2
+    for d, r in zip(dense, ragged):
+        np.testing.assert_array_equal(d.logits_TV, r.logits_TV)
+    hlo = ragged_runtime.compiled_hlo()
+    assert _count("ragged-all-to-all", hlo) == 2 * params.model.cfg.num_moe_layers
+    assert _count("all-to-all", hlo) == params.model.cfg.num_moe_layers
+
+
+def test_ragged_on_cpu_is_refused(params):
+    with pytest.raises(ValueError, match="ragged_all_to_all.*dispatch='dense'"):
+        dep.DepRuntime(params, 2, BUDGET, dispatch="ragged")
+
+
+def test_bad_layouts_raise_before_device_work(params, monkeypatch):
+    def no_device_work(*args, **kwargs):
+        raise AssertionError("device work before validation")
+
+    monkeypatch.setattr(jax, "device_put", no_device_work)
+    with pytest.raises(ValueError, match=r"num_ranks=9 exceeds the 8 available devices; allowed range \[1, 8\]"):
+        dep.DepRuntime(params, 9, BUDGET)
+    with pytest.raises(ValueError, match="num_ranks must be an integer >= 1"):
+        dep.DepRuntime(params, 0, BUDGET)
+    with pytest.raises(ValueError, match=r"n_routed_experts \(8\) must be divisible by num_ranks \(3\)"):
+        dep.DepRuntime(params, 3, BUDGET)
+    with pytest.raises(ValueError, match="token_budget must be an integer >= 1"):
+        dep.DepRuntime(params, 2, 0)
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        dep.DepRuntime(params, 2, BUDGET, dispatch="nccl")
+    with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
+        dep.DepRuntime(params, 2, BUDGET, gemm_backend="cutlass")
+
+
+def test_bad_batches_raise_before_device_work(params, monkeypatch):
+    runtime = dep.DepRuntime(params, 2, BUDGET)
+    assert runtime.dispatch == "dense"  # the CPU default
+
+    def no_device_work(*args, **kwargs):
+        raise AssertionError("device work before validation")
+
+    monkeypatch.setattr(jax, "device_put", no_device_work)
+    monkeypatch.setattr(runtime, "_forward", no_device_work)
+    vocab = params.model.cfg.vocab_size
+    too_big = pack(_sequences(np.random.default_rng(0), [BUDGET + 1], vocab))
+    with pytest.raises(ValueError, match=r"batches\[1\] has 33 tokens; allowed range \[0, token_budget=32\]"):
+        runtime.step([None, too_big])
+    with pytest.raises(ValueError, match=r"got 3 batches, expected one per rank \(num_ranks=2\)"):
+        runtime.step([None, None, None])
+    with pytest.raises(ValueError, match=r"batches\[0\] must be a PackedBatch or None"):
+        runtime.step([[1, 2, 3], None])
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_compiled_program_has_three_all_to_alls_per_moe_layer_and_no_gathers(params, num_ranks):
+    hlo = dep.DepRuntime(params, num_ranks, BUDGET, dispatch="dense").compiled_hlo()
+    # Per MoE layer: the count exchange, the dispatch and the combine; expert weights never move.
+    assert _count("all-to-all", hlo) == 3 * params.model.cfg.num_moe_layers
+    for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "collective-broadcast"):
+        assert _count(op, hlo) == 0, op
+
+
+def test_profile_times_every_stage_and_reproduces_the_fast_path(params):
+    cfg = params.model.cfg
+    batches = _rank_batches(4, cfg.vocab_size)
+    runtime = dep.DepRuntime(params, 4, BUDGET)
+    fast = runtime.step(batches)
+    prof = runtime.profile(batches, repeats=2)
+    for f, p in zip(fast, prof.outputs):
+        np.testing.assert_array_equal(f.logits_TV, p.logits_TV)
+    moe_stages = {"attention", "router", "dispatch", "moe_gmm", "combine", "shared_expert"}
+    for i, stages in enumerate(prof.layer_stage_s):
+        assert set(stages) == (moe_stages if cfg.is_moe_layer(i) else {"attention", "dense_mlp"})
+        assert all(s > 0 for s in stages.values())
+    assert len(prof.rank_alone_s) == 4 and all(s > 0 for s in prof.rank_alone_s)
+    assert prof.sync_overhead == pytest.approx(1 - np.mean(prof.rank_alone_s) / prof.step_s)
+    assert prof.profiled_step_s == pytest.approx(sum(prof.stage_total_s.values()))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        runtime.profile(batches, repeats=0)
