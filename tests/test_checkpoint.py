@@ -1,0 +1,326 @@
+"""Checkpoint import without transformers: FP8 block scales, both expert layouts, MTP, sizes and bad input.
+
+Checkpoints are written here from a random tiny model with an explicit name map (DeepSeek's published names,
+R1-style config.json with rope_scaling), independent of the loader's own mapping; the HF parity tests check
+that mapping against transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+import dwdp_jax
+from dwdp_jax.checkpoint import dequantize_fp8, load_hf_config
+from dwdp_jax.runtime.reference import Params
+from models.config import ModelConfig, deepseek_r1, tiny
+from models.deepseek_v3 import abstract_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = 128
+# hidden 160, widths 200 / 136: none a multiple of 128, so most FP8 weights end in partial blocks.
+CONFIG = tiny(hidden_size=160, intermediate_size=200, moe_intermediate_size=136)
+# DeepSeek quantizes every projection except the router, eh_proj, the embedding and lm_head.
+FP8_WEIGHT = re.compile(r"(_proj|_proj_with_mqa)(\.weight)?$")
+
+
+# --- writing checkpoints ----------------------------------------------------------------------------------
+
+def _linear(w, n_in: int = 1) -> np.ndarray:
+    """This model's [in..., out...] weight as HF's [out, in]."""
+    w = np.asarray(w, np.float32)
+    return w.reshape(math.prod(w.shape[:n_in]), -1).T
+
+
+def _attention(prefix: str, attn) -> dict:
+    t = {f"{prefix}kv_a_proj_with_mqa.weight": _linear(attn.kv_a_proj_with_mqa[...]),
+         f"{prefix}kv_a_layernorm.weight": attn.kv_a_layernorm.weight[...],
+         f"{prefix}kv_b_proj.weight": _linear(attn.kv_b_proj[...]),
+         f"{prefix}o_proj.weight": _linear(attn.o_proj[...], n_in=2)}
+    if hasattr(attn, "q_proj"):
+        return t | {f"{prefix}q_proj.weight": _linear(attn.q_proj[...])}
+    return t | {f"{prefix}q_a_proj.weight": _linear(attn.q_a_proj[...]),
+                f"{prefix}q_a_layernorm.weight": attn.q_a_layernorm.weight[...],
+                f"{prefix}q_b_proj.weight": _linear(attn.q_b_proj[...])}
+
+
+def _mlp(prefix: str, mlp) -> dict:
+    return {f"{prefix}{p}.weight": _linear(getattr(mlp, p)[...]) for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+def _experts(prefix: str, slab, fused: bool) -> dict:
+    gate, up, down = (np.asarray(w, np.float32).transpose(0, 2, 1) for w in (slab.w_gate_EDF, slab.w_up_EDF,
+                                                                              slab.w_down_EFD))
+    if fused:
+        return {f"{prefix}gate_up_proj": np.concatenate([gate, up], axis=1), f"{prefix}down_proj": down}
+    return {f"{prefix}{e}.{p}.weight": w[e] for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down))
+            for e in range(w.shape[0])}
+
+
+def _layer(prefix: str, layer, slab, fused: bool) -> dict:
+    t = {f"{prefix}input_layernorm.weight": layer.input_layernorm.weight[...],
+         f"{prefix}post_attention_layernorm.weight": layer.post_attention_layernorm.weight[...]}
+    t |= _attention(prefix + "self_attn.", layer.self_attn)
+    if slab is None:
+        return t | _mlp(prefix + "mlp.", layer.mlp)
+    return t | {f"{prefix}mlp.gate.weight": _linear(layer.mlp.gate.weight[...]),
+                f"{prefix}mlp.gate.e_score_correction_bias": layer.mlp.gate.e_score_correction_bias[...],
+                **_mlp(prefix + "mlp.shared_experts.", layer.mlp.shared_experts),
+                **_experts(prefix + "mlp.experts.", slab, fused)}
+
+
+def hf_tensors(config: ModelConfig, params, fused: bool = False, mtp: bool = True) -> dict[str, np.ndarray]:
+    """`params` under DeepSeek's checkpoint names (transformers' fused expert names if `fused`), fp32."""
+    model, slabs = params.model, iter(params.experts)
+    t = {"model.embed_tokens.weight": model.embed_tokens[...], "model.norm.weight": model.norm.weight[...],
+         "lm_head.weight": _linear(model.lm_head[...])}
+    for i, layer in enumerate(model.layers):
+        t |= _layer(f"model.layers.{i}.", layer, next(slabs) if config.is_moe_layer(i) else None, fused)
+    for d, module in enumerate(model.mtp if mtp else []):
+        prefix = f"model.layers.{config.num_hidden_layers + d}."
+        t |= {f"{prefix}enorm.weight": module.enorm.weight[...], f"{prefix}hnorm.weight": module.hnorm.weight[...],
+              f"{prefix}eh_proj.weight": _linear(module.eh_proj[...]),
+              f"{prefix}shared_head.norm.weight": module.norm.weight[...],
+              f"{prefix}embed_tokens.weight": t["model.embed_tokens.weight"],
+              f"{prefix}shared_head.head.weight": t["lm_head.weight"]}
+        t |= _layer(prefix, module.layer, next(slabs), fused)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in t.items()}
+
+
+def hf_config(config: ModelConfig, **changes) -> dict:
+    """An R1-style config.json (rope_scaling + top-level rope_theta, scoring_func and topk_method present)."""
+    skip = ("rope_scaling", "dtype")
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    out |= {"model_type": "deepseek_v3", "torch_dtype": config.dtype, "num_key_value_heads": config.num_attention_heads,
+            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "hidden_act": "silu"}
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(config.rope_scaling)}
+    return out | changes
+
+
+def write_checkpoint(path, config_json: dict, tensors: dict[str, np.ndarray], shards: int = 1) -> str:
+    """config.json and the tensors round-robin over `shards` files, with an index when there are several."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_json, f)
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)] if shards > 1 else [
+        "model.safetensors"]
+    weight_map = {name: files[i % shards] for i, name in enumerate(sorted(tensors))}
+    for file in files:
+        save_file({n: tensors[n] for n, f in weight_map.items() if f == file}, os.path.join(path, file))
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return str(path)
+
+
+# --- FP8 ---------------------------------------------------------------------------------------------------
+
+def _blocks(shape: tuple[int, int]):
+    for i in range(-(-shape[0] // BLOCK)):
+        for j in range(-(-shape[1] // BLOCK)):
+            yield i, j, (slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK))
+
+
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek's weight quantization: per 128x128 block (over the last two axes), scale = amax / 448."""
+    if w.ndim == 3:
+        q, s = zip(*(quantize_fp8(x) for x in w))
+        return np.stack(q), np.stack(s)
+    q = np.empty(w.shape, ml_dtypes.float8_e4m3fn)
+    scale = np.empty((-(-w.shape[0] // BLOCK), -(-w.shape[1] // BLOCK)), np.float32)
+    for i, j, block in _blocks(w.shape):
+        scale[i, j] = np.abs(w[block]).max() / 448
+        q[block] = (w[block] / scale[i, j]).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_by_block(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The reference dequantization, one block at a time."""
+    if q.ndim == 3:
+        return np.stack([dequantize_by_block(x, s) for x, s in zip(q, scale)])
+    w = np.empty(q.shape, np.float32)
+    for i, j, block in _blocks(q.shape):
+        w[block] = q[block].astype(np.float32) * scale[i, j]
+    return w
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+    flat = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(params.model))}
+    for m, slab in enumerate(params.experts):
+        flat |= {f"experts/{m}/{k}": np.asarray(getattr(slab, k)) for k in ("w_gate_EDF", "w_up_EDF", "w_down_EFD")}
+    return flat
+
+
+def assert_params_equal(a, b):
+    a, b = flat_params(a), flat_params(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def original():
+    """A random tiny model with an MTP module, norm weights around 1 and random correction biases; filled from
+    numpy (eager jax.random would compile once per shape, ~10 s)."""
+    rng = np.random.default_rng(3)
+    model, abstract_experts = abstract_model(CONFIG)
+    graphdef, state = nnx.split(model)
+
+    def fill(path, var):
+        if path[-1] == "e_score_correction_bias":
+            return 0.05 * rng.random(var.shape, np.float32)
+        if var.ndim == 1:
+            return 1 + 0.1 * rng.standard_normal(var.shape, np.float32)
+        return 0.1 * rng.standard_normal(var.shape, np.float32)
+    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(fill(p, v)))) for p, v in nnx.to_flat_state(state)])
+    experts = jax.tree.map(lambda w: jnp.asarray(0.1 * rng.standard_normal(w.shape, np.float32)), abstract_experts)
+    return Params(nnx.merge(graphdef, state), experts)
+
+
+def test_dequantize_fp8_multiplies_partial_edge_blocks():
+    rng = np.random.default_rng(1)
+    q, scale = quantize_fp8(rng.standard_normal((300, 200), np.float32))
+    assert scale.shape == (3, 2)
+    np.testing.assert_array_equal(dequantize_fp8(q, scale, (BLOCK, BLOCK)), dequantize_by_block(q, scale))
+    with pytest.raises(ValueError, match=r"\(2, 2\).*expected \(3, 2\)"):
+        dequantize_fp8(q, scale[:2], (BLOCK, BLOCK))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per_expert", "fused"])
+def test_fp8_checkpoint_loads_the_dequantized_weights(original, tmp_path, fused):
+    """FP8 e4m3 + 128x128 scales over two shards with an index load bitwise equal to the dequantized weights."""
+    tensors = hf_tensors(CONFIG, original, fused=fused)
+    quantized, dequantized = {}, {}
+    for name, w in tensors.items():
+        if FP8_WEIGHT.search(name) and ".eh_proj." not in name:
+            q, scale = quantize_fp8(w)
+            quantized |= {name: q, name + "_scale_inv": scale}
+            dequantized[name] = dequantize_by_block(q, scale)
+        else:
+            quantized[name] = dequantized[name] = w
+    assert quantized["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (2, 2)  # [200, 160]: edge blocks
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+    fp8_dir = write_checkpoint(tmp_path / "fp8", hf_config(CONFIG, quantization_config=quant), quantized, shards=2)
+    ref_dir = write_checkpoint(tmp_path / "ref", hf_config(CONFIG), dequantized)
+    _, from_fp8 = dwdp_jax.load_hf_checkpoint(fp8_dir)
+    _, from_ref = dwdp_jax.load_hf_checkpoint(ref_dir)
+    assert_params_equal(from_fp8, from_ref)
+    assert not np.array_equal(flat_params(from_fp8)["layers/0/mlp/gate_proj"],
+                              flat_params(original)["layers/0/mlp/gate_proj"])  # it did go through fp8
+
+
+def test_round_trip_with_mtp_and_both_expert_layouts(original, tmp_path):
+    for fused in (False, True):
+        path = write_checkpoint(tmp_path / str(fused), hf_config(CONFIG), hf_tensors(CONFIG, original, fused=fused))
+        config, params = dwdp_jax.load_hf_checkpoint(path)
+        assert config == CONFIG and len(params.model.mtp) == 1
+        assert len(params.experts) == CONFIG.num_moe_layers + 1
+        assert_params_equal(params, original)
+
+
+def test_checkpoint_without_mtp_loads_without_mtp(original, tmp_path):
+    path = write_checkpoint(tmp_path, hf_config(CONFIG), hf_tensors(CONFIG, original, mtp=False))
+    config, params = dwdp_jax.load_hf_checkpoint(path, dtype="bfloat16")
+    assert config == CONFIG.replace(num_nextn_predict_layers=0, dtype="bfloat16")
+    assert len(params.model.mtp) == 0 and len(params.experts) == CONFIG.num_moe_layers
+    dtypes = {k: v.dtype for k, v in flat_params(params).items()}
+    assert dtypes["layers/1/mlp/gate/weight"] == np.float32 and dtypes["experts/0/w_gate_EDF"] == ml_dtypes.bfloat16
+    assert dtypes["layers/1/self_attn/kv_b_proj"] == ml_dtypes.bfloat16
+
+
+# --- bad checkpoints and configs ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_tensors(original):
+    return hf_tensors(CONFIG, original)
+
+
+def _load(tmp_path, tensors, **config_changes):
+    return dwdp_jax.load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG, **config_changes), tensors))
+
+
+def test_missing_tensor_is_named(tmp_path, good_tensors):
+    tensors = dict(good_tensors)
+    del tensors["model.layers.2.self_attn.kv_b_proj.weight"], tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"kv_b_proj\.weight \(expected shape \(128, 16\)\).*experts\.5\.up_proj"):
+        _load(tmp_path, tensors)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path, good_tensors):
+    tensors = dict(good_tensors, **{"model.layers.1.mlp.experts.3.down_proj.weight": np.zeros((160, 135), np.float32)})
+    message = r"experts\.3\.down_proj\.weight has shape \(160, 135\), expected \(160, 136\)"
+    with pytest.raises(ValueError, match=message):
+        _load(tmp_path, tensors)
+
+
+def test_unexpected_tensors_are_listed(tmp_path, good_tensors):
+    tensors = dict(good_tensors, **{"model.layers.1.mlp.experts.8.up_proj.weight": np.zeros((136, 160), np.float32)})
+    with pytest.raises(ValueError, match=r"no place for: model\.layers\.1\.mlp\.experts\.8\.up_proj\.weight"):
+        _load(tmp_path, tensors)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(n_routed_experts=10, n_group=4), "n_routed_experts"),
+    (dict(n_group=4, topk_group=5), "topk_group"),
+    (dict(n_group=4, topk_group=2, num_experts_per_tok=5), "num_experts_per_tok"),  # 2 kept groups of 2 experts
+    (dict(hidden_size=-8), "hidden_size"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+    (dict(q_lora_rank=-1), "q_lora_rank"),
+    (dict(n_shared_experts=-1), "n_shared_experts"),
+])
+def test_invalid_model_config_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}\b"):
+        tiny(**changes)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(scoring_func="softmax"), "scoring_func"),
+    (dict(topk_method="greedy"), "topk_method"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
+    (dict(rope_interleave=False), "rope_interleave"),
+    (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
+    (dict(n_group=3), "n_routed_experts"),
+])
+def test_unsupported_hf_config_is_rejected(tmp_path, changes, field):
+    write_checkpoint(tmp_path, hf_config(CONFIG, **changes), {})
+    with pytest.raises(ValueError, match=field):
+        load_hf_config(str(tmp_path))
+
+
+def test_prefill_cli_rejects_bad_input_before_loading(tmp_path):
+    write_checkpoint(tmp_path, hf_config(CONFIG), {})  # no weights: every case must fail before reading them
+    cases = [(f"--hf_dir={tmp_path / 'absent'}", "--tokens=1,2", "no config.json"),
+             (f"--hf_dir={tmp_path}", "--tokens=1,2;3,x", "not a comma-separated list of integers"),
+             (f"--hf_dir={tmp_path}", f"--tokens=1,2;{CONFIG.vocab_size}", f"outside \\[0, {CONFIG.vocab_size}\\)")]
+    for hf_dir, tokens, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "experiments.prefill", hf_dir, tokens,
+                               f"--output={tmp_path / 'out.npy'}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, (tokens, proc.stderr[-2000:])
+        assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_r1_parameter_count_from_the_abstract_model():
+    config = deepseek_r1().replace(num_nextn_predict_layers=0)
+    model, experts = abstract_model(config)
+    count = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model)))
+    count += sum(math.prod(w.shape) for w in jax.tree.leaves(experts))
+    assert count == config.param_count()
+    assert abs(count - 671e9) / 671e9 <= 0.005, count
