@@ -52,14 +52,14 @@ RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so a CPU test can substitute an emulation
 
 
-def _shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+def shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     """`jax.shard_map` (jax >= 0.7) or the experimental one of older releases. Replication is not checked:
     the per-rank program mixes replicated weights and per-rank data freely and is never differentiated."""
     if hasattr(jax, "shard_map"):
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map
+    from jax.experimental.shard_map import shard_map as experimental_shard_map
 
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def default_dispatch(platform: str) -> str:
@@ -337,7 +337,7 @@ class DepRuntime:
 
     def _spmd(self, per_rank: Callable, in_specs) -> Callable:
         """jit(shard_map(per_rank)); every output is per rank, concatenated along axis 0."""
-        return jax.jit(_shard_map(per_rank, self.mesh, in_specs, P(AXIS)))
+        return jax.jit(shard_map(per_rank, self.mesh, in_specs, P(AXIS)))
 
     def _experts(self, slab: ExpertSlab) -> DepExperts:
         return DepExperts(slab, self.cfg.n_routed_experts, self.dispatch, self.gemm_backend)
