@@ -205,7 +205,8 @@ class DwdpEngine:
             lap("moe", x)
         logits = _head(self._norm_graph, w.norm_state, w.lm_head_DV, x)
         n = batch.num_tokens
-        out = PrefillOutput(np.asarray(logits[:n]), [np.asarray(i[:n]) for i in expert_ids], np.asarray(x[:n]))
+        # Slice on the host: an eager device slice would compile a new program for every token count.
+        out = PrefillOutput(np.asarray(logits)[:n], [np.asarray(i)[:n] for i in expert_ids], np.asarray(x)[:n])
         end_s = time.perf_counter()
         stages["head"] = end_s - mark
         return StepResult(out, start_s, end_s, stages if profile else {})

@@ -41,7 +41,8 @@ def prefill(params: Params, batch: PackedBatch, backend: str = "xla") -> Prefill
     h, logits, ids = _forward(graphdef, state, params.experts, jnp.asarray(batch.tokens_T),
                               jnp.asarray(batch.segment_ids_T), jnp.asarray(batch.positions_T), backend=backend)
     n = batch.num_tokens
-    return PrefillOutput(np.asarray(logits[:n], np.float32), [np.asarray(i[:n]) for i in ids], np.asarray(h[:n]))
+    # Slice on the host: an eager device slice would compile a new program for every token count.
+    return PrefillOutput(np.asarray(logits, np.float32)[:n], [np.asarray(i)[:n] for i in ids], np.asarray(h)[:n])
 
 
 def prefill_logits(config: ModelConfig, params: Params, sequences: Sequence[Sequence[int]]) -> np.ndarray:
