@@ -1,0 +1,83 @@
+"""Context-only serving benchmark configs (`--config=configs/context_bench.py:NAME`).
+
+NAME: `tiny` (default; 4 virtual CPU devices, seconds), `r1_width_4gpu` (DeepSeek-R1-width layers on 4 H100/H200,
+depth chosen by the memory planner), `r1_width_4gpu_std` (the same with ISL std 4096, the imbalance case).
+Override any field with `--config.field=value`.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config(name: str = "tiny") -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.name = name
+    c.run = ""  # results file name; default: <name>_<date>
+    c.results_root = "results"
+    c.seed = 0
+    c.strategies = "dwdp,dep"
+    c.num_ranks = 4
+    c.cpu_devices = 4  # virtual CPU devices when running on CPU
+
+    c.model = config_dict.ConfigDict()
+    c.model.preset = "tiny"
+    c.model.num_hidden_layers = 4  # 0: the preset's depth
+    c.model.hidden_size = 64
+    c.model.n_routed_experts = 16
+    c.model.vocab_size = 256
+    c.model.dtype = "float32"
+    c.model.checkpoint = ""  # an Orbax/HF checkpoint directory instead of random weights
+
+    c.workload = config_dict.ConfigDict()
+    c.workload.num_requests = 32
+    c.workload.isl = 96
+    c.workload.input_ratio = 0.8
+    c.workload.isl_std = -1.0  # >= 0: normal lengths around ISL with this std (ratio must then be 1.0)
+    c.workload.rate_per_s = 0.0  # 0: all requests arrive at once (saturation)
+    c.workload.dataset = ""  # JSON lines file instead of synthetic lengths
+    c.workload.seed = 0
+
+    c.max_num_tokens = 384
+    c.max_batch_size = 64
+
+    c.dwdp = config_dict.ConfigDict()
+    c.dwdp.transport = "device_put"
+    c.dwdp.slices = 1  # > 1: contention mitigation
+    c.dwdp.prefetch = True
+    c.dwdp.merge_experts = False
+    c.dwdp.local_experts = 0  # 0: chosen from (E, N)
+
+    c.dep = config_dict.ConfigDict()
+    c.dep.dispatch = "auto"  # dense | ragged | auto (ragged on GPU, dense on CPU)
+
+    c.gemm_backend = "xla"
+    c.attention_impl = "xla"
+
+    c.verify = config_dict.ConfigDict()
+    c.verify.enabled = True
+    c.verify.num_requests = 6
+    c.verify.rel_tol = 1e-5  # fp32; bf16 runs use ~2e-2
+    c.breakdown = True  # a profiled pass per strategy for the per-layer breakdown
+    c.sync_samples = 8  # DEP steps re-run rank by rank to estimate synchronization time
+
+    if name == "tiny":
+        return c
+    if name in ("r1_width_4gpu", "r1_width_4gpu_std"):
+        c.model.preset = "deepseek_r1"
+        c.model.num_hidden_layers = 0  # set by the memory planner at run time
+        c.model.hidden_size = 0
+        c.model.n_routed_experts = 0
+        c.model.vocab_size = 0
+        c.model.dtype = "bfloat16"
+        c.workload.num_requests = 64
+        c.workload.isl = 8192
+        c.max_num_tokens = 32768
+        c.max_batch_size = 64
+        c.gemm_backend = "pallas_mgpu"
+        c.attention_impl = "cudnn"
+        c.verify.rel_tol = 2e-2
+        c.sync_samples = 4
+        if name.endswith("_std"):
+            c.workload.isl_std = 4096.0
+            c.workload.input_ratio = 1.0
+        return c
+    raise ValueError(f"unknown context_bench config {name!r}; choose tiny, r1_width_4gpu or r1_width_4gpu_std")

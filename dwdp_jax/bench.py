@@ -1,0 +1,335 @@
+"""The context-only serving benchmark: DWDP and DEP on the same model, weights and workload.
+
+`run(config)` validates everything that can be checked without a device (workload vs MNT, placement vs devices,
+memory), builds the weights, verifies both strategies against the reference runtime, runs each strategy over the
+whole workload (DWDP: one worker thread per device pulling from a shared queue; DEP: lock-step iterations), and
+writes one results file with the raw records, the metrics, the verification block, the HLO collective counts and
+the per-layer breakdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dwdp_jax import results as results_lib
+from dwdp_jax.packing import PackedBatch, pack
+from dwdp_jax.placement import Placement
+from dwdp_jax.runtime import reference
+from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
+from dwdp_jax.serving import metrics, scheduler, workload
+from models import config as model_config
+from models import deepseek_v3
+
+STRATEGIES = ("dwdp", "dep")
+
+
+def model_config_from(c) -> model_config.ModelConfig:
+    """The preset with the config's non-zero overrides."""
+    overrides = {k: c.model[k] for k in ("num_hidden_layers", "hidden_size", "n_routed_experts", "vocab_size")
+                 if c.model[k]}
+    return model_config.get_preset(c.model.preset, dtype=c.model.dtype, **overrides)
+
+
+def requests_from(c) -> list[workload.Request]:
+    w = c.workload
+    rate = w.rate_per_s or None
+    if w.dataset:
+        return workload.read_dataset(w.dataset, rate_per_s=rate, seed=w.seed)
+    return workload.synthetic_requests(w.num_requests, w.isl, input_ratio=w.input_ratio,
+                                       isl_std=None if w.isl_std < 0 else w.isl_std, rate_per_s=rate, seed=w.seed)
+
+
+def strategies_from(c) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in c.strategies.split(",") if s.strip())
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise ValueError(f"config.strategies must be a comma list of {STRATEGIES}, got {c.strategies!r}")
+    return names
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before touching a device."""
+
+    cfg: model_config.ModelConfig
+    requests: list[workload.Request]
+    strategies: tuple[str, ...]
+    placement: Placement
+    devices: list
+
+
+def plan(c) -> Plan:
+    """Validation without device work: ValueError names the offending field."""
+    if c.num_ranks < 1:
+        raise ValueError(f"config.num_ranks must be >= 1, got {c.num_ranks}")
+    cfg = model_config_from(c)
+    requests = requests_from(c)
+    scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
+                                num_ranks=c.num_ranks)
+    strategies = strategies_from(c)
+    devices = jax.devices()
+    placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
+    placement.check_devices(len(devices))
+    return Plan(cfg, requests, strategies, placement, devices[:c.num_ranks])
+
+
+def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarray:
+    return workload.request_token_ids(request, vocab_size, seed=seed)
+
+
+def pack_batch(batch: scheduler.Batch, c, vocab_size: int) -> PackedBatch:
+    return pack([tokens_of(r, vocab_size, c.workload.seed) for r in batch.requests], budget=c.max_num_tokens)
+
+
+def rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    a, b = np.concatenate([x.ravel() for x in ours]), np.concatenate([x.ravel() for x in ref])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def id_match(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float:
+    """Fraction of (token, MoE layer) whose chosen expert sets are identical."""
+    same = total = 0
+    for layers_a, layers_b in zip(ours, ref, strict=True):
+        for a, b in zip(layers_a, layers_b, strict=True):
+            same += int((np.sort(a, 1) == np.sort(b, 1)).all(1).sum())
+            total += a.shape[0]
+    return same / max(total, 1)
+
+
+def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
+    """A few requests spread over the ranks, the last rank left empty (it must not matter)."""
+    reqs = p.requests[:c.verify.num_requests]
+    per_rank: list[list] = [[] for _ in range(c.num_ranks)]
+    for i, r in enumerate(reqs):
+        per_rank[i % max(c.num_ranks - 1, 1)].append(r)
+    return [pack([tokens_of(r, p.cfg.vocab_size, c.workload.seed) for r in rs], budget=c.max_num_tokens) if rs
+            else None for rs in per_rank]
+
+
+def verify(outputs: list[reference.PrefillOutput | None], refs: list[reference.PrefillOutput | None],
+           tol: float) -> dict[str, Any]:
+    pairs = [(o, r) for o, r in zip(outputs, refs) if r is not None]
+    err = rel_err([o.logits_TV for o, _ in pairs], [r.logits_TV for _, r in pairs])
+    match = id_match([o.expert_ids for o, _ in pairs], [r.expert_ids for _, r in pairs])
+    finite = all(np.isfinite(o.logits_TV).all() for o, _ in pairs)
+    return {"rel_err": err, "expert_id_match": match, "finite": finite, "rel_tol": tol,
+            "passed": bool(finite and err <= tol and match == 1.0)}
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, unit="req", leave=False)
+        self.lock = threading.Lock()
+
+    def update(self, n: int):
+        with self.lock:
+            self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
+
+
+def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
+    sched = scheduler.DwdpScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=c.max_num_tokens,
+                                    max_batch_size=c.max_batch_size)
+    req_records, iter_records, lock = [], [], threading.Lock()
+    progress = _Progress(len(p.requests), "dwdp")
+    t0 = time.perf_counter()
+
+    def clock():
+        return time.perf_counter() - t0
+
+    def sink(rank, batch, result):
+        it, reqs = metrics.records_for_batch(batch, result.start_s - t0, result.end_s - t0,
+                                             breakdown_ms(result.stages_s) if result.stages_s else None)
+        with lock:
+            iter_records.append(it)
+            req_records.extend(reqs)
+        sched.complete(batch)
+        progress.update(len(batch.requests))
+
+    workers = DwdpWorkers(engine, lambda rank: sched.wait_for_batch(rank, clock), sink,
+                          batch_of=lambda b: pack_batch(b, c, p.cfg.vocab_size))
+    workers.start().join()
+    progress.close()
+    return req_records, iter_records, [dataclasses.asdict(a) for a in sched.finish()]
+
+
+def breakdown_ms(stages_s: dict[str, float]) -> dict[str, float]:
+    """DWDP profiled stages in the paper's categories (see the results' breakdown labels)."""
+    return {"attention": 1e3 * stages_s.get("attention", 0.0), "grouped_gemm": 1e3 * stages_s.get("moe", 0.0),
+            "dense_gemm": 1e3 * (stages_s.get("front", 0.0) + stages_s.get("head", 0.0)),
+            "p2p_exposed_wait": 1e3 * stages_s.get("pull_wait", 0.0), "communication": 0.0, "synchronization": 0.0}
+
+
+def run_dep(dep, p: Plan, c) -> tuple[list, list, list, dict]:
+    sched = scheduler.DepScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=c.max_num_tokens,
+                                   max_batch_size=c.max_batch_size)
+    req_records, iter_records, steps = [], [], []
+    progress = _Progress(len(p.requests), "dep")
+    t0 = time.perf_counter()
+    while True:
+        now = time.perf_counter() - t0
+        step = sched.next_step(now)
+        if step is None:
+            if sched.drained:
+                break
+            time.sleep(max(0.0, sched.next_arrival_s() - now))
+            continue
+        packed = [pack_batch(b, c, p.cfg.vocab_size) if b.requests else None for b in step]
+        start = time.perf_counter() - t0
+        dep.step(packed)
+        end = time.perf_counter() - t0
+        steps.append((packed, end - start))
+        for b in step:
+            if b.requests:
+                it, reqs = metrics.records_for_batch(b, start, end)
+                iter_records.append(it)
+                req_records.extend(reqs)
+            sched.complete(b)
+        progress.update(sum(len(b.requests) for b in step))
+    progress.close()
+    return req_records, iter_records, [dataclasses.asdict(a) for a in sched.finish()], sync_estimate(dep, steps, c)
+
+
+def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
+    """Synchronization overhead of DEP (paper Fig. 1): re-run sampled steps with each rank's batch alone (the other
+    ranks empty) as that rank's compute time; overhead = 1 - mean(rank compute) / step time."""
+    if not steps:
+        return {}
+    idx = np.linspace(0, len(steps) - 1, min(c.sync_samples, len(steps))).round().astype(int)
+    step_s, rank_s, tokens = [], [], []
+    for i in sorted(set(idx.tolist())):
+        packed, _ = steps[i]
+        alone = []
+        for r in range(c.num_ranks):
+            solo = [b if k == r else None for k, b in enumerate(packed)]
+            t = time.perf_counter()
+            dep.step(solo)
+            alone.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        dep.step(packed)  # the step itself re-timed back to back with its solo runs
+        step_s.append(time.perf_counter() - t)
+        rank_s.append(alone)
+        tokens.append([0 if b is None else b.num_tokens for b in packed])
+    rank_s = np.asarray(rank_s)
+    return {"sampled_steps": len(step_s), "step_s": step_s, "rank_compute_s": rank_s.tolist(),
+            "rank_tokens": tokens, "sync_overhead": metrics.overall_sync_overhead(step_s, rank_s),
+            "rank_cv_mean": float(np.nanmean(metrics.rank_token_cv(np.asarray(tokens, float))))}
+
+
+def build_params(p: Plan, c) -> reference.Params:
+    if c.model.checkpoint:
+        from dwdp_jax import checkpoint
+
+        cfg, params = checkpoint.load_hf_checkpoint(c.model.checkpoint)
+        if cfg.n_routed_experts != p.cfg.n_routed_experts:
+            raise ValueError(f"checkpoint has {cfg.n_routed_experts} experts, the config {p.cfg.n_routed_experts}")
+        return params
+    return reference.Params(*deepseek_v3.init_model(p.cfg, seed=c.seed))
+
+
+def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns the results document (also written to results/context_bench/<run>.json)."""
+    p = plan(c)
+    params = build_params(p, c)
+    run_name = c.run or f"{c.name}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    runtimes = {}
+    if "dwdp" in p.strategies:
+        runtimes["dwdp"] = DwdpEngine(params, p.placement, p.devices, DwdpOptions(
+            transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
+            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend))
+    if "dep" in p.strategies:
+        from dwdp_jax.runtime import dep as dep_lib
+
+        runtimes["dep"] = (make_dep or dep_lib.DepRuntime)(
+            params, c.num_ranks, c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
+            gemm_backend=c.gemm_backend,
+            attention_impl=c.attention_impl, devices=p.devices)
+
+    verification, hlo_collectives = {}, {}
+    vb = verification_batches(p, c)
+    refs = [reference.prefill(params, b) if b is not None else None for b in vb] if c.verify.enabled else None
+    if "dwdp" in runtimes:
+        engine = runtimes["dwdp"]
+        outs = [engine.step(r, b).output if b is not None else None for r, b in enumerate(vb)]
+        warm = next(b for b in vb if b is not None)
+        for r in range(engine.num_ranks):  # programs compile per device: warm every rank before timing
+            engine.step(r, warm)
+        if refs:
+            verification["dwdp"] = verify(outs, refs, c.verify.rel_tol)
+        hlo_collectives["dwdp"] = {k: count_collectives(t) for k, t in engine.compiled_hlo(vb[0]).items()}
+    if "dep" in runtimes:
+        dep = runtimes["dep"]
+        outs = dep.step(vb)
+        if refs:
+            verification["dep"] = verify(outs, refs, c.verify.rel_tol)
+        hlo_collectives["dep"] = {"step": count_collectives(dep.compiled_hlo())}
+
+    raw, summary, breakdown = {}, {}, {}
+    for name in p.strategies:
+        if name == "dwdp":
+            reqs, iters, assignments = run_dwdp(runtimes["dwdp"], p, c)
+            extra = {}
+        else:
+            reqs, iters, assignments, extra = run_dep(runtimes["dep"], p, c)
+        summary[name] = {**metrics.summarize(reqs, iters, c.num_ranks), **{k: v for k, v in extra.items()
+                                                                          if k in ("sync_overhead", "rank_cv_mean")}}
+        raw[name] = {"requests": [dataclasses.asdict(r) for r in reqs],
+                     "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
+    if c.breakdown:
+        breakdown = profile_breakdown(runtimes, p, c)
+    if len(summary) == 2:
+        summary["ratio"] = {"tps_per_gpu_dwdp_over_dep": summary["dwdp"]["tps_per_gpu"] / summary["dep"]["tps_per_gpu"],
+                            "ttft_p50_dep_over_dwdp": summary["dep"]["ttft_p50_s"] / summary["dwdp"]["ttft_p50_s"]}
+    path = results_lib.write_results("context_bench", run_name, config=c, raw=raw, metrics=summary,
+                                     verification=verification, root=c.results_root,
+                                     hlo_collectives=hlo_collectives, breakdown=breakdown,
+                                     model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement))
+    return {"path": str(path), "metrics": summary, "verification": verification, "hlo_collectives": hlo_collectives,
+            "breakdown": breakdown}
+
+
+def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[str, Any]]]:
+    """One profiled iteration per strategy on the first MNT-full batch: per-stage device time in the paper's
+    categories, labelled measured (timed stage by stage with a device sync) or estimated."""
+    first = scheduler.DwdpScheduler(p.requests, num_ranks=1, max_num_tokens=c.max_num_tokens,
+                                    max_batch_size=c.max_batch_size).next_batch(0, float("inf"))
+    batch = pack_batch(first, c, p.cfg.vocab_size)
+    out = {}
+    if "dwdp" in runtimes:
+        stages = runtimes["dwdp"].step(0, batch, profile=True).stages_s
+        out["dwdp"] = {k: {"ms": v, "source": metrics.MEASURED} for k, v in breakdown_ms(stages).items()}
+    if "dep" in runtimes and hasattr(runtimes["dep"], "profile_step"):
+        per_rank = [batch] + [None] * (c.num_ranks - 1)
+        out["dep"] = runtimes["dep"].profile_step(per_rank)
+    return out
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The short end-of-run table: per strategy TPS/GPU, TTFT p50/p90, iteration p50, and the DWDP/DEP ratios."""
+    m = doc["metrics"]
+    rows = [f"{'strategy':<10}{'TPS/GPU':>12}{'TTFT p50 s':>13}{'TTFT p90 s':>13}{'iter p50 s':>13}{'verified':>10}"]
+    for name in STRATEGIES:
+        if name in m:
+            s = m[name]
+            ok = doc["verification"].get(name, {}).get("passed", "-")
+            rows.append(f"{name:<10}{s['tps_per_gpu']:>12.1f}{s['ttft_p50_s']:>13.4f}{s['ttft_p90_s']:>13.4f}"
+                        f"{s['iteration_p50_s']:>13.4f}{str(ok):>10}")
+    if "ratio" in m:
+        rows.append(f"DWDP/DEP TPS/GPU {m['ratio']['tps_per_gpu_dwdp_over_dep']:.3f}   "
+                    f"TTFT p50 speedup {m['ratio']['ttft_p50_dep_over_dwdp']:.3f}")
+    if "dep" in m and "sync_overhead" in m["dep"]:
+        rows.append(f"DEP synchronization overhead {100 * m['dep']['sync_overhead']:.1f}% "
+                    f"(mean rank-token CV {100 * m['dep']['rank_cv_mean']:.1f}%)")
+    rows.append(f"HLO collectives: {doc['hlo_collectives']}")
+    rows.append(f"results: {doc['path']}")
+    return "\n".join(rows)
