@@ -11,6 +11,7 @@ from ml_collections import config_dict
 def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.name = name
+    c.experiment = "context_bench"  # results/<experiment>/<run>.json
     c.run = ""  # results file name; default: <name>_<date>
     c.results_root = "results"
     c.seed = 0
@@ -48,6 +49,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
 
     c.dep = config_dict.ConfigDict()
     c.dep.dispatch = "auto"  # dense | ragged | auto (ragged on GPU, dense on CPU)
+    c.dep.num_ranks = 0  # 0: num_ranks (the group-size sweep compares DWDP-3 with DEP-4)
 
     c.gemm_backend = "xla"
     c.attention_impl = "xla"

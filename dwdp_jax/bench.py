@@ -290,7 +290,7 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     if len(summary) == 2:
         summary["ratio"] = {"tps_per_gpu_dwdp_over_dep": summary["dwdp"]["tps_per_gpu"] / summary["dep"]["tps_per_gpu"],
                             "ttft_p50_dep_over_dwdp": summary["dep"]["ttft_p50_s"] / summary["dwdp"]["ttft_p50_s"]}
-    path = results_lib.write_results("context_bench", run_name, config=c, raw=raw, metrics=summary,
+    path = results_lib.write_results(c.experiment, run_name, config=c, raw=raw, metrics=summary,
                                      verification=verification, root=c.results_root,
                                      hlo_collectives=hlo_collectives, breakdown=breakdown,
                                      model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement))
