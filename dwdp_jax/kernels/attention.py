@@ -37,7 +37,12 @@ def register_backend(name: str, fn: Attention) -> None:
     _BACKENDS[name] = fn
 
 
+_GPU_BACKENDS = {"pallas_mgpu", "cudnn", "cudnn_padded_v"}
+
+
 def get_backend(name: str) -> Attention:
+    if name not in _BACKENDS and name in _GPU_BACKENDS:
+        import dwdp_jax.kernels.gpu  # noqa: F401  (registers the GPU backends)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
     return _BACKENDS[name]

@@ -1,0 +1,144 @@
+"""GPU measurements, side by side in one process: kernels against their ceilings, copies against the peer-copy
+ceiling, and the rates the simulator's `calibrated` spec needs (dwdp_jax/sim/hardware.py contract).
+
+Every number is a median over repeats after warm-up, with a device sync before reading the host clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dwdp_jax.kernels import attention as attention_kernels
+
+
+GIB = 1 << 30
+
+
+def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def skewed_group_sizes(num_rows: int, num_groups: int, max_over_mean: float, seed: int = 0) -> np.ndarray:
+    """Group sizes summing to num_rows whose largest is about max_over_mean times the mean (hot experts)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.gamma(0.5, size=num_groups)
+    weights = weights / weights.sum()
+    hot = max_over_mean / num_groups
+    weights = np.minimum(weights, hot)
+    weights[np.argmax(weights)] = hot
+    weights = weights / weights.sum()
+    sizes = np.floor(weights * num_rows).astype(np.int32)
+    sizes[np.argmax(sizes)] += num_rows - sizes.sum()
+    return sizes
+
+
+def dense_gemm_tflops(m: int, k: int, n: int, dtype=jnp.bfloat16) -> float:
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (m, k), jnp.float32).astype(dtype)
+    b = jax.random.normal(key, (k, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
+    return 2 * m * k * n / time_s(f, a, b) / 1e12
+
+
+def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "pallas_mgpu") -> float:
+    """One ragged GEMM (the backend's building block) over groups of the given sizes."""
+    from dwdp_jax.kernels import gpu
+
+    m, g = int(sizes.sum()), len(sizes)
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = (0.02 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    fn = gpu._mgpu_ragged_dot if backend == "pallas_mgpu" else (
+        lambda x, w, gs: jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.bfloat16))
+    return 2 * m * k * n / time_s(jax.jit(fn), x, w, gs) / 1e12
+
+
+def grouped_gemm_error(sizes: np.ndarray, k: int, n: int) -> float:
+    """Relative error of the Pallas ragged GEMM against an fp32 per-group reference (bf16 inputs)."""
+    from dwdp_jax.kernels import gpu
+
+    key = jax.random.key(2)
+    m, g = int(sizes.sum()), len(sizes)
+    x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
+    ours = jax.jit(gpu._mgpu_ragged_dot)(x, w, jnp.asarray(sizes, jnp.int32)).astype(jnp.float32)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    ref = jnp.concatenate([x[a:b].astype(jnp.float32) @ w[i].astype(jnp.float32)
+                           for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))])
+    return float(jnp.linalg.norm(ours - ref) / jnp.linalg.norm(ref))
+
+
+def hbm_gbps(num_bytes: int = 4 * GIB) -> float:
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    return 2 * num_bytes / time_s(jax.jit(lambda x: x * 2), x) / 1e9
+
+
+def p2p_gbps(src: jax.Device, dsts: list[jax.Device], num_bytes: int = GIB, fan_in: bool = False) -> float:
+    """Aggregate GB/s of device_put copies: src -> each of dsts, or (fan_in) each of dsts -> src."""
+    n = num_bytes // 2
+    if fan_in:
+        arrays = [jax.device_put(jnp.ones((n,), jnp.bfloat16), d) for d in dsts]
+        return len(dsts) * num_bytes / time_s(lambda: [jax.device_put(a, src) for a in arrays]) / 1e9
+    a = jax.device_put(jnp.ones((n,), jnp.bfloat16), src)
+    return len(dsts) * num_bytes / time_s(lambda: [jax.device_put(a, d) for d in dsts]) / 1e9
+
+
+def pull_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int, gemm: int = 8192) -> dict[str, float]:
+    """Compute slowdown while a pull is in flight: a GEMM chain on dst alone, the pull alone, and both, the pull
+    issued before the compute (DESIGN.md: device_put waits for work already queued on its destination)."""
+    n = num_bytes // 2 // len(srcs)
+    remote = [jax.device_put(jnp.ones((n,), jnp.bfloat16), s) for s in srcs]
+    a = jax.device_put(jnp.ones((gemm, gemm), jnp.bfloat16), dst)
+    chain = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, x: (x @ a) * 1e-3, a))
+
+    def pull():
+        return [jax.device_put(r, dst) for r in remote]
+
+    t_compute = time_s(chain, a)
+    t_pull = time_s(pull)
+    t_both = time_s(lambda: (pull(), chain(a)))
+    return {"compute_s": t_compute, "pull_s": t_pull, "both_s": t_both, "pull_gbps": num_bytes / t_pull / 1e9,
+            "overlap_fraction": (t_compute + t_pull - t_both) / min(t_compute, t_pull)}
+
+
+def attention_tflops(impl: str, t: int, heads: int, qk_dim: int, v_dim: int) -> float:
+    """One causal sequence of t tokens; FLOPs counted for the causal half: 2 * t^2/2 * H * (qk + v)."""
+    key = jax.random.key(3)
+    q = jax.random.normal(key, (t, heads, qk_dim), jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(key, (t, heads, qk_dim), jnp.float32).astype(jnp.bfloat16)
+    v = jax.random.normal(key, (t, heads, v_dim), jnp.float32).astype(jnp.bfloat16)
+    seg, pos = jnp.zeros((t,), jnp.int32), jnp.arange(t, dtype=jnp.int32)
+    fn = attention_kernels.get_backend(impl)
+    f = jax.jit(lambda q, k, v: fn(q, k, v, seg, pos, scale=qk_dim ** -0.5))
+    return t * t * heads * (qk_dim + v_dim) / time_s(f, q, k, v) / 1e12
+
+
+def all2all_gbps(devices: list[jax.Device], bytes_per_peer: int = 64 << 20) -> float:
+    """Per-rank bytes sent to peers per second by jax.lax.all_to_all under shard_map (the DEP dispatch)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    n = len(devices)
+    mesh = Mesh(np.asarray(devices), ("x",))
+    rows = bytes_per_peer // (7168 * 2)
+    x = jax.device_put(jnp.ones((n * n, rows, 7168), jnp.bfloat16), NamedSharding(mesh, P("x")))
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:
+        from jax.experimental.shard_map import shard_map
+    f = jax.jit(shard_map(lambda b: jax.lax.all_to_all(b, "x", 0, 0, tiled=True), mesh=mesh, in_specs=P("x"),
+                          out_specs=P("x")))
+    return (n - 1) * bytes_per_peer / time_s(f, x) / 1e9
+

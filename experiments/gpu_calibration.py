@@ -1,0 +1,74 @@
+"""GPU kernel and copy measurements, side by side in one run (issue 6 acceptance ratios + simulator calibration).
+
+  python -m experiments.gpu_calibration            # on a GPU machine; writes results/gpu_calibration/<run>.json
+"""
+
+import datetime
+import sys
+
+import jax
+from absl import app, flags
+
+from dwdp_jax import gpu_bench as gb
+from dwdp_jax.results import write_results
+
+_QUICK = flags.DEFINE_bool("quick", False, "smaller shapes (a smoke run)")
+_RESULTS = flags.DEFINE_string("results", "results", "results root")
+
+
+def main(argv):
+    del argv
+    devices = jax.devices()
+    if devices[0].platform != "gpu":
+        print("gpu_calibration: needs GPUs, found " + devices[0].platform, file=sys.stderr)
+        sys.exit(2)
+    rows = 16384 if _QUICK.value else 131072
+    m = {}
+    raw = {}
+    m["gemm_tflops"] = gb.dense_gemm_tflops(rows, 7168, 4096)
+    m["gemm_down_tflops"] = gb.dense_gemm_tflops(rows, 2048, 7168)
+    m["hbm_gbps"] = gb.hbm_gbps()
+    sizes = gb.skewed_group_sizes(rows, 256, 6.0)
+    raw["group_sizes_max_over_mean"] = float(sizes.max() / sizes.mean())
+    m["grouped_gemm_tflops"] = gb.grouped_gemm_tflops(sizes, 7168, 4096)
+    m["grouped_gemm_down_tflops"] = gb.grouped_gemm_tflops(sizes, 2048, 7168)
+    m["grouped_gemm_over_dense"] = m["grouped_gemm_tflops"] / m["gemm_tflops"]
+    m["grouped_gemm_down_over_dense"] = m["grouped_gemm_down_tflops"] / m["gemm_down_tflops"]
+    slab = gb.skewed_group_sizes(rows // 4, 64, 6.0, seed=1)
+    m["grouped_gemm_slab64_tflops"] = gb.grouped_gemm_tflops(slab, 7168, 4096)
+    skewed = gb.skewed_group_sizes(4096, 16, 6.0)
+    with_empty = skewed * (jax.numpy.arange(16) % 2 == 0)  # every other expert gets no rows
+    m["grouped_gemm_rel_err"] = max(gb.grouped_gemm_error(s, 512, 256) for s in (
+        skewed, gb.skewed_group_sizes(4096, 16, 1.0), jax.device_get(with_empty)))
+    try:
+        m["fp8_gemm_tflops"] = gb.dense_gemm_tflops(rows, 7168, 4096, jax.numpy.float8_e4m3fn)
+    except Exception as e:  # recorded, not fatal: FP8 dot support differs across XLA versions
+        raw["fp8_error"] = repr(e)[:300]
+    t = 4096 if _QUICK.value else 8192
+    m["attention_tflops"] = gb.attention_tflops("cudnn", t, 128, 192, 128)
+    m["attention_192_tflops"] = gb.attention_tflops("cudnn", t, 128, 192, 192)
+    m["attention_padded_v_tflops"] = gb.attention_tflops("cudnn_padded_v", t, 128, 192, 128)
+    m["attention_mla_over_192"] = m["attention_tflops"] / m["attention_192_tflops"]
+    if len(devices) > 1:
+        m["p2p_gbps"] = gb.p2p_gbps(devices[1], [devices[0]])
+        peers = devices[1:4]
+        m["p2p_fanin_gbps"] = gb.p2p_gbps(devices[0], peers, fan_in=True)
+        m["p2p_fanout_gbps"] = gb.p2p_gbps(devices[0], peers)
+        layer_bytes = 3 * 64 * 3 * 7168 * 2048 * 2  # an R1 layer's remote experts for DWDP4, bf16
+        pull_bytes = layer_bytes // (8 if _QUICK.value else 1)
+        raw["pull_overlap"] = gb.pull_overlap(devices[0], peers, pull_bytes)
+        m["layer_pull_gbps"] = raw["pull_overlap"]["pull_gbps"]
+        m["layer_pull_over_fanin_ceiling"] = m["layer_pull_gbps"] / m["p2p_fanin_gbps"]
+        m["compute_slowdown_while_pulling"] = raw["pull_overlap"]["both_s"] / raw["pull_overlap"]["compute_s"]
+        m["all2all_gbps"] = gb.all2all_gbps(devices[:4])
+    m["memory_gb"] = devices[0].memory_stats().get("bytes_limit", 0) / 1e9
+    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = write_results("gpu_calibration", run, config={"quick": _QUICK.value, "rows": rows}, raw=raw, metrics=m,
+                         root=_RESULTS.value)
+    for k, v in m.items():
+        print(f"{k:<36}{v:>12.3f}")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
