@@ -224,13 +224,16 @@ def dep_all_to_all_s(cfg: ModelConfig, hw: HardwareSpec, rank_tokens: Sequence[f
                      prec: Precision) -> tuple[float, np.ndarray]:
     """One MoE layer's dispatch + combine: (the step's all-to-all time, each rank's own transfer time [ranks]).
 
-    A rank's own time is max(sent, received) / per-rank all-to-all bandwidth; the collective ends with the slowest.
+    A rank's own time in each collective is max(sent, received) / per-rank all-to-all bandwidth; each collective ends
+    with its slowest rank, so the step pays the sum over the two collectives of the per-collective maximum.
     """
-    busy = np.zeros(len(rank_tokens))
+    step_s, busy_s = 0.0, np.zeros(len(rank_tokens))
     for payload in (BYTES_PER_ELEMENT[prec.moe], BYTES_PER_ELEMENT[prec.combine]):
         sent, received = all_to_all_rank_bytes(cfg, rank_tokens, payload)
-        busy += np.maximum(sent, received) / hw.all_to_all
-    return float(busy.max()), busy
+        rank_s = np.maximum(sent, received) / hw.all_to_all
+        step_s += float(rank_s.max())
+        busy_s += rank_s
+    return step_s, busy_s
 
 
 def prefetch_bytes(cfg: ModelConfig, placement: Placement, prec: Precision) -> float:

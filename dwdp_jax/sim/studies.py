@@ -1,0 +1,362 @@
+"""The simulator's studies: each turns the roofline or the simulator into one results document (config, raw, metrics).
+
+Why a module of its own: the absl mains (experiments/roofline.py, experiments/simulate.py) stay thin and the tests call
+exactly what the mains run. Every study validates its inputs before doing any work and raises ValueError naming the
+field. Documents are plain dicts: {"config", "raw", "metrics"} for dwdp_jax.results.write_results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dwdp_jax.placement import Placement
+from dwdp_jax.results import read_results
+from dwdp_jax.sim import contention, hardware, roofline, simulate
+from dwdp_jax.sim.hardware import HardwareSpec
+from dwdp_jax.sim.roofline import GenServer, Precision
+from dwdp_jax.sim.simulate import ContextConfig, E2EConfig
+from dwdp_jax.sim.workload import Workload
+from models.config import ModelConfig, YarnConfig
+
+Progress = Callable[[Iterable], Iterable]
+
+
+def _identity(items: Iterable) -> Iterable:
+    return items
+
+
+def _positive(name: str, values: Sequence[float]) -> None:
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{name} must be a non-empty list of numbers > 0, got {list(values)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Roofline (blog Table 1).
+
+
+def roofline_study(cfg: ModelConfig, hw: HardwareSpec, isls: Sequence[int], batches: Sequence[int], group_size: int,
+                   prec: Precision, local_experts: int | None = None) -> dict:
+    """T_compute/T_prefetch and T_DEP/T_DWDP over ISL x batch; the crossover ISL and the speedup peak per batch; the
+    distance to blog Table 1 at batch 1."""
+    _positive("isls", isls)
+    _positive("batches", batches)
+    placement = Placement.for_group(cfg.n_routed_experts, group_size, local_experts)
+    points = roofline.roofline_table(cfg, hw, sorted(isls), sorted(batches), placement, prec)
+    per_batch = {}
+    for b in sorted(batches):
+        rows = [p for p in points if p.batch == b]
+        peak = max(rows, key=lambda p: p.dep_over_dwdp)
+        per_batch[b] = {"crossover_isl": roofline.crossover_isl(points, b), "speedup_peak_isl": peak.isl,
+                        "speedup_peak": peak.dep_over_dwdp}
+    return {"config": {"hardware": hw, "precision": prec, "group_size": group_size, "placement": placement,
+                       "isls": sorted(isls), "batches": sorted(batches), "model": cfg},
+            "raw": {"points": [p.as_dict() for p in points]},
+            "metrics": {"per_batch": per_batch, "published": roofline.published_distance(points),
+                        "prefetch_bytes_per_layer": roofline.prefetch_bytes(cfg, placement, prec),
+                        "expert_bytes": roofline.expert_bytes(cfg, prec)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Contention (paper Table 2).
+
+
+def contention_study(cfg: ModelConfig, hw: HardwareSpec, group_sizes: Sequence[int], disciplines: Sequence[str],
+                     min_pulls: int = 80000, isl: int = 1024, seed: int = 0, progress: Progress = _identity) -> dict:
+    """Exact Pr[C = c] against paper Table 2, and what the simulator's pulls see, per discipline.
+
+    The simulated regime is prefetch-bound (one ISL-`isl` request per step, so every rank pulls almost all the time),
+    which is the model's premise; each group runs enough steps for at least `min_pulls` pulls. Empirical frequencies
+    are time-weighted (a pulling rank's level at a random time). Under `none` they test the premise itself
+    (asynchronous serial pulls in a random peer order, no feedback); under `fifo` contention feeds back into pull
+    times (contended pulls last longer and are seen more often). Under `round_robin` every destination deliberately
+    reads all its peers at once, so the level is N - 1 by construction and only the prefetch stretch (layer prefetch
+    time over its contention-free time) is reported.
+    """
+    for n in group_sizes:
+        contention.contention_pmf(n)
+    if min_pulls < 1:
+        raise ValueError(f"min_pulls must be >= 1, got {min_pulls}")
+    bad = [d for d in disciplines if d not in simulate.DISCIPLINES]
+    if bad:
+        raise ValueError(f"disciplines: unknown {bad}; choose from {simulate.DISCIPLINES}")
+    rows, raw = {}, {}
+    for n in progress(list(group_sizes)):
+        pmf = contention.contention_pmf(n)
+        row = {"model_percent": [100 * p for p in pmf], "expected_slowdown_model": contention.expected_slowdown(n)}
+        if n in contention.PAPER_TABLE2:
+            row["paper"] = contention.matches_paper(n)
+            row["paper_match"] = all(m["match"] for m in row["paper"])
+        pulls_per_step = n * (n - 1) * max(1, cfg.num_moe_layers)
+        workload = Workload(n * math.ceil(min_pulls / pulls_per_step), isl, input_ratio=0.8, seed=seed)
+        for discipline in disciplines:
+            ctx = ContextConfig("dwdp", group_size=n, max_num_tokens=isl, max_batch_size=1, discipline=discipline,
+                                seed=seed)
+            result = simulate.simulate_context(cfg, hw, ctx, workload)
+            row[discipline] = {"layer_prefetches": len(result.prefetch_layer_s),
+                               "prefetch_stretch": result.prefetch_stretch}
+            if discipline != "round_robin":
+                freq = result.contention_frequencies()
+                empirical = [100 * freq.get(c, 0.0) for c in range(1, n)]
+                row[discipline].update(empirical_percent=empirical, mean_level=sum(c * f for c, f in freq.items()),
+                                       max_abs_diff_pp=max(abs(e - 100 * p) for e, p in zip(empirical, pmf)))
+            raw[f"{n}_{discipline}"] = result.contention_s
+        rows[n] = row
+    return {"config": {"hardware": hw, "group_sizes": list(group_sizes), "disciplines": list(disciplines),
+                       "min_pulls": min_pulls, "isl": isl, "seed": seed, "model": cfg},
+            "raw": {"contention_s": raw}, "metrics": {"per_group": rows}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synchronization overhead vs imbalance (paper Fig. 1).
+
+CV_BANDWIDTH = 0.025  # Gaussian kernel width of the overhead-vs-CV regression: half of the 5% bins of the figure
+
+
+def local_linear(x: np.ndarray, y: np.ndarray, weight: np.ndarray, x0: float, bandwidth: float) -> float:
+    """Weighted local-linear regression of y on x at x0 (Gaussian kernel): the level of the local trend line."""
+    w = weight * np.exp(-0.5 * ((x - x0) / bandwidth) ** 2)
+    design = np.stack([np.ones_like(x), x - x0], axis=1)
+    a = (design * w[:, None]).T @ design
+    if np.linalg.cond(a) > 1e12:
+        return math.nan
+    return float(np.linalg.solve(a, (design * w[:, None]).T @ y)[0])
+
+
+def sync_cv_study(cfg: ModelConfig, hw: HardwareSpec, isl: int = 8192, input_ratio: float = 0.8,
+                  group_size: int = 4, max_num_tokens: int = 32768, loads: Sequence[float] = (0.3, 0.5, 0.7, 0.8,
+                  0.9, 1.0), seeds: Sequence[int] = (0, 1), num_requests: int = 2000, cv_target: float = 0.2,
+                  prec: Precision = Precision(), progress: Progress = _identity) -> dict:
+    """DEP synchronization overhead against the per-step CV of per-rank token counts.
+
+    How CV is controlled: not set directly. Requests (lengths uniform in [r ISL, ISL]) arrive as a Poisson process at
+    `loads` x the DEP group's saturation throughput (measured by a saturated run of the same simulator). At
+    saturation every rank holds max_num_tokens worth of whole requests and the CV is a few percent; at lower loads a
+    step carries whatever arrived during the previous one, a number of whole requests that rarely divides evenly over
+    the ranks, so the CV spreads over 0-60%. Each step gives a point (CV, overhead = 1 - mean rank busy / step); the
+    curve is a step-time-weighted local-linear regression (Gaussian kernel, width CV_BANDWIDTH) and, for reference,
+    5%-wide bins. Nothing is fitted to the paper: the overhead follows from the roofline times of the ranks' batches.
+    """
+    _positive("loads", loads)
+    if num_requests < 1 or not 0 < cv_target < 1:
+        raise ValueError(f"num_requests must be >= 1 and cv_target in (0, 1), got {num_requests}, {cv_target}")
+    ctx = ContextConfig("dep", group_size=group_size, max_num_tokens=max_num_tokens, precision=prec)
+    saturated = simulate.simulate_context(cfg, hw, ctx, Workload(8 * group_size * (max_num_tokens // isl + 1), isl,
+                                                                   input_ratio))
+    capacity_rps = len(saturated.requests) / saturated.makespan_s
+    points = []
+    for seed in progress(list(seeds)):
+        for load in loads:
+            w = Workload(num_requests, isl, input_ratio, rate_per_s=load * capacity_rps, seed=seed)
+            for it in simulate.simulate_context(cfg, hw, ctx, w).iterations:
+                points.append((it.token_cv, it.sync_overhead, it.duration_s))
+    cv, overhead, step_s = np.array(points).T
+    grid = np.round(np.arange(0.0, 0.51, 0.01), 2)
+    curve = [local_linear(cv, overhead, step_s, g, CV_BANDWIDTH) for g in grid]
+    edges = np.arange(-0.025, 0.60, 0.05)
+    bins = []
+    for lo, hi in zip(edges, edges[1:]):
+        m = (cv >= lo) & (cv < hi)
+        if m.any():
+            bins.append({"cv_center": (lo + hi) / 2, "steps": int(m.sum()),
+                         "overhead": float(np.sum(overhead[m] * step_s[m]) / np.sum(step_s[m]))})
+    at_target = [b for b in bins if abs(b["cv_center"] - cv_target) < 1e-9]
+    return {"config": {"hardware": hw, "isl": isl, "input_ratio": input_ratio, "group_size": group_size,
+                       "max_num_tokens": max_num_tokens, "loads": list(loads), "seeds": list(seeds),
+                       "num_requests": num_requests, "precision": prec, "cv_bandwidth": CV_BANDWIDTH, "model": cfg},
+            "raw": {"points": {"cv": cv, "overhead": overhead, "step_s": step_s}},
+            "metrics": {"capacity_requests_per_s": capacity_rps, "cv_target": cv_target,
+                        "overhead_at_target": local_linear(cv, overhead, step_s, cv_target, CV_BANDWIDTH),
+                        "overhead_bin_at_target": at_target[0]["overhead"] if at_target else math.nan,
+                        "curve": {"cv": grid, "overhead": curve}, "bins": bins}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End-to-end Pareto frontier (Tables 5-6) and the planner.
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """One of the paper's e2e operating points (dwdp_reference.md 3.1): the generation server and the context GPU
+    counts tried for each strategy."""
+
+    name: str
+    gen: GenServer
+    dep_ctx_gpus: tuple[int, ...]
+    dwdp_ctx_gpus: tuple[int, ...]
+
+
+def paper_bands(mtp_acceptance: float = 0.8) -> list[Band]:
+    """The five TPS/user bands of the paper's e2e configs (gen TP, batch per GPU, MTP; ctx GPUs incl. "-k")."""
+    def gen(tp, batch, mtp):
+        return GenServer(num_gpus=tp, max_batch=tp * batch, mtp_tokens=mtp, mtp_acceptance=mtp_acceptance)
+    return [Band("20-40", gen(8, 256, 1), (20, 16), (20, 16)),
+            Band("40-60", gen(8, 128, 1), (16, 12), (16, 12)),
+            Band("60-80", gen(16, 64, 1), (28, 24), (28, 24, 20)),
+            Band("80-100", gen(16, 32, 3), (16,), (16, 12)),
+            Band("160-180", gen(32, 2, 3), (8,), (8, 4))]
+
+
+def _e2e_workload(isl: int, osl: int, input_ratio: float, concurrency: int, cycles: int, seed: int) -> Workload:
+    return Workload(max(3, cycles) * concurrency, isl, input_ratio, osl=osl, seed=seed)
+
+
+def e2e_point(cfg: ModelConfig, hw: HardwareSpec, ctx: ContextConfig, gen: GenServer, workload: Workload) -> dict:
+    result = simulate.simulate_e2e(cfg, hw, E2EConfig(ctx, gen), workload)
+    return result.summary()
+
+
+def _ctx(strategy: str, gpus: int, group_size: int, base: ContextConfig) -> ContextConfig:
+    if gpus % group_size:
+        raise ValueError(f"context GPUs ({gpus}) must be a multiple of the group size ({group_size})")
+    return dataclasses.replace(base, strategy=strategy, group_size=group_size, num_groups=gpus // group_size)
+
+
+def pareto_study(cfg: ModelConfig, hw: HardwareSpec, bands: Sequence[Band], isl: int = 8192, osl: int = 1024,
+                 input_ratio: float = 0.8, cycles: int = 3, group_size: int = 4,
+                 base: ContextConfig = ContextConfig("dep", max_num_tokens=33000, max_batch_size=4), seed: int = 0,
+                 progress: Progress = _identity) -> dict:
+    """Every (band, strategy, ctx GPUs) point of the paper's e2e configs; per band the best point of each strategy
+    (highest output TPS/GPU) side by side, as Tables 5-6 (TPS/user, TPS/GPU speedups, median TTFT)."""
+    if not bands:
+        raise ValueError("bands must not be empty")
+    jobs = [(band, s, g) for band in bands for s, gpus in (("dep", band.dep_ctx_gpus), ("dwdp", band.dwdp_ctx_gpus))
+            for g in gpus]
+    for band, strategy, gpus in jobs:
+        _ctx(strategy, gpus, group_size, base)
+    points = []
+    for band, strategy, gpus in progress(jobs):
+        w = _e2e_workload(isl, osl, input_ratio, band.gen.max_batch, cycles, seed)
+        points.append({"band": band.name, **e2e_point(cfg, hw, _ctx(strategy, gpus, group_size, base), band.gen, w)})
+    table = []
+    for band in bands:
+        best = {s: max((p for p in points if p["band"] == band.name and p["strategy"] == s),
+                       key=lambda p: p["output_tps_per_gpu"]) for s in ("dep", "dwdp")}
+        table.append({"band": band.name, "dep_ctx_gpus": best["dep"]["ctx_gpus"],
+                      "dwdp_ctx_gpus": best["dwdp"]["ctx_gpus"],
+                      "tps_per_user_speedup": best["dwdp"]["tps_per_user_p50"] / best["dep"]["tps_per_user_p50"],
+                      "tps_per_gpu_speedup": best["dwdp"]["output_tps_per_gpu"] / best["dep"]["output_tps_per_gpu"],
+                      "ttft_dep_ms": 1e3 * best["dep"]["ttft_p50_s"], "ttft_dwdp_ms": 1e3 * best["dwdp"]["ttft_p50_s"]})
+    return {"config": {"hardware": hw, "bands": list(bands), "isl": isl, "osl": osl, "input_ratio": input_ratio,
+                       "cycles": cycles, "group_size": group_size, "context": base, "seed": seed, "model": cfg},
+            "raw": {"points": points},
+            "metrics": {"table": table, "frontier": {s: pareto_frontier([p for p in points if p["strategy"] == s])
+                                                     for s in ("dep", "dwdp")}}}
+
+
+def pareto_frontier(points: Sequence[dict]) -> list[dict]:
+    """Points not dominated in (TPS/user, output TPS/GPU), sorted by TPS/user."""
+    def key(p):
+        return p["tps_per_user_p50"], p["output_tps_per_gpu"]
+
+    def dominates(q, p):
+        return key(q) != key(p) and all(a >= b for a, b in zip(key(q), key(p)))
+    return sorted((p for p in points if not any(dominates(q, p) for q in points)), key=key)
+
+
+def planner_study(cfg: ModelConfig, hw: HardwareSpec, band: Band, ttft_targets_s: Sequence[float],
+                  group_sizes: Sequence[int] = (3, 4, 6, 8), max_ctx_gpus: int = 32, isl: int = 8192,
+                  osl: int = 1024, input_ratio: float = 0.8, cycles: int = 3,
+                  base: ContextConfig = ContextConfig("dwdp", max_num_tokens=33000, max_batch_size=4), seed: int = 0,
+                  progress: Progress = _identity) -> dict:
+    """For each TTFT target, the DWDP group size and context GPU count (any multiple of the group size up to
+    `max_ctx_gpus`) with the highest output TPS/GPU, beside DEP-4 servers over the same range. Group sizes whose
+    weights do not fit device memory are reported and skipped."""
+    _positive("ttft_targets_s", ttft_targets_s)
+    if max_ctx_gpus < 1:
+        raise ValueError(f"max_ctx_gpus must be >= 1, got {max_ctx_gpus}")
+    for g in group_sizes:
+        Placement.for_group(cfg.n_routed_experts, g)
+    infeasible = [g for g in group_sizes if not simulate.fits_memory(cfg, hw, _ctx("dwdp", g, g, base))]
+    jobs = [("dwdp", g, k * g) for g in group_sizes if g not in infeasible for k in range(1, max_ctx_gpus // g + 1)]
+    jobs += [("dep", 4, k * 4) for k in range(1, max_ctx_gpus // 4 + 1)]
+    w = _e2e_workload(isl, osl, input_ratio, band.gen.max_batch, cycles, seed)
+    points = [e2e_point(cfg, hw, _ctx(s, gpus, g, base), band.gen, w) for s, g, gpus in progress(jobs)]
+    choices = {s: simulate.plan([p for p in points if p["strategy"] == s], ttft_targets_s) for s in ("dwdp", "dep")}
+    rows = [{"ttft_target_s": t, "dwdp": choices["dwdp"][i].best, "dep": choices["dep"][i].best}
+            for i, t in enumerate(ttft_targets_s)]
+    return {"config": {"hardware": hw, "band": band, "ttft_targets_s": list(ttft_targets_s),
+                       "group_sizes": list(group_sizes), "max_ctx_gpus": max_ctx_gpus, "isl": isl, "osl": osl,
+                       "input_ratio": input_ratio, "cycles": cycles, "context": base, "seed": seed, "model": cfg},
+            "raw": {"points": points}, "metrics": {"choices": rows, "infeasible_group_sizes": infeasible}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Calibration: predict the measured 4-GPU DWDP/DEP ratio with the calibrated spec.
+
+_PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "bf16"}
+
+
+def _model_from_doc(doc: dict, where: str) -> ModelConfig:
+    fields = doc.get("model")
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: needs the resolved model section `model` (dataclasses.asdict(ModelConfig))")
+    fields = dict(fields)
+    if isinstance(fields.get("rope_scaling"), dict):
+        fields["rope_scaling"] = YarnConfig(**fields["rope_scaling"])
+    return ModelConfig(**fields)
+
+
+def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, ContextConfig]:
+    """(model, workload, DEP config, DWDP config) of a context_bench results document (its resolved `model`
+    section and its `config`: num_ranks, max_num_tokens, max_batch_size, workload.{num_requests, isl, input_ratio,
+    isl_std (< 0: none), rate_per_s (0: all at once), seed, dataset}, dwdp.{local_experts (0: auto), slices})."""
+    where = f"context_bench run {doc.get('run', '?')}"
+    c = doc.get("config") or {}
+    try:
+        wl, dw = c["workload"], c.get("dwdp", {})
+        if wl.get("dataset"):
+            raise ValueError(f"{where}: calibration simulates synthetic workloads only, not dataset {wl['dataset']!r}")
+        cfg = _model_from_doc(doc, where)
+        precision = _PRECISION_OF_DTYPE.get(cfg.dtype)
+        if precision is None:
+            raise ValueError(f"{where}: model dtype {cfg.dtype!r} has no tensor-core precision to calibrate; "
+                             f"calibrate from a bfloat16 GPU run")
+        workload = Workload(int(wl["num_requests"]), int(wl["isl"]), float(wl.get("input_ratio", 1.0)),
+                            isl_std=wl["isl_std"] if wl.get("isl_std", -1) >= 0 else None,
+                            rate_per_s=wl["rate_per_s"] if wl.get("rate_per_s", 0) > 0 else None,
+                            seed=int(wl.get("seed", 0)))
+        base = ContextConfig("dep", group_size=int(c["num_ranks"]), max_num_tokens=int(c["max_num_tokens"]),
+                             max_batch_size=int(c["max_batch_size"]),
+                             precision=Precision(moe=precision, dense=precision, attention=precision,
+                                                 combine=precision))
+    except KeyError as e:
+        raise ValueError(f"{where}: config is missing field {e}") from e
+    dwdp = dataclasses.replace(base, strategy="dwdp", local_experts=dw.get("local_experts") or None,
+                               discipline="round_robin" if dw.get("slices", 1) > 1 else "fifo")
+    return cfg, workload, base, dwdp
+
+
+def _measured_ratio(doc: dict) -> float:
+    m = doc.get("metrics") or {}
+    try:
+        return float(m["dwdp"]["tps_per_gpu"]) / float(m["dep"]["tps_per_gpu"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"context_bench run {doc.get('run', '?')}: needs metrics.dwdp.tps_per_gpu and "
+                         f"metrics.dep.tps_per_gpu") from e
+
+
+def calibration_study(results_root: str | Path | None, tolerance: float = 0.10) -> dict:
+    """Predicted (calibrated spec, simulator) vs measured DWDP/DEP TPS/GPU for every context_bench run with both
+    strategies. Raises ValueError when there is no calibration file or no such run."""
+    hw = hardware.calibrated(results_root)
+    docs = [d for d in read_results("context_bench", results_root)
+            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())]
+    if not docs:
+        raise ValueError(f"no context_bench results with both dwdp and dep metrics under {results_root or 'results'}")
+    rows = []
+    for doc in docs:
+        cfg, workload, dep, dwdp = bench_setup(doc)
+        measured = _measured_ratio(doc)
+        sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
+        predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
+        rows.append({"run": doc.get("run"), "num_ranks": dep.group_size, "measured_ratio": measured,
+                     "predicted_ratio": predicted, "rel_error": predicted / measured - 1,
+                     "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim})
+    return {"config": {"hardware": hw, "tolerance": tolerance},
+            "raw": {"runs": rows}, "metrics": {"runs": [{k: v for k, v in r.items() if k != "simulated"} for r in rows],
+                                                "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
