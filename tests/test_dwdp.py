@@ -107,6 +107,19 @@ def test_ablations_stay_exact(params, options):
             assert all(v >= 0 for v in result.stages_s.values()) and result.stages_s["moe"] > 0
 
 
+def test_last_token_logits(params):
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2), options=DwdpOptions(last_token_logits=4))
+    batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)
+    ref = prefill(params, batch)
+    out = engine.step(1, batch).output
+    assert out.logits_TV.shape == (2, CFG.vocab_size)
+    assert rel_err(out.logits_TV, ref.logits_TV[batch.last_token_index()]) <= 1e-6
+    with pytest.raises(ValueError, match="more than last_token_logits"):
+        engine.step(1, pack([[1]] * 5, budget=BUDGET))
+    # the refusal came before any pull: the same engine keeps working
+    assert rel_err(engine.step(1, batch).output.logits_TV, ref.logits_TV[batch.last_token_index()]) <= 1e-6
+
+
 def test_poisoned_stale_slot_is_visible(params):
     """The poison is live: a view built from a released slot reads NaN."""
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=DwdpOptions(poison=True))

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dwdp_jax import memory
+from dwdp_jax.expert_source import as_source
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.reference import Params, PrefillOutput
@@ -43,6 +44,9 @@ class DwdpOptions:
     prefetch: bool = True  # False: pull each layer synchronously right before its MoE (no overlap)
     merge_experts: bool = False  # True: concatenate local and remote slabs before the MoE (the paper's D2D merge)
     gemm_backend: str = "xla"
+    # > 0: logits only at the last token of each sequence (serving needs nothing else), for up to this many
+    # sequences per batch; 0: logits of every token (verification).
+    last_token_logits: int = 0
     # With a device memory budget the engine refuses a group that does not fit before placing any weight.
     device_bytes: int | None = None
     max_num_tokens: int = 0
@@ -101,9 +105,17 @@ def _ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _head(graphdef, norm_state, lm_head_DV, x_TD):
-    h_TD = nnx.merge(graphdef, norm_state)(x_TD)
+def _head(graphdef, norm_state, lm_head_DV, x_TD, rows_R=None):
+    h_TD = nnx.merge(graphdef, norm_state)(x_TD if rows_R is None else x_TD[rows_R])
     return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
+
+
+def last_token_rows(batch: PackedBatch, max_sequences: int) -> np.ndarray:
+    """Row of each sequence's last token, padded to a static count (repeating the last row)."""
+    last = batch.last_token_index()
+    if last.size > max_sequences:
+        raise ValueError(f"batch has {last.size} sequences, more than last_token_logits={max_sequences}")
+    return np.pad(last, (0, max_sequences - last.size), mode="edge").astype(np.int32)
 
 
 def _split_stack(modules):
@@ -145,9 +157,8 @@ class DwdpEngine:
         def put(tree):
             return jax.device_put(tree, device)
 
-        local = tuple(ExpertSlab(*put((np.asarray(s.w_gate_EDF)[start:stop], np.asarray(s.w_up_EDF)[start:stop],
-                                       np.asarray(s.w_down_EFD)[start:stop])), start=start)
-                      for s in params.experts[:self.cfg.num_moe_layers])
+        source = as_source(params.experts)
+        local = tuple(source.rows(m, start, stop, device) for m in range(self.cfg.num_moe_layers))
         return RankWeights(device, put(params.model.embed_tokens[...]), put(dense_states), put(moe_states),
                            put(norm_state), put(params.model.lm_head[...]), local)
 
@@ -178,6 +189,7 @@ class DwdpEngine:
                 stages[name] += now - mark
                 mark = now
 
+        last_rows = last_token_rows(batch, opts.last_token_logits) if opts.last_token_logits else None  # validates
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         if opts.prefetch:
             for m in range(min(2, n_moe)):
@@ -203,10 +215,14 @@ class DwdpEngine:
                 t.pull(rank, m + 2, slot)
             expert_ids.append(ids)
             lap("moe", x)
-        logits = _head(self._norm_graph, w.norm_state, w.lm_head_DV, x)
         n = batch.num_tokens
-        # Slice on the host: an eager device slice would compile a new program for every token count.
-        out = PrefillOutput(np.asarray(logits)[:n], [np.asarray(i)[:n] for i in expert_ids], np.asarray(x)[:n])
+        if last_rows is not None:
+            rows = jax.device_put(last_rows, w.device)
+            logits = np.asarray(_head(self._norm_graph, w.norm_state, w.lm_head_DV, x, rows))[:len(batch.lengths)]
+        else:
+            # Slice on the host: an eager device slice would compile a new program for every token count.
+            logits = np.asarray(_head(self._norm_graph, w.norm_state, w.lm_head_DV, x))[:n]
+        out = PrefillOutput(logits, [np.asarray(i)[:n] for i in expert_ids], np.asarray(x)[:n])
         end_s = time.perf_counter()
         stages["head"] = end_s - mark
         return StepResult(out, start_s, end_s, stages if profile else {})

@@ -61,7 +61,7 @@ def export_pieces(local_slab: ExpertSlab, placement: Placement, owner: int, slic
             if (offset + a, b - a) == (0, local_slab.count):
                 chunks.append(local_slab)
                 continue
-            arrays = [jax.device_put(np.asarray(w)[offset + a:offset + b], device)
+            arrays = [jax.device_put(w[offset + a:offset + b], device)
                       for w in (local_slab.w_gate_EDF, local_slab.w_up_EDF, local_slab.w_down_EFD)]
             chunks.append(ExpertSlab(*arrays, start=local_slab.start + offset + a))
         pieces[(offset, count)] = tuple(chunks)
