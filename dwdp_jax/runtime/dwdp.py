@@ -11,14 +11,12 @@ Nothing here ever waits for another rank: owners' weights are immutable and pull
 from __future__ import annotations
 
 import dataclasses
-import functools
 import queue
 import threading
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,6 +24,7 @@ from dwdp_jax import memory
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
+from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.reference import Params, PrefillOutput
 from dwdp_jax.transport import TransportOptions, export_pieces, make_transport
 from models.experts import ExpertSlab, ExpertView
@@ -80,49 +79,6 @@ class StepResult:
     stages_s: dict[str, float]  # profiled steps only: seconds per stage, summed over layers
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T):
-    x_TD = embed_VD[tokens_T]
-    for state in dense_states:
-        x_TD, _ = nnx.merge(graphdef, state)(x_TD, segment_ids_T, positions_T)
-    return x_TD
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
-def _moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False):
-    layer = nnx.merge(graphdef, state)
-    return layer(x_TD, segment_ids_T, positions_T, view.merged() if merge else view, segment_ids_T >= 0)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _attention(graphdef, state, x_TD, segment_ids_T, positions_T):
-    return nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
-def _ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False):
-    return nnx.merge(graphdef, state).ffn(x_TD, view.merged() if merge else view, segment_ids_T >= 0)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _head(graphdef, norm_state, lm_head_DV, x_TD, rows_R=None):
-    h_TD = nnx.merge(graphdef, norm_state)(x_TD if rows_R is None else x_TD[rows_R])
-    return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
-
-
-def last_token_rows(batch: PackedBatch, max_sequences: int) -> np.ndarray:
-    """Row of each sequence's last token, padded to a static count (repeating the last row)."""
-    last = batch.last_token_index()
-    if last.size > max_sequences:
-        raise ValueError(f"batch has {last.size} sequences, more than last_token_logits={max_sequences}")
-    return np.pad(last, (0, max_sequences - last.size), mode="edge").astype(np.int32)
-
-
-def _split_stack(modules):
-    splits = [nnx.split(m) for m in modules]
-    return (splits[0][0] if splits else None), tuple(s for _, s in splits)
-
-
 class DwdpEngine:
     """The weights of a DWDP group on its devices, and the per-rank forward step."""
 
@@ -140,13 +96,14 @@ class DwdpEngine:
         self.devices = list(available)[:placement.num_ranks]
         self.cfg, self.placement, self.options = cfg, placement, options
         model = params.model
-        self._dense_graph, dense_states = _split_stack([model.layers[i] for i in range(cfg.first_k_dense_replace)])
-        self._moe_graph, moe_states = _split_stack([model.layers[i] for i in range(cfg.first_k_dense_replace,
-                                                                                     cfg.num_hidden_layers)])
+        k = cfg.first_k_dense_replace
+        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
+        self._moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
         self._norm_graph, norm_state = nnx.split(model.norm)
-        self.ranks = [self._place_rank(r, params, dense_states, moe_states, norm_state) for r in range(len(self.devices))]
-        exports = [[export_pieces(w.local[m], placement, r, options.slices, w.device) for m in range(cfg.num_moe_layers)]
-                   for r, w in enumerate(self.ranks)]
+        self.ranks = [self._place_rank(r, params, dense_states, moe_states, norm_state)
+                      for r in range(len(self.devices))]
+        exports = [[export_pieces(w.local[m], placement, r, options.slices, w.device)
+                    for m in range(cfg.num_moe_layers)] for r, w in enumerate(self.ranks)]
         self.transport = make_transport(options.transport, placement, exports, self.devices,
                                         options.transport_options())
 
@@ -178,7 +135,7 @@ class DwdpEngine:
         """
         w, t, opts = self.ranks[rank], self.transport, self.options
         n_moe = self.cfg.num_moe_layers
-        stages = dict.fromkeys(("front", "attention", "moe", "pull_wait", "head"), 0.0)
+        stage_s = dict.fromkeys(("front", "attention", "moe", "pull_wait", "head"), 0.0)
         start_s = mark = time.perf_counter()
 
         def lap(name, tree):
@@ -186,15 +143,16 @@ class DwdpEngine:
             if profile:
                 jax.block_until_ready(tree)
                 now = time.perf_counter()
-                stages[name] += now - mark
+                stage_s[name] += now - mark
                 mark = now
 
-        last_rows = last_token_rows(batch, opts.last_token_logits) if opts.last_token_logits else None  # validates
+        # Validated before any pull is issued, so a refused batch leaves the slots untouched.
+        last_rows = stages.last_token_rows(batch, opts.last_token_logits) if opts.last_token_logits else None
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         if opts.prefetch:
             for m in range(min(2, n_moe)):
                 t.pull(rank, m, m % 2)
-        x = _front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos)
+        x = stages.front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos)
         lap("front", x)
         expert_ids = []
         for m in range(n_moe):
@@ -205,11 +163,12 @@ class DwdpEngine:
             lap("pull_wait", remote)
             view = self._view(rank, m, remote)
             if profile:
-                x = _attention(self._moe_graph, w.moe_states[m], x, segs, pos)
+                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos)
                 lap("attention", x)
-                x, ids = _ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts)
+                x, ids = stages.ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts)
             else:
-                x, ids = _moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view, merge=opts.merge_experts)
+                x, ids = stages.moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view,
+                                          merge=opts.merge_experts)
             t.release(rank, slot)
             if opts.prefetch and m + 2 < n_moe:
                 t.pull(rank, m + 2, slot)
@@ -218,14 +177,15 @@ class DwdpEngine:
         n = batch.num_tokens
         if last_rows is not None:
             rows = jax.device_put(last_rows, w.device)
-            logits = np.asarray(_head(self._norm_graph, w.norm_state, w.lm_head_DV, x, rows))[:len(batch.lengths)]
+            logits = np.asarray(stages.head(self._norm_graph, w.norm_state, w.lm_head_DV, x, rows))
+            logits = logits[:len(batch.lengths)]
         else:
             # Slice on the host: an eager device slice would compile a new program for every token count.
-            logits = np.asarray(_head(self._norm_graph, w.norm_state, w.lm_head_DV, x))[:n]
+            logits = np.asarray(stages.head(self._norm_graph, w.norm_state, w.lm_head_DV, x))[:n]
         out = PrefillOutput(logits, [np.asarray(i)[:n] for i in expert_ids], np.asarray(x)[:n])
         end_s = time.perf_counter()
-        stages["head"] = end_s - mark
-        return StepResult(out, start_s, end_s, stages if profile else {})
+        stage_s["head"] = end_s - mark
+        return StepResult(out, start_s, end_s, stage_s if profile else {})
 
     def compiled_hlo(self, batch: PackedBatch, rank: int = 0) -> dict[str, str]:
         """Optimized HLO text of the rank's programs (front, one MoE layer, head) for `batch`'s shapes."""
@@ -237,10 +197,10 @@ class DwdpEngine:
                               tuple(c for p in self.placement.pulls(rank)
                                     for c in self.transport.exports[p.owner][0][(p.src_offset, p.count)]))
         texts = {
-            "front": _front.lower(self._dense_graph, w.dense_states, w.embed_VD, *args).compile().as_text(),
-            "head": _head.lower(self._norm_graph, w.norm_state, w.lm_head_DV, x).compile().as_text(),
+            "front": stages.front.lower(self._dense_graph, w.dense_states, w.embed_VD, *args).compile().as_text(),
+            "head": stages.head.lower(self._norm_graph, w.norm_state, w.lm_head_DV, x).compile().as_text(),
         }
-        texts["moe_layer"] = _moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
+        texts["moe_layer"] = stages.moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
                                               self._view(rank, 0, remote),
                                               merge=self.options.merge_experts).compile().as_text()
         return texts

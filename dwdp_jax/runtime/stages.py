@@ -1,0 +1,60 @@
+"""Per-stage jitted programs over the model's modules: what a runtime that steps layer by layer dispatches.
+
+The DWDP ranks and the streaming reference call these, one program per stage on one device: the dense front
+(embedding + dense layers), a MoE layer (attention + MoE, or each alone when profiling), the head. Every MoE layer
+has the same module structure, so one compiled program per device and shape serves all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwdp_jax.packing import PackedBatch
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T):
+    x_TD = embed_VD[tokens_T]
+    for state in dense_states:
+        x_TD, _ = nnx.merge(graphdef, state)(x_TD, segment_ids_T, positions_T)
+    return x_TD
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
+def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False):
+    layer = nnx.merge(graphdef, state)
+    return layer(x_TD, segment_ids_T, positions_T, view.merged() if merge else view, segment_ids_T >= 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def attention(graphdef, state, x_TD, segment_ids_T, positions_T):
+    return nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
+def ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False):
+    return nnx.merge(graphdef, state).ffn(x_TD, view.merged() if merge else view, segment_ids_T >= 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def head(graphdef, norm_state, lm_head_DV, x_TD, rows_R=None):
+    h_TD = nnx.merge(graphdef, norm_state)(x_TD if rows_R is None else x_TD[rows_R])
+    return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
+
+
+def last_token_rows(batch: PackedBatch, max_sequences: int) -> np.ndarray:
+    """Row of each sequence's last token, padded to a static count (repeating the last row)."""
+    last = batch.last_token_index()
+    if last.size > max_sequences:
+        raise ValueError(f"batch has {last.size} sequences, more than last_token_logits={max_sequences}")
+    return np.pad(last, (0, max_sequences - last.size), mode="edge").astype(np.int32)
+
+
+def split_stack(modules):
+    splits = [nnx.split(m) for m in modules]
+    return (splits[0][0] if splits else None), tuple(s for _, s in splits)
