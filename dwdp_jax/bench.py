@@ -17,9 +17,13 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
+from dwdp_jax import memory
 from dwdp_jax import results as results_lib
+from dwdp_jax.expert_source import SyntheticExperts
+from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import reference
@@ -31,11 +35,29 @@ from models import deepseek_v3
 STRATEGIES = ("dwdp", "dep")
 
 
-def model_config_from(c) -> model_config.ModelConfig:
-    """The preset with the config's non-zero overrides."""
-    overrides = {k: c.model[k] for k in ("num_hidden_layers", "hidden_size", "n_routed_experts", "vocab_size")
-                 if c.model[k]}
-    return model_config.get_preset(c.model.preset, dtype=c.model.dtype, **overrides)
+MODEL_OVERRIDES = ("num_hidden_layers", "hidden_size", "n_routed_experts", "vocab_size")
+
+
+def model_config_from(c, num_hidden_layers: int = 0) -> model_config.ModelConfig:
+    """The preset with the config's non-zero overrides; no MTP (context-only serving never runs it)."""
+    overrides = {k: c.model[k] for k in MODEL_OVERRIDES if c.model[k]}
+    if num_hidden_layers:
+        overrides["num_hidden_layers"] = num_hidden_layers
+    return model_config.get_preset(c.model.preset, dtype=c.model.dtype, num_nextn_predict_layers=0, **overrides)
+
+
+def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, device_bytes: int) -> int:
+    """The deepest model (num_hidden_layers) whose DWDP and DEP ranks both fit `device_bytes`
+    (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
+    dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash")
+    for layers in range(dwdp, cfg.first_k_dense_replace, -1):
+        try:
+            memory.plan_dep(cfg.replace(num_hidden_layers=layers), c.num_ranks, c.max_num_tokens,
+                            attention_impl="flash", device_bytes=device_bytes)
+            return layers
+        except ValueError:
+            continue
+    raise ValueError(f"no depth of {c.model.preset} fits {device_bytes / 2**30:.1f} GiB per device for DEP")
 
 
 def requests_from(c) -> list[workload.Request]:
@@ -78,6 +100,11 @@ def plan(c) -> Plan:
     devices = jax.devices()
     placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     placement.check_devices(len(devices))
+    if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
+        raise ValueError(f"config.max_batch_size must be <= {MAX_SEGMENTS} with cuDNN attention (its segment table)")
+    if not c.model.num_hidden_layers:
+        device_bytes = int(devices[0].memory_stats()["bytes_limit"] * c.memory_fraction)
+        cfg = model_config_from(c, depth_that_fits(cfg, placement, c, device_bytes))
     return Plan(cfg, requests, strategies, placement, devices[:c.num_ranks])
 
 
@@ -85,8 +112,26 @@ def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarr
     return workload.request_token_ids(request, vocab_size, seed=seed)
 
 
-def pack_batch(batch: scheduler.Batch, c, vocab_size: int) -> PackedBatch:
-    return pack([tokens_of(r, vocab_size, c.workload.seed) for r in batch.requests], budget=c.max_num_tokens)
+def token_buckets(c) -> list[int]:
+    """The static token budgets a batch is padded to: multiples of MNT / config.token_buckets up to MNT.
+
+    Static shapes mean padded tokens cost compute. A DWDP rank pads only to its own bucket; DEP's SPMD step pads
+    every rank to the bucket of its fullest rank, so its imbalance costs padding work as well as waiting.
+    """
+    if c.token_buckets < 1 or c.max_num_tokens % c.token_buckets:
+        raise ValueError(f"config.token_buckets must be >= 1 and divide max_num_tokens={c.max_num_tokens}, "
+                         f"got {c.token_buckets}")
+    step = c.max_num_tokens // c.token_buckets
+    return [step * (i + 1) for i in range(c.token_buckets)]
+
+
+def bucket_for(num_tokens: int, c) -> int:
+    return next(b for b in token_buckets(c) if b >= num_tokens)
+
+
+def pack_batch(batch: scheduler.Batch, c, vocab_size: int, budget: int | None = None) -> PackedBatch:
+    tokens = [tokens_of(r, vocab_size, c.workload.seed) for r in batch.requests]
+    return pack(tokens, budget=budget or bucket_for(batch.num_tokens, c))
 
 
 def rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
@@ -114,14 +159,31 @@ def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
             else None for rs in per_rank]
 
 
+def reference_output(params: reference.Params, batch: PackedBatch, p: Plan, c) -> reference.PrefillOutput:
+    """The reference on one device, reduced to what serving produces: the last token's logits of each sequence."""
+    if isinstance(params.experts, tuple):
+        out = reference.prefill(params, batch, backend=c.gemm_backend)
+    else:
+        out = reference.prefill_streaming(params.model, params.experts, batch, p.devices[0], backend=c.gemm_backend)
+    return last_token_only(out, batch)
+
+
+def last_token_only(out: reference.PrefillOutput, batch: PackedBatch) -> reference.PrefillOutput:
+    """An output with every token's logits reduced to each sequence's last token (what serving returns)."""
+    if out.logits_TV.shape[0] == len(batch.lengths):
+        return out
+    return out._replace(logits_TV=out.logits_TV[batch.last_token_index()])
+
+
 def verify(outputs: list[reference.PrefillOutput | None], refs: list[reference.PrefillOutput | None],
-           tol: float) -> dict[str, Any]:
+           tol: float, min_id_match: float = 1.0) -> dict[str, Any]:
+    """Last-token logits by relative norm error, expert choices of every token by exact set equality."""
     pairs = [(o, r) for o, r in zip(outputs, refs) if r is not None]
     err = rel_err([o.logits_TV for o, _ in pairs], [r.logits_TV for _, r in pairs])
     match = id_match([o.expert_ids for o, _ in pairs], [r.expert_ids for _, r in pairs])
     finite = all(np.isfinite(o.logits_TV).all() for o, _ in pairs)
-    return {"rel_err": err, "expert_id_match": match, "finite": finite, "rel_tol": tol,
-            "passed": bool(finite and err <= tol and match == 1.0)}
+    return {"rel_err": err, "expert_id_match": match, "finite": finite, "rel_tol": tol, "min_id_match": min_id_match,
+            "passed": bool(finite and err <= tol and match >= min_id_match)}
 
 
 class _Progress:
@@ -184,7 +246,8 @@ def run_dep(dep, p: Plan, c) -> tuple[list, list, list, dict]:
                 break
             time.sleep(max(0.0, sched.next_arrival_s() - now))
             continue
-        packed = [pack_batch(b, c, p.cfg.vocab_size) if b.requests else None for b in step]
+        budget = bucket_for(max(b.num_tokens for b in step), c)
+        packed = [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in step]
         start = time.perf_counter() - t0
         dep.step(packed)
         end = time.perf_counter() - t0
@@ -226,7 +289,17 @@ def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
             "rank_cv_mean": float(np.nanmean(metrics.rank_token_cv(np.asarray(tokens, float))))}
 
 
+def warm_up(engine: DwdpEngine, c) -> None:
+    """Compiles every bucket's programs on every rank (programs compile per device) before anything is timed."""
+    for budget in token_buckets(c):
+        batch = pack([[1] * budget], budget=budget)
+        for r in range(engine.num_ranks):
+            engine.step(r, batch)
+
+
 def build_params(p: Plan, c) -> reference.Params:
+    if c.model.weights == "synthetic":  # R1-width experts generated on each rank's device, never whole
+        return reference.Params(deepseek_v3.DeepseekV3(p.cfg, nnx.Rngs(c.seed)), SyntheticExperts(p.cfg, c.seed))
     if c.model.checkpoint:
         from dwdp_jax import checkpoint
 
@@ -246,7 +319,7 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     if "dwdp" in p.strategies:
         runtimes["dwdp"] = DwdpEngine(params, p.placement, p.devices, DwdpOptions(
             transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
-            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend))
+            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size))
     if "dep" in p.strategies:
         from dwdp_jax.runtime import dep as dep_lib
 
@@ -257,21 +330,19 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
 
     verification, hlo_collectives = {}, {}
     vb = verification_batches(p, c)
-    refs = [reference.prefill(params, b) if b is not None else None for b in vb] if c.verify.enabled else None
+    refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
     if "dwdp" in runtimes:
         engine = runtimes["dwdp"]
         outs = [engine.step(r, b).output if b is not None else None for r, b in enumerate(vb)]
-        warm = next(b for b in vb if b is not None)
-        for r in range(engine.num_ranks):  # programs compile per device: warm every rank before timing
-            engine.step(r, warm)
+        warm_up(engine, c)
         if refs:
-            verification["dwdp"] = verify(outs, refs, c.verify.rel_tol)
+            verification["dwdp"] = verify(outs, refs, c.verify.rel_tol, c.verify.min_id_match)
         hlo_collectives["dwdp"] = {k: count_collectives(t) for k, t in engine.compiled_hlo(vb[0]).items()}
     if "dep" in runtimes:
         dep = runtimes["dep"]
-        outs = dep.step(vb)
+        outs = [None if b is None else last_token_only(o, b) for o, b in zip(dep.step(vb), vb)]
         if refs:
-            verification["dep"] = verify(outs, refs, c.verify.rel_tol)
+            verification["dep"] = verify(outs, refs, c.verify.rel_tol, c.verify.min_id_match)
         hlo_collectives["dep"] = {"step": count_collectives(dep.compiled_hlo())}
 
     raw, summary, breakdown = {}, {}, {}

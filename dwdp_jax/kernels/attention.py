@@ -14,6 +14,9 @@ import jax.numpy as jnp
 
 Attention = Callable[..., jax.Array]
 
+# Static bound on sequences per packed batch for kernels with segment tables (cuDNN); callers check batch sizes.
+MAX_SEGMENTS = 64
+
 
 def packed_causal_mask(segment_ids_T: jax.Array, positions_T: jax.Array) -> jax.Array:
     same_seq_TS = (segment_ids_T[:, None] == segment_ids_T[None, :]) & (segment_ids_T[None, :] >= 0)

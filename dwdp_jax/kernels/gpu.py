@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dwdp_jax.kernels import attention, grouped_gemm
+from dwdp_jax.kernels.attention import MAX_SEGMENTS
 
 # Best of the configurations measured on H200 for K=7168/N=4096 (DESIGN.md GPU facts): 128x128x64.
 MGPU_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
@@ -46,10 +47,6 @@ def segments_of(segment_ids_T: jax.Array, max_segments: int):
     lengths_S = jnp.where(jnp.arange(max_segments) < num_used, lengths_S, -1)
     offsets_S1 = jnp.where(jnp.arange(max_segments + 1) <= num_used, offsets_S1, -1)
     return lengths_S[None], offsets_S1[None]
-
-
-# Static bound on sequences per packed batch for cuDNN's segment tables; the benchmark checks max_batch_size.
-MAX_SEGMENTS = 64
 
 
 def cudnn_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
