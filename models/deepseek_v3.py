@@ -249,9 +249,10 @@ class DeepseekV3(nnx.Module):
         with jax.named_scope("lm_head"):
             return jnp.einsum("td,dv->tv", self.norm(h_TD), self.lm_head[...], preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens_T, segment_ids_T, positions_T, experts: Sequence[RoutedExperts]):
+    def __call__(self, tokens_T, segment_ids_T, positions_T, experts: Sequence[RoutedExperts], logit_rows_R=None):
         """Packed prefill. `experts[m]` serves the m-th MoE layer. Returns (final hidden [T, D] before the final
-        norm, logits [T, V] fp32, expert ids per MoE layer [T, top-k])."""
+        norm, logits fp32 [T, V] or, with `logit_rows_R`, [R, V] of those rows only (a sequence's first generated
+        token needs only its last row), expert ids per MoE layer [T, top-k])."""
         valid_T = segment_ids_T >= 0
         x_TD = self.embed(tokens_T)
         expert_ids = []
@@ -262,7 +263,7 @@ class DeepseekV3(nnx.Module):
                                   next(moe_layers) if self.cfg.is_moe_layer(i) else None, valid_T)
             if ids is not None:
                 expert_ids.append(ids)
-        return x_TD, self.head(x_TD), expert_ids
+        return x_TD, self.head(x_TD if logit_rows_R is None else x_TD[logit_rows_R]), expert_ids
 
     def mtp_logits(self, h_TD, next_tokens_T, segment_ids_T, positions_T, experts: RoutedExperts, depth: int = 0):
         """Logits of MTP module `depth` from the main model's final hidden states (after the final norm, as the
