@@ -57,7 +57,7 @@ from models.config import ModelConfig
 STRATEGIES = ("dep", "dwdp")
 DISCIPLINES = ("fifo", "round_robin", "none")
 PEER_ORDERS = ("random", "rank")
-_TIME_EPS_S = 1e-12
+_REL_EPS = 1e-12  # a job this close to done (relative to its size) is done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,25 +147,32 @@ class IterationRecord:
 
 
 class _Job:
-    __slots__ = ("rank", "source", "remaining", "rate", "on_done", "seq")
+    __slots__ = ("rank", "source", "group", "remaining", "initial", "t_ref", "rate", "version", "seq", "on_done")
 
-    def __init__(self, rank: int, source: int | None, remaining: float, on_done: Callable[[], None], seq: int):
-        self.rank, self.source, self.remaining, self.on_done, self.seq = rank, source, remaining, on_done, seq
-        self.rate = 0.0
+    def __init__(self, rank: int, source: int | None, group: int, amount: float, on_done: Callable[[], None],
+                 seq: int, now_s: float):
+        self.rank, self.source, self.group, self.on_done, self.seq = rank, source, group, on_done, seq
+        self.remaining = self.initial = amount
+        self.t_ref, self.rate, self.version = now_s, 0.0, 0
 
 
 class _Engine:
-    """Time, a timer heap and the set of running jobs. Compute jobs (source None) hold seconds of nominal compute;
-    pull jobs hold bytes. `rates` recomputes every job's rate when the job set changes."""
+    """Time, a timer heap and running jobs: compute jobs (source None) hold seconds of nominal compute, pull jobs
+    bytes. Jobs interact only within their group (group = rank // group_size), so when a group's job set changes only
+    that group's rates are recomputed (`rates(jobs)`); a job's remaining amount is settled lazily when its rate
+    changes, and its projected finish sits in a heap (stale entries are skipped by version). `on_change(group, jobs)`
+    hooks see a group's job set just before it changes."""
 
-    def __init__(self, rates: Callable[[list[_Job]], None]):
+    def __init__(self, rates: Callable[[list[_Job]], None], group_size: int, fixed_compute: bool):
+        self.fixed_compute = fixed_compute  # compute never slows down: run it as timers, not jobs
         self.now_s = 0.0
         self._timers: list = []
-        self._jobs: list[_Job] = []
+        self._finish: list = []
+        self._groups: dict[int, list[_Job]] = collections.defaultdict(list)
+        self._dirty: set[int] = set()
         self._seq = 0
-        self._rates = rates
-        self._dirty = False
-        self.before_advance: list[Callable[[float], None]] = []
+        self._rates, self._group_size = rates, group_size
+        self.on_change: list[Callable[[int, list[_Job]], None]] = []
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -174,46 +181,55 @@ class _Engine:
     def at(self, time_s: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time_s, self._next_seq(), fn))
 
-    def add_job(self, rank: int, source: int | None, amount: float, on_done: Callable[[], None]) -> _Job:
-        job = _Job(rank, source, amount, on_done, self._next_seq())
-        self._jobs.append(job)
-        self._dirty = True
-        return job
+    def add_job(self, rank: int, source: int | None, amount: float, on_done: Callable[[], None]) -> None:
+        group = rank // self._group_size
+        self._changing(group)
+        self._groups[group].append(_Job(rank, source, group, amount, on_done, self._next_seq(), self.now_s))
 
-    def jobs(self) -> list[_Job]:
-        return self._jobs
+    def _changing(self, group: int) -> None:
+        for hook in self.on_change:
+            hook(group, self._groups[group])
+        self._dirty.add(group)
+
+    def _rerate(self, group: int) -> None:
+        jobs = self._groups[group]
+        old = [j.rate for j in jobs]
+        self._rates(jobs)
+        for job, rate in zip(jobs, old):
+            if job.rate == rate and job.version:
+                continue
+            job.remaining -= rate * (self.now_s - job.t_ref)
+            job.t_ref = self.now_s
+            job.version += 1
+            if job.rate > 0:
+                left = job.remaining if job.remaining > _REL_EPS * job.initial else 0.0
+                heapq.heappush(self._finish, (self.now_s + left / job.rate, job.seq, job.version, job))
 
     def run(self) -> None:
         while True:
-            if self._dirty:
-                self._rates(self._jobs)
-                self._dirty = False
-            t_next = self._timers[0][0] if self._timers else math.inf
-            for job in self._jobs:
-                if job.rate > 0:
-                    t_next = min(t_next, self.now_s + job.remaining / job.rate)
-            if t_next == math.inf:
-                if self._jobs:
+            for group in self._dirty:
+                self._rerate(group)
+            self._dirty.clear()
+            while self._finish and self._finish[0][2] != self._finish[0][3].version:
+                heapq.heappop(self._finish)
+            t_job = self._finish[0][0] if self._finish else math.inf
+            t_timer = self._timers[0][0] if self._timers else math.inf
+            if t_job == t_timer == math.inf:
+                if any(self._groups.values()):
                     raise RuntimeError("simulator deadlock: jobs remain but none can progress")
                 return
-            self._advance(t_next)
+            if t_job <= t_timer:
+                self.now_s = t_job
+                self._complete(heapq.heappop(self._finish)[3])
+            else:
+                self.now_s = t_timer
+                heapq.heappop(self._timers)[2]()
 
-    def _advance(self, t_s: float) -> None:
-        dt = t_s - self.now_s
-        for fn in self.before_advance:
-            fn(dt)
-        self.now_s = t_s
-        done, running = [], []
-        for job in self._jobs:
-            job.remaining -= job.rate * dt
-            (done if job.rate > 0 and job.remaining <= job.rate * _TIME_EPS_S else running).append(job)
-        if done:
-            self._jobs = running
-            self._dirty = True
-            for job in done:
-                job.on_done()
-        while self._timers and self._timers[0][0] <= t_s:
-            heapq.heappop(self._timers)[2]()
+    def _complete(self, job: _Job) -> None:
+        self._changing(job.group)
+        self._groups[job.group].remove(job)
+        job.version += 1
+        job.on_done()
 
 
 class _Process:
@@ -236,15 +252,15 @@ class _Process:
 
     def _block(self, cmd) -> bool:
         kind = cmd[0]
-        if kind == "compute":
+        if kind == "compute" and not self._engine.fixed_compute:
             if cmd[2] <= 0:
                 return False
             self._engine.add_job(cmd[1], None, cmd[2], self.resume)
             return True
-        if kind == "sleep":
-            if cmd[1] <= 0:
+        if kind in ("compute", "sleep"):
+            if cmd[-1] <= 0:
                 return False
-            self._engine.at(self._engine.now_s + cmd[1], self.resume)
+            self._engine.at(self._engine.now_s + cmd[-1], self.resume)
             return True
         return not cmd[1](self.resume)
 
@@ -280,6 +296,7 @@ def _max_min_rates(flows: list[_Job], flow_cap: float, src_cap: float, dst_cap: 
 
 def _rates_fn(hw: HardwareSpec, ctx: ContextConfig) -> Callable[[list[_Job]], None]:
     single = min(hw.copy_bytes_per_s, hw.egress, hw.ingress)
+    unlimited = min(hw.copy_bytes_per_s, hw.ingress)
     slice_s = ctx.slice_bytes / hw.copy_bytes_per_s
     efficiency = slice_s / (slice_s + ctx.slice_overhead_s)
 
@@ -287,7 +304,7 @@ def _rates_fn(hw: HardwareSpec, ctx: ContextConfig) -> Callable[[list[_Job]], No
         flows = [j for j in jobs if j.source is not None]
         if ctx.discipline == "none":
             for f in flows:
-                f.rate = min(hw.copy_bytes_per_s, hw.ingress)
+                f.rate = unlimited
         elif ctx.discipline == "fifo":
             head = {}
             for f in flows:
@@ -449,18 +466,21 @@ class _CopyStream:
 class _PullStats:
     """Pulling time spent at each contention level (summed over pulling ranks) and every layer's prefetch time."""
 
-    def __init__(self, engine: _Engine):
+    def __init__(self, engine: _Engine, track_contention: bool):
         self._engine = engine
+        self._since_s: dict[int, float] = collections.defaultdict(float)
         self.level_s: collections.Counter = collections.Counter()
         self.layer_s: list[float] = []
-        engine.before_advance.append(self._accumulate)
+        if track_contention:
+            engine.on_change.append(self._settle)
 
-    def _accumulate(self, dt_s: float) -> None:
-        if dt_s <= 0:
-            return
-        sources = [j.source for j in self._engine.jobs() if j.source is not None]
-        for source, k in collections.Counter(sources).items():
-            self.level_s[k] += k * dt_s
+    def _settle(self, group: int, jobs: list[_Job]) -> None:
+        """Credits the time since the group's last change to the levels of the pulls it had."""
+        dt_s = self._engine.now_s - self._since_s[group]
+        self._since_s[group] = self._engine.now_s
+        if dt_s > 0:
+            for k in collections.Counter(j.source for j in jobs if j.source is not None).values():
+                self.level_s[k] += k * dt_s
 
 
 @dataclasses.dataclass
@@ -640,10 +660,10 @@ class ContextResult:
 
 
 def _new_run(cfg: ModelConfig, hw: HardwareSpec, ctx: ContextConfig, lengths: np.ndarray, arrivals_s: np.ndarray,
-             on_prefill_done: Callable[[int], None]) -> tuple[_Run, _PullStats]:
+             on_prefill_done: Callable[[int], None], track_contention: bool) -> tuple[_Run, _PullStats]:
     _check_fits(lengths, ctx)
-    engine = _Engine(_rates_fn(hw, ctx))
-    stats = _PullStats(engine)
+    engine = _Engine(_rates_fn(hw, ctx), ctx.group_size, fixed_compute=ctx.compute_slowdown == 0)
+    stats = _PullStats(engine, track_contention)
     requests = [RequestRecord(i, int(n), float(t)) for i, (n, t) in enumerate(zip(lengths, arrivals_s))]
     run = _Run(cfg, hw, ctx, engine, _Queue(engine, lengths, ctx), lengths, requests, [], on_prefill_done)
     _start_context_servers(run, stats)
@@ -657,7 +677,7 @@ def _ideal_prefetch_s(cfg: ModelConfig, hw: HardwareSpec, ctx: ContextConfig) ->
 def simulate_context(cfg: ModelConfig, hw: HardwareSpec, ctx: ContextConfig, workload: Workload) -> ContextResult:
     """Context-only serving of `workload` (arrivals from the workload; OSL ignored)."""
     lengths, arrivals_s = input_lengths(workload), arrival_times_s(workload)
-    run, stats = _new_run(cfg, hw, ctx, lengths, arrivals_s, lambda rid: None)
+    run, stats = _new_run(cfg, hw, ctx, lengths, arrivals_s, lambda rid: None, track_contention=True)
     for rid in np.argsort(arrivals_s, kind="stable"):
         run.engine.at(float(arrivals_s[rid]), functools.partial(run.queue.push, int(rid)))
     run.engine.at(float(arrivals_s.max()), run.queue.close)
@@ -751,8 +771,9 @@ class E2EResult:
     window: tuple[float, float]
 
     def steady(self) -> list[RequestRecord]:
+        """Requests released inside the steady-state window."""
         lo, hi = self.window
-        return [r for r in self.requests if lo <= r.arrival_s and r.end_s <= hi]
+        return [r for r in self.requests if lo <= r.arrival_s <= hi]
 
     def summary(self) -> dict:
         lo, hi = self.window
@@ -771,10 +792,11 @@ class E2EResult:
 
 def simulate_e2e(cfg: ModelConfig, hw: HardwareSpec, e2e: E2EConfig, workload: Workload) -> E2EResult:
     """Closed-loop disaggregated serving of `workload` (its lengths and OSL; arrival rate ignored). Steady-state
-    statistics use the window between the completion of the first `in_flight` requests and the release of the last
-    `in_flight` (the start-up burst and the drain are excluded)."""
-    if workload.num_requests < 3 * e2e.in_flight:
-        raise ValueError(f"Workload.num_requests={workload.num_requests} must be >= 3 x concurrency "
+    statistics use the window from the completion of the first `in_flight` requests to the release of the last
+    `in_flight` (the start-up burst and the drain are excluded): throughput counts completions inside it, TTFT and
+    TPS/user the requests released inside it."""
+    if workload.num_requests < 4 * e2e.in_flight:
+        raise ValueError(f"Workload.num_requests={workload.num_requests} must be >= 4 x concurrency "
                          f"({e2e.in_flight}) for a steady-state window")
     lengths = input_lengths(workload)
     context_len = float(lengths.mean()) + workload.osl / 2
@@ -803,7 +825,8 @@ def simulate_e2e(cfg: ModelConfig, hw: HardwareSpec, e2e: E2EConfig, workload: W
         completions.append(run.engine.now_s)
         release()
 
-    run, _ = _new_run(cfg, hw, e2e.context, lengths, np.zeros(len(lengths)), lambda rid: pool.admit(rid))
+    run, _ = _new_run(cfg, hw, e2e.context, lengths, np.zeros(len(lengths)), lambda rid: pool.admit(rid),
+                      track_contention=False)
     pool = _GenPool(run.engine, token_rate, e2e, workload.osl, decode_done)
     for _ in range(e2e.in_flight):
         run.engine.at(0.0, release)

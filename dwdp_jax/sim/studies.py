@@ -202,7 +202,7 @@ def paper_bands(mtp_acceptance: float = 0.8) -> list[Band]:
 
 
 def _e2e_workload(isl: int, osl: int, input_ratio: float, concurrency: int, cycles: int, seed: int) -> Workload:
-    return Workload(max(3, cycles) * concurrency, isl, input_ratio, osl=osl, seed=seed)
+    return Workload(max(4, cycles) * concurrency, isl, input_ratio, osl=osl, seed=seed)
 
 
 def e2e_point(cfg: ModelConfig, hw: HardwareSpec, ctx: ContextConfig, gen: GenServer, workload: Workload) -> dict:
@@ -217,7 +217,7 @@ def _ctx(strategy: str, gpus: int, group_size: int, base: ContextConfig) -> Cont
 
 
 def pareto_study(cfg: ModelConfig, hw: HardwareSpec, bands: Sequence[Band], isl: int = 8192, osl: int = 1024,
-                 input_ratio: float = 0.8, cycles: int = 3, group_size: int = 4,
+                 input_ratio: float = 0.8, cycles: int = 5, group_size: int = 4,
                  base: ContextConfig = ContextConfig("dep", max_num_tokens=33000, max_batch_size=4), seed: int = 0,
                  progress: Progress = _identity) -> dict:
     """Every (band, strategy, ctx GPUs) point of the paper's e2e configs; per band the best point of each strategy
@@ -260,7 +260,7 @@ def pareto_frontier(points: Sequence[dict]) -> list[dict]:
 
 def planner_study(cfg: ModelConfig, hw: HardwareSpec, band: Band, ttft_targets_s: Sequence[float],
                   group_sizes: Sequence[int] = (3, 4, 6, 8), max_ctx_gpus: int = 32, isl: int = 8192,
-                  osl: int = 1024, input_ratio: float = 0.8, cycles: int = 3,
+                  osl: int = 1024, input_ratio: float = 0.8, cycles: int = 5,
                   base: ContextConfig = ContextConfig("dwdp", max_num_tokens=33000, max_batch_size=4), seed: int = 0,
                   progress: Progress = _identity) -> dict:
     """For each TTFT target, the DWDP group size and context GPU count (any multiple of the group size up to
