@@ -52,7 +52,7 @@ def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, devi
     dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash")
     for layers in range(dwdp, cfg.first_k_dense_replace, -1):
         try:
-            memory.plan_dep(cfg.replace(num_hidden_layers=layers), c.num_ranks, c.max_num_tokens,
+            memory.plan_dep(cfg.replace(num_hidden_layers=layers), dep_ranks(c), c.max_num_tokens,
                             attention_impl="flash", device_bytes=device_bytes)
             return layers
         except ValueError:
@@ -67,6 +67,10 @@ def requests_from(c) -> list[workload.Request]:
         return workload.read_dataset(w.dataset, rate_per_s=rate, seed=w.seed)
     return workload.synthetic_requests(w.num_requests, w.isl, input_ratio=w.input_ratio,
                                        isl_std=None if w.isl_std < 0 else w.isl_std, rate_per_s=rate, seed=w.seed)
+
+
+def dep_ranks(c) -> int:
+    return c.dep.num_ranks or c.num_ranks
 
 
 def strategies_from(c) -> tuple[str, ...]:
@@ -105,7 +109,9 @@ def plan(c) -> Plan:
     if not c.model.num_hidden_layers:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * c.memory_fraction)
         cfg = model_config_from(c, depth_that_fits(cfg, placement, c, device_bytes))
-    return Plan(cfg, requests, strategies, placement, devices[:c.num_ranks])
+    if dep_ranks(c) > len(devices):
+        raise ValueError(f"config.dep.num_ranks={dep_ranks(c)} exceeds the {len(devices)} devices")
+    return Plan(cfg, requests, strategies, placement, devices[:max(c.num_ranks, dep_ranks(c))])
 
 
 def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarray:
@@ -233,7 +239,7 @@ def breakdown_ms(stages_s: dict[str, float]) -> dict[str, float]:
 
 
 def run_dep(dep, p: Plan, c) -> tuple[list, list, list, dict]:
-    sched = scheduler.DepScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=c.max_num_tokens,
+    sched = scheduler.DepScheduler(p.requests, num_ranks=dep.num_ranks, max_num_tokens=c.max_num_tokens,
                                    max_batch_size=c.max_batch_size)
     req_records, iter_records, steps = [], [], []
     progress = _Progress(len(p.requests), "dep")
@@ -273,7 +279,7 @@ def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
     for i in sorted(set(idx.tolist())):
         packed, _ = steps[i]
         alone = []
-        for r in range(c.num_ranks):
+        for r in range(dep.num_ranks):
             solo = [b if k == r else None for k, b in enumerate(packed)]
             t = time.perf_counter()
             dep.step(solo)
@@ -289,12 +295,15 @@ def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
             "rank_cv_mean": float(np.nanmean(metrics.rank_token_cv(np.asarray(tokens, float))))}
 
 
-def warm_up(engine: DwdpEngine, c) -> None:
-    """Compiles every bucket's programs on every rank (programs compile per device) before anything is timed."""
+def warm_up(runtime, c) -> None:
+    """Compiles every bucket's programs (DWDP: on every rank, programs compile per device) before timing."""
     for budget in token_buckets(c):
         batch = pack([[1] * budget], budget=budget)
-        for r in range(engine.num_ranks):
-            engine.step(r, batch)
+        if isinstance(runtime, DwdpEngine):
+            for r in range(runtime.num_ranks):
+                runtime.step(r, batch)
+        else:
+            runtime.step([batch] * runtime.num_ranks)
 
 
 def build_params(p: Plan, c) -> reference.Params:
@@ -324,9 +333,10 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
         from dwdp_jax.runtime import dep as dep_lib
 
         runtimes["dep"] = (make_dep or dep_lib.DepRuntime)(
-            params, c.num_ranks, c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
+            params, dep_ranks(c), c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
             gemm_backend=c.gemm_backend,
-            attention_impl=c.attention_impl, devices=p.devices)
+            attention_impl=c.attention_impl, devices=p.devices[:dep_ranks(c)],
+            last_token_logits=c.max_batch_size)
 
     verification, hlo_collectives = {}, {}
     vb = verification_batches(p, c)
@@ -340,9 +350,12 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
         hlo_collectives["dwdp"] = {k: count_collectives(t) for k, t in engine.compiled_hlo(vb[0]).items()}
     if "dep" in runtimes:
         dep = runtimes["dep"]
-        outs = [None if b is None else last_token_only(o, b) for o, b in zip(dep.step(vb), vb)]
+        vb_dep = (vb + [None] * dep.num_ranks)[:dep.num_ranks]
+        outs = [None if b is None else last_token_only(o, b) for o, b in zip(dep.step(vb_dep), vb_dep)]
+        warm_up(dep, c)
         if refs:
-            verification["dep"] = verify(outs, refs, c.verify.rel_tol, c.verify.min_id_match)
+            verification["dep"] = verify(outs, (refs + [None] * dep.num_ranks)[:dep.num_ranks], c.verify.rel_tol,
+                                         c.verify.min_id_match)
         hlo_collectives["dep"] = {"step": count_collectives(dep.compiled_hlo())}
 
     raw, summary, breakdown = {}, {}, {}
@@ -352,7 +365,8 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
             extra = {}
         else:
             reqs, iters, assignments, extra = run_dep(runtimes["dep"], p, c)
-        summary[name] = {**metrics.summarize(reqs, iters, c.num_ranks), **{k: v for k, v in extra.items()
+        ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
+        summary[name] = {**metrics.summarize(reqs, iters, ranks), **{k: v for k, v in extra.items()
                                                                           if k in ("sync_overhead", "rank_cv_mean")}}
         raw[name] = {"requests": [dataclasses.asdict(r) for r in reqs],
                      "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
@@ -370,18 +384,31 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
 
 
 def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[str, Any]]]:
-    """One profiled iteration per strategy on the first MNT-full batch: per-stage device time in the paper's
-    categories, labelled measured (timed stage by stage with a device sync) or estimated."""
-    first = scheduler.DwdpScheduler(p.requests, num_ranks=1, max_num_tokens=c.max_num_tokens,
-                                    max_batch_size=c.max_batch_size).next_batch(0, float("inf"))
-    batch = pack_batch(first, c, p.cfg.vocab_size)
+    """Per-iteration milliseconds in the paper's categories on the workload's first DEP step (each rank's batch):
+    DWDP profiles every rank's batch alone and averages; DEP profiles the step. Stage times are measured one
+    program at a time with a device sync; DEP's synchronization is estimated (sync overhead x step time).
+    DWDP's grouped_gemm includes its router and shared expert (one program), DEP's does not (others)."""
+    first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=c.max_num_tokens,
+                                   max_batch_size=c.max_batch_size).next_step(float("inf"))
+    budget = bucket_for(max(b.num_tokens for b in first), c)
+    batches = [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in first]
     out = {}
     if "dwdp" in runtimes:
-        stages = runtimes["dwdp"].step(0, batch, profile=True).stages_s
-        out["dwdp"] = {k: {"ms": v, "source": metrics.MEASURED} for k, v in breakdown_ms(stages).items()}
-    if "dep" in runtimes and hasattr(runtimes["dep"], "profile_step"):
-        per_rank = [batch] + [None] * (c.num_ranks - 1)
-        out["dep"] = runtimes["dep"].profile_step(per_rank)
+        engine = runtimes["dwdp"]
+        runs = [breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s)
+                for r, b in enumerate(batches) if b is not None]
+        out["dwdp"] = {k: {"ms": float(np.mean([run[k] for run in runs])), "source": metrics.MEASURED}
+                       for k in runs[0]}
+    if "dep" in runtimes:
+        prof = runtimes["dep"].profile(batches)
+        t = {k: 1e3 * v for k, v in prof.stage_total_s.items()}
+        measured = {"attention": t.get("attention", 0.0), "grouped_gemm": t.get("moe_gmm", 0.0),
+                    "dense_gemm": t.get("dense_mlp", 0.0) + t.get("head", 0.0) + t.get("embed", 0.0),
+                    "others": t.get("router", 0.0) + t.get("shared_expert", 0.0),
+                    "communication": t.get("dispatch", 0.0) + t.get("combine", 0.0), "p2p_exposed_wait": 0.0}
+        out["dep"] = {k: {"ms": v, "source": metrics.MEASURED} for k, v in measured.items()}
+        out["dep"]["synchronization"] = {"ms": max(prof.sync_overhead, 0.0) * 1e3 * prof.step_s,
+                                         "source": metrics.ESTIMATED}
     return out
 
 

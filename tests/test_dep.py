@@ -22,6 +22,21 @@ def params():
     return Params(*init_model(tiny(n_routed_experts=8)))
 
 
+@pytest.fixture(scope="module")
+def dense_runs(params):
+    """num_ranks -> (dense runtime, its batches, its outputs), built once per module: compiling dominates."""
+    cache = {}
+
+    def get(num_ranks):
+        if num_ranks not in cache:
+            runtime = dep.DepRuntime(params, num_ranks, BUDGET, dispatch="dense")
+            batches = _rank_batches(num_ranks, params.model.cfg.vocab_size)
+            cache[num_ranks] = runtime, batches, runtime.step(batches)
+        return cache[num_ranks]
+
+    return get
+
+
 def _sequences(rng, lengths, vocab):
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
@@ -62,10 +77,9 @@ def _count(op, hlo):
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_dense_dep_equals_reference(params, num_ranks):
+def test_dense_dep_equals_reference(params, dense_runs, num_ranks):
     cfg = params.model.cfg
-    batches = _rank_batches(num_ranks, cfg.vocab_size)
-    outs = dep.DepRuntime(params, num_ranks, BUDGET, dispatch="dense").step(batches)
+    _, batches, outs = dense_runs(num_ranks)
     real = [(o, b) for o, b in zip(outs, batches) if b is not None]
     refs = [prefill(params, b) for _, b in real]
     assert _rel_err([o for o, _ in real], refs) <= 1e-6
@@ -81,10 +95,9 @@ def test_dense_dep_equals_reference(params, num_ranks):
             assert out.logits_TV.shape == (0, cfg.vocab_size) and all(i.shape[0] == 0 for i in out.expert_ids)
 
 
-def test_ragged_offsets_match_dense_with_emulated_collective(params, monkeypatch):
+def test_ragged_offsets_match_dense_with_emulated_collective(params, dense_runs, monkeypatch):
     """The ragged backend's offsets and sizes, checked on CPU through an emulation of the collective."""
-    batches = _rank_batches(4, params.model.cfg.vocab_size)
-    dense = dep.DepRuntime(params, 4, BUDGET, dispatch="dense").step(batches)
+    _, batches, dense = dense_runs(4)
     monkeypatch.setattr(dep, "ragged_all_to_all", _emulated_ragged_all_to_all)
     monkeypatch.setattr(dep, "RAGGED_PLATFORMS", dep.RAGGED_PLATFORMS + ("cpu",))
     ragged = dep.DepRuntime(params, 4, BUDGET, dispatch="ragged").step(batches)
@@ -159,19 +172,17 @@ def test_bad_batches_raise_before_device_work(params, monkeypatch):
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_compiled_program_has_three_all_to_alls_per_moe_layer_and_no_gathers(params, num_ranks):
-    hlo = dep.DepRuntime(params, num_ranks, BUDGET, dispatch="dense").compiled_hlo()
+def test_compiled_program_has_three_all_to_alls_per_moe_layer_and_no_gathers(params, dense_runs, num_ranks):
+    hlo = dense_runs(num_ranks)[0].compiled_hlo()
     # Per MoE layer: the count exchange, the dispatch and the combine; expert weights never move.
     assert _count("all-to-all", hlo) == 3 * params.model.cfg.num_moe_layers
     for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "collective-broadcast"):
         assert _count(op, hlo) == 0, op
 
 
-def test_profile_times_every_stage_and_reproduces_the_fast_path(params):
+def test_profile_times_every_stage_and_reproduces_the_fast_path(params, dense_runs):
     cfg = params.model.cfg
-    batches = _rank_batches(4, cfg.vocab_size)
-    runtime = dep.DepRuntime(params, 4, BUDGET)
-    fast = runtime.step(batches)
+    runtime, batches, fast = dense_runs(4)
     prof = runtime.profile(batches, repeats=2)
     for f, p in zip(fast, prof.outputs):
         np.testing.assert_array_equal(f.logits_TV, p.logits_TV)
@@ -184,3 +195,28 @@ def test_profile_times_every_stage_and_reproduces_the_fast_path(params):
     assert prof.profiled_step_s == pytest.approx(sum(prof.stage_total_s.values()))
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         runtime.profile(batches, repeats=0)
+
+
+def test_dep_buckets_last_token_logits_and_synthetic_experts():
+    """Per-step budgets (the fullest rank's bucket), last-token logits, and experts generated shard by shard on
+    each rank's device equal the reference on the same (synthetic) weights."""
+    from dwdp_jax.expert_source import SyntheticExperts
+    from dwdp_jax.runtime.reference import prefill_streaming
+
+    cfg = tiny(num_hidden_layers=3, first_k_dense_replace=1)
+    model, _ = init_model(cfg, seed=4)
+    source = SyntheticExperts(cfg, seed=9)
+    runtime = dep.DepRuntime(Params(model, source), 4, 64, dispatch="dense", last_token_logits=3)
+    batches = [pack([[1, 2, 3], [4, 5, 6, 7]], budget=16), None, pack([[9, 8, 7, 6, 5]], budget=16), None]
+    outs = runtime.step(batches)
+    for batch, out in zip(batches, outs):
+        if batch is None:
+            assert out.logits_TV.shape[0] == 0
+            continue
+        ref = prefill_streaming(model, source, batch, jax.devices()[0])
+        last = batch.last_token_index()
+        assert out.logits_TV.shape == (len(batch.lengths), cfg.vocab_size)
+        err = np.linalg.norm(out.logits_TV - ref.logits_TV[last]) / np.linalg.norm(ref.logits_TV[last])
+        assert err <= 1e-6
+        for a, b in zip(out.expert_ids, ref.expert_ids):
+            np.testing.assert_array_equal(np.sort(a, 1), np.sort(b, 1))

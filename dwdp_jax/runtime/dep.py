@@ -39,8 +39,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dwdp_jax.expert_source import as_source
 from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.packing import PackedBatch
+from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.reference import Params, PrefillOutput
 from models.deepseek_v3 import MLA
 from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
@@ -295,7 +297,10 @@ class DepRuntime:
     """DEP over the first `num_ranks` devices: replicated non-expert weights, E/N experts per rank and layer."""
 
     def __init__(self, params: Params, num_ranks: int, token_budget: int, dispatch: str | None = None,
-                 gemm_backend: str = "xla", attention_impl: str = "xla", devices: Sequence[jax.Device] | None = None):
+                 gemm_backend: str = "xla", attention_impl: str = "xla", devices: Sequence[jax.Device] | None = None,
+                 last_token_logits: int = 0):
+        """`last_token_logits` > 0: logits only at each sequence's last token, for up to that many sequences per
+        rank batch (serving); 0: every token's logits."""
         cfg = params.model.cfg
         available = list(jax.devices() if devices is None else devices)
         if not isinstance(num_ranks, int) or num_ranks < 1:
@@ -308,8 +313,9 @@ class DepRuntime:
                              "DEP shards every MoE layer's experts evenly along the expert axis")
         if not isinstance(token_budget, int) or token_budget < 1:
             raise ValueError(f"token_budget must be an integer >= 1, got {token_budget!r}")
-        if len(params.experts) < cfg.num_moe_layers:
-            raise ValueError(f"params.experts has {len(params.experts)} slabs, expected one per MoE layer "
+        source = as_source(params.experts)
+        if source.num_layers < cfg.num_moe_layers:
+            raise ValueError(f"params.experts has {source.num_layers} layers of experts, expected one per MoE layer "
                              f"({cfg.num_moe_layers})")
         platform = available[0].platform
         dispatch = default_dispatch(platform) if dispatch is None else dispatch
@@ -329,7 +335,8 @@ class DepRuntime:
         graphdef, state = nnx.split(_with_attention_impl(params.model, attention_impl))
         self._graphdef, self._state = graphdef, jax.device_put(state, self._replicated)
         self._layers = [nnx.split(layer) for layer in nnx.merge(graphdef, self._state).layers]
-        self._slabs = jax.device_put(tuple(params.experts[:cfg.num_moe_layers]), self._by_rank)
+        self._slabs = tuple(self._shard_layer(source, m) for m in range(cfg.num_moe_layers))
+        self.last_token_logits = last_token_logits
         self._forward = self._spmd(self._forward_rank, (P(), P(AXIS), P(AXIS)))
         self._programs: dict = {}
 
@@ -342,10 +349,23 @@ class DepRuntime:
     def _experts(self, slab: ExpertSlab) -> DepExperts:
         return DepExperts(slab, self.cfg.n_routed_experts, self.dispatch, self.gemm_backend)
 
+    def _shard_layer(self, source, layer: int) -> ExpertSlab:
+        """One MoE layer's experts sharded E/N per rank, each shard produced on its own device (never whole)."""
+        per_rank = self.cfg.n_routed_experts // self.num_ranks
+        shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d) for r, d in enumerate(self.mesh.devices)]
+
+        def stack(name):
+            parts = [getattr(s, name) for s in shards]
+            shape = (self.cfg.n_routed_experts,) + parts[0].shape[1:]
+            return jax.make_array_from_single_device_arrays(shape, self._by_rank, parts)
+
+        return ExpertSlab(stack("w_gate_EDF"), stack("w_up_EDF"), stack("w_down_EFD"))
+
     def _forward_rank(self, state, slabs, batch):
-        tokens_T, segment_ids_T, positions_T = batch
+        tokens_T, segment_ids_T, positions_T, *rows = batch
         model = nnx.merge(self._graphdef, state)
-        return model(tokens_T, segment_ids_T, positions_T, [self._experts(slab) for slab in slabs])
+        return model(tokens_T, segment_ids_T, positions_T, [self._experts(slab) for slab in slabs],
+                     rows[0] if rows else None)
 
     # -- inputs and outputs -------------------------------------------------------------------------------------
 
@@ -359,11 +379,19 @@ class DepRuntime:
             if batch is not None and batch.num_tokens > self.token_budget:
                 raise ValueError(f"batches[{r}] has {batch.num_tokens} tokens; allowed range [0, token_budget="
                                  f"{self.token_budget}]")
+            if batch is not None and self.last_token_logits and len(batch.lengths) > self.last_token_logits:
+                raise ValueError(f"batches[{r}] has {len(batch.lengths)} sequences; allowed range "
+                                 f"[0, last_token_logits={self.last_token_logits}]")
+
+    def _step_budget(self, batches: Sequence[PackedBatch | None]) -> int:
+        """Tokens per rank in this step: the largest padded batch (its bucket), at most the token budget. Every
+        rank computes that many rows: SPMD pads light ranks up to the heaviest one."""
+        return min(max([b.budget for b in batches if b is not None] or [1]), self.token_budget)
 
     def _device_inputs(self, batches: Sequence[PackedBatch | None]):
         """Each rank's batch re-padded to the shared token budget, concatenated and split over the ranks."""
         self._check_batches(batches)
-        b = self.token_budget
+        b = self._step_budget(batches)
         tokens = np.zeros(self.num_ranks * b, np.int32)
         segments = np.full(self.num_ranks * b, -1, np.int32)
         positions = np.zeros(self.num_ranks * b, np.int32)
@@ -373,16 +401,22 @@ class DepRuntime:
                 tokens[r * b:r * b + n] = batch.tokens_T[:n]
                 segments[r * b:r * b + n] = batch.segment_ids_T[:n]
                 positions[r * b:r * b + n] = batch.positions_T[:n]
-        return jax.device_put((tokens, segments, positions), self._by_rank)
+        if not self.last_token_logits:
+            return jax.device_put((tokens, segments, positions), self._by_rank)
+        rows = np.concatenate([stages.last_token_rows(batch, self.last_token_logits) if batch is not None
+                               else np.zeros(self.last_token_logits, np.int32) for batch in batches])
+        return jax.device_put((tokens, segments, positions, rows), self._by_rank)
 
     def _outputs(self, batches, hidden_TD, logits_TV, expert_ids) -> list[PrefillOutput]:
         hidden, logits = np.asarray(hidden_TD), np.asarray(logits_TV, np.float32)
         ids = [np.asarray(i) for i in expert_ids]
-        b = self.token_budget
+        b, per_rank_logits = self._step_budget(batches), self.last_token_logits
         outs = []
         for r, batch in enumerate(batches):
             rows = slice(r * b, r * b + (batch.num_tokens if batch is not None else 0))
-            outs.append(PrefillOutput(logits[rows], [i[rows] for i in ids], hidden[rows]))
+            logit_rows = rows if not per_rank_logits else slice(
+                r * per_rank_logits, r * per_rank_logits + (len(batch.lengths) if batch is not None else 0))
+            outs.append(PrefillOutput(logits[logit_rows], [i[rows] for i in ids], hidden[rows]))
         return outs
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -396,7 +430,9 @@ class DepRuntime:
     def compiled_hlo(self) -> str:
         """The fast path's optimized HLO (for checking its collectives)."""
         batch = jax.ShapeDtypeStruct((self.num_ranks * self.token_budget,), jnp.int32, sharding=self._by_rank)
-        return self._forward.lower(self._state, self._slabs, (batch, batch, batch)).compile().as_text()
+        rows = jax.ShapeDtypeStruct((self.num_ranks * self.last_token_logits,), jnp.int32, sharding=self._by_rank)
+        inputs = (batch, batch, batch) + ((rows,) if self.last_token_logits else ())
+        return self._forward.lower(self._state, self._slabs, inputs).compile().as_text()
 
     def profile(self, batches: Sequence[PackedBatch | None], repeats: int = 3, warmup: int = 1) -> DepProfile:
         """Stage times per layer and the synchronization estimate; see `DepProfile`."""
@@ -444,7 +480,7 @@ class DepRuntime:
         the same modules and MoE stages as the fast path, in the order of DeepseekV3/DecoderLayer/MoE."""
         rep, split = P(), P(AXIS)
         dispatcher = DISPATCHERS[self.dispatch]
-        tokens_T, segment_ids_T, positions_T = inputs
+        tokens_T, segment_ids_T, positions_T, *rows = inputs
 
         def run(key, program, *args):
             start = time.perf_counter()
@@ -476,8 +512,12 @@ class DepRuntime:
             x_TD = run((i, "shared_expert"), self._program("shared_expert", _shared_rank, (rep,) + (split,) * 3,
                                                            graphdef), state, x_TD, h_TD, y_TD)
             expert_ids.append(ids_TK)
-        logits_TV = run((None, "head"), self._program("head", _head_rank, (rep, split), self._graphdef),
-                        self._state, x_TD)
+        if rows:
+            logits_TV = run((None, "head"), self._program("head_rows", _head_rows_rank, (rep, split, split),
+                                                          self._graphdef), self._state, x_TD, rows[0])
+        else:
+            logits_TV = run((None, "head"), self._program("head", _head_rank, (rep, split), self._graphdef),
+                            self._state, x_TD)
         return x_TD, logits_TV, expert_ids
 
 
@@ -522,3 +562,7 @@ def _shared_rank(graphdef, state, x_TD, h_TD, y_TD):
 
 def _head_rank(graphdef, state, x_TD):
     return nnx.merge(graphdef, state).head(x_TD)
+
+
+def _head_rows_rank(graphdef, state, x_TD, rows_R):
+    return nnx.merge(graphdef, state).head(x_TD[rows_R])
