@@ -12,13 +12,15 @@ ragged_all_to_all of the real rows), each as its own jitted SPMD program over th
               on GPU) unless --gemm_backend names one, which adds a "layer" row with the real experts.
 Medians of --repeats after --warmup, synchronized. The floor for each row is the bytes a rank sends to other
 ranks over its NVLink bandwidth; the table prints the achieved GB/s of that. Both backends' round trips are
-checked equal to each other and to sum_k w_k x (identity experts). Results: results/bench_dep_dispatch/<run>.json.
+checked equal to each other and to sum_k w_k x (identity experts). Results: results/bench_dep_dispatch/<run>.json,
+with XLA_FLAGS recorded: XLA:GPU has several ragged-all-to-all implementations chosen by flag.
 """
 
 from __future__ import annotations
 
 import datetime
 import gc
+import os
 import statistics
 import time
 
@@ -170,7 +172,8 @@ def main(argv):
     config = {"num_ranks": n, "tokens": [int(t) for t in _TOKENS.value], "fill": _FILL.value, "skew": _SKEW.value,
               "repeats": _REPEATS.value, "warmup": _WARMUP.value, "gemm_backend": _GEMM.value, "seed": _SEED.value,
               "hidden_size": cfg.hidden_size, "n_routed_experts": cfg.n_routed_experts,
-              "num_experts_per_tok": cfg.num_experts_per_tok, "dtype": cfg.dtype}
+              "num_experts_per_tok": cfg.num_experts_per_tok, "dtype": cfg.dtype,
+              "xla_flags": os.environ.get("XLA_FLAGS", "")}
     verification = {f"tokens_{row['tokens']}": row["verification"] for row in rows}
     path = write_results("bench_dep_dispatch", run, config=config, raw=rows, metrics=metrics,
                          verification=verification)
