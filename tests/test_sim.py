@@ -1,0 +1,281 @@
+"""Roofline model and discrete-event simulator (issue 7): contention, roofline trend, sync overhead, calibration, CLI."""
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dwdp_jax.placement import Placement
+from dwdp_jax.results import read_results, write_results
+from dwdp_jax.sim import contention, hardware, roofline, simulate, studies
+from dwdp_jax.sim.roofline import GenServer, Precision
+from dwdp_jax.sim.simulate import ContextConfig, E2EConfig
+from dwdp_jax.sim.workload import Workload, arrival_times_s, input_lengths
+from models.config import deepseek_r1
+
+REPO = Path(__file__).resolve().parents[1]
+R1 = deepseek_r1()
+GB200 = hardware.GB200
+
+
+# ---------------------------------------------------------------------------------------------------------- contention
+
+@pytest.mark.parametrize("n", sorted(contention.PAPER_TABLE2))
+def test_contention_pmf_equals_paper_table2_to_printed_precision(n):
+    rows = contention.matches_paper(n)
+    assert len(rows) == len(contention.PAPER_TABLE2[n])
+    assert all(r["match"] for r in rows), rows
+    pmf = contention.contention_pmf(n)
+    assert len(pmf) == n - 1 and math.isclose(sum(pmf), 1.0)
+    assert math.isclose(contention.expected_slowdown(n), 1 + (n - 2) / (n - 1))
+
+
+def test_simulated_contention_frequencies_within_one_point_of_the_model():
+    doc = studies.contention_study(R1, GB200, sorted(contention.PAPER_TABLE2), ["none"], min_pulls=80000)
+    for n, row in doc["metrics"]["per_group"].items():
+        assert row["paper_match"]
+        assert row["none"]["max_abs_diff_pp"] < 1.0, (n, row["none"])
+        assert math.isclose(sum(row["none"]["empirical_percent"]), 100.0)
+
+
+def test_fifo_contention_stretches_prefetch_and_sliced_round_robin_removes_it():
+    doc = studies.contention_study(R1, GB200, [8], ["none", "fifo", "round_robin"], min_pulls=4000)
+    row = doc["metrics"]["per_group"][8]
+    ctx = ContextConfig("dwdp")
+    slice_s = ctx.slice_bytes / GB200.copy_bytes_per_s
+    assert row["none"]["prefetch_stretch"] == pytest.approx(1.0, rel=1e-6)
+    assert row["fifo"]["prefetch_stretch"] > 1.3
+    # Every source is shared evenly, so only the per-slice cost remains (uniform placement: equal shards).
+    assert row["round_robin"]["prefetch_stretch"] == pytest.approx((slice_s + ctx.slice_overhead_s) / slice_s, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------ roofline
+
+def test_roofline_units_by_hand():
+    prec = Precision()
+    assert roofline.expert_bytes(R1, prec) == pytest.approx(3 * 7168 * 2048 * (0.5 + 1 / 16))  # 24.8 MB NVFP4
+    placement = Placement.uniform(256, 4)
+    assert roofline.prefetch_bytes(R1, placement, prec) == pytest.approx(192 * roofline.expert_bytes(R1, prec))
+    assert roofline.prefetch_s(R1, GB200, placement, prec) == pytest.approx(4.757e9 / 900e9, rel=1e-3)  # ~5.3 ms
+    op = roofline.gemm("x", 10, 20, 30, "bf16")
+    assert (op.flops, op.bytes) == (2 * 10 * 20 * 30, 20 * 30 * 2 + 10 * 20 * 2 + 10 * 30 * 2)
+    assert roofline.op_time_s(op, GB200) == max(op.flops / 2.5e15, op.bytes / 8e12)
+    assert roofline.causal_pairs([3, 2]) == 6 + 3
+    assert roofline.experts_touched(R1, 1, 256) == pytest.approx(1.0)
+
+
+def test_roofline_gb200_reproduces_blog_table1_trend():
+    isls = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    doc = studies.roofline_study(R1, GB200, isls, [1, 4], 4, Precision())
+    points = {p["isl"]: p for p in doc["raw"]["points"] if p["batch"] == 1}
+    assert points[8192]["compute_over_prefetch"] < 1 < points[16384]["compute_over_prefetch"]
+    assert 8192 < doc["metrics"]["per_batch"][1]["crossover_isl"] < 16384
+    speedup = [points[i]["dep_over_dwdp"] for i in isls]
+    peak = int(np.argmax(speedup))
+    assert 0 < peak < len(isls) - 1
+    assert all(a < b for a, b in zip(speedup[:peak], speedup[1:peak + 1]))
+    assert all(a > b for a, b in zip(speedup[peak:], speedup[peak + 1:]))
+    published = doc["metrics"]["published"]
+    assert [r["isl"] for r in published] == [1024, 8192, 16384, 32768]
+    for r in published:
+        assert abs(r["compute_over_prefetch_diff"]) < 0.15 and abs(r["dep_over_dwdp_diff"]) < 0.15, r
+    # A larger batch enlarges the compute window: the crossover moves to shorter ISL.
+    assert doc["metrics"]["per_batch"][4]["crossover_isl"] < doc["metrics"]["per_batch"][1]["crossover_isl"]
+
+
+# ----------------------------------------------------------------------------------------------------------- simulator
+
+def test_workload_sampler():
+    w = Workload(1000, 8192, input_ratio=0.8, rate_per_s=10.0, seed=3)
+    lengths, arrivals = input_lengths(w), arrival_times_s(w)
+    assert lengths.min() >= int(0.8 * 8192) and lengths.max() <= 8192
+    assert np.all(np.diff(arrivals) >= 0) and 80 < arrivals[-1] < 120
+    assert np.array_equal(lengths, input_lengths(w))
+    normal = input_lengths(Workload(2000, 1000, isl_std=100.0))
+    assert normal.max() <= 1999 and abs(normal.mean() - 1000) < 10
+    assert input_lengths(Workload(2000, 1000, isl_std=100.0, max_len=1050)).max() == 1050
+    assert not arrival_times_s(Workload(4, 10)).any()
+
+
+def test_dep_step_barrier_and_sync_overhead():
+    prec = Precision()
+    even = [roofline.prefill_times(R1, GB200, [8192], prec)] * 4
+    step_s, busy_s = simulate.dep_step(R1, GB200, even, [8192] * 4, prec)
+    assert np.allclose(busy_s, step_s)
+    uneven = [roofline.prefill_times(R1, GB200, [8192] * k, prec) for k in (1, 1, 1, 2)]
+    step2_s, busy2_s = simulate.dep_step(R1, GB200, uneven, [8192, 8192, 8192, 16384], prec)
+    assert busy2_s.max() == pytest.approx(step2_s) and 1 - busy2_s.mean() / step2_s > 0.05
+
+
+def test_dwdp_exposes_prefetch_only_when_prefetch_bound():
+    short = simulate.simulate_context(R1, GB200, ContextConfig("dwdp", max_num_tokens=1024, max_batch_size=1),
+                                      Workload(8, 1024))
+    long = simulate.simulate_context(R1, GB200, ContextConfig("dwdp"), Workload(8, 32768))
+    assert short.summary()["exposed_wait_fraction"] > 0.5
+    assert long.summary()["exposed_wait_fraction"] < 0.01
+    assert all(r.prefill_end_s > r.arrival_s for r in short.requests + long.requests)
+
+
+def test_compute_slowdown_while_pulling_costs_throughput():
+    w = Workload(32, 8192, 0.8)
+    base = simulate.simulate_context(R1, GB200, ContextConfig("dwdp"), w).tps_per_gpu
+    slow = simulate.simulate_context(R1, GB200, ContextConfig("dwdp", compute_slowdown=0.1), w).tps_per_gpu
+    assert base / 1.1 <= slow < base
+
+
+def test_sync_overhead_at_cv20_isl8k_r08():
+    doc = studies.sync_cv_study(R1, GB200)
+    m = doc["metrics"]
+    assert 0.10 <= m["overhead_at_target"] <= 0.14, m["overhead_at_target"]
+    assert m["bins"][0]["overhead"] < 0.03 < m["bins"][2]["overhead"]  # grows with imbalance
+
+
+def test_e2e_closed_loop_and_planner():
+    gen = GenServer(num_gpus=4, max_batch=16, mtp_tokens=1)
+    w = Workload(64, 2048, 0.8, osl=32)
+    results = {s: simulate.simulate_e2e(R1, GB200, E2EConfig(ContextConfig(s, max_num_tokens=8192), gen), w)
+               for s in simulate.STRATEGIES}
+    for result in results.values():
+        s = result.summary()
+        assert s["steady_requests"] > 0 and s["output_tps_per_gpu"] > 0 and s["ttft_p50_s"] > 0
+        assert all(r.end_s > r.gen_start_s >= r.prefill_end_s > r.arrival_s for r in result.requests)
+    points = [{"ttft_p50_s": 0.5, "output_tps_per_gpu": 10.0}, {"ttft_p50_s": 2.0, "output_tps_per_gpu": 20.0}]
+    choices = simulate.plan(points, [0.1, 1.0, 3.0])
+    assert [c.best and c.best["output_tps_per_gpu"] for c in choices] == [None, 10.0, 20.0]
+
+
+def test_planner_skips_group_sizes_that_do_not_fit_memory():
+    band = studies.Band("tiny", GenServer(num_gpus=4, max_batch=16), (4,), (4,))
+    doc = studies.planner_study(R1, GB200, band, [1.0, 100.0], group_sizes=(2, 4), max_ctx_gpus=8, isl=2048, osl=16,
+                                cycles=4)
+    assert doc["metrics"]["infeasible_group_sizes"] == [2]
+    assert {(p["strategy"], p["ctx_gpus"]) for p in doc["raw"]["points"]} == {("dwdp", 4), ("dwdp", 8), ("dep", 4),
+                                                                                ("dep", 8)}
+    assert doc["metrics"]["choices"][1]["dwdp"] is not None
+
+
+# --------------------------------------------------------------------------------------------------------- calibration
+
+def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
+    """A synthetic calibration file and context_bench runs whose measured ratio is factor x the prediction."""
+    write_results("gpu_calibration", "synthetic", config={}, raw={}, root=root, with_devices=False,
+                  metrics={"gemm_tflops": 600.0, "hbm_gbps": 4000.0, "p2p_gbps": 300.0, "attention_tflops": 350.0,
+                           "grouped_gemm_tflops": 300.0, "memory_gb": 141.0})
+    cfg = R1.replace(num_hidden_layers=6, dtype="bfloat16")
+    config = {"num_ranks": 4, "max_num_tokens": 32768, "max_batch_size": 64, "dwdp": {"slices": 1, "local_experts": 0},
+              "workload": {"num_requests": 32, "isl": 8192, "input_ratio": 0.8, "isl_std": -1.0, "rate_per_s": 0.0,
+                           "seed": 0, "dataset": ""}}
+    bf16 = Precision("bf16", "bf16", "bf16", "bf16")
+    hw = hardware.calibrated(root)
+    w = Workload(32, 8192, 0.8)
+    tps = {s: simulate.simulate_context(cfg, hw, ContextConfig(s, max_num_tokens=32768, precision=bf16), w).tps_per_gpu
+           for s in simulate.STRATEGIES}
+    predicted = tps["dwdp"] / tps["dep"]
+    for run, factor in ratio_factors.items():
+        write_results("context_bench", run, config=config, raw={}, root=root, with_devices=False,
+                      model=dataclasses.asdict(cfg),
+                      metrics={"dwdp": {"tps_per_gpu": factor * predicted * 100.0}, "dep": {"tps_per_gpu": 100.0}})
+    return predicted
+
+
+def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_path):
+    """A unit test of the mechanism on synthetic files, not a claim about any GPU."""
+    predicted = _calibration_files(tmp_path, {"close": 1.05, "far": 1.3})
+    doc = studies.calibration_study(tmp_path, tolerance=0.10)
+    runs = {r["run"]: r for r in doc["metrics"]["runs"]}
+    assert runs["close"]["predicted_ratio"] == pytest.approx(predicted)
+    assert runs["close"]["measured_ratio"] == pytest.approx(1.05 * predicted)
+    assert runs["close"]["within_tolerance"] and not runs["far"]["within_tolerance"]
+    assert runs["far"]["rel_error"] == pytest.approx(1 / 1.3 - 1)
+    assert doc["config"]["hardware"].name == "calibrated:unknown"  # the synthetic file names no device
+    assert not doc["metrics"]["all_within_tolerance"]
+
+
+def test_calibrated_spec_requires_measurements(tmp_path):
+    with pytest.raises(ValueError, match="no GPU calibration results"):
+        hardware.calibrated(tmp_path)
+    write_results("gpu_calibration", "partial", config={}, raw={}, root=tmp_path, with_devices=False,
+                  metrics={"gemm_tflops": 600.0, "hbm_gbps": 4000.0})
+    with pytest.raises(ValueError, match="metrics.p2p_gbps is required"):
+        hardware.calibrated(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_fail_with_the_field_named():
+    with pytest.raises(ValueError, match="unknown hardware 'tpu9'"):
+        hardware.get("tpu9")
+    with pytest.raises(ValueError, match="local_experts"):
+        simulate.simulate_context(R1, GB200, ContextConfig("dwdp", local_experts=101), Workload(4, 1024))
+    with pytest.raises(ValueError, match="rate_per_s"):
+        Workload(4, 1024, rate_per_s=-1.0)
+    with pytest.raises(ValueError, match="loads"):
+        studies.sync_cv_study(R1, GB200, loads=[0.5, -0.2])
+    with pytest.raises(ValueError, match="no nvfp4"):
+        roofline.op_time_s(roofline.gemm("x", 1, 1, 1, "nvfp4"), hardware.H100_SXM)
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        simulate.simulate_context(R1, GB200, ContextConfig("dep", max_num_tokens=1000), Workload(4, 2048))
+    with pytest.raises(ValueError, match="ContextConfig.compute_slowdown"):
+        ContextConfig("dwdp", compute_slowdown=-0.1)
+    with pytest.raises(ValueError, match="ContextConfig.discipline"):
+        ContextConfig("dwdp", discipline="lottery")
+    with pytest.raises(ValueError, match="group_size must be an integer >= 3"):
+        contention.contention_pmf(2)
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_exits_2_before_writing(tmp_path):
+    for args, field in ((["--study=sync_cv", "--loads=-0.5"], "loads"), (["--hardware=tpu9"], "unknown hardware"),
+                        (["--study=roofline", "--group_size=5", "--local_experts=7"], "local_experts")):
+        done = _cli("experiments.simulate", *args, f"--out={tmp_path}")
+        assert done.returncode == 2, done.stderr
+        assert field in done.stderr
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_cli_roofline_writes_results_and_table(tmp_path):
+    done = _cli("experiments.roofline", "--isls=1024,8192,16384,32768", "--batches=1", f"--out={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "crossover ISL" in done.stdout
+    (doc,) = read_results("roofline", tmp_path)
+    assert doc["run"] == "gb200" and len(doc["metrics"]["published"]) == 4
+    assert doc["config"]["hardware"]["hbm_bytes_per_s"] == 8e12
+
+
+# ------------------------------------------------------------------------------------------------------------- figures
+
+def _write(root: Path, experiment: str, doc: dict) -> None:
+    write_results(experiment, "test", config=doc["config"], raw=doc["raw"], metrics=doc["metrics"], root=root,
+                  with_devices=False)
+
+
+def test_figure_scripts_write_files_and_skip_missing_data(tmp_path):
+    from experiments.figures import fig_contention, fig_pareto, fig_planner, fig_roofline, fig_sync_overhead
+
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    modules = (fig_roofline, fig_contention, fig_sync_overhead, fig_pareto, fig_planner)
+    assert all(m.main(results, figures) == [] for m in modules)
+    band = studies.Band("tiny", GenServer(num_gpus=4, max_batch=16), (4,), (4,))
+    _write(results, "roofline", studies.roofline_study(R1, GB200, [1024, 16384], [1], 4, Precision()))
+    _write(results, "sim_contention", studies.contention_study(R1, GB200, [3, 4], ["none", "fifo", "round_robin"],
+                                                               min_pulls=500))
+    _write(results, "sim_sync_cv", studies.sync_cv_study(R1, GB200, loads=[0.5, 0.9], seeds=[0], num_requests=300))
+    _write(results, "sim_pareto", studies.pareto_study(R1, GB200, [band], isl=2048, osl=16, cycles=4))
+    _write(results, "sim_planner", studies.planner_study(R1, GB200, band, [1.0], group_sizes=(4,), max_ctx_gpus=4,
+                                                         isl=2048, osl=16, cycles=4))
+    _calibration_files(results, {"synthetic": 1.0})
+    write_results("context_bench", "no_metrics", config={}, raw={}, metrics={}, root=results, with_devices=False)
+    _write(results, "sim_calibration", studies.calibration_study(results))
+    names = {p.name for m in modules for p in m.main(results, figures)}
+    for stem in ("roofline_test", "contention_test", "sync_overhead_test", "pareto_test", "planner_test",
+                 "calibration_test"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
+    assert {"roofline_test.md", "contention_test.md", "pareto_test.md"} <= names
+    assert fig_sync_overhead.measured_points(results) == []
