@@ -2,7 +2,7 @@
 
   python -m experiments.simulate --study=contention                 # paper Table 2, model vs simulated pulls
   python -m experiments.simulate --study=sync_cv                    # DEP sync overhead vs CV (paper Fig. 1)
-  python -m experiments.simulate --study=roofline --hardware=gb200  # blog Table 1 (also: python -m experiments.roofline)
+  python -m experiments.simulate --study=roofline --hardware=gb200  # blog Table 1 (= python -m experiments.roofline)
   python -m experiments.simulate --study=pareto                     # e2e TPS/GPU vs TPS/user (Tables 5-6)
   python -m experiments.simulate --study=planner --ttft_targets=1,2,4
   python -m experiments.simulate --study=calibration                # needs results/gpu_calibration + context_bench
@@ -166,8 +166,10 @@ def table(study: str, doc: dict) -> str:
         return "\n".join(lines)
     if study == "planner":
         def pick(p):
-            return "none meets it" if p is None else (f"{p['ctx_gpus']} ctx GPUs (groups of {p['group_size']}), "
-                                                       f"{p['output_tps_per_gpu']:.0f} TPS/GPU, TTFT {p['ttft_p50_s']:.2f} s")
+            if p is None:
+                return "none meets it"
+            return (f"{p['ctx_gpus']} ctx GPUs (groups of {p['group_size']}), {p['output_tps_per_gpu']:.0f} TPS/GPU, "
+                    f"TTFT {p['ttft_p50_s']:.2f} s")
         lines = [f"TTFT <= {r['ttft_target_s']} s: DWDP {pick(r['dwdp'])}; DEP {pick(r['dep'])}" for r in m["choices"]]
         return "\n".join(lines + [f"infeasible group sizes (memory): {m['infeasible_group_sizes']}"])
     return "\n".join(f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "

@@ -1,4 +1,4 @@
-"""Roofline model and discrete-event simulator (issue 7): contention, roofline trend, sync overhead, calibration, CLI."""
+"""Roofline model and discrete-event simulator (issue 7): contention, roofline trend, sync overhead, calibration."""
 
 import dataclasses
 import math

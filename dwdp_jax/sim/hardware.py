@@ -177,6 +177,7 @@ def calibrated(results_root: str | Path | None = None) -> HardwareSpec:
         fp4_flops_per_s=None, hbm_bytes_per_s=rate("hbm_gbps", GIGA, required=True),
         nvlink_bytes_per_s=max(p2p, fanin or 0.0, fanout or 0.0), copy_bytes_per_s=p2p, copy_engines=None,
         memory_bytes=rate("memory_gb", GIGA) or 0.0, source=f"measured: {path}",
-        attention_flops_per_s=rate("attention_tflops", TERA), grouped_gemm_flops_per_s=rate("grouped_gemm_tflops", TERA),
+        attention_flops_per_s=rate("attention_tflops", TERA),
+        grouped_gemm_flops_per_s=rate("grouped_gemm_tflops", TERA),
         egress_bytes_per_s=fanout or p2p, ingress_bytes_per_s=fanin or p2p,
         all_to_all_bytes_per_s=rate("all2all_gbps", GIGA))

@@ -246,9 +246,8 @@ class _Process:
                 cmd = next(self._gen)
             except StopIteration:
                 return
-            if not self._block(cmd):
-                continue
-            return
+            if self._block(cmd):
+                return
 
     def _block(self, cmd) -> bool:
         kind = cmd[0]

@@ -48,7 +48,8 @@ def _figure(doc: dict) -> "plt.Figure":
 def _markdown(doc: dict) -> str:
     lines = [f"# Contention, {doc['run']}", "",
              "| N | C | paper % | model % | simulated none % | simulated fifo % |", "|---:|---:|---:|---:|---:|---:|"]
-    stretch = ["", "| N | E[C] model | stretch none | stretch fifo | stretch round_robin |", "|---:|---:|---:|---:|---:|"]
+    stretch = ["", "| N | E[C] model | stretch none | stretch fifo | stretch round_robin |",
+               "|---:|---:|---:|---:|---:|"]
     for n, row in doc["metrics"]["per_group"].items():
         paper = {p["level"]: p["paper_percent"] for p in row.get("paper", [])}
         for c, model in enumerate(row["model_percent"], start=1):

@@ -61,7 +61,8 @@ def _markdown(doc: dict) -> str:
     rows = [p for p in doc["raw"]["points"] if p["batch"] == 1]
     published = {r["isl"]: r for r in doc["metrics"]["published"]}
     lines = [f"# Roofline, {doc['run']}", "", _constants(doc), "",
-             "| ISL | T_compute ms | T_prefetch ms | T_all2all ms | compute/prefetch | published | DEP/DWDP | published |",
+             "| ISL | T_compute ms | T_prefetch ms | T_all2all ms | compute/prefetch | published | DEP/DWDP "
+             "| published |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["isl"]):
         pub = published.get(r["isl"], {})
