@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dwdp_jax import memory
+from dwdp_jax import checkpoint, memory
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
@@ -106,6 +106,15 @@ class DwdpEngine:
                     for m in range(cfg.num_moe_layers)] for r, w in enumerate(self.ranks)]
         self.transport = make_transport(options.transport, placement, exports, self.devices,
                                         options.transport_options())
+
+    @classmethod
+    def from_checkpoint(cls, path: str, placement: Placement, devices: list[jax.Device] | None = None,
+                        options: DwdpOptions = DwdpOptions()) -> "DwdpEngine":
+        """The group straight from an Orbax model checkpoint, the whole model never materialized: the replicated
+        weights are read once to host, and each rank reads only its own expert rows onto its device (the
+        checkpoint is the expert source; its sliced reads are those of `checkpoint.restore_rank`)."""
+        ckpt = checkpoint.ModelCheckpoint(path)
+        return cls(Params(ckpt.replicated(np.asarray), ckpt), placement, devices, options)
 
     def _place_rank(self, rank, params, dense_states, moe_states, norm_state) -> RankWeights:
         device = self.devices[rank]
