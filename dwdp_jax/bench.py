@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import threading
 import time
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from dwdp_jax.expert_source import SyntheticExperts
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.placement import Placement
-from dwdp_jax.runtime import reference
+from dwdp_jax.runtime import reference, stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
 from dwdp_jax.serving import metrics, scheduler, workload
 from models import config as model_config
@@ -307,6 +308,12 @@ def warm_up(runtime, c) -> None:
 
 
 def build_params(p: Plan, c) -> reference.Params:
+    """The weights, with the config's attention backend set on every MLA module."""
+    params = _weights(p, c)
+    return params._replace(model=stages.with_attention_impl(params.model, c.attention_impl))
+
+
+def _weights(p: Plan, c) -> reference.Params:
     if c.model.weights == "synthetic":  # R1-width experts generated on each rank's device, never whole
         return reference.Params(deepseek_v3.DeepseekV3(p.cfg, nnx.Rngs(c.seed)), SyntheticExperts(p.cfg, c.seed))
     if c.model.checkpoint:
@@ -319,59 +326,66 @@ def build_params(p: Plan, c) -> reference.Params:
     return reference.Params(*deepseek_v3.init_model(p.cfg, seed=c.seed))
 
 
+def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Callable | None = None):
+    if name == "dwdp":
+        return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], DwdpOptions(
+            transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
+            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size))
+    from dwdp_jax.runtime import dep as dep_lib
+
+    return (make_dep or dep_lib.DepRuntime)(
+        params, dep_ranks(c), c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
+        gemm_backend=c.gemm_backend, attention_impl=c.attention_impl, devices=p.devices[:dep_ranks(c)],
+        last_token_logits=c.max_batch_size)
+
+
+def verification_outputs(runtime, batches: list[PackedBatch | None]) -> list[reference.PrefillOutput | None]:
+    if isinstance(runtime, DwdpEngine):
+        return [runtime.step(r, b).output if b is not None else None for r, b in enumerate(batches)]
+    return [None if b is None else last_token_only(o, b) for o, b in zip(runtime.step(batches), batches)]
+
+
+def collectives_of(runtime, batch: PackedBatch) -> dict[str, int]:
+    if isinstance(runtime, DwdpEngine):
+        return {k: count_collectives(t) for k, t in runtime.compiled_hlo(batch).items()}
+    return {"step": count_collectives(runtime.compiled_hlo())}
+
+
 def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
-    """The whole benchmark; returns the results document (also written to results/context_bench/<run>.json)."""
+    """The whole benchmark; returns the results document (also written to results/<experiment>/<run>.json).
+
+    The strategies run one after the other, each alone on the devices (built, verified, warmed up, run, profiled,
+    freed), so each gets the memory the depth planner sized it for.
+    """
     p = plan(c)
     params = build_params(p, c)
     run_name = c.run or f"{c.name}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    runtimes = {}
-    if "dwdp" in p.strategies:
-        runtimes["dwdp"] = DwdpEngine(params, p.placement, p.devices, DwdpOptions(
-            transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
-            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size))
-    if "dep" in p.strategies:
-        from dwdp_jax.runtime import dep as dep_lib
-
-        runtimes["dep"] = (make_dep or dep_lib.DepRuntime)(
-            params, dep_ranks(c), c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
-            gemm_backend=c.gemm_backend,
-            attention_impl=c.attention_impl, devices=p.devices[:dep_ranks(c)],
-            last_token_logits=c.max_batch_size)
-
-    verification, hlo_collectives = {}, {}
     vb = verification_batches(p, c)
     refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
-    if "dwdp" in runtimes:
-        engine = runtimes["dwdp"]
-        outs = [engine.step(r, b).output if b is not None else None for r, b in enumerate(vb)]
-        warm_up(engine, c)
-        if refs:
-            verification["dwdp"] = verify(outs, refs, c.verify.rel_tol, c.verify.min_id_match)
-        hlo_collectives["dwdp"] = {k: count_collectives(t) for k, t in engine.compiled_hlo(vb[0]).items()}
-    if "dep" in runtimes:
-        dep = runtimes["dep"]
-        vb_dep = (vb + [None] * dep.num_ranks)[:dep.num_ranks]
-        outs = [None if b is None else last_token_only(o, b) for o, b in zip(dep.step(vb_dep), vb_dep)]
-        warm_up(dep, c)
-        if refs:
-            verification["dep"] = verify(outs, (refs + [None] * dep.num_ranks)[:dep.num_ranks], c.verify.rel_tol,
-                                         c.verify.min_id_match)
-        hlo_collectives["dep"] = {"step": count_collectives(dep.compiled_hlo())}
-
-    raw, summary, breakdown = {}, {}, {}
+    verification, hlo_collectives, raw, summary, breakdown = {}, {}, {}, {}, {}
     for name in p.strategies:
+        runtime = make_runtime(name, params, p, c, make_dep)
+        ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
+        batches = (vb + [None] * ranks)[:ranks]
+        outs = verification_outputs(runtime, batches)
+        if refs:
+            verification[name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
+                                        c.verify.min_id_match)
+        hlo_collectives[name] = collectives_of(runtime, vb[0])
+        warm_up(runtime, c)
         if name == "dwdp":
-            reqs, iters, assignments = run_dwdp(runtimes["dwdp"], p, c)
+            reqs, iters, assignments = run_dwdp(runtime, p, c)
             extra = {}
         else:
-            reqs, iters, assignments, extra = run_dep(runtimes["dep"], p, c)
-        ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
-        summary[name] = {**metrics.summarize(reqs, iters, ranks), **{k: v for k, v in extra.items()
-                                                                          if k in ("sync_overhead", "rank_cv_mean")}}
+            reqs, iters, assignments, extra = run_dep(runtime, p, c)
+        summary[name] = {**metrics.summarize(reqs, iters, ranks),
+                         **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
         raw[name] = {"requests": [dataclasses.asdict(r) for r in reqs],
                      "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
-    if c.breakdown:
-        breakdown = profile_breakdown(runtimes, p, c)
+        if c.breakdown:
+            breakdown.update(profile_breakdown({name: runtime}, p, c))
+        del runtime
+        gc.collect()
     if len(summary) == 2:
         summary["ratio"] = {"tps_per_gpu_dwdp_over_dep": summary["dwdp"]["tps_per_gpu"] / summary["dep"]["tps_per_gpu"],
                             "ttft_p50_dep_over_dwdp": summary["dep"]["ttft_p50_s"] / summary["dwdp"]["ttft_p50_s"]}

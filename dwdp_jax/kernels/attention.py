@@ -40,7 +40,7 @@ def register_backend(name: str, fn: Attention) -> None:
     _BACKENDS[name] = fn
 
 
-_GPU_BACKENDS = {"pallas_mgpu", "cudnn", "cudnn_padded_v"}
+_GPU_BACKENDS = {"cudnn", "cudnn_mla_1seq"}
 
 
 def get_backend(name: str) -> Attention:

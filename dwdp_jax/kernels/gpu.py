@@ -76,5 +76,8 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
 
 
 grouped_gemm.register_backend("pallas_mgpu", pallas_grouped_ffn)
-attention.register_backend("cudnn", cudnn_attention)
-attention.register_backend("cudnn_padded_v", cudnn_attention_padded_v)
+# jax 0.11.2's packed-segment path scales the V offsets by the Q/K head size (192), so MLA's 128-wide V reads the
+# wrong rows (NaN, measured on H200) once a batch holds several sequences: the packed backend pads V to 192.
+attention.register_backend("cudnn", cudnn_attention_padded_v)
+# Native 192/128 MLA, correct for one sequence per batch only (no offsets): the kernel-speed comparison.
+attention.register_backend("cudnn_mla_1seq", functools.partial(cudnn_attention, max_segments=1))

@@ -33,7 +33,7 @@ def register_backend(name: str, fn: GroupedFFN) -> None:
     _BACKENDS[name] = fn
 
 
-_GPU_BACKENDS = {"pallas_mgpu", "cudnn", "cudnn_padded_v"}
+_GPU_BACKENDS = {"pallas_mgpu"}
 
 
 def get_backend(name: str) -> GroupedFFN:

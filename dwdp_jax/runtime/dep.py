@@ -49,7 +49,6 @@ from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.reference import Params, PrefillOutput
-from models.deepseek_v3 import MLA
 from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
 
 AXIS = "ep"
@@ -275,23 +274,14 @@ class DepProfile:
     @property
     def stage_total_s(self) -> dict[str, float]:
         totals = {"embed": self.embed_s, "head": self.head_s}
-        for stages in self.layer_stage_s:
-            for name, seconds in stages.items():
+        for layer in self.layer_stage_s:
+            for name, seconds in layer.items():
                 totals[name] = totals.get(name, 0.0) + seconds
         return totals
 
     @property
     def profiled_step_s(self) -> float:
         return sum(self.stage_total_s.values())
-
-
-def _with_attention_impl(model, attention_impl: str):
-    """A copy of the model (sharing its arrays) whose MLA modules use the named attention backend."""
-    model = nnx.clone(model)
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, MLA):
-            module.attention_impl = attention_impl
-    return model
 
 
 def _median(samples: Sequence[float]) -> float:
@@ -337,7 +327,7 @@ class DepRuntime:
         self.mesh = Mesh(np.asarray(available[:num_ranks]), (AXIS,))
         self._replicated = NamedSharding(self.mesh, P())
         self._by_rank = NamedSharding(self.mesh, P(AXIS))
-        graphdef, state = nnx.split(_with_attention_impl(params.model, attention_impl))
+        graphdef, state = nnx.split(stages.with_attention_impl(params.model, attention_impl))
         self._graphdef, self._state = graphdef, jax.device_put(state, self._replicated)
         self._layers = [nnx.split(layer) for layer in nnx.merge(graphdef, self._state).layers]
         self._slabs = tuple(self._shard_layer(source, m) for m in range(cfg.num_moe_layers))

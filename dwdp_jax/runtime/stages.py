@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dwdp_jax.packing import PackedBatch
+from models.deepseek_v3 import MLA
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -58,3 +59,12 @@ def last_token_rows(batch: PackedBatch, max_sequences: int) -> np.ndarray:
 def split_stack(modules):
     splits = [nnx.split(m) for m in modules]
     return (splits[0][0] if splits else None), tuple(s for _, s in splits)
+
+
+def with_attention_impl(model, attention_impl: str):
+    """A copy of the model (sharing its arrays) whose MLA modules use the named attention backend."""
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MLA):
+            module.attention_impl = attention_impl
+    return model
