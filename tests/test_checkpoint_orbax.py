@@ -5,6 +5,8 @@ weights, and clear failures for partial, corrupt and mismatched checkpoints."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -272,3 +274,21 @@ def test_invalid_config_fields_and_foreign_formats(copy, tmp_path):
 def test_placement_of_another_model_is_refused(saved):
     with pytest.raises(ValueError, match="placement.num_experts \\(16\\) must equal the checkpoint's n_routed_experts"):
         ckpt.restore_rank(saved, Placement.for_group(16, 2), 0, jax.devices()[0])
+
+
+def test_convert_command_turns_an_hf_checkpoint_into_orbax(tmp_path):
+    from test_checkpoint import hf_config, hf_tensors, write_checkpoint
+
+    params = Params(*M.init_model(CFG, seed=3))
+    hf_dir = write_checkpoint(tmp_path / "hf", hf_config(CFG), hf_tensors(CFG, params))
+    out = str(tmp_path / "orbax")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "experiments.convert_checkpoint", f"--hf_dir={hf_dir}", f"--out={out}"]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hf_config_loaded, hf_params = ckpt.load_hf_checkpoint(hf_dir)
+    config, restored = ckpt.restore_model(out)
+    assert config == hf_config_loaded
+    leaves_equal(hf_params, restored)
+    again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
