@@ -2,8 +2,9 @@
 
 Reads results/sim_sync_cv/*.json (python -m experiments.simulate --study=sync_cv): the simulated steps as a scatter,
 their 5% bins and the local-linear trend. Measured points come from results/context_bench/*.json when present:
-metrics.dep.{sync_overhead, rank_cv_mean} (or top-level metrics.{sync_overhead, rank_cv}); runs without them are
-skipped. The paper's reading (about 12% at CV 20%, ISL 8K, r 0.8) is marked. Writes sync_overhead_<run>.png/pdf.
+metrics.dep.{sync_overhead, rank_cv_mean} (or top-level metrics.{sync_overhead, rank_cv}), one colour per device
+kind (a CPU run of the tiny model is not a GB200 measurement); runs without them are skipped. The paper's reading
+(about 12% at CV 20%, ISL 8K, r 0.8) is marked. Writes sync_overhead_<run>.png/pdf.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ MAX_SCATTER = 4000
 
 
 def measured_points(results_root: str | Path | None) -> list[tuple[float, float, str]]:
-    """(CV, overhead, run) of every context_bench run that reports both."""
+    """(CV, overhead, device kind) of every context_bench run that reports both."""
     points = []
     for doc in load("context_bench", results_root):
         m = doc.get("metrics") or {}
@@ -29,7 +30,7 @@ def measured_points(results_root: str | Path | None) -> list[tuple[float, float,
         overhead = dep.get("sync_overhead", m.get("sync_overhead"))
         cv = dep.get("rank_cv_mean", m.get("rank_cv"))
         if isinstance(overhead, (int, float)) and isinstance(cv, (int, float)):
-            points.append((float(cv), float(overhead), str(doc.get("run", "?"))))
+            points.append((float(cv), float(overhead), str(doc.get("environment", {}).get("device_kind", "unknown"))))
     return points
 
 
@@ -44,9 +45,10 @@ def _figure(doc: dict, measured: list[tuple[float, float, str]]) -> "plt.Figure"
     curve_cv, curve = np.asarray(m["curve"]["cv"], float), np.asarray(m["curve"]["overhead"], float)
     ok = np.isfinite(curve)
     ax.plot(100 * curve_cv[ok], 100 * curve[ok], color="tab:orange", label="simulated, local-linear trend")
-    if measured:
-        ax.scatter([100 * p[0] for p in measured], [100 * p[1] for p in measured], marker="^", s=60,
-                   color="tab:red", edgecolor="black", zorder=5, label="measured (context_bench)")
+    for device, color in zip(sorted({p[2] for p in measured}), ("tab:red", "tab:green", "tab:purple", "tab:brown")):
+        mine = [p for p in measured if p[2] == device]
+        ax.scatter([100 * p[0] for p in mine], [100 * p[1] for p in mine], marker="^", s=60, color=color,
+                   edgecolor="black", zorder=5, label=f"measured, context_bench on {device}")
     ax.scatter([100 * PAPER_POINT[0]], [100 * PAPER_POINT[1]], marker="*", s=160, color="black", zorder=6,
                label="paper Fig. 1 (~12% at CV 20%)")
     cfg = doc["config"]
