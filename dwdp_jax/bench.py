@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dwdp_jax import memory
+from dwdp_jax import checkpoint, evaluate, memory
 from dwdp_jax import results as results_lib
 from dwdp_jax.expert_source import SyntheticExperts
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
@@ -40,11 +40,26 @@ MODEL_OVERRIDES = ("num_hidden_layers", "hidden_size", "n_routed_experts", "voca
 
 
 def model_config_from(c, num_hidden_layers: int = 0) -> model_config.ModelConfig:
-    """The preset with the config's non-zero overrides; no MTP (context-only serving never runs it)."""
+    """The preset with the config's non-zero overrides; no MTP (context-only serving never runs it). An Orbax
+    checkpoint brings its own config (see orbax_model_config)."""
+    if c.model.checkpoint and checkpoint.is_orbax_checkpoint(c.model.checkpoint):
+        return orbax_model_config(c)
     overrides = {k: c.model[k] for k in MODEL_OVERRIDES if c.model[k]}
     if num_hidden_layers:
         overrides["num_hidden_layers"] = num_hidden_layers
     return model_config.get_preset(c.model.preset, dtype=c.model.dtype, num_nextn_predict_layers=0, **overrides)
+
+
+def orbax_model_config(c) -> model_config.ModelConfig:
+    """The ModelConfig stored with the Orbax checkpoint; config.model's non-zero fields and dtype must agree with it
+    (they say which model the run expects)."""
+    cfg = checkpoint.load_config(c.model.checkpoint)
+    wanted = {**{k: c.model[k] for k in MODEL_OVERRIDES if c.model[k]}, "dtype": c.model.dtype}
+    wrong = [f"config.model.{k}={v!r} but the checkpoint has {getattr(cfg, k)!r}" for k, v in wanted.items()
+             if getattr(cfg, k) != v]
+    if wrong:
+        raise ValueError(f"checkpoint {c.model.checkpoint} does not match the config: " + "; ".join(wrong))
+    return cfg
 
 
 def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, device_bytes: int) -> int:
@@ -316,14 +331,27 @@ def build_params(p: Plan, c) -> reference.Params:
 def _weights(p: Plan, c) -> reference.Params:
     if c.model.weights == "synthetic":  # R1-width experts generated on each rank's device, never whole
         return reference.Params(deepseek_v3.DeepseekV3(p.cfg, nnx.Rngs(c.seed)), SyntheticExperts(p.cfg, c.seed))
+    if c.model.checkpoint and checkpoint.is_orbax_checkpoint(c.model.checkpoint):
+        return checkpoint.restore_model(c.model.checkpoint)[1]
     if c.model.checkpoint:
-        from dwdp_jax import checkpoint
-
         cfg, params = checkpoint.load_hf_checkpoint(c.model.checkpoint)
         if cfg.n_routed_experts != p.cfg.n_routed_experts:
             raise ValueError(f"checkpoint has {cfg.n_routed_experts} experts, the config {p.cfg.n_routed_experts}")
         return params
     return reference.Params(*deepseek_v3.init_model(p.cfg, seed=c.seed))
+
+
+def routing_skew(refs: list[reference.PrefillOutput | None] | None, num_experts: int) -> dict[str, Any]:
+    """Max/mean expert load (and normalized routing entropy) per MoE layer of the reference over the verification
+    batches: the routing skew the run's weights produce (about 1 for random weights, more for trained ones; a few
+    hundred tokens add sampling noise, hence the token count)."""
+    outs = [r for r in refs or [] if r is not None]
+    if not outs:
+        return {}
+    stats = evaluate.expert_load_stats(outs, num_experts)
+    return {"max_over_mean": [s["max_over_mean"] for s in stats],
+            "normalized_entropy": [s["normalized_entropy"] for s in stats],
+            "tokens": sum(int(o.expert_ids[0].shape[0]) for o in outs)}
 
 
 def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Callable | None = None):
@@ -362,6 +390,7 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     run_name = c.run or f"{c.name}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     vb = verification_batches(p, c)
     refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
+    skew = routing_skew(refs, p.cfg.n_routed_experts)
     verification, hlo_collectives, raw, summary, breakdown = {}, {}, {}, {}, {}
     for name in p.strategies:
         runtime = make_runtime(name, params, p, c, make_dep)
@@ -391,10 +420,10 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
                             "ttft_p50_dep_over_dwdp": summary["dep"]["ttft_p50_s"] / summary["dwdp"]["ttft_p50_s"]}
     path = results_lib.write_results(c.experiment, run_name, config=c, raw=raw, metrics=summary,
                                      verification=verification, root=c.results_root,
-                                     hlo_collectives=hlo_collectives, breakdown=breakdown,
+                                     hlo_collectives=hlo_collectives, breakdown=breakdown, routing_skew=skew,
                                      model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement))
     return {"path": str(path), "metrics": summary, "verification": verification, "hlo_collectives": hlo_collectives,
-            "breakdown": breakdown}
+            "breakdown": breakdown, "routing_skew": skew}
 
 
 def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[str, Any]]]:
@@ -442,6 +471,10 @@ def format_table(doc: dict[str, Any]) -> str:
     if "dep" in m and "sync_overhead" in m["dep"]:
         rows.append(f"DEP synchronization overhead {100 * m['dep']['sync_overhead']:.1f}% "
                     f"(mean rank-token CV {100 * m['dep']['rank_cv_mean']:.1f}%)")
+    if doc.get("routing_skew"):
+        skew = doc["routing_skew"]
+        rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "
+                    + " ".join(f"{x:.2f}" for x in skew["max_over_mean"]))
     rows.append(f"HLO collectives: {doc['hlo_collectives']}")
     rows.append(f"results: {doc['path']}")
     return "\n".join(rows)
