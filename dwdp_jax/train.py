@@ -317,9 +317,9 @@ class TrainResult:
 
 
 def run(c, workdir: str, stop_after: int | None = None, corpus: Corpus | None = None) -> TrainResult:
-    """Trains per config `c` in `workdir`, resuming from its latest checkpoint if any. `stop_after` ends the run
-    early at that step (tests use it to simulate an interruption); checkpoints are written every
-    `checkpoint_every` steps and at the end."""
+    """Trains per config `c` in `workdir`, resuming from its latest checkpoint if any; checkpoints are written
+    every `checkpoint_every` steps and at the last step. `stop_after` simulates a kill: the run stops after that
+    step without a checkpoint of its own, so what it did since its last periodic checkpoint is lost."""
     t0 = time.perf_counter()
     cfg = model_config_from(c)
     t = c.train
@@ -345,13 +345,13 @@ def run(c, workdir: str, stop_after: int | None = None, corpus: Corpus | None = 
         state, loss, loads_ME = step_fn(state, jnp.asarray(sampler.batch(position, t.batch_size)))
         position += t.batch_size
         losses.append(loss)
-        if step % t.eval_every == 0 or step == last:
+        if step % t.eval_every == 0 or step == t.steps:
             record = _evaluate(eval_fn, state, heldout, train_probe, t.batch_size, step, losses, loads_ME)
             history.append(record)
             losses = []
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", heldout=f"{record['heldout_loss']:.3f}",
                             max_load=f"{record['max_over_mean_load']:.2f}")
-        if step % t.checkpoint_every == 0 or step == last:
+        if step % t.checkpoint_every == 0 or step == t.steps:
             _save(manager, step, state, position, config_json)
     bar.close()
     manager.close()

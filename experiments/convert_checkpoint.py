@@ -8,7 +8,7 @@ restorable whole, per DWDP rank (only that rank's experts are read) or sharded f
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dwdp_jax import checkpoint
 
@@ -18,6 +18,8 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Parameter dtype (default: the check
 
 
 def main(argv):
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}", exitcode=2)
     for flag in (_HF_DIR, _OUT):

@@ -11,7 +11,7 @@ history, final train/held-out loss, time) and, with export_dir, the model as an 
 import os
 import sys
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
@@ -24,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(argv):
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}", exitcode=2)
     c = _CONFIG.value
