@@ -65,7 +65,9 @@ def orbax_model_config(c) -> model_config.ModelConfig:
 def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, device_bytes: int) -> int:
     """The deepest model (num_hidden_layers) whose DWDP and DEP ranks both fit `device_bytes`
     (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
-    dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash")
+    live_slots = 3 if c.dwdp.transport == "device_put" else 2  # fresh buffers per pull: see memory.plan_dwdp
+    dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash",
+                                      live_slots=live_slots)
     for layers in range(dwdp, cfg.first_k_dense_replace, -1):
         try:
             memory.plan_dep(cfg.replace(num_hidden_layers=layers), dep_ranks(c), c.max_num_tokens,
@@ -438,8 +440,11 @@ def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[st
     out = {}
     if "dwdp" in runtimes:
         engine = runtimes["dwdp"]
-        runs = [breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s)
-                for r, b in enumerate(batches) if b is not None]
+        runs = []
+        for r, b in enumerate(batches):
+            if b is not None:
+                engine.step(r % engine.num_ranks, b, profile=True)  # compiles the per-stage programs
+                runs.append(breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s))
         out["dwdp"] = {k: {"ms": float(np.mean([run[k] for run in runs])), "source": metrics.MEASURED}
                        for k in runs[0]}
     if "dep" in runtimes:

@@ -58,9 +58,12 @@ class MemoryPlan:
 
 def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
               weight_bytes_per_param: float | None = None, attention_impl: str = "naive",
-              device_bytes: int | None = None) -> MemoryPlan:
-    """One DWDP rank: replicated non-expert weights, L local experts per MoE layer, two prefetch slots of one
+              device_bytes: int | None = None, live_slots: int = 2) -> MemoryPlan:
+    """One DWDP rank: replicated non-expert weights, L local experts per MoE layer, `live_slots` buffers of one
     layer's (N-1)P remote experts, and the activations of its own T tokens (they never leave the rank).
+
+    Two slots with persistent buffers; the device_put transport allocates each pull afresh, so while MoE m still
+    reads its slot the pull of m + 2 already holds a third buffer (live_slots=3, measured as an OOM on H200).
 
     With `device_bytes` the plan is also checked (ValueError with the numbers when it does not fit).
     """
@@ -75,7 +78,7 @@ def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
                      f"{param_bytes} B/param"),
         replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
         local_expert_bytes=math.ceil(placement.local_experts * cfg.num_moe_layers * cfg.expert_params() * param_bytes),
-        prefetch_slot_bytes=math.ceil(2 * remote_experts * cfg.expert_params() * param_bytes),
+        prefetch_slot_bytes=math.ceil(live_slots * remote_experts * cfg.expert_params() * param_bytes),
         all_to_all_bytes=0,
         activation_bytes=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
                                           attention_impl))
@@ -129,7 +132,8 @@ def plan_reference(cfg: ModelConfig, max_num_tokens: int, *, weight_bytes_per_pa
 
 
 def max_layers_that_fit(cfg: ModelConfig, placement: Placement, max_num_tokens: int, device_bytes: int, *,
-                        weight_bytes_per_param: float | None = None, attention_impl: str = "naive") -> int:
+                        weight_bytes_per_param: float | None = None, attention_impl: str = "naive",
+                        live_slots: int = 2) -> int:
     """The largest num_hidden_layers <= cfg.num_hidden_layers, keeping first_k_dense_replace and at least one MoE
     layer, whose DWDP plan fits `device_bytes`: the depth of an R1-width model that a given card can hold.
 
@@ -140,7 +144,8 @@ def max_layers_that_fit(cfg: ModelConfig, placement: Placement, max_num_tokens: 
                          f"{cfg.num_hidden_layers} = first_k_dense_replace={cfg.first_k_dense_replace}")
     for num_layers in range(cfg.num_hidden_layers, cfg.first_k_dense_replace, -1):
         plan = plan_dwdp(cfg.replace(num_hidden_layers=num_layers), placement, max_num_tokens,
-                         weight_bytes_per_param=weight_bytes_per_param, attention_impl=attention_impl)
+                         weight_bytes_per_param=weight_bytes_per_param, attention_impl=attention_impl,
+                         live_slots=live_slots)
         if plan.total_bytes <= device_bytes:
             return num_layers
     raise ValueError(f"not even one MoE layer fits: {plan.summary()} > device_bytes {_format_bytes(device_bytes)}")
