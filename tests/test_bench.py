@@ -1,0 +1,86 @@
+"""The main job's library on the tiny CPU default: a full run, bad input, a resumable tests-sized sweep, figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs.context_bench import get_config
+from dwdp_jax import ablations, bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path, **changes):
+    c = get_config("tiny")
+    c.results_root = str(tmp_path)
+    c.model.checkpoint = ""  # random weights of the default's shape: these tests are about the machinery
+    c.workload.num_requests = 8
+    c.breakdown = False
+    c.sync_samples = 2
+    for key, value in changes.items():
+        target = c
+        *path, leaf = key.split(".")
+        for part in path:
+            target = target[part]
+        target[leaf] = value
+    return c
+
+
+def test_run_writes_the_contract(tmp_path):
+    doc = bench.run(small_config(tmp_path, breakdown=True))
+    saved = json.loads(Path(doc["path"]).read_text())
+    for key in ("config", "environment", "raw", "metrics", "verification", "hlo_collectives", "breakdown"):
+        assert key in saved
+    for key in ("jax", "jaxlib", "device_kind", "device_count", "git_sha", "date"):
+        assert key in saved["environment"]
+    assert saved["verification"]["dwdp"]["passed"] and saved["verification"]["dep"]["passed"]
+    assert all(n == 0 for n in saved["hlo_collectives"]["dwdp"].values())
+    assert saved["hlo_collectives"]["dep"]["step"] > 0
+    for name in ("dwdp", "dep"):
+        ids = sorted(a["request_id"] for a in saved["raw"][name]["assignments"])
+        assert ids == list(range(8))  # the count check: every request exactly once
+        assert saved["metrics"][name]["tps_per_gpu"] > 0
+    assert set(saved["breakdown"]) == {"dwdp", "dep"}
+    assert "ratio" in saved["metrics"]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.max_num_tokens=64", "longer than"),
+    ("--config.workload.input_ratio=-0.5", "input_ratio"),
+    ("--config.workload.dataset=/nonexistent/file.jsonl", "cannot read"),
+])
+def test_bad_input_exits_2_before_device_work(flag, message):
+    proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", flag], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+
+
+def test_unknown_sweep_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "experiments.ablations", "--sweep=nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown sweep" in proc.stderr
+
+
+def test_tiny_sweep_is_resumable_and_feeds_the_figures(tmp_path):
+    calls = []
+
+    def counting_run(c):
+        calls.append(c.point)
+        return bench.run(c)
+
+    base = small_config(tmp_path)
+    paths = ablations.run_sweep(base, "merge", "tiny", tmp_path, run_point=counting_run)
+    assert len(calls) == 2 and all(p.exists() for p in paths)
+    doc = json.loads(paths[1].read_text())
+    assert doc["config"]["sweep"] == "merge" and doc["config"]["point"] == {"merge_experts": True}
+    assert doc["config"]["dwdp"]["merge_experts"] is True
+    ablations.run_sweep(base, "merge", "tiny", tmp_path, run_point=counting_run)
+    assert len(calls) == 2  # every point already present: nothing reruns
+    from experiments.figures import fig_ablations
+
+    written = fig_ablations.main(results_root=tmp_path, figures_root=tmp_path / "figures")
+    assert any(str(p).endswith(".png") for p in written)
