@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from dwdp_jax.results import read_results  # noqa: E402
 
@@ -33,3 +33,17 @@ def save(fig: "plt.Figure", name: str, figures_root: str | Path | None = None) -
         fig.savefig(path, dpi=150)
     plt.close(fig)
     return paths
+
+
+def cli(main) -> None:
+    """The absl entry point every figure script shares: --results and --figures, then prints what it wrote.
+    Flags are defined here, at run time, so importing a figure module defines none (the driver imports them all)."""
+    flags.DEFINE_string("results", None, "results root (default: results/ or $DWDP_RESULTS)")
+    flags.DEFINE_string("figures", None, "figures root (default: figures/)")
+
+    def run(argv):
+        del argv
+        for path in main(flags.FLAGS.results, flags.FLAGS.figures):
+            print(path)
+
+    app.run(run)

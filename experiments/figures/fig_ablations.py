@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from experiments.figures.common import FIGURES_ROOT, load, plt, save
+from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
 
-FLAGS = flags.FLAGS
 
 # (sweep, point, TTFT speedup, TPS/GPU speedup) from dwdp_reference.md 3.3. A paper point matches a run when its
 # items are a subset of the run's config.point. Table 3 is without contention mitigation; Table 4's "contention"
@@ -168,13 +167,5 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     return [*written, table]
 
 
-def _cli(argv):
-    del argv
-    for path in main(FLAGS.results, FLAGS.figures):
-        print(path)
-
-
 if __name__ == "__main__":
-    flags.DEFINE_string("results", None, "results root (default: results/ or $DWDP_RESULTS)")
-    flags.DEFINE_string("figures", None, "figures root (default: figures/)")
-    app.run(_cli)
+    cli(main)

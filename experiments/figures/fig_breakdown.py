@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
 from dwdp_jax.serving.metrics import CATEGORIES, ESTIMATED, MEASURED
-from experiments.figures.common import load, plt, save
+from experiments.figures.common import cli, load, plt, save
 
-FLAGS = flags.FLAGS
 
 SOURCES = (MEASURED, ESTIMATED)
 # Paper Table 1 (GB200 x4, ISL 8K, r 0.8, MNT 32768). The DWDP4 baseline still merged weights with a D2D copy, a
@@ -113,13 +112,5 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     return written
 
 
-def _cli(argv):
-    del argv
-    for path in main(FLAGS.results, FLAGS.figures):
-        print(path)
-
-
 if __name__ == "__main__":
-    flags.DEFINE_string("results", None, "results root (default: results/ or $DWDP_RESULTS)")
-    flags.DEFINE_string("figures", None, "figures root (default: figures/)")
-    app.run(_cli)
+    cli(main)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
 
-from experiments.figures.common import FIGURES_ROOT, load, plt, save
+from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
 
-FLAGS = flags.FLAGS
 COLORS = {"dep": "tab:blue", "dwdp": "tab:orange"}
 # Paper Tables 5-6 (dwdp_reference.md 3.4), by band: TPS/user speedup, TPS/GPU speedup (Table 5), TTFT base / DWDP ms.
 PAPER = {"20-40": (1.15, 1.10, 2538, 8314), "40-60": (1.16, 1.08, 1919, 7012), "60-80": (1.00, 1.10, 965, 1640),
@@ -67,13 +65,5 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     return written
 
 
-def _cli(argv):
-    del argv
-    for path in main(FLAGS.results, FLAGS.figures):
-        print(path)
-
-
 if __name__ == "__main__":
-    flags.DEFINE_string("results", None, "results root (default: results/ or $DWDP_RESULTS)")
-    flags.DEFINE_string("figures", None, "figures root (default: figures/)")
-    app.run(_cli)
+    cli(main)

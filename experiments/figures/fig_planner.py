@@ -10,11 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 
-from experiments.figures.common import load, plt, save
+from experiments.figures.common import cli, load, plt, save
 
-FLAGS = flags.FLAGS
 
 
 def _label(p: dict | None) -> str:
@@ -61,13 +59,5 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     return written
 
 
-def _cli(argv):
-    del argv
-    for path in main(FLAGS.results, FLAGS.figures):
-        print(path)
-
-
 if __name__ == "__main__":
-    flags.DEFINE_string("results", None, "results root (default: results/ or $DWDP_RESULTS)")
-    flags.DEFINE_string("figures", None, "figures root (default: figures/)")
-    app.run(_cli)
+    cli(main)

@@ -12,11 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 
-from experiments.figures.common import FIGURES_ROOT, load, plt, save
+from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
 
-FLAGS = flags.FLAGS
 
 
 def _by_batch(points: list[dict]) -> dict[int, list[dict]]:
@@ -105,13 +103,5 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     return written
 
 
-def _cli(argv):
-    del argv
-    for path in main(FLAGS.results, FLAGS.figures):
-        print(path)
-
-
 if __name__ == "__main__":
-    flags.DEFINE_string("results", None, "results root (default: results/ or $DWDP_RESULTS)")
-    flags.DEFINE_string("figures", None, "figures root (default: figures/)")
-    app.run(_cli)
+    cli(main)
