@@ -1,11 +1,18 @@
 """Context-only serving benchmark configs (`--config=configs/context_bench.py:NAME`).
 
-NAME: `tiny` (default; 4 virtual CPU devices, seconds), `r1_width_4gpu` (DeepSeek-R1-width layers on 4 H100/H200,
-depth chosen by the memory planner), `r1_width_4gpu_std` (the same with ISL std 4096, the imbalance case).
+NAME: `tiny` (default; the byte-level MoE trained on the standard library, checkpoints/tiny_stdlib, on 4 virtual
+CPU devices), `r1_width_4gpu` (DeepSeek-R1-width layers on 4 H100/H200, depth chosen by the memory planner),
+`r1_width_4gpu_std` (the same with ISL std 4096, the imbalance case).
 Override any field with `--config.field=value`.
 """
 
+import os
+
 from ml_collections import config_dict
+
+# The byte-level MoE trained on the Python standard library (experiments/train.py, cpu preset): real routing skew.
+TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
+                               "tiny_stdlib")
 
 
 def get_config(name: str = "tiny") -> config_dict.ConfigDict:
@@ -22,11 +29,13 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.preset = "tiny"
     c.model.num_hidden_layers = 4  # 0: the preset's depth
-    c.model.hidden_size = 64
+    c.model.hidden_size = 128
     c.model.n_routed_experts = 16
     c.model.vocab_size = 256
     c.model.dtype = "float32"
-    c.model.checkpoint = ""  # an Orbax/HF checkpoint directory instead of random weights
+    # An Orbax/HF checkpoint directory instead of random weights ("" = random); with an Orbax checkpoint the fields
+    # above must match its config.
+    c.model.checkpoint = TINY_CHECKPOINT
     c.model.weights = "random"  # random | synthetic (experts generated on each device; R1 width)
 
     c.workload = config_dict.ConfigDict()
@@ -69,6 +78,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         return c
     if name in ("r1_width_4gpu", "r1_width_4gpu_std"):
         c.model.preset = "deepseek_r1"
+        c.model.checkpoint = ""
         c.model.num_hidden_layers = 0  # set by the memory planner at run time
         c.model.hidden_size = 0
         c.model.n_routed_experts = 0

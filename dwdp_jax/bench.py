@@ -351,9 +351,11 @@ def routing_skew(refs: list[reference.PrefillOutput | None] | None, num_experts:
     if not outs:
         return {}
     stats = evaluate.expert_load_stats(outs, num_experts)
+    tokens = sum(int(o.expert_ids[0].shape[0]) for o in outs)
     return {"max_over_mean": [s["max_over_mean"] for s in stats],
-            "normalized_entropy": [s["normalized_entropy"] for s in stats],
-            "tokens": sum(int(o.expert_ids[0].shape[0]) for o in outs)}
+            "normalized_entropy": [s["normalized_entropy"] for s in stats], "tokens": tokens,
+            "uniform_max_over_mean": evaluate.uniform_max_over_mean(tokens, num_experts,
+                                                                    outs[0].expert_ids[0].shape[1])}
 
 
 def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Callable | None = None):
@@ -479,7 +481,8 @@ def format_table(doc: dict[str, Any]) -> str:
     if doc.get("routing_skew"):
         skew = doc["routing_skew"]
         rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "
-                    + " ".join(f"{x:.2f}" for x in skew["max_over_mean"]))
+                    + " ".join(f"{x:.2f}" for x in skew["max_over_mean"])
+                    + f" (uniform routing: {skew['uniform_max_over_mean']:.2f})")
     rows.append(f"HLO collectives: {doc['hlo_collectives']}")
     rows.append(f"results: {doc['path']}")
     return "\n".join(rows)

@@ -472,6 +472,7 @@ class ModelCheckpoint:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self.config, self._header, self._layout = _open(self.path)
+        self._ts_context = ts.Context()  # one cache for every sliced read of this checkpoint
         self.num_layers = num_expert_layers(self.config)
         self.num_experts = self.config.n_routed_experts
 
@@ -495,7 +496,7 @@ class ModelCheckpoint:
 
         def read(name: str) -> jax.Array:
             key = f"{layer}/{name}"
-            value = _read_rows(self.path, key, self._layout["experts"][key], start, stop)
+            value = _read_rows(self.path, key, self._layout["experts"][key], start, stop, self._ts_context)
             self._verify_rows(key, value, start)
             return jax.device_put(value, device)
 
@@ -675,8 +676,8 @@ def _open(path: str) -> tuple[ModelConfig, dict, dict[str, dict[str, Any]]]:
         for name, (shape, dtype) in wanted.items():
             found = (tuple(stored[name].shape), jnp.dtype(stored[name].dtype).name)
             if found != (shape, dtype):
-                raise CheckpointError(f"{path}: array {item}/{name} is {found[1]}{list(found[0])} in the checkpoint but "
-                                      f"its config.json implies {dtype}{list(shape)} (config does not match)")
+                raise CheckpointError(f"{path}: array {item}/{name} is {found[1]}{list(found[0])} in the checkpoint "
+                                      f"but its config.json implies {dtype}{list(shape)} (config does not match)")
             entry = manifest.get(name)
             if entry is None:
                 raise CheckpointError(f"{path}: array {item}/{name} is missing from the config.json manifest "
@@ -698,13 +699,13 @@ def _restore_tree(path: str, item: str, restore_args: dict[str, Any]) -> dict[st
     return _flatten(restored[item])
 
 
-def _read_rows(path: str, name: str, meta: Any, start: int, stop: int) -> np.ndarray:
+def _read_rows(path: str, name: str, meta: Any, start: int, stop: int, context: ts.Context) -> np.ndarray:
     """Rows [start, stop) of an expert array: a sliced TensorStore read of the array Orbax wrote."""
     info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=epath.Path(meta.directory),
-                                       is_ocdbt_checkpoint=False, use_zarr3=False)
+                                       is_ocdbt_checkpoint=False, use_zarr3=False, ts_context=context)
     try:
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=False)
-        return ts.open(spec, open=True).result()[start:stop].read().result()
+        return ts.open(spec, open=True, context=context).result()[start:stop].read().result()
     except Exception as e:  # a missing chunk file is a partial checkpoint, a garbled one a corrupt one
         raise CheckpointError(f"{path}: reading rows [{start}, {stop}) of expert array {name} failed, the checkpoint "
                               f"is partial or corrupt: {e}") from e

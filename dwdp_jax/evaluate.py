@@ -77,16 +77,32 @@ def score(outputs: Sequence[reference.PrefillOutput], targets: Sequence[np.ndarr
 
 
 def expert_load_stats(outputs: Sequence[reference.PrefillOutput], num_experts: int) -> list[dict[str, Any]]:
-    """Per MoE layer: (token, choice) rows per expert, max/mean load and normalized routing entropy (1 = uniform)."""
+    """Per MoE layer, over all outputs: (token, choice) rows per expert, max/mean and min/mean load, normalized routing
+    entropy (1 = uniform); and per output (one batch, what a rank serves at once): the mean max/mean load beside
+    what uniform random routing of as many tokens shows by chance (a trained, bias-balanced model is near uniform
+    overall; its skew is per batch, content-dependent)."""
+    tokens = int(np.mean([o.expert_ids[0].shape[0] for o in outputs]))
+    top_k = outputs[0].expert_ids[0].shape[1]
     stats = []
     for layer in range(len(outputs[0].expert_ids)):
-        ids = np.concatenate([o.expert_ids[layer].reshape(-1) for o in outputs])
-        load_E = np.bincount(ids, minlength=num_experts).astype(np.float64)
+        loads_BE = np.stack([np.bincount(o.expert_ids[layer].reshape(-1), minlength=num_experts) for o in outputs])
+        load_E = loads_BE.sum(0).astype(np.float64)
         p_E = load_E / load_E.sum()
         entropy = -float((p_E[p_E > 0] * np.log(p_E[p_E > 0])).sum()) / math.log(num_experts)
         stats.append({"load": load_E.astype(int).tolist(), "max_over_mean": float(load_E.max() / load_E.mean()),
-                      "min_over_mean": float(load_E.min() / load_E.mean()), "normalized_entropy": entropy})
+                      "min_over_mean": float(load_E.min() / load_E.mean()), "normalized_entropy": entropy,
+                      "batch_max_over_mean": float((loads_BE.max(1) / loads_BE.mean(1)).mean()),
+                      "uniform_batch_max_over_mean": uniform_max_over_mean(tokens, num_experts, top_k)})
     return stats
+
+
+def uniform_max_over_mean(tokens: int, num_experts: int, top_k: int, samples: int = 256, seed: int = 0) -> float:
+    """Mean max/mean load when each of `tokens` tokens picks `top_k` distinct experts uniformly at random: the skew
+    that sampling noise alone shows at this batch size (the yardstick for calling routing non-uniform)."""
+    rng = np.random.default_rng(seed)
+    picks_STK = rng.random((samples, tokens, num_experts)).argsort(-1)[..., :top_k]
+    loads_SE = np.stack([np.bincount(p.reshape(-1), minlength=num_experts) for p in picks_STK])
+    return float((loads_SE.max(1) / loads_SE.mean(1)).mean())
 
 
 def unigram_scores(train_bytes: np.ndarray, targets: Sequence[np.ndarray], vocab_size: int = 256) -> Scores:
@@ -139,7 +155,8 @@ def evaluate_checkpoint(path: str, windows_NS1: np.ndarray, train_bytes: np.ndar
     ref = scores["reference"]
     verification = {}
     for name in ("dep", "dwdp"):
-        ids_equal = all(np.array_equal(np.sort(a, 1), np.sort(b, 1)) for o, r in zip(outputs[name], outputs["reference"])
+        ids_equal = all(np.array_equal(np.sort(a, 1), np.sort(b, 1))
+                        for o, r in zip(outputs[name], outputs["reference"])
                         for a, b in zip(o.expert_ids, r.expert_ids, strict=True))
         verification[name] = {"perplexity": scores[name].perplexity, "reference_perplexity": ref.perplexity,
                               "rel_err": abs(scores[name].perplexity - ref.perplexity) / ref.perplexity,

@@ -285,8 +285,9 @@ def params_of(graphdef, state: TrainState) -> Params:
 # --- checkpoints and the loop ----------------------------------------------------------------------------------
 
 def _manager(workdir: str, c) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=ocp.CheckpointManagerOptions(
-        max_to_keep=c.train.keep_checkpoints, create=True), item_names=("state", "progress"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+                                 item_names=("state", "progress"))
 
 
 def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, position: int, config_json: str) -> None:

@@ -26,6 +26,9 @@ _RUN = flags.DEFINE_string("run", "", "Results file name (default: evaluate_<dat
 _RESULTS_ROOT = flags.DEFINE_string("results_root", "results", "Results directory.")
 
 
+LOAD_METRICS = ("max_over_mean", "normalized_entropy", "batch_max_over_mean", "uniform_batch_max_over_mean")
+
+
 def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
@@ -49,8 +52,7 @@ def main(argv):
                                             _HELDOUT_PER_MILLE)}
     path = results.write_results("evaluate", run, config=flags_used, raw={"expert_load": doc["expert_load"]},
                                  metrics={"scores": doc["scores"], "unigram": doc["unigram"],
-                                          "max_over_mean_load": [s["max_over_mean"] for s in doc["expert_load"]],
-                                          "normalized_entropy": [s["normalized_entropy"] for s in doc["expert_load"]]},
+                                          **{k: [s[k] for s in doc["expert_load"]] for k in LOAD_METRICS}},
                                  verification=doc["verification"], root=_RESULTS_ROOT.value, model=doc["config"],
                                  heldout_files=len(corpus.heldout_files), windows=doc["windows"],
                                  seq_len=doc["seq_len"])
@@ -68,7 +70,8 @@ def format_table(doc) -> str:
         rows.append(f"{name:<11}{s['perplexity']:>12.4f}{s['bits_per_byte']:>11.4f}{s['accuracy']:>10.4f}")
     for m, s in enumerate(doc["expert_load"]):
         rows.append(f"MoE layer {m}: max/mean load {s['max_over_mean']:.2f}, min/mean {s['min_over_mean']:.2f}, "
-                    f"normalized entropy {s['normalized_entropy']:.3f}")
+                    f"normalized entropy {s['normalized_entropy']:.4f}; per batch max/mean "
+                    f"{s['batch_max_over_mean']:.2f} (uniform routing: {s['uniform_batch_max_over_mean']:.2f})")
     return "\n".join(rows)
 
 
