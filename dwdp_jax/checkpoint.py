@@ -402,6 +402,9 @@ def _validate(shards: _Shards, entries: list[_Entry], skipped: dict[str, tuple[i
 #   config.json  written last (a save cut short has none): format tag, the ModelConfig and a manifest of every
 #                array (shape, dtype, CRC32; per expert row for the experts), checked on every restore so that a
 #                partial, corrupt or mismatched checkpoint fails naming the array.
+# Orbax restores whole trees and DEP's expert-sharded arrays itself (each device reads the index its sharding gives
+# it). A DWDP rank's rows [rP, rP + L) are not the index of any one-device sharding (a restore's global_shape only
+# truncates from the end), so they are read as a slice of the TensorStore array that Orbax's own spec names.
 
 ORBAX_FORMAT = "dwdp_jax.orbax_model"
 ORBAX_VERSION = 1
