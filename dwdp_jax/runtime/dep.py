@@ -403,7 +403,9 @@ class DepRuntime:
         return jax.device_put((tokens, segments, positions, rows), self._by_rank)
 
     def _outputs(self, batches, hidden_TD, logits_TV, expert_ids) -> list[PrefillOutput]:
-        hidden, logits = np.asarray(hidden_TD), np.asarray(logits_TV, np.float32)
+        # Serving (last-token logits) leaves the hidden states on the devices: [N*T, D] is GBs at R1 width.
+        hidden = None if self.last_token_logits else np.asarray(hidden_TD)
+        logits = np.asarray(logits_TV, np.float32)
         ids = [np.asarray(i) for i in expert_ids]
         b, per_rank_logits = self._step_budget(batches), self.last_token_logits
         outs = []
@@ -411,7 +413,8 @@ class DepRuntime:
             rows = slice(r * b, r * b + (batch.num_tokens if batch is not None else 0))
             logit_rows = rows if not per_rank_logits else slice(
                 r * per_rank_logits, r * per_rank_logits + (len(batch.lengths) if batch is not None else 0))
-            outs.append(PrefillOutput(logits[logit_rows], [i[rows] for i in ids], hidden[rows]))
+            outs.append(PrefillOutput(logits[logit_rows], [i[rows] for i in ids],
+                                      None if hidden is None else hidden[rows]))
         return outs
 
     # -- public API ---------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ class DwdpEngine:
         else:
             # Slice on the host: an eager device slice would compile a new program for every token count.
             logits = np.asarray(stages.head(self._norm_graph, w.norm_state, w.lm_head_DV, x))[:n]
-        out = PrefillOutput(logits, [np.asarray(i)[:n] for i in expert_ids], np.asarray(x)[:n])
+        hidden = None if last_rows is not None else np.asarray(x)[:n]
+        out = PrefillOutput(logits, [np.asarray(i)[:n] for i in expert_ids], hidden)
         end_s = time.perf_counter()
         stage_s["head"] = end_s - mark
         return StepResult(out, start_s, end_s, stage_s if profile else {})

@@ -26,7 +26,7 @@ class Params(NamedTuple):
 class PrefillOutput(NamedTuple):
     logits_TV: np.ndarray  # float32, real tokens only, in input order
     expert_ids: list[np.ndarray]  # per MoE layer [T, top-k], real tokens only
-    hidden_TD: np.ndarray
+    hidden_TD: np.ndarray | None  # None from the serving runtimes (last-token logits): no host copy of [T, D]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
