@@ -8,7 +8,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
@@ -23,6 +23,8 @@ _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     c = _CONFIG.value
     scale = "tiny" if c.name == "tiny" else "r1"
     jax.config.update("jax_num_cpu_devices", c.cpu_devices)

@@ -8,7 +8,7 @@ import os
 import sys
 
 import jax
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
@@ -20,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     c = _CONFIG.value
     jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
     try:
