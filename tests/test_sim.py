@@ -185,8 +185,12 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
 def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_path):
     """A unit test of the mechanism on synthetic files, not a claim about any GPU."""
     predicted = _calibration_files(tmp_path, {"close": 1.05, "far": 1.3})
+    write_results("context_bench", "cpu_fp32", config={}, raw={}, root=tmp_path, with_devices=False,
+                  model=dataclasses.asdict(R1.replace(dtype="float32")),
+                  metrics={"dwdp": {"tps_per_gpu": 1.0}, "dep": {"tps_per_gpu": 1.0}})
     doc = studies.calibration_study(tmp_path, tolerance=0.10)
     runs = {r["run"]: r for r in doc["metrics"]["runs"]}
+    assert "cpu_fp32" not in runs  # CPU runs measure the machinery, not the GPU
     assert runs["close"]["predicted_ratio"] == pytest.approx(predicted)
     assert runs["close"]["measured_ratio"] == pytest.approx(1.05 * predicted)
     assert runs["close"]["within_tolerance"] and not runs["far"]["within_tolerance"]

@@ -350,10 +350,14 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10) 
     """Predicted (calibrated spec, simulator) vs measured DWDP/DEP TPS/GPU for every context_bench run with both
     strategies. Raises ValueError when there is no calibration file or no such run."""
     hw = hardware.calibrated(results_root)
+    # Only runs at a tensor-core precision calibrate a GPU spec: the fp32 CPU runs (the tiny default) measure the
+    # machinery, not the hardware, and are skipped rather than refused.
     docs = [d for d in read_results("context_bench", results_root)
-            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())]
+            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())
+            and (d.get("model") or {}).get("dtype") in _PRECISION_OF_DTYPE]
     if not docs:
-        raise ValueError(f"no context_bench results with both dwdp and dep metrics under {results_root or 'results'}")
+        raise ValueError(f"no bf16 context_bench results with both dwdp and dep metrics under "
+                         f"{results_root or 'results'}")
     rows = []
     for doc in docs:
         cfg, workload, dep, dwdp = bench_setup(doc)
