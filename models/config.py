@@ -57,8 +57,8 @@ class ModelConfig:
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                                "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                                "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings")
+                    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -67,24 +67,26 @@ class ModelConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(f"ModelConfig.q_lora_rank must be None (direct q projection) or > 0, got {self.q_lora_rank}")
+            raise ValueError(f"ModelConfig.q_lora_rank must be None (direct q projection) or > 0, "
+                             f"got {self.q_lora_rank}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ValueError(f"ModelConfig.first_k_dense_replace must be in [0, num_hidden_layers="
-                                              f"{self.num_hidden_layers}], got {self.first_k_dense_replace}")
+                             f"{self.num_hidden_layers}], got {self.first_k_dense_replace}")
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
+                             f"got {self.qk_rope_head_dim}")
         if self.n_routed_experts % self.n_group:
             raise ValueError(f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
-                                              f"n_group ({self.n_group})")
+                             f"n_group ({self.n_group})")
         if self.topk_group > self.n_group:
             raise ValueError(f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
         group_size = self.n_routed_experts // self.n_group
         if self.n_group > 1 and group_size < 2:
             raise ValueError(f"ModelConfig.n_routed_experts / n_group must be >= 2 (groups score by their top-2), "
-                                              f"got {group_size}")
+                             f"got {group_size}")
         if self.num_experts_per_tok > self.topk_group * group_size:
             raise ValueError(f"ModelConfig.num_experts_per_tok must be in [1, topk_group * experts per group = "
-                                              f"{self.topk_group * group_size}], got {self.num_experts_per_tok}")
+                             f"{self.topk_group * group_size}], got {self.num_experts_per_tok}")
         if self.routed_scaling_factor <= 0 or self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -161,18 +163,18 @@ def deepseek_r1() -> ModelConfig:
 def deepseek_v3_lite() -> ModelConfig:
     """A small DeepSeek-V3-architecture model (the 72-expert 'DSv3-Lite' shape used by the DWDP tests)."""
     return deepseek_r1().replace(
-            vocab_size=32000, hidden_size=2048, intermediate_size=8192, moe_intermediate_size=1024,
-            num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=None,
-            n_routed_experts=72, num_experts_per_tok=6, n_group=8, topk_group=4)
+        vocab_size=32000, hidden_size=2048, intermediate_size=8192, moe_intermediate_size=1024,
+        num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=None,
+        n_routed_experts=72, num_experts_per_tok=6, n_group=8, topk_group=4)
 
 
 def tiny(**changes: Any) -> ModelConfig:
     """A few-kilobyte model of the R1 architecture for CPU tests (YaRN, groups, q-LoRA, dense first layer kept)."""
     base = deepseek_r1().replace(
-            vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-            first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
-            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-            dtype="float32")
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        dtype="float32")
     return base.replace(**changes)
 
 

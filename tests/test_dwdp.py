@@ -92,8 +92,9 @@ def test_matches_reference_with_poisoned_slots(params, num_ranks):
         assert_matches_reference(params, batch, result.output)
 
 
-@pytest.mark.parametrize("options", [DwdpOptions(slices=3), DwdpOptions(prefetch=False), DwdpOptions(merge_experts=True),
-                                     DwdpOptions()], ids=["sliced", "no_prefetch", "merged", "profiled"])
+@pytest.mark.parametrize("options", [DwdpOptions(slices=3), DwdpOptions(prefetch=False),
+                                     DwdpOptions(merge_experts=True), DwdpOptions()],
+                         ids=["sliced", "no_prefetch", "merged", "profiled"])
 def test_ablations_stay_exact(params, options):
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=options)
     batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)

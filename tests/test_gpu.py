@@ -30,7 +30,8 @@ def test_pallas_grouped_ffn_matches_xla(kind):
     w_down = 0.05 * jax.random.normal(keys[3], (g, f, d), jnp.float32)
     bf = [w.astype(jnp.bfloat16) for w in (w_gate, w_up, w_down)]
     ours = grouped_gemm.get_backend("pallas_mgpu")(x, jnp.asarray(sizes), *bf)
-    ref = grouped_gemm.get_backend("xla")(x.astype(jnp.float32), jnp.asarray(sizes), *(w.astype(jnp.float32) for w in bf))
+    ref = grouped_gemm.get_backend("xla")(x.astype(jnp.float32), jnp.asarray(sizes),
+                                          *(w.astype(jnp.float32) for w in bf))
     assert rel(ours, ref) < 2e-2
     assert not np.asarray(ours[int(sizes.sum()):]).any()
 

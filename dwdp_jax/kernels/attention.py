@@ -45,7 +45,7 @@ _GPU_BACKENDS = {"cudnn", "cudnn_mla_1seq"}
 
 def get_backend(name: str) -> Attention:
     if name not in _BACKENDS and name in _GPU_BACKENDS:
-        import dwdp_jax.kernels.gpu  # noqa: F401  (registers the GPU backends)
+        import dwdp_jax.kernels.gpu  # noqa: F401 (importing it registers the GPU backends)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
     return _BACKENDS[name]

@@ -38,7 +38,7 @@ _GPU_BACKENDS = {"pallas_mgpu"}
 
 def get_backend(name: str) -> GroupedFFN:
     if name not in _BACKENDS and name in _GPU_BACKENDS:
-        import dwdp_jax.kernels.gpu  # noqa: F401  (registers the GPU backends)
+        import dwdp_jax.kernels.gpu  # noqa: F401 (importing it registers the GPU backends)
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped GEMM backend {name!r}; available: {sorted(_BACKENDS)}")
     return _BACKENDS[name]
