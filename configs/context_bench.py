@@ -61,6 +61,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.dep = config_dict.ConfigDict()
     c.dep.dispatch = "auto"  # dense | ragged | auto (ragged on GPU, dense on CPU)
     c.dep.num_ranks = 0  # 0: num_ranks (the group-size sweep compares DWDP-3 with DEP-4)
+    c.dep.balance = "tokens"  # tokens: each step balanced by tokens (LPT); requests: by request count (ablation)
 
     c.gemm_backend = "xla"
     c.attention_impl = "xla"

@@ -22,6 +22,8 @@ SWEEP_VALUES = {
     "contention": {"tiny": [0.5, 0.8], "r1": [0.5, 0.8]},
     "merge": {"tiny": [False, True], "r1": [False, True]},
     "prefetch": {"tiny": [True, False], "r1": [True, False]},
+    # DEP's per-step balancing: by tokens (LPT, the default) or by request count (ranks keep their token imbalance).
+    "dep_balance": {"tiny": ["tokens", "requests"], "r1": ["tokens", "requests"]},
 }
 # The ISL of the std sweep (paper: 16384) and the slice count standing for "contention mitigation on".
 STD_ISL = {"tiny": 128, "r1": 16384}
@@ -60,6 +62,8 @@ def apply_point(c, sweep: str, point: dict[str, Any], scale: str) -> None:
             c.dwdp.slices = MITIGATION_SLICES[scale] if value else 1
         elif key in ("merge_experts", "prefetch"):
             setattr(c.dwdp, key, value)
+        elif key == "dep_balance":
+            c.dep.balance = value
         else:
             raise ValueError(f"sweep {sweep!r} has an unknown point key {key!r}")
 

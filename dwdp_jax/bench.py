@@ -119,6 +119,8 @@ def plan(c) -> Plan:
     scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
                                 num_ranks=c.num_ranks)
     strategies = strategies_from(c)
+    if c.dep.balance not in scheduler.DepScheduler.BALANCES:
+        raise ValueError(f"config.dep.balance must be one of {scheduler.DepScheduler.BALANCES}, got {c.dep.balance!r}")
     devices = jax.devices()
     placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     placement.check_devices(len(devices))
@@ -258,6 +260,7 @@ def breakdown_ms(stages_s: dict[str, float]) -> dict[str, float]:
 
 def run_dep(dep, p: Plan, c) -> tuple[list, list, list, dict]:
     sched = scheduler.DepScheduler(p.requests, num_ranks=dep.num_ranks, max_num_tokens=c.max_num_tokens,
+                                   balance=c.dep.balance,
                                    max_batch_size=c.max_batch_size)
     req_records, iter_records, steps = [], [], []
     progress = _Progress(len(p.requests), "dep")
@@ -436,6 +439,7 @@ def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[st
     program at a time with a device sync; DEP's synchronization is estimated (sync overhead x step time).
     DWDP's grouped_gemm includes its router and shared expert (one program), DEP's does not (others)."""
     first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=c.max_num_tokens,
+                                   balance=c.dep.balance,
                                    max_batch_size=c.max_batch_size).next_step(float("inf"))
     budget = bucket_for(max(b.num_tokens for b in first), c)
     batches = [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in first]

@@ -386,3 +386,16 @@ def test_figures_command_runs_every_script(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "fig_breakdown: " in done.stdout and "breakdown_tiny.png" in done.stdout
     assert (figures / "ablation_isl.pdf").exists()
+
+
+def test_dep_request_balance_ablation_keeps_token_imbalance():
+    """balance="requests" spreads requests by count in FCFS order (no token balancing); "tokens" is LPT."""
+    lengths = [90, 10, 80, 20, 70, 30, 60, 40]
+    by_tokens = DepScheduler(_requests(lengths), num_ranks=2, max_num_tokens=1000, max_batch_size=8).next_step(0.0)
+    by_count = DepScheduler(_requests(lengths), num_ranks=2, max_num_tokens=1000, max_batch_size=8,
+                            balance="requests").next_step(0.0)
+    assert [len(b.requests) for b in by_count] == [4, 4]
+    assert [b.num_tokens for b in by_count] == [90 + 80 + 70 + 60, 10 + 20 + 30 + 40]
+    assert abs(by_tokens[0].num_tokens - by_tokens[1].num_tokens) <= 10
+    with pytest.raises(ValueError, match="balance"):
+        DepScheduler(_requests(lengths), num_ranks=2, max_num_tokens=1000, max_batch_size=8, balance="nope")

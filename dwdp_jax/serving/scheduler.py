@@ -197,10 +197,19 @@ class DepScheduler(_FcfsQueue):
     Each step takes the arrived FCFS prefix that fits num_ranks x (MNT, max_batch_size), places the queue head first
     (so the oldest request always runs and nothing starves), then the rest longest-first onto the least-loaded rank
     that still has room (LPT). Requests that fit on no rank go back to the front of the queue, in order.
+
+    `balance="requests"` is the ablation without token balancing: each request, in FCFS order, goes to the rank
+    holding the fewest requests that still has room, so ranks differ in tokens as much as their requests do.
     """
 
-    def __init__(self, requests: Sequence[Request], *, num_ranks: int, max_num_tokens: int, max_batch_size: int):
+    BALANCES = ("tokens", "requests")
+
+    def __init__(self, requests: Sequence[Request], *, num_ranks: int, max_num_tokens: int, max_batch_size: int,
+                 balance: str = "tokens"):
+        if balance not in self.BALANCES:
+            raise ValueError(f"balance must be one of {self.BALANCES}, got {balance!r}")
         super().__init__(requests, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size, num_ranks=num_ranks)
+        self.balance = balance
         self._step = 0
 
     def next_step(self, now_s: float) -> list[Batch] | None:
@@ -220,9 +229,11 @@ class DepScheduler(_FcfsQueue):
             return batches
 
     def _place(self, candidates: list[Request]) -> tuple[list[list[Request]], list[Request]]:
-        """Head first, then longest-first onto the least-loaded rank with room; returns (per-rank lists in FCFS order,
-        deferred requests in FCFS order)."""
-        head, rest = candidates[0], sorted(candidates[1:], key=lambda r: -r.input_len)  # stable: ties stay FCFS
+        """Head first, then the rest (longest-first when balancing tokens, FCFS when balancing requests) onto the
+        least-loaded rank with room; returns (per-rank lists in FCFS order, deferred requests in FCFS order)."""
+        head, rest = candidates[0], candidates[1:]
+        if self.balance == "tokens":
+            rest = sorted(rest, key=lambda r: -r.input_len)  # stable: ties stay FCFS
         placed: list[list[Request]] = [[] for _ in range(self.num_ranks)]
         tokens = [0] * self.num_ranks
         deferred = []
@@ -232,7 +243,8 @@ class DepScheduler(_FcfsQueue):
             if not fits:
                 deferred.append(request)
                 continue
-            rank = min(fits, key=lambda k: (tokens[k], k))
+            load = tokens if self.balance == "tokens" else [len(p) for p in placed]
+            rank = min(fits, key=lambda k: (load[k], k))
             placed[rank].append(request)
             tokens[rank] += request.input_len
         order = {r.id: i for i, r in enumerate(candidates)}
