@@ -55,7 +55,11 @@ def sort_by_expert(ids_TK: jax.Array, num_experts: int, valid_T: jax.Array | Non
 
 def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, slabs: tuple[ExpertSlab, ...],
                            backend: str) -> jax.Array:
-    """One grouped GEMM per slab over its rows of the sorted buffer, the weights used where they lie."""
+    """The grouped GEMMs over the slabs, the weights used where they lie: one kernel over all slabs for a split
+    backend, else one grouped GEMM per slab over the rows of the sorted buffer."""
+    split = grouped_gemm.get_split_backend(backend)
+    if split is not None:
+        return split(x_sorted_MD, group_sizes_E, slabs)
     ffn = grouped_gemm.get_backend(backend)
     m = x_sorted_MD.shape[0]
     starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E

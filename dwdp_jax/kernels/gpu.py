@@ -1,4 +1,4 @@
-"""GPU backends, registered by name on import: the Hopper Pallas grouped GEMM and cuDNN MLA attention.
+"""GPU backends, registered by name on import: the Hopper Pallas grouped GEMMs and cuDNN MLA attention.
 
 Imported lazily by the backend registries (`grouped_gemm.get_backend("pallas_mgpu")`, `attention.get_backend(
 "cudnn")`), so CPU runs never touch Mosaic GPU or cuDNN.
@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import attention, grouped_gemm
+from dwdp_jax.kernels import attention, grouped_gemm, split_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 
 # Best of the configurations measured on H200 for K=7168/N=4096 (DESIGN.md GPU facts): 128x128x64.
@@ -76,6 +76,10 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
 
 
 grouped_gemm.register_backend("pallas_mgpu", pallas_grouped_ffn)
+grouped_gemm.register_split_backend("pallas_split", split_gemm.split_grouped_ffn)
+# The same kernel in Pallas interpret mode: CPU tests of the split-weight path through the model.
+grouped_gemm.register_split_backend("pallas_split_interpret",
+                                    functools.partial(split_gemm.split_grouped_ffn, interpret=True))
 # jax 0.11.2's packed-segment path scales the V offsets by the Q/K head size (192), so MLA's 128-wide V reads the
 # wrong rows (NaN, measured on H200) once a batch holds several sequences: the packed backend pads V to 192.
 attention.register_backend("cudnn", cudnn_attention_padded_v)

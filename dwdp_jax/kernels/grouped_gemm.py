@@ -27,18 +27,33 @@ def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.A
 
 
 _BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn}
+# Backends that take every slab at once: fn(x_MD, group_sizes_E, slabs) -> y_MD (one kernel, weights unmerged).
+_SPLIT_BACKENDS: dict[str, Callable] = {}
 
 
 def register_backend(name: str, fn: GroupedFFN) -> None:
     _BACKENDS[name] = fn
 
 
-_GPU_BACKENDS = {"pallas_mgpu"}
+def register_split_backend(name: str, fn: Callable) -> None:
+    _SPLIT_BACKENDS[name] = fn
 
 
-def get_backend(name: str) -> GroupedFFN:
-    if name not in _BACKENDS and name in _GPU_BACKENDS:
+_GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_interpret"}
+
+
+def get_backend(name: str) -> GroupedFFN | None:
+    """The per-slab function of a backend, or None for a split backend (see `get_split_backend`)."""
+    if name not in _BACKENDS and name not in _SPLIT_BACKENDS and name in _GPU_BACKENDS:
         import dwdp_jax.kernels.gpu  # noqa: F401 (importing it registers the GPU backends)
+    if name in _SPLIT_BACKENDS:
+        return None
     if name not in _BACKENDS:
-        raise ValueError(f"unknown grouped GEMM backend {name!r}; available: {sorted(_BACKENDS)}")
+        raise ValueError(f"unknown grouped GEMM backend {name!r}; available: "
+                         f"{sorted(set(_BACKENDS) | set(_SPLIT_BACKENDS))}")
     return _BACKENDS[name]
+
+
+def get_split_backend(name: str) -> Callable | None:
+    get_backend(name)  # validates the name and registers lazy backends
+    return _SPLIT_BACKENDS.get(name)

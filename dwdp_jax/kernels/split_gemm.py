@@ -1,0 +1,150 @@
+"""Split-weight grouped GEMM: one kernel over every expert group, the weights read from several slabs where they lie.
+
+DWDP's MoE sees its experts as an ordered tuple of slabs (the local slab and the prefetched remote ones) that tile
+the expert ids. The rows are sorted by global expert id, so a precomputed tile schedule can send every row tile to
+the one slab and group that owns it: the kernel walks only the tiles that hold rows (no pass over the whole row
+buffer per slab, no merge of weights), and each tile branches to its slab's weight operand.
+
+The schedule is the megablox one: a row tile [128 b, 128 b + 128) cut at group boundaries, so a tile belongs to
+exactly one group and at most cdiv(M, block_m) + G - 1 tiles exist. It is computed in XLA (cheap: O(G + tiles))
+and read by the kernel as scalars; tiles past the real count exit at once.
+
+The kernel is Pallas on Triton (wgmma on Hopper through Triton's pipeliner), chosen over Mosaic GPU because it
+also runs in Pallas interpret mode, so its indexing is tested on CPU against `jax.lax.ragged_dot`. The gate and up
+projections share one pass over the rows with two accumulators and the SwiGLU in the epilogue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and Triton launch knobs of one kernel instance."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 4
+
+
+DEFAULT_BLOCKS = Blocks()
+FUSED_BLOCKS = Blocks(block_n=64)  # two fp32 accumulators: half the N tile keeps them in registers
+
+
+def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int) -> jax.Array:
+    """int32 [6, T]: per row tile (slab, group within the slab, row block, first row, row stop) and, in row 5,
+    the number of real tiles (rows [first, stop) of block b are rows 128 b + first .. of the sorted buffer).
+
+    Tiles are in group order; T = cdiv(num_rows, block_m) + G - 1 bounds their count. Empty groups get no tile.
+    """
+    g = group_sizes_G.shape[0]
+    if sum(slab_counts) != g:
+        raise ValueError(f"slab_counts {slab_counts} must sum to the number of groups {g}")
+    sizes = group_sizes_G.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first_block = starts // block_m
+    tiles = jnp.where(sizes > 0, (ends - 1) // block_m - first_block + 1, 0)
+    tile_end = jnp.cumsum(tiles)
+    num_tiles = -(-num_rows // block_m) + g - 1
+    t = jnp.arange(num_tiles, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), g - 1).astype(jnp.int32)
+    block = first_block[group] + t - (tile_end - tiles)[group]
+    lo = jnp.maximum(starts[group] - block * block_m, 0)
+    hi = jnp.minimum(ends[group] - block * block_m, block_m)
+    slab_starts = np.cumsum((0,) + tuple(slab_counts))[:-1]
+    slab = (jnp.searchsorted(jnp.asarray(slab_starts[1:], jnp.int32), group, side="right")).astype(jnp.int32)
+    in_slab = group - jnp.asarray(slab_starts, jnp.int32)[slab]
+    count = jnp.full((num_tiles,), tile_end[-1], jnp.int32)
+    return jnp.stack([slab, in_slab, block, lo, hi, count]).astype(jnp.int32)
+
+
+def _fit(block: int, dim: int, name: str) -> int:
+    """The largest power-of-two tile <= block dividing dim (small models); Triton's dot needs at least 16."""
+    while block >= 16 and dim % block:
+        block //= 2
+    if block < 16:
+        raise ValueError(f"split_ragged_dot: {name}={dim} must be a multiple of 16")
+    return block
+
+
+def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num_rows: int, k_dim: int):
+    w_refs, o_ref = refs[:-1], refs[-1]
+    per_slab = 2 if fused else 1
+    ti, ni = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(ti < sched_ref[5, 0])
+    def _():
+        group, block, lo, hi = sched_ref[1, ti], sched_ref[2, ti], sched_ref[3, ti], sched_ref[4, ti]
+        row0 = pl.multiple_of(block * b.block_m, b.block_m)
+        rows_m = jnp.arange(b.block_m, dtype=jnp.int32)
+        in_bounds = (row0 + rows_m < num_rows)[:, None]
+        cols = pl.ds(pl.multiple_of(ni * b.block_n, b.block_n), b.block_n)
+
+        def run(ws):
+            def step(kk, accs):
+                ks = pl.ds(pl.multiple_of(kk * b.block_k, b.block_k), b.block_k)
+                x = plt.load(x_ref.at[pl.ds(row0, b.block_m), ks], mask=in_bounds, other=0)
+                return tuple(acc + plt.dot(x, plt.load(w.at[group, ks, cols])) for acc, w in zip(accs, ws))
+
+            zeros = tuple(jnp.zeros((b.block_m, b.block_n), jnp.float32) for _ in ws)
+            accs = jax.lax.fori_loop(0, k_dim // b.block_k, step, zeros)
+            out = jax.nn.silu(accs[0]) * accs[1] if fused else accs[0]
+            keep = ((rows_m >= lo) & (rows_m < hi))[:, None]
+            plt.store(o_ref.at[pl.ds(row0, b.block_m), cols], out.astype(o_ref.dtype), mask=keep)
+
+        for s in range(num_slabs):
+            pl.when(sched_ref[0, ti] == s)(lambda s=s: run(w_refs[per_slab * s: per_slab * (s + 1)]))
+
+
+@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret"))
+def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, fused: bool = False,
+                     blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
+    """x rows sorted by group times each group's weights, the groups spread over slabs.
+
+    weights: one [G_s, K, N] array per slab (fused: a (gate, up) pair per slab, and the result is
+    silu(x @ gate) * (x @ up)). group_sizes_G covers all slabs' groups in order. Rows past sum(group_sizes) are
+    not written (garbage): callers mask them. bf16 in, fp32 accumulation, x's dtype out.
+    """
+    b = blocks or (FUSED_BLOCKS if fused else DEFAULT_BLOCKS)
+    slabs = tuple(weights) if fused else tuple((w,) for w in weights)
+    m, k = x_MK.shape
+    n = slabs[0][0].shape[2]
+    for i, ws in enumerate(slabs):
+        for w in ws:
+            if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
+                raise ValueError(f"split_ragged_dot: slab {i} weight {w.shape} {w.dtype} does not match x {x_MK.shape}"
+                                 f" {x_MK.dtype} and N={n}")
+    b = dataclasses.replace(b, block_k=_fit(b.block_k, k, "K"), block_n=_fit(b.block_n, n, "N"))
+    sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.block_m, m)
+    flat = tuple(w for ws in slabs for w in ws)
+    kernel = functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, num_rows=m, k_dim=k)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
+        grid=(sched.shape[1], n // b.block_n),
+        compiler_params=plt.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
+        interpret=interpret,
+        name="split_ragged_dot_fused" if fused else "split_ragged_dot",
+    )(sched, x_MK, *flat)
+
+
+def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, interpret: bool = False) -> jax.Array:
+    """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection.
+
+    Rows past sum(group_sizes) come back zeroed (the backend contract)."""
+    h_MF = split_ragged_dot(x_MD, group_sizes_E, tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs), fused=True,
+                            interpret=interpret)
+    y_MD = split_ragged_dot(h_MF, group_sizes_E, tuple(s.w_down_EFD for s in slabs), interpret=interpret)
+    valid_M1 = (jnp.arange(x_MD.shape[0]) < group_sizes_E.sum())[:, None]
+    return jnp.where(valid_M1, y_MD, 0).astype(x_MD.dtype)
