@@ -78,12 +78,13 @@ def finish(workers, queues):
     workers.join(timeout_s=120)
 
 
+@pytest.mark.parametrize("transport", ["device_put", "copy_engine"])
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
-def test_matches_reference_with_poisoned_slots(params, num_ranks):
+def test_matches_reference_with_poisoned_slots(params, num_ranks, transport):
     placement = Placement.for_group(CFG.n_routed_experts, num_ranks)
     if num_ranks == 3:
         assert placement.local_experts > placement.prefetch_experts  # redundant placement
-    engine = DwdpEngine(params, placement, options=DwdpOptions(poison=True))
+    engine = DwdpEngine(params, placement, options=DwdpOptions(poison=True, transport=transport))
     per_rank = batches_for(num_ranks)
     workers, queues, results, _ = run_workers(engine, per_rank)
     finish(workers, queues)
@@ -93,12 +94,14 @@ def test_matches_reference_with_poisoned_slots(params, num_ranks):
 
 
 @pytest.mark.parametrize("options", [DwdpOptions(slices=3), DwdpOptions(prefetch=False),
-                                     DwdpOptions(merge_experts=True), DwdpOptions()],
-                         ids=["sliced", "no_prefetch", "merged", "profiled"])
+                                     DwdpOptions(merge_experts=True), DwdpOptions(),
+                                     DwdpOptions(transport="copy_engine", slices=3, poison=True),
+                                     DwdpOptions(transport="copy_engine", merge_experts=True, poison=True)],
+                         ids=["sliced", "no_prefetch", "merged", "profiled", "copy_engine_sliced", "copy_engine_merged"])
 def test_ablations_stay_exact(params, options):
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=options)
     batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)
-    profile = options == DwdpOptions()
+    profile = options in (DwdpOptions(), DwdpOptions(transport="copy_engine", merge_experts=True, poison=True))
     for rank in range(4):
         result = engine.step(rank, batch, profile=profile)
         assert_matches_reference(params, batch, result.output)
@@ -228,3 +231,44 @@ def test_eight_ranks_dwdp_and_dep_match_reference():
             continue
         assert_matches_reference(params, batch, engine.step(r, batch).output)
         assert_matches_reference(params, batch, dep_outs[r])
+
+
+def test_copy_engine_moves_each_remote_byte_once_and_keeps_no_state(params):
+    """Per layer, the copies cover exactly the rank's remote experts (the placement's bytes, every expert once,
+    into its own rows of the persistent slots), and after steps no sealed pull or pending read is left behind."""
+    placement = Placement.for_group(CFG.n_routed_experts, 3)  # redundant: uneven pulls per owner
+    engine = DwdpEngine(params, placement, options=DwdpOptions(transport="copy_engine", slices=2))
+    t = engine.transport
+    slot_ids = [id(s.w_gate_EDF) for slot in t.buffers[1] for s in slot]
+    for _ in range(3):
+        engine.step(1, pack([[1, 2, 3, 4]], budget=BUDGET))
+    assert [id(s.w_gate_EDF) for slot in t.buffers[1] for s in slot] == slot_ids  # persistent: allocated once
+    assert not t._sealed[1] and not t._reads[1] and not t._requested[1]
+    t.pull(1, 0, 0)
+    (batch,) = t._requested[1]
+    expert_bytes = sum(int(np.prod(getattr(params.experts[0], w).shape[1:])) * 4 for w in
+                       ("w_gate_EDF", "w_up_EDF", "w_down_EFD"))
+    assert sum(c.nbytes for c in batch.copies) == placement.bytes_pulled_per_layer(1, expert_bytes)
+    gate_start = {id(s.w_gate_EDF): s.start for s in t.buffers[1][0]}
+    covered = [gate_start[id(c.dst)] + c.dst_row + r for c in batch.copies if id(c.dst) in gate_start
+               for r in range(c.rows)]
+    start, stop = placement.local_range(1)
+    assert sorted(covered) == [e for e in range(CFG.n_routed_experts) if not start <= e < stop]
+
+
+def test_copy_engine_without_its_fences_reads_poison(params, monkeypatch):
+    """The fences are what fills the slots: a program that skips the issue fence reads the NaN-poisoned slot."""
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                        options=DwdpOptions(transport="copy_engine", poison=True))
+    batch = pack([[1, 2, 3]], budget=BUDGET)
+    assert np.isfinite(engine.step(0, batch).output.logits_TV).all()
+    from dwdp_jax.transport import copy_engine
+    monkeypatch.setattr(copy_engine.HostCopier, "issue", lambda self, rank, ctx, batches, poison: [
+        self._writable(t).__setitem__(Ellipsis, np.nan) for b in batches for t in b.targets])
+    assert np.isnan(engine.step(0, batch).output.logits_TV).all()
+
+
+def test_copy_engine_refuses_synchronous_pulls(params):
+    with pytest.raises(ValueError, match="prefetch=False needs a transport that copies on request"):
+        DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                   options=DwdpOptions(transport="copy_engine", prefetch=False))

@@ -2,9 +2,10 @@
 
 Each rank holds the replicated weights (embedding, attention, dense layers, shared experts, routers, head) and
 its local slab of every MoE layer. A forward step is a Python loop over per-stage jitted programs on the rank's
-own device: the dense front, one program per MoE layer (attention + MoE), the head. Before MoE layer m the rank
-reads slot m % 2, which its own pull filled; right after that MoE is enqueued it releases the slot and starts
-the pull of layer m + 2 into it; the first two MoE layers are primed at step start, behind the dense front.
+own device: the dense front, one program per MoE layer (attention + MoE), the head. MoE layer m reads slot m % 2,
+which its own pull filled; once that program holds its view the rank releases the slot and requests the pull of
+layer m + 2 into it, which the transport starts after the slot has been read (device_put: fresh buffers; the copy
+engine: a fence at the end of that program); the first two MoE layers are primed at step start, behind the front.
 Nothing here ever waits for another rank: owners' weights are immutable and pulls need no cooperation.
 """
 
@@ -26,7 +27,7 @@ from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.reference import Params, PrefillOutput
-from dwdp_jax.transport import TransportOptions, export_pieces, make_transport
+from dwdp_jax.transport import TransportOptions, make_transport, transport_class
 from models.experts import ExpertSlab, ExpertView
 
 COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
@@ -37,12 +38,13 @@ COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute"
 class DwdpOptions:
     """Engine knobs; the defaults are the paper's DWDP. Each deviation is an ablation."""
 
-    transport: str = "device_put"
+    transport: str = "device_put"  # | "copy_engine" (persistent slots, pulls issued from inside the programs)
     slices: int = 1  # >1: contention mitigation (each pull split into slices, round-robin over owners)
     poison: bool = False  # NaN-fill released slots (tests)
     prefetch: bool = True  # False: pull each layer synchronously right before its MoE (no overlap)
     merge_experts: bool = False  # True: concatenate local and remote slabs before the MoE (the paper's D2D merge)
     gemm_backend: str = "xla"
+    timeline: bool = False  # copy engine on GPU: device timestamps of every pull and fence (transport.timeline)
     # > 0: logits only at the last token of each sequence (serving needs nothing else), for up to this many
     # sequences per batch; 0: logits of every token (verification).
     last_token_logits: int = 0
@@ -55,7 +57,7 @@ class DwdpOptions:
         self.transport_options()  # validates slices before any device work
 
     def transport_options(self) -> TransportOptions:
-        return TransportOptions(slices=self.slices, poison=self.poison)
+        return TransportOptions(slices=self.slices, poison=self.poison, timeline=self.timeline)
 
 
 @dataclasses.dataclass
@@ -90,9 +92,13 @@ class DwdpEngine:
                              f"n_routed_experts ({cfg.n_routed_experts})")
         available = jax.devices() if devices is None else devices
         placement.check_devices(len(available))
+        transport_cls = transport_class(options.transport)
+        if not options.prefetch and transport_cls.issues_in_program:
+            raise ValueError(f"DwdpOptions.prefetch=False needs a transport that copies on request (device_put); "
+                             f"{options.transport!r} issues pulls from the programs that follow")
         if options.device_bytes is not None:
             memory.plan_dwdp(cfg, placement, options.max_num_tokens, attention_impl=options.attention_memory,
-                             device_bytes=options.device_bytes)
+                             device_bytes=options.device_bytes, live_slots=transport_cls.live_slots)
         self.devices = list(available)[:placement.num_ranks]
         self.cfg, self.placement, self.options = cfg, placement, options
         model = params.model
@@ -102,10 +108,8 @@ class DwdpEngine:
         self._norm_graph, norm_state = nnx.split(model.norm)
         self.ranks = [self._place_rank(r, params, dense_states, moe_states, norm_state)
                       for r in range(len(self.devices))]
-        exports = [[export_pieces(w.local[m], placement, r, options.slices, w.device)
-                    for m in range(cfg.num_moe_layers)] for r, w in enumerate(self.ranks)]
-        self.transport = make_transport(options.transport, placement, exports, self.devices,
-                                        options.transport_options())
+        self.transport = make_transport(options.transport, placement, [list(w.local) for w in self.ranks],
+                                        self.devices, options.transport_options())
 
     @classmethod
     def from_checkpoint(cls, path: str, placement: Placement, devices: list[jax.Device] | None = None,
@@ -158,10 +162,12 @@ class DwdpEngine:
         # Validated before any pull is issued, so a refused batch leaves the slots untouched.
         last_rows = stages.last_token_rows(batch, opts.last_token_logits) if opts.last_token_logits else None
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
+        hook = t.hook(rank)
         if opts.prefetch:
             for m in range(min(2, n_moe)):
                 t.pull(rank, m, m % 2)
-        x = stages.front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos)
+        t.seal(rank)
+        x = stages.front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos, hook=hook)
         lap("front", x)
         expert_ids = []
         for m in range(n_moe):
@@ -171,16 +177,20 @@ class DwdpEngine:
             remote = t.acquire(rank, slot, m)
             lap("pull_wait", remote)
             view = self._view(rank, m, remote)
-            if profile:
-                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos)
-                lap("attention", x)
-                x, ids = stages.ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts)
-            else:
-                x, ids = stages.moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view,
-                                          merge=opts.merge_experts)
+            # The MoE below holds the view; the slot is refilled with layer m + 2 only after it has been read (the
+            # device_put transport copies into fresh buffers, the copy engine issues from the end of this program).
             t.release(rank, slot)
             if opts.prefetch and m + 2 < n_moe:
                 t.pull(rank, m + 2, slot)
+            t.seal(rank)
+            if profile:
+                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos)
+                lap("attention", x)
+                x, ids = stages.ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts,
+                                    hook=hook)
+            else:
+                x, ids = stages.moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view,
+                                          merge=opts.merge_experts, hook=hook)
             expert_ids.append(ids)
             lap("moe", x)
         n = batch.num_tokens
@@ -202,17 +212,15 @@ class DwdpEngine:
         w = self.ranks[rank]
         args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         x = jax.ShapeDtypeStruct((batch.budget, self.cfg.hidden_size), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
-        on_rank = jax.sharding.SingleDeviceSharding(w.device)
-        remote = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank),
-                              tuple(c for p in self.placement.pulls(rank)
-                                    for c in self.transport.exports[p.owner][0][(p.src_offset, p.count)]))
+        hook = self.transport.hook(rank)
         texts = {
-            "front": stages.front.lower(self._dense_graph, w.dense_states, w.embed_VD, *args).compile().as_text(),
+            "front": stages.front.lower(self._dense_graph, w.dense_states, w.embed_VD, *args,
+                                        hook=hook).compile().as_text(),
             "head": stages.head.lower(self._norm_graph, w.norm_state, w.lm_head_DV, x).compile().as_text(),
         }
         texts["moe_layer"] = stages.moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
-                                              self._view(rank, 0, remote),
-                                              merge=self.options.merge_experts).compile().as_text()
+                                                    self._view(rank, 0, self.transport.remote_specs(rank)),
+                                                    merge=self.options.merge_experts, hook=hook).compile().as_text()
         return texts
 
 

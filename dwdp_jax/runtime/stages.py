@@ -3,11 +3,17 @@
 The DWDP ranks and the streaming reference call these, one program per stage on one device: the dense front
 (embedding + dense layers), a MoE layer (attention + MoE, or each alone when profiling), the head. Every MoE layer
 has the same module structure, so one compiled program per device and shape serves all of them.
+
+`hook` (a transport's in-program fences, static; None for none): the MoE waits for its slot's copies right before
+its grouped GEMM, the MoE layer issues the next pulls once its output exists, the front issues the priming pulls
+before its first layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +22,43 @@ from flax import nnx
 
 from dwdp_jax.packing import PackedBatch
 from models.deepseek_v3 import MLA
+from models.experts import ExpertView
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T):
+@dataclasses.dataclass(frozen=True)
+class FencedExperts:
+    """The routed experts of a view whose slot a transport fills behind XLA's back: wait, then compute."""
+
+    view: ExpertView
+    hook: Any
+    merge: bool
+
+    def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
+        view = self.hook.wait_before(self.view, x_TD)
+        return (view.merged() if self.merge else view)(x_TD, ids_TK, weights_TK, valid_T)
+
+
+def _experts(view, merge, hook):
+    if hook is not None:
+        return FencedExperts(view, hook, merge)
+    return view.merged() if merge else view
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T, hook=None):
+    if hook is not None:
+        tokens_T = hook.issue_after(tokens_T)
     x_TD = embed_VD[tokens_T]
     for state in dense_states:
         x_TD, _ = nnx.merge(graphdef, state)(x_TD, segment_ids_T, positions_T)
     return x_TD
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
-def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False):
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook"))
+def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False, hook=None):
     layer = nnx.merge(graphdef, state)
-    return layer(x_TD, segment_ids_T, positions_T, view.merged() if merge else view, segment_ids_T >= 0)
+    x_TD, ids_TK = layer(x_TD, segment_ids_T, positions_T, _experts(view, merge, hook), segment_ids_T >= 0)
+    return (x_TD if hook is None else hook.issue_after(x_TD)), ids_TK
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -37,9 +66,10 @@ def attention(graphdef, state, x_TD, segment_ids_T, positions_T):
     return nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
-def ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False):
-    return nnx.merge(graphdef, state).ffn(x_TD, view.merged() if merge else view, segment_ids_T >= 0)
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook"))
+def ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False, hook=None):
+    x_TD, ids_TK = nnx.merge(graphdef, state).ffn(x_TD, _experts(view, merge, hook), segment_ids_T >= 0)
+    return (x_TD if hook is None else hook.issue_after(x_TD)), ids_TK
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -1,14 +1,15 @@
 """The transport interface: how a DWDP rank gets the remote experts of a MoE layer into one of its two slots.
 
-Protocol per rank (DESIGN.md, execution model), slot = MoE layer index % 2:
-  pull(rank, layer, slot)   start the asynchronous copy of `layer`'s remote experts into `slot`
+Protocol per rank (DESIGN.md, execution model), slot = MoE layer index % 2, in the order the engine calls it:
+  pull(rank, layer, slot)   request the asynchronous copy of `layer`'s remote experts into `slot`
   acquire(rank, slot)       the slabs of that slot for the MoE that reads them (read-after-write is the backend's job)
-  release(rank, slot)       after the reading MoE is enqueued: the slot may be overwritten (write-after-read)
+  release(rank, slot)       once the program reading the slot is built: the slot may be refilled after that program
+                            has read it (write-after-read is the backend's job)
+  seal(rank)                the pulls requested so far start from the next program the rank launches
+  hook(rank)                None, or the in-program fences that program takes (`stages`: wait before the MoE reads
+                            its slot, issue the sealed pulls after it)
 A rank only ever waits for its own pulls; the owners' weights are immutable after setup, so no pull needs any
 cooperation from the owner's worker.
-
-Owners export their experts as whole pre-split arrays, one per (layer, pull, slice), so a pull never slices a
-peer array (slicing would run work on the peer's compute stream).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from models.experts import ExpertSlab
 class TransportOptions:
     """`slices`: split every pull into this many pieces issued round-robin over the owners (the paper's
     copy-engine contention mitigation; 1 = off). `poison`: fill a slot with NaN whenever it is released or about
-    to be pulled into, so any read of a stale or unfinished slot shows up in the results."""
+    to be pulled into, so any read of a stale or unfinished slot shows up in the results. `timeline`: record
+    device timestamps of every copy and fence (transports that can: the copy engine on GPU)."""
 
     slices: int = 1
     poison: bool = False
+    timeline: bool = False
 
     def __post_init__(self):
         if not isinstance(self.slices, int) or self.slices < 1:
@@ -78,11 +81,16 @@ def poisoned_like(slabs: tuple[ExpertSlab, ...], device: jax.Device) -> tuple[Ex
 class Transport(abc.ABC):
     """Two slots per rank; subclasses implement the copy."""
 
-    def __init__(self, placement: Placement, exports: list[list[dict]], devices: list[jax.Device],
+    # Slot buffers of one layer's remote experts alive at once per rank (the memory planner's `live_slots`).
+    live_slots = 2
+    # True: a pull starts from the program launched after its seal, so it cannot serve that program's own read.
+    issues_in_program = False
+
+    def __init__(self, placement: Placement, local_slabs: list[list[ExpertSlab]], devices: list[jax.Device],
                  options: TransportOptions = TransportOptions()):
-        """exports[owner][layer] is `export_pieces(...)` of that owner and MoE layer."""
+        """local_slabs[owner][layer]: the owner's local experts of that MoE layer, on the owner's device."""
         self.placement = placement
-        self.exports = exports
+        self.local_slabs = local_slabs
         self.devices = devices
         self.options = options
         # slots[rank][slot] = (layer or None when free, slabs); each rank's entry is touched only by its own worker.
@@ -94,19 +102,30 @@ class Transport(abc.ABC):
             raise RuntimeError(f"rank {rank} pulls layer {layer} into slot {slot} still holding layer {held}: "
                                f"release it first (write-after-read)")
         self._poison(rank, slot)
-        self.slots[rank][slot] = (layer, self._copy(rank, layer))
+        self.slots[rank][slot] = (layer, self._copy(rank, layer, slot))
 
     def acquire(self, rank: int, slot: int, layer: int) -> tuple[ExpertSlab, ...]:
         held, slabs = self.slots[rank][slot]
         if held != layer:
             raise RuntimeError(f"rank {rank} reads layer {layer} from slot {slot}, which holds "
                                f"{'nothing' if held is None else f'layer {held}'}")
-        return self._wait(rank, slabs)
+        return self._wait(rank, slot, slabs)
 
     def release(self, rank: int, slot: int) -> None:
         """Called once the MoE reading the slot is enqueued; that MoE keeps its own references to the buffers."""
         self.slots[rank][slot] = (None, self.slots[rank][slot][1])
         self._poison(rank, slot)
+
+    def seal(self, rank: int) -> None:
+        """Transports that issue pulls from inside programs start the pulls requested so far from the next one."""
+
+    def hook(self, rank: int):
+        """The in-program fences of `rank`'s programs (None: the transport needs none)."""
+        return None
+
+    @abc.abstractmethod
+    def remote_specs(self, rank: int) -> tuple[ExpertSlab, ...]:
+        """Abstract shapes (with the rank's sharding) of what `acquire` returns: for compiling programs."""
 
     def _poison(self, rank: int, slot: int) -> None:
         if self.options.poison and self.slots[rank][slot][1]:
@@ -123,9 +142,9 @@ class Transport(abc.ABC):
         return order
 
     @abc.abstractmethod
-    def _copy(self, rank: int, layer: int) -> tuple[ExpertSlab, ...]:
-        """Start the copies of `layer`'s remote experts to `rank`; returns the destination slabs."""
+    def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
+        """Start (or request) the copies of `layer`'s remote experts to `rank`; returns the destination slabs."""
 
     @abc.abstractmethod
-    def _wait(self, rank: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
+    def _wait(self, rank: int, slot: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
         """Make the slabs safe to read by the rank's next program (read-after-write)."""

@@ -5,19 +5,37 @@ and the destination's next program waits on the copy's definition event (read-af
 destination buffer is freshly allocated and only becomes usable once the destination's compute stream reaches the
 allocation point, so a pull waits for the work already queued on its own device: the engine therefore issues the
 pull of layer m + 2 right after the MoE of layer m is enqueued, and the copy overlaps layer m + 1. Fresh buffers
-also make write-after-read automatic: the MoE that read the old slot holds its buffers until it finishes.
+also make write-after-read automatic: the MoE that read the old slot holds its buffers until it finishes, so three
+slot buffers are alive while it does (live_slots = 3).
+
+Owners export their experts as whole pre-split arrays, one per (layer, pull, slice), so a pull never slices a
+peer array (slicing would run work on the peer's compute stream).
 """
 
 from __future__ import annotations
 
 import jax
 
-from dwdp_jax.transport.base import Transport
+from dwdp_jax.transport.base import Transport, export_pieces
 from models.experts import ExpertSlab
 
 
 class DevicePutTransport(Transport):
-    def _copy(self, rank: int, layer: int) -> tuple[ExpertSlab, ...]:
+    live_slots = 3
+
+    def __init__(self, placement, local_slabs, devices, options=None):
+        super().__init__(placement, local_slabs, devices, *(() if options is None else (options,)))
+        # exports[owner][layer]: that owner's pieces of one MoE layer (export_pieces)
+        self.exports = [[export_pieces(slab, placement, owner, self.options.slices, devices[owner])
+                         for slab in layers] for owner, layers in enumerate(local_slabs)]
+
+    def remote_specs(self, rank: int) -> tuple[ExpertSlab, ...]:
+        on_rank = jax.sharding.SingleDeviceSharding(self.devices[rank])
+        pieces = tuple(self.exports[owner][0][(offset, count)][i] for owner, offset, count, i in self.pull_order(rank))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank),
+                            tuple(sorted(pieces, key=lambda s: s.start)))
+
+    def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
         device = self.devices[rank]
         slabs = []
         for owner, offset, count, i in self.pull_order(rank):
@@ -26,6 +44,6 @@ class DevicePutTransport(Transport):
             slabs.append(ExpertSlab(gate, up, down, start=src.start))
         return tuple(sorted(slabs, key=lambda s: s.start))
 
-    def _wait(self, rank: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
+    def _wait(self, rank: int, slot: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
         return slabs  # the consuming program waits on the copies' definition events on the device
 

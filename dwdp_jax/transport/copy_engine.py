@@ -1,0 +1,267 @@
+"""The copy-engine transport: persistent slots, pulls issued from inside the rank's own programs.
+
+Each rank owns two persistent slots, one buffer per contiguous remote expert range (the experts below its slab and
+those above it), so the MoE sees at most three slabs. A pull is a list of row-range copies from the owners' local
+slabs (read in place through their raw device pointers: no export copies, no work on the owner) into a slot.
+
+Ordering comes from two fences that XLA runs inside the rank's programs (`jax.experimental.buffer_callback`, which
+hands a Python callback XLA's stream, on the program's own launch order):
+  wait  (in the MoE program, before the grouped GEMM reads its slot): XLA's stream waits for the slot's last copy
+        (read-after-write); the view's arrays pass an optimization barrier with the fence's token, so nothing
+        reads them earlier.
+  issue (after the MoE output, and at the start of the dense front to prime two layers): the pulls sealed for this
+        program start on the rank's side stream once XLA's stream has reached this point, i.e. after every read of
+        the slot they overwrite (write-after-read), and overlap the next layer's attention and MoE.
+The host requests pulls (`pull`) and seals them before launching the program that issues them (`seal`); the
+callbacks pop the sealed batches and read slots in program order, so host run-ahead cannot reorder them.
+
+Copiers do the bytes: `CudaCopier` (GPU) with cudaMemcpyPeerAsync on a non-blocking side stream per rank, events
+created once and reused (two done events, one fence event per rank; timing events only with `timeline`), never
+captured into CUDA graphs; `HostCopier` (CPU devices) copies synchronously inside the callback, which exercises the
+same schedule, in-place slots and poisoning in tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
+
+from dwdp_jax.transport.base import Transport, slice_bounds
+from models.experts import ExpertSlab
+
+WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """rows [src_row, src_row + rows) of `src` into rows [dst_row, ...) of `dst` (same row shape and dtype)."""
+
+    src: jax.Array
+    src_rank: int
+    src_row: int
+    dst: jax.Array
+    dst_row: int
+    rows: int
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.src.shape[1:])) * self.src.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PullBatch:
+    """The copies of one layer into one slot; `targets` are the slot's buffers (poisoned first when asked)."""
+
+    layer: int
+    slot: int
+    copies: tuple[Copy, ...]
+    targets: tuple[jax.Array, ...]
+
+
+def remote_ranges(placement, rank: int) -> tuple[tuple[int, int], ...]:
+    """The rank's remote experts as contiguous global ranges [start, stop): below and above its local slab."""
+    start, stop = placement.local_range(rank)
+    return tuple(r for r in ((0, start), (stop, placement.num_experts)) if r[1] > r[0])
+
+
+class HostCopier:
+    """CPU devices: the copy runs synchronously in the issuing callback, into the slot buffers in place."""
+
+    def __init__(self, devices):
+        del devices
+
+    @staticmethod
+    def _writable(a: jax.Array) -> np.ndarray:
+        # The slot is a persistent array that only this transport writes, as the GPU copier does through its pointer.
+        raw = (ctypes.c_char * a.nbytes).from_address(a.unsafe_buffer_pointer())
+        return np.frombuffer(raw, dtype=a.dtype).reshape(a.shape)
+
+    def issue(self, rank, ctx, batches, poison):
+        del rank, ctx
+        for b in batches:
+            if poison:
+                for t in b.targets:
+                    self._writable(t)[...] = np.nan
+            for c in b.copies:
+                self._writable(c.dst)[c.dst_row:c.dst_row + c.rows] = np.asarray(c.src)[c.src_row:c.src_row + c.rows]
+
+    def wait(self, rank, ctx, slot):
+        del rank, ctx, slot
+
+    def timeline(self, rank):
+        raise NotImplementedError("HostCopier records no device timeline (the copy is synchronous)")
+
+
+class CudaCopier:
+    """GPU: peer copies on one non-blocking side stream per destination rank, fenced by CUDA events."""
+
+    def __init__(self, devices, timeline: bool = False):
+        import cupy
+
+        self.cp = cupy
+        self.rt = cupy.cuda.runtime
+        self.ordinals = [d.local_hardware_id for d in devices]
+        self.record_timeline = timeline
+        self.side, self.fence, self.done, self.events, self.marks = [], [], [], [], []
+        no_timing = self.rt.eventDisableTiming
+        for ordinal in self.ordinals:
+            with cupy.cuda.Device(ordinal):
+                self.side.append(self.rt.streamCreateWithFlags(self.rt.streamNonBlocking))
+                self.fence.append(self.rt.eventCreateWithFlags(no_timing))
+                self.done.append([self.rt.eventCreateWithFlags(no_timing) for _ in range(2)])
+            self.events.append([])  # timing-event pool, reused every step
+            self.marks.append([])  # (label, layer, event index) recorded since the last `reset`
+
+    def _mark(self, rank: int, label: str, layer: int, stream: int) -> None:
+        if not self.record_timeline:
+            return
+        pool, marks = self.events[rank], self.marks[rank]
+        if len(marks) == len(pool):
+            pool.append(self.rt.eventCreate())
+        self.rt.eventRecord(pool[len(marks)], stream)
+        marks.append((label, layer, len(marks)))
+
+    def issue(self, rank, ctx, batches, poison):
+        rt, side, stream = self.rt, self.side[rank], ctx.stream
+        with self.cp.cuda.Device(self.ordinals[rank]):
+            # Write-after-read: the side stream starts where XLA's stream is now, after the slot's last reader.
+            rt.eventRecord(self.fence[rank], stream)
+            rt.streamWaitEvent(side, self.fence[rank], 0)
+            for b in batches:
+                self._mark(rank, "copy_start", b.layer, side)
+                if poison:
+                    for t in b.targets:
+                        rt.memsetAsync(t.unsafe_buffer_pointer(), 0xFF, t.nbytes, side)  # all-ones bits: NaN
+                for c in b.copies:
+                    rt.memcpyPeerAsync(c.dst.unsafe_buffer_pointer() + c.dst_row * c.row_bytes, self.ordinals[rank],
+                                       c.src.unsafe_buffer_pointer() + c.src_row * c.row_bytes,
+                                       self.ordinals[c.src_rank], c.nbytes, side)
+                self._mark(rank, "copy_end", b.layer, side)
+                rt.eventRecord(self.done[rank][b.slot], side)
+
+    def wait(self, rank, ctx, slot):
+        stream = ctx.stream
+        with self.cp.cuda.Device(self.ordinals[rank]):
+            self._mark(rank, "wait_arrive", -1, stream)
+            self.rt.streamWaitEvent(stream, self.done[rank][slot], 0)  # read-after-write
+            self._mark(rank, "wait_resume", -1, stream)
+
+    def reset(self, rank: int) -> None:
+        self.marks[rank].clear()
+
+    def timeline(self, rank: int) -> list[tuple[str, int, float]]:
+        """(label, layer, ms since the first mark) of the marks recorded since `reset`; call after a sync."""
+        marks, pool = self.marks[rank], self.events[rank]
+        if not marks:
+            return []
+        base = pool[marks[0][2]]
+        return [(label, layer, float(self.rt.eventElapsedTime(base, pool[i]))) for label, layer, i in marks]
+
+
+class ProgramHook:
+    """The fences one rank's programs take (static arguments of the jitted stages: one compile per rank)."""
+
+    def __init__(self, transport: "CopyEngineTransport", rank: int):
+        self.transport, self.rank = transport, rank
+        token = jax.ShapeDtypeStruct((1,), jnp.int32)
+        self._issue_call = buffer_callback(self._issue_cb, token, has_side_effect=True)
+        self._wait_call = buffer_callback(self._wait_cb, token, has_side_effect=True)
+
+    def _issue_cb(self, ctx, out, *args):
+        del out, args
+        self.transport._issue(self.rank, ctx)
+
+    def _wait_cb(self, ctx, out, *args):
+        del out, args
+        self.transport._fence_wait(self.rank, ctx)
+
+    def issue_after(self, tree):
+        """Issue the sealed pulls once `tree` is computed; returns `tree` (ordered after the issue)."""
+        token = self._issue_call(jax.tree.leaves(tree)[0])
+        return jax.lax.optimization_barrier((tree, token))[0]
+
+    def wait_before(self, view, x):
+        """`view` usable only after XLA's stream waited for its slot's copies; the wait comes after `x`."""
+        token = self._wait_call(x)
+        return jax.lax.optimization_barrier((view, token))[0]
+
+
+class CopyEngineTransport(Transport):
+    live_slots = 2
+    issues_in_program = True
+
+    def __init__(self, placement, local_slabs, devices, options=None):
+        super().__init__(placement, local_slabs, devices, *(() if options is None else (options,)))
+        on_gpu = devices[0].platform == "gpu"
+        if self.options.timeline and not on_gpu:
+            raise ValueError("TransportOptions.timeline needs GPU devices (the copy-engine timeline uses CUDA events)")
+        self.copier = CudaCopier(devices, self.options.timeline) if on_gpu else HostCopier(devices)
+        example = local_slabs[0][0]
+        self.buffers = []  # buffers[rank][slot]: one ExpertSlab per remote range, allocated once
+        for rank, device in enumerate(devices):
+            per_slot = []
+            for _ in range(2):
+                per_slot.append(tuple(
+                    ExpertSlab(*(jax.device_put(jnp.zeros((stop - start,) + getattr(example, w).shape[1:],
+                                                          getattr(example, w).dtype), device) for w in WEIGHTS),
+                               start=start)
+                    for start, stop in remote_ranges(placement, rank)))
+            self.buffers.append(per_slot)
+        self._requested = [[] for _ in devices]  # pulls requested since the last seal
+        self._sealed = [collections.deque() for _ in devices]  # one batch list per program that issues
+        self._reads = [collections.deque() for _ in devices]  # the slot each reading program waits for
+        self._hooks = [ProgramHook(self, r) for r in range(len(devices))]
+
+    def hook(self, rank: int) -> ProgramHook:
+        return self._hooks[rank]
+
+    def remote_specs(self, rank: int) -> tuple[ExpertSlab, ...]:
+        on_rank = jax.sharding.SingleDeviceSharding(self.devices[rank])
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank), self.buffers[rank][0])
+
+    def seal(self, rank: int) -> None:
+        self._sealed[rank].append(tuple(self._requested[rank]))
+        self._requested[rank] = []
+
+    def reset_timeline(self, rank: int) -> None:
+        self.copier.reset(rank)
+
+    def timeline(self, rank: int):
+        return self.copier.timeline(rank)
+
+    def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
+        buffers = self.buffers[rank][slot]
+        copies = []
+        for owner, offset, count, i in self.pull_order(rank):
+            a, b = slice_bounds(count, self.options.slices)[i]
+            pull = next(p for p in self.placement.pulls(rank) if (p.owner, p.src_offset) == (owner, offset))
+            dst = next(s for s in buffers if s.start <= pull.global_start < s.start + s.count)
+            for w in WEIGHTS:
+                copies.append(Copy(getattr(self.local_slabs[owner][layer], w), owner, offset + a, getattr(dst, w),
+                                   pull.global_start - dst.start + a, b - a))
+        targets = tuple(getattr(s, w) for s in buffers for w in WEIGHTS)
+        self._requested[rank].append(PullBatch(layer, slot, tuple(copies), targets))
+        return buffers
+
+    def _wait(self, rank: int, slot: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
+        self._reads[rank].append(slot)  # the reading program's wait fence pops it
+        return slabs
+
+    def _fence_wait(self, rank: int, ctx) -> None:
+        self.copier.wait(rank, ctx, self._reads[rank].popleft())
+
+    def _issue(self, rank: int, ctx) -> None:
+        self.copier.issue(rank, ctx, self._sealed[rank].popleft(), self.options.poison)
+
+    def _poison(self, rank: int, slot: int) -> None:
+        """Poisoning is stream-ordered here: the issue fence fills a slot with NaN right before copying into it."""
