@@ -67,6 +67,27 @@ def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "palla
     return 2 * m * k * n / time_s(jax.jit(fn), x, w, gs) / 1e12
 
 
+def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
+                      slab_counts: tuple[int, ...] | None = None) -> float:
+    """The split-weight kernel over groups of the given sizes, the experts spread over `slab_counts` slabs
+    (default one). Fused: gate and up ([G, K, n] each, FLOPs of a K x 2n GEMM) with the SwiGLU epilogue."""
+    from dwdp_jax.kernels.split_gemm import split_ragged_dot
+
+    m, g = int(sizes.sum()), len(sizes)
+    counts = slab_counts or (g,)
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+
+    def weights(key):
+        w = (0.02 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
+        edges = np.cumsum((0,) + tuple(counts))
+        return tuple(w[a:b] for a, b in zip(edges[:-1], edges[1:]))
+
+    ws = tuple(zip(weights(keys[1]), weights(keys[2]))) if fused else weights(keys[1])
+    f = jax.jit(lambda x, gs, ws: split_ragged_dot(x, gs, ws, fused=fused, blocks=blocks))
+    return 2 * m * k * n * (2 if fused else 1) / time_s(f, x, jnp.asarray(sizes, jnp.int32), ws) / 1e12
+
+
 def grouped_gemm_error(sizes: np.ndarray, k: int, n: int) -> float:
     """Relative error of the Pallas ragged GEMM against an fp32 per-group reference (bf16 inputs)."""
     from dwdp_jax.kernels import gpu

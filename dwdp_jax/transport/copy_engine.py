@@ -132,9 +132,12 @@ class CudaCopier:
         marks.append((label, layer, len(marks)))
 
     def issue(self, rank, ctx, batches, poison):
+        if not batches:
+            return
         rt, side, stream = self.rt, self.side[rank], ctx.stream
         with self.cp.cuda.Device(self.ordinals[rank]):
             # Write-after-read: the side stream starts where XLA's stream is now, after the slot's last reader.
+            self._mark(rank, "issue", -1, stream)
             rt.eventRecord(self.fence[rank], stream)
             rt.streamWaitEvent(side, self.fence[rank], 0)
             for b in batches:

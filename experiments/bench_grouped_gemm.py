@@ -1,0 +1,73 @@
+"""Grouped GEMM on one GPU, side by side: the split-weight Pallas kernel (block-size sweep), the Mosaic GPU
+ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256 experts, 131072 rows, skewed).
+
+  python -m experiments.bench_grouped_gemm                 # on a GPU; writes results/bench_grouped_gemm/<run>.json
+"""
+
+import dataclasses
+import datetime
+import sys
+
+import jax
+from absl import app, flags
+
+from dwdp_jax import gpu_bench as gb
+from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
+from dwdp_jax.results import write_results
+
+_ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
+_EXPERTS = flags.DEFINE_integer("experts", 256, "groups")
+_SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size")
+_SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration")
+_RESULTS = flags.DEFINE_string("results", "results", "results root")
+
+# (block_m, block_n, block_k, num_warps, num_stages)
+CANDIDATES = {
+    True: [(128, 64, 64, 4, 4), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 5),
+           (128, 128, 32, 8, 4)],
+    False: [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 8, 4),
+            (128, 128, 32, 8, 5), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4)],
+}
+# name, K, N per weight, fused (gate+up: two [K, N] weights, the FLOPs of a K x 2N GEMM)
+PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
+
+
+def main(argv):
+    del argv
+    if jax.devices()[0].platform != "gpu":
+        print("bench_grouped_gemm: needs a GPU", file=sys.stderr)
+        sys.exit(2)
+    sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
+    metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
+    for name, k, n, fused in PROBLEMS:
+        dense = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
+        default = FUSED_BLOCKS if fused else DEFAULT_BLOCKS
+        configs = [Blocks(*c) for c in CANDIDATES[fused]] if _SWEEP.value else [default]
+        sweep = {}
+        for b in configs:
+            try:
+                sweep[b] = gb.split_gemm_tflops(sizes, k, n, fused, b)
+            except Exception as e:  # a configuration Triton cannot compile (shared memory, registers) is skipped
+                sweep[b] = repr(e)[:200]
+            print(name, b, sweep[b], flush=True)
+        timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
+        best_blocks = max(timed, key=timed.get)
+        third = _EXPERTS.value // 4
+        split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
+        mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
+        metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
+                        f"{name}_split_3slabs_tflops": split3, f"{name}_mgpu_tflops": mgpu,
+                        f"{name}_split_over_dense": timed[best_blocks] / dense, f"{name}_mgpu_over_dense": mgpu / dense})
+        raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
+        raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
+    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = write_results("bench_grouped_gemm", run, config={"rows": _ROWS.value, "experts": _EXPERTS.value,
+                                                           "skew": _SKEW.value}, raw=raw, metrics=metrics,
+                         root=_RESULTS.value)
+    for key, v in metrics.items():
+        print(f"{key:<32}{v:>10.3f}")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
