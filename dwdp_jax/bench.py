@@ -365,7 +365,8 @@ def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Call
     if name == "dwdp":
         return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], DwdpOptions(
             transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
-            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size))
+            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size,
+            timeline=c.dwdp.get("timeline", False)))
     from dwdp_jax.runtime import dep as dep_lib
 
     return (make_dep or dep_lib.DepRuntime)(
@@ -420,6 +421,10 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
                      "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
         if c.breakdown:
             breakdown.update(profile_breakdown({name: runtime}, p, c))
+        if name == "dwdp" and runtime.options.timeline:
+            pulls = pull_timeline(runtime, first_step_batches(p, c))
+            summary[name].update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
+            raw[name]["pull_timeline"] = pulls["ranks"]
         del runtime
         gc.collect()
     if len(summary) == 2:
@@ -433,16 +438,48 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
             "breakdown": breakdown, "routing_skew": skew}
 
 
+def first_step_batches(p: Plan, c) -> list[PackedBatch | None]:
+    """Each rank's batch of the workload's first DEP step (the profiled and timed batches)."""
+    first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=c.max_num_tokens,
+                                   balance=c.dep.balance,
+                                   max_batch_size=c.max_batch_size).next_step(float("inf"))
+    budget = bucket_for(max(b.num_tokens for b in first), c)
+    return [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in first]
+
+
+def pull_timeline(engine: DwdpEngine, batches: list[PackedBatch | None]) -> dict[str, Any]:
+    """Copy-engine pulls on the device clock, each rank's batch run alone (unprofiled, so pulls overlap as when
+    serving): per-layer pull GB/s and the exposed wait (XLA's stream stalled at a MoE's read-after-write fence)
+    as a fraction of the step."""
+    bytes_per_expert = engine.cfg.expert_params() * jax.numpy.dtype(engine.cfg.dtype).itemsize
+    gbps, exposed, per_rank = [], [], []
+    for r, b in enumerate(batches):
+        if b is None or r >= engine.num_ranks:
+            continue
+        result = engine.step(r, b)
+        marks = engine.transport.timeline(r)
+        starts = {layer: ms for label, layer, ms in marks if label == "copy_start"}
+        ends = {layer: ms for label, layer, ms in marks if label == "copy_end"}
+        arrive = [ms for label, _, ms in marks if label == "wait_arrive"]
+        resume = [ms for label, _, ms in marks if label == "wait_resume"]
+        layer_bytes = engine.placement.bytes_pulled_per_layer(r, bytes_per_expert)
+        rank_gbps = [layer_bytes / (ends[m] - starts[m]) / 1e6 for m in starts]
+        wait_ms = float(sum(b_ - a for a, b_ in zip(arrive, resume)))
+        step_ms = 1e3 * (result.end_s - result.start_s)
+        gbps += rank_gbps
+        exposed.append(wait_ms / step_ms)
+        per_rank.append({"rank": r, "pull_gbps": rank_gbps, "exposed_wait_ms": wait_ms, "step_ms": step_ms,
+                         "layer_bytes": layer_bytes, "marks": marks})
+    return {"pull_gbps_median": float(np.median(gbps)), "exposed_wait_fraction_mean": float(np.mean(exposed)),
+            "ranks": per_rank, "source": metrics.MEASURED}
+
+
 def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[str, Any]]]:
     """Per-iteration milliseconds in the paper's categories on the workload's first DEP step (each rank's batch):
     DWDP profiles every rank's batch alone and averages; DEP profiles the step. Stage times are measured one
     program at a time with a device sync; DEP's synchronization is estimated (sync overhead x step time).
     DWDP's grouped_gemm includes its router and shared expert (one program), DEP's does not (others)."""
-    first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=c.max_num_tokens,
-                                   balance=c.dep.balance,
-                                   max_batch_size=c.max_batch_size).next_step(float("inf"))
-    budget = bucket_for(max(b.num_tokens for b in first), c)
-    batches = [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in first]
+    batches = first_step_batches(p, c)
     out = {}
     if "dwdp" in runtimes:
         engine = runtimes["dwdp"]

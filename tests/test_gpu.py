@@ -127,7 +127,6 @@ def test_copy_engine_timeline_orders_copies_and_fences():
     batch = pack([list(range(1, 200))], budget=256)
     t = engine.transport
     for _ in range(3):
-        t.reset_timeline(1)
         engine.step(1, batch)
     marks = t.timeline(1)
     n_moe = cfg.num_moe_layers
@@ -145,7 +144,6 @@ def test_copy_engine_timeline_orders_copies_and_fences():
     pool = len(t.copier.events[1])
     mem = jax.devices()[1].memory_stats()["bytes_in_use"]
     for _ in range(20):
-        t.reset_timeline(1)
         engine.step(1, batch)
     assert len(t.copier.events[1]) == pool
     assert jax.devices()[1].memory_stats()["bytes_in_use"] <= mem

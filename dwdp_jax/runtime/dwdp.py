@@ -163,6 +163,7 @@ class DwdpEngine:
         last_rows = stages.last_token_rows(batch, opts.last_token_logits) if opts.last_token_logits else None
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         hook = t.hook(rank)
+        t.begin_step(rank)
         if opts.prefetch:
             for m in range(min(2, n_moe)):
                 t.pull(rank, m, m % 2)

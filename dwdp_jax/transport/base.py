@@ -116,6 +116,9 @@ class Transport(abc.ABC):
         self.slots[rank][slot] = (None, self.slots[rank][slot][1])
         self._poison(rank, slot)
 
+    def begin_step(self, rank: int) -> None:
+        """A new forward step of `rank` starts (its previous step's device work is complete)."""
+
     def seal(self, rank: int) -> None:
         """Transports that issue pulls from inside programs start the pulls requested so far from the next one."""
 

@@ -98,6 +98,9 @@ class HostCopier:
     def wait(self, rank, ctx, slot):
         del rank, ctx, slot
 
+    def reset(self, rank):
+        del rank
+
     def timeline(self, rank):
         raise NotImplementedError("HostCopier records no device timeline (the copy is synchronous)")
 
@@ -236,10 +239,11 @@ class CopyEngineTransport(Transport):
         self._sealed[rank].append(tuple(self._requested[rank]))
         self._requested[rank] = []
 
-    def reset_timeline(self, rank: int) -> None:
+    def begin_step(self, rank: int) -> None:
         self.copier.reset(rank)
 
     def timeline(self, rank: int):
+        """The device timeline of the rank's last step (GPU with `timeline`): (label, layer, ms) marks."""
         return self.copier.timeline(rank)
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
