@@ -272,3 +272,19 @@ def test_copy_engine_refuses_synchronous_pulls(params):
     with pytest.raises(ValueError, match="prefetch=False needs a transport that copies on request"):
         DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
                    options=DwdpOptions(transport="copy_engine", prefetch=False))
+
+
+def test_deleted_copy_engine_releases_its_slots(params):
+    """The compiled programs keep their fences (static jit arguments) but not the transport and its slot buffers:
+    a benchmark frees one strategy's memory before building the next."""
+    import gc
+    import weakref
+
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                        options=DwdpOptions(transport="copy_engine"))
+    engine.step(0, pack([[1, 2, 3]], budget=BUDGET))
+    slot = weakref.ref(engine.transport.buffers[0][0][0].w_gate_EDF)
+    transport = weakref.ref(engine.transport)
+    del engine
+    gc.collect()
+    assert transport() is None and slot() is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,16 @@ class CudaCopier:
             self.events.append([])  # timing-event pool, reused every step
             self.marks.append([])  # (label, layer, event index) recorded since the last `reset`
 
+    def __del__(self):
+        try:
+            for r, ordinal in enumerate(self.ordinals):
+                with self.cp.cuda.Device(ordinal):
+                    for ev in [self.fence[r], *self.done[r], *self.events[r]]:
+                        self.rt.eventDestroy(ev)
+                    self.rt.streamDestroy(self.side[r])
+        except Exception:  # interpreter shutdown: the driver may already be gone
+            pass
+
     def _mark(self, rank: int, label: str, layer: int, stream: int) -> None:
         if not self.record_timeline:
             return
@@ -178,10 +189,18 @@ class ProgramHook:
     """The fences one rank's programs take (static arguments of the jitted stages: one compile per rank)."""
 
     def __init__(self, transport: "CopyEngineTransport", rank: int):
-        self.transport, self.rank = transport, rank
+        # Weak: jit caches keep their static arguments alive, and the transport owns the slot buffers.
+        self._transport, self.rank = weakref.ref(transport), rank
         token = jax.ShapeDtypeStruct((1,), jnp.int32)
         self._issue_call = buffer_callback(self._issue_cb, token, has_side_effect=True)
         self._wait_call = buffer_callback(self._wait_cb, token, has_side_effect=True)
+
+    @property
+    def transport(self) -> "CopyEngineTransport":
+        transport = self._transport()
+        if transport is None:
+            raise RuntimeError("a program of a deleted DWDP engine ran: its copy-engine transport is gone")
+        return transport
 
     def _issue_cb(self, ctx, out, *args):
         del out, args
