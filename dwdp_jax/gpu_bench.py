@@ -163,3 +163,71 @@ def all2all_gbps(devices: list[jax.Device], bytes_per_peer: int = 64 << 20) -> f
                           out_specs=P("x")))
     return (n - 1) * bytes_per_peer / time_s(f, x) / 1e9
 
+
+
+def copy_engine_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int, t: int = 8192) -> dict[str, float]:
+    """The copy-engine pull against the peer-copy ceiling, and compute slowdown while it runs, all on `dst`.
+
+    Pull: cudaMemcpyPeerAsync of num_bytes split over the peers, back to back on one side stream (what the
+    transport does) and, as the ceiling, one stream per peer at once. Compute: a bf16 GEMM chain and MLA attention
+    (cuDNN, 128 heads, q/k 192, v 128, t tokens causal), alone and with the pull issued on the side stream first.
+    """
+    import cupy
+
+    rt = cupy.cuda.runtime
+    ordinal = dst.local_hardware_id
+    per_peer = num_bytes // len(srcs) // 2
+    remote = [jax.device_put(jnp.ones((per_peer,), jnp.bfloat16), s) for s in srcs]
+    local = [jax.device_put(jnp.zeros((per_peer,), jnp.bfloat16), dst) for _ in srcs]
+    jax.block_until_ready(remote + local)
+    with cupy.cuda.Device(ordinal):
+        streams = [rt.streamCreateWithFlags(rt.streamNonBlocking) for _ in srcs]
+
+    def pull(concurrent: bool):
+        with cupy.cuda.Device(ordinal):
+            for i, (r, l_) in enumerate(zip(remote, local)):
+                rt.memcpyPeerAsync(l_.unsafe_buffer_pointer(), ordinal, r.unsafe_buffer_pointer(),
+                                   srcs[i].local_hardware_id, r.nbytes, streams[i if concurrent else 0])
+
+    def sync():
+        with cupy.cuda.Device(ordinal):
+            for s in streams:
+                rt.streamSynchronize(s)
+
+    def timed(fn, before=lambda: None, after=lambda: None) -> float:
+        """Median seconds of fn() over 5 repeats after 2 warm-ups; before/after run outside the timed span."""
+        samples = []
+        for i in range(7):
+            before()
+            start = time.perf_counter()
+            fn()
+            if i >= 2:
+                samples.append(time.perf_counter() - start)
+            after()
+        return statistics.median(samples)
+
+    a = jax.device_put(jnp.ones((8192, 8192), jnp.bfloat16), dst)
+    chain = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, x: (x @ a) * 1e-3, a))
+    key = jax.random.key(4)
+    q, k = (jax.device_put(jax.random.normal(key, (t, 128, 192), jnp.float32).astype(jnp.bfloat16), dst) for _ in "qk")
+    v = jax.device_put(jax.random.normal(key, (t, 128, 128), jnp.float32).astype(jnp.bfloat16), dst)
+    seg = jax.device_put(jnp.zeros((t,), jnp.int32), dst)
+    pos = jax.device_put(jnp.arange(t, dtype=jnp.int32), dst)
+    attn_fn = attention_kernels.get_backend("cudnn_mla_1seq")
+    attn = jax.jit(lambda q, k, v: attn_fn(q, k, v, seg, pos, scale=192 ** -0.5))
+    out = {}
+    out["pull_one_stream_s"] = timed(lambda: (pull(False), sync()))
+    out["pull_ceiling_s"] = timed(lambda: (pull(True), sync()))
+    for name, fn, args in (("gemm", chain, (a,)), ("attention", attn, (q, k, v))):
+        jax.block_until_ready(fn(*args))
+        out[f"{name}_s"] = timed(lambda: jax.block_until_ready(fn(*args)))
+        # the pull is issued (host-asynchronous) first and outlasts the compute: the compute runs with it in flight
+        out[f"{name}_while_pulling_s"] = timed(lambda: jax.block_until_ready(fn(*args)), before=lambda: pull(False),
+                                               after=sync)
+        out[f"{name}_slowdown"] = out[f"{name}_while_pulling_s"] / out[f"{name}_s"]
+    with cupy.cuda.Device(ordinal):
+        for s in streams:
+            rt.streamDestroy(s)
+    out["pull_gbps"] = num_bytes / out["pull_one_stream_s"] / 1e9
+    out["pull_ceiling_gbps"] = num_bytes / out["pull_ceiling_s"] / 1e9
+    return out
