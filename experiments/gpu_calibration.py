@@ -65,7 +65,8 @@ def main(argv):
         m["all2all_gbps"] = gb.all2all_gbps(devices[:4])
     m["memory_gb"] = devices[0].memory_stats().get("bytes_limit", 0) / 1e9
     run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = write_results("gpu_calibration", run, config={"quick": _QUICK.value, "rows": rows}, raw=raw, metrics=m,
+    path = write_results("gpu_calibration", run, config={"quick": _QUICK.value, "rows": rows, "gemm_backend": "pallas_split",
+                                                         "attention_impl": "cudnn"}, raw=raw, metrics=m,
                          root=_RESULTS.value)
     for k, v in m.items():
         print(f"{k:<36}{v:>12.3f}")

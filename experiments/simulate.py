@@ -172,9 +172,10 @@ def table(study: str, doc: dict) -> str:
                     f"TTFT {p['ttft_p50_s']:.2f} s")
         lines = [f"TTFT <= {r['ttft_target_s']} s: DWDP {pick(r['dwdp'])}; DEP {pick(r['dep'])}" for r in m["choices"]]
         return "\n".join(lines + [f"infeasible group sizes (memory): {m['infeasible_group_sizes']}"])
-    return "\n".join(f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "
-                     f"error {r['rel_error']:+.1%} ({'within' if r['within_tolerance'] else 'OUTSIDE'} tolerance)"
-                     for r in m["runs"])
+    return "\n".join([f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "
+                      f"error {r['rel_error']:+.1%} ({'within' if r['within_tolerance'] else 'OUTSIDE'} tolerance)"
+                      for r in m["runs"]] + [f"{r['run']}: skipped, other kernels {r['kernels']}"
+                                             for r in doc["raw"]["skipped_other_kernels"]])
 
 
 def main(study: str) -> int:

@@ -162,11 +162,13 @@ def test_planner_skips_group_sizes_that_do_not_fit_memory():
 
 def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
     """A synthetic calibration file and context_bench runs whose measured ratio is factor x the prediction."""
-    write_results("gpu_calibration", "synthetic", config={}, raw={}, root=root, with_devices=False,
+    write_results("gpu_calibration", "synthetic", config={"gemm_backend": "pallas_split", "attention_impl": "cudnn"},
+                  raw={}, root=root, with_devices=False,
                   metrics={"gemm_tflops": 600.0, "hbm_gbps": 4000.0, "p2p_gbps": 300.0, "attention_tflops": 350.0,
                            "grouped_gemm_tflops": 300.0, "memory_gb": 141.0})
     cfg = R1.replace(num_hidden_layers=6, dtype="bfloat16")
     config = {"num_ranks": 4, "max_num_tokens": 32768, "max_batch_size": 64, "dwdp": {"slices": 1, "local_experts": 0},
+              "gemm_backend": "pallas_split", "attention_impl": "cudnn",
               "workload": {"num_requests": 32, "isl": 8192, "input_ratio": 0.8, "isl_std": -1.0, "rate_per_s": 0.0,
                            "seed": 0, "dataset": ""}}
     bf16 = Precision("bf16", "bf16", "bf16", "bf16")
@@ -197,6 +199,13 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     assert runs["far"]["rel_error"] == pytest.approx(1 / 1.3 - 1)
     assert doc["config"]["hardware"].name == "calibrated:unknown"  # the synthetic file names no device
     assert not doc["metrics"]["all_within_tolerance"]
+    # a run with other kernels is not compared with rates it did not use
+    write_results("context_bench", "mgpu", config={"gemm_backend": "pallas_mgpu", "attention_impl": "cudnn"}, raw={},
+                  root=tmp_path, with_devices=False, model=dataclasses.asdict(R1.replace(dtype="bfloat16")),
+                  metrics={"dwdp": {"tps_per_gpu": 1.0}, "dep": {"tps_per_gpu": 1.0}})
+    doc = studies.calibration_study(tmp_path, tolerance=0.10)
+    assert [r["run"] for r in doc["raw"]["skipped_other_kernels"]] == ["mgpu"]
+    assert "mgpu" not in {r["run"] for r in doc["metrics"]["runs"]}
 
 
 def test_calibrated_spec_requires_measurements(tmp_path):

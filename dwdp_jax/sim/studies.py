@@ -8,6 +8,7 @@ field. Documents are plain dicts: {"config", "raw", "metrics"} for dwdp_jax.resu
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -358,8 +359,13 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10) 
     if not docs:
         raise ValueError(f"no bf16 context_bench results with both dwdp and dep metrics under "
                          f"{results_root or 'results'}")
-    rows = []
+    kernels = calibrated_kernels(results_root)
+    rows, skipped = [], []
     for doc in docs:
+        used = {k: (doc.get("config") or {}).get(k) for k in kernels}
+        if used != kernels:  # another kernel set: its ratio says nothing about these rates
+            skipped.append({"run": doc.get("run"), "kernels": used})
+            continue
         cfg, workload, dep, dwdp = bench_setup(doc)
         measured = _measured_ratio(doc)
         sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
@@ -367,6 +373,19 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10) 
         rows.append({"run": doc.get("run"), "num_ranks": dep.group_size, "measured_ratio": measured,
                      "predicted_ratio": predicted, "rel_error": predicted / measured - 1,
                      "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim})
-    return {"config": {"hardware": hw, "tolerance": tolerance},
-            "raw": {"runs": rows}, "metrics": {"runs": [{k: v for k, v in r.items() if k != "simulated"} for r in rows],
-                                                "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
+    if not rows:
+        raise ValueError(f"no context_bench run used the calibrated kernels {kernels}; runs seen: {skipped}")
+    return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels},
+            "raw": {"runs": rows, "skipped_other_kernels": skipped},
+            "metrics": {"runs": [{k: v for k, v in r.items() if k != "simulated"} for r in rows],
+                        "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
+
+
+def calibrated_kernels(results_root: str | Path | None) -> dict[str, str]:
+    """The MoE and attention kernels the newest GPU calibration measured (context_bench config names).
+
+    Calibration files written before the field existed measured the split-weight kernel and cuDNN attention."""
+    path = sorted((Path(results_root or "results") / hardware.CALIBRATION_EXPERIMENT).glob("*.json"))[-1]
+    config = json.loads(path.read_text()).get("config") or {}
+    return {"gemm_backend": config.get("gemm_backend", "pallas_split"),
+            "attention_impl": config.get("attention_impl", "cudnn")}
