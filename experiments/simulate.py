@@ -174,7 +174,9 @@ def table(study: str, doc: dict) -> str:
         return "\n".join(lines + [f"infeasible group sizes (memory): {m['infeasible_group_sizes']}"])
     return "\n".join([f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "
                       f"error {r['rel_error']:+.1%} ({'within' if r['within_tolerance'] else 'OUTSIDE'} tolerance)"
-                      for r in m["runs"]] + [f"{r['run']}: skipped, other kernels {r['kernels']}"
+                      for r in m["runs"]] + ["  projected DWDP/DEP: " + ", ".join(
+                          f"{k} {v:.3f}" for k, v in r["projections"].items()) for r in m["runs"]]
+                     + [f"{r['run']}: skipped, other kernels {r['kernels']}"
                                              for r in doc["raw"]["skipped_other_kernels"]])
 
 

@@ -347,9 +347,11 @@ def _measured_ratio(doc: dict) -> float:
                          f"metrics.dep.tps_per_gpu") from e
 
 
-def calibration_study(results_root: str | Path | None, tolerance: float = 0.10) -> dict:
+def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
+                      depths: Sequence[int] = (7, 11, 61)) -> dict:
     """Predicted (calibrated spec, simulator) vs measured DWDP/DEP TPS/GPU for every context_bench run with both
-    strategies. Raises ValueError when there is no calibration file or no such run."""
+    strategies, and what the calibrated simulator projects for the same run at other depths (more MoE layers per
+    dense front) and with ISL std 4096. Raises ValueError when there is no calibration file or no such run."""
     hw = hardware.calibrated(results_root)
     # Only runs at a tensor-core precision calibrate a GPU spec: the fp32 CPU runs (the tiny default) measure the
     # machinery, not the hardware, and are skipped rather than refused.
@@ -372,13 +374,26 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10) 
         predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
         rows.append({"run": doc.get("run"), "num_ranks": dep.group_size, "measured_ratio": measured,
                      "predicted_ratio": predicted, "rel_error": predicted / measured - 1,
-                     "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim})
+                     "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim,
+                     "projections": _projections(cfg, hw, workload, dep, dwdp, depths)})
     if not rows:
         raise ValueError(f"no context_bench run used the calibrated kernels {kernels}; runs seen: {skipped}")
     return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels},
             "raw": {"runs": rows, "skipped_other_kernels": skipped},
             "metrics": {"runs": [{k: v for k, v in r.items() if k != "simulated"} for r in rows],
                         "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
+
+
+def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int]) -> dict[str, float]:
+    """Simulated DWDP/DEP ratios of a measured setup at other depths and with ISL std 4096 (input ratio 1)."""
+    spread = dataclasses.replace(workload, input_ratio=1.0, isl_std=4096.0)
+    out = {}
+    for layers in (cfg.num_hidden_layers, *depths):
+        for name, w in (("", workload), (",isl_std=4096", spread)):
+            model = cfg.replace(num_hidden_layers=layers)
+            tps = {s.strategy: simulate.simulate_context(model, hw, s, w).tps_per_gpu for s in (dep, dwdp)}
+            out[f"layers={layers}{name}"] = tps["dwdp"] / tps["dep"]
+    return out
 
 
 def calibrated_kernels(results_root: str | Path | None) -> dict[str, str]:
