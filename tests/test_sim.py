@@ -197,6 +197,9 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     assert runs["close"]["measured_ratio"] == pytest.approx(1.05 * predicted)
     assert runs["close"]["within_tolerance"] and not runs["far"]["within_tolerance"]
     assert runs["far"]["rel_error"] == pytest.approx(1 / 1.3 - 1)
+    projected = runs["close"]["projections"]
+    assert projected["layers=6"] == pytest.approx(predicted)  # the measured depth projects to the prediction
+    assert set(projected) == {f"layers={n}{s}" for n in (6, 7, 11, 61) for s in ("", ",isl_std=4096")}
     assert doc["config"]["hardware"].name == "calibrated:unknown"  # the synthetic file names no device
     assert not doc["metrics"]["all_within_tolerance"]
     # a run with other kernels is not compared with rates it did not use
