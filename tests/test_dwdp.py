@@ -149,9 +149,11 @@ def expert_weight_concats(hlo: str) -> list[str]:
     return [s for s in shapes if (int(s[1]), int(s[2])) in ((d, f), (f, d))]
 
 
-def test_programs_have_no_collectives_and_no_weight_merge(params):
+@pytest.mark.parametrize("transport", ["device_put", "copy_engine"])
+def test_programs_have_no_collectives_and_no_weight_merge(params, transport):
     batch = pack([[1, 2, 3]], budget=BUDGET)
-    split = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4)).compiled_hlo(batch, rank=1)
+    split = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4),
+                       options=DwdpOptions(transport=transport)).compiled_hlo(batch, rank=1)
     assert set(split) == {"front", "moe_layer", "head"}
     assert all(count_collectives(text) == 0 for text in split.values())
     assert expert_weight_concats(split["moe_layer"]) == []
