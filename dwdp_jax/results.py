@@ -92,6 +92,17 @@ def write_results(experiment: str, run: str, *, config: Any, raw: Any, metrics: 
     return path
 
 
+def write_measurements(experiment: str, *, config: Any, raw: Any, metrics: dict[str, float],
+                       root: Path | str | None = None) -> Path:
+    """A timestamped run of a measurement script (flat float metrics): written, then printed as a two-column table."""
+    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = write_results(experiment, run, config=config, raw=raw, metrics=metrics, root=root)
+    for key, value in metrics.items():
+        print(f"{key:<36}{value:>12.4f}")
+    print(f"results: {path}")
+    return path
+
+
 def read_results(experiment: str, root: Path | str | None = None) -> list[dict[str, Any]]:
     """All results files of an experiment, sorted by run name; unreadable files raise naming the file."""
     folder = Path(root or RESULTS_ROOT) / experiment

@@ -5,14 +5,13 @@ the peer-copy ceiling (one stream per peer at once), and GEMM / MLA attention al
   python -m experiments.bench_copy_engine        # on 2+ GPUs; writes results/bench_copy_engine/<run>.json
 """
 
-import datetime
 import sys
 
 import jax
 from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
-from dwdp_jax.results import write_results
+from dwdp_jax.results import write_measurements
 
 _GIB = flags.DEFINE_integer("gib", 16, "GiB pulled (an R1 layer's remote experts for DWDP4 is 15.75 GiB)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -26,12 +25,8 @@ def main(argv):
         sys.exit(2)
     m = gb.copy_engine_overlap(devices[0], devices[1:4], _GIB.value << 30)
     m["pull_over_ceiling"] = m["pull_gbps"] / m["pull_ceiling_gbps"]
-    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = write_results("bench_copy_engine", run, config={"gib": _GIB.value, "peers": len(devices[1:4])}, raw={},
-                         metrics=m, root=_RESULTS.value)
-    for k, v in m.items():
-        print(f"{k:<28}{v:>12.4f}")
-    print(f"results: {path}")
+    write_measurements("bench_copy_engine", config={"gib": _GIB.value, "peers": len(devices[1:4])}, raw={}, metrics=m,
+                       root=_RESULTS.value)
 
 
 if __name__ == "__main__":

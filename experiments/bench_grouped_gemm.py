@@ -5,7 +5,6 @@ ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 25
 """
 
 import dataclasses
-import datetime
 import sys
 
 import jax
@@ -13,7 +12,7 @@ from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
 from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
-from dwdp_jax.results import write_results
+from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
 _EXPERTS = flags.DEFINE_integer("experts", 256, "groups")
@@ -60,13 +59,8 @@ def main(argv):
                         f"{name}_split_over_dense": timed[best_blocks] / dense, f"{name}_mgpu_over_dense": mgpu / dense})
         raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
-    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = write_results("bench_grouped_gemm", run, config={"rows": _ROWS.value, "experts": _EXPERTS.value,
-                                                           "skew": _SKEW.value}, raw=raw, metrics=metrics,
-                         root=_RESULTS.value)
-    for key, v in metrics.items():
-        print(f"{key:<32}{v:>10.3f}")
-    print(f"results: {path}")
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value}
+    write_measurements("bench_grouped_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
 
 
 if __name__ == "__main__":

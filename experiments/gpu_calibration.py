@@ -3,7 +3,6 @@
   python -m experiments.gpu_calibration            # on a GPU machine; writes results/gpu_calibration/<run>.json
 """
 
-import datetime
 import sys
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
-from dwdp_jax.results import write_results
+from dwdp_jax.results import write_measurements
 
 _QUICK = flags.DEFINE_bool("quick", False, "smaller shapes (a smoke run)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -64,13 +63,8 @@ def main(argv):
         m["compute_slowdown_while_pulling"] = raw["pull_overlap"]["both_s"] / raw["pull_overlap"]["compute_s"]
         m["all2all_gbps"] = gb.all2all_gbps(devices[:4])
     m["memory_gb"] = devices[0].memory_stats().get("bytes_limit", 0) / 1e9
-    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = write_results("gpu_calibration", run, config={"quick": _QUICK.value, "rows": rows, "gemm_backend": "pallas_split",
-                                                         "attention_impl": "cudnn"}, raw=raw, metrics=m,
-                         root=_RESULTS.value)
-    for k, v in m.items():
-        print(f"{k:<36}{v:>12.3f}")
-    print(f"results: {path}")
+    config = {"quick": _QUICK.value, "rows": rows, "gemm_backend": "pallas_split", "attention_impl": "cudnn"}
+    write_measurements("gpu_calibration", config=config, raw=raw, metrics=m, root=_RESULTS.value)
 
 
 if __name__ == "__main__":
