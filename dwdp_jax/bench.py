@@ -291,23 +291,16 @@ def run_dep(dep, p: Plan, c) -> tuple[list, list, list, dict]:
 
 
 def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
-    """Synchronization overhead of DEP (paper Fig. 1): re-run sampled steps with each rank's batch alone (the other
-    ranks empty) as that rank's compute time; overhead = 1 - mean(rank compute) / step time."""
+    """Synchronization overhead of DEP (paper Fig. 1) on sampled steps: each rank's batch alone (the other ranks
+    empty) is that rank's compute time; overhead = 1 - mean(rank compute) / step time (`DepRuntime.sync_times`)."""
     if not steps:
         return {}
     idx = np.linspace(0, len(steps) - 1, min(c.sync_samples, len(steps))).round().astype(int)
     step_s, rank_s, tokens = [], [], []
     for i in sorted(set(idx.tolist())):
         packed, _ = steps[i]
-        alone = []
-        for r in range(dep.num_ranks):
-            solo = [b if k == r else None for k, b in enumerate(packed)]
-            t = time.perf_counter()
-            dep.step(solo)
-            alone.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        dep.step(packed)  # the step itself re-timed back to back with its solo runs
-        step_s.append(time.perf_counter() - t)
+        step, alone = dep.sync_times(packed)
+        step_s.append(step)
         rank_s.append(alone)
         tokens.append([0 if b is None else b.num_tokens for b in packed])
     rank_s = np.asarray(rank_s)

@@ -436,10 +436,7 @@ class DepRuntime:
         """Stage times per layer and the synchronization estimate; see `DepProfile`."""
         if repeats < 1 or warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-        self._check_batches(batches)
-        step_s = self._time_fast(self._device_inputs(batches), repeats, warmup)
-        alone_s = tuple(self._time_fast(self._device_inputs([b if i == r else None for i, b in enumerate(batches)]),
-                                        repeats, warmup) for r in range(self.num_ranks))
+        step_s, alone_s = self.sync_times(batches, repeats, warmup)
         inputs = self._device_inputs(batches)
         kept: list[dict] = []
         for i in range(warmup + repeats):
@@ -455,6 +452,16 @@ class DepRuntime:
                           outputs=self._outputs(batches, *result))
 
     # -- measurement --------------------------------------------------------------------------------------------
+
+    def sync_times(self, batches: Sequence[PackedBatch | None], repeats: int = 1,
+                   warmup: int = 0) -> tuple[float, tuple[float, ...]]:
+        """(the step's seconds, each rank's seconds with its batch alone and the others empty): the synchronization
+        estimate (paper Fig. 1) is 1 - mean(alone) / step. Medians of `repeats` after `warmup` fast-path runs."""
+        self._check_batches(batches)
+        step_s = self._time_fast(self._device_inputs(batches), repeats, warmup)
+        alone_s = tuple(self._time_fast(self._device_inputs([b if i == r else None for i, b in enumerate(batches)]),
+                                        repeats, warmup) for r in range(self.num_ranks))
+        return step_s, alone_s
 
     def _time_fast(self, inputs, repeats: int, warmup: int) -> float:
         samples = []
