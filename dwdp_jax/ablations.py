@@ -1,4 +1,4 @@
-"""Named ablation sweeps mirroring the paper's Tables 3 and 4, plus the engine ablations (merge, prefetch).
+"""Named ablation sweeps mirroring the paper's Tables 3 and 4, plus the engine ablations (merge, prefetch, transport).
 
 A sweep is a list of points; a point is a dict of swept values (the keys the ablation figure matches against the
 paper) that maps onto config overrides. Each point runs the context benchmark once and writes
@@ -22,6 +22,7 @@ SWEEP_VALUES = {
     "contention": {"tiny": [0.5, 0.8], "r1": [0.5, 0.8]},
     "merge": {"tiny": [False, True], "r1": [False, True]},
     "prefetch": {"tiny": [True, False], "r1": [True, False]},
+    "transport": {"tiny": ["device_put", "copy_engine"], "r1": ["device_put", "copy_engine"]},
     # DEP's per-step balancing: by tokens (LPT, the default) or by request count (ranks keep their token imbalance).
     "dep_balance": {"tiny": ["tokens", "requests"], "r1": ["tokens", "requests"]},
 }
@@ -40,6 +41,8 @@ def points(sweep: str, scale: str) -> list[dict[str, Any]]:
         mnts = SWEEP_VALUES["mnt"][scale]
         return [{"input_ratio": r, "max_num_tokens": m, "contention_mitigation": on}
                 for r, m, on in itertools.product(values, mnts, (False, True))]
+    if sweep == "prefetch":  # pulling right before each MoE needs a transport that copies on request
+        return [{"prefetch": v, "transport": "device_put"} for v in values]
     key = {"mnt": "max_num_tokens", "merge": "merge_experts"}.get(sweep, sweep)
     return [{key: v} for v in values]
 
@@ -60,7 +63,7 @@ def apply_point(c, sweep: str, point: dict[str, Any], scale: str) -> None:
             c.workload.input_ratio = value
         elif key == "contention_mitigation":
             c.dwdp.slices = MITIGATION_SLICES[scale] if value else 1
-        elif key in ("merge_experts", "prefetch"):
+        elif key in ("merge_experts", "prefetch", "transport"):
             setattr(c.dwdp, key, value)
         elif key == "dep_balance":
             c.dep.balance = value

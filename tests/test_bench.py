@@ -59,6 +59,14 @@ def test_bad_input_exits_2_before_device_work(flag, message):
     assert message in proc.stderr
 
 
+def test_prefetch_sweep_pins_a_transport_that_copies_on_request():
+    c = small_config(Path("/nonexistent"))
+    c.dwdp.transport = "copy_engine"
+    off = ablations.points("prefetch", "r1")[1]
+    ablations.apply_point(c, "prefetch", off, "r1")
+    assert (c.dwdp.prefetch, c.dwdp.transport) == (False, "device_put")
+
+
 def test_unknown_sweep_exits_2():
     proc = subprocess.run([sys.executable, "-m", "experiments.ablations", "--sweep=nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -73,12 +81,12 @@ def test_tiny_sweep_is_resumable_and_feeds_the_figures(tmp_path):
         return bench.run(c)
 
     base = small_config(tmp_path)
-    paths = ablations.run_sweep(base, "merge", "tiny", tmp_path, run_point=counting_run)
+    paths = ablations.run_sweep(base, "transport", "tiny", tmp_path, run_point=counting_run)
     assert len(calls) == 2 and all(p.exists() for p in paths)
     doc = json.loads(paths[1].read_text())
-    assert doc["config"]["sweep"] == "merge" and doc["config"]["point"] == {"merge_experts": True}
-    assert doc["config"]["dwdp"]["merge_experts"] is True
-    ablations.run_sweep(base, "merge", "tiny", tmp_path, run_point=counting_run)
+    assert doc["config"]["sweep"] == "transport" and doc["config"]["point"] == {"transport": "copy_engine"}
+    assert doc["config"]["dwdp"]["transport"] == "copy_engine" and doc["verification"]["dwdp"]["passed"]
+    ablations.run_sweep(base, "transport", "tiny", tmp_path, run_point=counting_run)
     assert len(calls) == 2  # every point already present: nothing reruns
     from experiments.figures import fig_ablations
 
