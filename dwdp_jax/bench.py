@@ -392,33 +392,12 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     vb = verification_batches(p, c)
     refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
     skew = routing_skew(refs, p.cfg.n_routed_experts)
-    verification, hlo_collectives, raw, summary, breakdown = {}, {}, {}, {}, {}
+    verification, hlo_collectives, raw, summary, breakdown, failures = {}, {}, {}, {}, {}, {}
     for name in p.strategies:
-        runtime = make_runtime(name, params, p, c, make_dep)
-        ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
-        batches = (vb + [None] * ranks)[:ranks]
-        outs = verification_outputs(runtime, batches)
-        if refs:
-            verification[name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
-                                        c.verify.min_id_match)
-        hlo_collectives[name] = collectives_of(runtime, vb[0])
-        warm_up(runtime, c)
-        if name == "dwdp":
-            reqs, iters, assignments = run_dwdp(runtime, p, c)
-            extra = {}
-        else:
-            reqs, iters, assignments, extra = run_dep(runtime, p, c)
-        summary[name] = {**metrics.summarize(reqs, iters, ranks),
-                         **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
-        raw[name] = {"requests": [dataclasses.asdict(r) for r in reqs],
-                     "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
-        if c.breakdown:
-            breakdown.update(profile_breakdown({name: runtime}, p, c))
-        if name == "dwdp" and runtime.options.timeline:
-            pulls = pull_timeline(runtime, first_step_batches(p, c))
-            summary[name].update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
-            raw[name]["pull_timeline"] = pulls["ranks"]
-        del runtime
+        try:
+            run_strategy(name, params, p, c, vb, refs, make_dep, verification, hlo_collectives, raw, summary, breakdown)
+        except RuntimeError as e:  # a device failure (e.g. out of memory): kept with what the other strategy measured
+            failures[name] = f"{type(e).__name__}: {e}"[:4000]
         gc.collect()
     if len(summary) == 2:
         summary["ratio"] = {"tps_per_gpu_dwdp_over_dep": summary["dwdp"]["tps_per_gpu"] / summary["dep"]["tps_per_gpu"],
@@ -426,9 +405,40 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     path = results_lib.write_results(c.experiment, run_name, config=c, raw=raw, metrics=summary,
                                      verification=verification, root=c.results_root,
                                      hlo_collectives=hlo_collectives, breakdown=breakdown, routing_skew=skew,
-                                     model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement))
+                                     model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement),
+                                     failures=failures)
+    if failures:
+        raise RuntimeError(f"strategies failed (the others' results are in {path}): {failures}")
     return {"path": str(path), "metrics": summary, "verification": verification, "hlo_collectives": hlo_collectives,
             "breakdown": breakdown, "routing_skew": skew}
+
+
+def run_strategy(name, params, p: Plan, c, vb, refs, make_dep, verification, hlo_collectives, raw, summary,
+                 breakdown) -> None:
+    """One strategy alone on the devices: built, verified, warmed up, run, profiled; its sections filled in."""
+    runtime = make_runtime(name, params, p, c, make_dep)
+    ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
+    batches = (vb + [None] * ranks)[:ranks]
+    outs = verification_outputs(runtime, batches)
+    if refs:
+        verification[name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol, c.verify.min_id_match)
+    hlo_collectives[name] = collectives_of(runtime, vb[0])
+    warm_up(runtime, c)
+    if name == "dwdp":
+        reqs, iters, assignments = run_dwdp(runtime, p, c)
+        extra = {}
+    else:
+        reqs, iters, assignments, extra = run_dep(runtime, p, c)
+    summary[name] = {**metrics.summarize(reqs, iters, ranks),
+                     **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
+    raw[name] = {"requests": [dataclasses.asdict(r) for r in reqs],
+                 "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
+    if c.breakdown:
+        breakdown.update(profile_breakdown({name: runtime}, p, c))
+    if name == "dwdp" and runtime.options.timeline:
+        pulls = pull_timeline(runtime, first_step_batches(p, c))
+        summary[name].update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
+        raw[name]["pull_timeline"] = pulls["ranks"]
 
 
 def first_step_batches(p: Plan, c) -> list[PackedBatch | None]:
