@@ -501,9 +501,22 @@ def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[st
                     "others": t.get("router", 0.0) + t.get("shared_expert", 0.0),
                     "communication": t.get("dispatch", 0.0) + t.get("combine", 0.0), "p2p_exposed_wait": 0.0}
         out["dep"] = {k: {"ms": v, "source": metrics.MEASURED} for k, v in measured.items()}
+        moved = all2all_bytes_per_rank(prof.outputs, batches, runtimes["dep"].num_ranks, p.cfg)
+        out["dep"]["communication"].update(bytes_per_rank=moved,
+                                           gbps_per_rank=moved / max(measured["communication"], 1e-9) / 1e6)
         out["dep"]["synchronization"] = {"ms": max(prof.sync_overhead, 0.0) * 1e3 * prof.step_s,
                                          "source": metrics.ESTIMATED}
     return out
+
+
+def all2all_bytes_per_rank(outputs, batches, num_ranks: int, cfg) -> float:
+    """Mean bytes a DEP rank sends to other ranks in one step, dispatch and combine over every MoE layer: each of
+    its (token, choice) rows whose expert lives on another rank crosses twice, hidden_size wide."""
+    per_rank = cfg.n_routed_experts // num_ranks
+    row_bytes = cfg.hidden_size * jax.numpy.dtype(cfg.dtype).itemsize
+    sent = [sum(int((np.asarray(ids) // per_rank != r).sum()) for ids in out.expert_ids) if b is not None else 0
+            for r, (out, b) in enumerate(zip(outputs, batches))]
+    return 2.0 * row_bytes * float(np.mean(sent))
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -522,6 +535,12 @@ def format_table(doc: dict[str, Any]) -> str:
     if "dep" in m and "sync_overhead" in m["dep"]:
         rows.append(f"DEP synchronization overhead {100 * m['dep']['sync_overhead']:.1f}% "
                     f"(mean rank-token CV {100 * m['dep']['rank_cv_mean']:.1f}%)")
+    comm = doc.get("breakdown", {}).get("dep", {}).get("communication", {})
+    if "gbps_per_rank" in comm:
+        rows.append(f"DEP all-to-all (dispatch + combine, first step profiled) {comm['gbps_per_rank']:.1f} GB/s per rank")
+    if "pull_gbps_median" in m.get("dwdp", {}):
+        rows.append(f"DWDP pulls {m['dwdp']['pull_gbps_median']:.1f} GB/s, exposed wait "
+                    f"{100 * m['dwdp']['exposed_wait_fraction_mean']:.2f}% of the step")
     if doc.get("routing_skew"):
         skew = doc["routing_skew"]
         rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "

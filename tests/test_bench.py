@@ -29,6 +29,12 @@ def small_config(tmp_path, **changes):
     return c
 
 
+def c_tokens_bound(saved) -> int:
+    """Most tokens any rank holds in one step (the token budget) times the MoE layers."""
+    cfg = saved["model"]
+    return saved["config"]["max_num_tokens"] * (cfg["num_hidden_layers"] - cfg["first_k_dense_replace"])
+
+
 def test_run_writes_the_contract(tmp_path):
     doc = bench.run(small_config(tmp_path, breakdown=True))
     saved = json.loads(Path(doc["path"]).read_text())
@@ -38,6 +44,9 @@ def test_run_writes_the_contract(tmp_path):
         assert key in saved["environment"]
     assert saved["verification"]["dwdp"]["passed"] and saved["verification"]["dep"]["passed"]
     assert all(n == 0 for n in saved["hlo_collectives"]["dwdp"].values())
+    comm = saved["breakdown"]["dep"]["communication"]
+    # tiny default: 128 wide fp32 rows, top-4 of 16 experts over 4 ranks; every row crosses at most twice
+    assert 0 < comm["bytes_per_rank"] <= 2 * 128 * 4 * 4 * c_tokens_bound(saved) and comm["gbps_per_rank"] > 0
     assert saved["hlo_collectives"]["dep"]["step"] > 0
     for name in ("dwdp", "dep"):
         ids = sorted(a["request_id"] for a in saved["raw"][name]["assignments"])
