@@ -96,3 +96,13 @@ def test_dwdp_with_split_kernel_matches_reference():
     for rank in (0, 2):
         out = engine.step(rank, batch).output
         assert np.linalg.norm(out.logits_TV - ref.logits_TV) <= 1e-5 * np.linalg.norm(ref.logits_TV)
+
+
+@pytest.mark.parametrize("tiles,blocks,group", [(10, 3, 4), (7, 5, 8), (9, 1, 2), (4, 6, 1)])
+def test_launch_order_visits_every_tile_and_block_once(tiles, blocks, group):
+    from dwdp_jax.kernels.split_gemm import launch_order
+
+    pairs = [tuple(int(v) for v in launch_order(jnp.int32(p), tiles, blocks, group)) for p in range(tiles * blocks)]
+    assert sorted(pairs) == [(t, n) for t in range(tiles) for n in range(blocks)]
+    # within a group the row tiles change fastest, so a group's rows are reused across column blocks
+    assert [t for t, _ in pairs[:min(group, tiles)]] == list(range(min(group, tiles)))
