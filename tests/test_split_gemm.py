@@ -106,3 +106,11 @@ def test_launch_order_visits_every_tile_and_block_once(tiles, blocks, group):
     assert sorted(pairs) == [(t, n) for t in range(tiles) for n in range(blocks)]
     # within a group the row tiles change fastest, so a group's rows are reused across column blocks
     assert [t for t, _ in pairs[:min(group, tiles)]] == list(range(min(group, tiles)))
+
+
+def test_default_launch_order_is_column_block_major():
+    """group_m 0 (the measured default) is one group of all row tiles: every tile of column block 0 comes first."""
+    from dwdp_jax.kernels.split_gemm import launch_order
+
+    pairs = [tuple(int(v) for v in launch_order(jnp.int32(p), 5, 3, 5)) for p in range(15)]
+    assert pairs == [(t, n) for n in range(3) for t in range(5)]

@@ -36,9 +36,9 @@ class Blocks:
     num_warps: int = 8
     num_stages: int = 4
     # Launch order: groups of this many row tiles sweep every column block before the next group starts, so a
-    # group's rows stay in L2 across the column blocks. 1 = column-block-major (every column block re-reads all
-    # rows): the order the H200 numbers were measured with; larger groups are in the benchmark's sweep, unmeasured.
-    group_m: int = 1
+    # group's rows stay in L2 across the column blocks. 0 = one group of all row tiles (column-block-major: every
+    # column block re-reads all rows), the order the H200 numbers were measured with; the benchmark sweeps others.
+    group_m: int = 0
 
 
 # Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows; WORKSPACE.md):
@@ -97,7 +97,7 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
             num_tiles: int, num_col_blocks: int):
     w_refs, o_ref = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
-    ti, ni = launch_order(pl.program_id(0), num_tiles, num_col_blocks, b.group_m)
+    ti, ni = launch_order(pl.program_id(0), num_tiles, num_col_blocks, b.group_m or num_tiles)
 
     @pl.when(ti < sched_ref[5, 0])
     def _():
