@@ -57,6 +57,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.dwdp.prefetch = True
     c.dwdp.merge_experts = False
     c.dwdp.timeline = False  # copy engine on GPU: device timestamps of pulls and fences (pull GB/s, exposed wait)
+    c.dwdp.slice_bytes = 0  # copy engine: > 0 cuts copies into pieces this large, round-robin over owners
     c.dwdp.local_experts = 0  # 0: chosen from (E, N)
 
     c.dep = config_dict.ConfigDict()

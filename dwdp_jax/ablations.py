@@ -29,6 +29,7 @@ SWEEP_VALUES = {
 # The ISL of the std sweep (paper: 16384) and the slice count standing for "contention mitigation on".
 STD_ISL = {"tiny": 128, "r1": 16384}
 MITIGATION_SLICES = {"tiny": 4, "r1": 8}
+MITIGATION_SLICE_BYTES = 2 << 20
 
 
 def points(sweep: str, scale: str) -> list[dict[str, Any]]:
@@ -61,8 +62,11 @@ def apply_point(c, sweep: str, point: dict[str, Any], scale: str) -> None:
             c.dep.num_ranks = max(SWEEP_VALUES["group_size"][scale])  # DWDP-N against the same DEP group
         elif key == "input_ratio":
             c.workload.input_ratio = value
-        elif key == "contention_mitigation":
-            c.dwdp.slices = MITIGATION_SLICES[scale] if value else 1
+        elif key == "contention_mitigation":  # the copy engine cuts bytes (the paper's 2 MiB), device_put counts
+            if c.dwdp.transport == "copy_engine":
+                c.dwdp.slice_bytes = MITIGATION_SLICE_BYTES if value else 0
+            else:
+                c.dwdp.slices = MITIGATION_SLICES[scale] if value else 1
         elif key in ("merge_experts", "prefetch", "transport"):
             setattr(c.dwdp, key, value)
         elif key == "dep_balance":

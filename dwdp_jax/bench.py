@@ -359,7 +359,7 @@ def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Call
         return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], DwdpOptions(
             transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
             merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size,
-            timeline=c.dwdp.get("timeline", False)))
+            timeline=c.dwdp.get("timeline", False), slice_bytes=c.dwdp.get("slice_bytes", 0)))
     from dwdp_jax.runtime import dep as dep_lib
 
     return (make_dep or dep_lib.DepRuntime)(

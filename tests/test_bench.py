@@ -94,6 +94,17 @@ def test_prefetch_sweep_pins_a_transport_that_copies_on_request():
     assert (c.dwdp.prefetch, c.dwdp.transport) == (False, "device_put")
 
 
+def test_contention_mitigation_slices_bytes_on_the_copy_engine():
+    point = {"input_ratio": 0.8, "max_num_tokens": 16384, "contention_mitigation": True}
+    c = small_config(Path("/nonexistent"))
+    c.dwdp.transport = "copy_engine"
+    ablations.apply_point(c, "contention", point, "r1")
+    assert (c.dwdp.slice_bytes, c.dwdp.slices) == (2 << 20, 1)
+    c = small_config(Path("/nonexistent"))
+    ablations.apply_point(c, "contention", point, "r1")
+    assert (c.dwdp.slice_bytes, c.dwdp.slices) == (0, ablations.MITIGATION_SLICES["r1"])
+
+
 def test_unknown_sweep_exits_2():
     proc = subprocess.run([sys.executable, "-m", "experiments.ablations", "--sweep=nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -96,8 +96,10 @@ def test_matches_reference_with_poisoned_slots(params, num_ranks, transport):
 @pytest.mark.parametrize("options", [DwdpOptions(slices=3), DwdpOptions(prefetch=False),
                                      DwdpOptions(merge_experts=True), DwdpOptions(),
                                      DwdpOptions(transport="copy_engine", slices=3, poison=True),
-                                     DwdpOptions(transport="copy_engine", merge_experts=True, poison=True)],
-                         ids=["sliced", "no_prefetch", "merged", "profiled", "copy_engine_sliced", "copy_engine_merged"])
+                                     DwdpOptions(transport="copy_engine", merge_experts=True, poison=True),
+                                     DwdpOptions(transport="copy_engine", slice_bytes=1000, poison=True)],
+                         ids=["sliced", "no_prefetch", "merged", "profiled", "copy_engine_sliced", "copy_engine_merged",
+                              "copy_engine_byte_slices"])
 def test_ablations_stay_exact(params, options):
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=options)
     batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)
@@ -268,6 +270,27 @@ def test_copy_engine_without_its_fences_reads_poison(params, monkeypatch):
     monkeypatch.setattr(copy_engine.HostCopier, "issue", lambda self, rank, ctx, batches, poison: [
         self._writable(t).__setitem__(Ellipsis, np.nan) for b in batches for t in b.targets])
     assert np.isnan(engine.step(0, batch).output.logits_TV).all()
+
+
+def test_byte_slices_cover_every_copy_once_round_robin_over_owners():
+    from dwdp_jax.transport.copy_engine import Copy, chunks
+
+    src = [np.zeros((4, 10), np.float32), np.zeros((2, 10), np.float32)]  # 40-byte rows
+    copies = (Copy(src[0], 1, 1, None, 0, 3), Copy(src[1], 2, 0, None, 3, 2), Copy(src[0], 1, 0, None, 5, 1))
+    plan = chunks(copies, 50)
+    assert [c.src_rank for c, _, _ in plan[:4]] == [1, 2, 1, 2]  # alternating sources
+    for c in copies:
+        pieces = sorted((off, n) for cc, off, n in plan if cc is c)
+        assert all(n <= 50 for _, n in pieces) and sum(n for _, n in pieces) == c.nbytes
+        assert [off for off, _ in pieces] == list(range(0, c.nbytes, 50))
+    assert chunks(copies, 0) == [(c, 0, c.nbytes) for c in copies]
+
+
+def test_byte_slices_need_the_copy_engine():
+    with pytest.raises(ValueError, match="slice_bytes=2048 needs transport='copy_engine'"):
+        DwdpOptions(slice_bytes=2048)
+    with pytest.raises(ValueError, match="slice_bytes must be an integer >= 0"):
+        DwdpOptions(transport="copy_engine", slice_bytes=-1)
 
 
 def test_copy_engine_refuses_synchronous_pulls(params):

@@ -95,8 +95,9 @@ def test_strategies_agree_on_gpus(num_ranks):
     batches = [pack([[1, 2, 3, 4, 5, 6], [7, 8, 9]], budget=64), pack([[10, 11, 12, 13]], budget=64)]
     batches += [None] * (num_ranks - len(batches))
     refs = [prefill(params, b) if b is not None else None for b in batches]
-    engines = [DwdpEngine(params, Placement.for_group(16, num_ranks), options=DwdpOptions(poison=True, transport=t))
-               for t in ("device_put", "copy_engine")]
+    engines = [DwdpEngine(params, Placement.for_group(16, num_ranks), options=DwdpOptions(poison=True, **o))
+               for o in (dict(transport="device_put"), dict(transport="copy_engine"),
+                         dict(transport="copy_engine", slice_bytes=1 << 14))]
     dep_outs = {d: DepRuntime(params, num_ranks, 64, dispatch=d).step(batches) for d in ("dense", "ragged")}
     for r, (b, ref) in enumerate(zip(batches, refs)):
         if b is None:

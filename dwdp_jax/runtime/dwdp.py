@@ -40,6 +40,7 @@ class DwdpOptions:
 
     transport: str = "device_put"  # | "copy_engine" (persistent slots, pulls issued from inside the programs)
     slices: int = 1  # >1: contention mitigation (each pull split into slices, round-robin over owners)
+    slice_bytes: int = 0  # copy engine: memcpy pieces of at most this many bytes, round-robin (0 = whole copies)
     poison: bool = False  # NaN-fill released slots (tests)
     prefetch: bool = True  # False: pull each layer synchronously right before its MoE (no overlap)
     merge_experts: bool = False  # True: concatenate local and remote slabs before the MoE (the paper's D2D merge)
@@ -55,9 +56,13 @@ class DwdpOptions:
 
     def __post_init__(self):
         self.transport_options()  # validates slices before any device work
+        if self.slice_bytes and self.transport != "copy_engine":
+            raise ValueError(f"DwdpOptions.slice_bytes={self.slice_bytes} needs transport='copy_engine' "
+                             f"(transport {self.transport!r} slices by count: DwdpOptions.slices)")
 
     def transport_options(self) -> TransportOptions:
-        return TransportOptions(slices=self.slices, poison=self.poison, timeline=self.timeline)
+        return TransportOptions(slices=self.slices, poison=self.poison, timeline=self.timeline,
+                                slice_bytes=self.slice_bytes)
 
 
 @dataclasses.dataclass

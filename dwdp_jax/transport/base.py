@@ -30,16 +30,21 @@ class TransportOptions:
     """`slices`: split every pull into this many pieces issued round-robin over the owners (the paper's
     copy-engine contention mitigation; 1 = off). `poison`: fill a slot with NaN whenever it is released or about
     to be pulled into, so any read of a stale or unfinished slot shows up in the results. `timeline`: record
-    device timestamps of every copy and fence (transports that can: the copy engine on GPU)."""
+    device timestamps of every copy and fence (transports that can: the copy engine on GPU). `slice_bytes`: the
+    copy engine's 1-2 MiB slicing (each copy cut into pieces issued round-robin over the owners)."""
 
     slices: int = 1
     poison: bool = False
     timeline: bool = False
+    slice_bytes: int = 0  # copy engine: memcpy pieces of at most this many bytes, round-robin over owners (0 = whole)
 
     def __post_init__(self):
         if not isinstance(self.slices, int) or self.slices < 1:
             raise ValueError(f"TransportOptions.slices must be an integer >= 1 (1 = contention mitigation off), "
                              f"got {self.slices!r}")
+        if not isinstance(self.slice_bytes, int) or self.slice_bytes < 0:
+            raise ValueError(f"TransportOptions.slice_bytes must be an integer >= 0 (0 = whole copies), "
+                             f"got {self.slice_bytes!r}")
 
 
 def slice_bounds(count: int, slices: int) -> list[tuple[int, int]]:

@@ -69,6 +69,20 @@ class PullBatch:
     targets: tuple[jax.Array, ...]
 
 
+def chunks(copies: tuple[Copy, ...], slice_bytes: int) -> list[tuple[Copy, int, int]]:
+    """(copy, byte offset, bytes) pieces in issue order: whole copies, or (slice_bytes > 0) pieces of at most
+    slice_bytes issued round-robin over the source ranks, so every source's copy engine serves the pull at once
+    (the paper's contention mitigation)."""
+    if slice_bytes <= 0:
+        return [(c, 0, c.nbytes) for c in copies]
+    by_source: dict[int, list[tuple[Copy, int, int]]] = {}
+    for c in copies:
+        by_source.setdefault(c.src_rank, []).extend(
+            (c, off, min(slice_bytes, c.nbytes - off)) for off in range(0, c.nbytes, slice_bytes))
+    queues = list(by_source.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def remote_ranges(placement, rank: int) -> tuple[tuple[int, int], ...]:
     """The rank's remote experts as contiguous global ranges [start, stop): below and above its local slab."""
     start, stop = placement.local_range(rank)
@@ -78,8 +92,9 @@ def remote_ranges(placement, rank: int) -> tuple[tuple[int, int], ...]:
 class HostCopier:
     """CPU devices: the copy runs synchronously in the issuing callback, into the slot buffers in place."""
 
-    def __init__(self, devices):
+    def __init__(self, devices, slice_bytes: int = 0):
         del devices
+        self.slice_bytes = slice_bytes
 
     @staticmethod
     def _writable(a: jax.Array) -> np.ndarray:
@@ -93,8 +108,11 @@ class HostCopier:
             if poison:
                 for t in b.targets:
                     self._writable(t)[...] = np.nan
-            for c in b.copies:
-                self._writable(c.dst)[c.dst_row:c.dst_row + c.rows] = np.asarray(c.src)[c.src_row:c.src_row + c.rows]
+            for c, off, n in chunks(b.copies, self.slice_bytes):
+                dst = self._writable(c.dst).reshape(-1).view(np.uint8)
+                src = np.asarray(c.src).reshape(-1).view(np.uint8)
+                at_dst, at_src = c.dst_row * c.row_bytes + off, c.src_row * c.row_bytes + off
+                dst[at_dst:at_dst + n] = src[at_src:at_src + n]
 
     def wait(self, rank, ctx, slot):
         del rank, ctx, slot
@@ -109,13 +127,13 @@ class HostCopier:
 class CudaCopier:
     """GPU: peer copies on one non-blocking side stream per destination rank, fenced by CUDA events."""
 
-    def __init__(self, devices, timeline: bool = False):
+    def __init__(self, devices, timeline: bool = False, slice_bytes: int = 0):
         import cupy
 
         self.cp = cupy
         self.rt = cupy.cuda.runtime
         self.ordinals = [d.local_hardware_id for d in devices]
-        self.record_timeline = timeline
+        self.record_timeline, self.slice_bytes = timeline, slice_bytes
         self.side, self.fence, self.done, self.events, self.marks = [], [], [], [], []
         no_timing = self.rt.eventDisableTiming
         for ordinal in self.ordinals:
@@ -159,10 +177,10 @@ class CudaCopier:
                 if poison:
                     for t in b.targets:
                         rt.memsetAsync(t.unsafe_buffer_pointer(), 0xFF, t.nbytes, side)  # all-ones bits: NaN
-                for c in b.copies:
-                    rt.memcpyPeerAsync(c.dst.unsafe_buffer_pointer() + c.dst_row * c.row_bytes, self.ordinals[rank],
-                                       c.src.unsafe_buffer_pointer() + c.src_row * c.row_bytes,
-                                       self.ordinals[c.src_rank], c.nbytes, side)
+                for c, off, n in chunks(b.copies, self.slice_bytes):
+                    rt.memcpyPeerAsync(c.dst.unsafe_buffer_pointer() + c.dst_row * c.row_bytes + off,
+                                       self.ordinals[rank], c.src.unsafe_buffer_pointer() + c.src_row * c.row_bytes
+                                       + off, self.ordinals[c.src_rank], n, side)
                 self._mark(rank, "copy_end", b.layer, side)
                 rt.eventRecord(self.done[rank][b.slot], side)
 
@@ -230,7 +248,8 @@ class CopyEngineTransport(Transport):
         on_gpu = devices[0].platform == "gpu"
         if self.options.timeline and not on_gpu:
             raise ValueError("TransportOptions.timeline needs GPU devices (the copy-engine timeline uses CUDA events)")
-        self.copier = CudaCopier(devices, self.options.timeline) if on_gpu else HostCopier(devices)
+        self.copier = (CudaCopier(devices, self.options.timeline, self.options.slice_bytes) if on_gpu
+                       else HostCopier(devices, self.options.slice_bytes))
         example = local_slabs[0][0]
         self.buffers = []  # buffers[rank][slot]: one ExpertSlab per remote range, allocated once
         for rank, device in enumerate(devices):
