@@ -344,11 +344,22 @@ def _synthetic_results(root: Path) -> None:
                               "synchronization": entry(1.6, "estimated")},
                       "dwdp": {"attention": entry(3.2), "grouped_gemm": entry(3.3), "p2p_exposed_wait": entry(0.2)}}})
     _write_json(root / "context_bench" / "no_breakdown.json", {"experiment": "context_bench", "run": "no_breakdown"})
+    marks = [["issue", -1, 0.0], ["copy_start", 0, 0.01], ["copy_end", 0, 40.0], ["copy_start", 1, 40.0],
+             ["copy_end", 1, 80.0], ["wait_arrive", -1, 200.0], ["wait_resume", -1, 200.01]]
+    _write_json(root / "context_bench" / "timeline.json", {
+        "experiment": "context_bench", "run": "timeline",
+        "raw": {"dwdp": {"pull_timeline": [{"rank": r, "marks": marks, "step_ms": 300.0, "exposed_wait_ms": 0.01}
+                                           for r in range(2)]}}})
     for isl, tps in ((1024, 120.0), (8192, 111.0)):
         _write_json(root / "ablations" / f"isl_{isl}.json", {
             "run": f"isl_{isl}", "config": {"sweep": "isl", "point": {"isl": isl}},
             "metrics": {"dwdp": {"tps_per_gpu": tps, "ttft_p50_s": 1.0}, "dep": {"tps_per_gpu": 100.0,
                                                                                  "ttft_p50_s": 1.2}}})
+
+
+def marks_of(results):
+    return json.loads((results / "context_bench" / "timeline.json").read_text())["raw"]["dwdp"]["pull_timeline"][0][
+        "marks"]
 
 
 def test_figure_scripts_write_png_pdf_and_markdown(tmp_path):
@@ -358,6 +369,11 @@ def test_figure_scripts_write_png_pdf_and_markdown(tmp_path):
     _synthetic_results(results)
     written = fig_breakdown.main(results, figures)
     assert sorted(p.name for p in written) == ["breakdown_tiny.pdf", "breakdown_tiny.png"]
+    from experiments.figures import fig_pull_timeline
+
+    written = fig_pull_timeline.main(results, figures)  # only the run with a pull timeline
+    assert sorted(p.name for p in written) == ["pull_timeline_timeline.pdf", "pull_timeline_timeline.png"]
+    assert fig_pull_timeline._pairs(marks_of(results), "copy_start", "copy_end") == [(0, 0.01, 40.0), (1, 40.0, 80.0)]
     written = fig_ablations.main(results, figures)
     assert sorted(p.name for p in written) == ["ablation_isl.pdf", "ablation_isl.png", "ablations.md"]
     assert all(p.stat().st_size > 0 for p in written)
