@@ -11,6 +11,7 @@ import pytest
 
 from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
+from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives, queue_source
 from dwdp_jax.runtime.reference import Params, prefill
 from models import config as C
@@ -313,3 +314,32 @@ def test_deleted_copy_engine_releases_its_slots(params):
     del engine
     gc.collect()
     assert transport() is None and slot() is None
+
+
+def test_copy_engine_fences_order_the_moe_program(params):
+    """The lowered MoE program: the wait fence's token passes an optimization barrier with every expert weight (no
+    weight is read except through it), and the issue fence takes the layer's output (so it runs after the reads)."""
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2), options=DwdpOptions(transport="copy_engine"))
+    batch = pack([[1, 2, 3]], budget=BUDGET)
+    w = engine.ranks[0]
+    args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
+    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
+    text = stages.moe_layer.lower(engine._moe_graph, w.moe_states[0], x, *args[1:],
+                                  engine._view(0, 0, engine.transport.remote_specs(0)),
+                                  hook=engine.transport.hook(0)).as_text()
+    calls = re.findall(r"(%\d+) = stablehlo.custom_call @\w*callback\w*\((%\w+)\)", text)
+    assert len(calls) == 2
+    (wait_token, _), (issue_token, issued_after) = calls
+    barrier = next(line for line in text.splitlines() if "optimization_barrier" in line and wait_token + " " in line)
+    weights = re.findall(r"(%arg\d+)", barrier)
+    assert len(weights) == 6  # local + remote slab, gate/up/down each
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("func.func public @main"))
+    body = lines[start + 1:lines.index("  }", start)]  # main's body, not its signature or private functions
+    for arg in weights:
+        uses = [line for line in body if re.search(re.escape(arg) + r"\b", line)]
+        assert uses == [barrier], f"{arg} is read outside the fenced barrier"
+    returned = next(line for line in body if line.lstrip().startswith("return "))
+    final = next(line for line in body if issue_token in line and "optimization_barrier" in line)
+    # the issue fence takes the layer output, and the program returns that output through the fence's barrier
+    assert issued_after in final and final.split("=")[0].strip().split(":")[0] + "#0" in returned
