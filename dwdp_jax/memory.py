@@ -70,21 +70,14 @@ def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
     if placement.num_experts != cfg.n_routed_experts:
         raise ValueError(f"placement.num_experts={placement.num_experts} must equal cfg.n_routed_experts="
                          f"{cfg.n_routed_experts}")
-    param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
     remote_experts = placement.num_experts - placement.local_experts
-    plan = MemoryPlan(
-        description=(f"dwdp N={placement.num_ranks} L={placement.local_experts} P={placement.prefetch_experts}, "
-                     f"{cfg.num_moe_layers} MoE layers, T={max_num_tokens}, {attention_impl} attention, "
-                     f"{param_bytes} B/param"),
-        replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
-        local_expert_bytes=math.ceil(placement.local_experts * cfg.num_moe_layers * cfg.expert_params() * param_bytes),
-        prefetch_slot_bytes=math.ceil(live_slots * remote_experts * cfg.expert_params() * param_bytes),
-        all_to_all_bytes=0,
-        activation_bytes=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
-                                          attention_impl))
-    if device_bytes is not None:
-        plan.check(device_bytes)
-    return plan
+    return _plan(cfg, weight_bytes_per_param, device_bytes,
+                 f"dwdp N={placement.num_ranks} L={placement.local_experts} P={placement.prefetch_experts}, "
+                 f"{cfg.num_moe_layers} MoE layers, T={max_num_tokens}, {attention_impl} attention",
+                 expert_params=placement.local_experts * cfg.num_moe_layers * cfg.expert_params(),
+                 slot_params=live_slots * remote_experts * cfg.expert_params(),
+                 activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
+                                                   attention_impl))
 
 
 def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
@@ -97,35 +90,38 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
     """
     if num_ranks < 1 or cfg.n_routed_experts % num_ranks:
         raise ValueError(f"plan_dep num_ranks must divide n_routed_experts={cfg.n_routed_experts}, got {num_ranks}")
-    param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
-    act_bytes = _DTYPE_BYTES[cfg.dtype]
     rows_per_rank = max_num_tokens * cfg.num_experts_per_tok
     local_experts = cfg.n_routed_experts // num_ranks
-    plan = MemoryPlan(
-        description=(f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
-                     f"{attention_impl} attention, {param_bytes} B/param"),
-        replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
-        local_expert_bytes=math.ceil(local_experts * cfg.num_moe_layers * cfg.expert_params() * param_bytes),
-        prefetch_slot_bytes=0,
-        all_to_all_bytes=(1 + num_ranks) * rows_per_rank * cfg.hidden_size * act_bytes,
-        activation_bytes=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
-    if device_bytes is not None:
-        plan.check(device_bytes)
-    return plan
+    return _plan(cfg, weight_bytes_per_param, device_bytes,
+                 f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
+                 f"{attention_impl} attention",
+                 expert_params=local_experts * cfg.num_moe_layers * cfg.expert_params(),
+                 all_to_all_bytes=(1 + num_ranks) * rows_per_rank * cfg.hidden_size * _DTYPE_BYTES[cfg.dtype],
+                 activations=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
 
 
 def plan_reference(cfg: ModelConfig, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
                    attention_impl: str = "naive", device_bytes: int | None = None) -> MemoryPlan:
     """The single-device ground truth: every weight on one device, T tokens."""
+    return _plan(cfg, weight_bytes_per_param, device_bytes, f"reference, T={max_num_tokens}, {attention_impl} attention",
+                 expert_params=routed_params(cfg),
+                 activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
+                                                   attention_impl))
+
+
+def _plan(cfg: ModelConfig, weight_bytes_per_param: float | None, device_bytes: int | None, description: str, *,
+          expert_params: float, activations: int, slot_params: float = 0, all_to_all_bytes: int = 0
+          ) -> MemoryPlan:
+    """The plan every strategy shares the shape of: replicated weights, routed experts held, prefetch slots,
+    all-to-all buffers and activations; checked against `device_bytes` when given."""
     param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
     plan = MemoryPlan(
-        description=f"reference, T={max_num_tokens}, {attention_impl} attention, {param_bytes} B/param",
+        description=f"{description}, {param_bytes} B/param",
         replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
-        local_expert_bytes=math.ceil(routed_params(cfg) * param_bytes),
-        prefetch_slot_bytes=0,
-        all_to_all_bytes=0,
-        activation_bytes=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
-                                          attention_impl))
+        local_expert_bytes=math.ceil(expert_params * param_bytes),
+        prefetch_slot_bytes=math.ceil(slot_params * param_bytes),
+        all_to_all_bytes=all_to_all_bytes,
+        activation_bytes=activations)
     if device_bytes is not None:
         plan.check(device_bytes)
     return plan
