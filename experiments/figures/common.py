@@ -23,8 +23,9 @@ def load(experiment: str, results_root: str | Path | None = None) -> list[dict]:
     return docs
 
 
-def save(fig: "plt.Figure", name: str, figures_root: str | Path | None = None) -> list[Path]:
-    """Writes figures/<name>.png and .pdf and closes the figure."""
+def save(fig: "plt.Figure", name: str, figures_root: str | Path | None = None,
+         markdown: str | None = None) -> list[Path]:
+    """Writes figures/<name>.png and .pdf (and <name>.md with `markdown`) and closes the figure."""
     root = Path(figures_root or FIGURES_ROOT)
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / f"{name}.png", root / f"{name}.pdf"]
@@ -32,6 +33,9 @@ def save(fig: "plt.Figure", name: str, figures_root: str | Path | None = None) -
     for path in paths:
         fig.savefig(path, dpi=150)
     plt.close(fig)
+    if markdown is not None:
+        paths.append(root / f"{name}.md")
+        paths[-1].write_text(markdown)
     return paths
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
+from experiments.figures.common import cli, load, plt, save
 
 SIMULATED = ("none", "fifo")  # disciplines whose level frequencies are meaningful (round_robin: N - 1 by design)
 
@@ -64,10 +64,7 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     """One figure and one markdown table per sim_contention run; [] (with a warning) when there is none."""
     written = []
     for doc in load("sim_contention", results_root):
-        written += save(_figure(doc), f"contention_{doc['run']}", figures_root)
-        path = Path(figures_root or FIGURES_ROOT) / f"contention_{doc['run']}.md"
-        path.write_text(_markdown(doc))
-        written.append(path)
+        written += save(_figure(doc), f"contention_{doc['run']}", figures_root, markdown=_markdown(doc))
     return written
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
+from experiments.figures.common import cli, load, plt, save
 
 COLORS = {"dep": "tab:blue", "dwdp": "tab:orange"}
 # Paper Tables 5-6 (dwdp_reference.md 3.4), by band: TPS/user speedup, TPS/GPU speedup (Table 5), TTFT base / DWDP ms.
@@ -58,10 +58,7 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     """One figure and one markdown table per sim_pareto run; [] (with a warning) when there is none."""
     written = []
     for doc in load("sim_pareto", results_root):
-        written += save(_figure(doc), f"pareto_{doc['run']}", figures_root)
-        path = Path(figures_root or FIGURES_ROOT) / f"pareto_{doc['run']}.md"
-        path.write_text(_markdown(doc))
-        written.append(path)
+        written += save(_figure(doc), f"pareto_{doc['run']}", figures_root, markdown=_markdown(doc))
     return written
 
 

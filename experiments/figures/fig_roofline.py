@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
+from experiments.figures.common import cli, load, plt, save
 
 
 
@@ -94,10 +94,7 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     """Roofline figures and tables, and calibration figures; [] (with a warning) when there are no results."""
     written = []
     for doc in load("roofline", results_root):
-        written += save(_roofline_figure(doc), f"roofline_{doc['run']}", figures_root)
-        path = Path(figures_root or FIGURES_ROOT) / f"roofline_{doc['run']}.md"
-        path.write_text(_markdown(doc))
-        written.append(path)
+        written += save(_roofline_figure(doc), f"roofline_{doc['run']}", figures_root, markdown=_markdown(doc))
     for doc in load("sim_calibration", results_root):
         written += save(_calibration_figure(doc), f"calibration_{doc['run']}", figures_root)
     return written
