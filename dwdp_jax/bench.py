@@ -30,6 +30,7 @@ from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import reference, stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
 from dwdp_jax.serving import metrics, scheduler, workload
+from dwdp_jax.transport import transport_class
 from models import config as model_config
 from models import deepseek_v3
 
@@ -65,9 +66,8 @@ def orbax_model_config(c) -> model_config.ModelConfig:
 def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, device_bytes: int) -> int:
     """The deepest model (num_hidden_layers) whose DWDP and DEP ranks both fit `device_bytes`
     (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
-    live_slots = 3 if c.dwdp.transport == "device_put" else 2  # fresh buffers per pull: see memory.plan_dwdp
     dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash",
-                                      live_slots=live_slots)
+                                      live_slots=transport_class(c.dwdp.transport).live_slots)
     for layers in range(dwdp, cfg.first_k_dense_replace, -1):
         try:
             memory.plan_dep(cfg.replace(num_hidden_layers=layers), dep_ranks(c), c.max_num_tokens,
@@ -392,53 +392,57 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     vb = verification_batches(p, c)
     refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
     skew = routing_skew(refs, p.cfg.n_routed_experts)
-    verification, hlo_collectives, raw, summary, breakdown, failures = {}, {}, {}, {}, {}, {}
+    s = {k: {} for k in ("verification", "hlo_collectives", "raw", "summary", "breakdown", "failures")}
     for name in p.strategies:
         try:
-            run_strategy(name, params, p, c, vb, refs, make_dep, verification, hlo_collectives, raw, summary, breakdown)
+            for key, value in run_strategy(name, params, p, c, vb, refs, make_dep).items():
+                s[key].update(value)
         except RuntimeError as e:  # a device failure (e.g. out of memory): kept with what the other strategy measured
-            failures[name] = f"{type(e).__name__}: {e}"[:4000]
+            s["failures"][name] = f"{type(e).__name__}: {e}"[:4000]
         gc.collect()
+    summary = s["summary"]
     if len(summary) == 2:
         summary["ratio"] = {"tps_per_gpu_dwdp_over_dep": summary["dwdp"]["tps_per_gpu"] / summary["dep"]["tps_per_gpu"],
                             "ttft_p50_dep_over_dwdp": summary["dep"]["ttft_p50_s"] / summary["dwdp"]["ttft_p50_s"]}
-    path = results_lib.write_results(c.experiment, run_name, config=c, raw=raw, metrics=summary,
-                                     verification=verification, root=c.results_root,
-                                     hlo_collectives=hlo_collectives, breakdown=breakdown, routing_skew=skew,
+    path = results_lib.write_results(c.experiment, run_name, config=c, raw=s["raw"], metrics=summary,
+                                     verification=s["verification"], root=c.results_root,
+                                     hlo_collectives=s["hlo_collectives"], breakdown=s["breakdown"], routing_skew=skew,
                                      model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement),
-                                     failures=failures)
-    if failures:
-        raise RuntimeError(f"strategies failed (the others' results are in {path}): {failures}")
-    return {"path": str(path), "metrics": summary, "verification": verification, "hlo_collectives": hlo_collectives,
-            "breakdown": breakdown, "routing_skew": skew}
+                                     failures=s["failures"])
+    if s["failures"]:
+        raise RuntimeError(f"strategies failed (the others' results are in {path}): {s['failures']}")
+    return {"path": str(path), "metrics": summary, "verification": s["verification"],
+            "hlo_collectives": s["hlo_collectives"], "breakdown": s["breakdown"], "routing_skew": skew}
 
 
-def run_strategy(name, params, p: Plan, c, vb, refs, make_dep, verification, hlo_collectives, raw, summary,
-                 breakdown) -> None:
-    """One strategy alone on the devices: built, verified, warmed up, run, profiled; its sections filled in."""
+def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str, dict]:
+    """One strategy alone on the devices: built, verified, warmed up, run, profiled. Returns its part of each
+    results section ({section: {...}}); the runtime is freed on return."""
     runtime = make_runtime(name, params, p, c, make_dep)
     ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
     batches = (vb + [None] * ranks)[:ranks]
     outs = verification_outputs(runtime, batches)
+    out = {"verification": {}, "hlo_collectives": {name: collectives_of(runtime, vb[0])}, "breakdown": {}}
     if refs:
-        verification[name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol, c.verify.min_id_match)
-    hlo_collectives[name] = collectives_of(runtime, vb[0])
+        out["verification"][name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
+                                           c.verify.min_id_match)
     warm_up(runtime, c)
     if name == "dwdp":
         reqs, iters, assignments = run_dwdp(runtime, p, c)
         extra = {}
     else:
         reqs, iters, assignments, extra = run_dep(runtime, p, c)
-    summary[name] = {**metrics.summarize(reqs, iters, ranks),
-                     **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
-    raw[name] = {"requests": [dataclasses.asdict(r) for r in reqs],
-                 "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
+    summary = {**metrics.summarize(reqs, iters, ranks),
+               **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
+    raw = {"requests": [dataclasses.asdict(r) for r in reqs],
+           "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
     if c.breakdown:
-        breakdown.update(profile_breakdown({name: runtime}, p, c))
+        out["breakdown"] = profile_breakdown({name: runtime}, p, c)
     if name == "dwdp" and runtime.options.timeline:
         pulls = pull_timeline(runtime, first_step_batches(p, c))
-        summary[name].update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
-        raw[name]["pull_timeline"] = pulls["ranks"]
+        summary.update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
+        raw["pull_timeline"] = pulls["ranks"]
+    return {**out, "summary": {name: summary}, "raw": {name: raw}}
 
 
 def first_step_batches(p: Plan, c) -> list[PackedBatch | None]:
