@@ -152,16 +152,20 @@ def _metric(metrics: dict, key: str, path: Path, required: bool) -> float | None
     return float(value)
 
 
-def calibrated(results_root: str | Path | None = None) -> HardwareSpec:
-    """The spec measured on our own GPUs, from the newest results/gpu_calibration/*.json (contract in the module
-    docstring). Raises ValueError when there is no such file or a required metric is missing."""
+def newest_calibration(results_root: str | Path | None = None) -> tuple[Path, dict]:
+    """(path, document) of the newest results/gpu_calibration/*.json; ValueError when there is none."""
     folder = Path(results_root or "results") / CALIBRATION_EXPERIMENT
     paths = sorted(folder.glob("*.json"))
     if not paths:
         raise ValueError(f"no GPU calibration results in {folder}: run the GPU calibration benchmark first, or pick a "
                          f"datasheet spec ({sorted(SPECS)})")
-    path = paths[-1]
-    doc = json.loads(path.read_text())
+    return paths[-1], json.loads(paths[-1].read_text())
+
+
+def calibrated(results_root: str | Path | None = None) -> HardwareSpec:
+    """The spec measured on our own GPUs, from the newest results/gpu_calibration/*.json (contract in the module
+    docstring). Raises ValueError when there is no such file or a required metric is missing."""
+    path, doc = newest_calibration(results_root)
     metrics = doc.get("metrics") or {}
 
     def rate(key, scale, required=False):

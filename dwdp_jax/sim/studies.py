@@ -8,7 +8,6 @@ field. Documents are plain dicts: {"config", "raw", "metrics"} for dwdp_jax.resu
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -400,7 +399,6 @@ def calibrated_kernels(results_root: str | Path | None) -> dict[str, str]:
     """The MoE and attention kernels the newest GPU calibration measured (context_bench config names).
 
     Calibration files written before the field existed measured the split-weight kernel and cuDNN attention."""
-    path = sorted((Path(results_root or "results") / hardware.CALIBRATION_EXPERIMENT).glob("*.json"))[-1]
-    config = json.loads(path.read_text()).get("config") or {}
+    config = hardware.newest_calibration(results_root)[1].get("config") or {}
     return {"gemm_backend": config.get("gemm_backend", "pallas_split"),
             "attention_impl": config.get("attention_impl", "cudnn")}
