@@ -20,14 +20,17 @@ from dwdp_jax.kernels import attention as attention_kernels
 GIB = 1 << 30
 
 
-def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2, before: Callable = lambda: None,
+           after: Callable = lambda: None) -> float:
+    """Median seconds of fn(*args) until ready; `before`/`after` run around every call, outside the timed span."""
     samples = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        before()
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t)
+        if i >= warmup:
+            samples.append(time.perf_counter() - t)
+        after()
     return statistics.median(samples)
 
 
@@ -194,18 +197,6 @@ def copy_engine_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int,
             for s in streams:
                 rt.streamSynchronize(s)
 
-    def timed(fn, before=lambda: None, after=lambda: None) -> float:
-        """Median seconds of fn() over 5 repeats after 2 warm-ups; before/after run outside the timed span."""
-        samples = []
-        for i in range(7):
-            before()
-            start = time.perf_counter()
-            fn()
-            if i >= 2:
-                samples.append(time.perf_counter() - start)
-            after()
-        return statistics.median(samples)
-
     a = jax.device_put(jnp.ones((8192, 8192), jnp.bfloat16), dst)
     chain = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, x: (x @ a) * 1e-3, a))
     key = jax.random.key(4)
@@ -216,14 +207,12 @@ def copy_engine_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int,
     attn_fn = attention_kernels.get_backend("cudnn_mla_1seq")
     attn = jax.jit(lambda q, k, v: attn_fn(q, k, v, seg, pos, scale=192 ** -0.5))
     out = {}
-    out["pull_one_stream_s"] = timed(lambda: (pull(False), sync()))
-    out["pull_ceiling_s"] = timed(lambda: (pull(True), sync()))
+    out["pull_one_stream_s"] = time_s(lambda: (pull(False), sync()))
+    out["pull_ceiling_s"] = time_s(lambda: (pull(True), sync()))
     for name, fn, args in (("gemm", chain, (a,)), ("attention", attn, (q, k, v))):
-        jax.block_until_ready(fn(*args))
-        out[f"{name}_s"] = timed(lambda: jax.block_until_ready(fn(*args)))
+        out[f"{name}_s"] = time_s(fn, *args)
         # the pull is issued (host-asynchronous) first and outlasts the compute: the compute runs with it in flight
-        out[f"{name}_while_pulling_s"] = timed(lambda: jax.block_until_ready(fn(*args)), before=lambda: pull(False),
-                                               after=sync)
+        out[f"{name}_while_pulling_s"] = time_s(fn, *args, before=lambda: pull(False), after=sync)
         out[f"{name}_slowdown"] = out[f"{name}_while_pulling_s"] / out[f"{name}_s"]
     with cupy.cuda.Device(ordinal):
         for s in streams:

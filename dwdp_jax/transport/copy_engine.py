@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from dwdp_jax.transport.base import Transport, slice_bounds
+from dwdp_jax.transport.base import Transport, TransportOptions, slice_bounds
 from models.experts import ExpertSlab
 
 WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
@@ -243,8 +243,8 @@ class CopyEngineTransport(Transport):
     live_slots = 2
     issues_in_program = True
 
-    def __init__(self, placement, local_slabs, devices, options=None):
-        super().__init__(placement, local_slabs, devices, *(() if options is None else (options,)))
+    def __init__(self, placement, local_slabs, devices, options=TransportOptions()):
+        super().__init__(placement, local_slabs, devices, options)
         on_gpu = devices[0].platform == "gpu"
         if self.options.timeline and not on_gpu:
             raise ValueError("TransportOptions.timeline needs GPU devices (the copy-engine timeline uses CUDA events)")
@@ -287,9 +287,10 @@ class CopyEngineTransport(Transport):
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
         buffers = self.buffers[rank][slot]
         copies = []
+        pulls = {(p.owner, p.src_offset): p for p in self.placement.pulls(rank)}
         for owner, offset, count, i in self.pull_order(rank):
             a, b = slice_bounds(count, self.options.slices)[i]
-            pull = next(p for p in self.placement.pulls(rank) if (p.owner, p.src_offset) == (owner, offset))
+            pull = pulls[(owner, offset)]
             dst = next(s for s in buffers if s.start <= pull.global_start < s.start + s.count)
             for w in WEIGHTS:
                 copies.append(Copy(getattr(self.local_slabs[owner][layer], w), owner, offset + a, getattr(dst, w),

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import jax
 
-from dwdp_jax.transport.base import Transport, export_pieces
+from dwdp_jax.transport.base import Transport, TransportOptions, export_pieces
 from models.experts import ExpertSlab
 
 
 class DevicePutTransport(Transport):
     live_slots = 3
 
-    def __init__(self, placement, local_slabs, devices, options=None):
-        super().__init__(placement, local_slabs, devices, *(() if options is None else (options,)))
+    def __init__(self, placement, local_slabs, devices, options=TransportOptions()):
+        super().__init__(placement, local_slabs, devices, options)
         # exports[owner][layer]: that owner's pieces of one MoE layer (export_pieces)
         self.exports = [[export_pieces(slab, placement, owner, self.options.slices, devices[owner])
                          for slab in layers] for owner, layers in enumerate(local_slabs)]
