@@ -67,7 +67,11 @@ def apply_point(c, sweep: str, point: dict[str, Any], scale: str) -> None:
                 c.dwdp.slice_bytes = MITIGATION_SLICE_BYTES if value else 0
             else:
                 c.dwdp.slices = MITIGATION_SLICES[scale] if value else 1
-        elif key in ("merge_experts", "prefetch", "transport"):
+        elif key == "transport":  # the copy engine's own knobs do not apply to device_put
+            c.dwdp.transport = value
+            if value != "copy_engine":
+                c.dwdp.timeline, c.dwdp.slice_bytes = False, 0
+        elif key in ("merge_experts", "prefetch"):
             setattr(c.dwdp, key, value)
         elif key == "dep_balance":
             c.dep.balance = value

@@ -89,9 +89,10 @@ def test_a_failing_strategy_keeps_the_other_ones_results(tmp_path):
 def test_prefetch_sweep_pins_a_transport_that_copies_on_request():
     c = small_config(Path("/nonexistent"))
     c.dwdp.transport = "copy_engine"
+    c.dwdp.timeline = True
     off = ablations.points("prefetch", "r1")[1]
     ablations.apply_point(c, "prefetch", off, "r1")
-    assert (c.dwdp.prefetch, c.dwdp.transport) == (False, "device_put")
+    assert (c.dwdp.prefetch, c.dwdp.transport, c.dwdp.timeline) == (False, "device_put", False)
 
 
 def test_contention_mitigation_slices_bytes_on_the_copy_engine():

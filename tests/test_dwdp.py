@@ -294,6 +294,14 @@ def test_byte_slices_need_the_copy_engine():
         DwdpOptions(transport="copy_engine", slice_bytes=-1)
 
 
+def test_timeline_needs_the_copy_engine_on_gpus(params):
+    with pytest.raises(ValueError, match="timeline needs transport='copy_engine'"):
+        DwdpOptions(timeline=True)
+    with pytest.raises(ValueError, match="timeline needs GPU devices"):
+        DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                   options=DwdpOptions(transport="copy_engine", timeline=True))
+
+
 def test_copy_engine_refuses_synchronous_pulls(params):
     with pytest.raises(ValueError, match="prefetch=False needs a transport that copies on request"):
         DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),

@@ -56,6 +56,8 @@ class DwdpOptions:
 
     def __post_init__(self):
         self.transport_options()  # validates slices before any device work
+        if self.timeline and self.transport != "copy_engine":
+            raise ValueError(f"DwdpOptions.timeline needs transport='copy_engine', got {self.transport!r}")
         if self.slice_bytes and self.transport != "copy_engine":
             raise ValueError(f"DwdpOptions.slice_bytes={self.slice_bytes} needs transport='copy_engine' "
                              f"(transport {self.transport!r} slices by count: DwdpOptions.slices)")
@@ -98,6 +100,9 @@ class DwdpEngine:
         available = jax.devices() if devices is None else devices
         placement.check_devices(len(available))
         transport_cls = transport_class(options.transport)
+        if options.timeline and available[0].platform != "gpu":
+            raise ValueError("DwdpOptions.timeline needs GPU devices (the copy-engine timeline uses CUDA events), got "
+                             f"{available[0].platform}")
         if not options.prefetch and transport_cls.issues_in_program:
             raise ValueError(f"DwdpOptions.prefetch=False needs a transport that copies on request (device_put); "
                              f"{options.transport!r} issues pulls from the programs that follow")
