@@ -91,7 +91,7 @@ def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=Non
     return 2 * m * k * n * (2 if fused else 1) / time_s(f, x, jnp.asarray(sizes, jnp.int32), ws) / 1e12
 
 
-def grouped_gemm_error(sizes: np.ndarray, k: int, n: int) -> float:
+def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> float:
     """Relative error of the split-weight kernel (two slabs) against an fp32 per-group reference (bf16 inputs)."""
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
 
@@ -99,7 +99,8 @@ def grouped_gemm_error(sizes: np.ndarray, k: int, n: int) -> float:
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
     w = (0.05 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
-    ours = split_ragged_dot(x, jnp.asarray(sizes, jnp.int32), (w[:g // 2], w[g // 2:])).astype(jnp.float32)
+    ours = split_ragged_dot(x, jnp.asarray(sizes, jnp.int32), (w[:g // 2], w[g // 2:]), blocks=blocks)
+    ours = ours.astype(jnp.float32)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     ref = jnp.concatenate([x[a:b].astype(jnp.float32) @ w[i].astype(jnp.float32)
                            for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))])

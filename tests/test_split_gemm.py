@@ -77,6 +77,19 @@ def test_split_ragged_dot_matches_ragged_dot(sizes, counts, rows, fused):
     assert np.linalg.norm(ours[:used] - ref) <= 1e-5 * max(np.linalg.norm(ref), 1e-30)
 
 
+@pytest.mark.parametrize("order", [Blocks(16, 16, 16, group_m=2), Blocks(16, 16, 16, group_m=2, per_group=True),
+                                   Blocks(16, 16, 16, per_group=True)])
+def test_launch_orders_give_the_same_result(order):
+    rng = np.random.default_rng(3)
+    sizes, counts = [5, 0, 37, 3, 0, 19], (2, 3, 1)
+    x = jnp.asarray(rng.standard_normal((70, 32)), jnp.float32)
+    ws = tuple(jnp.asarray(rng.standard_normal((c, 32, 48)), jnp.float32) for c in counts)
+    gs = jnp.asarray(sizes, jnp.int32)
+    base = np.asarray(split_ragged_dot(x, gs, ws, blocks=SMALL, interpret=True))[:64]
+    ours = np.asarray(split_ragged_dot(x, gs, ws, blocks=order, interpret=True))[:64]
+    np.testing.assert_array_equal(ours, base)
+
+
 def test_split_ragged_dot_refuses_mismatched_slabs():
     x = jnp.zeros((16, 32), jnp.float32)
     with pytest.raises(ValueError, match="slab 1 weight"):
@@ -98,19 +111,37 @@ def test_dwdp_with_split_kernel_matches_reference():
         assert np.linalg.norm(out.logits_TV - ref.logits_TV) <= 1e-5 * np.linalg.norm(ref.logits_TV)
 
 
-@pytest.mark.parametrize("tiles,blocks,group", [(10, 3, 4), (7, 5, 8), (9, 1, 2), (4, 6, 1)])
-def test_launch_order_visits_every_tile_and_block_once(tiles, blocks, group):
+def _visits(sizes, block_m, num_rows, cols, group_m, per_group):
     from dwdp_jax.kernels.split_gemm import launch_order
 
-    pairs = [tuple(int(v) for v in launch_order(jnp.int32(p), tiles, blocks, group)) for p in range(tiles * blocks)]
-    assert sorted(pairs) == [(t, n) for t in range(tiles) for n in range(blocks)]
-    # within a group the row tiles change fastest, so a group's rows are reused across column blocks
-    assert [t for t, _ in pairs[:min(group, tiles)]] == list(range(min(group, tiles)))
+    sched = np.asarray(tile_schedule(jnp.asarray(sizes, jnp.int32), (len(sizes),), block_m, num_rows, group_m,
+                                     per_group))
+    pairs = [tuple(int(v) for v in launch_order(p, sched, cols)) for p in range(sched.shape[1] * cols)]
+    return sched, pairs
+
+
+@pytest.mark.parametrize("group_m,per_group", [(0, False), (2, False), (3, False), (1, False), (0, True), (2, True),
+                                               (3, True)])
+@pytest.mark.parametrize("sizes", [[5, 0, 17, 3, 0, 9], [40, 1, 1, 0], [0, 0, 0, 0], [7]])
+def test_launch_order_visits_every_tile_and_block_once(sizes, group_m, per_group):
+    sched, pairs = _visits(sizes, 4, sum(sizes) + 3, 3, group_m, per_group)
+    num_tiles, count = sched.shape[1], int(sched[5, 0])
+    assert sorted(pairs) == [(t, n) for t in range(num_tiles) for n in range(3)]
+    # programs come window by window; inside a window the row tiles change fastest (rows reused across blocks)
+    windows = [(int(sched[6, t]), int(sched[7, t])) for t in range(num_tiles)]
+    pos = 0
+    for first, size in sorted(set(windows)):
+        assert pairs[pos:pos + size] == [(first + i, 0) for i in range(size)]
+        pos += size * 3
+    if group_m:
+        assert all(size <= group_m for first, size in windows[:count])
+    if per_group:  # no real window mixes two expert groups
+        assert all(len({int(sched[1, t]) for t in range(first, first + size)}) == 1
+                   for first, size in windows[:count])
 
 
 def test_default_launch_order_is_column_block_major():
-    """group_m 0 (the measured default) is one group of all row tiles: every tile of column block 0 comes first."""
-    from dwdp_jax.kernels.split_gemm import launch_order
-
-    pairs = [tuple(int(v) for v in launch_order(jnp.int32(p), 5, 3, 5)) for p in range(15)]
-    assert pairs == [(t, n) for n in range(3) for t in range(5)]
+    """group_m 0 (the measured default) is one window of all row tiles: every tile of column block 0 comes first."""
+    sched, pairs = _visits([3, 9, 4], 4, 16, 3, 0, False)
+    num_tiles = sched.shape[1]
+    assert pairs == [(t, n) for n in range(3) for t in range(num_tiles)]

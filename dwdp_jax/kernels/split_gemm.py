@@ -35,10 +35,12 @@ class Blocks:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 4
-    # Launch order: groups of this many row tiles sweep every column block before the next group starts, so a
-    # group's rows stay in L2 across the column blocks. 0 = one group of all row tiles (column-block-major: every
+    # Launch order: windows of this many row tiles sweep every column block before the next window starts, so a
+    # window's rows stay in L2 across the column blocks. 0 = one window of all row tiles (column-block-major: every
     # column block re-reads all rows), the order the H200 numbers were measured with; the benchmark sweeps others.
     group_m: int = 0
+    # Windows never span two expert groups: a window's tiles all read the same weight column blocks.
+    per_group: bool = False
 
 
 # Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows; WORKSPACE.md):
@@ -47,9 +49,11 @@ DEFAULT_BLOCKS = Blocks(block_n=256)
 FUSED_BLOCKS = Blocks()
 
 
-def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int) -> jax.Array:
-    """int32 [6, T]: per row tile (slab, group within the slab, row block, first row, row stop) and, in row 5,
-    the number of real tiles (rows [first, stop) of block b are rows 128 b + first .. of the sorted buffer).
+def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,
+                  group_m: int = 0, per_group: bool = False) -> jax.Array:
+    """int32 [8, T]: per row tile (slab, group within the slab, row block, first row, row stop), in row 5 the
+    number of real tiles (rows [first, stop) of block b are rows 128 b + first .. of the sorted buffer), and in
+    rows 6-7 the first tile and the size of the tile's launch window (`Blocks.group_m`, `Blocks.per_group`).
 
     Tiles are in group order; T = cdiv(num_rows, block_m) + G - 1 bounds their count. Empty groups get no tile.
     """
@@ -72,7 +76,23 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     slab = (jnp.searchsorted(jnp.asarray(slab_starts[1:], jnp.int32), group, side="right")).astype(jnp.int32)
     in_slab = group - jnp.asarray(slab_starts, jnp.int32)[slab]
     count = jnp.full((num_tiles,), tile_end[-1], jnp.int32)
-    return jnp.stack([slab, in_slab, block, lo, hi, count]).astype(jnp.int32)
+    first, size = _windows(t, tile_end - tiles, tiles, group, count, num_tiles, group_m, per_group)
+    return jnp.stack([slab, in_slab, block, lo, hi, count, first, size]).astype(jnp.int32)
+
+
+def _windows(t, group_first_tile, group_tiles, group, count, num_tiles: int, group_m: int, per_group: bool):
+    """First tile and size of each tile's launch window: a partition of the tiles into contiguous runs."""
+    if group_m == 0 and not per_group:
+        return jnp.zeros_like(t), jnp.full_like(t, num_tiles)
+    if not per_group:
+        first = t // group_m * group_m
+        return first, jnp.minimum(num_tiles - first, group_m)
+    width = group_m or num_tiles
+    start, tiles = group_first_tile[group], group_tiles[group]
+    first = start + (t - start) // width * width
+    size = jnp.minimum(start + tiles - first, width)
+    dead = t >= count  # tiles past the real ones: one window, they exit at once
+    return jnp.where(dead, count, first), jnp.where(dead, num_tiles - count, size)
 
 
 def _fit(block: int, dim: int, name: str) -> int:
@@ -84,20 +104,21 @@ def _fit(block: int, dim: int, name: str) -> int:
     return block
 
 
-def launch_order(pid, num_tiles: int, num_col_blocks: int, group_m: int):
-    """(row tile, column block) of program `pid` of num_tiles x num_col_blocks: groups of `group_m` row tiles, each
-    group sweeping all column blocks with its row tiles fastest (every (tile, block) pair exactly once)."""
-    per_group = group_m * num_col_blocks
-    first = (pid // per_group) * group_m
-    size = jnp.minimum(num_tiles - first, group_m)
-    return first + (pid % per_group) % size, (pid % per_group) // size
+def launch_order(pid, sched, num_col_blocks: int):
+    """(row tile, column block) of program `pid`: the programs of a window [first, first + size) of row tiles
+    (schedule rows 6-7) are pids [first, first + size) x num_col_blocks, row tiles fastest. pid // num_col_blocks
+    always lies in pid's window, so every (tile, block) pair is visited exactly once."""
+    q = pid // num_col_blocks
+    first, size = sched[6, q], sched[7, q]
+    r = pid - first * num_col_blocks
+    return first + r % size, r // size
 
 
 def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num_rows: int, k_dim: int,
-            num_tiles: int, num_col_blocks: int):
+            num_col_blocks: int):
     w_refs, o_ref = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
-    ti, ni = launch_order(pl.program_id(0), num_tiles, num_col_blocks, b.group_m or num_tiles)
+    ti, ni = launch_order(pl.program_id(0), sched_ref, num_col_blocks)
 
     @pl.when(ti < sched_ref[5, 0])
     def _():
@@ -142,11 +163,11 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
                 raise ValueError(f"split_ragged_dot: slab {i} weight {w.shape} {w.dtype} does not match x {x_MK.shape}"
                                  f" {x_MK.dtype} and N={n}")
     b = dataclasses.replace(b, block_k=_fit(b.block_k, k, "K"), block_n=_fit(b.block_n, n, "N"))
-    sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.block_m, m)
+    sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.block_m, m, b.group_m, b.per_group)
     flat = tuple(w for ws in slabs for w in ws)
     num_tiles, num_col_blocks = sched.shape[1], n // b.block_n
     kernel = functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, num_rows=m, k_dim=k,
-                               num_tiles=num_tiles, num_col_blocks=num_col_blocks)
+                               num_col_blocks=num_col_blocks)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
