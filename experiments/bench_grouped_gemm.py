@@ -59,6 +59,13 @@ def main(argv):
         # the winning order's output against fp32 (unfused at the problem's K and N; the kernel's epilogue aside,
         # launch order and tiles are what the sweep changes)
         metrics[f"{name}_split_rel_err"] = gb.grouped_gemm_error(sizes, k, n, best_blocks)
+        # Group starts aligned to block_m rows (DeepGEMM's contiguous layout): no tile is shared by two groups; the
+        # padding rows are computed, the FLOPs counted are the real rows' only.
+        bm = best_blocks.block_m
+        padded = -(-sizes // bm) * bm
+        metrics[f"{name}_split_aligned_tflops"] = gb.split_gemm_tflops(padded, k, n, fused, best_blocks) * (
+            sizes.sum() / padded.sum())
+        metrics[f"{name}_split_aligned_over_dense"] = metrics[f"{name}_split_aligned_tflops"] / dense
         split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
         mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
