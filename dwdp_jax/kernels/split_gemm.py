@@ -37,16 +37,16 @@ class Blocks:
     num_stages: int = 4
     # Launch order: windows of this many row tiles sweep every column block before the next window starts, so a
     # window's rows stay in L2 across the column blocks. 0 = one window of all row tiles (column-block-major: every
-    # column block re-reads all rows), the order the H200 numbers were measured with; the benchmark sweeps others.
+    # column block re-reads all rows: 45 GB of HBM traffic for gate/up at 131072 rows).
     group_m: int = 0
     # Windows never span two expert groups: a window's tiles all read the same weight column blocks.
     per_group: bool = False
 
 
 # Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows; WORKSPACE.md):
-# down projection K=2048 N=7168 452 TFLOP/s; fused gate/up K=7168 2x2048 468-472 TFLOP/s.
-DEFAULT_BLOCKS = Blocks(block_n=256)
-FUSED_BLOCKS = Blocks()
+# down projection K=2048 N=7168 497 TFLOP/s (column-block-major 443); fused gate/up K=7168 2x2048 490 (423).
+DEFAULT_BLOCKS = Blocks(block_n=256, per_group=True)
+FUSED_BLOCKS = Blocks(group_m=16, per_group=True)
 
 
 def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,
