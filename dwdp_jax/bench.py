@@ -397,7 +397,7 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
         try:
             for key, value in run_strategy(name, params, p, c, vb, refs, make_dep).items():
                 s[key].update(value)
-        except RuntimeError as e:  # a device failure (e.g. out of memory): kept with what the other strategy measured
+        except (RuntimeError, memory.DoesNotFit) as e:  # a device failure or memory refusal: kept with the others
             s["failures"][name] = f"{type(e).__name__}: {e}"[:4000]
         gc.collect()
     summary = s["summary"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 from dwdp_jax.placement import Placement
 from models.config import ModelConfig
@@ -171,9 +172,14 @@ def activation_bytes(cfg: ModelConfig, max_num_tokens: int, routed_rows: int, at
                  + naive: H T^2 (f + a)                       (fp32 scores and probabilities of the packed batch)
                    flash: 2 T H f                             (running max and sum; no T x T matrix)
       dense MLP  = 2 T F_d a                                  (gate and up; only with dense layers)
-      MoE        = T E f + routed_rows (D + 2F) a + 2 T F n_shared a  (router logits, routed rows, shared expert)
+      MoE        = T E f + routed_rows (D + 2F) a                   (router logits; the grouped GEMM's rows)
+                 + T K D (2 a + f) + 2 T F n_shared a           (sorted rows, their token-order scatter and
+                                                                 its fp32 combine; shared expert)
       logits     = T V f
     routed_rows is T*K for the reference and DWDP (tokens stay on their rank) and the worst case N*T*K for DEP.
+    The T K D (2 a + f) term was missing until a DEP2 step at R1 width (T 32768) asked XLA for 35.0 GiB of
+    temporaries on an H200 (2026-11-27): with DEP's all-to-all buffers and the residual the plan now counts
+    36.7 GiB for it (it counted 27.2).
     """
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
@@ -187,9 +193,37 @@ def activation_bytes(cfg: ModelConfig, max_num_tokens: int, routed_rows: int, at
     attention += h * t * t * (_FP32_BYTES + a) if attention_impl == "naive" else 2 * t * h * _FP32_BYTES
     dense_mlp = 2 * t * cfg.intermediate_size * a if cfg.first_k_dense_replace else 0
     moe = t * cfg.n_routed_experts * _FP32_BYTES + routed_rows * (d + 2 * cfg.moe_intermediate_size) * a
+    moe += t * cfg.num_experts_per_tok * d * (2 * a + _FP32_BYTES)
     moe += 2 * t * cfg.moe_intermediate_size * cfg.n_shared_experts * a
     logits = t * cfg.vocab_size * _FP32_BYTES
     return residual + max(attention, dense_mlp, moe, logits)
+
+
+class DoesNotFit(ValueError):
+    """A compiled program needs more device memory than is free (found on the device, after other work ran)."""
+
+
+def check_program_fits(what: str, need_bytes: int, available_bytes: Sequence[int | None]) -> None:
+    """Raise DoesNotFit when a compiled program's temporaries and outputs (`need_bytes`, from XLA's buffer
+    assignment) exceed the largest free block of any of its devices (None: the device reports no limit, e.g. CPU).
+
+    Checked before the first run of an SPMD program: one rank out of memory would leave the others waiting in
+    their collectives forever, so the failure must come first and on every rank at once.
+    """
+    short = [(i, free) for i, free in enumerate(available_bytes) if free is not None and need_bytes > free]
+    if short:
+        listed = ", ".join(f"device {i}: {_format_bytes(free)}" for i, free in short)
+        raise DoesNotFit(f"{what} needs {_format_bytes(need_bytes)} of temporaries and outputs per device, more than "
+                         f"the largest free block ({listed}); lower config.memory_fraction (the depth planner's "
+                         "share), model.num_hidden_layers or max_num_tokens, or run the strategy alone")
+
+
+def largest_free_block(device) -> int | None:
+    """The device allocator's largest free block (what one program's temporaries must fit in), if it reports one."""
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return stats.get("largest_free_block_bytes", stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
 def _weight_bytes_per_param(cfg: ModelConfig, weight_bytes_per_param: float | None) -> float:

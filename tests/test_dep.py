@@ -171,6 +171,28 @@ def test_bad_batches_raise_before_device_work(params, monkeypatch):
         runtime.step([[1, 2, 3], None])
 
 
+def test_step_that_cannot_allocate_is_refused_before_running(params, monkeypatch):
+    """On a GPU one rank out of memory would leave the others in their collectives: the first step compares the
+    compiled program's temporaries with every device's largest free block and refuses before running."""
+    from dwdp_jax import memory
+
+    runtime = dep.DepRuntime(params, 2, BUDGET)
+    need = runtime.check_memory()
+    assert need > 0
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the step ran")
+
+    monkeypatch.setattr(runtime, "_forward", no_run)
+    monkeypatch.setattr(memory, "largest_free_block", lambda device: need - 1)
+    batch = pack(_sequences(np.random.default_rng(0), [5], params.model.cfg.vocab_size))
+    with pytest.raises(ValueError, match=r"DEP2 step at 32 tokens per rank needs .*\(device 0: .*memory_fraction"):
+        runtime.step([batch, None])
+    monkeypatch.setattr(memory, "largest_free_block", lambda device: need)
+    with pytest.raises(AssertionError, match="the step ran"):  # fits: the check passes and the step runs
+        runtime.step([batch, None])
+
+
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_compiled_program_has_three_all_to_alls_per_moe_layer_and_no_gathers(params, dense_runs, num_ranks):
     hlo = dense_runs(num_ranks)[0].compiled_hlo()

@@ -9,6 +9,7 @@ from dwdp_jax.placement import Placement
 from models.config import deepseek_r1, deepseek_v3_lite, tiny
 
 GB = 10 ** 9
+GIB = 1 << 30
 
 
 def test_replicated_plus_all_local_experts_is_the_whole_model():
@@ -105,3 +106,18 @@ def test_bad_inputs():
         memory.plan_dwdp(cfg, Placement.uniform(8, 4), 0)
     with pytest.raises(ValueError, match="weight_bytes_per_param"):
         memory.plan_reference(cfg, 16, weight_bytes_per_param=0)
+
+
+def test_moe_phase_counts_the_dep2_step_measured_on_h200():
+    """A DEP2 step at R1 width (T 32768, flash attention, serving logits) asked XLA for 35.0 GiB of temporaries on
+    an H200: the plan's all-to-all buffers plus activations must not count less."""
+    cfg = deepseek_r1()
+    dep = memory.plan_dep(cfg.replace(num_hidden_layers=6), 2, 32768, attention_impl="flash")
+    moe_phase = dep.all_to_all_bytes + dep.activation_bytes
+    assert 35.0 * GIB <= moe_phase <= 1.1 * 35.0 * GIB
+
+
+def test_program_fit_names_the_device_and_the_knobs():
+    memory.check_program_fits("step", 10 * GIB, [None, 11 * GIB])
+    with pytest.raises(ValueError, match=r"device 1: 9.00 GiB.*memory_fraction"):
+        memory.check_program_fits("step", 10 * GIB, [11 * GIB, 9 * GIB])

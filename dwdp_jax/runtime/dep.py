@@ -44,6 +44,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dwdp_jax import memory
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.packing import PackedBatch
@@ -334,6 +335,8 @@ class DepRuntime:
         self.last_token_logits = last_token_logits
         self._forward = self._spmd(self._forward_rank, (P(), P(AXIS), P(AXIS)))
         self._programs: dict = {}
+        self._compiled_full = None
+        self._memory_checked = False
 
     # -- building programs --------------------------------------------------------------------------------------
 
@@ -422,15 +425,37 @@ class DepRuntime:
     def step(self, batches: Sequence[PackedBatch | None]) -> list[PrefillOutput]:
         """One prefill step: batches[r] is rank r's packed batch (None: no sequences). Per-rank outputs, real
         tokens only, in input order."""
+        if not self._memory_checked:  # GPU: refuse a step that cannot allocate before any rank enters a collective
+            if any(memory.largest_free_block(d) is not None for d in self.mesh.devices.flat):
+                self.check_memory()
+            self._memory_checked = True
         hidden_TD, logits_TV, expert_ids = self._forward(self._state, self._slabs, self._device_inputs(batches))
         return self._outputs(batches, hidden_TD, logits_TV, expert_ids)
 
+    def _compiled(self):
+        """The fast path compiled for the full token budget (the largest step)."""
+        if self._compiled_full is None:
+            batch = jax.ShapeDtypeStruct((self.num_ranks * self.token_budget,), jnp.int32, sharding=self._by_rank)
+            rows = jax.ShapeDtypeStruct((self.num_ranks * self.last_token_logits,), jnp.int32,
+                                        sharding=self._by_rank)
+            inputs = (batch, batch, batch) + ((rows,) if self.last_token_logits else ())
+            self._compiled_full = self._forward.lower(self._state, self._slabs, inputs).compile()
+        return self._compiled_full
+
     def compiled_hlo(self) -> str:
         """The fast path's optimized HLO (for checking its collectives)."""
-        batch = jax.ShapeDtypeStruct((self.num_ranks * self.token_budget,), jnp.int32, sharding=self._by_rank)
-        rows = jax.ShapeDtypeStruct((self.num_ranks * self.last_token_logits,), jnp.int32, sharding=self._by_rank)
-        inputs = (batch, batch, batch) + ((rows,) if self.last_token_logits else ())
-        return self._forward.lower(self._state, self._slabs, inputs).compile().as_text()
+        return self._compiled().as_text()
+
+    def check_memory(self, available_bytes: Sequence[int | None] | None = None) -> int:
+        """Bytes the full-budget step allocates per device beyond its inputs (XLA's buffer assignment);
+        memory.DoesNotFit when that exceeds a device's largest free block (default: what each device's allocator reports)."""
+        analysis = self._compiled().memory_analysis()
+        need = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+        if available_bytes is None:
+            available_bytes = [memory.largest_free_block(d) for d in self.mesh.devices.flat]
+        memory.check_program_fits(f"the DEP{self.num_ranks} step at {self.token_budget} tokens per rank", need,
+                                  available_bytes)
+        return need
 
     def profile(self, batches: Sequence[PackedBatch | None], repeats: int = 3, warmup: int = 1) -> DepProfile:
         """Stage times per layer and the synchronization estimate; see `DepProfile`."""
