@@ -1,7 +1,7 @@
 """The results-file contract shared by every experiment, the simulator and the figure scripts.
 
 A results file is one JSON object:
-  experiment, run, config (resolved), environment (jax/jaxlib versions, device kind and count, git sha, date,
+  experiment, run, config (resolved), environment (jax/jaxlib versions, device kind and count, git sha, source hash, date,
   python, host), raw (all repeats, unreduced), metrics (derived), verification ({strategy: {rel_err, passed}}),
   plus optional free-form sections. Figure scripts read only these files.
 """
@@ -29,10 +29,26 @@ def git_sha() -> str:
         return "unknown"
 
 
+_SOURCE_DIRS = ("dwdp_jax", "models", "experiments", "configs")
+
+
+def source_hash(root: Path | None = None, dirs: tuple[str, ...] = _SOURCE_DIRS) -> str:
+    """sha256 (first 12 hex) of the code's Python files, paths included: identifies the code that ran even where
+    the checkout's git metadata is stale (the GPU machine runs a copy of the working tree, not a clone)."""
+    import hashlib
+
+    root = root or Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for d in dirs for p in (root / d).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def environment(with_devices: bool = True) -> dict[str, Any]:
     """Versions, devices and provenance. `with_devices=False` avoids initializing a JAX backend (simulator)."""
     env: dict[str, Any] = {
         "git_sha": git_sha(),
+        "source_hash": source_hash(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "host": platform.node(),

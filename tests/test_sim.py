@@ -295,3 +295,16 @@ def test_figure_scripts_write_files_and_skip_missing_data(tmp_path):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
     assert {"roofline_test.md", "contention_test.md", "pareto_test.md"} <= names
     assert fig_sync_overhead.measured_points(results) == []
+
+
+def test_source_hash_follows_the_code_not_git(tmp_path):
+    """Results name the code that ran by content (the GPU machine's copy of the tree has stale git metadata)."""
+    from dwdp_jax.results import environment, source_hash
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    before = source_hash(tmp_path, ("pkg",))
+    assert source_hash(tmp_path, ("pkg",)) == before and len(before) == 12
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert source_hash(tmp_path, ("pkg",)) != before
+    assert environment(with_devices=False)["source_hash"] == source_hash()
