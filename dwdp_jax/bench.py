@@ -30,6 +30,7 @@ from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import reference, stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
 from dwdp_jax.serving import metrics, scheduler, workload
+from dwdp_jax.sim import contention
 from dwdp_jax.transport import transport_class
 from models import config as model_config
 from models import deepseek_v3
@@ -428,12 +429,16 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str,
                                            c.verify.min_id_match)
     warm_up(runtime, c)
     if name == "dwdp":
+        if runtime.options.timeline:
+            runtime.transport.clear_source_intervals()
         reqs, iters, assignments = run_dwdp(runtime, p, c)
-        extra = {}
+        extra = {"pull_contention": pull_contention(runtime)} if runtime.options.timeline else {}
     else:
         reqs, iters, assignments, extra = run_dep(runtime, p, c)
     summary = {**metrics.summarize(reqs, iters, ranks),
                **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
+    if "pull_contention" in extra:
+        summary["pull_contention"] = {k: extra["pull_contention"][k] for k in ("measured", "model")}
     raw = {"requests": [dataclasses.asdict(r) for r in reqs],
            "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
     if c.breakdown:
@@ -479,6 +484,17 @@ def pull_timeline(engine: DwdpEngine, batches: list[PackedBatch | None]) -> dict
                          "layer_bytes": layer_bytes, "marks": marks})
     return {"pull_gbps_median": float(np.median(gbps)), "exposed_wait_fraction_mean": float(np.mean(exposed)),
             "ranks": per_rank, "source": metrics.MEASURED}
+
+
+def pull_contention(engine: DwdpEngine) -> dict[str, Any]:
+    """Copy-engine contention over the served run (GPU with `timeline`): Pr[C = c] from every rank's per-source pull
+    spans on the host clock, next to the paper's model for this group size (sim.contention)."""
+    spans = engine.transport.source_intervals()
+    t0 = min((start for *_, start, _ in spans), default=0.0)
+    n = engine.num_ranks
+    return {"measured": contention.measured_levels([(d, s, a, b) for d, s, _, a, b in spans]),
+            "model": dict(enumerate(contention.contention_pmf(n), start=1)) if n >= 3 else {1: 1.0},
+            "spans": [(d, s, layer, a - t0, b - t0) for d, s, layer, a, b in spans], "source": metrics.MEASURED}
 
 
 def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[str, Any]]]:

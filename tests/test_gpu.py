@@ -1,6 +1,8 @@
 """GPU-only tests (`pytest -m gpu`): kernels against the XLA references, strategies against the reference runtime
 on real GPUs. Skipped on CPU."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,8 +129,10 @@ def test_copy_engine_timeline_orders_copies_and_fences():
     engine = DwdpEngine(params, Placement.for_group(16, 2), options=DwdpOptions(transport="copy_engine", timeline=True))
     batch = pack([list(range(1, 200))], budget=256)
     t = engine.transport
+    before_s = time.perf_counter()
     for _ in range(3):
         engine.step(1, batch)
+    after_s = time.perf_counter()
     marks = t.timeline(1)
     n_moe = cfg.num_moe_layers
     copies = {layer: (s, e) for (label_s, layer, s), (label_e, _, e) in zip(marks, marks[1:])
@@ -142,6 +146,12 @@ def test_copy_engine_timeline_orders_copies_and_fences():
         assert resume >= copies[m][1] - 1e-3
         if m >= 2:  # issued at the end of program m - 2, the last reader of its slot
             assert copies[m][0] >= issues[m - 1] - 1e-3 and issues[m - 1] >= waits[m - 2][1] - 1e-3
+    # per-source spans on the host clock (the measured contention's input): every layer of the three steps, from
+    # rank 0, inside the steps' wall time, in issue order
+    spans = t.source_intervals()
+    assert [(d, src, layer) for d, src, layer, _, _ in spans] == [(1, 0, m) for _ in range(3) for m in range(n_moe)]
+    assert all(before_s <= a < b <= after_s for *_, a, b in spans)
+    assert all(b1 <= a2 + 1e-4 for (*_, b1), (*_, a2, _) in zip(spans, spans[1:]))
     pool = len(t.copier.events[1])
     mem = jax.devices()[1].memory_stats()["bytes_in_use"]
     for _ in range(20):

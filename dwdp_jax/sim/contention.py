@@ -55,3 +55,27 @@ def matches_paper(group_size: int) -> list[dict]:
         rows.append({"level": level, "paper_percent": text, "computed_percent": 100 * pmf[level - 1],
                      "computed_rounded": ours, "match": math.isclose(ours, float(text), abs_tol=10 ** -(decimals + 6))})
     return rows
+
+
+def measured_levels(intervals) -> dict[int, float]:
+    """Pr[C = c] measured from pull spans, as the simulator counts it: at a random moment of a random pull, the
+    number of pulls (itself included) reading from the same source.
+
+    intervals: (destination, source, start, end) tuples on one clock (`CopyEngineTransport.source_intervals`
+    without the layer). Time-weighted: while k pulls read one source, each of the k is at level k.
+    """
+    by_source: dict[int, list[tuple[float, int]]] = {}
+    for dst, src, start, end in intervals:
+        if end < start or dst == src:
+            raise ValueError(f"bad pull span {dst} <- {src}: [{start}, {end}]")
+        by_source.setdefault(src, []).extend(((start, 1), (end, -1)))
+    level_time: dict[int, float] = {}
+    for edges in by_source.values():
+        edges.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant: touching is not overlap
+        active, last = 0, None
+        for at, change in edges:
+            if active and at > last:
+                level_time[active] = level_time.get(active, 0.0) + active * (at - last)
+            active, last = active + change, at
+    total = sum(level_time.values())
+    return {c: t / total for c, t in sorted(level_time.items())} if total else {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import time
 import weakref
 
 import jax
@@ -123,45 +124,53 @@ class HostCopier:
     def timeline(self, rank):
         raise NotImplementedError("HostCopier records no device timeline (the copy is synchronous)")
 
+    source_intervals = clear_intervals = timeline
+
 
 class CudaCopier:
     """GPU: peer copies on one non-blocking side stream per destination rank, fenced by CUDA events."""
 
-    def __init__(self, devices, timeline: bool = False, slice_bytes: int = 0):
-        import cupy
+    def __init__(self, devices, timeline: bool = False, slice_bytes: int = 0, cupy=None):
+        if cupy is None:  # tests pass a stand-in runtime
+            import cupy
 
         self.cp = cupy
         self.rt = cupy.cuda.runtime
         self.ordinals = [d.local_hardware_id for d in devices]
         self.record_timeline, self.slice_bytes = timeline, slice_bytes
         self.side, self.fence, self.done, self.events, self.marks = [], [], [], [], []
+        self.anchor, self.intervals, self.harvested = [], [], []
         no_timing = self.rt.eventDisableTiming
         for ordinal in self.ordinals:
             with cupy.cuda.Device(ordinal):
                 self.side.append(self.rt.streamCreateWithFlags(self.rt.streamNonBlocking))
                 self.fence.append(self.rt.eventCreateWithFlags(no_timing))
                 self.done.append([self.rt.eventCreateWithFlags(no_timing) for _ in range(2)])
+                self.anchor.append(self.rt.eventCreate() if timeline else None)
             self.events.append([])  # timing-event pool, reused every step
-            self.marks.append([])  # (label, layer, event index) recorded since the last `reset`
+            self.marks.append([])  # (label, layer, event index, source rank) recorded since the last `reset`
+            self.intervals.append([])  # (source, layer, start_s, end_s) on the host clock, over all steps
+            self.harvested.append(False)
 
     def __del__(self):
         try:
             for r, ordinal in enumerate(self.ordinals):
                 with self.cp.cuda.Device(ordinal):
-                    for ev in [self.fence[r], *self.done[r], *self.events[r]]:
+                    for ev in [self.fence[r], *self.done[r], *self.events[r]] + (
+                            [self.anchor[r]] if self.anchor[r] is not None else []):
                         self.rt.eventDestroy(ev)
                     self.rt.streamDestroy(self.side[r])
         except Exception:  # interpreter shutdown: the driver may already be gone
             pass
 
-    def _mark(self, rank: int, label: str, layer: int, stream: int) -> None:
+    def _mark(self, rank: int, label: str, layer: int, stream: int, source: int = -1) -> None:
         if not self.record_timeline:
             return
         pool, marks = self.events[rank], self.marks[rank]
         if len(marks) == len(pool):
             pool.append(self.rt.eventCreate())
         self.rt.eventRecord(pool[len(marks)], stream)
-        marks.append((label, layer, len(marks)))
+        marks.append((label, layer, len(marks), source))
 
     def issue(self, rank, ctx, batches, poison):
         if not batches:
@@ -177,10 +186,19 @@ class CudaCopier:
                 if poison:
                     for t in b.targets:
                         rt.memsetAsync(t.unsafe_buffer_pointer(), 0xFF, t.nbytes, side)  # all-ones bits: NaN
-                for c, off, n in chunks(b.copies, self.slice_bytes):
+                pieces = chunks(b.copies, self.slice_bytes)
+                first, last = {}, {}  # each source's first and last piece: its span on the side stream
+                for i, (c, _, _) in enumerate(pieces):
+                    first.setdefault(c.src_rank, i)
+                    last[c.src_rank] = i
+                for i, (c, off, n) in enumerate(pieces):
+                    if first[c.src_rank] == i:
+                        self._mark(rank, "source_start", b.layer, side, c.src_rank)
                     rt.memcpyPeerAsync(c.dst.unsafe_buffer_pointer() + c.dst_row * c.row_bytes + off,
                                        self.ordinals[rank], c.src.unsafe_buffer_pointer() + c.src_row * c.row_bytes
                                        + off, self.ordinals[c.src_rank], n, side)
+                    if last[c.src_rank] == i:
+                        self._mark(rank, "source_end", b.layer, side, c.src_rank)
                 self._mark(rank, "copy_end", b.layer, side)
                 rt.eventRecord(self.done[rank][b.slot], side)
 
@@ -192,15 +210,52 @@ class CudaCopier:
             self._mark(rank, "wait_resume", -1, stream)
 
     def reset(self, rank: int) -> None:
+        """A new step: the last one's device work is complete, so its source spans are read before the timing
+        events are reused."""
+        self._harvest(rank)
         self.marks[rank].clear()
+        self.harvested[rank] = False
 
     def timeline(self, rank: int) -> list[tuple[str, int, float]]:
-        """(label, layer, ms since the first mark) of the marks recorded since `reset`; call after a sync."""
+        """(label, layer, ms since the first mark) of the marks recorded since `reset`; call after a sync.
+        Per-source spans are in `source_intervals`."""
         marks, pool = self.marks[rank], self.events[rank]
         if not marks:
             return []
         base = pool[marks[0][2]]
-        return [(label, layer, float(self.rt.eventElapsedTime(base, pool[i]))) for label, layer, i in marks]
+        return [(label, layer, float(self.rt.eventElapsedTime(base, pool[i]))) for label, layer, i, _ in marks
+                if not label.startswith("source_")]
+
+    def source_intervals(self, rank: int) -> list[tuple[int, int, float, float]]:
+        """(source rank, layer, start s, end s) of every source's span in this rank's pulls since `clear_intervals`,
+        on the host's perf_counter clock (comparable across ranks); call after a sync."""
+        self._harvest(rank)
+        return list(self.intervals[rank])
+
+    def clear_intervals(self, rank: int) -> None:
+        self._harvest(rank)
+        self.intervals[rank].clear()
+
+    def _harvest(self, rank: int) -> None:
+        """Moves the current step's source spans to `intervals`, once. The device clock is tied to the host's by an
+        event recorded now on the idle side stream: host time of the first mark = now - its elapsed time to it."""
+        marks, pool, rt = self.marks[rank], self.events[rank], self.rt
+        if self.harvested[rank] or not any(m[0] == "source_start" for m in marks):
+            return
+        with self.cp.cuda.Device(self.ordinals[rank]):
+            rt.eventRecord(self.anchor[rank], self.side[rank])
+            rt.eventSynchronize(self.anchor[rank])
+            now_s = time.perf_counter()
+            base = pool[marks[0][2]]
+            base_s = now_s - rt.eventElapsedTime(base, self.anchor[rank]) / 1e3
+            starts = {}
+            for label, layer, i, source in marks:
+                at_s = base_s + rt.eventElapsedTime(base, pool[i]) / 1e3
+                if label == "source_start":
+                    starts[(layer, source)] = at_s
+                elif label == "source_end":
+                    self.intervals[rank].append((source, layer, starts.pop((layer, source)), at_s))
+        self.harvested[rank] = True
 
 
 class ProgramHook:
@@ -283,6 +338,15 @@ class CopyEngineTransport(Transport):
     def timeline(self, rank: int):
         """The device timeline of the rank's last step (GPU with `timeline`): (label, layer, ms) marks."""
         return self.copier.timeline(rank)
+
+    def source_intervals(self) -> list[tuple[int, int, int, float, float]]:
+        """(destination, source, layer, start s, end s): every rank's pull spans per source since
+        `clear_source_intervals`, host clock (GPU with `timeline`); the input of the measured contention."""
+        return [(r, *iv) for r in range(len(self.devices)) for iv in self.copier.source_intervals(r)]
+
+    def clear_source_intervals(self) -> None:
+        for r in range(len(self.devices)):
+            self.copier.clear_intervals(r)
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
         buffers = self.buffers[rank][slot]
