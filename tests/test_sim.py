@@ -308,3 +308,17 @@ def test_source_hash_follows_the_code_not_git(tmp_path):
     (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
     assert source_hash(tmp_path, ("pkg",)) != before
     assert environment(with_devices=False)["source_hash"] == source_hash()
+
+
+def test_contention_figure_shows_gpu_measurements_beside_the_model(tmp_path):
+    from experiments.figures import fig_contention
+
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    _write(results, "sim_contention", studies.contention_study(R1, GB200, [4], ["none"], min_pulls=200))
+    write_results("context_bench", "gpu4", config={}, raw={}, root=results, with_devices=False,
+                  metrics={"dwdp": {"pull_contention": {"measured": {"1": 0.75, "2": 0.25}}}},
+                  placement={"num_ranks": 4})
+    assert fig_contention.measured_percent(results) == {4: [("gpu4", [75.0, 25.0, 0.0])]}
+    paths = fig_contention.main(results, figures)
+    table = next(p for p in paths if p.suffix == ".md").read_text()
+    assert "| 4 | 1 | 44.44 |" in table and "75 (gpu4)" in table and "25 (gpu4)" in table
