@@ -173,13 +173,14 @@ def activation_bytes(cfg: ModelConfig, max_num_tokens: int, routed_rows: int, at
                    flash: 2 T H f                             (running max and sum; no T x T matrix)
       dense MLP  = 2 T F_d a                                  (gate and up; only with dense layers)
       MoE        = T E f + routed_rows (D + 2F) a                   (router logits; the grouped GEMM's rows)
-                 + T K D (2 a + f) + 2 T F n_shared a           (sorted rows, their token-order scatter and
-                                                                 its fp32 combine; shared expert)
+                 + T K D (2 a + f) + 2 T F n_shared a           (sorted rows, the rows back in token order
+                                                                 and an fp32 copy of them; shared expert)
       logits     = T V f
     routed_rows is T*K for the reference and DWDP (tokens stay on their rank) and the worst case N*T*K for DEP.
     The T K D (2 a + f) term was missing until a DEP2 step at R1 width (T 32768) asked XLA for 35.0 GiB of
     temporaries on an H200 (2026-11-27): with DEP's all-to-all buffers and the residual the plan now counts
-    36.7 GiB for it (it counted 27.2).
+    36.7 GiB for it (it counted 27.2). That step still unsorted by a scatter and summed an fp32 copy; the gather
+    combine since needs less on CPU, and the term stays until a GPU run measures it.
     """
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")

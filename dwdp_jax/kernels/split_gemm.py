@@ -39,7 +39,8 @@ class Blocks:
     # window's rows stay in L2 across the column blocks. 0 = one window of all row tiles (column-block-major: every
     # column block re-reads all rows: 45 GB of HBM traffic for gate/up at 131072 rows).
     group_m: int = 0
-    # Windows never span two expert groups: a window's tiles all read the same weight column blocks.
+    # Windows never span two expert groups (group_m 0: a window is the whole group), so a window's tiles all read
+    # the same weight column blocks.
     per_group: bool = False
 
 
