@@ -20,16 +20,18 @@ _SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
-# Launch orders: group_m 0 is the column-block-major order measured first (every column block re-reads all rows:
-# 45 GB of HBM traffic for gate/up at 131072 rows); windows of group_m row tiles read rows about once, and
-# per_group windows never span two experts (their tiles share the weight column blocks).
-_ORDERS = [dict(group_m=0), dict(group_m=8), dict(group_m=16), dict(group_m=32), dict(group_m=8, per_group=True),
-           dict(group_m=16, per_group=True), dict(per_group=True)]
+# Launch orders (session-3 sweep in WORKSPACE.md): group_m 0 is column-block-major (every column block re-reads all
+# rows: 45 GB of HBM traffic for gate/up at 131072 rows); windows of group_m row tiles read rows about once, and
+# per_group windows never span two experts (group_m 0 with per_group: the whole expert). Per-expert windows won
+# (+12-16%), so the sweep now explores around them: window width, pipeline depth and K tile.
+_ORDERS = [dict(group_m=0), dict(group_m=16), dict(group_m=8, per_group=True), dict(group_m=16, per_group=True),
+           dict(group_m=32, per_group=True), dict(per_group=True)]
 CANDIDATES = {
     True: [Blocks(**o) for o in _ORDERS] + [Blocks(num_stages=3, group_m=16, per_group=True),
-                                           Blocks(block_m=64, num_warps=4, group_m=16, per_group=True)],
-    False: [Blocks(block_n=256, **o) for o in _ORDERS] + [Blocks(group_m=16, per_group=True),
-                                                         Blocks(64, 256, 64, 4, 3, group_m=16, per_group=True)],
+                                           Blocks(block_k=32, num_stages=6, group_m=16, per_group=True)],
+    False: [Blocks(block_n=256, **o) for o in _ORDERS] + [Blocks(block_n=256, num_stages=3, per_group=True),
+                                                         Blocks(block_n=256, block_k=32, num_stages=6,
+                                                                per_group=True)],
 }
 # name, K, N per weight, fused (gate+up: two [K, N] weights, the FLOPs of a K x 2N GEMM)
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
@@ -43,7 +45,8 @@ def main(argv):
     sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
     metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
     for name, k, n, fused in PROBLEMS:
-        dense = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
+        # the dense GEMM before and after the sweep: its rate drifts between runs on one card (717-764 TFLOP/s)
+        dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
         default = FUSED_BLOCKS if fused else DEFAULT_BLOCKS
         configs = CANDIDATES[fused] if _SWEEP.value else [default]
         sweep = {}
@@ -53,6 +56,9 @@ def main(argv):
             except Exception as e:  # a configuration Triton cannot compile (shared memory, registers) is skipped
                 sweep[b] = repr(e)[:200]
             print(name, b, sweep[b], flush=True)
+        dense_after = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
+        dense = (dense_before + dense_after) / 2
+        metrics[f"{name}_dense_spread"] = abs(dense_after - dense_before) / dense
         timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
         best_blocks = max(timed, key=timed.get)
         third = _EXPERTS.value // 4
