@@ -54,6 +54,9 @@ def test_run_writes_the_contract(tmp_path):
         assert saved["metrics"][name]["tps_per_gpu"] > 0
     assert set(saved["breakdown"]) == {"dwdp", "dep"}
     assert "ratio" in saved["metrics"]
+    step_memory = saved["metrics"]["dep"]["step_memory_gib"]  # XLA's temporaries beside the plan's estimate
+    assert step_memory["compiled"] > 0 and step_memory["planned"] > 0
+    assert "source_hash" in saved["environment"]
 
 
 @pytest.mark.parametrize("flag,message", [
