@@ -199,7 +199,10 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     assert runs["far"]["rel_error"] == pytest.approx(1 / 1.3 - 1)
     projected = runs["close"]["projections"]
     assert projected["layers=6"] == pytest.approx(predicted)  # the measured depth projects to the prediction
-    assert set(projected) == {f"layers={n}{s}" for n in (6, 7, 11, 61) for s in ("", ",isl_std=4096")}
+    assert set(projected) == {f"layers={n}{s}{r}" for n in (6, 7, 8, 11, 61) for s in ("", ",isl_std=4096")
+                              for r in ("", ",requests=256")}
+    # more requests of the same workload: the same model, a different run, so a different ratio
+    assert projected["layers=6,requests=256"] != pytest.approx(predicted, rel=1e-6)
     assert doc["config"]["hardware"].name == "calibrated:unknown"  # the synthetic file names no device
     assert not doc["metrics"]["all_within_tolerance"]
     # a run with other kernels is not compared with rates it did not use

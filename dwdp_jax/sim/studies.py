@@ -347,10 +347,11 @@ def _measured_ratio(doc: dict) -> float:
 
 
 def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
-                      depths: Sequence[int] = (7, 11, 61)) -> dict:
+                      depths: Sequence[int] = (7, 8, 11, 61), requests: Sequence[int] = (256,)) -> dict:
     """Predicted (calibrated spec, simulator) vs measured DWDP/DEP TPS/GPU for every context_bench run with both
     strategies, and what the calibrated simulator projects for the same run at other depths (more MoE layers per
-    dense front) and with ISL std 4096. Raises ValueError when there is no calibration file or no such run."""
+    dense front), with ISL std 4096, and with more requests (a longer run: the last requests' tail weighs less).
+    Raises ValueError when there is no calibration file or no such run."""
     hw = hardware.calibrated(results_root)
     # Only runs at a tensor-core precision calibrate a GPU spec: the fp32 CPU runs (the tiny default) measure the
     # machinery, not the hardware, and are skipped rather than refused.
@@ -374,7 +375,7 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
         rows.append({"run": doc.get("run"), "num_ranks": dep.group_size, "measured_ratio": measured,
                      "predicted_ratio": predicted, "rel_error": predicted / measured - 1,
                      "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim,
-                     "projections": _projections(cfg, hw, workload, dep, dwdp, depths)})
+                     "projections": _projections(cfg, hw, workload, dep, dwdp, depths, requests)})
     if not rows:
         raise ValueError(f"no context_bench run used the calibrated kernels {kernels}; runs seen: {skipped}")
     return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels},
@@ -383,15 +384,20 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
                         "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
 
 
-def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int]) -> dict[str, float]:
-    """Simulated DWDP/DEP ratios of a measured setup at other depths and with ISL std 4096 (input ratio 1)."""
-    spread = dataclasses.replace(workload, input_ratio=1.0, isl_std=4096.0)
+def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], requests: Sequence[int] = ()
+                 ) -> dict[str, float]:
+    """Simulated DWDP/DEP ratios of a measured setup at other depths, with ISL std 4096 (input ratio 1) and with
+    other request counts ("layers=L[,isl_std=4096][,requests=R]")."""
     out = {}
     for layers in (cfg.num_hidden_layers, *depths):
-        for name, w in (("", workload), (",isl_std=4096", spread)):
-            model = cfg.replace(num_hidden_layers=layers)
-            tps = {s.strategy: simulate.simulate_context(model, hw, s, w).tps_per_gpu for s in (dep, dwdp)}
-            out[f"layers={layers}{name}"] = tps["dwdp"] / tps["dep"]
+        model = cfg.replace(num_hidden_layers=layers)
+        for count in (workload.num_requests, *(r for r in requests if r != workload.num_requests)):
+            base = dataclasses.replace(workload, num_requests=count)
+            spread = dataclasses.replace(base, input_ratio=1.0, isl_std=4096.0)
+            suffix = "" if count == workload.num_requests else f",requests={count}"
+            for name, w in (("", base), (",isl_std=4096", spread)):
+                tps = {s.strategy: simulate.simulate_context(model, hw, s, w).tps_per_gpu for s in (dep, dwdp)}
+                out[f"layers={layers}{name}{suffix}"] = tps["dwdp"] / tps["dep"]
     return out
 
 
