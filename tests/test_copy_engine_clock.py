@@ -59,22 +59,22 @@ def fake_cupy():
                                                             Device=lambda ordinal: contextlib.nullcontext()))
 
 
-def batch(layer, sources, rows=4):
+def batch(layer, sources, slice_bytes, rows=4):
     """One pull into rank 0: `rows` rows of 64 fp32 (256 B each) from each source."""
     dst = jnp.zeros((rows * len(sources), 64), jnp.float32)
     copies = tuple(Copy(jnp.ones((rows, 64), jnp.float32), s, 0, dst, i * rows, rows) for i, s in enumerate(sources))
-    return PullBatch(layer, layer % 2, copies, (dst,))
+    return PullBatch.plan(layer, layer % 2, copies, (dst,), slice_bytes)
 
 
 @pytest.mark.parametrize("slice_bytes", [0, 512])
 def test_source_spans_follow_the_side_stream(slice_bytes):
     cp = fake_cupy()
-    copier = CudaCopier(jax.devices()[:4], timeline=True, slice_bytes=slice_bytes, cupy=cp)
+    copier = CudaCopier(jax.devices()[:4], timeline=True, cupy=cp)
     ctx = types.SimpleNamespace(stream=0)
-    copier.issue(0, ctx, [batch(0, (1, 2, 3))], poison=False)
+    copier.issue(0, ctx, [batch(0, (1, 2, 3), slice_bytes)], poison=False)
     assert [label for label, *_ in copier.timeline(0)] == ["issue", "copy_start", "copy_end"]  # no source marks
     copier.reset(0)  # the next step reads the last one's spans before reusing the events
-    copier.issue(0, ctx, [batch(1, (2, 3))], poison=False)
+    copier.issue(0, ctx, [batch(1, (2, 3), slice_bytes)], poison=False)
     spans = copier.source_intervals(0)
     assert copier.source_intervals(0) == spans  # read once per step
     per_source_ms = 4 * 256 * MS_PER_BYTE

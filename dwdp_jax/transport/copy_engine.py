@@ -62,12 +62,24 @@ class Copy:
 
 @dataclasses.dataclass(frozen=True)
 class PullBatch:
-    """The copies of one layer into one slot; `targets` are the slot's buffers (poisoned first when asked)."""
+    """The copies of one layer into one slot, planned once (`plan`): `pieces` in issue order (`chunks`), `spans`
+    each source's first and last piece (the timeline's per-source marks), `targets` the slot's buffers (poisoned
+    first when asked)."""
 
     layer: int
     slot: int
     copies: tuple[Copy, ...]
     targets: tuple[jax.Array, ...]
+    pieces: tuple[tuple[Copy, int, int], ...]
+    spans: dict[int, tuple[int, int]]
+
+    @classmethod
+    def plan(cls, layer: int, slot: int, copies, targets, slice_bytes: int) -> "PullBatch":
+        pieces = tuple(chunks(tuple(copies), slice_bytes))
+        spans: dict[int, tuple[int, int]] = {}
+        for i, (c, _, _) in enumerate(pieces):
+            spans[c.src_rank] = (spans.get(c.src_rank, (i, i))[0], i)
+        return cls(layer, slot, tuple(copies), tuple(targets), pieces, spans)
 
 
 def chunks(copies: tuple[Copy, ...], slice_bytes: int) -> list[tuple[Copy, int, int]]:
@@ -93,10 +105,6 @@ def remote_ranges(placement, rank: int) -> tuple[tuple[int, int], ...]:
 class HostCopier:
     """CPU devices: the copy runs synchronously in the issuing callback, into the slot buffers in place."""
 
-    def __init__(self, devices, slice_bytes: int = 0):
-        del devices
-        self.slice_bytes = slice_bytes
-
     @staticmethod
     def _writable(a: jax.Array) -> np.ndarray:
         # The slot is a persistent array that only this transport writes, as the GPU copier does through its pointer.
@@ -109,7 +117,7 @@ class HostCopier:
             if poison:
                 for t in b.targets:
                     self._writable(t)[...] = np.nan
-            for c, off, n in chunks(b.copies, self.slice_bytes):
+            for c, off, n in b.pieces:
                 dst = self._writable(c.dst).reshape(-1).view(np.uint8)
                 src = np.asarray(c.src).reshape(-1).view(np.uint8)
                 at_dst, at_src = c.dst_row * c.row_bytes + off, c.src_row * c.row_bytes + off
@@ -130,14 +138,14 @@ class HostCopier:
 class CudaCopier:
     """GPU: peer copies on one non-blocking side stream per destination rank, fenced by CUDA events."""
 
-    def __init__(self, devices, timeline: bool = False, slice_bytes: int = 0, cupy=None):
+    def __init__(self, devices, timeline: bool = False, cupy=None):
         if cupy is None:  # tests pass a stand-in runtime
             import cupy
 
         self.cp = cupy
         self.rt = cupy.cuda.runtime
         self.ordinals = [d.local_hardware_id for d in devices]
-        self.record_timeline, self.slice_bytes = timeline, slice_bytes
+        self.record_timeline = timeline
         self.side, self.fence, self.done, self.events, self.marks = [], [], [], [], []
         self.anchor, self.intervals, self.harvested = [], [], []
         no_timing = self.rt.eventDisableTiming
@@ -186,18 +194,14 @@ class CudaCopier:
                 if poison:
                     for t in b.targets:
                         rt.memsetAsync(t.unsafe_buffer_pointer(), 0xFF, t.nbytes, side)  # all-ones bits: NaN
-                pieces = chunks(b.copies, self.slice_bytes)
-                first, last = {}, {}  # each source's first and last piece: its span on the side stream
-                for i, (c, _, _) in enumerate(pieces):
-                    first.setdefault(c.src_rank, i)
-                    last[c.src_rank] = i
-                for i, (c, off, n) in enumerate(pieces):
-                    if first[c.src_rank] == i:
+                for i, (c, off, n) in enumerate(b.pieces):
+                    first, last = b.spans[c.src_rank]
+                    if i == first:
                         self._mark(rank, "source_start", b.layer, side, c.src_rank)
                     rt.memcpyPeerAsync(c.dst.unsafe_buffer_pointer() + c.dst_row * c.row_bytes + off,
                                        self.ordinals[rank], c.src.unsafe_buffer_pointer() + c.src_row * c.row_bytes
                                        + off, self.ordinals[c.src_rank], n, side)
-                    if last[c.src_rank] == i:
+                    if i == last:
                         self._mark(rank, "source_end", b.layer, side, c.src_rank)
                 self._mark(rank, "copy_end", b.layer, side)
                 rt.eventRecord(self.done[rank][b.slot], side)
@@ -303,8 +307,7 @@ class CopyEngineTransport(Transport):
         on_gpu = devices[0].platform == "gpu"
         if self.options.timeline and not on_gpu:
             raise ValueError("TransportOptions.timeline needs GPU devices (the copy-engine timeline uses CUDA events)")
-        self.copier = (CudaCopier(devices, self.options.timeline, self.options.slice_bytes) if on_gpu
-                       else HostCopier(devices, self.options.slice_bytes))
+        self.copier = CudaCopier(devices, self.options.timeline) if on_gpu else HostCopier()
         example = local_slabs[0][0]
         self.buffers = []  # buffers[rank][slot]: one ExpertSlab per remote range, allocated once
         for rank, device in enumerate(devices):
@@ -320,6 +323,9 @@ class CopyEngineTransport(Transport):
         self._sealed = [collections.deque() for _ in devices]  # one batch list per program that issues
         self._reads = [collections.deque() for _ in devices]  # the slot each reading program waits for
         self._hooks = [ProgramHook(self, r) for r in range(len(devices))]
+        # (rank, layer, slot) -> its PullBatch: sources and slots are persistent, so a pull is planned once and the
+        # issuing callback (on XLA's stream thread) only walks the pieces
+        self._plans: dict[tuple[int, int, int], PullBatch] = {}
 
     def hook(self, rank: int) -> ProgramHook:
         return self._hooks[rank]
@@ -349,6 +355,13 @@ class CopyEngineTransport(Transport):
             self.copier.clear_intervals(r)
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
+        key = (rank, layer, slot)
+        if key not in self._plans:
+            self._plans[key] = self._plan(rank, layer, slot)
+        self._requested[rank].append(self._plans[key])
+        return self.buffers[rank][slot]
+
+    def _plan(self, rank: int, layer: int, slot: int) -> PullBatch:
         buffers = self.buffers[rank][slot]
         copies = []
         pulls = {(p.owner, p.src_offset): p for p in self.placement.pulls(rank)}
@@ -360,8 +373,7 @@ class CopyEngineTransport(Transport):
                 copies.append(Copy(getattr(self.local_slabs[owner][layer], w), owner, offset + a, getattr(dst, w),
                                    pull.global_start - dst.start + a, b - a))
         targets = tuple(getattr(s, w) for s in buffers for w in WEIGHTS)
-        self._requested[rank].append(PullBatch(layer, slot, tuple(copies), targets))
-        return buffers
+        return PullBatch.plan(layer, slot, copies, targets, self.options.slice_bytes)
 
     def _wait(self, rank: int, slot: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
         self._reads[rank].append(slot)  # the reading program's wait fence pops it
