@@ -435,10 +435,10 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str,
         extra = {"pull_contention": pull_contention(runtime)} if runtime.options.timeline else {}
     else:
         reqs, iters, assignments, extra = run_dep(runtime, p, c)
-        if hasattr(runtime, "check_memory"):  # XLA's temporaries of the full-budget step beside the plan's estimate
-            plan = memory.plan_dep(p.cfg, ranks, c.max_num_tokens, attention_impl="flash")
-            extra["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
-                                        "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
+        # XLA's temporaries of the full-budget step beside the plan's estimate
+        plan = memory.plan_dep(p.cfg, ranks, c.max_num_tokens, attention_impl="flash")
+        extra["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
+                                    "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
     summary = {**metrics.summarize(reqs, iters, ranks),
                **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean", "step_memory_gib")}}
     if "pull_contention" in extra:

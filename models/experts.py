@@ -82,13 +82,14 @@ def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, sla
 def combine(y_sorted_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
     """Unsort the expert outputs and take the routing-weighted sum over the K choices (fp32 accumulation).
 
-    A gather through the inverse order (an int32 scatter of M indices), fused into the weighted sum: no [M, D]
-    scatter buffer and no fp32 copy of the rows (the sum still accumulates in fp32)."""
+    A gather through the inverse order (an int32 scatter of M indices) feeding the weighted sum: no [M, D] scatter
+    buffer, and the fp32 conversion can fuse into the sum (XLA:CPU still materializes the fp32 rows: 128 of the
+    scatter version's 256 MiB at T 4096, K 8, D 1024)."""
     t, k = weights_TK.shape
     m = order_M.shape[0]
     position_M = jnp.zeros((m,), order_M.dtype).at[order_M].set(jnp.arange(m, dtype=order_M.dtype))
     y_TKD = y_sorted_MD[position_M].reshape(t, k, -1)
-    # an elementwise product and a reduction (one fusion), where an einsum would materialize fp32 rows for a dot
+    # an elementwise product and a reduction, which XLA may fuse; an einsum would lower to a dot over fp32 rows
     y_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[:, :, None]).sum(axis=1)
     return y_TD.astype(y_sorted_MD.dtype)
 

@@ -63,6 +63,7 @@ def test_run_writes_the_contract(tmp_path):
     ("--config.max_num_tokens=64", "longer than"),
     ("--config.workload.input_ratio=-0.5", "input_ratio"),
     ("--config.workload.dataset=/nonexistent/file.jsonl", "cannot read"),
+    ("--config.dep.balance=random", "config.dep.balance must be one of ('tokens', 'requests')"),
 ])
 def test_bad_input_exits_2_before_device_work(flag, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", flag], cwd=ROOT, capture_output=True,

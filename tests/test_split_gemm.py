@@ -165,3 +165,10 @@ def test_combine_gathers_rows_instead_of_scattering_them():
     hlo = jax.jit(combine).lower(y, order, w).compile().as_text()
     scatters = re.findall(r"= (\w+)\[([\d,]*)\][^=]*? scatter\(", hlo)
     assert scatters and all(dtype == "s32" and dims == str(t * k) for dtype, dims in scatters), scatters
+
+
+def test_blocks_refuse_impossible_sizes():
+    with pytest.raises(ValueError, match=r"Blocks.group_m must be >= 0"):
+        Blocks(group_m=-1)
+    with pytest.raises(ValueError, match=r"Blocks.block_k must be >= 1, got 0"):
+        Blocks(block_k=0)

@@ -43,6 +43,13 @@ class Blocks:
     # the same weight column blocks.
     per_group: bool = False
 
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Blocks.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_m < 0:
+            raise ValueError(f"Blocks.group_m must be >= 0 (0: one window of all row tiles), got {self.group_m}")
+
 
 # Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows; WORKSPACE.md):
 # down projection K=2048 N=7168 497 TFLOP/s (column-block-major 443); fused gate/up K=7168 2x2048 490 (423).

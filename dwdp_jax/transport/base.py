@@ -131,9 +131,15 @@ class Transport(abc.ABC):
         """The in-program fences of `rank`'s programs (None: the transport needs none)."""
         return None
 
-    @abc.abstractmethod
     def remote_specs(self, rank: int) -> tuple[ExpertSlab, ...]:
         """Abstract shapes (with the rank's sharding) of what `acquire` returns: for compiling programs."""
+        on_rank = jax.sharding.SingleDeviceSharding(self.devices[rank])
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank),
+                            self._slot_layout(rank))
+
+    @abc.abstractmethod
+    def _slot_layout(self, rank: int) -> tuple[ExpertSlab, ...]:
+        """Arrays laid out as what `acquire` returns to `rank` (any layer): the slabs' shapes and order."""
 
     def _poison(self, rank: int, slot: int) -> None:
         if self.options.poison and self.slots[rank][slot][1]:

@@ -330,9 +330,8 @@ class CopyEngineTransport(Transport):
     def hook(self, rank: int) -> ProgramHook:
         return self._hooks[rank]
 
-    def remote_specs(self, rank: int) -> tuple[ExpertSlab, ...]:
-        on_rank = jax.sharding.SingleDeviceSharding(self.devices[rank])
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank), self.buffers[rank][0])
+    def _slot_layout(self, rank: int) -> tuple[ExpertSlab, ...]:
+        return self.buffers[rank][0]
 
     def seal(self, rank: int) -> None:
         self._sealed[rank].append(tuple(self._requested[rank]))

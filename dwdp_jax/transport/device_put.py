@@ -29,11 +29,9 @@ class DevicePutTransport(Transport):
         self.exports = [[export_pieces(slab, placement, owner, self.options.slices, devices[owner])
                          for slab in layers] for owner, layers in enumerate(local_slabs)]
 
-    def remote_specs(self, rank: int) -> tuple[ExpertSlab, ...]:
-        on_rank = jax.sharding.SingleDeviceSharding(self.devices[rank])
+    def _slot_layout(self, rank: int) -> tuple[ExpertSlab, ...]:
         pieces = tuple(self.exports[owner][0][(offset, count)][i] for owner, offset, count, i in self.pull_order(rank))
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_rank),
-                            tuple(sorted(pieces, key=lambda s: s.start)))
+        return tuple(sorted(pieces, key=lambda s: s.start))
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
         device = self.devices[rank]
