@@ -62,24 +62,32 @@ class Copy:
 
 @dataclasses.dataclass(frozen=True)
 class PullBatch:
-    """The copies of one layer into one slot, planned once (`plan`): `pieces` in issue order (`chunks`), `spans`
-    each source's first and last piece (the timeline's per-source marks), `targets` the slot's buffers (poisoned
-    first when asked)."""
+    """The copies of one layer into one slot, planned once (`plan`): `pieces` in issue order (`chunks`),
+    `addresses` each piece's (destination, source) device byte addresses, `spans` each source's first and last
+    piece (the timeline's per-source marks), `targets` the slot's buffers (poisoned first when asked).
+
+    The addresses are read here, not in the issuing callback: `unsafe_buffer_pointer` on an owner's slab waits
+    while the owner's own thread is launching a program that uses it, which stalled every step's first pulls by
+    300-700 ms at R1 width on 4x H200 (2026-11-27, session 4)."""
 
     layer: int
     slot: int
     copies: tuple[Copy, ...]
     targets: tuple[jax.Array, ...]
     pieces: tuple[tuple[Copy, int, int], ...]
+    addresses: tuple[tuple[int, int], ...]
     spans: dict[int, tuple[int, int]]
 
     @classmethod
     def plan(cls, layer: int, slot: int, copies, targets, slice_bytes: int) -> "PullBatch":
         pieces = tuple(chunks(tuple(copies), slice_bytes))
+        bases = {id(a): a.unsafe_buffer_pointer() for c in copies for a in (c.dst, c.src)}
+        addresses = tuple((bases[id(c.dst)] + c.dst_row * c.row_bytes + off,
+                           bases[id(c.src)] + c.src_row * c.row_bytes + off) for c, off, _ in pieces)
         spans: dict[int, tuple[int, int]] = {}
         for i, (c, _, _) in enumerate(pieces):
             spans[c.src_rank] = (spans.get(c.src_rank, (i, i))[0], i)
-        return cls(layer, slot, tuple(copies), tuple(targets), pieces, spans)
+        return cls(layer, slot, tuple(copies), tuple(targets), pieces, addresses, spans)
 
 
 def chunks(copies: tuple[Copy, ...], slice_bytes: int) -> list[tuple[Copy, int, int]]:
@@ -194,13 +202,11 @@ class CudaCopier:
                 if poison:
                     for t in b.targets:
                         rt.memsetAsync(t.unsafe_buffer_pointer(), 0xFF, t.nbytes, side)  # all-ones bits: NaN
-                for i, (c, off, n) in enumerate(b.pieces):
+                for i, ((c, _, n), (dst, src)) in enumerate(zip(b.pieces, b.addresses)):
                     first, last = b.spans[c.src_rank]
                     if i == first:
                         self._mark(rank, "source_start", b.layer, side, c.src_rank)
-                    rt.memcpyPeerAsync(c.dst.unsafe_buffer_pointer() + c.dst_row * c.row_bytes + off,
-                                       self.ordinals[rank], c.src.unsafe_buffer_pointer() + c.src_row * c.row_bytes
-                                       + off, self.ordinals[c.src_rank], n, side)
+                    rt.memcpyPeerAsync(dst, self.ordinals[rank], src, self.ordinals[c.src_rank], n, side)
                     if i == last:
                         self._mark(rank, "source_end", b.layer, side, c.src_rank)
                 self._mark(rank, "copy_end", b.layer, side)
@@ -323,9 +329,10 @@ class CopyEngineTransport(Transport):
         self._sealed = [collections.deque() for _ in devices]  # one batch list per program that issues
         self._reads = [collections.deque() for _ in devices]  # the slot each reading program waits for
         self._hooks = [ProgramHook(self, r) for r in range(len(devices))]
-        # (rank, layer, slot) -> its PullBatch: sources and slots are persistent, so a pull is planned once and the
-        # issuing callback (on XLA's stream thread) only walks the pieces
-        self._plans: dict[tuple[int, int, int], PullBatch] = {}
+        # (rank, layer, slot) -> its PullBatch, planned here while no program runs: sources and slots are
+        # persistent, so the issuing callback (on XLA's stream thread) only walks the pieces and their addresses
+        self._plans = {(rank, layer, slot): self._plan(rank, layer, slot) for rank in range(len(devices))
+                       for layer in range(len(local_slabs[rank])) for slot in range(2)}
 
     def hook(self, rank: int) -> ProgramHook:
         return self._hooks[rank]
@@ -354,10 +361,7 @@ class CopyEngineTransport(Transport):
             self.copier.clear_intervals(r)
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
-        key = (rank, layer, slot)
-        if key not in self._plans:
-            self._plans[key] = self._plan(rank, layer, slot)
-        self._requested[rank].append(self._plans[key])
+        self._requested[rank].append(self._plans[(rank, layer, slot)])
         return self.buffers[rank][slot]
 
     def _plan(self, rank: int, layer: int, slot: int) -> PullBatch:
