@@ -107,6 +107,30 @@ def test_ragged_offsets_match_dense_with_emulated_collective(params, dense_runs,
             np.testing.assert_array_equal(a, b)
 
 
+def test_moe_layers_share_one_receive_buffer_and_never_read_past_its_rows(params, dense_runs, monkeypatch):
+    """Each MoE layer's dispatch writes into the previous layer's receive buffer (XLA:GPU would keep one per layer),
+    and a first buffer of NaN changes nothing: no stage reads the rows past a layer's received total."""
+    _, batches, dense = dense_runs(4)
+    dispatch_calls = []
+
+    def recording(operand, output, *args, **kwargs):
+        result = _emulated_ragged_all_to_all(operand, output, *args, **kwargs)
+        if output.shape[0] > operand.shape[0]:  # the dispatch (N*M receive rows); the combine returns M rows
+            dispatch_calls.append((output, result))
+        return result
+
+    monkeypatch.setattr(dep, "ragged_all_to_all", recording)
+    monkeypatch.setattr(dep, "RAGGED_PLATFORMS", dep.RAGGED_PLATFORMS + ("cpu",))
+    monkeypatch.setattr(dep, "RECEIVE_FILL", float("nan"))
+    ragged = dep.DepRuntime(params, 4, BUDGET, dispatch="ragged").step(batches)
+    num_moe = params.model.cfg.num_moe_layers
+    assert num_moe >= 2 and len(dispatch_calls) == num_moe  # one trace of the step
+    for (_, previous), (output, _) in zip(dispatch_calls, dispatch_calls[1:]):
+        assert output is previous
+    for d, r in zip(dense, ragged):
+        np.testing.assert_array_equal(d.logits_TV, r.logits_TV)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs 2 GPUs")
 def test_ragged_equals_dense_and_reference_on_gpu(params):

@@ -57,6 +57,7 @@ DISPATCH_BACKENDS = ("dense", "ragged")
 # Platforms with a ragged-all-to-all kernel (XLA:CPU has none in jax 0.10.2).
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so a CPU test can substitute an emulation
+RECEIVE_FILL = 0.0  # a fresh receive buffer's rows past the received total (a test fills them with NaN)
 
 
 def shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
@@ -131,7 +132,9 @@ class DenseAllToAll:
         grouped_start_SL = _exclusive_cumsum(peer_SL.T.reshape(-1)).reshape(peer_SL.T.shape).T
         return block_start_SL, grouped_start_SL
 
-    def dispatch(self, x_sorted_MD: jax.Array, counts_NL: jax.Array, peer_SL: jax.Array) -> jax.Array:
+    def dispatch(self, x_sorted_MD: jax.Array, counts_NL: jax.Array, peer_SL: jax.Array,
+                 receive_RD: jax.Array | None = None) -> jax.Array:
+        del receive_RD  # the blocks are regrouped into a fresh buffer
         n = counts_NL.shape[0]
         m, d = x_sorted_MD.shape
         send_N = counts_NL.sum(1)
@@ -177,12 +180,17 @@ class RaggedAllToAll:
         n, _, l = all_SNL.shape
         return _exclusive_cumsum(all_SNL.transpose(1, 2, 0).reshape(n, l * n)).reshape(n, l, n)
 
-    def dispatch(self, x_sorted_MD: jax.Array, counts_NL: jax.Array, all_SNL: jax.Array) -> jax.Array:
+    def dispatch(self, x_sorted_MD: jax.Array, counts_NL: jax.Array, all_SNL: jax.Array,
+                 receive_RD: jax.Array | None = None) -> jax.Array:
+        """Into `receive_RD` (an earlier layer's receive buffer, rows past this layer's total left as they were)
+        or a fresh buffer of RECEIVE_FILL."""
         n = counts_NL.shape[0]
         m, d = x_sorted_MD.shape
         me = jax.lax.axis_index(AXIS)
         send_E = counts_NL.reshape(-1)
-        return ragged_all_to_all(x_sorted_MD, jnp.zeros((n * m, d), x_sorted_MD.dtype),
+        if receive_RD is None:
+            receive_RD = jnp.full((n * m, d), RECEIVE_FILL, x_sorted_MD.dtype)
+        return ragged_all_to_all(x_sorted_MD, receive_RD,
                                  _exclusive_cumsum(send_E), send_E,
                                  self._grouped_start_JLS(all_SNL)[:, :, me].reshape(-1),
                                  all_SNL[:, me, :].reshape(-1), axis_name=AXIS)
@@ -208,16 +216,16 @@ DISPATCHERS = {"dense": DenseAllToAll(), "ragged": RaggedAllToAll()}
 
 
 def dispatch_tokens(x_TD: jax.Array, ids_TK: jax.Array, valid_T: jax.Array | None, num_experts: int,
-                    dispatcher) -> tuple[jax.Array, DispatchPlan]:
+                    dispatcher, receive_RD: jax.Array | None = None) -> tuple[jax.Array, DispatchPlan]:
     """Sorts the rows by expert and sends each to its owner; returns the owner-side expert-major buffer
-    [N*M, D] (rows past the received total are zero) and the plan."""
+    [N*M, D] (rows past the received total are not read: zero, or `receive_RD`'s earlier rows) and the plan."""
     n = jax.lax.axis_size(AXIS)
     k = ids_TK.shape[1]
     with jax.named_scope("dispatch"):
         order_M, group_sizes_E = sort_by_expert(ids_TK, num_experts, valid_T)
         counts_NL = group_sizes_E.reshape(n, num_experts // n)
         peer_counts = dispatcher.exchange_counts(counts_NL)
-        x_grouped_RD = dispatcher.dispatch(x_TD[order_M // k], counts_NL, peer_counts)
+        x_grouped_RD = dispatcher.dispatch(x_TD[order_M // k], counts_NL, peer_counts, receive_RD)
     return x_grouped_RD, DispatchPlan(order_M, counts_NL, peer_counts)
 
 
@@ -234,18 +242,36 @@ def combine_tokens(y_grouped_RD: jax.Array, plan: DispatchPlan, weights_TK: jax.
         return combine(y_sorted_MD, plan.order_M, weights_TK)
 
 
+class ReceiveBuffer:
+    """The dispatch receive buffer threaded through the MoE layers of one traced step.
+
+    XLA:GPU (jax 0.11.2) gives every ragged_all_to_all output its own collective-memory buffer, never shared
+    between layers: DEP4 at T 32768 grew by the [N*T*K, D] worst case (14 GiB) per MoE layer on 4x H200. Writing
+    each layer's rows into the previous layer's receive buffer keeps one (measured on a 3-layer probe: 3.0 -> 1.0
+    GiB, same speed). Rows past a layer's received total then hold an earlier layer's rows; nothing reads them
+    (the grouped GEMM covers the received groups, the combine sends back only those rows)."""
+
+    def __init__(self):
+        self.rows_RD: jax.Array | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class DepExperts:
-    """The `RoutedExperts` of one MoE layer under DEP: this rank's slab behind dispatch and combine."""
+    """The `RoutedExperts` of one MoE layer under DEP: this rank's slab behind dispatch and combine; the layers
+    of one step share `receive`."""
 
     slab: ExpertSlab
     num_experts: int
     dispatch: str
     backend: str
+    receive: ReceiveBuffer | None = None
 
     def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
         dispatcher = DISPATCHERS[self.dispatch]
-        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher)
+        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher,
+                                             self.receive.rows_RD if self.receive else None)
+        if self.receive is not None:
+            self.receive.rows_RD = x_grouped_RD
         y_grouped_RD = expert_ffn(x_grouped_RD, plan, self.slab, self.backend, dispatcher)
         return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher)
 
@@ -344,8 +370,8 @@ class DepRuntime:
         """jit(shard_map(per_rank)); every output is per rank, concatenated along axis 0."""
         return jax.jit(shard_map(per_rank, self.mesh, in_specs, P(AXIS)))
 
-    def _experts(self, slab: ExpertSlab) -> DepExperts:
-        return DepExperts(slab, self.cfg.n_routed_experts, self.dispatch, self.gemm_backend)
+    def _experts(self, slab: ExpertSlab, receive: ReceiveBuffer | None = None) -> DepExperts:
+        return DepExperts(slab, self.cfg.n_routed_experts, self.dispatch, self.gemm_backend, receive)
 
     def _shard_layer(self, source, layer: int) -> ExpertSlab:
         """One MoE layer's experts sharded E/N per rank, each shard produced on its own device (never whole)."""
@@ -362,7 +388,8 @@ class DepRuntime:
     def _forward_rank(self, state, slabs, batch):
         tokens_T, segment_ids_T, positions_T, *rows = batch
         model = nnx.merge(self._graphdef, state)
-        return model(tokens_T, segment_ids_T, positions_T, [self._experts(slab) for slab in slabs],
+        receive = ReceiveBuffer()  # one per trace of the step
+        return model(tokens_T, segment_ids_T, positions_T, [self._experts(slab, receive) for slab in slabs],
                      rows[0] if rows else None)
 
     # -- inputs and outputs -------------------------------------------------------------------------------------
