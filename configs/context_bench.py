@@ -104,8 +104,8 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         # one rank and the others waited in NCCL (2x H200, session 3); DWDP's ranks fail alone, with an error.
         c.strategies = "dep,dwdp"
         c.verify.rel_tol = 2e-2
-        # DEP4 decides the depth: XLA keeps every MoE layer's 14 GiB all-to-all receive buffer apart (measured on
-        # 4x H200, session 4); at 0.85 the planner picks 6 layers, the deepest whose DEP4 step fits (71.4 GiB)
+        # DEP4 decides the depth: its dropless all-to-all buffers (dep.ReceiveBuffer, memory.plan_dep); at 0.85
+        # the planner picks 8 layers on 4x H200 (DEP4 planned 103.6 GiB with weights)
         c.memory_fraction = 0.85
         c.verify.min_id_match = 0.97
         c.verify.num_requests = 3

@@ -87,10 +87,11 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
 
     Dropless expert parallelism must size for the worst case, every row of the group routed to this rank:
     the dispatch receives up to N*T*K rows of D (plus its own T*K-row send buffer; the combine reuses both), and
-    its grouped GEMM runs over those N*T*K rows. XLA:GPU (jax 0.11.2) puts each MoE layer's receive buffer in
-    the collective memory space and does not share it between layers: every MoE layer past the first adds
-    N*T*K*D bytes. Measured on 4x H200 (T 32768, session 4): the step's temporaries 56.9 / 70.9 / 102.6 GiB at
-    2 / 3 / 5 MoE layers, the collective-space allocation 14.0 GiB per layer.
+    its grouped GEMM runs over those N*T*K rows. XLA:GPU (jax 0.11.2) keeps every ragged_all_to_all output in
+    collective memory without sharing it between layers: the dispatch's receive buffer is threaded through the
+    layers (`dep.ReceiveBuffer`), the combine's T*K-row output still costs one per MoE layer past the first.
+    Measured at T 32768 on H200s (session 4): DEP2 with the threaded buffer 33.0 / 40.0 GiB of temporaries at
+    3 / 5 MoE layers (+3.5 GiB per layer); DEP4 before it 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5 (+14 GiB per layer).
     """
     if num_ranks < 1 or cfg.n_routed_experts % num_ranks:
         raise ValueError(f"plan_dep num_ranks must divide n_routed_experts={cfg.n_routed_experts}, got {num_ranks}")
@@ -100,7 +101,7 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
                  f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
                  f"{attention_impl} attention",
                  expert_params=local_experts * cfg.num_moe_layers * cfg.expert_params(),
-                 all_to_all_bytes=(1 + num_ranks * max(cfg.num_moe_layers, 1)) * rows_per_rank * cfg.hidden_size
+                 all_to_all_bytes=(num_ranks + max(cfg.num_moe_layers, 1)) * rows_per_rank * cfg.hidden_size
                  * _DTYPE_BYTES[cfg.dtype],
                  activations=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
 
