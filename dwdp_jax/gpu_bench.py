@@ -70,12 +70,18 @@ def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "palla
     return 2 * m * k * n / time_s(jax.jit(fn), x, w, gs) / 1e12
 
 
-def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
-                      slab_counts: tuple[int, ...] | None = None) -> float:
-    """The split-weight kernel over groups of the given sizes, the experts spread over `slab_counts` slabs
-    (default one). Fused: gate and up ([G, K, n] each, FLOPs of a K x 2n GEMM) with the SwiGLU epilogue."""
+def _split_kernel(kernel: Callable | None) -> Callable:
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
 
+    return kernel or split_ragged_dot
+
+
+def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
+                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None) -> float:
+    """The split-weight kernel (default the Triton one; `kernel`: another with its signature, e.g. the Mosaic GPU
+    one) over groups of the given sizes, the experts spread over `slab_counts` slabs (default one). Fused: gate
+    and up ([G, K, n] each, FLOPs of a K x 2n GEMM) with the SwiGLU epilogue."""
+    split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
     counts = slab_counts or (g,)
     keys = jax.random.split(jax.random.key(1), 3)
@@ -91,10 +97,9 @@ def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=Non
     return 2 * m * k * n * (2 if fused else 1) / time_s(f, x, jnp.asarray(sizes, jnp.int32), ws) / 1e12
 
 
-def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> float:
+def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: Callable | None = None) -> float:
     """Relative error of the split-weight kernel (two slabs) against an fp32 per-group reference (bf16 inputs)."""
-    from dwdp_jax.kernels.split_gemm import split_ragged_dot
-
+    split_ragged_dot = _split_kernel(kernel)
     key = jax.random.key(2)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)

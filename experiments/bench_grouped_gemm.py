@@ -1,5 +1,5 @@
-"""Grouped GEMM on one GPU, side by side: the split-weight Pallas kernel (block-size sweep), the Mosaic GPU
-ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256 experts, 131072 rows, skewed).
+"""Grouped GEMM on one GPU, side by side: the split-weight Pallas kernel (block-size sweep), the same schedule
+on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256 experts, 131072 rows, skewed).
 
   python -m experiments.bench_grouped_gemm                 # on a GPU; writes results/bench_grouped_gemm/<run>.json
 """
@@ -12,6 +12,7 @@ from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
 from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
+from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
@@ -74,8 +75,12 @@ def main(argv):
         metrics[f"{name}_split_aligned_over_dense"] = metrics[f"{name}_split_aligned_tflops"] / dense
         split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
         mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
+        # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma), default tiles
+        split_mgpu = gb.split_gemm_tflops(sizes, k, n, fused, kernel=split_ragged_dot_mgpu)
+        metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, kernel=split_ragged_dot_mgpu)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
                         f"{name}_split_3slabs_tflops": split3, f"{name}_mgpu_tflops": mgpu,
+                        f"{name}_split_mgpu_tflops": split_mgpu, f"{name}_split_mgpu_over_dense": split_mgpu / dense,
                         f"{name}_split_over_dense": timed[best_blocks] / dense, f"{name}_mgpu_over_dense": mgpu / dense})
         raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)

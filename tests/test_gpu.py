@@ -38,8 +38,9 @@ def test_pallas_grouped_ffn_matches_xla(kind):
     assert not np.asarray(ours[int(sizes.sum()):]).any()
 
 
+@pytest.mark.parametrize("backend", ["pallas_split", "pallas_split_mgpu"])
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
-def test_split_kernel_matches_xla_over_three_slabs(kind):
+def test_split_kernel_matches_xla_over_three_slabs(kind, backend):
     from dwdp_jax import gpu_bench
     from dwdp_jax.kernels import grouped_gemm
     from models.experts import ExpertSlab
@@ -54,7 +55,7 @@ def test_split_kernel_matches_xla_over_three_slabs(kind):
           for k, shape in zip(keys[1:], [(g, d, f), (g, d, f), (g, f, d)])]
     slabs = tuple(ExpertSlab(*(w[a:b] for w in ws), start=a) for a, b in ((0, 3), (3, 8), (8, g)))
     poisoned = jnp.full((rows + 64, d), jnp.nan, jnp.bfloat16).at[:rows].set(x)[:rows]
-    ours = jax.jit(grouped_gemm.get_split_backend("pallas_split"))(poisoned, jnp.asarray(sizes), slabs)
+    ours = jax.jit(grouped_gemm.get_split_backend(backend))(poisoned, jnp.asarray(sizes), slabs)
     ref = grouped_gemm.get_backend("xla")(x.astype(jnp.float32), jnp.asarray(sizes),
                                           *(w.astype(jnp.float32) for w in ws))
     assert rel(ours, ref) < 2e-2

@@ -39,7 +39,7 @@ def register_split_backend(name: str, fn: Callable) -> None:
     _SPLIT_BACKENDS[name] = fn
 
 
-_GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_interpret"}
+_GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_mgpu", "pallas_split_interpret"}
 
 
 def get_backend(name: str) -> GroupedFFN | None:

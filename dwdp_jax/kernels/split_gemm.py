@@ -186,12 +186,14 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     )(sched, x_MK, *flat)
 
 
-def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, interpret: bool = False) -> jax.Array:
-    """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection.
+def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, interpret: bool = False,
+                      ragged_dot=split_ragged_dot) -> jax.Array:
+    """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection
+    (`ragged_dot`: this module's Triton kernel or `split_gemm_mgpu`'s Mosaic GPU one).
 
     Rows past sum(group_sizes) come back zeroed (the backend contract)."""
-    h_MF = split_ragged_dot(x_MD, group_sizes_E, tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs), fused=True,
-                            interpret=interpret)
-    y_MD = split_ragged_dot(h_MF, group_sizes_E, tuple(s.w_down_EFD for s in slabs), interpret=interpret)
+    h_MF = ragged_dot(x_MD, group_sizes_E, tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs), fused=True,
+                      interpret=interpret)
+    y_MD = ragged_dot(h_MF, group_sizes_E, tuple(s.w_down_EFD for s in slabs), interpret=interpret)
     valid_M1 = (jnp.arange(x_MD.shape[0]) < group_sizes_E.sum())[:, None]
     return jnp.where(valid_M1, y_MD, 0).astype(x_MD.dtype)

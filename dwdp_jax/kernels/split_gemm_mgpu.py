@@ -1,0 +1,172 @@
+"""Split-weight grouped GEMM on Mosaic GPU (Hopper): TMA loads and warp-specialized wgmma.
+
+The Triton kernel (`split_gemm`) computes each row tile at 0.80-0.89 of cuBLAS's rate on H200 and stops at
+0.64-0.72 of the dense GEMM over skewed groups (WORKSPACE.md, session 3); what it lacks is what Hopper's fastest
+GEMMs do: TMA copies and a producer warpgroup that keeps the consumers' wgmma fed. This kernel is that structure
+(the one of jax's `hopper_matmul_mgpu` example) over the same tile schedule (`split_gemm.tile_schedule`): row tiles
+aligned to `tile_m`, cut at group boundaries, each tagged with its slab and its group in the slab.
+
+Per CTA (persistent over the SMs): (row tile, column block) pairs in row-tile-major order; a memory warpgroup
+streams the x tile and the slab's weight block into shared memory with TMA, two compute warpgroups each own half
+of the column block (fp32 wgmma accumulators; fused: a gate and an up accumulator and SwiGLU in the epilogue). A
+tile stores only its rows [lo, hi): TMA boxes have static shapes, so the rows go out as power-of-two runs.
+
+Tested on CPU in Mosaic GPU interpret mode against `jax.lax.ragged_dot`, and lowered for CUDA there; its GPU speed
+is measured by `experiments.bench_grouped_gemm` (backend `pallas_split_mgpu`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from dwdp_jax.kernels.split_gemm import tile_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBlocks:
+    """Tile sizes: a CTA computes tile_m rows x (2 * tile_n) columns, one tile_n half per compute warpgroup."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    max_concurrent_steps: int = 4
+    num_sms: int = 132  # H100 / H200 SXM
+
+    def __post_init__(self):
+        for name in ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MgpuBlocks.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tile_m % 64:
+            raise ValueError(f"MgpuBlocks.tile_m must be a multiple of 64 (wgmma rows), got {self.tile_m}")
+
+
+# Shared memory (227 KiB on Hopper) bounds the stages: 48 KiB per stage with a 64 KiB output buffer (down), and
+# for the fused gate/up kernel, which keeps two weight blocks per stage, half the columns per warpgroup.
+DEFAULT_MGPU_BLOCKS = MgpuBlocks(max_concurrent_steps=3)
+FUSED_MGPU_BLOCKS = MgpuBlocks(tile_n=64)
+
+
+def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: int):
+    """TMA-store rows [lo, lo + count) of out_smem to rows row0 + lo.. of out_gmem, as power-of-two runs."""
+    off = lo
+    size = tile_m
+    while size >= 1:
+        @pl.when(count & size != 0)
+        def _(size=size, off=off):
+            plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(off, size)],
+                                    out_gmem.at[pl.ds(row0 + off, size), pl.ds(col0, tile_n)])
+
+        off = off + (count & size)
+        size //= 2
+
+
+def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlocks, k_dim: int, n_dim: int,
+            num_tiles: int):
+    w_gmems, out_gmem = refs[:-1], refs[-1]
+    per_slab = 2 if fused else 1
+    dtype = x_gmem.dtype
+    cta_n = 2 * b.tile_n
+    n_iters, k_iters = n_dim // cta_n, k_dim // b.tile_k
+    swizzle = plgpu.find_swizzle(b.tile_k * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+    in_specs = [plgpu.BlockSpec((b.tile_m, b.tile_k), lambda k: (0, k), transforms=transforms,
+                                memory_space=plgpu.SMEM)]
+    in_specs += [plgpu.BlockSpec((b.tile_k, cta_n), lambda k: (k, 0), transforms=transforms,
+                                 memory_space=plgpu.SMEM)] * per_slab
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=b.max_concurrent_steps, compute_context=context)
+
+    ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
+    example = (x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, :, pl.ds(0, cta_n)] for w in w_gmems[:per_slab])
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example),
+                       out_smem=plgpu.SMEM((2, b.tile_m, b.tile_n), dtype), collective_axes="wg")
+    def _scope(allocs, out_smem):
+        wg = jax.lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_tiles * n_iters,), collective_axes="sm")
+        def _loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            ti, ni = lin // n_iters, lin % n_iters
+
+            @pl.when(ti < sched_gmem[5, 0])
+            def _tile():
+                slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
+                row0 = block * b.tile_m
+                col0 = ni * cta_n + wg * b.tile_n
+
+                def context(run):
+                    @functools.partial(pl.run_scoped,
+                                       accs=tuple(plgpu.ACC((b.tile_m, b.tile_n), jnp.float32) for _ in range(per_slab)))
+                    def _acc(accs):
+                        run(accs)
+                        vals = tuple(a[...] for a in accs)
+                        out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
+                        out_smem[wg] = out.astype(dtype)
+                        plgpu.commit_smem()
+                        _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
+
+                def mma(_, x_smem, *w_and_accs):
+                    w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
+                    for w_smem, acc in zip(w_smems, accs):
+                        plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(wg * b.tile_n, b.tile_n)])
+                    plgpu.wgmma_wait(0)
+                    return accs
+
+                for s in range(num_slabs):
+                    @pl.when(slab == s)
+                    def _(s=s):
+                        ws = w_gmems[per_slab * s: per_slab * (s + 1)]
+                        pipeline(mma, context)(x_gmem.at[pl.ds(row0, b.tile_m)],
+                                               *(w.at[group, :, pl.ds(ni * cta_n, cta_n)] for w in ws),
+                                               allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret"))
+def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, fused: bool = False,
+                          blocks: MgpuBlocks | None = None, interpret: bool = False) -> jax.Array:
+    """`split_gemm.split_ragged_dot` on Mosaic GPU: x rows sorted by group times each group's weights, the groups
+    spread over slabs (weights: one [G_s, K, N] array per slab; fused: a (gate, up) pair per slab and the result
+    silu(x @ gate) * (x @ up)). Rows past sum(group_sizes) are not written. bf16 in, fp32 accumulation."""
+    b = blocks or (FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS)
+    slabs = tuple(weights) if fused else tuple((w,) for w in weights)
+    m, k = x_MK.shape
+    n = slabs[0][0].shape[2]
+    for i, ws in enumerate(slabs):
+        for w in ws:
+            if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
+                raise ValueError(f"split_ragged_dot_mgpu: slab {i} weight {w.shape} {w.dtype} does not match x "
+                                 f"{x_MK.shape} {x_MK.dtype} and N={n}")
+    if k % b.tile_k or n % (2 * b.tile_n):
+        raise ValueError(f"split_ragged_dot_mgpu: K={k} must be a multiple of tile_k={b.tile_k} and N={n} of "
+                         f"2 * tile_n={2 * b.tile_n}")
+    pad = -m % b.tile_m  # whole row tiles: the last one's TMA load stays in bounds
+    x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
+    sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.tile_m, m + pad)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n,
+                          num_tiles=sched.shape[1]),
+        out_type=jax.ShapeDtypeStruct((m + pad, n), x_MK.dtype),
+        grid=(b.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params() if interpret else None)
+    out = kernel(sched, x_pad, *(w for ws in slabs for w in ws))
+    return out[:m] if pad else out
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: the only entry point
+
+    return InterpretGPUParams()

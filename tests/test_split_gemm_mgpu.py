@@ -1,0 +1,98 @@
+"""The Mosaic GPU split-weight grouped GEMM on CPU: its output in Mosaic GPU interpret mode against
+`jax.lax.ragged_dot` over the concatenated weights, and its lowering for CUDA at DeepSeek-R1 sizes (shared memory
+and the TMA/wgmma lowering are checked there, before any GPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dwdp_jax.gpu_bench import skewed_group_sizes
+from dwdp_jax.kernels.grouped_gemm import xla_grouped_ffn
+from dwdp_jax.kernels.split_gemm import split_grouped_ffn
+from dwdp_jax.kernels.split_gemm_mgpu import (DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
+                                              split_ragged_dot_mgpu)
+from models.experts import ExpertSlab
+
+# Two CTAs of 64 rows x 2 x 32 columns: several row tiles and column blocks per CTA, interpreted in seconds.
+SMALL = MgpuBlocks(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, num_sms=2)
+SMALL_FUSED = MgpuBlocks(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, num_sms=3)
+
+
+def _bf16(key, shape, scale=1.0):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+
+# empty groups, tiles cut at group boundaries, rows not a multiple of tile_m (padded), a group spanning tiles
+SIZES = np.array([70, 0, 130, 5, 64, 100], np.int32)
+
+
+def test_plain_over_two_slabs_matches_ragged_dot():
+    m, k, n = int(SIZES.sum()), 128, 256
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = _bf16(kx, (m, k)), _bf16(kw, (6, k, n))
+    out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), (w[:2], w[2:]), blocks=SMALL, interpret=True)
+    ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(SIZES))
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    assert _rel(out, ref) < 4e-3  # bf16 rounding of the output only
+
+
+def test_fused_gate_up_matches_swiglu_of_ragged_dots():
+    m, k, n = int(SIZES.sum()), 128, 128
+    ks = jax.random.split(jax.random.key(1), 3)
+    x, g, u = _bf16(ks[0], (m, k)), _bf16(ks[1], (6, k, n)), _bf16(ks[2], (6, k, n))
+    out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), ((g[:3], u[:3]), (g[3:], u[3:])), fused=True,
+                                blocks=SMALL_FUSED, interpret=True)
+    f32, gs = (lambda a: a.astype(jnp.float32)), jnp.asarray(SIZES)
+    ref = jax.nn.silu(jax.lax.ragged_dot(f32(x), f32(g), gs)) * jax.lax.ragged_dot(f32(x), f32(u), gs)
+    assert _rel(out, ref) < 4e-3
+
+
+@pytest.mark.parametrize("fused, k, n", [(False, 2048, 7168), (True, 7168, 2048)])
+def test_default_blocks_lower_for_cuda_at_r1_sizes(fused, k, n):
+    """The defaults fit Hopper's shared memory and lower to Mosaic GPU (on CPU: no GPU compile, no run)."""
+    sizes = jnp.asarray(skewed_group_sizes(131072, 256, 6.0))
+    x = jax.ShapeDtypeStruct((131072, k), jnp.bfloat16)
+    slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in (64, 192))
+    weights = tuple((w, w) for w in slabs) if fused else slabs
+    fn = jax.jit(lambda x, s, w: split_ragged_dot_mgpu(x, s, w, fused=fused))
+    text = fn.trace(x, sizes, weights).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert (FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS).tile_m == 128
+
+
+def test_bad_shapes_and_blocks_are_refused():
+    x = jnp.zeros((64, 96), jnp.bfloat16)
+    w = jnp.zeros((2, 96, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K=96 must be a multiple of tile_k=64"):
+        split_ragged_dot_mgpu(x, jnp.array([32, 32]), (w,), blocks=SMALL)
+    with pytest.raises(ValueError, match="slab 0 weight"):
+        split_ragged_dot_mgpu(x, jnp.array([32, 32]), (jnp.zeros((2, 96, 128), jnp.float32),), blocks=SMALL)
+    with pytest.raises(ValueError, match="tile_m must be a multiple of 64"):
+        MgpuBlocks(tile_m=32)
+    with pytest.raises(ValueError, match="MgpuBlocks.tile_k must be >= 1"):
+        MgpuBlocks(tile_k=0)
+
+
+def test_expert_ffn_with_the_mgpu_kernel_matches_xla():
+    """The backend `pallas_split_mgpu` composes the fused gate/up and the down kernels (here interpreted)."""
+    sizes = np.array([40, 0, 88], np.int32)
+    m, d, f = int(sizes.sum()) + 8, 128, 128  # 8 rows past the groups come back zero
+    ks = jax.random.split(jax.random.key(2), 4)
+    x = _bf16(ks[0], (m, d))
+    gate, up, down = _bf16(ks[1], (3, d, f), 0.1), _bf16(ks[2], (3, d, f), 0.1), _bf16(ks[3], (3, f, d), 0.1)
+    slabs = (ExpertSlab(gate[:1], up[:1], down[:1], start=0), ExpertSlab(gate[1:], up[1:], down[1:], start=1))
+
+    def mgpu(*args, fused=False, interpret=False):
+        return split_ragged_dot_mgpu(*args, fused=fused, interpret=interpret,
+                                     blocks=SMALL_FUSED if fused else SMALL)
+
+    out = split_grouped_ffn(x, jnp.asarray(sizes), slabs, interpret=True, ragged_dot=mgpu)
+    ref = xla_grouped_ffn(x.astype(jnp.float32), jnp.asarray(sizes), gate.astype(jnp.float32),
+                          up.astype(jnp.float32), down.astype(jnp.float32))
+    assert _rel(out, ref) < 2e-2  # bf16 intermediate h
+    np.testing.assert_array_equal(np.asarray(out[-8:], np.float32), 0)
