@@ -12,7 +12,7 @@ from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
 from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
-from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
+from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, split_ragged_dot_mgpu
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
@@ -75,9 +75,15 @@ def main(argv):
         metrics[f"{name}_split_aligned_over_dense"] = metrics[f"{name}_split_aligned_tflops"] / dense
         split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
         mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
-        # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma), default tiles
+        # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma): default tiles, and a CTA's tiles chained
+        # into one pipeline (no fill and drain per tile)
         split_mgpu = gb.split_gemm_tflops(sizes, k, n, fused, kernel=split_ragged_dot_mgpu)
+        chained = gb.split_gemm_tflops(sizes, k, n, fused, CHAINED_R1[fused], kernel=split_ragged_dot_mgpu)
+        metrics[f"{name}_split_mgpu_chained_tflops"] = chained
+        metrics[f"{name}_split_mgpu_chained_over_dense"] = chained / dense
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, kernel=split_ragged_dot_mgpu)
+        metrics[f"{name}_split_mgpu_chained_rel_err"] = gb.grouped_gemm_error(sizes, k, n, CHAINED_R1[False],
+                                                                             kernel=split_ragged_dot_mgpu)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
                         f"{name}_split_3slabs_tflops": split3, f"{name}_mgpu_tflops": mgpu,
                         f"{name}_split_mgpu_tflops": split_mgpu, f"{name}_split_mgpu_over_dense": split_mgpu / dense,

@@ -2,6 +2,8 @@
 `jax.lax.ragged_dot` over the concatenated weights, and its lowering for CUDA at DeepSeek-R1 sizes (shared memory
 and the TMA/wgmma lowering are checked there, before any GPU)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from dwdp_jax.gpu_bench import skewed_group_sizes
 from dwdp_jax.kernels.grouped_gemm import xla_grouped_ffn
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_mgpu import (DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
+from dwdp_jax.kernels.split_gemm_mgpu import (CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
                                               split_ragged_dot_mgpu)
 from models.experts import ExpertSlab
 
@@ -31,35 +33,45 @@ def _rel(a, b):
 SIZES = np.array([70, 0, 130, 5, 64, 100], np.int32)
 
 
-def test_plain_over_two_slabs_matches_ragged_dot():
+# chained tile pipelines: every CTA with several tiles (2 SMs), and CTAs with one tile each beside one with two
+CHAINED = [dataclasses.replace(SMALL, chain=True, num_sms=sms) for sms in (2, 17)]
+
+
+@pytest.mark.parametrize("blocks", [SMALL] + CHAINED, ids=["alone", "chained", "chained_lone_tiles"])
+def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     m, k, n = int(SIZES.sum()), 128, 256
     kx, kw = jax.random.split(jax.random.key(0))
     x, w = _bf16(kx, (m, k)), _bf16(kw, (6, k, n))
-    out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), (w[:2], w[2:]), blocks=SMALL, interpret=True)
+    out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), (w[:2], w[2:]), blocks=blocks, interpret=True)
     ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(SIZES))
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     assert _rel(out, ref) < 4e-3  # bf16 rounding of the output only
 
 
-def test_fused_gate_up_matches_swiglu_of_ragged_dots():
+@pytest.mark.parametrize("blocks", [SMALL_FUSED, dataclasses.replace(SMALL_FUSED, chain=True)],
+                         ids=["alone", "chained"])
+def test_fused_gate_up_matches_swiglu_of_ragged_dots(blocks):
     m, k, n = int(SIZES.sum()), 128, 128
     ks = jax.random.split(jax.random.key(1), 3)
     x, g, u = _bf16(ks[0], (m, k)), _bf16(ks[1], (6, k, n)), _bf16(ks[2], (6, k, n))
     out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), ((g[:3], u[:3]), (g[3:], u[3:])), fused=True,
-                                blocks=SMALL_FUSED, interpret=True)
+                                blocks=blocks, interpret=True)
     f32, gs = (lambda a: a.astype(jnp.float32)), jnp.asarray(SIZES)
     ref = jax.nn.silu(jax.lax.ragged_dot(f32(x), f32(g), gs)) * jax.lax.ragged_dot(f32(x), f32(u), gs)
     assert _rel(out, ref) < 4e-3
 
 
+@pytest.mark.parametrize("chain", [False, True])
 @pytest.mark.parametrize("fused, k, n", [(False, 2048, 7168), (True, 7168, 2048)])
-def test_default_blocks_lower_for_cuda_at_r1_sizes(fused, k, n):
-    """The defaults fit Hopper's shared memory and lower to Mosaic GPU (on CPU: no GPU compile, no run)."""
+def test_default_blocks_lower_for_cuda_at_r1_sizes(fused, k, n, chain):
+    """The defaults (and the chained variants the GPU benchmark times) fit Hopper's shared memory and lower to
+    Mosaic GPU (on CPU: no GPU compile, no run)."""
+    blocks = CHAINED_R1[fused] if chain else None
     sizes = jnp.asarray(skewed_group_sizes(131072, 256, 6.0))
     x = jax.ShapeDtypeStruct((131072, k), jnp.bfloat16)
     slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in (64, 192))
     weights = tuple((w, w) for w in slabs) if fused else slabs
-    fn = jax.jit(lambda x, s, w: split_ragged_dot_mgpu(x, s, w, fused=fused))
+    fn = jax.jit(lambda x, s, w: split_ragged_dot_mgpu(x, s, w, fused=fused, blocks=blocks))
     text = fn.trace(x, sizes, weights).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert (FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS).tile_m == 128
@@ -72,6 +84,9 @@ def test_bad_shapes_and_blocks_are_refused():
         split_ragged_dot_mgpu(x, jnp.array([32, 32]), (w,), blocks=SMALL)
     with pytest.raises(ValueError, match="slab 0 weight"):
         split_ragged_dot_mgpu(x, jnp.array([32, 32]), (jnp.zeros((2, 96, 128), jnp.float32),), blocks=SMALL)
+    with pytest.raises(ValueError, match=r"K / tile_k = 3 divisible by max_concurrent_steps=2"):
+        split_ragged_dot_mgpu(jnp.zeros((64, 192), jnp.bfloat16), jnp.array([32, 32]),
+                              (jnp.zeros((2, 192, 128), jnp.bfloat16),), blocks=CHAINED[0])
     with pytest.raises(ValueError, match="tile_m must be a multiple of 64"):
         MgpuBlocks(tile_m=32)
     with pytest.raises(ValueError, match="MgpuBlocks.tile_k must be >= 1"):

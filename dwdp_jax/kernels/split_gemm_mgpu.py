@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
 from dwdp_jax.kernels.split_gemm import tile_schedule
 
@@ -37,6 +38,10 @@ class MgpuBlocks:
     tile_k: int = 64
     max_concurrent_steps: int = 4
     num_sms: int = 132  # H100 / H200 SXM
+    # A CTA's tiles run as one pipeline (`pipeline_state`): the memory warpgroup loads the next tile while the
+    # compute warpgroups finish the current one and store it, instead of a fill and a drain per tile. Needs
+    # K / tile_k divisible by max_concurrent_steps.
+    chain: bool = False
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"):
@@ -50,6 +55,9 @@ class MgpuBlocks:
 # for the fused gate/up kernel, which keeps two weight blocks per stage, half the columns per warpgroup.
 DEFAULT_MGPU_BLOCKS = MgpuBlocks(max_concurrent_steps=3)
 FUSED_MGPU_BLOCKS = MgpuBlocks(tile_n=64)
+# Chained variants for R1's shapes (K / tile_k divisible by the stages: 2048 / 64 = 32, 7168 / 64 = 112); not yet
+# timed on a GPU. fused -> blocks
+CHAINED_R1 = {False: MgpuBlocks(max_concurrent_steps=2, chain=True), True: MgpuBlocks(tile_n=64, chain=True)}
 
 
 def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: int):
@@ -66,8 +74,7 @@ def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: 
         size //= 2
 
 
-def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlocks, k_dim: int, n_dim: int,
-            num_tiles: int):
+def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlocks, k_dim: int, n_dim: int):
     w_gmems, out_gmem = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
     dtype = x_gmem.dtype
@@ -80,10 +87,10 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     in_specs += [plgpu.BlockSpec((b.tile_k, cta_n), lambda k: (k, 0), transforms=transforms,
                                  memory_space=plgpu.SMEM)] * per_slab
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=b.max_concurrent_steps, compute_context=context)
+            max_concurrent_steps=b.max_concurrent_steps, compute_context=context, pipeline_state=state)
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
     example = (x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, :, pl.ds(0, cta_n)] for w in w_gmems[:per_slab])
@@ -93,43 +100,46 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     def _scope(allocs, out_smem):
         wg = jax.lax.axis_index("wg")
 
-        @plgpu.nd_loop((num_tiles * n_iters,), collective_axes="sm")
+        @plgpu.nd_loop((sched_gmem[5, 0] * n_iters,), collective_axes="sm")  # the real tiles only
         def _loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
             ti, ni = lin // n_iters, lin % n_iters
+            slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
+            row0 = block * b.tile_m
+            col0 = ni * cta_n + wg * b.tile_n
 
-            @pl.when(ti < sched_gmem[5, 0])
-            def _tile():
-                slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
-                row0 = block * b.tile_m
-                col0 = ni * cta_n + wg * b.tile_n
+            def context(run):
+                @functools.partial(pl.run_scoped,
+                                   accs=tuple(plgpu.ACC((b.tile_m, b.tile_n), jnp.float32) for _ in range(per_slab)))
+                def _acc(accs):
+                    run(accs)
+                    vals = tuple(a[...] for a in accs)
+                    out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
+                    out_smem[wg] = out.astype(dtype)
+                    plgpu.commit_smem()
+                    _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
 
-                def context(run):
-                    @functools.partial(pl.run_scoped,
-                                       accs=tuple(plgpu.ACC((b.tile_m, b.tile_n), jnp.float32) for _ in range(per_slab)))
-                    def _acc(accs):
-                        run(accs)
-                        vals = tuple(a[...] for a in accs)
-                        out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
-                        out_smem[wg] = out.astype(dtype)
-                        plgpu.commit_smem()
-                        _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
+            def mma(_, x_smem, *w_and_accs):
+                w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
+                for w_smem, acc in zip(w_smems, accs):
+                    plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(wg * b.tile_n, b.tile_n)])
+                plgpu.wgmma_wait(0)
+                return accs
 
-                def mma(_, x_smem, *w_and_accs):
-                    w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
-                    for w_smem, acc in zip(w_smems, accs):
-                        plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(wg * b.tile_n, b.tile_n)])
-                    plgpu.wgmma_wait(0)
-                    return accs
-
-                for s in range(num_slabs):
-                    @pl.when(slab == s)
-                    def _(s=s):
-                        ws = w_gmems[per_slab * s: per_slab * (s + 1)]
-                        pipeline(mma, context)(x_gmem.at[pl.ds(row0, b.tile_m)],
-                                               *(w.at[group, :, pl.ds(ni * cta_n, cta_n)] for w in ws),
-                                               allocations=allocs)
+            state, alone = None, True
+            if b.chain:  # the CTA's first tile starts the chain, its last drains it; a lone tile is its own
+                first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+                state = jnp.where(first, int(PipelinePipeline.START),
+                                  jnp.where(last, int(PipelinePipeline.STOP), int(PipelinePipeline.STEADY)))
+                alone = info.num_local_steps == 1
+            for s in range(num_slabs):  # the tile's slab: one branch runs
+                refs = (x_gmem.at[pl.ds(row0, b.tile_m)],) + tuple(
+                    w.at[group, :, pl.ds(ni * cta_n, cta_n)] for w in w_gmems[per_slab * s: per_slab * (s + 1)])
+                pl.when((slab == s) & alone)(lambda refs=refs: pipeline(mma, context)(*refs, allocations=allocs))
+                if b.chain:
+                    pl.when((slab == s) & ~alone)(
+                        lambda refs=refs: pipeline(mma, context, state)(*refs, allocations=allocs))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -149,6 +159,9 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
             if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
                 raise ValueError(f"split_ragged_dot_mgpu: slab {i} weight {w.shape} {w.dtype} does not match x "
                                  f"{x_MK.shape} {x_MK.dtype} and N={n}")
+    if b.chain and (k // b.tile_k) % b.max_concurrent_steps:
+        raise ValueError(f"split_ragged_dot_mgpu: chained tiles need K / tile_k = {k // b.tile_k} divisible by "
+                         f"max_concurrent_steps={b.max_concurrent_steps}")
     if k % b.tile_k or n % (2 * b.tile_n):
         raise ValueError(f"split_ragged_dot_mgpu: K={k} must be a multiple of tile_k={b.tile_k} and N={n} of "
                          f"2 * tile_n={2 * b.tile_n}")
@@ -156,8 +169,7 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.tile_m, m + pad)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n,
-                          num_tiles=sched.shape[1]),
+        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n),
         out_type=jax.ShapeDtypeStruct((m + pad, n), x_MK.dtype),
         grid=(b.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
