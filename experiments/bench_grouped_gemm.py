@@ -12,7 +12,8 @@ from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
 from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
-from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, split_ragged_dot_mgpu
+from dwdp_jax.kernels.split_gemm_mgpu import (CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
+                                              split_ragged_dot_mgpu)
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
@@ -34,6 +35,12 @@ CANDIDATES = {
                                                          Blocks(block_n=256, block_k=32, num_stages=6,
                                                                 per_group=True)],
 }
+# The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, and the stage counts shared memory
+# allows (first timings: WORKSPACE.md, session 4).
+MGPU_CANDIDATES = {
+    True: [FUSED_MGPU_BLOCKS, CHAINED_R1[True], MgpuBlocks(tile_n=64, max_concurrent_steps=3)],
+    False: [DEFAULT_MGPU_BLOCKS, CHAINED_R1[False], MgpuBlocks(max_concurrent_steps=2)],
+}
 # name, K, N per weight, fused (gate+up: two [K, N] weights, the FLOPs of a K x 2N GEMM)
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 
@@ -50,13 +57,15 @@ def main(argv):
         dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
         default = FUSED_BLOCKS if fused else DEFAULT_BLOCKS
         configs = CANDIDATES[fused] if _SWEEP.value else [default]
-        sweep = {}
-        for b in configs:
-            try:
-                sweep[b] = gb.split_gemm_tflops(sizes, k, n, fused, b)
-            except Exception as e:  # a configuration Triton cannot compile (shared memory, registers) is skipped
-                sweep[b] = repr(e)[:200]
-            print(name, b, sweep[b], flush=True)
+        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else MGPU_CANDIDATES[fused][:2]
+        sweep, mgpu_sweep = {}, {}
+        for table, kernel, candidates in ((sweep, None, configs), (mgpu_sweep, split_ragged_dot_mgpu, mgpu_configs)):
+            for b in candidates:
+                try:
+                    table[b] = gb.split_gemm_tflops(sizes, k, n, fused, b, kernel=kernel)
+                except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
+                    table[b] = repr(e)[:200]
+                print(name, b, table[b], flush=True)
         dense_after = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
         dense = (dense_before + dense_after) / 2
         metrics[f"{name}_dense_spread"] = abs(dense_after - dense_before) / dense
@@ -75,15 +84,15 @@ def main(argv):
         metrics[f"{name}_split_aligned_over_dense"] = metrics[f"{name}_split_aligned_tflops"] / dense
         split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
         mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
-        # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma): default tiles, and a CTA's tiles chained
-        # into one pipeline (no fill and drain per tile)
-        split_mgpu = gb.split_gemm_tflops(sizes, k, n, fused, kernel=split_ragged_dot_mgpu)
-        chained = gb.split_gemm_tflops(sizes, k, n, fused, CHAINED_R1[fused], kernel=split_ragged_dot_mgpu)
-        metrics[f"{name}_split_mgpu_chained_tflops"] = chained
-        metrics[f"{name}_split_mgpu_chained_over_dense"] = chained / dense
-        metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, kernel=split_ragged_dot_mgpu)
-        metrics[f"{name}_split_mgpu_chained_rel_err"] = gb.grouped_gemm_error(sizes, k, n, CHAINED_R1[False],
-                                                                             kernel=split_ragged_dot_mgpu)
+        # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma), its best configuration and that one's error
+        mgpu_timed = {b: v for b, v in mgpu_sweep.items() if isinstance(v, float)}
+        best_mgpu = max(mgpu_timed, key=mgpu_timed.get)
+        split_mgpu = mgpu_timed[best_mgpu]
+        unfused = CHAINED_R1[False] if best_mgpu.chain else DEFAULT_MGPU_BLOCKS  # the error check is unfused
+        metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
+                                                                     kernel=split_ragged_dot_mgpu)
+        raw[f"{name}_mgpu_sweep"] = {str(dataclasses.astuple(b)): v for b, v in mgpu_sweep.items()}
+        raw[f"{name}_mgpu_best_blocks"] = dataclasses.astuple(best_mgpu)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
                         f"{name}_split_3slabs_tflops": split3, f"{name}_mgpu_tflops": mgpu,
                         f"{name}_split_mgpu_tflops": split_mgpu, f"{name}_split_mgpu_over_dense": split_mgpu / dense,
