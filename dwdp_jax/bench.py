@@ -176,14 +176,30 @@ def id_match(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float
     return same / max(total, 1)
 
 
-def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
-    """A few requests spread over the ranks, the last rank left empty (it must not matter)."""
+def verification_batches(p: Plan, c, tight: bool = False) -> list[PackedBatch | None]:
+    """A few requests spread over the ranks, the last rank left empty (it must not matter); padded to
+    max_num_tokens, or (`tight`) to the next multiple of 128 above each batch's tokens (other shapes)."""
     reqs = p.requests[:c.verify.num_requests]
     per_rank: list[list] = [[] for _ in range(c.num_ranks)]
     for i, r in enumerate(reqs):
         per_rank[i % max(c.num_ranks - 1, 1)].append(r)
-    return [pack([tokens_of(r, p.cfg.vocab_size, c.workload.seed) for r in rs], budget=c.max_num_tokens) if rs
-            else None for rs in per_rank]
+    batches = []
+    for rs in per_rank:
+        seqs = [tokens_of(r, p.cfg.vocab_size, c.workload.seed) for r in rs]
+        budget = -(-(sum(map(len, seqs)) + 1) // 128) * 128 if tight else c.max_num_tokens
+        batches.append(pack(seqs, budget=budget) if rs else None)
+    return batches
+
+
+def reference_noise(params: reference.Params, refs: list[reference.PrefillOutput | None], p: Plan, c
+                    ) -> dict[str, Any]:
+    """The reference against itself with the verification batches padded to other budgets (other GEMM shapes, so
+    other kernels and rounding): the floor a strategy's error is judged against where routing near-ties flip
+    (bf16, random weights)."""
+    others = [reference_output(params, b, p, c) if b is not None else None
+              for b in verification_batches(p, c, tight=True)]
+    floor = verify(others, refs, tol=float("inf"))
+    return {"rel_err": floor["rel_err"], "expert_id_match": floor["expert_id_match"], "finite": floor["finite"]}
 
 
 def reference_output(params: reference.Params, batch: PackedBatch, p: Plan, c) -> reference.PrefillOutput:
@@ -393,6 +409,7 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     vb = verification_batches(p, c)
     refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
     skew = routing_skew(refs, p.cfg.n_routed_experts)
+    noise = reference_noise(params, refs, p, c) if refs and c.verify.get("noise_floor", False) else {}
     s = {k: {} for k in ("verification", "hlo_collectives", "raw", "summary", "breakdown", "failures")}
     for name in p.strategies:
         try:
@@ -409,11 +426,12 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
                                      verification=s["verification"], root=c.results_root,
                                      hlo_collectives=s["hlo_collectives"], breakdown=s["breakdown"], routing_skew=skew,
                                      model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement),
-                                     failures=s["failures"])
+                                     failures=s["failures"], reference_noise=noise)
     if s["failures"]:
         raise RuntimeError(f"strategies failed (the others' results are in {path}): {s['failures']}")
     return {"path": str(path), "metrics": summary, "verification": s["verification"],
-            "hlo_collectives": s["hlo_collectives"], "breakdown": s["breakdown"], "routing_skew": skew}
+            "hlo_collectives": s["hlo_collectives"], "breakdown": s["breakdown"], "routing_skew": skew,
+            "reference_noise": noise}
 
 
 def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str, dict]:
@@ -570,6 +588,10 @@ def format_table(doc: dict[str, Any]) -> str:
         rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "
                     + " ".join(f"{x:.2f}" for x in skew["max_over_mean"])
                     + f" (uniform routing: {skew['uniform_max_over_mean']:.2f})")
+    if doc.get("reference_noise"):
+        noise = doc["reference_noise"]
+        rows.append(f"reference against itself padded otherwise: rel err {noise['rel_err']:.2e}, expert sets "
+                    f"{100 * noise['expert_id_match']:.1f}% identical (the verification's floor)")
     rows.append(f"HLO collectives: {doc['hlo_collectives']}")
     rows.append(f"results: {doc['path']}")
     return "\n".join(rows)

@@ -36,7 +36,7 @@ def c_tokens_bound(saved) -> int:
 
 
 def test_run_writes_the_contract(tmp_path):
-    doc = bench.run(small_config(tmp_path, breakdown=True))
+    doc = bench.run(small_config(tmp_path, breakdown=True, **{"verify.noise_floor": True}))
     saved = json.loads(Path(doc["path"]).read_text())
     for key in ("config", "environment", "raw", "metrics", "verification", "hlo_collectives", "breakdown"):
         assert key in saved
@@ -57,6 +57,10 @@ def test_run_writes_the_contract(tmp_path):
     step_memory = saved["metrics"]["dep"]["step_memory_gib"]  # XLA's temporaries beside the plan's estimate
     assert step_memory["compiled"] > 0 and step_memory["planned"] > 0
     assert "source_hash" in saved["environment"]
+    # the reference against itself padded to other budgets: fp32 on CPU, so a floor near rounding
+    noise = saved["reference_noise"]
+    assert noise["finite"] and 0 <= noise["rel_err"] < 1e-4 and noise["expert_id_match"] == 1.0
+    assert "reference against itself" in bench.format_table(doc)
 
 
 @pytest.mark.parametrize("flag,message", [
