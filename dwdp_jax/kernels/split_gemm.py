@@ -103,6 +103,19 @@ def _windows(t, group_first_tile, group_tiles, group, count, num_tiles: int, gro
     return jnp.where(dead, count, first), jnp.where(dead, num_tiles - count, size)
 
 
+def slab_weights(x_MK: jax.Array, weights: tuple, fused: bool, kernel: str) -> tuple[tuple[tuple, ...], int]:
+    """(per-slab weight tuples, N): the kernels' `weights` argument checked against x (every weight [G_s, K, N]
+    in x's dtype); ValueError names the slab."""
+    slabs = tuple(tuple(ws) for ws in weights) if fused else tuple((w,) for w in weights)
+    k, n = x_MK.shape[1], slabs[0][0].shape[2]
+    for i, ws in enumerate(slabs):
+        for w in ws:
+            if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
+                raise ValueError(f"{kernel}: slab {i} weight {w.shape} {w.dtype} does not match x {x_MK.shape} "
+                                 f"{x_MK.dtype} and N={n}")
+    return slabs, n
+
+
 def _fit(block: int, dim: int, name: str) -> int:
     """The largest power-of-two tile <= block dividing dim (small models); Triton's dot needs at least 16."""
     while block >= 16 and dim % block:
@@ -162,14 +175,8 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     not written (garbage): callers mask them. bf16 in, fp32 accumulation, x's dtype out.
     """
     b = blocks or (FUSED_BLOCKS if fused else DEFAULT_BLOCKS)
-    slabs = tuple(weights) if fused else tuple((w,) for w in weights)
+    slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot")
     m, k = x_MK.shape
-    n = slabs[0][0].shape[2]
-    for i, ws in enumerate(slabs):
-        for w in ws:
-            if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
-                raise ValueError(f"split_ragged_dot: slab {i} weight {w.shape} {w.dtype} does not match x {x_MK.shape}"
-                                 f" {x_MK.dtype} and N={n}")
     b = dataclasses.replace(b, block_k=_fit(b.block_k, k, "K"), block_n=_fit(b.block_n, n, "N"))
     sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.block_m, m, b.group_m, b.per_group)
     flat = tuple(w for ws in slabs for w in ws)

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
-from dwdp_jax.kernels.split_gemm import tile_schedule
+from dwdp_jax.kernels.split_gemm import slab_weights, tile_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +151,8 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
     spread over slabs (weights: one [G_s, K, N] array per slab; fused: a (gate, up) pair per slab and the result
     silu(x @ gate) * (x @ up)). Rows past sum(group_sizes) are not written. bf16 in, fp32 accumulation."""
     b = blocks or (FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS)
-    slabs = tuple(weights) if fused else tuple((w,) for w in weights)
+    slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot_mgpu")
     m, k = x_MK.shape
-    n = slabs[0][0].shape[2]
-    for i, ws in enumerate(slabs):
-        for w in ws:
-            if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
-                raise ValueError(f"split_ragged_dot_mgpu: slab {i} weight {w.shape} {w.dtype} does not match x "
-                                 f"{x_MK.shape} {x_MK.dtype} and N={n}")
     if b.chain and (k // b.tile_k) % b.max_concurrent_steps:
         raise ValueError(f"split_ragged_dot_mgpu: chained tiles need K / tile_k = {k // b.tile_k} divisible by "
                          f"max_concurrent_steps={b.max_concurrent_steps}")
