@@ -12,7 +12,8 @@ of the column block (fp32 wgmma accumulators; fused: a gate and an up accumulato
 tile stores only its rows [lo, hi): TMA boxes have static shapes, so the rows go out as power-of-two runs.
 
 Tested on CPU in Mosaic GPU interpret mode against `jax.lax.ragged_dot`, and lowered for CUDA there; its GPU speed
-is measured by `experiments.bench_grouped_gemm` (backend `pallas_split_mgpu`).
+is measured by `experiments.bench_grouped_gemm` (backend `pallas_split_mgpu`). First run on H200, unchained: 0.675
+(down) and 0.676 (fused gate/up) of the dense GEMM, equal to the tuned Triton kernel (WORKSPACE.md, session 4).
 """
 
 from __future__ import annotations
