@@ -123,6 +123,12 @@ def test_unknown_sweep_exits_2():
     assert proc.returncode == 2 and "unknown sweep" in proc.stderr
 
 
+def test_dep_step_memory_refuses_cpu():
+    proc = subprocess.run([sys.executable, "-m", "experiments.dep_step_memory", "--depths=5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs GPUs" in proc.stderr
+
+
 def test_tiny_sweep_is_resumable_and_feeds_the_figures(tmp_path):
     calls = []
 
