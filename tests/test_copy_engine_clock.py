@@ -18,7 +18,7 @@ MS_PER_BYTE = 1e-3  # the stand-in copies 1 KB per ms
 
 class FakeRuntime:
     """Stream-ordered enough for one side stream: records stamp the clock, peer copies advance it."""
-    streamNonBlocking, eventDisableTiming = 1, 2
+    streamNonBlocking, eventDisableTiming, memcpyDefault = 1, 2, 4
 
     def __init__(self):
         self.clock_ms, self.stamps, self.ids = 0.0, {}, itertools.count(1)
@@ -35,7 +35,8 @@ class FakeRuntime:
     def eventRecord(self, event, stream):
         self.stamps[event] = self.clock_ms
 
-    def memcpyPeerAsync(self, dst, dst_device, src, src_device, nbytes, stream):
+    def memcpyAsync(self, dst, src, nbytes, kind, stream):
+        assert kind == self.memcpyDefault  # unified addressing: the runtime finds both devices
         self.clock_ms += nbytes * MS_PER_BYTE
 
     def eventElapsedTime(self, start, end):
