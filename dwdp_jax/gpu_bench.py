@@ -200,8 +200,9 @@ def copy_engine_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int,
     def pull(concurrent: bool):
         with cupy.cuda.Device(ordinal):
             for i, (r, l_) in enumerate(zip(remote, local)):
-                rt.memcpyPeerAsync(l_.unsafe_buffer_pointer(), ordinal, r.unsafe_buffer_pointer(),
-                                   srcs[i].local_hardware_id, r.nbytes, streams[i if concurrent else 0])
+                # the transport's call (`CudaCopier.issue`), so the ceiling and the pulls share a copy path
+                rt.memcpyAsync(l_.unsafe_buffer_pointer(), r.unsafe_buffer_pointer(), r.nbytes, rt.memcpyDefault,
+                               streams[i if concurrent else 0])
 
     def sync():
         with cupy.cuda.Device(ordinal):

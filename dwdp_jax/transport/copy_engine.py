@@ -15,7 +15,8 @@ hands a Python callback XLA's stream, on the program's own launch order):
 The host requests pulls (`pull`) and seals them before launching the program that issues them (`seal`); the
 callbacks pop the sealed batches and read slots in program order, so host run-ahead cannot reorder them.
 
-Copiers do the bytes: `CudaCopier` (GPU) with cudaMemcpyPeerAsync on a non-blocking side stream per rank, events
+Copiers do the bytes: `CudaCopier` (GPU) with cudaMemcpyAsync over unified addresses (not cudaMemcpyPeerAsync: see
+`CudaCopier.issue`) on a non-blocking side stream per rank, events
 created once and reused (two done events, one fence event per rank; timing events only with `timeline`), never
 captured into CUDA graphs; `HostCopier` (CPU devices) copies synchronously inside the callback, which exercises the
 same schedule, in-place slots and poisoning in tests.
@@ -66,10 +67,9 @@ class PullBatch:
     `addresses` each piece's (destination, source) device byte addresses, `spans` each source's first and last
     piece (the timeline's per-source marks), `targets` the slot's buffers (poisoned first when asked).
 
-    The addresses are read here, not in the issuing callback. Read there, every step's first pulls stalled by
-    300-900 ms at R1 width on 4x H200 (session 4), each ending when the owner's thread finished launching its
-    program that uses that slab: `unsafe_buffer_pointer` appears to wait for such launches. Planned here, the
-    stall is gone (iterations 0.55 s against 1.14 s)."""
+    The addresses are read here, while no program runs, so the issuing callback (inside the launch of the rank's
+    program) only walks integers; `unsafe_buffer_pointer` there was suspected of a per-step stall (session 4), whose
+    cause turned out to be the copy call (`CudaCopier.issue`)."""
 
     layer: int
     slot: int
@@ -205,8 +205,10 @@ class CudaCopier:
                     first, last = b.spans[c.src_rank]
                     if i == first:
                         self._mark(rank, "source_start", b.layer, side, c.src_rank)
-                    # A plain async copy over unified addresses (XLA enables peer access). cudaMemcpyPeerAsync
-                    # took 400-700 ms per first pull at depth 8 against 30-40 ms for this (4x H200, session 5).
+                    # A plain async copy over unified addresses (XLA enables peer access). With
+                    # cudaMemcpyPeerAsync, every step's first pulls took 400-700 ms on the device against 30-40 ms
+                    # with this, same host issue times (R1 width, depth 8, 4x H200, session 5): iterations 1.12 s
+                    # against 0.74 s. Presumably the peer call orders against the owner's work; not measured why.
                     rt.memcpyAsync(dst, src, n, rt.memcpyDefault, side)
                     if i == last:
                         self._mark(rank, "source_end", b.layer, side, c.src_rank)
