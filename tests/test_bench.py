@@ -5,10 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from configs.context_bench import get_config
 from dwdp_jax import ablations, bench, memory
+from models import config as model_config
+from models import deepseek_v3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,10 +63,51 @@ def test_run_writes_the_contract(tmp_path):
     step_memory = saved["metrics"]["dep"]["step_memory_gib"]  # XLA's temporaries beside the plan's estimate
     assert step_memory["compiled"] > 0 and step_memory["planned"] > 0
     assert "source_hash" in saved["environment"]
-    # the reference against itself padded to other budgets: fp32 on CPU, so a floor near rounding
+    # the reference against itself one last bit off: fp32 on CPU, so the logits move, by about rounding
     noise = saved["reference_noise"]
-    assert noise["finite"] and 0 <= noise["rel_err"] < 1e-4 and noise["expert_id_match"] == 1.0
-    assert "reference against itself" in bench.format_table(doc)
+    assert noise["finite"] and 0 < noise["rel_err"] < 1e-4 and noise["expert_id_match"] == 1.0
+    assert "one last bit off" in bench.format_table(doc)
+
+
+@pytest.mark.parametrize("dtype,uint", [("float32", np.uint32), ("bfloat16", np.uint16)])
+def test_last_bit_perturbation_moves_every_entry_one_unit(dtype, uint):
+    table = jnp.asarray([[0.0, -0.0, 1.0, -3.5], [2.0**-130, 0.02, -0.02, 7.0]], dtype)
+    out = bench._flip_last_bit(table, jax.random.key(0))
+    a, b = (np.asarray(jax.lax.bitcast_convert_type(t, uint)).astype(np.int64) for t in (table, out))
+    assert (np.abs(b - a) == 1).all()  # one unit in the last place, never the sign bit
+    assert np.isfinite(np.asarray(out.astype(jnp.float32))).all() and (b[0, :2] > a[0, :2]).all()  # zeros move up
+
+
+def test_last_bit_perturbed_model_leaves_the_original_alone():
+    cfg = model_config.tiny()
+    model = deepseek_v3.DeepseekV3(cfg, nnx.Rngs(0))
+    before = np.asarray(model.embed_tokens[...]).copy()
+    other = bench.last_bit_perturbed(model, seed=1)
+    np.testing.assert_array_equal(np.asarray(model.embed_tokens[...]), before)
+    assert (np.asarray(other.embed_tokens[...]) != before).all()
+    np.testing.assert_array_equal(np.asarray(other.layers[0].input_layernorm.weight[...]),
+                                  np.asarray(model.layers[0].input_layernorm.weight[...]))
+
+
+def test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not(tmp_path):
+    """bf16, 5 MoE layers: DEP misses the fixed tolerance (rounding flips near-tie routes) but stays within the
+    last-bit floor; the reference with one MoE layer's experts 10% off lands far outside it."""
+    c = small_config(tmp_path, strategies="dep", **{"verify.noise_floor": True, "model.dtype": "bfloat16",
+                                                     "model.num_hidden_layers": 6})
+    doc = bench.run(c)
+    floor, v = doc["reference_noise"], doc["verification"]["dep"]
+    assert floor["rel_err"] > 1e-3 and floor["expert_id_match"] < 1.0  # bf16 random routing is that sensitive
+    assert not v["passed_tolerance"] and v["within_noise_floor"] and v["passed"]
+    p = bench.plan(c)
+    params = bench.build_params(p, c)
+    vb = bench.verification_batches(p, c)
+    refs = [bench.reference_output(params, b, p, c) if b is not None else None for b in vb]
+    slabs = list(params.experts)
+    slabs[2] = jax.tree.map(lambda w: (w * 1.1).astype(w.dtype), slabs[2])
+    faulty = [bench.reference_output(params._replace(experts=tuple(slabs)), b, p, c) if b is not None else None
+              for b in vb]
+    judged = bench.judged_by_floor(bench.verify(faulty, refs, c.verify.rel_tol), floor)
+    assert not judged["within_noise_floor"] and not judged["passed"]
 
 
 @pytest.mark.parametrize("flag,message", [
