@@ -2,15 +2,19 @@
 on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256 experts, 131072 rows, skewed).
 
   python -m experiments.bench_grouped_gemm                 # on a GPU; writes results/bench_grouped_gemm/<run>.json
+  python -m experiments.bench_grouped_gemm --tune --rows=262144   # also records each kernel's fastest blocks for
+                                                                  # this shape and card (dwdp_jax.kernels.tuning)
 """
 
 import dataclasses
+import datetime
 import sys
 
 import jax
 from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
+from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
 from dwdp_jax.kernels.split_gemm_mgpu import (CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
                                               split_ragged_dot_mgpu)
@@ -21,6 +25,8 @@ _EXPERTS = flags.DEFINE_integer("experts", 256, "groups")
 _SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
+_TUNE = flags.DEFINE_bool("tune", False, "record each kernel's fastest swept blocks in the kernel block cache, which "
+                          "the kernels then use at this K, N and about this many rows on this card")
 
 # Launch orders (session-3 sweep in WORKSPACE.md): group_m 0 is column-block-major (every column block re-reads all
 # rows: 45 GB of HBM traffic for gate/up at 131072 rows); windows of group_m row tiles read rows about once, and
@@ -47,6 +53,9 @@ PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 
 def main(argv):
     del argv
+    if _TUNE.value and not _SWEEP.value:
+        print("bench_grouped_gemm: --tune records the fastest swept blocks; it needs --sweep", file=sys.stderr)
+        sys.exit(2)
     if jax.devices()[0].platform != "gpu":
         print("bench_grouped_gemm: needs a GPU", file=sys.stderr)
         sys.exit(2)
@@ -99,7 +108,13 @@ def main(argv):
                         f"{name}_split_over_dense": timed[best_blocks] / dense, f"{name}_mgpu_over_dense": mgpu / dense})
         raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
-    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value}
+        if _TUNE.value:
+            kind, rows = jax.devices()[0].device_kind, int(sizes.sum())
+            how = f"experiments.bench_grouped_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}"
+            tuning.record("split_triton", kind, k, n, fused, rows, best_blocks, timed[best_blocks], how)
+            tuning.record("split_mgpu", kind, k, n, fused, rows, best_mgpu, split_mgpu, how)
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value, "tuned_into": str(
+        tuning.cache_path()) if _TUNE.value else ""}
     write_measurements("bench_grouped_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from dwdp_jax.kernels import tuning
+
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -171,12 +173,14 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     """x rows sorted by group times each group's weights, the groups spread over slabs.
 
     weights: one [G_s, K, N] array per slab (fused: a (gate, up) pair per slab, and the result is
-    silu(x @ gate) * (x @ up)). group_sizes_G covers all slabs' groups in order. Rows past sum(group_sizes) are
+    silu(x @ gate) * (x @ up)). blocks: None takes the tuned ones for this shape and card (`tuning`), else the
+    defaults. group_sizes_G covers all slabs' groups in order. Rows past sum(group_sizes) are
     not written (garbage): callers mask them. bf16 in, fp32 accumulation, x's dtype out.
     """
-    b = blocks or (FUSED_BLOCKS if fused else DEFAULT_BLOCKS)
     slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot")
     m, k = x_MK.shape
+    b = blocks or tuning.lookup("split_triton", Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
+        FUSED_BLOCKS if fused else DEFAULT_BLOCKS)
     b = dataclasses.replace(b, block_k=_fit(b.block_k, k, "K"), block_n=_fit(b.block_n, n, "N"))
     sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.block_m, m, b.group_m, b.per_group)
     flat = tuple(w for ws in slabs for w in ws)

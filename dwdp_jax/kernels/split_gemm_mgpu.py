@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
+from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import slab_weights, tile_schedule
 
 
@@ -150,10 +151,12 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
                           blocks: MgpuBlocks | None = None, interpret: bool = False) -> jax.Array:
     """`split_gemm.split_ragged_dot` on Mosaic GPU: x rows sorted by group times each group's weights, the groups
     spread over slabs (weights: one [G_s, K, N] array per slab; fused: a (gate, up) pair per slab and the result
-    silu(x @ gate) * (x @ up)). Rows past sum(group_sizes) are not written. bf16 in, fp32 accumulation."""
-    b = blocks or (FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS)
+    silu(x @ gate) * (x @ up)). Rows past sum(group_sizes) are not written. bf16 in, fp32 accumulation. blocks:
+    None takes the tuned ones for this shape and card (`tuning`), else the defaults."""
     slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot_mgpu")
     m, k = x_MK.shape
+    b = blocks or tuning.lookup("split_mgpu", MgpuBlocks, jax.devices()[0].device_kind, k, n, fused, m) or (
+        FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS)
     if b.chain and (k // b.tile_k) % b.max_concurrent_steps:
         raise ValueError(f"split_ragged_dot_mgpu: chained tiles need K / tile_k = {k // b.tile_k} divisible by "
                          f"max_concurrent_steps={b.max_concurrent_steps}")
