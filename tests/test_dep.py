@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dwdp_jax.packing import pack
-from dwdp_jax.runtime import dep
+from dwdp_jax.runtime import dep, watchdog
 from dwdp_jax.runtime.reference import Params, prefill
 from models.config import tiny
 from models.deepseek_v3 import init_model
@@ -174,6 +174,21 @@ def test_bad_layouts_raise_before_device_work(params, monkeypatch):
         dep.DepRuntime(params, 2, BUDGET, dispatch="nccl")
     with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
         dep.DepRuntime(params, 2, BUDGET, gemm_backend="cutlass")
+    with pytest.raises(ValueError, match=r"step_timeout_s must be a number >= 0 \(0: no deadline\)"):
+        dep.DepRuntime(params, 2, BUDGET, step_timeout_s=-1)
+
+
+def test_a_step_past_its_deadline_exits_saying_why(params, monkeypatch):
+    """A hung SPMD step cannot be interrupted, so the deadline ends the process; here the exit is recorded.
+    The first step compiles (seconds on CPU), far past a 1 ms deadline; a step within its deadline does not."""
+    said = []
+    monkeypatch.setattr(watchdog, "abort", said.append)
+    batches = _rank_batches(2, params.model.cfg.vocab_size)
+    dep.DepRuntime(params, 2, BUDGET, dispatch="dense", step_timeout_s=1e-3).step(batches)
+    assert len(said) == 1 and said[0].startswith("a DEP2 step did not finish in 0.001 s") and "exiting" in said[0]
+    said.clear()
+    dep.DepRuntime(params, 2, BUDGET, dispatch="dense", step_timeout_s=600).step(batches)
+    assert said == []
 
 
 def test_bad_batches_raise_before_device_work(params, monkeypatch):

@@ -48,7 +48,7 @@ from dwdp_jax import memory
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.packing import PackedBatch
-from dwdp_jax.runtime import stages
+from dwdp_jax.runtime import stages, watchdog
 from dwdp_jax.runtime.reference import Params, PrefillOutput
 from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
 
@@ -320,9 +320,11 @@ class DepRuntime:
 
     def __init__(self, params: Params, num_ranks: int, token_budget: int, dispatch: str | None = None,
                  gemm_backend: str = "xla", attention_impl: str = "xla", devices: Sequence[jax.Device] | None = None,
-                 last_token_logits: int = 0):
+                 last_token_logits: int = 0, step_timeout_s: float = 600.0):
         """`last_token_logits` > 0: logits only at each sequence's last token, for up to that many sequences per
-        rank batch (serving); 0: every token's logits."""
+        rank batch (serving); 0: every token's logits. `step_timeout_s`: a step (its compilation included) that
+        has not returned by then exits the process (`watchdog`: a rank that failed leaves the others waiting in a
+        collective forever); 0: no deadline."""
         cfg = params.model.cfg
         available = list(jax.devices() if devices is None else devices)
         if not isinstance(num_ranks, int) or num_ranks < 1:
@@ -333,6 +335,8 @@ class DepRuntime:
         if cfg.n_routed_experts % num_ranks:
             raise ValueError(f"n_routed_experts ({cfg.n_routed_experts}) must be divisible by num_ranks ({num_ranks}): "
                              "DEP shards every MoE layer's experts evenly along the expert axis")
+        if not isinstance(step_timeout_s, (int, float)) or step_timeout_s < 0:
+            raise ValueError(f"step_timeout_s must be a number >= 0 (0: no deadline), got {step_timeout_s!r}")
         if not isinstance(token_budget, int) or token_budget < 1:
             raise ValueError(f"token_budget must be an integer >= 1, got {token_budget!r}")
         source = as_source(params.experts)
@@ -358,7 +362,7 @@ class DepRuntime:
         self._graphdef, self._state = graphdef, jax.device_put(state, self._replicated)
         self._layers = [nnx.split(layer) for layer in nnx.merge(graphdef, self._state).layers]
         self._slabs = tuple(self._shard_layer(source, m) for m in range(cfg.num_moe_layers))
-        self.last_token_logits = last_token_logits
+        self.last_token_logits, self.step_timeout_s = last_token_logits, step_timeout_s
         self._forward = self._spmd(self._forward_rank, (P(), P(AXIS), P(AXIS)))
         self._programs: dict = {}
         self._compiled_full = None
@@ -456,8 +460,9 @@ class DepRuntime:
             if any(memory.largest_free_block(d) is not None for d in self.mesh.devices.flat):
                 self.check_memory()
             self._memory_checked = True
-        hidden_TD, logits_TV, expert_ids = self._forward(self._state, self._slabs, self._device_inputs(batches))
-        return self._outputs(batches, hidden_TD, logits_TV, expert_ids)
+        with watchdog.Deadline(self.step_timeout_s, f"a DEP{self.num_ranks} step"):
+            hidden_TD, logits_TV, expert_ids = self._forward(self._state, self._slabs, self._device_inputs(batches))
+            return self._outputs(batches, hidden_TD, logits_TV, expert_ids)
 
     def _compiled(self):
         """The fast path compiled for the full token budget (the largest step)."""
