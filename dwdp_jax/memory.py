@@ -89,9 +89,10 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
     the dispatch receives up to N*T*K rows of D (plus its own T*K-row send buffer; the combine reuses both), and
     its grouped GEMM runs over those N*T*K rows. XLA:GPU (jax 0.11.2) keeps every ragged_all_to_all output in
     collective memory without sharing it between layers: the dispatch's receive buffer is threaded through the
-    layers (`dep.ReceiveBuffer`), the combine's T*K-row output still costs one per MoE layer past the first.
-    Measured at T 32768 on H200s (session 4): DEP2 with the threaded buffer 33.0 / 40.0 GiB of temporaries at
-    3 / 5 MoE layers (+3.5 GiB per layer); DEP4 before it 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5 (+14 GiB per layer).
+    layers (`dep.ReceiveBuffer`). Measured at T 32768 on H200s (session 4): DEP2 with the threaded receive buffer
+    33.0 / 40.0 GiB of temporaries at 3 / 5 MoE layers (+3.5 GiB per layer: the combine's T*K-row outputs); DEP4
+    before it 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5 (+14 GiB per layer). The combine's output is now threaded too
+    (session 5), not yet measured on a GPU, so the plan still counts one combine output per MoE layer.
     """
     if num_ranks < 1 or cfg.n_routed_experts % num_ranks:
         raise ValueError(f"plan_dep num_ranks must divide n_routed_experts={cfg.n_routed_experts}, got {num_ranks}")

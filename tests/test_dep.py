@@ -107,16 +107,17 @@ def test_ragged_offsets_match_dense_with_emulated_collective(params, dense_runs,
             np.testing.assert_array_equal(a, b)
 
 
-def test_moe_layers_share_one_receive_buffer_and_never_read_past_its_rows(params, dense_runs, monkeypatch):
-    """Each MoE layer's dispatch writes into the previous layer's receive buffer (XLA:GPU would keep one per layer),
-    and a first buffer of NaN changes nothing: no stage reads the rows past a layer's received total."""
+def test_moe_layers_share_their_all_to_all_buffers_and_never_read_past_their_rows(params, dense_runs, monkeypatch):
+    """Each MoE layer's dispatch and combine write into the previous layer's buffers (XLA:GPU would keep one per
+    layer), and first buffers of NaN change nothing: no stage reads the rows past a layer's received or sent total
+    (padding tokens' MoE output is zeroed)."""
     _, batches, dense = dense_runs(4)
-    dispatch_calls = []
+    dispatch_calls, combine_calls = [], []
 
     def recording(operand, output, *args, **kwargs):
         result = _emulated_ragged_all_to_all(operand, output, *args, **kwargs)
-        if output.shape[0] > operand.shape[0]:  # the dispatch (N*M receive rows); the combine returns M rows
-            dispatch_calls.append((output, result))
+        # the dispatch fills N*M receive rows, the combine returns M rows
+        (dispatch_calls if output.shape[0] > operand.shape[0] else combine_calls).append((output, result))
         return result
 
     monkeypatch.setattr(dep, "ragged_all_to_all", recording)
@@ -124,9 +125,11 @@ def test_moe_layers_share_one_receive_buffer_and_never_read_past_its_rows(params
     monkeypatch.setattr(dep, "RECEIVE_FILL", float("nan"))
     ragged = dep.DepRuntime(params, 4, BUDGET, dispatch="ragged").step(batches)
     num_moe = params.model.cfg.num_moe_layers
-    assert num_moe >= 2 and len(dispatch_calls) == num_moe  # one trace of the step
-    for (_, previous), (output, _) in zip(dispatch_calls, dispatch_calls[1:]):
-        assert output is previous
+    assert num_moe >= 2 and len(dispatch_calls) == len(combine_calls) == num_moe  # one trace of the step
+    for calls in (dispatch_calls, combine_calls):
+        for (_, previous), (output, _) in zip(calls, calls[1:]):
+            assert output is previous
+    assert any(b is not None and (b.segment_ids_T < 0).any() for b in batches)  # padding tokens are in play
     for d, r in zip(dense, ragged):
         np.testing.assert_array_equal(d.logits_TV, r.logits_TV)
 

@@ -145,7 +145,9 @@ class DenseAllToAll:
         return _move_segments(recv_RD, peer_SL.T.reshape(-1), block_start_SL.T.reshape(-1),
                               grouped_start_SL.T.reshape(-1), n * m)
 
-    def combine(self, y_grouped_RD: jax.Array, counts_NL: jax.Array, peer_SL: jax.Array) -> jax.Array:
+    def combine(self, y_grouped_RD: jax.Array, counts_NL: jax.Array, peer_SL: jax.Array,
+                out_MD: jax.Array | None = None) -> jax.Array:
+        del out_MD  # the blocks come back into a fresh buffer
         n = counts_NL.shape[0]
         m = y_grouped_RD.shape[0] // n
         d = y_grouped_RD.shape[1]
@@ -195,13 +197,18 @@ class RaggedAllToAll:
                                  self._grouped_start_JLS(all_SNL)[:, :, me].reshape(-1),
                                  all_SNL[:, me, :].reshape(-1), axis_name=AXIS)
 
-    def combine(self, y_grouped_RD: jax.Array, counts_NL: jax.Array, all_SNL: jax.Array) -> jax.Array:
+    def combine(self, y_grouped_RD: jax.Array, counts_NL: jax.Array, all_SNL: jax.Array,
+                out_MD: jax.Array | None = None) -> jax.Array:
+        """Into `out_MD` (an earlier layer's combine output, rows past this layer's sent total left as they were)
+        or a fresh buffer of RECEIVE_FILL."""
         n, l = counts_NL.shape
         m = y_grouped_RD.shape[0] // n
         me = jax.lax.axis_index(AXIS)
         # Where source s keeps its rows for my expert l: its sorted buffer is in global expert order.
         source_start_SL = _exclusive_cumsum(all_SNL.reshape(n, n * l)).reshape(n, n, l)[:, me, :]
-        return ragged_all_to_all(y_grouped_RD, jnp.zeros((m, y_grouped_RD.shape[1]), y_grouped_RD.dtype),
+        if out_MD is None:
+            out_MD = jnp.full((m, y_grouped_RD.shape[1]), RECEIVE_FILL, y_grouped_RD.dtype)
+        return ragged_all_to_all(y_grouped_RD, out_MD,
                                  self._grouped_start_JLS(all_SNL)[me].T.reshape(-1),
                                  all_SNL[:, me, :].reshape(-1), source_start_SL.reshape(-1),
                                  counts_NL.reshape(-1), axis_name=AXIS)
@@ -235,24 +242,35 @@ def expert_ffn(x_grouped_RD: jax.Array, plan: DispatchPlan, slab: ExpertSlab, ba
         return grouped_ffn_over_slabs(x_grouped_RD, dispatcher.local_group_sizes(plan.peer_counts), (slab,), backend)
 
 
-def combine_tokens(y_grouped_RD: jax.Array, plan: DispatchPlan, weights_TK: jax.Array, dispatcher) -> jax.Array:
-    """Sends the expert outputs back to their tokens' ranks and takes the routing-weighted sum over K."""
+def combine_tokens(y_grouped_RD: jax.Array, plan: DispatchPlan, weights_TK: jax.Array, dispatcher,
+                   valid_T: jax.Array | None = None, receive: ReceiveBuffer | None = None) -> jax.Array:
+    """Sends the expert outputs back to their tokens' ranks and takes the routing-weighted sum over K; padding
+    tokens (not `valid_T`) get zero. With `receive`, the rows come back into its combine buffer."""
     with jax.named_scope("combine"):
-        y_sorted_MD = dispatcher.combine(y_grouped_RD, plan.counts_NL, plan.peer_counts)
-        return combine(y_sorted_MD, plan.order_M, weights_TK)
+        y_sorted_MD = dispatcher.combine(y_grouped_RD, plan.counts_NL, plan.peer_counts,
+                                         receive.combined_MD if receive else None)
+        if receive is not None:
+            receive.combined_MD = y_sorted_MD
+        y_TD = combine(y_sorted_MD, plan.order_M, weights_TK)
+        # padding tokens' rows lie past the sent total: stale rows of a threaded buffer
+        return y_TD if valid_T is None else jnp.where(valid_T[:, None], y_TD, 0).astype(y_TD.dtype)
 
 
 class ReceiveBuffer:
-    """The dispatch receive buffer threaded through the MoE layers of one traced step.
+    """The all-to-all output buffers threaded through the MoE layers of one traced step: the dispatch's receive
+    buffer and the combine's output.
 
     XLA:GPU (jax 0.11.2) gives every ragged_all_to_all output its own collective-memory buffer, never shared
-    between layers: DEP4 at T 32768 grew by the [N*T*K, D] worst case (14 GiB) per MoE layer on 4x H200. Writing
-    each layer's rows into the previous layer's receive buffer keeps one (measured on a 3-layer probe: 3.0 -> 1.0
-    GiB, same speed). Rows past a layer's received total then hold an earlier layer's rows; nothing reads them
-    (the grouped GEMM covers the received groups, the combine sends back only those rows)."""
+    between layers: DEP4 at T 32768 grew by the [N*T*K, D] worst case (14 GiB) per MoE layer on 4x H200, and by the
+    combine's [T*K, D] (3.5 GiB) per layer after the receive buffer was threaded (DEP2). Writing each layer's rows
+    into the previous layer's buffer keeps one (measured for the receive buffer on a 3-layer probe: 3.0 -> 1.0 GiB,
+    same speed). Rows past a layer's received (sent) total then hold an earlier layer's rows; nothing reads them:
+    the grouped GEMM covers the received groups, the combine sends back only those rows, and the tokens whose rows
+    lie past the sent total are padding, whose MoE output is zeroed (`combine_tokens`)."""
 
     def __init__(self):
         self.rows_RD: jax.Array | None = None
+        self.combined_MD: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +291,7 @@ class DepExperts:
         if self.receive is not None:
             self.receive.rows_RD = x_grouped_RD
         y_grouped_RD = expert_ffn(x_grouped_RD, plan, self.slab, self.backend, dispatcher)
-        return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher)
+        return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher, valid_T, self.receive)
 
 
 # ---------------------------------------------------------------------------------------------------------------
