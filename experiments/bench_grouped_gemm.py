@@ -41,11 +41,13 @@ CANDIDATES = {
                                                          Blocks(block_n=256, block_k=32, num_stages=6,
                                                                 per_group=True)],
 }
-# The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, and the stage counts shared memory
-# allows (first timings: WORKSPACE.md, session 4).
+# The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
+# allows, and one wgmma left in flight per k step (first timings: WORKSPACE.md, session 4).
 MGPU_CANDIDATES = {
-    True: [FUSED_MGPU_BLOCKS, CHAINED_R1[True], MgpuBlocks(tile_n=64, max_concurrent_steps=3)],
-    False: [DEFAULT_MGPU_BLOCKS, CHAINED_R1[False], MgpuBlocks(max_concurrent_steps=2)],
+    True: [FUSED_MGPU_BLOCKS, CHAINED_R1[True], dataclasses.replace(FUSED_MGPU_BLOCKS, delay_release=1),
+           MgpuBlocks(tile_n=64, max_concurrent_steps=3)],
+    False: [DEFAULT_MGPU_BLOCKS, CHAINED_R1[False], dataclasses.replace(DEFAULT_MGPU_BLOCKS, delay_release=1),
+            MgpuBlocks(max_concurrent_steps=2)],
 }
 # name, K, N per weight, fused (gate+up: two [K, N] weights, the FLOPs of a K x 2N GEMM)
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
@@ -66,7 +68,7 @@ def main(argv):
         dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
         default = FUSED_BLOCKS if fused else DEFAULT_BLOCKS
         configs = CANDIDATES[fused] if _SWEEP.value else [default]
-        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else MGPU_CANDIDATES[fused][:2]
+        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else MGPU_CANDIDATES[fused][:3]
         sweep, mgpu_sweep = {}, {}
         for table, kernel, candidates in ((sweep, None, configs), (mgpu_sweep, split_ragged_dot_mgpu, mgpu_configs)):
             for b in candidates:
@@ -97,7 +99,9 @@ def main(argv):
         mgpu_timed = {b: v for b, v in mgpu_sweep.items() if isinstance(v, float)}
         best_mgpu = max(mgpu_timed, key=mgpu_timed.get)
         split_mgpu = mgpu_timed[best_mgpu]
-        unfused = CHAINED_R1[False] if best_mgpu.chain else DEFAULT_MGPU_BLOCKS  # the error check is unfused
+        # the error check is unfused: the down kernel's variant of the winner's pipeline
+        unfused = CHAINED_R1[False] if best_mgpu.chain else dataclasses.replace(
+            DEFAULT_MGPU_BLOCKS, delay_release=best_mgpu.delay_release)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
         raw[f"{name}_mgpu_sweep"] = {str(dataclasses.astuple(b)): v for b, v in mgpu_sweep.items()}

@@ -12,7 +12,8 @@ import pytest
 from dwdp_jax.gpu_bench import skewed_group_sizes
 from dwdp_jax.kernels.grouped_gemm import xla_grouped_ffn
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, MgpuBlocks, split_ragged_dot_mgpu
+from dwdp_jax.kernels.split_gemm_mgpu import (CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
+                                              split_ragged_dot_mgpu)
 from models.experts import ExpertSlab
 
 # Two CTAs of 64 rows x 2 x 32 columns: several row tiles and column blocks per CTA, interpreted in seconds.
@@ -36,7 +37,8 @@ SIZES = np.array([70, 0, 130, 5, 64, 100], np.int32)
 CHAINED = [dataclasses.replace(SMALL, chain=True, num_sms=sms) for sms in (2, 17)]
 
 
-@pytest.mark.parametrize("blocks", [SMALL] + CHAINED, ids=["alone", "chained", "chained_lone_tiles"])
+@pytest.mark.parametrize("blocks", [SMALL] + CHAINED + [dataclasses.replace(SMALL, delay_release=1)],
+                         ids=["alone", "chained", "chained_lone_tiles", "wgmma_in_flight"])
 def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     m, k, n = int(SIZES.sum()), 128, 256
     kx, kw = jax.random.split(jax.random.key(0))
@@ -47,8 +49,9 @@ def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     assert _rel(out, ref) < 4e-3  # bf16 rounding of the output only
 
 
-@pytest.mark.parametrize("blocks", [SMALL_FUSED, dataclasses.replace(SMALL_FUSED, chain=True)],
-                         ids=["alone", "chained"])
+@pytest.mark.parametrize("blocks", [SMALL_FUSED, dataclasses.replace(SMALL_FUSED, chain=True),
+                                    dataclasses.replace(SMALL_FUSED, delay_release=1)],
+                         ids=["alone", "chained", "wgmma_in_flight"])
 def test_fused_gate_up_matches_swiglu_of_ragged_dots(blocks):
     m, k, n = int(SIZES.sum()), 128, 128
     ks = jax.random.split(jax.random.key(1), 3)
@@ -60,12 +63,14 @@ def test_fused_gate_up_matches_swiglu_of_ragged_dots(blocks):
     assert _rel(out, ref) < 4e-3
 
 
-@pytest.mark.parametrize("chain", [False, True])
+@pytest.mark.parametrize("variant", ["default", "chained", "wgmma_in_flight"])
 @pytest.mark.parametrize("fused, k, n", [(False, 2048, 7168), (True, 7168, 2048)])
-def test_default_blocks_lower_for_cuda_at_r1_sizes(fused, k, n, chain):
-    """The defaults (and the chained variants the GPU benchmark times) fit Hopper's shared memory and lower to
-    Mosaic GPU (on CPU: no GPU compile, no run)."""
-    blocks = CHAINED_R1[fused] if chain else None
+def test_blocks_lower_for_cuda_at_r1_sizes(fused, k, n, variant):
+    """The defaults and the variants the GPU benchmark times fit Hopper's shared memory and lower to Mosaic GPU
+    (on CPU: no GPU compile, no run)."""
+    default = FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS
+    blocks = {"default": default, "chained": CHAINED_R1[fused],
+              "wgmma_in_flight": dataclasses.replace(default, delay_release=1)}[variant]
     sizes = jnp.asarray(skewed_group_sizes(131072, 256, 6.0))
     x = jax.ShapeDtypeStruct((131072, k), jnp.bfloat16)
     slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in (64, 192))
@@ -89,6 +94,10 @@ def test_bad_shapes_and_blocks_are_refused():
         MgpuBlocks(tile_m=32)
     with pytest.raises(ValueError, match="MgpuBlocks.tile_k must be >= 1"):
         MgpuBlocks(tile_k=0)
+    with pytest.raises(ValueError, match=r"delay_release must be in \[0, max_concurrent_steps=2\), got 2"):
+        MgpuBlocks(max_concurrent_steps=2, delay_release=2)
+    with pytest.raises(ValueError, match="chain and delay_release cannot be combined"):
+        MgpuBlocks(chain=True, delay_release=1)
 
 
 def test_expert_ffn_with_the_mgpu_kernel_matches_xla():

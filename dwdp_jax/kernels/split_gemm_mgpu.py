@@ -44,6 +44,9 @@ class MgpuBlocks:
     # compute warpgroups finish the current one and store it, instead of a fill and a drain per tile. Needs
     # K / tile_k divisible by max_concurrent_steps.
     chain: bool = False
+    # wgmma groups left in flight per k step (jax's Hopper matmul and ragged_dot keep one): a stage's shared memory
+    # is released that many steps later, so the tensor cores never wait for the last wgmma before the next issue.
+    delay_release: int = 0
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"):
@@ -51,6 +54,12 @@ class MgpuBlocks:
                 raise ValueError(f"MgpuBlocks.{name} must be >= 1, got {getattr(self, name)}")
         if self.tile_m % 64:
             raise ValueError(f"MgpuBlocks.tile_m must be a multiple of 64 (wgmma rows), got {self.tile_m}")
+        if self.chain and self.delay_release:
+            raise ValueError("MgpuBlocks: chain and delay_release cannot be combined (jax's pipeline of pipelines "
+                             "does not support delay_release)")
+        if not 0 <= self.delay_release < self.max_concurrent_steps:
+            raise ValueError(f"MgpuBlocks.delay_release must be in [0, max_concurrent_steps={self.max_concurrent_steps}"
+                             f"), got {self.delay_release}")
 
 
 # Shared memory (227 KiB on Hopper) bounds the stages: 48 KiB per stage with a 64 KiB output buffer (down), and
@@ -85,9 +94,9 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     swizzle = plgpu.find_swizzle(b.tile_k * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
     in_specs = [plgpu.BlockSpec((b.tile_m, b.tile_k), lambda k: (0, k), transforms=transforms,
-                                memory_space=plgpu.SMEM)]
+                                memory_space=plgpu.SMEM, delay_release=b.delay_release)]
     in_specs += [plgpu.BlockSpec((b.tile_k, cta_n), lambda k: (k, 0), transforms=transforms,
-                                 memory_space=plgpu.SMEM)] * per_slab
+                                 memory_space=plgpu.SMEM, delay_release=b.delay_release)] * per_slab
 
     def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
@@ -126,7 +135,7 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                 w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
                 for w_smem, acc in zip(w_smems, accs):
                     plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(wg * b.tile_n, b.tile_n)])
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(b.delay_release)  # reading the accumulators after the pipeline waits for all
                 return accs
 
             state, alone = None, True
