@@ -42,12 +42,14 @@ CANDIDATES = {
                                                                 per_group=True)],
 }
 # The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
-# allows, and one wgmma left in flight per k step (first timings: WORKSPACE.md, session 4).
-MGPU_CANDIDATES = {
-    True: [FUSED_MGPU_BLOCKS, CHAINED_R1[True], dataclasses.replace(FUSED_MGPU_BLOCKS, delay_release=1),
-           MgpuBlocks(tile_n=64, max_concurrent_steps=3)],
-    False: [DEFAULT_MGPU_BLOCKS, CHAINED_R1[False], dataclasses.replace(DEFAULT_MGPU_BLOCKS, delay_release=1),
-            MgpuBlocks(max_concurrent_steps=2)],
+# allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
+# WORKSPACE.md, session 4; the last three variants untimed).
+MGPU_CANDIDATES = {  # the first five also under --nosweep
+    fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
+            dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
+            dataclasses.replace(default, delay_release=1, swizzled_store=True), stages]
+    for fused, default, stages in ((True, FUSED_MGPU_BLOCKS, MgpuBlocks(tile_n=64, max_concurrent_steps=3)),
+                                   (False, DEFAULT_MGPU_BLOCKS, MgpuBlocks(max_concurrent_steps=2)))
 }
 # name, K, N per weight, fused (gate+up: two [K, N] weights, the FLOPs of a K x 2N GEMM)
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
@@ -68,7 +70,7 @@ def main(argv):
         dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
         default = FUSED_BLOCKS if fused else DEFAULT_BLOCKS
         configs = CANDIDATES[fused] if _SWEEP.value else [default]
-        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else MGPU_CANDIDATES[fused][:3]
+        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else MGPU_CANDIDATES[fused][:5]
         sweep, mgpu_sweep = {}, {}
         for table, kernel, candidates in ((sweep, None, configs), (mgpu_sweep, split_ragged_dot_mgpu, mgpu_configs)):
             for b in candidates:
@@ -100,8 +102,8 @@ def main(argv):
         best_mgpu = max(mgpu_timed, key=mgpu_timed.get)
         split_mgpu = mgpu_timed[best_mgpu]
         # the error check is unfused: the down kernel's variant of the winner's pipeline
-        unfused = CHAINED_R1[False] if best_mgpu.chain else dataclasses.replace(
-            DEFAULT_MGPU_BLOCKS, delay_release=best_mgpu.delay_release)
+        unfused = dataclasses.replace(CHAINED_R1[False] if best_mgpu.chain else DEFAULT_MGPU_BLOCKS,
+                                      delay_release=best_mgpu.delay_release, swizzled_store=best_mgpu.swizzled_store)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
         raw[f"{name}_mgpu_sweep"] = {str(dataclasses.astuple(b)): v for b, v in mgpu_sweep.items()}

@@ -38,6 +38,30 @@ def test_pallas_grouped_ffn_matches_xla(kind):
     assert not np.asarray(ours[int(sizes.sum()):]).any()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_benchmarked_mgpu_candidate_matches_ragged_dot(fused):
+    """The Mosaic GPU kernel in each configuration the benchmark times (chained, wgmma in flight, swizzled stores
+    of full tiles) at R1's K and N, skewed groups over two slabs."""
+    from dwdp_jax import gpu_bench
+    from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
+    from experiments.bench_grouped_gemm import MGPU_CANDIDATES
+
+    k, n = (7168, 2048) if fused else (2048, 7168)
+    sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
+    keys = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32).astype(jnp.bfloat16)
+    g, u = ((0.02 * jax.random.normal(key, (64, k, n), jnp.float32)).astype(jnp.bfloat16) for key in keys[1:])
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    gs = jnp.asarray(sizes)
+    ref = jax.lax.ragged_dot(f32(x), f32(g), gs)
+    if fused:
+        ref = jax.nn.silu(ref) * jax.lax.ragged_dot(f32(x), f32(u), gs)
+    weights = ((g[:16], u[:16]), (g[16:], u[16:])) if fused else (g[:16], g[16:])
+    for blocks in MGPU_CANDIDATES[fused]:
+        out = split_ragged_dot_mgpu(x, gs, weights, fused=fused, blocks=blocks)
+        assert rel(out, ref) < 1e-2, blocks
+
+
 @pytest.mark.parametrize("backend", ["pallas_split", "pallas_split_mgpu"])
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
 def test_split_kernel_matches_xla_over_three_slabs(kind, backend):

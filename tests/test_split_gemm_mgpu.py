@@ -12,8 +12,8 @@ import pytest
 from dwdp_jax.gpu_bench import skewed_group_sizes
 from dwdp_jax.kernels.grouped_gemm import xla_grouped_ffn
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_mgpu import (CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks,
-                                              split_ragged_dot_mgpu)
+from dwdp_jax.kernels.split_gemm_mgpu import MgpuBlocks, split_ragged_dot_mgpu
+from experiments.bench_grouped_gemm import MGPU_CANDIDATES
 from models.experts import ExpertSlab
 
 # Two CTAs of 64 rows x 2 x 32 columns: several row tiles and column blocks per CTA, interpreted in seconds.
@@ -29,20 +29,22 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
 
 
-# empty groups, tiles cut at group boundaries, rows not a multiple of tile_m (padded), a group spanning tiles
-SIZES = np.array([70, 0, 130, 5, 64, 100], np.int32)
+# empty groups, tiles cut at group boundaries, rows not a multiple of tile_m (padded), a group spanning tiles,
+# full tiles (rows 0-63; 384-447 of the last group)
+SIZES = np.array([70, 0, 130, 5, 64, 100, 128], np.int32)
 
 
 # chained tile pipelines: every CTA with several tiles (2 SMs), and CTAs with one tile each beside one with two
 CHAINED = [dataclasses.replace(SMALL, chain=True, num_sms=sms) for sms in (2, 17)]
 
 
-@pytest.mark.parametrize("blocks", [SMALL] + CHAINED + [dataclasses.replace(SMALL, delay_release=1)],
-                         ids=["alone", "chained", "chained_lone_tiles", "wgmma_in_flight"])
+@pytest.mark.parametrize("blocks", [SMALL] + CHAINED + [dataclasses.replace(SMALL, delay_release=1),
+                                                         dataclasses.replace(SMALL, swizzled_store=True)],
+                         ids=["alone", "chained", "chained_lone_tiles", "wgmma_in_flight", "swizzled_store"])
 def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     m, k, n = int(SIZES.sum()), 128, 256
     kx, kw = jax.random.split(jax.random.key(0))
-    x, w = _bf16(kx, (m, k)), _bf16(kw, (6, k, n))
+    x, w = _bf16(kx, (m, k)), _bf16(kw, (len(SIZES), k, n))
     out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), (w[:2], w[2:]), blocks=blocks, interpret=True)
     ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(SIZES))
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
@@ -50,12 +52,13 @@ def test_plain_over_two_slabs_matches_ragged_dot(blocks):
 
 
 @pytest.mark.parametrize("blocks", [SMALL_FUSED, dataclasses.replace(SMALL_FUSED, chain=True),
-                                    dataclasses.replace(SMALL_FUSED, delay_release=1)],
-                         ids=["alone", "chained", "wgmma_in_flight"])
+                                    dataclasses.replace(SMALL_FUSED, delay_release=1),
+                                    dataclasses.replace(SMALL_FUSED, chain=True, swizzled_store=True)],
+                         ids=["alone", "chained", "wgmma_in_flight", "chained_swizzled_store"])
 def test_fused_gate_up_matches_swiglu_of_ragged_dots(blocks):
     m, k, n = int(SIZES.sum()), 128, 128
     ks = jax.random.split(jax.random.key(1), 3)
-    x, g, u = _bf16(ks[0], (m, k)), _bf16(ks[1], (6, k, n)), _bf16(ks[2], (6, k, n))
+    x, g, u = _bf16(ks[0], (m, k)), _bf16(ks[1], (len(SIZES), k, n)), _bf16(ks[2], (len(SIZES), k, n))
     out = split_ragged_dot_mgpu(x, jnp.asarray(SIZES), ((g[:3], u[:3]), (g[3:], u[3:])), fused=True,
                                 blocks=blocks, interpret=True)
     f32, gs = (lambda a: a.astype(jnp.float32)), jnp.asarray(SIZES)
@@ -63,14 +66,12 @@ def test_fused_gate_up_matches_swiglu_of_ragged_dots(blocks):
     assert _rel(out, ref) < 4e-3
 
 
-@pytest.mark.parametrize("variant", ["default", "chained", "wgmma_in_flight"])
-@pytest.mark.parametrize("fused, k, n", [(False, 2048, 7168), (True, 7168, 2048)])
-def test_blocks_lower_for_cuda_at_r1_sizes(fused, k, n, variant):
-    """The defaults and the variants the GPU benchmark times fit Hopper's shared memory and lower to Mosaic GPU
-    (on CPU: no GPU compile, no run)."""
-    default = FUSED_MGPU_BLOCKS if fused else DEFAULT_MGPU_BLOCKS
-    blocks = {"default": default, "chained": CHAINED_R1[fused],
-              "wgmma_in_flight": dataclasses.replace(default, delay_release=1)}[variant]
+@pytest.mark.parametrize("fused, k, n, i", [(fused, k, n, i) for fused, k, n in [(False, 2048, 7168), (True, 7168, 2048)]
+                                             for i in range(len(MGPU_CANDIDATES[fused]))])
+def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused, k, n, i):
+    """Each configuration the GPU benchmark times (defaults first) fits Hopper's shared memory and lowers to
+    Mosaic GPU (on CPU: no GPU compile, no run)."""
+    blocks = MGPU_CANDIDATES[fused][i]
     sizes = jnp.asarray(skewed_group_sizes(131072, 256, 6.0))
     x = jax.ShapeDtypeStruct((131072, k), jnp.bfloat16)
     slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in (64, 192))

@@ -47,6 +47,9 @@ class MgpuBlocks:
     # wgmma groups left in flight per k step (jax's Hopper matmul and ragged_dot keep one): a stage's shared memory
     # is released that many steps later, so the tensor cores never wait for the last wgmma before the next issue.
     delay_release: int = 0
+    # Full tiles (a group's rows fill all tile_m) go out through a swizzled shared-memory view in one TMA store
+    # (the register-to-shared writes without bank conflicts); cut tiles keep the plain view and the row runs.
+    swizzled_store: bool = False
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"):
@@ -85,7 +88,8 @@ def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: 
         size //= 2
 
 
-def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlocks, k_dim: int, n_dim: int):
+def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlocks, k_dim: int, n_dim: int,
+            alias_views: bool = True):
     w_gmems, out_gmem = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
     dtype = x_gmem.dtype
@@ -106,9 +110,19 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
     example = (x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, :, pl.ds(0, cta_n)] for w in w_gmems[:per_slab])
 
-    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example),
-                       out_smem=plgpu.SMEM((2, b.tile_m, b.tile_n), dtype), collective_axes="wg")
-    def _scope(allocs, out_smem):
+    plain = plgpu.SMEM((2, b.tile_m, b.tile_n), dtype)
+    out_swizzle = plgpu.find_swizzle(b.tile_n * jnp.dtype(dtype).itemsize * 8)
+    swizzled = plgpu.SMEM((2, b.tile_m, b.tile_n), dtype, transforms=(
+        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(out_swizzle)))
+
+    # One buffer, two views; a tile writes through one of them only after the last tile's stores read it. Mosaic
+    # GPU's interpreter cannot alias, and has no shared-memory limit: there the views get a buffer each.
+    views = (plgpu.RefUnion(plain, swizzled) if alias_views else (plain, swizzled)) if b.swizzled_store else plain
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out=views,
+                       collective_axes="wg")
+    def _scope(allocs, out):
+        out_smem, out_swz = out if b.swizzled_store else (out, None)
         wg = jax.lax.axis_index("wg")
 
         @plgpu.nd_loop((sched_gmem[5, 0] * n_iters,), collective_axes="sm")  # the real tiles only
@@ -127,9 +141,21 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                     vals = tuple(a[...] for a in accs)
                     out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
-                    out_smem[wg] = out.astype(dtype)
-                    plgpu.commit_smem()
-                    _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
+                    full = (lo == 0) & (hi == b.tile_m) if b.swizzled_store else False
+
+                    @pl.when(~full if b.swizzled_store else True)
+                    def _():
+                        out_smem[wg] = out.astype(dtype)
+                        plgpu.commit_smem()
+                        _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
+
+                    if b.swizzled_store:
+                        @pl.when(full)
+                        def _():
+                            out_swz[wg] = out.astype(dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_swz.at[wg],
+                                                    out_gmem.at[pl.ds(row0, b.tile_m), pl.ds(col0, b.tile_n)])
 
             def mma(_, x_smem, *w_and_accs):
                 w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
@@ -176,7 +202,8 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.tile_m, m + pad)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n),
+        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n,
+                          alias_views=not interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, n), x_MK.dtype),
         grid=(b.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
