@@ -141,21 +141,23 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                     vals = tuple(a[...] for a in accs)
                     out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
-                    full = (lo == 0) & (hi == b.tile_m) if b.swizzled_store else False
-
-                    @pl.when(~full if b.swizzled_store else True)
-                    def _():
+                    def store_rows():
                         out_smem[wg] = out.astype(dtype)
                         plgpu.commit_smem()
                         _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
 
+                    def store_tile():
+                        out_swz[wg] = out.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_swz.at[wg],
+                                                out_gmem.at[pl.ds(row0, b.tile_m), pl.ds(col0, b.tile_n)])
+
                     if b.swizzled_store:
-                        @pl.when(full)
-                        def _():
-                            out_swz[wg] = out.astype(dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(out_swz.at[wg],
-                                                    out_gmem.at[pl.ds(row0, b.tile_m), pl.ds(col0, b.tile_n)])
+                        full = (lo == 0) & (hi == b.tile_m)
+                        pl.when(full)(store_tile)
+                        pl.when(~full)(store_rows)
+                    else:
+                        store_rows()
 
             def mma(_, x_smem, *w_and_accs):
                 w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
