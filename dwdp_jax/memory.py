@@ -226,11 +226,14 @@ def check_program_fits(what: str, need_bytes: int, available_bytes: Sequence[int
 
 
 def largest_free_block(device) -> int | None:
-    """The device allocator's largest free block (what one program's temporaries must fit in), if it reports one."""
+    """The device allocator's largest free block (what one program's temporaries must fit in), if it reports one.
+
+    Allocators without one (XLA's cuda_async pool maps pages on demand: `largest_free_block_bytes` is 0 or absent)
+    get what is left under the limit; a full BFC pool reports 0 for both."""
     stats = device.memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
-    return stats.get("largest_free_block_bytes", stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return stats.get("largest_free_block_bytes") or max(stats["bytes_limit"] - stats.get("bytes_in_use", 0), 0)
 
 
 def _weight_bytes_per_param(cfg: ModelConfig, weight_bytes_per_param: float | None) -> float:

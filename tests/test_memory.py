@@ -123,3 +123,22 @@ def test_program_fit_names_the_device_and_the_knobs():
     memory.check_program_fits("step", 10 * GIB, [None, 11 * GIB])
     with pytest.raises(ValueError, match=r"device 1: 9.00 GiB.*memory_fraction"):
         memory.check_program_fits("step", 10 * GIB, [11 * GIB, 9 * GIB])
+
+
+class _Device:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+@pytest.mark.parametrize("stats,free", [
+    (None, None),  # CPU: no allocator statistics, no limit
+    ({"bytes_limit": 100, "bytes_in_use": 40, "largest_free_block_bytes": 25}, 25),  # BFC, fragmented
+    ({"bytes_limit": 100, "bytes_in_use": 100, "largest_free_block_bytes": 0}, 0),  # BFC, full
+    ({"bytes_limit": 100, "bytes_in_use": 40, "largest_free_block_bytes": 0}, 60),  # cuda_async: no blocks
+    ({"bytes_limit": 100, "bytes_in_use": 40}, 60),
+])
+def test_largest_free_block_per_allocator(stats, free):
+    assert memory.largest_free_block(_Device(stats)) == free
