@@ -223,16 +223,20 @@ DISPATCHERS = {"dense": DenseAllToAll(), "ragged": RaggedAllToAll()}
 
 
 def dispatch_tokens(x_TD: jax.Array, ids_TK: jax.Array, valid_T: jax.Array | None, num_experts: int,
-                    dispatcher, receive_RD: jax.Array | None = None) -> tuple[jax.Array, DispatchPlan]:
+                    dispatcher, receive: ReceiveBuffer | None = None) -> tuple[jax.Array, DispatchPlan]:
     """Sorts the rows by expert and sends each to its owner; returns the owner-side expert-major buffer
-    [N*M, D] (rows past the received total are not read: zero, or `receive_RD`'s earlier rows) and the plan."""
+    [N*M, D] (rows past the received total are not read: zero, or with `receive` its earlier rows, the buffer
+    it then holds) and the plan."""
     n = jax.lax.axis_size(AXIS)
     k = ids_TK.shape[1]
     with jax.named_scope("dispatch"):
         order_M, group_sizes_E = sort_by_expert(ids_TK, num_experts, valid_T)
         counts_NL = group_sizes_E.reshape(n, num_experts // n)
         peer_counts = dispatcher.exchange_counts(counts_NL)
-        x_grouped_RD = dispatcher.dispatch(x_TD[order_M // k], counts_NL, peer_counts, receive_RD)
+        x_grouped_RD = dispatcher.dispatch(x_TD[order_M // k], counts_NL, peer_counts,
+                                           receive.rows_RD if receive else None)
+        if receive is not None:
+            receive.rows_RD = x_grouped_RD
     return x_grouped_RD, DispatchPlan(order_M, counts_NL, peer_counts)
 
 
@@ -286,10 +290,7 @@ class DepExperts:
 
     def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
         dispatcher = DISPATCHERS[self.dispatch]
-        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher,
-                                             self.receive.rows_RD if self.receive else None)
-        if self.receive is not None:
-            self.receive.rows_RD = x_grouped_RD
+        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher, self.receive)
         y_grouped_RD = expert_ffn(x_grouped_RD, plan, self.slab, self.backend, dispatcher)
         return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher, valid_T, self.receive)
 
@@ -496,10 +497,14 @@ class DepRuntime:
         """The fast path's optimized HLO (for checking its collectives)."""
         return self._compiled().as_text()
 
+    def memory_analysis(self):
+        """XLA's memory analysis of the full-budget step (temporaries, outputs, arguments per device)."""
+        return self._compiled().memory_analysis()
+
     def check_memory(self, available_bytes: Sequence[int | None] | None = None) -> int:
         """Bytes the full-budget step allocates per device beyond its inputs (XLA's buffer assignment);
         memory.DoesNotFit when that exceeds a device's largest free block (default: what each device's allocator reports)."""
-        analysis = self._compiled().memory_analysis()
+        analysis = self.memory_analysis()
         need = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
         if available_bytes is None:
             available_bytes = [memory.largest_free_block(d) for d in self.mesh.devices.flat]
