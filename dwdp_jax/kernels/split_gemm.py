@@ -28,6 +28,13 @@ from jax.experimental.pallas import triton as plt
 from dwdp_jax.kernels import tuning
 
 
+def require_positive(blocks, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of `names` below 1 (tile sizes and launch knobs of a kernel's blocks)."""
+    for name in names:
+        if getattr(blocks, name) < 1:
+            raise ValueError(f"{type(blocks).__name__}.{name} must be >= 1, got {getattr(blocks, name)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """Tile sizes and Triton launch knobs of one kernel instance."""
@@ -46,9 +53,7 @@ class Blocks:
     per_group: bool = False
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Blocks.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
         if self.group_m < 0:
             raise ValueError(f"Blocks.group_m must be >= 0 (0: one window of all row tiles), got {self.group_m}")
 

@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
 from dwdp_jax.kernels import tuning
-from dwdp_jax.kernels.split_gemm import slab_weights, tile_schedule
+from dwdp_jax.kernels.split_gemm import require_positive, slab_weights, tile_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +52,7 @@ class MgpuBlocks:
     swizzled_store: bool = False
 
     def __post_init__(self):
-        for name in ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MgpuBlocks.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"))
         if self.tile_m % 64:
             raise ValueError(f"MgpuBlocks.tile_m must be a multiple of 64 (wgmma rows), got {self.tile_m}")
         if self.chain and self.delay_release:
