@@ -85,7 +85,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     if name in ("r1_width_4gpu", "r1_width_4gpu_std"):
         c.model.preset = "deepseek_r1"
         c.model.checkpoint = ""
-        c.model.num_hidden_layers = 0  # set by the memory planner at run time
+        # The depth measured on 4x H200 (sessions 5-6); 0 lets the memory planner pick the deepest that fits
+        # (with the session-6 DEP plan: 9 at memory_fraction 0.78, not yet run).
+        c.model.num_hidden_layers = 7
         c.model.hidden_size = 0
         c.model.n_routed_experts = 0
         c.model.vocab_size = 0
@@ -107,11 +109,11 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         # one rank and the others waited in NCCL (2x H200, session 3); DWDP's ranks fail alone, with an error.
         c.strategies = "dep,dwdp"
         c.verify.rel_tol = 2e-2
-        # DEP4 decides the depth: its dropless all-to-all buffers (dep.ReceiveBuffer, memory.plan_dep). 0.78 of
-        # 4x H200 at XLA_PYTHON_CLIENT_MEM_FRACTION=.92 plans 7 layers (DEP4 94.6 GiB with weights). At 8 (0.85,
-        # planned 103.8 GiB) DEP4 passed its memory check, then three ranks could not place the step's 31.5 GiB
-        # all-to-all buffer in their fragmented pools (58 GiB free, largest piece 27) and the fourth waited in NCCL
-        # until killed (session 5).
+        # With num_hidden_layers 0, DEP4 decides the depth: its dropless all-to-all buffers (dep.ReceiveBuffer,
+        # memory.plan_dep). At 8 layers before the combine output was threaded, DEP4 passed its memory check, then
+        # three ranks could not place the step's 31.5 GiB all-to-all buffer in their fragmented pools (58 GiB free,
+        # largest piece 27) and the fourth waited in NCCL until killed (session 5); threaded, the step's
+        # temporaries are 50.4 GiB at 7 and 8 layers (session 6).
         c.memory_fraction = 0.78
         c.verify.min_id_match = 0.97
         c.verify.noise_floor = True  # DEP4's bf16 error: 0.047 / 0.065 at 3 / 4 MoE layers (sessions 4-5)

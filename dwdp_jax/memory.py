@@ -88,11 +88,11 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
     Dropless expert parallelism must size for the worst case, every row of the group routed to this rank:
     the dispatch receives up to N*T*K rows of D (plus its own T*K-row send buffer; the combine reuses both), and
     its grouped GEMM runs over those N*T*K rows. XLA:GPU (jax 0.11.2) keeps every ragged_all_to_all output in
-    collective memory without sharing it between layers: the dispatch's receive buffer is threaded through the
-    layers (`dep.ReceiveBuffer`). Measured at T 32768 on H200s (session 4): DEP2 with the threaded receive buffer
-    33.0 / 40.0 GiB of temporaries at 3 / 5 MoE layers (+3.5 GiB per layer: the combine's T*K-row outputs); DEP4
-    before it 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5 (+14 GiB per layer). The combine's output is now threaded too
-    (session 5), not yet measured on a GPU, so the plan still counts one combine output per MoE layer.
+    collective memory without sharing it between layers, so both outputs, the dispatch's receive buffer and the
+    combine's T*K rows, are threaded through the layers (`dep.ReceiveBuffer`): one of each, whatever the depth.
+    Measured at T 32768 on 4x H200 (`experiments.dep_step_memory`, WORKSPACE.md session 6): DEP4 50.4 GiB of
+    temporaries at both 4 and 5 MoE layers (before the threading: 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5); this plan
+    says 54.7 GiB for all-to-all buffers and activations there.
     """
     if num_ranks < 1 or cfg.n_routed_experts % num_ranks:
         raise ValueError(f"plan_dep num_ranks must divide n_routed_experts={cfg.n_routed_experts}, got {num_ranks}")
@@ -102,7 +102,7 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
                  f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
                  f"{attention_impl} attention",
                  expert_params=local_experts * cfg.num_moe_layers * cfg.expert_params(),
-                 all_to_all_bytes=(num_ranks + max(cfg.num_moe_layers, 1)) * rows_per_rank * cfg.hidden_size
+                 all_to_all_bytes=(num_ranks + 1) * rows_per_rank * cfg.hidden_size
                  * _DTYPE_BYTES[cfg.dtype],
                  activations=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
 

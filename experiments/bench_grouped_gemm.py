@@ -34,13 +34,17 @@ _TUNE = flags.DEFINE_bool("tune", False, "record each kernel's fastest swept blo
 # (+12-16%), so the sweep now explores around them: window width, pipeline depth and K tile.
 _ORDERS = [dict(group_m=0), dict(group_m=16), dict(group_m=8, per_group=True), dict(group_m=16, per_group=True),
            dict(group_m=32, per_group=True), dict(per_group=True)]
-CANDIDATES = {
+_FULL_TILES = {
     True: [Blocks(**o) for o in _ORDERS] + [Blocks(num_stages=3, group_m=16, per_group=True),
                                            Blocks(block_k=32, num_stages=6, group_m=16, per_group=True)],
     False: [Blocks(block_n=256, **o) for o in _ORDERS] + [Blocks(block_n=256, num_stages=3, per_group=True),
                                                          Blocks(block_n=256, block_k=32, num_stages=6,
                                                                 per_group=True)],
 }
+# and half tiles (`Blocks.half_tiles`) on the per-expert orders that won at 131072 and 262144 rows (session 6)
+CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in blocks
+                               if b.per_group and b.group_m in (0, 16, 32) and b.block_k == 64]
+              for fused, blocks in _FULL_TILES.items()}
 # The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
 # allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
 # WORKSPACE.md, session 4; the last three variants untimed).

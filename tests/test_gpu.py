@@ -38,13 +38,15 @@ def test_pallas_grouped_ffn_matches_xla(kind):
     assert not np.asarray(ours[int(sizes.sum()):]).any()
 
 
+@pytest.mark.parametrize("kernel", ["triton", "mgpu"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_every_benchmarked_mgpu_candidate_matches_ragged_dot(fused):
-    """The Mosaic GPU kernel in each configuration the benchmark times (chained, wgmma in flight, swizzled stores
-    of full tiles) at R1's K and N, skewed groups over two slabs."""
+def test_every_benchmarked_candidate_matches_ragged_dot(fused, kernel):
+    """Each split kernel in each configuration the benchmark times (Triton: launch orders, half tiles; Mosaic GPU:
+    chained, wgmma in flight, swizzled stores of full tiles) at R1's K and N, skewed groups over two slabs."""
     from dwdp_jax import gpu_bench
+    from dwdp_jax.kernels.split_gemm import split_ragged_dot
     from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
-    from experiments.bench_grouped_gemm import MGPU_CANDIDATES
+    from experiments.bench_grouped_gemm import CANDIDATES, MGPU_CANDIDATES
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
@@ -57,8 +59,10 @@ def test_every_benchmarked_mgpu_candidate_matches_ragged_dot(fused):
     if fused:
         ref = jax.nn.silu(ref) * jax.lax.ragged_dot(f32(x), f32(u), gs)
     weights = ((g[:16], u[:16]), (g[16:], u[16:])) if fused else (g[:16], g[16:])
-    for blocks in MGPU_CANDIDATES[fused]:
-        out = split_ragged_dot_mgpu(x, gs, weights, fused=fused, blocks=blocks)
+    run, candidates = {"triton": (split_ragged_dot, CANDIDATES),
+                       "mgpu": (split_ragged_dot_mgpu, MGPU_CANDIDATES)}[kernel]
+    for blocks in candidates[fused]:
+        out = run(x, gs, weights, fused=fused, blocks=blocks)
         assert rel(out, ref) < 1e-2, blocks
 
 

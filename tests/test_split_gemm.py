@@ -16,6 +16,8 @@ from models import config as C
 from models import deepseek_v3 as M
 
 SMALL = Blocks(block_m=16, block_n=16, block_k=16)
+# 16-row half tiles: in the cases below, tiles with rows in the lower half only, the upper half only, and both
+HALVES = Blocks(block_m=32, block_n=16, block_k=16, half_tiles=True)
 
 
 def brute_force_tiles(sizes, counts, block_m):
@@ -58,7 +60,8 @@ def test_tile_schedule_refuses_wrong_slab_counts():
     ([0, 0, 0, 0], (2, 2), 16),  # no rows at all
 ])
 @pytest.mark.parametrize("fused", [False, True])
-def test_split_ragged_dot_matches_ragged_dot(sizes, counts, rows, fused):
+@pytest.mark.parametrize("blocks", [SMALL, HALVES], ids=["full_tiles", "half_tiles"])
+def test_split_ragged_dot_matches_ragged_dot(sizes, counts, rows, fused, blocks):
     rng = np.random.default_rng(len(sizes) + rows)
     k, n = 32, 48
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
@@ -67,7 +70,7 @@ def test_split_ragged_dot_matches_ragged_dot(sizes, counts, rows, fused):
     gs = jnp.asarray(sizes, jnp.int32)
     weights = tuple(zip(ws, us)) if fused else tuple(ws)
     ours = np.asarray(split_ragged_dot(jnp.full_like(x, jnp.nan).at[:].set(x), gs, weights, fused=fused,
-                                       blocks=SMALL, interpret=True))
+                                       blocks=blocks, interpret=True))
     ref = jax.lax.ragged_dot(x, jnp.concatenate(ws), gs)
     if fused:
         ref = jax.nn.silu(ref) * jax.lax.ragged_dot(x, jnp.concatenate(us), gs)
@@ -172,3 +175,5 @@ def test_blocks_refuse_impossible_sizes():
         Blocks(group_m=-1)
     with pytest.raises(ValueError, match=r"Blocks.block_k must be >= 1, got 0"):
         Blocks(block_k=0)
+    with pytest.raises(ValueError, match="half_tiles needs block_m a multiple of 32"):
+        Blocks(block_m=16, half_tiles=True)

@@ -51,11 +51,18 @@ class Blocks:
     # Windows never span two expert groups (group_m 0: a window is the whole group), so a window's tiles all read
     # the same weight column blocks.
     per_group: bool = False
+    # A tile whose rows all lie in one half of its row block computes that half only (block_m / 2 rows): group
+    # boundaries cut tiles, and at 131072 skewed rows over 256 groups full tiles compute 1.24x the real rows, half
+    # tiles 1.12x (WORKSPACE.md, session 6).
+    half_tiles: bool = False
 
     def __post_init__(self):
         require_positive(self, ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
         if self.group_m < 0:
             raise ValueError(f"Blocks.group_m must be >= 0 (0: one window of all row tiles), got {self.group_m}")
+        if self.half_tiles and (self.block_m % 32):
+            raise ValueError(f"Blocks.half_tiles needs block_m a multiple of 32 (Triton's dot takes >= 16 rows), "
+                             f"got block_m={self.block_m}")
 
 
 # Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows; WORKSPACE.md):
@@ -151,25 +158,35 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
     @pl.when(ti < sched_ref[5, 0])
     def _():
         group, block, lo, hi = sched_ref[1, ti], sched_ref[2, ti], sched_ref[3, ti], sched_ref[4, ti]
-        row0 = pl.multiple_of(block * b.block_m, b.block_m)
-        rows_m = jnp.arange(b.block_m, dtype=jnp.int32)
-        in_bounds = (row0 + rows_m < num_rows)[:, None]
         cols = pl.ds(pl.multiple_of(ni * b.block_n, b.block_n), b.block_n)
 
-        def run(ws):
+        def run(ws, rows: int, first):
+            """Rows [first, first + rows) of the row block (first a multiple of rows) times the slab's weights."""
+            row0 = pl.multiple_of(block * b.block_m + first, rows)
+            rows_m = first + jnp.arange(rows, dtype=jnp.int32)
+            in_bounds = (block * b.block_m + rows_m < num_rows)[:, None]
+
             def step(kk, accs):
                 ks = pl.ds(pl.multiple_of(kk * b.block_k, b.block_k), b.block_k)
-                x = plt.load(x_ref.at[pl.ds(row0, b.block_m), ks], mask=in_bounds, other=0)
+                x = plt.load(x_ref.at[pl.ds(row0, rows), ks], mask=in_bounds, other=0)
                 return tuple(acc + plt.dot(x, plt.load(w.at[group, ks, cols])) for acc, w in zip(accs, ws))
 
-            zeros = tuple(jnp.zeros((b.block_m, b.block_n), jnp.float32) for _ in ws)
+            zeros = tuple(jnp.zeros((rows, b.block_n), jnp.float32) for _ in ws)
             accs = jax.lax.fori_loop(0, k_dim // b.block_k, step, zeros)
             out = jax.nn.silu(accs[0]) * accs[1] if fused else accs[0]
             keep = ((rows_m >= lo) & (rows_m < hi))[:, None]
-            plt.store(o_ref.at[pl.ds(row0, b.block_m), cols], out.astype(o_ref.dtype), mask=keep)
+            plt.store(o_ref.at[pl.ds(row0, rows), cols], out.astype(o_ref.dtype), mask=keep)
+
+        def tile(ws):
+            if not b.half_tiles:
+                return run(ws, b.block_m, 0)
+            half = b.block_m // 2
+            in_one_half = (hi <= half) | (lo >= half)
+            pl.when(in_one_half)(lambda: run(ws, half, jnp.where(lo >= half, half, 0)))
+            pl.when(~in_one_half)(lambda: run(ws, b.block_m, 0))
 
         for s in range(num_slabs):
-            pl.when(sched_ref[0, ti] == s)(lambda s=s: run(w_refs[per_slab * s: per_slab * (s + 1)]))
+            pl.when(sched_ref[0, ti] == s)(lambda s=s: tile(w_refs[per_slab * s: per_slab * (s + 1)]))
 
 
 @functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret"))

@@ -536,10 +536,12 @@ class DepRuntime:
     def sync_times(self, batches: Sequence[PackedBatch | None], repeats: int = 1,
                    warmup: int = 0) -> tuple[float, tuple[float, ...]]:
         """(the step's seconds, each rank's seconds with its batch alone and the others empty): the synchronization
-        estimate (paper Fig. 1) is 1 - mean(alone) / step. Medians of `repeats` after `warmup` fast-path runs."""
+        estimate (paper Fig. 1) is 1 - mean(alone) / step. Medians of `repeats` after `warmup` fast-path runs.
+        A rank without a batch computes nothing alone: 0 s (timing it would run, and compile, an all-empty step)."""
         self._check_batches(batches)
         step_s = self._time_fast(self._device_inputs(batches), repeats, warmup)
-        alone_s = tuple(self._time_fast(self._device_inputs([b if i == r else None for i, b in enumerate(batches)]),
+        alone_s = tuple(0.0 if batches[r] is None else
+                        self._time_fast(self._device_inputs([b if i == r else None for i, b in enumerate(batches)]),
                                         repeats, warmup) for r in range(self.num_ranks))
         return step_s, alone_s
 
