@@ -180,10 +180,11 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
         def tile(ws):
             if not b.half_tiles:
                 return run(ws, b.block_m, 0)
+            # integer arithmetic and comparisons only: Triton's lowering refuses boolean or/not (i32 vs i1)
             half = b.block_m // 2
-            in_one_half = (hi <= half) | (lo >= half)
-            pl.when(in_one_half)(lambda: run(ws, half, jnp.where(lo >= half, half, 0)))
-            pl.when(~in_one_half)(lambda: run(ws, b.block_m, 0))
+            first = lo // half * half  # the half holding the tile's first row
+            pl.when(hi <= first + half)(lambda: run(ws, half, first))
+            pl.when(hi > first + half)(lambda: run(ws, b.block_m, 0))
 
         for s in range(num_slabs):
             pl.when(sched_ref[0, ti] == s)(lambda s=s: tile(w_refs[per_slab * s: per_slab * (s + 1)]))
