@@ -59,6 +59,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.dwdp.timeline = False  # copy engine on GPU: device timestamps of pulls and fences (pull GB/s, exposed wait)
     c.dwdp.slice_bytes = 0  # copy engine: > 0 cuts copies into pieces this large, round-robin over owners
     c.dwdp.local_experts = 0  # 0: chosen from (E, N)
+    # lookahead: a free rank fills its batch from the window DEP's steps pack (serving.scheduler); fcfs: the ablation
+    # that stops at the first request that does not fit (the GPU runs of sessions 4-6)
+    c.dwdp.packing = "lookahead"
 
     c.dep = config_dict.ConfigDict()
     c.dep.dispatch = "auto"  # dense | ragged | auto (ragged on GPU, dense on CPU)

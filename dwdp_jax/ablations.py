@@ -25,6 +25,8 @@ SWEEP_VALUES = {
     "transport": {"tiny": ["device_put", "copy_engine"], "r1": ["device_put", "copy_engine"]},
     # DEP's per-step balancing: by tokens (LPT, the default) or by request count (ranks keep their token imbalance).
     "dep_balance": {"tiny": ["tokens", "requests"], "r1": ["tokens", "requests"]},
+    # DWDP's batch filling: DEP's window one rank at a time (the default) or strict FCFS (sessions 4-6 on GPUs).
+    "dwdp_packing": {"tiny": ["lookahead", "fcfs"], "r1": ["lookahead", "fcfs"]},
 }
 # The ISL of the std sweep (paper: 16384) and the slice count standing for "contention mitigation on".
 STD_ISL = {"tiny": 128, "r1": 16384}
@@ -75,6 +77,8 @@ def apply_point(c, sweep: str, point: dict[str, Any], scale: str) -> None:
             setattr(c.dwdp, key, value)
         elif key == "dep_balance":
             c.dep.balance = value
+        elif key == "dwdp_packing":
+            c.dwdp.packing = value
         else:
             raise ValueError(f"sweep {sweep!r} has an unknown point key {key!r}")
 

@@ -123,6 +123,9 @@ def plan(c) -> Plan:
     strategies = strategies_from(c)
     if c.dep.balance not in scheduler.DepScheduler.BALANCES:
         raise ValueError(f"config.dep.balance must be one of {scheduler.DepScheduler.BALANCES}, got {c.dep.balance!r}")
+    if c.dwdp.packing not in scheduler.DwdpScheduler.PACKINGS:
+        raise ValueError(f"config.dwdp.packing must be one of {scheduler.DwdpScheduler.PACKINGS}, "
+                         f"got {c.dwdp.packing!r}")
     devices = jax.devices()
     placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     placement.check_devices(len(devices))
@@ -268,7 +271,7 @@ class _Progress:
 
 def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
     sched = scheduler.DwdpScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=c.max_num_tokens,
-                                    max_batch_size=c.max_batch_size)
+                                    max_batch_size=c.max_batch_size, packing=c.dwdp.packing)
     req_records, iter_records, lock = [], [], threading.Lock()
     progress = _Progress(len(p.requests), "dwdp")
     t0 = time.perf_counter()

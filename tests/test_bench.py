@@ -115,6 +115,7 @@ def test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not(tmp_path):
     ("--config.workload.input_ratio=-0.5", "input_ratio"),
     ("--config.workload.dataset=/nonexistent/file.jsonl", "cannot read"),
     ("--config.dep.balance=random", "config.dep.balance must be one of ('tokens', 'requests')"),
+    ("--config.dwdp.packing=best", "config.dwdp.packing must be one of ('lookahead', 'fcfs')"),
 ])
 def test_bad_input_exits_2_before_device_work(flag, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", flag], cwd=ROOT, capture_output=True,

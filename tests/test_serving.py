@@ -154,9 +154,23 @@ def _drain_dwdp(scheduler, rank=0, now_s=0.0):
     return batches
 
 
-def test_dwdp_packs_fcfs_within_mnt_and_batch_size():
+def test_dwdp_fills_each_batch_from_the_window_like_dep():
+    """The window is the FCFS prefix fitting 2 x (100 tokens, 3 requests): head first, then longest-first with
+    room; the deferred go back to the front in order. Three iterations where strict FCFS needs four."""
     requests = _requests([30, 40, 50, 20, 10, 10, 10, 90])
     scheduler = DwdpScheduler(requests, num_ranks=2, max_num_tokens=100, max_batch_size=3)
+    batches = _drain_dwdp(scheduler)
+    assert [b.request_ids for b in batches] == [(0, 2, 3), (1, 4, 5), (6, 7)]
+    assert [b.num_tokens for b in batches] == [100, 60, 100]
+    assert [b.iteration for b in batches] == [0, 1, 2]
+    assert len(scheduler.finish()) == 8
+    with pytest.raises(ValueError, match=r"packing must be one of \('lookahead', 'fcfs'\), got 'best'"):
+        DwdpScheduler(requests, num_ranks=2, max_num_tokens=100, max_batch_size=3, packing="best")
+
+
+def test_dwdp_fcfs_ablation_stops_at_the_first_request_that_does_not_fit():
+    requests = _requests([30, 40, 50, 20, 10, 10, 10, 90])
+    scheduler = DwdpScheduler(requests, num_ranks=2, max_num_tokens=100, max_batch_size=3, packing="fcfs")
     batches = _drain_dwdp(scheduler)
     assert [b.request_ids for b in batches] == [(0, 1), (2, 3, 4), (5, 6), (7,)]
     assert all(b.num_tokens <= 100 and len(b.requests) <= 3 for b in batches)

@@ -167,7 +167,8 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
                   metrics={"gemm_tflops": 600.0, "hbm_gbps": 4000.0, "p2p_gbps": 300.0, "attention_tflops": 350.0,
                            "grouped_gemm_tflops": 300.0, "memory_gb": 141.0})
     cfg = R1.replace(num_hidden_layers=6, dtype="bfloat16")
-    config = {"num_ranks": 4, "max_num_tokens": 32768, "max_batch_size": 64, "dwdp": {"slices": 1, "local_experts": 0},
+    config = {"num_ranks": 4, "max_num_tokens": 32768, "max_batch_size": 64,
+              "dwdp": {"slices": 1, "local_experts": 0, "packing": "lookahead"},
               "gemm_backend": "pallas_split", "attention_impl": "cudnn",
               "workload": {"num_requests": 32, "isl": 8192, "input_ratio": 0.8, "isl_std": -1.0, "rate_per_s": 0.0,
                            "seed": 0, "dataset": ""}}
@@ -182,6 +183,24 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
                       model=dataclasses.asdict(cfg),
                       metrics={"dwdp": {"tps_per_gpu": factor * predicted * 100.0}, "dep": {"tps_per_gpu": 100.0}})
     return predicted
+
+
+def test_dwdp_lookahead_packing_needs_fewer_iterations_with_varied_lengths():
+    cfg, w = R1.replace(num_hidden_layers=5), Workload(64, 8192, 1.0, isl_std=4096.0)
+    runs = {p: simulate.simulate_context(cfg, GB200, ContextConfig("dwdp", packing=p), w) for p in simulate.PACKINGS}
+    # fuller batches; throughput need not follow in a short run (with 64 requests the tail decides: 0.96x here)
+    assert runs["lookahead"].summary()["num_iterations"] < runs["fcfs"].summary()["num_iterations"]
+
+
+def test_bench_setup_packs_runs_without_the_packing_field_strict_fcfs(tmp_path):
+    """Runs written before config.dwdp.packing existed (the GPU runs of sessions 4-6) packed strict FCFS."""
+    _calibration_files(tmp_path, {"run": 1.0})
+    doc = read_results("context_bench", tmp_path)[0]
+    assert studies.bench_setup(doc)[3].packing == "lookahead"
+    del doc["config"]["dwdp"]["packing"]
+    assert studies.bench_setup(doc)[3].packing == "fcfs"
+    with pytest.raises(ValueError, match=r"ContextConfig.packing must be one of \('lookahead', 'fcfs'\)"):
+        ContextConfig("dwdp", packing="best")
 
 
 def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_path):

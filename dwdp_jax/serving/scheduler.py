@@ -1,9 +1,12 @@
 """Context-only scheduling for DWDP and DEP: which requests each rank prefills in each iteration.
 
-An iteration packs whole requests (no chunked prefill) in FCFS order up to max_num_tokens (MNT) and max_batch_size.
-The two strategies differ only in who decides and when:
-- DWDP ranks never wait for each other, so each rank takes its next batch from one shared queue when it is free
-  (`DwdpScheduler.next_batch`, thread-safe: one host thread per device calls it).
+An iteration packs whole requests (no chunked prefill) up to max_num_tokens (MNT) and max_batch_size. Both strategies
+pack the same way: the FCFS prefix that fits num_ranks x (MNT, max_batch_size) is the window, the queue head is placed
+first (the oldest request always runs: nothing starves), then the rest longest-first onto the least-loaded rank with
+room, and what fits nowhere goes back to the front in order (`place`). They differ only in who decides and when:
+- DWDP ranks never wait for each other, so each rank fills its next batch from one shared queue when it is free
+  (`DwdpScheduler.next_batch`, thread-safe: one host thread per device calls it), the window placed onto one rank.
+  `packing="fcfs"` is the ablation that stops at the first request that does not fit (sessions 4-6 ran with it).
 - DEP ranks meet at every MoE layer's all-to-all, so each iteration hands every rank a batch at once, balanced by
   tokens, and all ranks step together (`DepScheduler.next_step`).
 Both keep a ledger of what was handed out and what the runtime reported complete; `finish()` is the end-of-run count
@@ -156,11 +159,41 @@ class _FcfsQueue:
             return self._ledger.finish()
 
 
-class DwdpScheduler(_FcfsQueue):
-    """One shared FCFS queue; each DWDP rank takes its next batch when it is free."""
+def place(candidates: list[Request], num_ranks: int, max_num_tokens: int, max_batch_size: int,
+          balance: str = "tokens") -> tuple[list[list[Request]], list[Request]]:
+    """Head first, then the rest (longest-first when balancing tokens, FCFS when balancing requests) onto the
+    least-loaded rank with room; returns (per-rank lists in FCFS order, deferred requests in FCFS order)."""
+    head, rest = candidates[0], candidates[1:]
+    if balance == "tokens":
+        rest = sorted(rest, key=lambda r: -r.input_len)  # stable: ties stay FCFS
+    placed: list[list[Request]] = [[] for _ in range(num_ranks)]
+    tokens = [0] * num_ranks
+    deferred = []
+    for request in [head, *rest]:
+        fits = [rank for rank in range(num_ranks) if len(placed[rank]) < max_batch_size
+                and tokens[rank] + request.input_len <= max_num_tokens]
+        if not fits:
+            deferred.append(request)
+            continue
+        load = tokens if balance == "tokens" else [len(p) for p in placed]
+        rank = min(fits, key=lambda k: (load[k], k))
+        placed[rank].append(request)
+        tokens[rank] += request.input_len
+    order = {r.id: i for i, r in enumerate(candidates)}
+    return [sorted(rs, key=lambda r: order[r.id]) for rs in placed], sorted(deferred, key=lambda r: order[r.id])
 
-    def __init__(self, requests: Sequence[Request], *, num_ranks: int, max_num_tokens: int, max_batch_size: int):
+
+class DwdpScheduler(_FcfsQueue):
+    """One shared queue; each DWDP rank fills its next batch when it is free."""
+
+    PACKINGS = ("lookahead", "fcfs")
+
+    def __init__(self, requests: Sequence[Request], *, num_ranks: int, max_num_tokens: int, max_batch_size: int,
+                 packing: str = "lookahead"):
+        if packing not in self.PACKINGS:
+            raise ValueError(f"packing must be one of {self.PACKINGS}, got {packing!r}")
         super().__init__(requests, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size, num_ranks=num_ranks)
+        self.packing = packing
         self._iterations = [0] * num_ranks
 
     def next_batch(self, rank: int, now_s: float) -> Batch | None:
@@ -169,7 +202,15 @@ class DwdpScheduler(_FcfsQueue):
         if not 0 <= rank < self.num_ranks:
             raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
         with self._lock:
-            requests = self._take_fcfs(now_s, self.max_num_tokens, self.max_batch_size)
+            if self.packing == "fcfs":
+                requests = self._take_fcfs(now_s, self.max_num_tokens, self.max_batch_size)
+            else:
+                window = self._take_fcfs(now_s, self.num_ranks * self.max_num_tokens,
+                                         self.num_ranks * self.max_batch_size)
+                requests, deferred = [], []
+                if window:
+                    (requests,), deferred = place(window, 1, self.max_num_tokens, self.max_batch_size)
+                self._pending.extendleft(reversed(deferred))
             if not requests:
                 return None
             batch = Batch(rank, self._iterations[rank], tuple(requests))
@@ -194,9 +235,7 @@ class DwdpScheduler(_FcfsQueue):
 class DepScheduler(_FcfsQueue):
     """DEP iterations: every rank gets a batch at once and all step together, so the batches are balanced by tokens.
 
-    Each step takes the arrived FCFS prefix that fits num_ranks x (MNT, max_batch_size), places the queue head first
-    (so the oldest request always runs and nothing starves), then the rest longest-first onto the least-loaded rank
-    that still has room (LPT). Requests that fit on no rank go back to the front of the queue, in order.
+    Each step places the window (module docstring) over all ranks (`place`: LPT onto the least-loaded rank).
 
     `balance="requests"` is the ablation without token balancing: each request, in FCFS order, goes to the rank
     holding the fewest requests that still has room, so ranks differ in tokens as much as their requests do.
@@ -220,33 +259,11 @@ class DepScheduler(_FcfsQueue):
                                          self.num_ranks * self.max_batch_size)
             if not candidates:
                 return None
-            placed, deferred = self._place(candidates)
+            placed, deferred = place(candidates, self.num_ranks, self.max_num_tokens, self.max_batch_size,
+                                     self.balance)
             self._pending.extendleft(reversed(deferred))
             batches = [Batch(rank, self._step, tuple(rs)) for rank, rs in enumerate(placed)]
             self._step += 1
             for batch in batches:
                 self._ledger.issue(batch)
             return batches
-
-    def _place(self, candidates: list[Request]) -> tuple[list[list[Request]], list[Request]]:
-        """Head first, then the rest (longest-first when balancing tokens, FCFS when balancing requests) onto the
-        least-loaded rank with room; returns (per-rank lists in FCFS order, deferred requests in FCFS order)."""
-        head, rest = candidates[0], candidates[1:]
-        if self.balance == "tokens":
-            rest = sorted(rest, key=lambda r: -r.input_len)  # stable: ties stay FCFS
-        placed: list[list[Request]] = [[] for _ in range(self.num_ranks)]
-        tokens = [0] * self.num_ranks
-        deferred = []
-        for request in [head, *rest]:
-            fits = [rank for rank in range(self.num_ranks) if len(placed[rank]) < self.max_batch_size
-                    and tokens[rank] + request.input_len <= self.max_num_tokens]
-            if not fits:
-                deferred.append(request)
-                continue
-            load = tokens if self.balance == "tokens" else [len(p) for p in placed]
-            rank = min(fits, key=lambda k: (load[k], k))
-            placed[rank].append(request)
-            tokens[rank] += request.input_len
-        order = {r.id: i for i, r in enumerate(candidates)}
-        return ([sorted(rs, key=lambda r: order[r.id]) for rs in placed],
-                sorted(deferred, key=lambda r: order[r.id]))

@@ -57,6 +57,7 @@ from models.config import ModelConfig
 STRATEGIES = ("dep", "dwdp")
 DISCIPLINES = ("fifo", "round_robin", "none")
 PEER_ORDERS = ("random", "rank")
+PACKINGS = ("lookahead", "fcfs")
 _REL_EPS = 1e-12  # a job this close to done (relative to its size) is done
 
 
@@ -74,6 +75,7 @@ class ContextConfig:
     slice_bytes: int = 1 << 20
     slice_overhead_s: float = 0.2e-6  # assumed copy-engine cost per slice; to be measured by the sliced transport
     peer_order: str = "random"
+    packing: str = "lookahead"  # DWDP's batch filling (serving.scheduler.DwdpScheduler.PACKINGS)
     compute_slowdown: float = 0.0
     precision: Precision = Precision()
     seed: int = 0
@@ -85,6 +87,8 @@ class ContextConfig:
             raise ValueError(f"ContextConfig.discipline must be one of {DISCIPLINES}, got {self.discipline!r}")
         if self.peer_order not in PEER_ORDERS:
             raise ValueError(f"ContextConfig.peer_order must be one of {PEER_ORDERS}, got {self.peer_order!r}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"ContextConfig.packing must be one of {PACKINGS}, got {self.packing!r}")
         for name in ("group_size", "num_groups", "max_num_tokens", "max_batch_size", "slice_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ContextConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -362,13 +366,21 @@ class _Queue:
         return taken
 
     def take_dwdp(self) -> list[int]:
-        return self._take_fcfs(self._ctx.max_num_tokens, self._ctx.max_batch_size)
+        """One rank's batch: the strict FCFS prefix, or (lookahead) the window of `take_dep` placed onto one rank."""
+        if self._ctx.packing == "fcfs":
+            return self._take_fcfs(self._ctx.max_num_tokens, self._ctx.max_batch_size)
+        placed = self._place(1)
+        return placed[0] if placed else []
 
     def take_dep(self) -> list[list[int]]:
-        """One step's per-rank request lists (head first, then longest-first onto the least-loaded rank with room);
-        requests that fit nowhere go back to the queue front in order."""
-        n, mnt, mbs = self._ctx.group_size, self._ctx.max_num_tokens, self._ctx.max_batch_size
-        candidates = self._take_fcfs(n * mnt, n * mbs)
+        return self._place(self._ctx.group_size)
+
+    def _place(self, num_ranks: int) -> list[list[int]]:
+        """Per-rank request lists from the FCFS prefix fitting group_size x (MNT, batch size): head first, then
+        longest-first onto the least-loaded rank with room; requests that fit nowhere go back to the queue front in
+        order (serving.scheduler.place)."""
+        n, mnt, mbs = num_ranks, self._ctx.max_num_tokens, self._ctx.max_batch_size
+        candidates = self._take_fcfs(self._ctx.group_size * mnt, self._ctx.group_size * mbs)
         if not candidates:
             return []
         order = {rid: i for i, rid in enumerate(candidates)}

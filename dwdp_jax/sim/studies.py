@@ -310,7 +310,8 @@ def _model_from_doc(doc: dict, where: str) -> ModelConfig:
 def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, ContextConfig]:
     """(model, workload, DEP config, DWDP config) of a context_bench results document (its resolved `model`
     section and its `config`: num_ranks, max_num_tokens, max_batch_size, workload.{num_requests, isl, input_ratio,
-    isl_std (< 0: none), rate_per_s (0: all at once), seed, dataset}, dwdp.{local_experts (0: auto), slices})."""
+    isl_std (< 0: none), rate_per_s (0: all at once), seed, dataset}, dwdp.{local_experts (0: auto), slices,
+    packing (absent: fcfs)})."""
     where = f"context_bench run {doc.get('run', '?')}"
     c = doc.get("config") or {}
     try:
@@ -332,8 +333,10 @@ def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, Contex
                                                  combine=precision))
     except KeyError as e:
         raise ValueError(f"{where}: config is missing field {e}") from e
+    # runs written before config.dwdp.packing existed packed strict FCFS
     dwdp = dataclasses.replace(base, strategy="dwdp", local_experts=dw.get("local_experts") or None,
-                               discipline="round_robin" if dw.get("slices", 1) > 1 else "fifo")
+                               discipline="round_robin" if dw.get("slices", 1) > 1 else "fifo",
+                               packing=dw.get("packing", "fcfs"))
     return cfg, workload, base, dwdp
 
 
