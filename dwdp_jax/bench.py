@@ -172,12 +172,25 @@ def rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
 
 def id_match(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float:
     """Fraction of (token, MoE layer) whose chosen expert sets are identical."""
+    same, total = _id_counts(ours, ref)
+    return float(same.sum() / max(total.sum(), 1))
+
+
+def id_match_per_layer(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> list[float]:
+    """Per MoE layer, the fraction of tokens whose chosen expert sets are identical: a rounding difference grows
+    with depth (the first MoE layer barely moves), a fault shows where it enters."""
+    same, total = _id_counts(ours, ref)
+    return (same / np.maximum(total, 1)).tolist()
+
+
+def _id_counts(ours, ref) -> tuple[np.ndarray, np.ndarray]:
+    """(identical expert sets, tokens) per MoE layer, summed over batches."""
     same = total = 0
     for layers_a, layers_b in zip(ours, ref, strict=True):
-        for a, b in zip(layers_a, layers_b, strict=True):
-            same += int((np.sort(a, 1) == np.sort(b, 1)).all(1).sum())
-            total += a.shape[0]
-    return same / max(total, 1)
+        same = same + np.array([int((np.sort(a, 1) == np.sort(b, 1)).all(1).sum())
+                                for a, b in zip(layers_a, layers_b, strict=True)])
+        total = total + np.array([a.shape[0] for a in layers_a])
+    return np.asarray(same, float), np.asarray(total, float)
 
 
 def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
@@ -218,7 +231,7 @@ def reference_noise(params: reference.Params, refs: list[reference.PrefillOutput
     model = last_bit_perturbed(params.model, c.seed + 1)
     others = [reference_output(params._replace(model=model), b, p, c) if b is not None else None for b in vb]
     floor = verify(others, refs, tol=float("inf"))
-    return {"rel_err": floor["rel_err"], "expert_id_match": floor["expert_id_match"], "finite": floor["finite"]}
+    return {k: floor[k] for k in ("rel_err", "expert_id_match", "expert_id_match_per_layer", "finite")}
 
 
 def judged_by_floor(v: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
@@ -250,9 +263,11 @@ def verify(outputs: list[reference.PrefillOutput | None], refs: list[reference.P
     """Last-token logits by relative norm error, expert choices of every token by exact set equality."""
     pairs = [(o, r) for o, r in zip(outputs, refs) if r is not None]
     err = rel_err([o.logits_TV for o, _ in pairs], [r.logits_TV for _, r in pairs])
-    match = id_match([o.expert_ids for o, _ in pairs], [r.expert_ids for _, r in pairs])
+    ids = [o.expert_ids for o, _ in pairs], [r.expert_ids for _, r in pairs]
+    match = id_match(*ids)
     finite = all(np.isfinite(o.logits_TV).all() for o, _ in pairs)
-    return {"rel_err": err, "expert_id_match": match, "finite": finite, "rel_tol": tol, "min_id_match": min_id_match,
+    return {"rel_err": err, "expert_id_match": match, "expert_id_match_per_layer": id_match_per_layer(*ids),
+            "finite": finite, "rel_tol": tol, "min_id_match": min_id_match,
             "passed": bool(finite and err <= tol and match >= min_id_match)}
 
 
@@ -621,6 +636,13 @@ def format_table(doc: dict[str, Any]) -> str:
         noise = doc["reference_noise"]
         rows.append(f"reference with its embeddings one last bit off: rel err {noise['rel_err']:.2e}, expert sets "
                     f"{100 * noise['expert_id_match']:.1f}% identical (the floor: a strategy within it passes)")
+    per_layer = {name: v["expert_id_match_per_layer"] for name, v in doc["verification"].items()
+                 if "expert_id_match_per_layer" in v}
+    if doc.get("reference_noise"):
+        per_layer["floor"] = doc["reference_noise"]["expert_id_match_per_layer"]
+    if per_layer:
+        rows.append("expert sets identical per MoE layer: " + "; ".join(
+            f"{name} " + " ".join(f"{100 * x:.1f}%" for x in xs) for name, xs in per_layer.items()))
     rows.append(f"HLO collectives: {doc['hlo_collectives']}")
     rows.append(f"results: {doc['path']}")
     return "\n".join(rows)

@@ -67,6 +67,7 @@ def test_run_writes_the_contract(tmp_path):
     noise = saved["reference_noise"]
     assert noise["finite"] and 0 < noise["rel_err"] < 1e-4 and noise["expert_id_match"] == 1.0
     assert "one last bit off" in bench.format_table(doc)
+    assert "expert sets identical per MoE layer: dwdp 100.0%" in bench.format_table(doc)
 
 
 @pytest.mark.parametrize("dtype,uint", [("float32", np.uint32), ("bfloat16", np.uint16)])
@@ -108,6 +109,9 @@ def test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not(tmp_path):
               for b in vb]
     judged = bench.judged_by_floor(bench.verify(faulty, refs, c.verify.rel_tol), floor)
     assert not judged["within_noise_floor"] and not judged["passed"]
+    # per MoE layer the fault shows where it enters: routes up to the faulty layer's are untouched, later ones move
+    per_layer = judged["expert_id_match_per_layer"]
+    assert len(per_layer) == 5 and per_layer[:3] == [1.0, 1.0, 1.0] and max(per_layer[3:]) < 1.0
 
 
 @pytest.mark.parametrize("flag,message", [
