@@ -34,6 +34,20 @@ def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2, before: Calla
     return statistics.median(samples)
 
 
+def lowered_for_cuda(split_kernel: Callable, fused: bool, blocks, num_rows: int = 131072,
+                     slab_counts: tuple[int, ...] = (64, 192)) -> str:
+    """The StableHLO text of a split-weight kernel at R1's K and N (gate/up fused: K 7168, N 2048; down: K 2048,
+    N 7168) over skewed groups, lowered for CUDA on any host: a configuration that cannot lower fails here, before
+    any GPU time (shared memory, the lowering's type rules)."""
+    k, n = (7168, 2048) if fused else (2048, 7168)
+    sizes = jnp.asarray(skewed_group_sizes(num_rows, sum(slab_counts), 6.0))
+    x = jax.ShapeDtypeStruct((num_rows, k), jnp.bfloat16)
+    slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in slab_counts)
+    weights = tuple((w, w) for w in slabs) if fused else slabs
+    fn = jax.jit(lambda x, s, w: split_kernel(x, s, w, fused=fused, blocks=blocks))
+    return fn.trace(x, sizes, weights).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def skewed_group_sizes(num_rows: int, num_groups: int, max_over_mean: float, seed: int = 0) -> np.ndarray:
     """Group sizes summing to num_rows whose largest is about max_over_mean times the mean (hot experts)."""
     rng = np.random.default_rng(seed)

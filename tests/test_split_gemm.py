@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwdp_jax.gpu_bench import skewed_group_sizes
+from dwdp_jax.gpu_bench import lowered_for_cuda
 from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.kernels.split_gemm import Blocks, split_ragged_dot, tile_schedule
+from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
 from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
 from dwdp_jax.runtime.reference import Params, prefill
-from experiments.bench_grouped_gemm import CANDIDATES
+from experiments.bench_grouped_gemm import CANDIDATES, MGPU_CANDIDATES
 from models import config as C
 from models import deepseek_v3 as M
 
@@ -95,19 +96,16 @@ def test_launch_orders_give_the_same_result(order):
     np.testing.assert_array_equal(ours, base)
 
 
-@pytest.mark.parametrize("fused, k, n, i", [(fused, k, n, i) for fused, k, n in [(False, 2048, 7168), (True, 7168, 2048)]
-                                             for i in range(len(CANDIDATES[fused]))])
-def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused, k, n, i):
-    """Each configuration the GPU benchmark times lowers to Triton (on CPU: no GPU compile, no run). Interpret
-    mode does not apply the Triton lowering's type rules (boolean or/not failed there, session 6)."""
-    blocks = CANDIDATES[fused][i]
-    sizes = jnp.asarray(skewed_group_sizes(131072, 256, 6.0))
-    x = jax.ShapeDtypeStruct((131072, k), jnp.bfloat16)
-    slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in (64, 192))
-    weights = tuple((w, w) for w in slabs) if fused else slabs
-    fn = jax.jit(lambda x, s, w: split_ragged_dot(x, s, w, fused=fused, blocks=blocks))
-    text = fn.trace(x, sizes, weights).lower(lowering_platforms=("cuda",)).as_text()
-    assert "__gpu$xla.gpu.triton" in text
+@pytest.mark.parametrize("kernel", ["triton", "mgpu"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused, kernel):
+    """Each configuration the GPU benchmark times lowers (on CPU: no GPU compile, no run): Mosaic GPU fits Hopper's
+    shared memory; Triton passes its lowering's type rules, which interpret mode does not apply (boolean or/not
+    failed there only on the GPU, session 6)."""
+    run, candidates, marker = {"triton": (split_ragged_dot, CANDIDATES, "__gpu$xla.gpu.triton"),
+                               "mgpu": (split_ragged_dot_mgpu, MGPU_CANDIDATES, "mosaic_gpu")}[kernel]
+    for blocks in candidates[fused]:
+        assert marker in lowered_for_cuda(run, fused, blocks), blocks
 
 
 def test_split_ragged_dot_refuses_mismatched_slabs():

@@ -9,11 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwdp_jax.gpu_bench import skewed_group_sizes
 from dwdp_jax.kernels.grouped_gemm import xla_grouped_ffn
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
 from dwdp_jax.kernels.split_gemm_mgpu import MgpuBlocks, split_ragged_dot_mgpu
-from experiments.bench_grouped_gemm import MGPU_CANDIDATES
 from models.experts import ExpertSlab
 
 # Two CTAs of 64 rows x 2 x 32 columns: several row tiles and column blocks per CTA, interpreted in seconds.
@@ -64,21 +62,6 @@ def test_fused_gate_up_matches_swiglu_of_ragged_dots(blocks):
     f32, gs = (lambda a: a.astype(jnp.float32)), jnp.asarray(SIZES)
     ref = jax.nn.silu(jax.lax.ragged_dot(f32(x), f32(g), gs)) * jax.lax.ragged_dot(f32(x), f32(u), gs)
     assert _rel(out, ref) < 4e-3
-
-
-@pytest.mark.parametrize("fused, k, n, i", [(fused, k, n, i) for fused, k, n in [(False, 2048, 7168), (True, 7168, 2048)]
-                                             for i in range(len(MGPU_CANDIDATES[fused]))])
-def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused, k, n, i):
-    """Each configuration the GPU benchmark times (defaults first) fits Hopper's shared memory and lowers to
-    Mosaic GPU (on CPU: no GPU compile, no run)."""
-    blocks = MGPU_CANDIDATES[fused][i]
-    sizes = jnp.asarray(skewed_group_sizes(131072, 256, 6.0))
-    x = jax.ShapeDtypeStruct((131072, k), jnp.bfloat16)
-    slabs = tuple(jax.ShapeDtypeStruct((c, k, n), jnp.bfloat16) for c in (64, 192))
-    weights = tuple((w, w) for w in slabs) if fused else slabs
-    fn = jax.jit(lambda x, s, w: split_ragged_dot_mgpu(x, s, w, fused=fused, blocks=blocks))
-    text = fn.trace(x, sizes, weights).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
 
 
 def test_bad_shapes_and_blocks_are_refused():
