@@ -185,12 +185,11 @@ def id_match_per_layer(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]
 
 def _id_counts(ours, ref) -> tuple[np.ndarray, np.ndarray]:
     """(identical expert sets, tokens) per MoE layer, summed over batches."""
-    same = total = 0
-    for layers_a, layers_b in zip(ours, ref, strict=True):
-        same = same + np.array([int((np.sort(a, 1) == np.sort(b, 1)).all(1).sum())
-                                for a, b in zip(layers_a, layers_b, strict=True)])
-        total = total + np.array([a.shape[0] for a in layers_a])
-    return np.asarray(same, float), np.asarray(total, float)
+    batches = [np.array([((np.sort(a, 1) == np.sort(b, 1)).all(1).sum(), a.shape[0])
+                         for a, b in zip(layers_a, layers_b, strict=True)], float).reshape(-1, 2)
+               for layers_a, layers_b in zip(ours, ref, strict=True)]
+    counts = np.sum(batches, axis=0) if batches else np.zeros((0, 2))
+    return counts[:, 0], counts[:, 1]
 
 
 def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
