@@ -23,6 +23,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     c = _CONFIG.value
+    if not c.xla_excess_precision:  # read when the backend starts, which is below
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_allow_excess_precision=false".strip()
     jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
     try:
         doc = bench.run(c)

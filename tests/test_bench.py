@@ -13,6 +13,7 @@ from flax import nnx
 
 from configs.context_bench import get_config
 from dwdp_jax import ablations, bench, memory
+from dwdp_jax.results import read_results
 from models import config as model_config
 from models import deepseek_v3
 
@@ -112,6 +113,21 @@ def test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not(tmp_path):
     # per MoE layer the fault shows where it enters: routes up to the faulty layer's are untouched, later ones move
     per_layer = judged["expert_id_match_per_layer"]
     assert len(per_layer) == 5 and per_layer[:3] == [1.0, 1.0, 1.0] and max(per_layer[3:]) < 1.0
+
+
+def test_dep_matches_the_reference_bit_for_bit_without_excess_precision(tmp_path):
+    """bf16, 5 MoE layers: with every intermediate rounded as written (config.xla_excess_precision=False, an XLA
+    flag set before the backend starts), DEP's program rounds like the reference's (the default run differs in the
+    last bits, test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not)."""
+    flags = ["--config.model.checkpoint=", "--config.xla_excess_precision=False", "--config.model.dtype=bfloat16",
+             "--config.model.num_hidden_layers=6", "--config.max_num_tokens=192", "--config.strategies=dep",
+             "--config.workload.num_requests=8", "--config.breakdown=False", f"--config.results_root={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (doc,) = read_results("context_bench", tmp_path)
+    v = doc["verification"]["dep"]
+    assert v["rel_err"] == 0.0 and v["expert_id_match_per_layer"] == [1.0] * 5
 
 
 @pytest.mark.parametrize("flag,message", [
