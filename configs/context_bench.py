@@ -28,7 +28,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     # XLA's default keeps bf16 intermediates wider inside fusions, and DEP's program fuses unlike the reference's, so
     # the two round differently. False (XLA_FLAGS --xla_allow_excess_precision=false, set before the backend starts)
     # rounds every intermediate as written: DEP then matches the reference bit for bit on CPU at MNT 192 (session 6;
-    # from 256 tokens a smaller difference remains there, not found).
+    # from 256 tokens a smaller difference remains there, in the shared expert).
     c.xla_excess_precision = True
 
     c.model = config_dict.ConfigDict()
