@@ -310,9 +310,11 @@ def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
 
 
 def breakdown_ms(stages_s: dict[str, float]) -> dict[str, float]:
-    """DWDP profiled stages in the paper's categories (see the results' breakdown labels)."""
+    """DWDP profiled stages in the paper's categories (see the results' breakdown labels): attention of every
+    layer, the MoE layers' FFN (router, shared expert, grouped GEMMs), dense MLPs with embedding and head."""
     return {"attention": 1e3 * stages_s.get("attention", 0.0), "grouped_gemm": 1e3 * stages_s.get("moe", 0.0),
-            "dense_gemm": 1e3 * (stages_s.get("front", 0.0) + stages_s.get("head", 0.0)),
+            "dense_gemm": 1e3 * (stages_s.get("embed", 0.0) + stages_s.get("dense_mlp", 0.0)
+                                 + stages_s.get("head", 0.0)),
             "p2p_exposed_wait": 1e3 * stages_s.get("pull_wait", 0.0), "communication": 0.0, "synchronization": 0.0}
 
 

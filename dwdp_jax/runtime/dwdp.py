@@ -153,12 +153,13 @@ class DwdpEngine:
     def step(self, rank: int, batch: PackedBatch, profile: bool = False) -> StepResult:
         """One prefill of `batch` on `rank`, touching only this rank's device and its own slots.
 
-        `profile` runs attention and MoE as separate programs and syncs after every stage to time it (front,
-        attention, moe, pull_wait, head): it serializes the rank's pipeline, so it measures, it does not serve.
+        `profile` runs every layer's attention and FFN as separate programs and syncs after every stage to time it
+        (embed, attention and dense_mlp of every layer, moe, pull_wait, head): it serializes the rank's pipeline, so
+        it measures, it does not serve.
         """
         w, t, opts = self.ranks[rank], self.transport, self.options
         n_moe = self.cfg.num_moe_layers
-        stage_s = dict.fromkeys(("front", "attention", "moe", "pull_wait", "head"), 0.0)
+        stage_s = dict.fromkeys(("embed", "attention", "dense_mlp", "moe", "pull_wait", "head"), 0.0)
         start_s = mark = time.perf_counter()
 
         def lap(name, tree):
@@ -178,8 +179,16 @@ class DwdpEngine:
             for m in range(min(2, n_moe)):
                 t.pull(rank, m, m % 2)
         t.seal(rank)
-        x = stages.front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos, hook=hook)
-        lap("front", x)
+        if profile:  # the dense layers one stage at a time, after the embedding (which issues the pulls)
+            x = stages.front(self._dense_graph, (), w.embed_VD, tokens, segs, pos, hook=hook)
+            lap("embed", x)
+            for state in w.dense_states:
+                x = stages.attention(self._dense_graph, state, x, segs, pos)
+                lap("attention", x)
+                x, _ = stages.ffn(self._dense_graph, state, x, segs, None)
+                lap("dense_mlp", x)
+        else:
+            x = stages.front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos, hook=hook)
         expert_ids = []
         for m in range(n_moe):
             slot = m % 2
