@@ -41,9 +41,11 @@ _FULL_TILES = {
                                                          Blocks(block_n=256, block_k=32, num_stages=6,
                                                                 per_group=True)],
 }
-# and half tiles (`Blocks.half_tiles`) on the per-expert orders that won at 131072 and 262144 rows (session 6)
+# and against the tile waste at group boundaries (session 6): half tiles (`Blocks.half_tiles`) on the per-expert
+# orders that won at 131072 and 262144 rows, and 64-row tiles throughout (one warpgroup per tile)
 CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in blocks
                                if b.per_group and b.group_m in (0, 16, 32) and b.block_k == 64]
+              + [Blocks(block_m=64, block_n=128 if fused else 256, num_warps=4, per_group=True)]
               for fused, blocks in _FULL_TILES.items()}
 # The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
 # allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
