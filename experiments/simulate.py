@@ -61,6 +61,8 @@ flags.DEFINE_list("planner_group_sizes", ["3", "4", "6", "8"], "planner: DWDP gr
 flags.DEFINE_integer("max_ctx_gpus", 32, "planner: most context GPUs")
 flags.DEFINE_enum("discipline", "fifo", ["fifo", "round_robin", "none"], "DWDP pull discipline (pareto, planner)")
 flags.DEFINE_integer("slice_bytes", 1 << 20, "round_robin slice size, bytes")
+flags.DEFINE_enum("packing", "lookahead", ["lookahead", "fcfs"], "DWDP batch filling (pareto, planner): DEP's window "
+                  "one rank at a time, or strict FCFS (serving.scheduler)")
 flags.DEFINE_float("compute_slowdown", 0.0, "DWDP compute slowdown while pulling (0.05 = 5%)")
 flags.DEFINE_float("tolerance", 0.10, "calibration: allowed relative error of the predicted DWDP/DEP ratio")
 
@@ -86,7 +88,8 @@ def _precision() -> Precision:
 def _context(strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
     return ContextConfig(strategy, group_size=FLAGS.group_size, max_num_tokens=max_num_tokens,
                          max_batch_size=max_batch_size, discipline=FLAGS.discipline, slice_bytes=FLAGS.slice_bytes,
-                         compute_slowdown=FLAGS.compute_slowdown, precision=_precision(), seed=FLAGS.seed)
+                         packing=FLAGS.packing, compute_slowdown=FLAGS.compute_slowdown, precision=_precision(),
+                         seed=FLAGS.seed)
 
 
 def _band(name: str) -> studies.Band:
