@@ -170,26 +170,14 @@ def rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def id_match(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> float:
-    """Fraction of (token, MoE layer) whose chosen expert sets are identical."""
-    same, total = _id_counts(ours, ref)
-    return float(same.sum() / max(total.sum(), 1))
-
-
-def id_match_per_layer(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> list[float]:
-    """Per MoE layer, the fraction of tokens whose chosen expert sets are identical: a rounding difference grows
-    with depth (the first MoE layer barely moves), a fault shows where it enters."""
-    same, total = _id_counts(ours, ref)
-    return (same / np.maximum(total, 1)).tolist()
-
-
-def _id_counts(ours, ref) -> tuple[np.ndarray, np.ndarray]:
-    """(identical expert sets, tokens) per MoE layer, summed over batches."""
+def id_match(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> tuple[float, list[float]]:
+    """(over all tokens and MoE layers, per MoE layer) the fraction of tokens whose chosen expert sets are identical:
+    a rounding difference grows with depth (the first MoE layer barely moves), a fault shows where it enters."""
     batches = [np.array([((np.sort(a, 1) == np.sort(b, 1)).all(1).sum(), a.shape[0])
                          for a, b in zip(layers_a, layers_b, strict=True)], float).reshape(-1, 2)
                for layers_a, layers_b in zip(ours, ref, strict=True)]
-    counts = np.sum(batches, axis=0) if batches else np.zeros((0, 2))
-    return counts[:, 0], counts[:, 1]
+    same, total = (np.sum(batches, axis=0) if batches else np.zeros((0, 2))).T
+    return float(same.sum() / max(total.sum(), 1)), (same / np.maximum(total, 1)).tolist()
 
 
 def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
@@ -262,10 +250,9 @@ def verify(outputs: list[reference.PrefillOutput | None], refs: list[reference.P
     """Last-token logits by relative norm error, expert choices of every token by exact set equality."""
     pairs = [(o, r) for o, r in zip(outputs, refs) if r is not None]
     err = rel_err([o.logits_TV for o, _ in pairs], [r.logits_TV for _, r in pairs])
-    ids = [o.expert_ids for o, _ in pairs], [r.expert_ids for _, r in pairs]
-    match = id_match(*ids)
+    match, per_layer = id_match([o.expert_ids for o, _ in pairs], [r.expert_ids for _, r in pairs])
     finite = all(np.isfinite(o.logits_TV).all() for o, _ in pairs)
-    return {"rel_err": err, "expert_id_match": match, "expert_id_match_per_layer": id_match_per_layer(*ids),
+    return {"rel_err": err, "expert_id_match": match, "expert_id_match_per_layer": per_layer,
             "finite": finite, "rel_tol": tol, "min_id_match": min_id_match,
             "passed": bool(finite and err <= tol and match >= min_id_match)}
 
@@ -633,14 +620,13 @@ def format_table(doc: dict[str, Any]) -> str:
         rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "
                     + " ".join(f"{x:.2f}" for x in skew["max_over_mean"])
                     + f" (uniform routing: {skew['uniform_max_over_mean']:.2f})")
+    per_layer = {name: v["expert_id_match_per_layer"] for name, v in doc["verification"].items()
+                 if "expert_id_match_per_layer" in v}
     if doc.get("reference_noise"):
         noise = doc["reference_noise"]
         rows.append(f"reference with its embeddings one last bit off: rel err {noise['rel_err']:.2e}, expert sets "
                     f"{100 * noise['expert_id_match']:.1f}% identical (the floor: a strategy within it passes)")
-    per_layer = {name: v["expert_id_match_per_layer"] for name, v in doc["verification"].items()
-                 if "expert_id_match_per_layer" in v}
-    if doc.get("reference_noise"):
-        per_layer["floor"] = doc["reference_noise"]["expert_id_match_per_layer"]
+        per_layer["floor"] = noise["expert_id_match_per_layer"]
     if per_layer:
         rows.append("expert sets identical per MoE layer: " + "; ".join(
             f"{name} " + " ".join(f"{100 * x:.1f}%" for x in xs) for name, xs in per_layer.items()))
