@@ -62,12 +62,35 @@ def skewed_group_sizes(num_rows: int, num_groups: int, max_over_mean: float, see
     return sizes
 
 
-def dense_gemm_tflops(m: int, k: int, n: int, dtype=jnp.bfloat16) -> float:
+def dense_gemm_case(m: int, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callable, tuple, float]:
+    """(jitted fn, its args, its FLOPs): one [m, k] x [k, n] GEMM."""
     key = jax.random.key(0)
     a = jax.random.normal(key, (m, k), jnp.float32).astype(dtype)
     b = jax.random.normal(key, (k, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
-    return 2 * m * k * n / time_s(f, a, b) / 1e12
+    return jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (a, b), 2 * m * k * n
+
+
+def tflops(case: tuple[Callable, tuple, float], **timing) -> float:
+    fn, args, flops = case
+    return flops / time_s(fn, *args, **timing) / 1e12
+
+
+def dense_gemm_tflops(m: int, k: int, n: int, dtype=jnp.bfloat16) -> float:
+    return tflops(dense_gemm_case(m, k, n, dtype))
+
+
+def paired_over_dense(case: tuple[Callable, tuple, float], dense: tuple[Callable, tuple, float], pairs: int = 7,
+                      repeats: int = 3) -> dict[str, float]:
+    """A kernel's TFLOP/s over the dense GEMM's, timed in alternation (dense, kernel, dense, ...) so both see the
+    same clocks: the dense rate drifts by up to 9% within one run on one card (WORKSPACE.md, session 7). Medians
+    over the pairs of each rate and of the per-pair ratio."""
+    ratios, rates, dense_rates = [], [], []
+    for _ in range(pairs):
+        dense_rates.append(tflops(dense, repeats=repeats, warmup=1))
+        rates.append(tflops(case, repeats=repeats, warmup=1))
+        ratios.append(rates[-1] / dense_rates[-1])
+    return {"tflops": statistics.median(rates), "dense_tflops": statistics.median(dense_rates),
+            "over_dense": statistics.median(ratios), "over_dense_min": min(ratios), "over_dense_max": max(ratios)}
 
 
 def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "pallas_mgpu") -> float:
@@ -90,11 +113,13 @@ def _split_kernel(kernel: Callable | None) -> Callable:
     return kernel or split_ragged_dot
 
 
-def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
-                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None) -> float:
+def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
+                    slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None,
+                    counted_rows: int | None = None) -> tuple[Callable, tuple, float]:
     """The split-weight kernel (default the Triton one; `kernel`: another with its signature, e.g. the Mosaic GPU
     one) over groups of the given sizes, the experts spread over `slab_counts` slabs (default one). Fused: gate
-    and up ([G, K, n] each, FLOPs of a K x 2n GEMM) with the SwiGLU epilogue."""
+    and up ([G, K, n] each, FLOPs of a K x 2n GEMM) with the SwiGLU epilogue. FLOPs are counted over
+    `counted_rows` (default all rows; fewer when the sizes include padding rows)."""
     split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
     counts = slab_counts or (g,)
@@ -108,7 +133,13 @@ def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=Non
 
     ws = tuple(zip(weights(keys[1]), weights(keys[2]))) if fused else weights(keys[1])
     f = jax.jit(lambda x, gs, ws: split_ragged_dot(x, gs, ws, fused=fused, blocks=blocks))
-    return 2 * m * k * n * (2 if fused else 1) / time_s(f, x, jnp.asarray(sizes, jnp.int32), ws) / 1e12
+    rows = m if counted_rows is None else counted_rows
+    return f, (x, jnp.asarray(sizes, jnp.int32), ws), 2 * rows * k * n * (2 if fused else 1)
+
+
+def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
+                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None) -> float:
+    return tflops(split_gemm_case(sizes, k, n, fused, blocks, slab_counts, kernel))
 
 
 def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: Callable | None = None) -> float:

@@ -23,7 +23,8 @@ from dwdp_jax.results import write_measurements
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
 _EXPERTS = flags.DEFINE_integer("experts", 256, "groups")
 _SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size")
-_SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration")
+_SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration (--nosweep: the cached "
+                            "winners for this card and shape, else the defaults)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 _TUNE = flags.DEFINE_bool("tune", False, "record each kernel's fastest swept blocks in the kernel block cache, which "
                           "the kernels then use at this K, N and about this many rows on this card")
@@ -50,7 +51,7 @@ CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in 
 # The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
 # allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
 # WORKSPACE.md, session 4; the last three variants untimed).
-MGPU_CANDIDATES = {  # the first five also under --nosweep
+MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
     fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
             dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
             dataclasses.replace(default, delay_release=1, swizzled_store=True), stages]
@@ -59,6 +60,29 @@ MGPU_CANDIDATES = {  # the first five also under --nosweep
 }
 # name, K, N per weight, fused (gate+up: two [K, N] weights, the FLOPs of a K x 2N GEMM)
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
+
+
+def _paired(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks) -> dict[str, float]:
+    """Each winner over the dense GEMM timed in alternation with it (`gpu_bench.paired_over_dense`), on the skewed
+    rows and on the same rows with every group padded to a whole number of tiles (DeepGEMM's contiguous layout:
+    no tile is shared by two groups; the padding rows are computed, only the real rows' FLOPs are counted). With
+    half tiles a group padded to half a tile ends on a half-tile boundary, so no half is computed twice either."""
+    real = int(sizes.sum())
+    dense = gb.dense_gemm_case(real, k, 2 * n if fused else n)
+    padded = lambda rows: -(-sizes // rows) * rows  # noqa: E731
+    half = dataclasses.replace(best, half_tiles=True)
+    cases = {"split": gb.split_gemm_case(sizes, k, n, fused, best),
+             "split_aligned": gb.split_gemm_case(padded(best.block_m), k, n, fused, best, counted_rows=real),
+             "split_aligned_half": gb.split_gemm_case(padded(best.block_m // 2), k, n, fused, half, counted_rows=real),
+             "split_mgpu": gb.split_gemm_case(sizes, k, n, fused, best_mgpu, kernel=split_ragged_dot_mgpu),
+             "split_mgpu_aligned": gb.split_gemm_case(padded(best_mgpu.tile_m), k, n, fused, best_mgpu,
+                                                      kernel=split_ragged_dot_mgpu, counted_rows=real)}
+    metrics = {}
+    for variant, case in cases.items():
+        for key, value in gb.paired_over_dense(case, dense).items():
+            metrics[f"{name}_paired_{variant}_{key}"] = value
+        print(name, variant, "paired over dense", metrics[f"{name}_paired_{variant}_over_dense"], flush=True)
+    return metrics
 
 
 def main(argv):
@@ -74,9 +98,13 @@ def main(argv):
     for name, k, n, fused in PROBLEMS:
         # the dense GEMM before and after the sweep: its rate drifts between runs on one card (717-764 TFLOP/s)
         dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
-        default = FUSED_BLOCKS if fused else DEFAULT_BLOCKS
-        configs = CANDIDATES[fused] if _SWEEP.value else [default]
-        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else MGPU_CANDIDATES[fused][:5]
+        # without the sweep: the cached winners for this card and shape (the kernels' own choice), else the defaults
+        kind = jax.devices()[0].device_kind
+        tuned = tuning.lookup("split_triton", Blocks, kind, k, n, fused, _ROWS.value)
+        tuned_mgpu = tuning.lookup("split_mgpu", MgpuBlocks, kind, k, n, fused, _ROWS.value)
+        configs = CANDIDATES[fused] if _SWEEP.value else [tuned or (FUSED_BLOCKS if fused else DEFAULT_BLOCKS)]
+        mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else [tuned_mgpu] if tuned_mgpu else \
+            MGPU_CANDIDATES[fused][:5]
         sweep, mgpu_sweep = {}, {}
         for table, kernel, candidates in ((sweep, None, configs), (mgpu_sweep, split_ragged_dot_mgpu, mgpu_configs)):
             for b in candidates:
@@ -94,13 +122,6 @@ def main(argv):
         # the winning order's output against fp32 (unfused at the problem's K and N; the kernel's epilogue aside,
         # launch order and tiles are what the sweep changes)
         metrics[f"{name}_split_rel_err"] = gb.grouped_gemm_error(sizes, k, n, best_blocks)
-        # Group starts aligned to block_m rows (DeepGEMM's contiguous layout): no tile is shared by two groups; the
-        # padding rows are computed, the FLOPs counted are the real rows' only.
-        bm = best_blocks.block_m
-        padded = -(-sizes // bm) * bm
-        metrics[f"{name}_split_aligned_tflops"] = gb.split_gemm_tflops(padded, k, n, fused, best_blocks) * (
-            sizes.sum() / padded.sum())
-        metrics[f"{name}_split_aligned_over_dense"] = metrics[f"{name}_split_aligned_tflops"] / dense
         split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
         mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
         # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma), its best configuration and that one's error
@@ -112,6 +133,7 @@ def main(argv):
                                       delay_release=best_mgpu.delay_release, swizzled_store=best_mgpu.swizzled_store)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
+        metrics.update(_paired(name, sizes, k, n, fused, best_blocks, best_mgpu))
         raw[f"{name}_mgpu_sweep"] = {str(dataclasses.astuple(b)): v for b, v in mgpu_sweep.items()}
         raw[f"{name}_mgpu_best_blocks"] = dataclasses.astuple(best_mgpu)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
@@ -121,7 +143,7 @@ def main(argv):
         raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
         if _TUNE.value:
-            kind, rows = jax.devices()[0].device_kind, int(sizes.sum())
+            rows = int(sizes.sum())
             how = f"experiments.bench_grouped_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}"
             tuning.record("split_triton", kind, k, n, fused, rows, best_blocks, timed[best_blocks], how)
             tuning.record("split_mgpu", kind, k, n, fused, rows, best_mgpu, split_mgpu, how)
