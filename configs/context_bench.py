@@ -67,6 +67,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     # lookahead: a free rank fills its batch from the window DEP's steps pack (serving.scheduler); fcfs: the ablation
     # that stops at the first request that does not fit (the GPU runs of sessions 4-6)
     c.dwdp.packing = "lookahead"
+    # after_moe: the next layer's pull starts at the end of a MoE layer and overlaps attention first;
+    # after_attention: it starts between attention and MoE and overlaps the grouped GEMM first (DwdpOptions)
+    c.dwdp.pull_issue = "after_moe"
 
     c.dep = config_dict.ConfigDict()
     c.dep.dispatch = "auto"  # dense | ragged | auto (ragged on GPU, dense on CPU)

@@ -27,6 +27,8 @@ SWEEP_VALUES = {
     "dep_balance": {"tiny": ["tokens", "requests"], "r1": ["tokens", "requests"]},
     # DWDP's batch filling: DEP's window one rank at a time (the default) or strict FCFS (sessions 4-6 on GPUs).
     "dwdp_packing": {"tiny": ["lookahead", "fcfs"], "r1": ["lookahead", "fcfs"]},
+    # Where a DWDP pull starts: at the end of a MoE layer (overlapping attention first) or between attention and MoE.
+    "pull_issue": {"tiny": ["after_moe", "after_attention"], "r1": ["after_moe", "after_attention"]},
 }
 # The ISL of the std sweep (paper: 16384) and the slice count standing for "contention mitigation on".
 STD_ISL = {"tiny": 128, "r1": 16384}
@@ -79,6 +81,8 @@ def apply_point(c, sweep: str, point: dict[str, Any], scale: str) -> None:
             c.dep.balance = value
         elif key == "dwdp_packing":
             c.dwdp.packing = value
+        elif key == "pull_issue":
+            c.dwdp.pull_issue = value
         else:
             raise ValueError(f"sweep {sweep!r} has an unknown point key {key!r}")
 

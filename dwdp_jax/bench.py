@@ -29,7 +29,7 @@ from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import reference, stages
-from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
+from dwdp_jax.runtime.dwdp import PULL_ISSUES, DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
 from dwdp_jax.serving import metrics, scheduler, workload
 from dwdp_jax.sim import contention
 from dwdp_jax.transport import transport_class
@@ -126,6 +126,11 @@ def plan(c) -> Plan:
     if c.dwdp.packing not in scheduler.DwdpScheduler.PACKINGS:
         raise ValueError(f"config.dwdp.packing must be one of {scheduler.DwdpScheduler.PACKINGS}, "
                          f"got {c.dwdp.packing!r}")
+    if c.dwdp.pull_issue not in PULL_ISSUES:
+        raise ValueError(f"config.dwdp.pull_issue must be one of {PULL_ISSUES}, got {c.dwdp.pull_issue!r}")
+    if c.dwdp.pull_issue != "after_moe" and not c.dwdp.prefetch:
+        raise ValueError(f"config.dwdp.pull_issue={c.dwdp.pull_issue!r} needs config.dwdp.prefetch=True (it places "
+                         f"prefetched pulls)")
     devices = jax.devices()
     placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     placement.check_devices(len(devices))
@@ -406,7 +411,8 @@ def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Call
         return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], DwdpOptions(
             transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
             merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size,
-            timeline=c.dwdp.get("timeline", False), slice_bytes=c.dwdp.get("slice_bytes", 0)))
+            timeline=c.dwdp.get("timeline", False), slice_bytes=c.dwdp.get("slice_bytes", 0),
+            pull_issue=c.dwdp.pull_issue))
     from dwdp_jax.runtime import dep as dep_lib
 
     return (make_dep or dep_lib.DepRuntime)(

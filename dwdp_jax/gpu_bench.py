@@ -7,6 +7,7 @@ Every number is a median over repeats after warm-up, with a device sync before r
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -79,18 +80,37 @@ def dense_gemm_tflops(m: int, k: int, n: int, dtype=jnp.bfloat16) -> float:
     return tflops(dense_gemm_case(m, k, n, dtype))
 
 
-def paired_over_dense(case: tuple[Callable, tuple, float], dense: tuple[Callable, tuple, float], pairs: int = 7,
-                      repeats: int = 3) -> dict[str, float]:
-    """A kernel's TFLOP/s over the dense GEMM's, timed in alternation (dense, kernel, dense, ...) so both see the
-    same clocks: the dense rate drifts by up to 9% within one run on one card (WORKSPACE.md, session 7). Medians
-    over the pairs of each rate and of the per-pair ratio."""
-    ratios, rates, dense_rates = [], [], []
-    for _ in range(pairs):
-        dense_rates.append(tflops(dense, repeats=repeats, warmup=1))
-        rates.append(tflops(case, repeats=repeats, warmup=1))
-        ratios.append(rates[-1] / dense_rates[-1])
-    return {"tflops": statistics.median(rates), "dense_tflops": statistics.median(dense_rates),
-            "over_dense": statistics.median(ratios), "over_dense_min": min(ratios), "over_dense_max": max(ratios)}
+def sm_clock_mhz() -> float | None:
+    """GPU 0's current SM clock by nvidia-smi (None where it cannot be read): the dense GEMM's rate follows it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dense: tuple[Callable, tuple, float],
+                           rounds: int = 7, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Kernels against the dense GEMM timed in rounds (dense, then each kernel, per round), so all see the same
+    clocks: on one H200 the dense rate falls from about 745 TFLOP/s in a short burst to 620-680 under sustained
+    load (WORKSPACE.md, session 7). Per case: medians over the rounds of its rate, of its ratio to the round's
+    dense rate (with the extremes) and of the SM clock read after its timing."""
+    samples: dict[str, dict[str, list]] = {name: {"tflops": [], "over_dense": [], "sm_clock_mhz": []}
+                                           for name in ("dense", *cases)}
+    for _ in range(rounds):
+        for name, case in (("dense", dense), *cases.items()):
+            rate = tflops(case, repeats=repeats, warmup=1)
+            samples[name]["tflops"].append(rate)
+            samples[name]["over_dense"].append(rate / samples["dense"]["tflops"][-1])
+            clock = sm_clock_mhz()
+            if clock is not None:
+                samples[name]["sm_clock_mhz"].append(clock)
+    out = {}
+    for name, got in samples.items():
+        out[name] = {key: statistics.median(values) for key, values in got.items() if values}
+        out[name].update(over_dense_min=min(got["over_dense"]), over_dense_max=max(got["over_dense"]))
+    return out
 
 
 def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "pallas_mgpu") -> float:

@@ -62,13 +62,12 @@ MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 
 
-def _paired(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks) -> dict[str, float]:
-    """Each winner over the dense GEMM timed in alternation with it (`gpu_bench.paired_over_dense`), on the skewed
+def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks) -> dict[str, float]:
+    """Each winner over the dense GEMM timed in rounds with it (`gpu_bench.round_robin_over_dense`), on the skewed
     rows and on the same rows with every group padded to a whole number of tiles (DeepGEMM's contiguous layout:
     no tile is shared by two groups; the padding rows are computed, only the real rows' FLOPs are counted). With
     half tiles a group padded to half a tile ends on a half-tile boundary, so no half is computed twice either."""
     real = int(sizes.sum())
-    dense = gb.dense_gemm_case(real, k, 2 * n if fused else n)
     padded = lambda rows: -(-sizes // rows) * rows  # noqa: E731
     half = dataclasses.replace(best, half_tiles=True)
     cases = {"split": gb.split_gemm_case(sizes, k, n, fused, best),
@@ -77,11 +76,10 @@ def _paired(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks) -> di
              "split_mgpu": gb.split_gemm_case(sizes, k, n, fused, best_mgpu, kernel=split_ragged_dot_mgpu),
              "split_mgpu_aligned": gb.split_gemm_case(padded(best_mgpu.tile_m), k, n, fused, best_mgpu,
                                                       kernel=split_ragged_dot_mgpu, counted_rows=real)}
-    metrics = {}
-    for variant, case in cases.items():
-        for key, value in gb.paired_over_dense(case, dense).items():
-            metrics[f"{name}_paired_{variant}_{key}"] = value
-        print(name, variant, "paired over dense", metrics[f"{name}_paired_{variant}_over_dense"], flush=True)
+    got = gb.round_robin_over_dense(cases, gb.dense_gemm_case(real, k, 2 * n if fused else n))
+    metrics = {f"{name}_rounds_{case}_{key}": value for case, stats in got.items() for key, value in stats.items()}
+    for case, stats in got.items():
+        print(name, case, "rounds:", {key: round(value, 3) for key, value in stats.items()}, flush=True)
     return metrics
 
 
@@ -133,7 +131,7 @@ def main(argv):
                                       delay_release=best_mgpu.delay_release, swizzled_store=best_mgpu.swizzled_store)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
-        metrics.update(_paired(name, sizes, k, n, fused, best_blocks, best_mgpu))
+        metrics.update(_round_robin(name, sizes, k, n, fused, best_blocks, best_mgpu))
         raw[f"{name}_mgpu_sweep"] = {str(dataclasses.astuple(b)): v for b, v in mgpu_sweep.items()}
         raw[f"{name}_mgpu_best_blocks"] = dataclasses.astuple(best_mgpu)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],

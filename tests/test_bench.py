@@ -136,6 +136,7 @@ def test_dep_matches_the_reference_bit_for_bit_without_excess_precision(tmp_path
     ("--config.workload.dataset=/nonexistent/file.jsonl", "cannot read"),
     ("--config.dep.balance=random", "config.dep.balance must be one of ('tokens', 'requests')"),
     ("--config.dwdp.packing=best", "config.dwdp.packing must be one of ('lookahead', 'fcfs')"),
+    ("--config.dwdp.pull_issue=early", "config.dwdp.pull_issue must be one of ('after_moe', 'after_attention')"),
 ])
 def test_bad_input_exits_2_before_device_work(flag, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", flag], cwd=ROOT, capture_output=True,
@@ -172,6 +173,15 @@ def test_prefetch_sweep_pins_a_transport_that_copies_on_request():
     off = ablations.points("prefetch", "r1")[1]
     ablations.apply_point(c, "prefetch", off, "r1")
     assert (c.dwdp.prefetch, c.dwdp.transport, c.dwdp.timeline) == (False, "device_put", False)
+
+
+@pytest.mark.parametrize("sweep", sorted(ablations.SWEEP_VALUES))
+def test_every_tiny_sweep_point_applies_and_validates(sweep):
+    """Each point of each sweep maps onto config fields the benchmark accepts (bench.plan: no device work)."""
+    for point in ablations.points(sweep, "tiny"):
+        c = small_config(Path("/nonexistent"))
+        ablations.apply_point(c, sweep, point, "tiny")
+        bench.plan(c)
 
 
 def test_contention_mitigation_slices_bytes_on_the_copy_engine():

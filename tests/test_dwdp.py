@@ -98,13 +98,19 @@ def test_matches_reference_with_poisoned_slots(params, num_ranks, transport):
                                      DwdpOptions(merge_experts=True), DwdpOptions(),
                                      DwdpOptions(transport="copy_engine", slices=3, poison=True),
                                      DwdpOptions(transport="copy_engine", merge_experts=True, poison=True),
-                                     DwdpOptions(transport="copy_engine", slice_bytes=1000, poison=True)],
+                                     DwdpOptions(transport="copy_engine", slice_bytes=1000, poison=True),
+                                     DwdpOptions(pull_issue="after_attention", poison=True),
+                                     DwdpOptions(transport="copy_engine", pull_issue="after_attention", poison=True),
+                                     DwdpOptions(transport="copy_engine", pull_issue="after_attention", slices=2,
+                                                 poison=True)],
                          ids=["sliced", "no_prefetch", "merged", "profiled", "copy_engine_sliced", "copy_engine_merged",
-                              "copy_engine_byte_slices"])
+                              "copy_engine_byte_slices", "issue_after_attention", "copy_engine_issue_after_attention",
+                              "copy_engine_issue_after_attention_profiled"])
 def test_ablations_stay_exact(params, options):
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 4), options=options)
     batch = pack([[1, 2, 3], [4, 5, 6, 7, 8, 9]], budget=BUDGET)
-    profile = options in (DwdpOptions(), DwdpOptions(transport="copy_engine", merge_experts=True, poison=True))
+    profile = options in (DwdpOptions(), DwdpOptions(transport="copy_engine", merge_experts=True, poison=True),
+                          DwdpOptions(transport="copy_engine", pull_issue="after_attention", slices=2, poison=True))
     for rank in range(4):
         result = engine.step(rank, batch, profile=profile)
         assert_matches_reference(params, batch, result.output)
@@ -272,6 +278,40 @@ def test_copy_engine_without_its_fences_reads_poison(params, monkeypatch):
     monkeypatch.setattr(copy_engine.HostCopier, "issue", lambda self, rank, ctx, batches, poison: [
         self._writable(t).__setitem__(Ellipsis, np.nan) for b in batches for t in b.targets])
     assert np.isnan(engine.step(0, batch).output.logits_TV).all()
+
+
+@pytest.mark.parametrize("pull_issue,expected", [
+    # front: layers 0 and 1; each MoE program waits for its slot, then issues layer m + 2 into it
+    ("after_moe", [("issue", [(0, 0), (1, 1)]), ("wait", 0), ("issue", [(2, 0)]), ("wait", 1), ("issue", [(3, 1)]),
+                   ("wait", 0), ("issue", []), ("wait", 1), ("issue", [])]),
+    # front: layer 0 only; MoE program m issues layer m + 1 into the other slot after its attention, then waits
+    ("after_attention", [("issue", [(0, 0)]), ("issue", [(1, 1)]), ("wait", 0), ("issue", [(2, 0)]), ("wait", 1),
+                         ("issue", [(3, 1)]), ("wait", 0), ("issue", []), ("wait", 1)]),
+])
+def test_copy_engine_issue_point(params, monkeypatch, pull_issue, expected):
+    """The order in which a step's programs issue pulls (layer, slot) and wait for slots, per issue point."""
+    from dwdp_jax.transport import copy_engine
+
+    events = []
+    issue, wait = copy_engine.HostCopier.issue, copy_engine.HostCopier.wait
+    monkeypatch.setattr(copy_engine.HostCopier, "issue", lambda self, rank, ctx, batches, poison: (
+        events.append(("issue", [(b.layer, b.slot) for b in batches])), issue(self, rank, ctx, batches, poison)))
+    monkeypatch.setattr(copy_engine.HostCopier, "wait", lambda self, rank, ctx, slot: (
+        events.append(("wait", slot)), wait(self, rank, ctx, slot)))
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                        options=DwdpOptions(transport="copy_engine", pull_issue=pull_issue, poison=True))
+    batch = pack([[1, 2, 3, 4, 5]], budget=BUDGET)
+    for _ in range(2):  # the second step reuses the slots the first one left
+        events.clear()
+        assert_matches_reference(params, batch, engine.step(1, batch).output)
+        assert events == expected
+
+
+def test_pull_issue_is_validated():
+    with pytest.raises(ValueError, match=r"pull_issue must be one of \('after_moe', 'after_attention'\)"):
+        DwdpOptions(pull_issue="early")
+    with pytest.raises(ValueError, match="prefetch=False pulls each layer right before its MoE"):
+        DwdpOptions(pull_issue="after_attention", prefetch=False)
 
 
 def test_byte_slices_cover_every_copy_once_round_robin_over_owners():

@@ -6,6 +6,9 @@ own device: the dense front, one program per MoE layer (attention + MoE), the he
 which its own pull filled; once that program holds its view the rank releases the slot and requests the pull of
 layer m + 2 into it, which the transport starts after the slot has been read (device_put: fresh buffers; the copy
 engine: a fence at the end of that program); the first two MoE layers are primed at step start, behind the front.
+So a pull overlaps the next layer's attention first. With `pull_issue="after_attention"` the pull of layer m + 1
+instead starts inside layer m's program, between its attention and its MoE (the slot it fills was last read by
+layer m - 1): it overlaps the grouped GEMM first, and only layer 0 is primed behind the front.
 Nothing here ever waits for another rank: owners' weights are immutable and pulls need no cooperation.
 """
 
@@ -34,6 +37,9 @@ COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute"
                   "ragged-all-to-all", "collective-broadcast")
 
 
+PULL_ISSUES = ("after_moe", "after_attention")
+
+
 @dataclasses.dataclass(frozen=True)
 class DwdpOptions:
     """Engine knobs; the defaults are the paper's DWDP. Each deviation is an ablation."""
@@ -46,6 +52,10 @@ class DwdpOptions:
     merge_experts: bool = False  # True: concatenate local and remote slabs before the MoE (the paper's D2D merge)
     gemm_backend: str = "xla"
     timeline: bool = False  # copy engine on GPU: device timestamps of every pull and fence (transport.timeline)
+    # Where the next pull starts: "after_moe" (layer m + 2's, at the end of layer m: it overlaps attention first) or
+    # "after_attention" (layer m + 1's, between layer m's attention and MoE: it overlaps the grouped GEMM first;
+    # on 4x H200 a pull slowed MLA attention 1.097x and a GEMM chain not at all, WORKSPACE.md sessions 6-7).
+    pull_issue: str = "after_moe"
     # > 0: logits only at the last token of each sequence (serving needs nothing else), for up to this many
     # sequences per batch; 0: logits of every token (verification).
     last_token_logits: int = 0
@@ -56,6 +66,11 @@ class DwdpOptions:
 
     def __post_init__(self):
         self.transport_options()  # validates slices before any device work
+        if self.pull_issue not in PULL_ISSUES:
+            raise ValueError(f"DwdpOptions.pull_issue must be one of {PULL_ISSUES}, got {self.pull_issue!r}")
+        if self.pull_issue != "after_moe" and not self.prefetch:
+            raise ValueError(f"DwdpOptions.pull_issue={self.pull_issue!r} places prefetched pulls; prefetch=False "
+                             f"pulls each layer right before its MoE")
         if self.timeline and self.transport != "copy_engine":
             raise ValueError(f"DwdpOptions.timeline needs transport='copy_engine', got {self.transport!r}")
         if self.slice_bytes and self.transport != "copy_engine":
@@ -175,8 +190,10 @@ class DwdpEngine:
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         hook = t.hook(rank)
         t.begin_step(rank)
+        mid = opts.pull_issue == "after_attention"  # the pull of layer m + 1 starts between m's attention and MoE
+        ahead = 1 if mid else 2
         if opts.prefetch:
-            for m in range(min(2, n_moe)):
+            for m in range(min(ahead, n_moe)):
                 t.pull(rank, m, m % 2)
         t.seal(rank)
         if profile:  # the dense layers one stage at a time, after the embedding (which issues the pulls)
@@ -198,19 +215,20 @@ class DwdpEngine:
             lap("pull_wait", remote)
             view = self._view(rank, m, remote)
             # The MoE below holds the view; the slot is refilled with layer m + 2 only after it has been read (the
-            # device_put transport copies into fresh buffers, the copy engine issues from the end of this program).
+            # device_put transport copies into fresh buffers, the copy engine issues from the end of this program, or
+            # with `mid` from the next one). `mid` fills the other slot, last read by layer m - 1's program.
             t.release(rank, slot)
-            if opts.prefetch and m + 2 < n_moe:
-                t.pull(rank, m + 2, slot)
+            if opts.prefetch and m + ahead < n_moe:
+                t.pull(rank, m + ahead, (m + ahead) % 2)
             t.seal(rank)
             if profile:
-                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos)
+                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos, hook=hook if mid else None)
                 lap("attention", x)
                 x, ids = stages.ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts,
-                                    hook=hook)
+                                    hook=hook, issue=not mid)
             else:
                 x, ids = stages.moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view,
-                                          merge=opts.merge_experts, hook=hook)
+                                          merge=opts.merge_experts, hook=hook, issue_mid=mid)
             expert_ids.append(ids)
             lap("moe", x)
         n = batch.num_tokens
@@ -240,7 +258,9 @@ class DwdpEngine:
         }
         texts["moe_layer"] = stages.moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
                                                     self._view(rank, 0, self.transport.remote_specs(rank)),
-                                                    merge=self.options.merge_experts, hook=hook).compile().as_text()
+                                                    merge=self.options.merge_experts, hook=hook,
+                                                    issue_mid=self.options.pull_issue == "after_attention"
+                                                    ).compile().as_text()
         return texts
 
 

@@ -5,8 +5,8 @@ The DWDP ranks and the streaming reference call these, one program per stage on 
 has the same module structure, so one compiled program per device and shape serves all of them.
 
 `hook` (a transport's in-program fences, static; None for none): the MoE waits for its slot's copies right before
-its grouped GEMM, the MoE layer issues the next pulls once its output exists, the front issues the priming pulls
-before its first layer.
+its grouped GEMM, the MoE layer issues the next pulls once its output exists (or, `issue_mid`, once its attention
+output exists), the front issues the priming pulls before its first layer.
 """
 
 from __future__ import annotations
@@ -54,22 +54,26 @@ def front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T
     return x_TD
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook"))
-def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False, hook=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook", "issue_mid"))
+def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False, hook=None, issue_mid=False):
     layer = nnx.merge(graphdef, state)
-    x_TD, ids_TK = layer(x_TD, segment_ids_T, positions_T, _experts(view, merge, hook), segment_ids_T >= 0)
-    return (x_TD if hook is None else hook.issue_after(x_TD)), ids_TK
+    x_TD = layer.attention(x_TD, segment_ids_T, positions_T)
+    if hook is not None and issue_mid:
+        x_TD = hook.issue_after(x_TD)
+    x_TD, ids_TK = layer.ffn(x_TD, _experts(view, merge, hook), segment_ids_T >= 0)
+    return (x_TD if hook is None or issue_mid else hook.issue_after(x_TD)), ids_TK
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def attention(graphdef, state, x_TD, segment_ids_T, positions_T):
-    return nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
+@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
+def attention(graphdef, state, x_TD, segment_ids_T, positions_T, hook=None):
+    x_TD = nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
+    return x_TD if hook is None else hook.issue_after(x_TD)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook"))
-def ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False, hook=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook", "issue"))
+def ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False, hook=None, issue=True):
     x_TD, ids_TK = nnx.merge(graphdef, state).ffn(x_TD, _experts(view, merge, hook), segment_ids_T >= 0)
-    return (x_TD if hook is None else hook.issue_after(x_TD)), ids_TK
+    return (x_TD if hook is None or not issue else hook.issue_after(x_TD)), ids_TK
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
