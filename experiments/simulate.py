@@ -64,6 +64,9 @@ flags.DEFINE_integer("slice_bytes", 1 << 20, "round_robin slice size, bytes")
 flags.DEFINE_enum("packing", "lookahead", ["lookahead", "fcfs"], "DWDP batch filling (pareto, planner): DEP's window "
                   "one rank at a time, or strict FCFS (serving.scheduler)")
 flags.DEFINE_float("compute_slowdown", 0.0, "DWDP compute slowdown while pulling (0.05 = 5%)")
+flags.DEFINE_float("attention_slowdown", None, "DWDP attention slowdown while pulling (default: --compute_slowdown)")
+flags.DEFINE_enum("pull_issue", "after_moe", ["after_moe", "after_attention"], "where a DWDP rank issues the next "
+                  "pull: after a MoE layer (two layers ahead) or after its attention (one layer ahead)")
 flags.DEFINE_float("tolerance", 0.10, "calibration: allowed relative error of the predicted DWDP/DEP ratio")
 
 
@@ -88,8 +91,9 @@ def _precision() -> Precision:
 def _context(strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
     return ContextConfig(strategy, group_size=FLAGS.group_size, max_num_tokens=max_num_tokens,
                          max_batch_size=max_batch_size, discipline=FLAGS.discipline, slice_bytes=FLAGS.slice_bytes,
-                         packing=FLAGS.packing, compute_slowdown=FLAGS.compute_slowdown, precision=_precision(),
-                         seed=FLAGS.seed)
+                         packing=FLAGS.packing, compute_slowdown=FLAGS.compute_slowdown,
+                         attention_slowdown=FLAGS.attention_slowdown, pull_issue=FLAGS.pull_issue,
+                         precision=_precision(), seed=FLAGS.seed)
 
 
 def _band(name: str) -> studies.Band:

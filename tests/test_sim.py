@@ -127,6 +127,22 @@ def test_compute_slowdown_while_pulling_costs_throughput():
     assert base / 1.1 <= slow < base
 
 
+def test_attention_slowdown_and_the_pull_issue_point():
+    """A pull slowing attention only costs less than one slowing all compute; issuing each pull after the MoE
+    layer's attention (so it overlaps the grouped GEMM) recovers part of that cost."""
+    w = Workload(32, 8192, 0.8)
+
+    def tps(**kw):
+        return simulate.simulate_context(R1, GB200, ContextConfig("dwdp", **kw), w).tps_per_gpu
+
+    base, everything = tps(), tps(compute_slowdown=0.2)
+    after_moe, after_attention = tps(attention_slowdown=0.2), tps(attention_slowdown=0.2, pull_issue="after_attention")
+    assert everything < after_moe < base
+    assert after_moe < after_attention <= base
+    assert ContextConfig("dwdp", compute_slowdown=0.1).slowdowns == (0.1, 0.1)
+    assert ContextConfig("dwdp", compute_slowdown=0.1, attention_slowdown=0.3).slowdowns == (0.3, 0.1)
+
+
 def test_sync_overhead_at_cv20_isl8k_r08():
     doc = studies.sync_cv_study(R1, GB200)
     m = doc["metrics"]
@@ -219,7 +235,11 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     projected = runs["close"]["projections"]
     assert projected["layers=6"] == pytest.approx(predicted)  # the measured depth projects to the prediction
     assert set(projected) == {f"layers={n}{s}{r}" for n in (6, 7, 8, 11, 61) for s in ("", ",isl_std=4096")
-                              for r in ("", ",requests=256")}
+                              for r in ("", ",requests=256")} | {f"layers=6{s},pull_issue=after_attention"
+                                                                 for s in ("", ",isl_std=4096")}
+    # no copy-engine benchmark in this root: no pull slowdowns, so moving the pulls changes nothing
+    assert doc["config"]["pull_slowdowns"] == {"attention": 0.0, "gemm": 0.0, "run": None}
+    assert projected["layers=6,pull_issue=after_attention"] == pytest.approx(predicted, rel=0.02)
     # more requests of the same workload: the same model, a different run, so a different ratio
     assert projected["layers=6,requests=256"] != pytest.approx(predicted, rel=1e-6)
     assert doc["config"]["hardware"].name == "calibrated:unknown"  # the synthetic file names no device
@@ -231,6 +251,20 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     doc = studies.calibration_study(tmp_path, tolerance=0.10)
     assert [r["run"] for r in doc["raw"]["skipped_other_kernels"]] == ["mgpu"]
     assert "mgpu" not in {r["run"] for r in doc["metrics"]["runs"]}
+
+
+def test_calibration_applies_the_newest_measured_pull_slowdowns(tmp_path):
+    """The copy-engine benchmark's attention and GEMM slowdowns with a pull in flight (newest by date; a speed-up
+    counts as none) slow DWDP's simulated compute, and issuing the pulls after attention then pays off."""
+    predicted = _calibration_files(tmp_path, {"run": 1.0})
+    for run, date, attention in (("new", "2026-11-27T17:00:00", 1.2), ("old", "2026-11-27T09:00:00", 1.5)):
+        write_results("bench_copy_engine", run, config={}, raw={}, root=tmp_path, with_devices=False,
+                      environment={"date": date}, metrics={"attention_slowdown": attention, "gemm_slowdown": 0.95})
+    doc = studies.calibration_study(tmp_path, tolerance=0.10)
+    assert doc["config"]["pull_slowdowns"] == {"attention": pytest.approx(0.2), "gemm": 0.0, "run": "new"}
+    (row,) = doc["metrics"]["runs"]
+    assert row["predicted_ratio"] < predicted
+    assert row["projections"]["layers=6,pull_issue=after_attention"] > row["predicted_ratio"]
 
 
 def test_calibrated_spec_requires_measurements(tmp_path):
@@ -259,6 +293,10 @@ def test_bad_inputs_fail_with_the_field_named():
         simulate.simulate_context(R1, GB200, ContextConfig("dep", max_num_tokens=1000), Workload(4, 2048))
     with pytest.raises(ValueError, match="ContextConfig.compute_slowdown"):
         ContextConfig("dwdp", compute_slowdown=-0.1)
+    with pytest.raises(ValueError, match="ContextConfig.attention_slowdown"):
+        ContextConfig("dwdp", attention_slowdown=-0.1)
+    with pytest.raises(ValueError, match=r"ContextConfig.pull_issue must be one of \('after_moe', 'after_attention'\)"):
+        ContextConfig("dwdp", pull_issue="late")
     with pytest.raises(ValueError, match="ContextConfig.discipline"):
         ContextConfig("dwdp", discipline="lottery")
     with pytest.raises(ValueError, match="group_size must be an integer >= 3"):

@@ -181,13 +181,15 @@ class PrefillTimes:
 
     dense_s: all dense layers; pre_moe_s: one MoE layer up to its routed experts (attention, router, shared expert);
     routed_s: one MoE layer's routed experts on this rank's own tokens with all E experts (the DWDP case);
-    head_s: final norm and LM head (one token per sequence).
+    head_s: final norm and LM head (one token per sequence); attention_s: one layer's attention (part of pre_moe_s,
+    and of each dense layer), which a pull in flight slows more than a GEMM (WORKSPACE.md, sessions 6-7).
     """
 
     dense_s: float
     pre_moe_s: float
     routed_s: float
     head_s: float
+    attention_s: float = 0.0
 
 
 def prefill_times(cfg: ModelConfig, hw: HardwareSpec, seq_lens: Sequence[int] | np.ndarray,
@@ -199,7 +201,7 @@ def prefill_times(cfg: ModelConfig, hw: HardwareSpec, seq_lens: Sequence[int] | 
     pre_moe = attention + ops_time_s(shared_and_router_ops(cfg, tokens, prec), hw)
     routed = ops_time_s(routed_ops(cfg, tokens * cfg.num_experts_per_tok, cfg.n_routed_experts, prec), hw)
     head = ops_time_s(lm_head_ops(cfg, len(seq_lens), prec), hw)
-    return PrefillTimes(dense, pre_moe, routed, head)
+    return PrefillTimes(dense, pre_moe, routed, head, attention)
 
 
 def dep_routed_s(cfg: ModelConfig, hw: HardwareSpec, total_tokens: float, group_size: int, prec: Precision) -> float:

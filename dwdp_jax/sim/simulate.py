@@ -15,7 +15,9 @@ Model
 - DWDP: each rank takes its own FCFS batch (max_num_tokens, max_batch_size) whenever it is free and runs alone:
   dense layers, then per MoE layer attention + router + shared expert, a wait for its own prefetch of that layer, the
   routed experts with all E experts, then the issue of the prefetch two layers ahead (double buffer, write-after-
-  read); the first two MoE layers are primed at the step start. Its pulls are flows on a fluid network: each source
+  read); the first two MoE layers are primed at the step start. With `pull_issue="after_attention"` (the engine's
+  option of that name) the prefetch of the next layer is issued right after each MoE layer's attention instead,
+  and only the first MoE layer is primed. Its pulls are flows on a fluid network: each source
   has `egress` bytes/s for all its readers, each destination `ingress`, each flow at most one copy stream's rate,
   under a source discipline:
     fifo         serial pulls (one per owner, whole shards, in `peer_order`); a source copy engine serves one pull at
@@ -26,7 +28,7 @@ Model
     none         serial pulls with no source limit: the open-loop premise of the paper's contention model (used to
                  check Table 2; contention is counted, never paid).
   While a rank has a pull moving data into it, its compute runs `compute_slowdown` slower (paper Appendix A: power
-  and clocks, not bandwidth).
+  and clocks, not bandwidth), its attention `attention_slowdown` slower (default: the same).
 - Contention level of a pulling rank at an instant: the number of pulls (queued or moving) at the source it is
   reading. Its distribution is time-weighted over every pulling rank ("a rank's source at a random time", the
   premise of the paper's model), which is robust to ranks whose pull boundaries stay aligned.
@@ -58,6 +60,7 @@ STRATEGIES = ("dep", "dwdp")
 DISCIPLINES = ("fifo", "round_robin", "none")
 PEER_ORDERS = ("random", "rank")
 PACKINGS = ("lookahead", "fcfs")
+PULL_ISSUES = ("after_moe", "after_attention")  # as dwdp_jax.runtime.dwdp.PULL_ISSUES
 _REL_EPS = 1e-12  # a job this close to done (relative to its size) is done
 
 
@@ -77,6 +80,8 @@ class ContextConfig:
     peer_order: str = "random"
     packing: str = "lookahead"  # DWDP's batch filling (serving.scheduler.DwdpScheduler.PACKINGS)
     compute_slowdown: float = 0.0
+    attention_slowdown: float | None = None  # None: compute_slowdown
+    pull_issue: str = "after_moe"
     precision: Precision = Precision()
     seed: int = 0
 
@@ -94,9 +99,17 @@ class ContextConfig:
                 raise ValueError(f"ContextConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.strategy == "dwdp" and self.group_size < 2:
             raise ValueError(f"ContextConfig.group_size must be >= 2 for DWDP, got {self.group_size}")
-        for name in ("slice_overhead_s", "compute_slowdown"):
-            if not getattr(self, name) >= 0:
+        if self.pull_issue not in PULL_ISSUES:
+            raise ValueError(f"ContextConfig.pull_issue must be one of {PULL_ISSUES}, got {self.pull_issue!r}")
+        for name in ("slice_overhead_s", "compute_slowdown", "attention_slowdown"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"ContextConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def slowdowns(self) -> tuple[float, float]:
+        """(attention, other compute) slowdown while the rank pulls."""
+        attention = self.compute_slowdown if self.attention_slowdown is None else self.attention_slowdown
+        return attention, self.compute_slowdown
 
     @property
     def num_gpus(self) -> int:
@@ -151,11 +164,13 @@ class IterationRecord:
 
 
 class _Job:
-    __slots__ = ("rank", "source", "group", "remaining", "initial", "t_ref", "rate", "version", "seq", "on_done")
+    __slots__ = ("rank", "source", "group", "remaining", "initial", "t_ref", "rate", "version", "seq", "on_done",
+                 "slowdown")
 
     def __init__(self, rank: int, source: int | None, group: int, amount: float, on_done: Callable[[], None],
-                 seq: int, now_s: float):
+                 seq: int, now_s: float, slowdown: float = 0.0):
         self.rank, self.source, self.group, self.on_done, self.seq = rank, source, group, on_done, seq
+        self.slowdown = slowdown  # compute jobs: how much slower while their rank pulls
         self.remaining = self.initial = amount
         self.t_ref, self.rate, self.version = now_s, 0.0, 0
 
@@ -185,10 +200,11 @@ class _Engine:
     def at(self, time_s: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time_s, self._next_seq(), fn))
 
-    def add_job(self, rank: int, source: int | None, amount: float, on_done: Callable[[], None]) -> None:
+    def add_job(self, rank: int, source: int | None, amount: float, on_done: Callable[[], None],
+                slowdown: float = 0.0) -> None:
         group = rank // self._group_size
         self._changing(group)
-        self._groups[group].append(_Job(rank, source, group, amount, on_done, self._next_seq(), self.now_s))
+        self._groups[group].append(_Job(rank, source, group, amount, on_done, self._next_seq(), self.now_s, slowdown))
 
     def _changing(self, group: int) -> None:
         for hook in self.on_change:
@@ -237,9 +253,9 @@ class _Engine:
 
 
 class _Process:
-    """A generator of commands driven by the engine: ("compute", rank, seconds), ("sleep", seconds),
-    ("wait", register) where register(resume) arranges for resume() to be called later, or returns True when the
-    condition already holds."""
+    """A generator of commands driven by the engine: ("compute", rank, seconds, slowdown while pulling),
+    ("sleep", seconds), ("wait", register) where register(resume) arranges for resume() to be called later, or
+    returns True when the condition already holds."""
 
     def __init__(self, engine: _Engine, gen: Iterator):
         self._engine, self._gen = engine, gen
@@ -255,15 +271,14 @@ class _Process:
 
     def _block(self, cmd) -> bool:
         kind = cmd[0]
-        if kind == "compute" and not self._engine.fixed_compute:
-            if cmd[2] <= 0:
-                return False
-            self._engine.add_job(cmd[1], None, cmd[2], self.resume)
-            return True
         if kind in ("compute", "sleep"):
-            if cmd[-1] <= 0:
+            seconds = cmd[2] if kind == "compute" else cmd[1]
+            if seconds <= 0:
                 return False
-            self._engine.at(self._engine.now_s + cmd[-1], self.resume)
+            if kind == "compute" and not self._engine.fixed_compute:
+                self._engine.add_job(cmd[1], None, seconds, self.resume, cmd[3])
+            else:
+                self._engine.at(self._engine.now_s + seconds, self.resume)
             return True
         return not cmd[1](self.resume)
 
@@ -318,10 +333,9 @@ def _rates_fn(hw: HardwareSpec, ctx: ContextConfig) -> Callable[[list[_Job]], No
         else:
             _max_min_rates(flows, hw.copy_bytes_per_s * efficiency, hw.egress * efficiency, hw.ingress * efficiency)
         pulling = {f.rank for f in flows if f.rate > 0}
-        slow = 1.0 / (1.0 + ctx.compute_slowdown)
         for j in jobs:
             if j.source is None:
-                j.rate = slow if j.rank in pulling else 1.0
+                j.rate = 1.0 / (1.0 + j.slowdown) if j.rank in pulling else 1.0
     return rates
 
 
@@ -416,9 +430,9 @@ class _CopyStream:
         self._done: set[int] = set()
         self._waiter: tuple[int, Callable[[], None]] | None = None
 
-    def start_step(self, num_moe_layers: int) -> None:
+    def start_step(self, num_moe_layers: int, primed: int) -> None:
         self._done.clear()
-        for layer in range(min(2, num_moe_layers)):
+        for layer in range(min(primed, num_moe_layers)):
             self.enqueue(layer)
 
     def enqueue(self, layer: int) -> None:
@@ -528,6 +542,8 @@ class _Run:
 
 def _dwdp_rank(run: _Run, rank: int, copy: _CopyStream) -> Iterator:
     m = run.cfg.num_moe_layers
+    mid = run.ctx.pull_issue == "after_attention"
+    slow_attention, slow_other = run.ctx.slowdowns
     while True:
         rids = run.queue.take_dwdp()
         if not rids:
@@ -538,17 +554,24 @@ def _dwdp_rank(run: _Run, rank: int, copy: _CopyStream) -> Iterator:
         run.start(rids)
         start_s, waited_s = run.engine.now_s, 0.0
         t = run.times(rids)
-        copy.start_step(m)
-        yield ("compute", rank, t.dense_s)
+        ahead = 1 if mid else 2  # the layer a MoE layer's issue prefetches, counted from it
+        copy.start_step(m, ahead)
+        k = run.cfg.first_k_dense_replace
+        for _ in range(k):
+            yield ("compute", rank, t.attention_s, slow_attention)
+            yield ("compute", rank, t.dense_s / k - t.attention_s, slow_other)
         for layer in range(m):
-            yield ("compute", rank, t.pre_moe_s)
+            yield ("compute", rank, t.attention_s, slow_attention)
+            if mid and layer + ahead < m:
+                copy.enqueue(layer + ahead)
+            yield ("compute", rank, t.pre_moe_s - t.attention_s, slow_other)
             wait_from_s = run.engine.now_s
             yield ("wait", copy.waiter_for(layer))
             waited_s += run.engine.now_s - wait_from_s
-            yield ("compute", rank, t.routed_s)
-            if layer + 2 < m:
-                copy.enqueue(layer + 2)
-        yield ("compute", rank, t.head_s)
+            yield ("compute", rank, t.routed_s, slow_other)
+            if not mid and layer + ahead < m:
+                copy.enqueue(layer + ahead)
+        yield ("compute", rank, t.head_s, slow_other)
         tokens = int(sum(run.lengths[r] for r in rids))
         busy_s = run.engine.now_s - start_s - waited_s
         run.iterations.append(IterationRecord(rank, start_s, run.engine.now_s, [tokens], [busy_s], waited_s))
@@ -673,7 +696,7 @@ class ContextResult:
 def _new_run(cfg: ModelConfig, hw: HardwareSpec, ctx: ContextConfig, lengths: np.ndarray, arrivals_s: np.ndarray,
              on_prefill_done: Callable[[int], None], track_contention: bool) -> tuple[_Run, _PullStats]:
     _check_fits(lengths, ctx)
-    engine = _Engine(_rates_fn(hw, ctx), ctx.group_size, fixed_compute=ctx.compute_slowdown == 0)
+    engine = _Engine(_rates_fn(hw, ctx), ctx.group_size, fixed_compute=max(ctx.slowdowns) == 0)
     stats = _PullStats(engine, track_contention)
     requests = [RequestRecord(i, int(n), float(t)) for i, (n, t) in enumerate(zip(lengths, arrivals_s))]
     run = _Run(cfg, hw, ctx, engine, _Queue(engine, lengths, ctx), lengths, requests, [], on_prefill_done)

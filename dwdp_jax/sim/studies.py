@@ -311,7 +311,7 @@ def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, Contex
     """(model, workload, DEP config, DWDP config) of a context_bench results document (its resolved `model`
     section and its `config`: num_ranks, max_num_tokens, max_batch_size, workload.{num_requests, isl, input_ratio,
     isl_std (< 0: none), rate_per_s (0: all at once), seed, dataset}, dwdp.{local_experts (0: auto), slices,
-    packing (absent: fcfs)})."""
+    packing (absent: fcfs), pull_issue (absent: after_moe)})."""
     where = f"context_bench run {doc.get('run', '?')}"
     c = doc.get("config") or {}
     try:
@@ -336,7 +336,7 @@ def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, Contex
     # runs written before config.dwdp.packing existed packed strict FCFS
     dwdp = dataclasses.replace(base, strategy="dwdp", local_experts=dw.get("local_experts") or None,
                                discipline="round_robin" if dw.get("slices", 1) > 1 else "fifo",
-                               packing=dw.get("packing", "fcfs"))
+                               packing=dw.get("packing", "fcfs"), pull_issue=dw.get("pull_issue", "after_moe"))
     return cfg, workload, base, dwdp
 
 
@@ -365,6 +365,7 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
         raise ValueError(f"no bf16 context_bench results with both dwdp and dep metrics under "
                          f"{results_root or 'results'}")
     kernels = calibrated_kernels(results_root)
+    slowdowns = measured_pull_slowdowns(results_root)
     rows, skipped = [], []
     for doc in docs:
         used = {k: (doc.get("config") or {}).get(k) for k in kernels}
@@ -372,6 +373,7 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
             skipped.append({"run": doc.get("run"), "kernels": used})
             continue
         cfg, workload, dep, dwdp = bench_setup(doc)
+        dwdp = dataclasses.replace(dwdp, compute_slowdown=slowdowns["gemm"], attention_slowdown=slowdowns["attention"])
         measured = _measured_ratio(doc)
         sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
         predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
@@ -381,17 +383,37 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
                      "projections": _projections(cfg, hw, workload, dep, dwdp, depths, requests)})
     if not rows:
         raise ValueError(f"no context_bench run used the calibrated kernels {kernels}; runs seen: {skipped}")
-    return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels},
+    return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels, "pull_slowdowns": slowdowns},
             "raw": {"runs": rows, "skipped_other_kernels": skipped},
             "metrics": {"runs": [{k: v for k, v in r.items() if k != "simulated"} for r in rows],
                         "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
 
 
+def measured_pull_slowdowns(results_root: str | Path | None) -> dict:
+    """How much slower attention and a GEMM chain ran with a pull in flight in the newest copy-engine benchmark
+    (`experiments.bench_copy_engine`, by its environment date): {"attention", "gemm"} as fractions (0.097 = 9.7%
+    slower; a speed-up counts as 0) and the "run" they come from; zeros and run None without such a result."""
+    docs = [d for d in read_results("bench_copy_engine", results_root)
+            if {"attention_slowdown", "gemm_slowdown"} <= set(d.get("metrics") or {})]
+    if not docs:
+        return {"attention": 0.0, "gemm": 0.0, "run": None}
+    doc = max(docs, key=lambda d: ((d.get("environment") or {}).get("date", ""), d.get("run", "")))
+    m = doc["metrics"]
+    return {"attention": max(float(m["attention_slowdown"]) - 1, 0.0), "gemm": max(float(m["gemm_slowdown"]) - 1, 0.0),
+            "run": doc.get("run")}
+
+
 def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], requests: Sequence[int] = ()
                  ) -> dict[str, float]:
     """Simulated DWDP/DEP ratios of a measured setup at other depths, with ISL std 4096 (input ratio 1) and with
-    other request counts ("layers=L[,isl_std=4096][,requests=R]")."""
+    other request counts ("layers=L[,isl_std=4096][,requests=R]"), and at the measured depth with DWDP's pulls
+    issued after attention (",pull_issue=after_attention")."""
     out = {}
+    other = "after_attention" if dwdp.pull_issue == "after_moe" else "after_moe"
+    moved = dataclasses.replace(dwdp, pull_issue=other)
+    for name, w in (("", workload), (",isl_std=4096", dataclasses.replace(workload, input_ratio=1.0, isl_std=4096.0))):
+        tps = {s.strategy: simulate.simulate_context(cfg, hw, s, w).tps_per_gpu for s in (dep, moved)}
+        out[f"layers={cfg.num_hidden_layers}{name},pull_issue={other}"] = tps["dwdp"] / tps["dep"]
     for layers in (cfg.num_hidden_layers, *depths):
         model = cfg.replace(num_hidden_layers=layers)
         for count in (workload.num_requests, *(r for r in requests if r != workload.num_requests)):
