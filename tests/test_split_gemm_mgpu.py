@@ -102,3 +102,13 @@ def test_expert_ffn_with_the_mgpu_kernel_matches_xla():
                           up.astype(jnp.float32), down.astype(jnp.float32))
     assert _rel(out, ref) < 2e-2  # bf16 intermediate h
     np.testing.assert_array_equal(np.asarray(out[-8:], np.float32), 0)
+
+
+def test_clusters_refuse_what_they_cannot_run():
+    with pytest.raises(ValueError, match="cluster_n and chain cannot be combined"):
+        MgpuBlocks(cluster_n=True, chain=True)
+    with pytest.raises(ValueError, match="cluster_n needs an even num_sms"):
+        MgpuBlocks(cluster_n=True, num_sms=131)
+    x, w = jnp.zeros((64, 128), jnp.bfloat16), jnp.zeros((2, 128, 384), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"N=384 of 256 \(2 \* tile_n \* 2 CTAs with cluster_n\)"):
+        split_ragged_dot_mgpu(x, jnp.array([32, 32]), (w,), blocks=dataclasses.replace(SMALL, num_sms=2, cluster_n=True))

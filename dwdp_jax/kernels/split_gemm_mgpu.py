@@ -50,9 +50,19 @@ class MgpuBlocks:
     # Full tiles (a group's rows fill all tile_m) go out through a swizzled shared-memory view in one TMA store
     # (the register-to-shared writes without bank conflicts); cut tiles keep the plain view and the row runs.
     swizzled_store: bool = False
+    # Two CTAs per cluster take adjacent column blocks of one row tile, and the x tile they share is loaded once
+    # for both (TMA multicast): a tile's shared-memory fill then reads 2/3 of the bytes from L2 per CTA (down: x
+    # 16 KiB of 48 KiB per k step), the structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu
+    # `cluster_dimension`). The column blocks per row tile must be even.
+    cluster_n: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"))
+        if self.cluster_n and self.chain:
+            raise ValueError("MgpuBlocks: cluster_n and chain cannot be combined (a chained CTA's tiles would need "
+                             "the same pipeline phase in both CTAs of its cluster)")
+        if self.cluster_n and self.num_sms % 2:
+            raise ValueError(f"MgpuBlocks.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
         if self.tile_m % 64:
             raise ValueError(f"MgpuBlocks.tile_m must be a multiple of 64 (wgmma rows), got {self.tile_m}")
         if self.chain and self.delay_release:
@@ -96,7 +106,8 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     swizzle = plgpu.find_swizzle(b.tile_k * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
     in_specs = [plgpu.BlockSpec((b.tile_m, b.tile_k), lambda k: (0, k), transforms=transforms,
-                                memory_space=plgpu.SMEM, delay_release=b.delay_release)]
+                                memory_space=plgpu.SMEM, delay_release=b.delay_release,
+                                collective_axes=("cluster",) if b.cluster_n else ())]
     in_specs += [plgpu.BlockSpec((b.tile_k, cta_n), lambda k: (k, 0), transforms=transforms,
                                  memory_space=plgpu.SMEM, delay_release=b.delay_release)] * per_slab
 
@@ -122,11 +133,14 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     def _scope(allocs, out):
         out_smem, out_swz = out if b.swizzled_store else (out, None)
         wg = jax.lax.axis_index("wg")
+        per_cta = n_iters // 2 if b.cluster_n else n_iters  # column blocks a CTA takes per row tile
 
-        @plgpu.nd_loop((sched_gmem[5, 0] * n_iters,), collective_axes="sm")  # the real tiles only
+        @plgpu.nd_loop((sched_gmem[5, 0] * per_cta,), collective_axes="sm")  # the real tiles only
         def _loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
-            ti, ni = lin // n_iters, lin % n_iters
+            ti, ni = lin // per_cta, lin % per_cta
+            if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
+                ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
             row0 = block * b.tile_m
             col0 = ni * cta_n + wg * b.tile_n
@@ -195,9 +209,10 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
     if b.chain and (k // b.tile_k) % b.max_concurrent_steps:
         raise ValueError(f"split_ragged_dot_mgpu: chained tiles need K / tile_k = {k // b.tile_k} divisible by "
                          f"max_concurrent_steps={b.max_concurrent_steps}")
-    if k % b.tile_k or n % (2 * b.tile_n):
+    cta_n = 2 * b.tile_n * (2 if b.cluster_n else 1)  # columns of a CTA, or of a cluster's two CTAs
+    if k % b.tile_k or n % cta_n:
         raise ValueError(f"split_ragged_dot_mgpu: K={k} must be a multiple of tile_k={b.tile_k} and N={n} of "
-                         f"2 * tile_n={2 * b.tile_n}")
+                         f"{cta_n} (2 * tile_n{' * 2 CTAs with cluster_n' if b.cluster_n else ''})")
     pad = -m % b.tile_m  # whole row tiles: the last one's TMA load stays in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.tile_m, m + pad)
@@ -205,7 +220,8 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
         functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n,
                           alias_views=not interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, n), x_MK.dtype),
-        grid=(b.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        grid=(b.num_sms // 2 if b.cluster_n else b.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        **(dict(cluster=(2,), cluster_names=("cluster",)) if b.cluster_n else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None)
     out = kernel(sched, x_pad, *(w for ws in slabs for w in ws))
