@@ -365,7 +365,6 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
         raise ValueError(f"no bf16 context_bench results with both dwdp and dep metrics under "
                          f"{results_root or 'results'}")
     kernels = calibrated_kernels(results_root)
-    slowdowns = measured_pull_slowdowns(results_root)
     rows, skipped = [], []
     for doc in docs:
         used = {k: (doc.get("config") or {}).get(k) for k in kernels}
@@ -373,7 +372,6 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
             skipped.append({"run": doc.get("run"), "kernels": used})
             continue
         cfg, workload, dep, dwdp = bench_setup(doc)
-        dwdp = dataclasses.replace(dwdp, compute_slowdown=slowdowns["gemm"], attention_slowdown=slowdowns["attention"])
         measured = _measured_ratio(doc)
         sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
         predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
@@ -383,24 +381,10 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
                      "projections": _projections(cfg, hw, workload, dep, dwdp, depths, requests)})
     if not rows:
         raise ValueError(f"no context_bench run used the calibrated kernels {kernels}; runs seen: {skipped}")
-    return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels, "pull_slowdowns": slowdowns},
+    return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels},
             "raw": {"runs": rows, "skipped_other_kernels": skipped},
             "metrics": {"runs": [{k: v for k, v in r.items() if k != "simulated"} for r in rows],
                         "all_within_tolerance": all(r["within_tolerance"] for r in rows)}}
-
-
-def measured_pull_slowdowns(results_root: str | Path | None) -> dict:
-    """How much slower attention and a GEMM chain ran with a pull in flight in the newest copy-engine benchmark
-    (`experiments.bench_copy_engine`, by its environment date): {"attention", "gemm"} as fractions (0.097 = 9.7%
-    slower; a speed-up counts as 0) and the "run" they come from; zeros and run None without such a result."""
-    docs = [d for d in read_results("bench_copy_engine", results_root)
-            if {"attention_slowdown", "gemm_slowdown"} <= set(d.get("metrics") or {})]
-    if not docs:
-        return {"attention": 0.0, "gemm": 0.0, "run": None}
-    doc = max(docs, key=lambda d: ((d.get("environment") or {}).get("date", ""), d.get("run", "")))
-    m = doc["metrics"]
-    return {"attention": max(float(m["attention_slowdown"]) - 1, 0.0), "gemm": max(float(m["gemm_slowdown"]) - 1, 0.0),
-            "run": doc.get("run")}
 
 
 def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], requests: Sequence[int] = ()
