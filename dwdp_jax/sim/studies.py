@@ -391,22 +391,24 @@ def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], 
                  ) -> dict[str, float]:
     """Simulated DWDP/DEP ratios of a measured setup at other depths, with ISL std 4096 (input ratio 1) and with
     other request counts ("layers=L[,isl_std=4096][,requests=R]"), and at the measured depth with DWDP's pulls
-    issued after attention (",pull_issue=after_attention")."""
-    out = {}
-    other = "after_attention" if dwdp.pull_issue == "after_moe" else "after_moe"
+    issued at the other point (",pull_issue=P")."""
+    def ratio(model, w, dwdp_config):
+        tps = {s.strategy: simulate.simulate_context(model, hw, s, w).tps_per_gpu for s in (dep, dwdp_config)}
+        return tps["dwdp"] / tps["dep"]
+
+    def variants(w):
+        return (("", w), (",isl_std=4096", dataclasses.replace(w, input_ratio=1.0, isl_std=4096.0)))
+
+    other = next(p for p in simulate.PULL_ISSUES if p != dwdp.pull_issue)
     moved = dataclasses.replace(dwdp, pull_issue=other)
-    for name, w in (("", workload), (",isl_std=4096", dataclasses.replace(workload, input_ratio=1.0, isl_std=4096.0))):
-        tps = {s.strategy: simulate.simulate_context(cfg, hw, s, w).tps_per_gpu for s in (dep, moved)}
-        out[f"layers={cfg.num_hidden_layers}{name},pull_issue={other}"] = tps["dwdp"] / tps["dep"]
+    out = {f"layers={cfg.num_hidden_layers}{name},pull_issue={other}": ratio(cfg, w, moved)
+           for name, w in variants(workload)}
     for layers in (cfg.num_hidden_layers, *depths):
         model = cfg.replace(num_hidden_layers=layers)
         for count in (workload.num_requests, *(r for r in requests if r != workload.num_requests)):
-            base = dataclasses.replace(workload, num_requests=count)
-            spread = dataclasses.replace(base, input_ratio=1.0, isl_std=4096.0)
             suffix = "" if count == workload.num_requests else f",requests={count}"
-            for name, w in (("", base), (",isl_std=4096", spread)):
-                tps = {s.strategy: simulate.simulate_context(model, hw, s, w).tps_per_gpu for s in (dep, dwdp)}
-                out[f"layers={layers}{name}{suffix}"] = tps["dwdp"] / tps["dep"]
+            for name, w in variants(dataclasses.replace(workload, num_requests=count)):
+                out[f"layers={layers}{name}{suffix}"] = ratio(model, w, dwdp)
     return out
 
 
