@@ -53,6 +53,21 @@ def sort_by_expert(ids_TK: jax.Array, num_experts: int, valid_T: jax.Array | Non
     return order_M, group_sizes_E
 
 
+def align_groups(group_sizes_E: jax.Array, num_rows: int, align: int):
+    """The sorted buffer with every expert's rows starting at a multiple of `align` (a tiled kernel's row tile, so
+    no tile holds two experts; `grouped_gemm.row_alignment`). Returns (aligned_M, padded_sizes_E, num_aligned):
+    sorted row m sits at row aligned_M[m] of a buffer of num_aligned = num_rows + E (align - 1) rows (static),
+    each group padded to a multiple of `align`; rows past the real ones (padding tokens) follow the last group."""
+    num_experts = group_sizes_E.shape[0]
+    padded_E = (group_sizes_E + align - 1) // align * align
+    extra_E = padded_E - group_sizes_E
+    shift_E = jnp.cumsum(extra_E) - extra_E  # padding rows before group e
+    rows_M = jnp.arange(num_rows, dtype=group_sizes_E.dtype)
+    expert_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), rows_M, side="right")
+    shift_M = jnp.where(expert_M < num_experts, shift_E[jnp.minimum(expert_M, num_experts - 1)], extra_E.sum())
+    return rows_M + shift_M, padded_E, num_rows + num_experts * (align - 1)
+
+
 def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, slabs: tuple[ExpertSlab, ...],
                            backend: str) -> jax.Array:
     """The grouped GEMMs over the slabs, the weights used where they lie: one kernel over all slabs for a split
@@ -79,8 +94,10 @@ def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, sla
     return y_sorted_MD
 
 
-def combine(y_sorted_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
+def combine(y_sorted_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array,
+            aligned_M: jax.Array | None = None) -> jax.Array:
     """Unsort the expert outputs and take the routing-weighted sum over the K choices (fp32 accumulation).
+    `aligned_M`: where each sorted row sits when the buffer is tile-aligned (`align_groups`).
 
     A gather through the inverse order (an int32 scatter of M indices) feeding the weighted sum: no [M, D] scatter
     buffer, and the fp32 conversion can fuse into the sum (XLA:CPU still materializes the fp32 rows: 128 of the
@@ -88,6 +105,8 @@ def combine(y_sorted_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array) -
     t, k = weights_TK.shape
     m = order_M.shape[0]
     position_M = jnp.zeros((m,), order_M.dtype).at[order_M].set(jnp.arange(m, dtype=order_M.dtype))
+    if aligned_M is not None:
+        position_M = aligned_M[position_M]
     y_TKD = y_sorted_MD[position_M].reshape(t, k, -1)
     # an elementwise product and a reduction, which XLA may fuse; an einsum would lower to a dot over fp32 rows
     y_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[:, :, None]).sum(axis=1)
@@ -131,10 +150,17 @@ class ExpertView:
     def __call__(self, x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
                  valid_T: jax.Array | None = None) -> jax.Array:
         k = ids_TK.shape[1]
+        align = grouped_gemm.row_alignment(self.backend)
         with jax.named_scope("moe_permute"):
             order_M, group_sizes_E = sort_by_expert(ids_TK, self.num_experts, valid_T)
-            x_sorted_MD = x_TD[order_M // k]
+            aligned_M = None
+            if align > 1:  # one gather straight into the aligned buffer; its padding rows read a zero row
+                aligned_M, group_sizes_E, num_aligned = align_groups(group_sizes_E, order_M.shape[0], align)
+                token_P = jnp.full((num_aligned,), x_TD.shape[0], order_M.dtype).at[aligned_M].set(order_M // k)
+                x_sorted_MD = jnp.take(x_TD, token_P, axis=0, mode="fill", fill_value=0)
+            else:
+                x_sorted_MD = x_TD[order_M // k]
         with jax.named_scope("moe_gmm"):
             y_sorted_MD = grouped_ffn_over_slabs(x_sorted_MD, group_sizes_E, self.slabs, self.backend)
         with jax.named_scope("moe_combine"):
-            return combine(y_sorted_MD, order_M, weights_TK)
+            return combine(y_sorted_MD, order_M, weights_TK, aligned_M)

@@ -176,6 +176,48 @@ def test_default_launch_order_is_column_block_major():
     assert pairs == [(t, n) for n in range(3) for t in range(num_tiles)]
 
 
+@pytest.mark.parametrize("align", [1, 4, 128])
+def test_align_groups_starts_every_group_on_a_tile(align):
+    """Each expert's rows keep their order and start at a multiple of `align`; rows past the real ones (padding
+    tokens) follow the last padded group; no two rows share a place."""
+    from models.experts import align_groups
+
+    sizes = np.array([5, 0, 8, 1, 13, 0, 4], np.int32)
+    num_rows = int(sizes.sum()) + 3  # three rows of padding tokens
+    aligned, padded, total = align_groups(jnp.asarray(sizes), num_rows, align)
+    aligned, padded = np.asarray(aligned), np.asarray(padded)
+    assert total == num_rows + len(sizes) * (align - 1)
+    np.testing.assert_array_equal(padded, -(-sizes // align) * align)
+    starts, padded_starts = np.cumsum(sizes) - sizes, np.cumsum(padded) - padded
+    for e, n in enumerate(sizes):
+        np.testing.assert_array_equal(aligned[starts[e]:starts[e] + n], padded_starts[e] + np.arange(n))
+        assert padded_starts[e] % align == 0
+    np.testing.assert_array_equal(aligned[sizes.sum():], padded.sum() + np.arange(3))
+    assert len(set(aligned.tolist())) == num_rows and aligned.max() < total
+
+
+def test_tile_aligned_moe_equals_the_unaligned_one():
+    """A backend that asks for aligned groups (here XLA's ragged_dot registered with row_align 16) computes the
+    same MoE output bit for bit: padding rows are zeros no one reads, real rows see the same weights."""
+    from models.experts import ExpertSlab, ExpertView, grouped_ffn_over_slabs
+
+    grouped_gemm.register_split_backend("xla_aligned_for_test", lambda x, sizes, slabs: grouped_ffn_over_slabs(
+        x, sizes, slabs, "xla"), row_align=16)
+    assert grouped_gemm.row_alignment("xla_aligned_for_test") == 16 and grouped_gemm.row_alignment("xla") == 1
+    t, k, d, f, e = 40, 4, 32, 16, 8
+    keys = jax.random.split(jax.random.key(3), 6)
+    x = jax.random.normal(keys[0], (t, d), jnp.float32)
+    ids = jax.vmap(lambda kk: jax.random.choice(kk, e, (k,), replace=False))(jax.random.split(keys[1], t))
+    weights = jax.random.uniform(keys[2], (t, k))
+    slabs = tuple(ExpertSlab(*(0.1 * jax.random.normal(kk, shape) for kk, shape in zip(
+        jax.random.split(keys[3 + i], 3), ((c, d, f), (c, d, f), (c, f, d)))), start=s)
+        for i, (s, c) in enumerate(((0, 3), (3, 5))))
+    valid = jnp.arange(t) < t - 5  # padding tokens sort last
+    plain = ExpertView(slabs, e, "xla")(x, ids, weights, valid)
+    aligned = ExpertView(slabs, e, "xla_aligned_for_test")(x, ids, weights, valid)
+    np.testing.assert_array_equal(np.asarray(aligned)[:t - 5], np.asarray(plain)[:t - 5])
+
+
 def test_combine_gathers_rows_instead_of_scattering_them():
     """The unsort is a gather through an int32 inverse (no [M, D] scatter buffer) and sums in fp32: equal to the
     scatter-based unsort it replaced."""

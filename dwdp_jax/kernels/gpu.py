@@ -75,14 +75,17 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
                            max_segments=max_segments)[..., :v_THV.shape[-1]]
 
 
+# The split kernels' row tiles are 128 rows (every benchmarked block_m / tile_m but the 64-row Triton candidate):
+# expert groups start on a tile (grouped_gemm.row_alignment).
+SPLIT_ROW_ALIGN = 128
 grouped_gemm.register_backend("pallas_mgpu", pallas_grouped_ffn)
-grouped_gemm.register_split_backend("pallas_split", split_gemm.split_grouped_ffn)
+grouped_gemm.register_split_backend("pallas_split", split_gemm.split_grouped_ffn, SPLIT_ROW_ALIGN)
 # The same schedule on Mosaic GPU (TMA + warp-specialized wgmma): first measured on par with the Triton kernel.
 grouped_gemm.register_split_backend("pallas_split_mgpu", functools.partial(
-    split_gemm.split_grouped_ffn, ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu))
+    split_gemm.split_grouped_ffn, ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu), SPLIT_ROW_ALIGN)
 # The same kernel in Pallas interpret mode: CPU tests of the split-weight path through the model.
 grouped_gemm.register_split_backend("pallas_split_interpret",
-                                    functools.partial(split_gemm.split_grouped_ffn, interpret=True))
+                                    functools.partial(split_gemm.split_grouped_ffn, interpret=True), SPLIT_ROW_ALIGN)
 # jax 0.11.2's packed-segment path scales the V offsets by the Q/K head size (192), so MLA's 128-wide V reads the
 # wrong rows (NaN, measured on H200) once a batch holds several sequences: the packed backend pads V to 192.
 attention.register_backend("cudnn", cudnn_attention_padded_v)

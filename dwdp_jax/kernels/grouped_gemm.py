@@ -29,14 +29,27 @@ def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.A
 _BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn}
 # Backends that take every slab at once: fn(x_MD, group_sizes_E, slabs) -> y_MD (one kernel, weights unmerged).
 _SPLIT_BACKENDS: dict[str, Callable] = {}
+# Backends whose kernels compute whole row tiles: each group's rows should start at a multiple of this (see
+# `row_alignment`); 1 for the rest.
+_ROW_ALIGN: dict[str, int] = {}
 
 
 def register_backend(name: str, fn: GroupedFFN) -> None:
     _BACKENDS[name] = fn
 
 
-def register_split_backend(name: str, fn: Callable) -> None:
+def register_split_backend(name: str, fn: Callable, row_align: int = 1) -> None:
     _SPLIT_BACKENDS[name] = fn
+    _ROW_ALIGN[name] = row_align
+
+
+def row_alignment(name: str) -> int:
+    """Rows each expert group of the sorted buffer is padded to for this backend. A tiled kernel computes whole
+    row tiles, and a tile that two groups share is computed once for each: at a DWDP rank's 236K rows over 256
+    near-uniform experts that is about 14% more rows than real, against about 7% when every group starts on a
+    tile (the padding rows are zeros and nobody reads their outputs)."""
+    get_backend(name)
+    return _ROW_ALIGN.get(name, 1)
 
 
 _GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_mgpu", "pallas_split_interpret"}
