@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dwdp_jax import checkpoint, evaluate, memory
 from dwdp_jax import results as results_lib
 from dwdp_jax.expert_source import SyntheticExperts
+from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.placement import Placement
@@ -69,7 +70,8 @@ def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, devi
     """The deepest model (num_hidden_layers) whose DWDP and DEP ranks both fit `device_bytes`
     (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
     dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash",
-                                      live_slots=transport_class(c.dwdp.transport).live_slots)
+                                      live_slots=transport_class(c.dwdp.transport).live_slots,
+                                      row_align=grouped_gemm.row_alignment(c.gemm_backend))
     for layers in range(dwdp, cfg.first_k_dense_replace, -1):
         try:
             memory.plan_dep(cfg.replace(num_hidden_layers=layers), dep_ranks(c), c.max_num_tokens,

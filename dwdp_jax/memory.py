@@ -59,9 +59,10 @@ class MemoryPlan:
 
 def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
               weight_bytes_per_param: float | None = None, attention_impl: str = "naive",
-              device_bytes: int | None = None, live_slots: int = 2) -> MemoryPlan:
+              device_bytes: int | None = None, live_slots: int = 2, row_align: int = 1) -> MemoryPlan:
     """One DWDP rank: replicated non-expert weights, L local experts per MoE layer, `live_slots` buffers of one
-    layer's (N-1)P remote experts, and the activations of its own T tokens (they never leave the rank).
+    layer's (N-1)P remote experts, and the activations of its own T tokens (they never leave the rank); with
+    `row_align` > 1 (`grouped_gemm.row_alignment`) the sorted rows are padded to it per expert.
 
     Two slots with persistent buffers; the device_put transport allocates each pull afresh, so while MoE m still
     reads its slot the pull of m + 2 already holds a third buffer (live_slots=3, measured as an OOM on H200).
@@ -77,8 +78,8 @@ def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
                  f"{cfg.num_moe_layers} MoE layers, T={max_num_tokens}, {attention_impl} attention",
                  expert_params=placement.local_experts * cfg.num_moe_layers * cfg.expert_params(),
                  slot_params=live_slots * remote_experts * cfg.expert_params(),
-                 activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
-                                                   attention_impl))
+                 activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok
+                                              + cfg.n_routed_experts * (row_align - 1), attention_impl))
 
 
 def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
@@ -136,7 +137,7 @@ def _plan(cfg: ModelConfig, weight_bytes_per_param: float | None, device_bytes: 
 
 def max_layers_that_fit(cfg: ModelConfig, placement: Placement, max_num_tokens: int, device_bytes: int, *,
                         weight_bytes_per_param: float | None = None, attention_impl: str = "naive",
-                        live_slots: int = 2) -> int:
+                        live_slots: int = 2, row_align: int = 1) -> int:
     """The largest num_hidden_layers <= cfg.num_hidden_layers, keeping first_k_dense_replace and at least one MoE
     layer, whose DWDP plan fits `device_bytes`: the depth of an R1-width model that a given card can hold.
 
@@ -148,7 +149,7 @@ def max_layers_that_fit(cfg: ModelConfig, placement: Placement, max_num_tokens: 
     for num_layers in range(cfg.num_hidden_layers, cfg.first_k_dense_replace, -1):
         plan = plan_dwdp(cfg.replace(num_hidden_layers=num_layers), placement, max_num_tokens,
                          weight_bytes_per_param=weight_bytes_per_param, attention_impl=attention_impl,
-                         live_slots=live_slots)
+                         live_slots=live_slots, row_align=row_align)
         if plan.total_bytes <= device_bytes:
             return num_layers
     raise ValueError(f"not even one MoE layer fits: {plan.summary()} > device_bytes {_format_bytes(device_bytes)}")
@@ -182,7 +183,8 @@ def activation_bytes(cfg: ModelConfig, max_num_tokens: int, routed_rows: int, at
                  + T K D (2 a + f) + 2 T F n_shared a           (sorted rows, the rows back in token order
                                                                  and an fp32 copy of them; shared expert)
       logits     = T V f
-    routed_rows is T*K for the reference and DWDP (tokens stay on their rank) and the worst case N*T*K for DEP.
+    routed_rows is T*K for the reference and DWDP (tokens stay on their rank; plus E (align - 1) padding rows when
+    the kernel's groups are tile-aligned) and the worst case N*T*K for DEP.
     The T K D (2 a + f) term was missing until a DEP2 step at R1 width (T 32768) asked XLA for 35.0 GiB of
     temporaries on an H200 (2026-11-27): with DEP's all-to-all buffers and the residual the plan now counts
     36.7 GiB for it (it counted 27.2). That step still unsorted by a scatter and summed an fp32 copy; the gather

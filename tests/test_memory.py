@@ -22,6 +22,17 @@ def test_replicated_plus_all_local_experts_is_the_whole_model():
     assert reference.replicated_weight_bytes + reference.local_expert_bytes == 2 * cfg.param_count()
 
 
+def test_tile_aligned_rows_are_counted():
+    """Padding every expert's rows to a 128-row tile adds E (align - 1) rows to the MoE's sorted buffers."""
+    cfg = deepseek_r1()
+    placement = Placement.uniform(cfg.n_routed_experts, 4)
+    plain = memory.plan_dwdp(cfg, placement, 8192, attention_impl="flash")
+    aligned = memory.plan_dwdp(cfg, placement, 8192, attention_impl="flash", row_align=128)
+    extra_rows = cfg.n_routed_experts * 127
+    assert aligned.activation_bytes - plain.activation_bytes == extra_rows * (
+        cfg.hidden_size + 2 * cfg.moe_intermediate_size) * 2
+
+
 def test_redundancy_trades_local_memory_for_slot_memory():
     cfg = deepseek_v3_lite()
     least = memory.plan_dwdp(cfg, Placement.for_group(72, 4), 1024)

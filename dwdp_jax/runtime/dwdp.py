@@ -26,6 +26,7 @@ from flax import nnx
 
 from dwdp_jax import checkpoint, memory
 from dwdp_jax.expert_source import as_source
+from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import stages
@@ -124,7 +125,8 @@ class DwdpEngine:
                              f"{options.transport!r} issues pulls from the programs that follow")
         if options.device_bytes is not None:
             memory.plan_dwdp(cfg, placement, options.max_num_tokens, attention_impl=options.attention_memory,
-                             device_bytes=options.device_bytes, live_slots=transport_cls.live_slots)
+                             device_bytes=options.device_bytes, live_slots=transport_cls.live_slots,
+                             row_align=grouped_gemm.row_alignment(options.gemm_backend))
         self.devices = list(available)[:placement.num_ranks]
         self.cfg, self.placement, self.options = cfg, placement, options
         model = params.model
