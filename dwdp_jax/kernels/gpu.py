@@ -80,6 +80,8 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
 SPLIT_ROW_ALIGN = 128
 grouped_gemm.register_backend("pallas_mgpu", pallas_grouped_ffn)
 grouped_gemm.register_split_backend("pallas_split", split_gemm.split_grouped_ffn, SPLIT_ROW_ALIGN)
+# The ablation of the alignment: the same kernel over groups packed back to back (the layout before session 7).
+grouped_gemm.register_split_backend("pallas_split_unaligned", split_gemm.split_grouped_ffn)
 # The same schedule on Mosaic GPU (TMA + warp-specialized wgmma): first measured on par with the Triton kernel.
 grouped_gemm.register_split_backend("pallas_split_mgpu", functools.partial(
     split_gemm.split_grouped_ffn, ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu), SPLIT_ROW_ALIGN)
