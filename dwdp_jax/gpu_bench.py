@@ -22,16 +22,21 @@ GIB = 1 << 30
 
 
 def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2, before: Callable = lambda: None,
-           after: Callable = lambda: None) -> float:
-    """Median seconds of fn(*args) until ready; `before`/`after` run around every call, outside the timed span."""
+           after: Callable = lambda: None, sustain_s: float = 0.0) -> float:
+    """Median seconds of fn(*args) until ready; `before`/`after` run around every call, outside the timed span.
+    `sustain_s`: the warm-up calls go on until this long has passed, so the timed calls run at the clocks a
+    sustained load gets (an H200's power cap lowers them within seconds: WORKSPACE.md, session 7)."""
     samples = []
-    for i in range(warmup + repeats):
+    start = time.perf_counter()
+    i = 0
+    while len(samples) < repeats:
         before()
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        if i >= warmup:
+        if i >= warmup and t - start >= sustain_s:
             samples.append(time.perf_counter() - t)
         after()
+        i += 1
     return statistics.median(samples)
 
 
@@ -76,8 +81,8 @@ def tflops(case: tuple[Callable, tuple, float], **timing) -> float:
     return flops / time_s(fn, *args, **timing) / 1e12
 
 
-def dense_gemm_tflops(m: int, k: int, n: int, dtype=jnp.bfloat16) -> float:
-    return tflops(dense_gemm_case(m, k, n, dtype))
+def dense_gemm_tflops(m: int, k: int, n: int, dtype=jnp.bfloat16, **timing) -> float:
+    return tflops(dense_gemm_case(m, k, n, dtype), **timing)
 
 
 def sm_clock_mhz() -> float | None:
@@ -158,8 +163,8 @@ def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
 
 
 def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
-                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None) -> float:
-    return tflops(split_gemm_case(sizes, k, n, fused, blocks, slab_counts, kernel))
+                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None, **timing) -> float:
+    return tflops(split_gemm_case(sizes, k, n, fused, blocks, slab_counts, kernel), **timing)
 
 
 def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: Callable | None = None) -> float:
@@ -215,7 +220,7 @@ def pull_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int, gemm: 
             "overlap_fraction": (t_compute + t_pull - t_both) / min(t_compute, t_pull)}
 
 
-def attention_tflops(impl: str, t: int, heads: int, qk_dim: int, v_dim: int) -> float:
+def attention_tflops(impl: str, t: int, heads: int, qk_dim: int, v_dim: int, **timing) -> float:
     """One causal sequence of t tokens; FLOPs counted for the causal half: 2 * t^2/2 * H * (qk + v)."""
     key = jax.random.key(3)
     q = jax.random.normal(key, (t, heads, qk_dim), jnp.float32).astype(jnp.bfloat16)
@@ -224,7 +229,7 @@ def attention_tflops(impl: str, t: int, heads: int, qk_dim: int, v_dim: int) -> 
     seg, pos = jnp.zeros((t,), jnp.int32), jnp.arange(t, dtype=jnp.int32)
     fn = attention_kernels.get_backend(impl)
     f = jax.jit(lambda q, k, v: fn(q, k, v, seg, pos, scale=qk_dim ** -0.5))
-    return t * t * heads * (qk_dim + v_dim) / time_s(f, q, k, v) / 1e12
+    return t * t * heads * (qk_dim + v_dim) / time_s(f, q, k, v, **timing) / 1e12
 
 
 def all2all_gbps(devices: list[jax.Device], bytes_per_peer: int = 64 << 20) -> float:

@@ -14,6 +14,8 @@ from dwdp_jax.results import write_measurements
 
 _QUICK = flags.DEFINE_bool("quick", False, "smaller shapes (a smoke run)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
+_SUSTAIN = flags.DEFINE_float("sustain_s", 2.0, "each compute rate is timed after this many seconds of the same "
+                              "kernel, at the clocks serving runs at (0: a burst from idle, as before session 7)")
 
 
 def main(argv):
@@ -24,15 +26,22 @@ def main(argv):
         sys.exit(2)
     rows = 16384 if _QUICK.value else 131072
     m = {}
-    raw = {}
-    m["gemm_tflops"] = gb.dense_gemm_tflops(rows, 7168, 4096)
-    m["gemm_down_tflops"] = gb.dense_gemm_tflops(rows, 2048, 7168)
+    raw = {"sm_clock_mhz": {}}
+    timing = {"sustain_s": _SUSTAIN.value}
+
+    def clock(name):  # the SM clock right after a sustained measurement: the evidence of the power state
+        raw["sm_clock_mhz"][name] = gb.sm_clock_mhz()
+
+    m["gemm_tflops"] = gb.dense_gemm_tflops(rows, 7168, 4096, **timing)
+    clock("gemm")
+    m["gemm_down_tflops"] = gb.dense_gemm_tflops(rows, 2048, 7168, **timing)
     m["hbm_gbps"] = gb.hbm_gbps()
     sizes = gb.skewed_group_sizes(rows, 256, 6.0)
     raw["group_sizes_max_over_mean"] = float(sizes.max() / sizes.mean())
     # The project's MoE kernel (split-weight Pallas): fused gate/up (the FLOPs of K=7168, N=4096) and down.
-    m["grouped_gemm_tflops"] = gb.split_gemm_tflops(sizes, 7168, 2048, fused=True)
-    m["grouped_gemm_down_tflops"] = gb.split_gemm_tflops(sizes, 2048, 7168, fused=False)
+    m["grouped_gemm_tflops"] = gb.split_gemm_tflops(sizes, 7168, 2048, fused=True, **timing)
+    clock("grouped_gemm")
+    m["grouped_gemm_down_tflops"] = gb.split_gemm_tflops(sizes, 2048, 7168, fused=False, **timing)
     m["grouped_gemm_over_dense"] = m["grouped_gemm_tflops"] / m["gemm_tflops"]
     m["grouped_gemm_down_over_dense"] = m["grouped_gemm_down_tflops"] / m["gemm_down_tflops"]
     skewed = gb.skewed_group_sizes(4096, 16, 6.0)
@@ -40,14 +49,15 @@ def main(argv):
     m["grouped_gemm_rel_err"] = max(gb.grouped_gemm_error(s, 512, 256) for s in (
         skewed, gb.skewed_group_sizes(4096, 16, 1.0), with_empty))
     try:
-        m["fp8_gemm_tflops"] = gb.dense_gemm_tflops(rows, 7168, 4096, jax.numpy.float8_e4m3fn)
+        m["fp8_gemm_tflops"] = gb.dense_gemm_tflops(rows, 7168, 4096, jax.numpy.float8_e4m3fn, **timing)
     except Exception as e:  # recorded, not fatal: FP8 dot support differs across XLA versions
         raw["fp8_error"] = repr(e)[:300]
     t = 4096 if _QUICK.value else 8192
     # FLOPs counted at MLA's real sizes (q/k 192, v 128) for both, so the padded-V path pays for its padding.
-    m["attention_tflops"] = gb.attention_tflops("cudnn", t, 128, 192, 128)
-    m["attention_mla_native_tflops"] = gb.attention_tflops("cudnn_mla_1seq", t, 128, 192, 128)
-    m["attention_192_tflops"] = gb.attention_tflops("cudnn_mla_1seq", t, 128, 192, 192)
+    m["attention_tflops"] = gb.attention_tflops("cudnn", t, 128, 192, 128, **timing)
+    clock("attention")
+    m["attention_mla_native_tflops"] = gb.attention_tflops("cudnn_mla_1seq", t, 128, 192, 128, **timing)
+    m["attention_192_tflops"] = gb.attention_tflops("cudnn_mla_1seq", t, 128, 192, 192, **timing)
     m["attention_mla_over_192"] = m["attention_mla_native_tflops"] / m["attention_192_tflops"]
     m["attention_padded_v_over_192"] = m["attention_tflops"] / m["attention_192_tflops"]
     # the same ratios per sequence (8K causal tokens per second): 192/128 does 320/384 of 192/192's FLOPs
@@ -66,7 +76,8 @@ def main(argv):
         m["compute_slowdown_while_pulling"] = raw["pull_overlap"]["both_s"] / raw["pull_overlap"]["compute_s"]
         m["all2all_gbps"] = gb.all2all_gbps(devices[:4])
     m["memory_gb"] = devices[0].memory_stats().get("bytes_limit", 0) / 1e9
-    config = {"quick": _QUICK.value, "rows": rows, "gemm_backend": "pallas_split", "attention_impl": "cudnn"}
+    config = {"quick": _QUICK.value, "rows": rows, "gemm_backend": "pallas_split", "attention_impl": "cudnn",
+              "sustain_s": _SUSTAIN.value}
     write_measurements("gpu_calibration", config=config, raw=raw, metrics=m, root=_RESULTS.value)
 
 

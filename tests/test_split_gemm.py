@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwdp_jax.gpu_bench import dense_gemm_case, lowered_for_cuda, round_robin_over_dense
+from dwdp_jax.gpu_bench import dense_gemm_case, lowered_for_cuda, round_robin_over_dense, time_s
 from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.kernels.split_gemm import Blocks, split_ragged_dot, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
@@ -117,6 +117,25 @@ def test_round_robin_measures_a_known_ratio():
     assert 0.3 < got["twice"]["over_dense"] < 0.8, got
     assert got["twice"]["over_dense_min"] <= got["twice"]["over_dense"] <= got["twice"]["over_dense_max"]
     assert got["dense"]["over_dense"] == 1.0 and got["dense"]["tflops"] > got["twice"]["tflops"] > 0
+
+
+def test_sustained_timing_warms_up_for_the_given_seconds():
+    """With sustain_s the warm-up calls go on until that long has passed; only the calls after it are timed."""
+    import time
+
+    calls = []
+
+    def work():
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+        return jnp.zeros(())
+
+    seconds = time_s(work, repeats=3, warmup=1, sustain_s=0.2)
+    assert calls[-3] - calls[0] >= 0.2 and len(calls) >= 15
+    assert 0.005 < seconds < 0.1
+    calls.clear()
+    time_s(work, repeats=3, warmup=1)
+    assert len(calls) == 4
 
 
 def test_split_ragged_dot_refuses_mismatched_slabs():
