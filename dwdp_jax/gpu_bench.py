@@ -68,6 +68,12 @@ def skewed_group_sizes(num_rows: int, num_groups: int, max_over_mean: float, see
     return sizes
 
 
+def uniform_group_sizes(num_rows: int, num_groups: int, seed: int = 0) -> np.ndarray:
+    """Group sizes of rows routed uniformly at random (multinomial): what a rank's experts see in serving with
+    balanced routing (max/mean 1.3-1.5 per MoE layer in the R1-width runs, WORKSPACE.md session 6)."""
+    return np.random.default_rng(seed).multinomial(num_rows, np.full(num_groups, 1.0 / num_groups)).astype(np.int32)
+
+
 def dense_gemm_case(m: int, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callable, tuple, float]:
     """(jitted fn, its args, its FLOPs): one [m, k] x [k, n] GEMM."""
     key = jax.random.key(0)

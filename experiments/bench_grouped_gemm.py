@@ -4,6 +4,7 @@ on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs
   python -m experiments.bench_grouped_gemm                 # on a GPU; writes results/bench_grouped_gemm/<run>.json
   python -m experiments.bench_grouped_gemm --tune --rows=262144   # also records each kernel's fastest blocks for
                                                                   # this shape and card (dwdp_jax.kernels.tuning)
+  python -m experiments.bench_grouped_gemm --tune --rows=262144 --routing=uniform   # tuned for serving's rows
 """
 
 import dataclasses
@@ -22,7 +23,9 @@ from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)")
 _EXPERTS = flags.DEFINE_integer("experts", 256, "groups")
-_SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size")
+_SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size (--routing=skewed)")
+_ROUTING = flags.DEFINE_enum("routing", "skewed", ["skewed", "uniform"], "group sizes: skewed (issue 6's shape, many "
+                             "tiny groups) or uniform random routing (a DWDP rank's rows in serving)")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration (--nosweep: the cached "
                             "winners for this card and shape, else the defaults)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -97,7 +100,8 @@ def main(argv):
     if jax.devices()[0].platform != "gpu":
         print("bench_grouped_gemm: needs a GPU", file=sys.stderr)
         sys.exit(2)
-    sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
+    sizes = (gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value) if _ROUTING.value == "skewed"
+             else gb.uniform_group_sizes(_ROWS.value, _EXPERTS.value))
     metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
     for name, k, n, fused in PROBLEMS:
         # the dense GEMM before and after the sweep: its rate drifts between runs on one card (717-764 TFLOP/s)
@@ -149,11 +153,12 @@ def main(argv):
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
         if _TUNE.value:
             rows = int(sizes.sum())
-            how = f"experiments.bench_grouped_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}"
+            shape = f"skew {_SKEW.value}" if _ROUTING.value == "skewed" else "uniform routing"
+            how = f"experiments.bench_grouped_gemm {datetime.date.today()}, {_EXPERTS.value} groups, {shape}"
             tuning.record("split_triton", kind, k, n, fused, rows, best_blocks, timed[best_blocks], how)
             tuning.record("split_mgpu", kind, k, n, fused, rows, best_mgpu, split_mgpu, how)
-    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value, "tuned_into": str(
-        tuning.cache_path()) if _TUNE.value else ""}
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "routing": _ROUTING.value, "skew": _SKEW.value,
+              "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     write_measurements("bench_grouped_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
 
 

@@ -119,6 +119,14 @@ def test_round_robin_measures_a_known_ratio():
     assert got["dense"]["over_dense"] == 1.0 and got["dense"]["tflops"] > got["twice"]["tflops"] > 0
 
 
+def test_uniform_routing_group_sizes_are_balanced():
+    from dwdp_jax.gpu_bench import skewed_group_sizes, uniform_group_sizes
+
+    sizes = uniform_group_sizes(262144, 256)
+    assert sizes.sum() == 262144 and sizes.min() > 0
+    assert sizes.max() / sizes.mean() < 1.2 < skewed_group_sizes(262144, 256, 6.0).max() / sizes.mean()
+
+
 def test_sustained_timing_warms_up_for_the_given_seconds():
     """With sustain_s the warm-up calls go on until that long has passed; only the calls after it are timed."""
     import time
