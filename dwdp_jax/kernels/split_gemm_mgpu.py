@@ -51,14 +51,14 @@ class MgpuBlocks:
     # (the register-to-shared writes without bank conflicts); cut tiles keep the plain view and the row runs.
     swizzled_store: bool = False
     # Two CTAs per cluster take adjacent column blocks of one row tile, and the x tile they share is loaded once
-    # for both (TMA multicast): a tile's shared-memory fill then reads 2/3 of the bytes from L2 per CTA (down: x
-    # 16 KiB of 48 KiB per k step), the structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu
-    # `cluster_dimension`). The column blocks per row tile must be even.
+    # for both (TMA multicast): per CTA and k step 40 of the 48 KiB come from L2 (x is 16 KiB of them), the
+    # structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu `cluster_dimension`). The column blocks
+    # per row tile must be even.
     cluster_n: bool = False
     # Each compute warpgroup loads its x tile from shared memory into registers once per k step and feeds every
     # wgmma from there (jax's hopper_mixed_type_matmul_mgpu does so to convert A): the fused gate/up kernel's two
-    # wgmmas otherwise each read x from shared memory, 48 KiB of shared-memory reads per k step against the down
-    # kernel's 32 KiB for the same FLOPs, which is where the fused kernel trails the down kernel.
+    # wgmmas otherwise each read x from shared memory, 48 KiB of shared-memory reads per warpgroup and k step
+    # against the down kernel's 32 KiB for the same FLOPs: a likely reason the fused kernel trails the down one.
     a_in_registers: bool = False
 
     def __post_init__(self):
