@@ -305,7 +305,8 @@ def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
 
 def breakdown_ms(stages_s: dict[str, float]) -> dict[str, float]:
     """DWDP profiled stages in the paper's categories (see the results' breakdown labels): attention of every
-    layer, the MoE layers' FFN (router, shared expert, grouped GEMMs), dense MLPs with embedding and head."""
+    layer, the MoE layers' FFN (router, shared expert, grouped GEMMs), dense MLPs with embedding and head (the
+    head program only: the outputs' host copies, in no category, ran inside it until session 7)."""
     return {"attention": 1e3 * stages_s.get("attention", 0.0), "grouped_gemm": 1e3 * stages_s.get("moe", 0.0),
             "dense_gemm": 1e3 * (stages_s.get("embed", 0.0) + stages_s.get("dense_mlp", 0.0)
                                  + stages_s.get("head", 0.0)),
