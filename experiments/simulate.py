@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dwdp_jax.results import write_results
 from dwdp_jax.sim import hardware, studies
 from dwdp_jax.sim.roofline import Precision
-from dwdp_jax.sim.simulate import ContextConfig
+from dwdp_jax.sim.simulate import PULL_ISSUES, ContextConfig
 from models.config import get_preset
 
 EXPERIMENTS = {"roofline": "roofline", "contention": "sim_contention", "sync_cv": "sim_sync_cv",
@@ -65,7 +65,7 @@ flags.DEFINE_enum("packing", "lookahead", ["lookahead", "fcfs"], "DWDP batch fil
                   "one rank at a time, or strict FCFS (serving.scheduler)")
 flags.DEFINE_float("compute_slowdown", 0.0, "DWDP compute slowdown while pulling (0.05 = 5%)")
 flags.DEFINE_float("attention_slowdown", None, "DWDP attention slowdown while pulling (default: --compute_slowdown)")
-flags.DEFINE_enum("pull_issue", "after_moe", ["after_moe", "after_attention"], "where a DWDP rank issues the next "
+flags.DEFINE_enum("pull_issue", "after_moe", list(PULL_ISSUES), "where a DWDP rank issues the next "
                   "pull: after a MoE layer (two layers ahead) or after its attention (one layer ahead)")
 flags.DEFINE_float("tolerance", 0.10, "calibration: allowed relative error of the predicted DWDP/DEP ratio")
 

@@ -104,9 +104,8 @@ def combine(y_sorted_MD: jax.Array, order_M: jax.Array, weights_TK: jax.Array,
     scatter version's 256 MiB at T 4096, K 8, D 1024)."""
     t, k = weights_TK.shape
     m = order_M.shape[0]
-    position_M = jnp.zeros((m,), order_M.dtype).at[order_M].set(jnp.arange(m, dtype=order_M.dtype))
-    if aligned_M is not None:
-        position_M = aligned_M[position_M]
+    rows_M = jnp.arange(m, dtype=order_M.dtype) if aligned_M is None else aligned_M.astype(order_M.dtype)
+    position_M = jnp.zeros((m,), order_M.dtype).at[order_M].set(rows_M)
     y_TKD = y_sorted_MD[position_M].reshape(t, k, -1)
     # an elementwise product and a reduction, which XLA may fuse; an einsum would lower to a dot over fp32 rows
     y_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[:, :, None]).sum(axis=1)

@@ -93,3 +93,13 @@ def test_bench_grouped_gemm_exits_2_on_cpu_or_tune_without_sweep(flags, message)
     proc = subprocess.run([sys.executable, "-m", "experiments.bench_grouped_gemm", *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module,flag,message", [
+    ("bench_grouped_gemm", "--routing=zipf", "value should be one of <skewed|uniform>"),
+    ("gpu_calibration", "--sustain_s=-1", "sustain_s"),
+])
+def test_gpu_benchmarks_refuse_bad_flags_before_any_device_work(module, flag, message):
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", flag], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr and "needs a GPU" not in proc.stderr, proc.stderr[-2000:]
