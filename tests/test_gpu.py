@@ -66,7 +66,7 @@ def test_every_benchmarked_candidate_matches_ragged_dot(fused, kernel):
         assert rel(out, ref) < 1e-2, blocks
 
 
-@pytest.mark.parametrize("backend", ["pallas_split", "pallas_split_mgpu"])
+@pytest.mark.parametrize("backend", ["pallas_split", "pallas_split_triton", "pallas_split_mgpu"])
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
 def test_split_kernel_matches_xla_over_three_slabs(kind, backend):
     from dwdp_jax import gpu_bench

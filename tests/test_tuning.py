@@ -38,6 +38,44 @@ def test_recorded_blocks_come_back_nearest_in_rows(tmp_path):
     assert tuning.lookup("split_triton", Blocks, "H200", 7168, 2048, True, 32768, path) == Blocks(block_n=32)
 
 
+def test_the_fastest_kernel_is_picked_per_problem_by_its_cached_rate(tmp_path):
+    path, both = tmp_path / "blocks.json", ("split_triton", "split_mgpu")
+    tuning.record("split_triton", "H200", 7168, 2048, True, 262144, Blocks(), 510.0, "t", path)
+    tuning.record("split_mgpu", "H200", 7168, 2048, True, 262144, MgpuBlocks(tile_n=64), 565.0, "t", path)
+    tuning.record("split_triton", "H200", 2048, 7168, False, 262144, Blocks(), 582.0, "t", path)
+    tuning.record("split_mgpu", "H200", 2048, 7168, False, 262144, MgpuBlocks(), 563.0, "t", path)
+    tuning.record("split_mgpu", "H200", 2048, 7168, False, 8192, MgpuBlocks(), 900.0, "t", path)  # far in rows
+    assert tuning.fastest(both, "H200", 7168, 2048, True, 236000, path) == "split_mgpu"
+    assert tuning.fastest(both, "H200", 2048, 7168, False, 236000, path) == "split_triton"
+    assert tuning.fastest(both, "H200", 2048, 7168, False, 8192, path) == "split_mgpu"
+    assert tuning.fastest(("split_triton",), "H200", 7168, 2048, True, 236000, path) == "split_triton"
+    assert tuning.fastest(both, "H100", 7168, 2048, True, 236000, path) is None
+
+
+def test_the_default_split_backend_runs_the_faster_kernel_of_each_projection(tmp_path, monkeypatch):
+    from dwdp_jax.kernels import gpu, grouped_gemm
+
+    path, kind = tmp_path / "blocks.json", jax.devices()[0].device_kind
+    monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(path))
+    tuning.record("split_mgpu", kind, 64, 32, True, 96, MgpuBlocks(), 2.0, "t", path)  # gate/up: Mosaic GPU
+    tuning.record("split_triton", kind, 64, 32, True, 96, Blocks(), 1.0, "t", path)
+    tuning.record("split_triton", kind, 32, 64, False, 96, Blocks(), 1.0, "t", path)  # down: Triton only
+    calls = []
+
+    def fake(name):
+        def kernel(x_MK, group_sizes_G, weights, *, fused=False, interpret=False):
+            calls.append((name, fused))
+            return jnp.zeros((x_MK.shape[0], 32 if fused else 64), x_MK.dtype)
+        return kernel
+
+    monkeypatch.setattr(gpu, "SPLIT_KERNELS", {name: fake(name) for name in gpu.SPLIT_KERNELS})
+    slab = type("Slab", (), dict(w_gate_EDF=jnp.ones((2, 64, 32), jnp.bfloat16),
+                                 w_up_EDF=jnp.ones((2, 64, 32), jnp.bfloat16),
+                                 w_down_EFD=jnp.ones((2, 32, 64), jnp.bfloat16)))
+    y = grouped_gemm.get_split_backend("pallas_split")(jnp.ones((96, 64), jnp.bfloat16), jnp.array([40, 50]), (slab,))
+    assert calls == [("split_mgpu", True), ("split_triton", False)] and y.shape == (96, 64)
+
+
 @pytest.mark.parametrize("doc,message", [
     ("not json", "not readable JSON"),
     ({"version": 2, "entries": []}, "needs {'version': 1"),

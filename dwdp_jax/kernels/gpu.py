@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import attention, grouped_gemm, split_gemm, split_gemm_mgpu
+from dwdp_jax.kernels import attention, grouped_gemm, split_gemm, split_gemm_mgpu, tuning
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 
 # Best of the configurations measured on H200 for K=7168/N=4096 (DESIGN.md GPU facts): 128x128x64.
@@ -75,14 +75,35 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
                            max_segments=max_segments)[..., :v_THV.shape[-1]]
 
 
+SPLIT_KERNELS = {"split_triton": split_gemm.split_ragged_dot, "split_mgpu": split_gemm_mgpu.split_ragged_dot_mgpu}
+
+
+def fastest_split_kernel(k: int, n: int, fused: bool, rows: int) -> str:
+    """Whichever split kernel (Triton or Mosaic GPU) timed faster at its tuned blocks for this problem and card
+    (`tuning.fastest`), the Triton one without entries: neither wins both projections (session 8, H200: Mosaic
+    GPU's clustered kernel for gate/up, Triton's half tiles for down)."""
+    return tuning.fastest(tuple(SPLIT_KERNELS), jax.devices()[0].device_kind, k, n, fused, rows) or "split_triton"
+
+
+def fastest_split_ragged_dot(x_MK, group_sizes_G, weights, *, fused: bool = False, interpret: bool = False):
+    """`split_gemm.split_ragged_dot` on the faster kernel of this projection (`fastest_split_kernel`)."""
+    _, n = split_gemm.slab_weights(x_MK, weights, fused, "fastest_split_ragged_dot")
+    m, k = x_MK.shape
+    kernel = SPLIT_KERNELS[fastest_split_kernel(k, n, fused, m)]
+    return kernel(x_MK, group_sizes_G, weights, fused=fused, interpret=interpret)
+
+
 # The split kernels' row tiles are 128 rows (every benchmarked block_m / tile_m but the 64-row Triton candidate):
 # expert groups start on a tile (grouped_gemm.row_alignment).
 SPLIT_ROW_ALIGN = 128
 grouped_gemm.register_backend("pallas_mgpu", pallas_grouped_ffn)
-grouped_gemm.register_split_backend("pallas_split", split_gemm.split_grouped_ffn, SPLIT_ROW_ALIGN)
-# The ablation of the alignment: the same kernel over groups packed back to back (the layout before session 7).
-grouped_gemm.register_split_backend("pallas_split_unaligned", split_gemm.split_grouped_ffn)
-# The same schedule on Mosaic GPU (TMA + warp-specialized wgmma): first measured on par with the Triton kernel.
+_fastest_ffn = functools.partial(split_gemm.split_grouped_ffn, ragged_dot=fastest_split_ragged_dot)
+grouped_gemm.register_split_backend("pallas_split", _fastest_ffn, SPLIT_ROW_ALIGN)
+# The ablation of the alignment: the same kernels over groups packed back to back (the layout before session 7).
+grouped_gemm.register_split_backend("pallas_split_unaligned", _fastest_ffn)
+# One kernel for both projections (the ablations of the choice): Triton (the default before session 8), and the
+# same schedule on Mosaic GPU (TMA + warp-specialized wgmma).
+grouped_gemm.register_split_backend("pallas_split_triton", split_gemm.split_grouped_ffn, SPLIT_ROW_ALIGN)
 grouped_gemm.register_split_backend("pallas_split_mgpu", functools.partial(
     split_gemm.split_grouped_ffn, ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu), SPLIT_ROW_ALIGN)
 # The same kernel in Pallas interpret mode: CPU tests of the split-weight path through the model.

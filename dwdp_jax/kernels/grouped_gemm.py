@@ -52,7 +52,8 @@ def row_alignment(name: str) -> int:
     return _ROW_ALIGN.get(name, 1)
 
 
-_GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_unaligned", "pallas_split_mgpu", "pallas_split_interpret"}
+_GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_unaligned", "pallas_split_triton", "pallas_split_mgpu",
+                 "pallas_split_interpret"}
 
 
 def get_backend(name: str) -> GroupedFFN | None:

@@ -64,20 +64,33 @@ def _validated(path: Path) -> list[dict[str, Any]]:
     return doc["entries"]
 
 
+def _nearest(kernel: str, device_kind: str, k: int, n: int, fused: bool, rows: int,
+             path: Path | None) -> dict[str, Any] | None:
+    same = [e for e in read(path) if (e["kernel"], e["device_kind"], e["k"], e["n"], e["fused"]) ==
+            (kernel, device_kind, k, n, fused)]
+    return min(same, key=lambda e: abs(math.log(e["rows"]) - math.log(max(rows, 1)))) if same else None
+
+
 def lookup(kernel: str, blocks_type: type, device_kind: str, k: int, n: int, fused: bool, rows: int,
            path: Path | None = None):
     """The cached blocks (an instance of `blocks_type`) of the entry nearest in rows, or None without one."""
-    same = [e for e in read(path) if (e["kernel"], e["device_kind"], e["k"], e["n"], e["fused"]) ==
-            (kernel, device_kind, k, n, fused)]
-    if not same:
+    best = _nearest(kernel, device_kind, k, n, fused, rows, path)
+    if best is None:
         return None
-    best = min(same, key=lambda e: abs(math.log(e["rows"]) - math.log(max(rows, 1))))
     names = {f.name for f in dataclasses.fields(blocks_type)}
     unknown = set(best["blocks"]) - names
     if unknown:
         raise ValueError(f"kernel block cache {path or cache_path()}: {kernel} blocks have unknown fields "
                          f"{sorted(unknown)} (allowed: {sorted(names)})")
     return blocks_type(**best["blocks"])
+
+
+def fastest(kernels: tuple[str, ...], device_kind: str, k: int, n: int, fused: bool, rows: int,
+            path: Path | None = None) -> str | None:
+    """Of these kernels, the one whose entry nearest in rows timed fastest for this problem and card (each
+    kernel's rate at its own tuned blocks), or None when none has an entry."""
+    rates = {name: e["tflops"] for name in kernels if (e := _nearest(name, device_kind, k, n, fused, rows, path))}
+    return max(rates, key=rates.get) if rates else None
 
 
 def record(kernel: str, device_kind: str, k: int, n: int, fused: bool, rows: int, blocks, tflops: float,
