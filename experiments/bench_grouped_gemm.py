@@ -5,6 +5,7 @@ on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs
   python -m experiments.bench_grouped_gemm --tune --rows=262144   # also records each kernel's fastest blocks for
                                                                   # this shape and card (dwdp_jax.kernels.tuning)
   python -m experiments.bench_grouped_gemm --tune --rows=262144 --routing=uniform   # tuned for serving's rows
+  python -m experiments.bench_grouped_gemm --problem=down     # one projection only (gate_up, down; default both)
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ _ROUTING = flags.DEFINE_enum("routing", "skewed", ["skewed", "uniform"], "group 
                              "tiny groups) or uniform random routing (a DWDP rank's rows in serving)")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration (--nosweep: the cached "
                             "winners for this card and shape, else the defaults)")
+_PROBLEMS = flags.DEFINE_multi_enum("problem", ["gate_up", "down"], ["gate_up", "down"], "the projections to time")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 _TUNE = flags.DEFINE_bool("tune", False, "record each kernel's fastest swept blocks in the kernel block cache, which "
                           "the kernels then use at this K, N and about this many rows on this card")
@@ -56,6 +58,11 @@ CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in 
 # WORKSPACE.md, session 4); then clusters of two CTAs sharing their x tile by TMA multicast and, for the fused
 # kernel, x fed to both wgmmas from registers (session 7, untimed; checked on a GPU only: Mosaic GPU's interpreter
 # has neither cluster barriers nor register operands).
+# Down (K 2048: 32 k steps of 64) pays a pipeline fill and drain per tile, about 10% of it; chaining them away needs
+# the stages to divide the k steps, and 4 stages of 48 KiB do not fit beside the output buffer. K tiles of 32 do
+# (24 KiB a stage): chained over 4 stages, and unchained over 6 with and without clusters (session 8, untimed).
+_DOWN_K32 = [MgpuBlocks(tile_k=32, max_concurrent_steps=4, chain=True), MgpuBlocks(tile_k=32, max_concurrent_steps=6),
+             MgpuBlocks(tile_k=32, max_concurrent_steps=6, cluster_n=True)]
 MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
     fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
             dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
@@ -63,7 +70,7 @@ MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
             dataclasses.replace(default, cluster_n=True), dataclasses.replace(default, delay_release=1, cluster_n=True),
             dataclasses.replace(stages, cluster_n=True)]
     + ([dataclasses.replace(default, a_in_registers=True), dataclasses.replace(stages, a_in_registers=True),
-        dataclasses.replace(default, a_in_registers=True, cluster_n=True)] if fused else [])
+        dataclasses.replace(default, a_in_registers=True, cluster_n=True)] if fused else _DOWN_K32)
     for fused, default, stages in ((True, FUSED_MGPU_BLOCKS, MgpuBlocks(tile_n=64, max_concurrent_steps=3)),
                                    (False, DEFAULT_MGPU_BLOCKS, MgpuBlocks(max_concurrent_steps=2)))
 }
@@ -103,7 +110,7 @@ def main(argv):
     sizes = (gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value) if _ROUTING.value == "skewed"
              else gb.uniform_group_sizes(_ROWS.value, _EXPERTS.value))
     metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
-    for name, k, n, fused in PROBLEMS:
+    for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         # the dense GEMM before and after the sweep: its rate drifts between runs on one card (717-764 TFLOP/s)
         dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
         # without the sweep: the cached winners for this card and shape (the kernels' own choice), else the defaults
