@@ -55,22 +55,15 @@ CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in 
               for fused, blocks in _FULL_TILES.items()}
 # The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
 # allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
-# WORKSPACE.md, session 4); then clusters of two CTAs sharing their x tile by TMA multicast and, for the fused
-# kernel, x fed to both wgmmas from registers (session 7, untimed; checked on a GPU only: Mosaic GPU's interpreter
-# has neither cluster barriers nor register operands).
-# Down (K 2048: 32 k steps of 64) pays a pipeline fill and drain per tile, about 10% of it; chaining them away needs
-# the stages to divide the k steps, and 4 stages of 48 KiB do not fit beside the output buffer. K tiles of 32 do
-# (24 KiB a stage): chained over 4 stages, and unchained over 6 with and without clusters (session 8, untimed).
-_DOWN_K32 = [MgpuBlocks(tile_k=32, max_concurrent_steps=4, chain=True), MgpuBlocks(tile_k=32, max_concurrent_steps=6),
-             MgpuBlocks(tile_k=32, max_concurrent_steps=6, cluster_n=True)]
+# WORKSPACE.md, session 4); then clusters of two CTAs sharing their x tile by TMA multicast (session 7; checked on a
+# GPU only: Mosaic GPU's interpreter has no cluster barriers). Timed and dropped in session 8: x fed to the fused
+# kernel's wgmmas from registers (-9%) and 32-wide K tiles for down (chained or 6 stages, -3 to -17%).
 MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
     fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
             dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
             dataclasses.replace(default, delay_release=1, swizzled_store=True), stages,
             dataclasses.replace(default, cluster_n=True), dataclasses.replace(default, delay_release=1, cluster_n=True),
             dataclasses.replace(stages, cluster_n=True)]
-    + ([dataclasses.replace(default, a_in_registers=True), dataclasses.replace(stages, a_in_registers=True),
-        dataclasses.replace(default, a_in_registers=True, cluster_n=True)] if fused else _DOWN_K32)
     for fused, default, stages in ((True, FUSED_MGPU_BLOCKS, MgpuBlocks(tile_n=64, max_concurrent_steps=3)),
                                    (False, DEFAULT_MGPU_BLOCKS, MgpuBlocks(max_concurrent_steps=2)))
 }
@@ -146,7 +139,7 @@ def main(argv):
         # the error check is unfused: the down kernel's variant of the winner's pipeline
         unfused = dataclasses.replace(CHAINED_R1[False] if best_mgpu.chain else DEFAULT_MGPU_BLOCKS,
                                       delay_release=best_mgpu.delay_release, swizzled_store=best_mgpu.swizzled_store,
-                                      cluster_n=best_mgpu.cluster_n, a_in_registers=best_mgpu.a_in_registers)
+                                      cluster_n=best_mgpu.cluster_n)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
         metrics.update(_round_robin(name, sizes, k, n, fused, best_blocks, best_mgpu))

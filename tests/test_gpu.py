@@ -42,7 +42,8 @@ def test_pallas_grouped_ffn_matches_xla(kind):
 @pytest.mark.parametrize("fused", [False, True])
 def test_every_benchmarked_candidate_matches_ragged_dot(fused, kernel):
     """Each split kernel in each configuration the benchmark times (Triton: launch orders, half tiles; Mosaic GPU:
-    chained, wgmma in flight, swizzled stores of full tiles, two-CTA clusters, x in registers) at R1's K and N, skewed groups over two slabs."""
+    chained, wgmma in flight, swizzled stores of full tiles, two-CTA clusters) at R1's K and N, skewed groups over
+    two slabs."""
     from dwdp_jax import gpu_bench
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
     from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu

@@ -104,11 +104,9 @@ def test_expert_ffn_with_the_mgpu_kernel_matches_xla():
     np.testing.assert_array_equal(np.asarray(out[-8:], np.float32), 0)
 
 
-def test_clusters_and_register_operands_refuse_what_they_cannot_run():
+def test_clusters_refuse_what_they_cannot_run():
     with pytest.raises(ValueError, match="cluster_n and chain cannot be combined"):
         MgpuBlocks(cluster_n=True, chain=True)
-    with pytest.raises(ValueError, match="a_in_registers needs delay_release=0"):
-        MgpuBlocks(a_in_registers=True, delay_release=1)
     with pytest.raises(ValueError, match="cluster_n needs an even num_sms"):
         MgpuBlocks(cluster_n=True, num_sms=131)
     x, w = jnp.zeros((64, 128), jnp.bfloat16), jnp.zeros((2, 128, 384), jnp.bfloat16)

@@ -55,20 +55,12 @@ class MgpuBlocks:
     # structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu `cluster_dimension`). The column blocks
     # per row tile must be even.
     cluster_n: bool = False
-    # Each compute warpgroup loads its x tile from shared memory into registers once per k step and feeds every
-    # wgmma from there (jax's hopper_mixed_type_matmul_mgpu does so to convert A): the fused gate/up kernel's two
-    # wgmmas otherwise each read x from shared memory, 48 KiB of shared-memory reads per warpgroup and k step
-    # against the down kernel's 32 KiB for the same FLOPs: a likely reason the fused kernel trails the down one.
-    a_in_registers: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"))
         if self.cluster_n and self.chain:
             raise ValueError("MgpuBlocks: cluster_n and chain cannot be combined (a chained CTA's tiles would need "
                              "the same pipeline phase in both CTAs of its cluster)")
-        if self.a_in_registers and self.delay_release:
-            raise ValueError("MgpuBlocks: a_in_registers needs delay_release=0 (a wgmma reading registers completes "
-                             "within its k step)")
         if self.cluster_n and self.num_sms % 2:
             raise ValueError(f"MgpuBlocks.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
         if self.tile_m % 64:
@@ -181,9 +173,8 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
 
             def mma(_, x_smem, *w_and_accs):
                 w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
-                x = x_smem[...] if b.a_in_registers else x_smem
                 for w_smem, acc in zip(w_smems, accs):
-                    plgpu.wgmma(acc, x, w_smem.at[:, pl.ds(wg * b.tile_n, b.tile_n)])
+                    plgpu.wgmma(acc, x_smem, w_smem.at[:, pl.ds(wg * b.tile_n, b.tile_n)])
                 plgpu.wgmma_wait(b.delay_release)  # reading the accumulators after the pipeline waits for all
                 return accs
 
