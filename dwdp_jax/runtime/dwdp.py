@@ -193,8 +193,9 @@ class DwdpEngine:
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
         hook = t.hook(rank)
         t.begin_step(rank)
-        mid = opts.pull_issue == "after_attention"  # the pull of layer m + 1 starts between m's attention and MoE
-        ahead = 1 if mid else 2
+        issue_after = opts.pull_issue.removeprefix("after_")  # the stage whose output starts the next pulls
+        # after the attention, the pull of layer m + 1 starts between m's attention and MoE: one layer ahead
+        ahead = 1 if issue_after == "attention" else 2
         if opts.prefetch:
             for m in range(min(ahead, n_moe)):
                 t.pull(rank, m, m % 2)
@@ -219,19 +220,20 @@ class DwdpEngine:
             view = self._view(rank, m, remote)
             # The MoE below holds the view; the slot is refilled with layer m + 2 only after it has been read (the
             # device_put transport copies into fresh buffers, the copy engine issues from the end of this program, or
-            # with `mid` from the next one). `mid` fills the other slot, last read by layer m - 1's program.
+            # after the attention from the next one, which fills the other slot, last read by layer m - 1's program).
             t.release(rank, slot)
             if opts.prefetch and m + ahead < n_moe:
                 t.pull(rank, m + ahead, (m + ahead) % 2)
             t.seal(rank)
             if profile:
-                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos, hook=hook if mid else None)
+                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos, hook=hook,
+                                     issue_after=issue_after)
                 lap("attention", x)
                 x, ids = stages.ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts,
-                                    hook=hook, issue=not mid)
+                                    hook=hook, issue_after=issue_after)
             else:
                 x, ids = stages.moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view,
-                                          merge=opts.merge_experts, hook=hook, issue_mid=mid)
+                                          merge=opts.merge_experts, hook=hook, issue_after=issue_after)
             expert_ids.append(ids)
             lap("moe", x)
         n = batch.num_tokens
@@ -260,7 +262,7 @@ class DwdpEngine:
         texts["moe_layer"] = stages.moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
                                                     self._view(rank, 0, self.transport.remote_specs(rank)),
                                                     merge=self.options.merge_experts, hook=hook,
-                                                    issue_mid=self.options.pull_issue == "after_attention"
+                                                    issue_after=self.options.pull_issue.removeprefix("after_")
                                                     ).compile().as_text()
         return texts
 

@@ -5,8 +5,9 @@ The DWDP ranks and the streaming reference call these, one program per stage on 
 has the same module structure, so one compiled program per device and shape serves all of them.
 
 `hook` (a transport's in-program fences, static; None for none): the MoE waits for its slot's copies right before
-its grouped GEMM, the MoE layer issues the next pulls once its output exists (or, `issue_mid`, once its attention
-output exists), the front issues the priming pulls before its first layer.
+its grouped GEMM, and issues the next pulls once the output of the stage named by `issue_after` exists ("moe": the
+layer's output, or "attention": its attention's, before the MoE); the front issues the priming pulls before its
+first layer. The layer-level programs take the same `issue_after`, so profiled and fused steps issue alike.
 """
 
 from __future__ import annotations
@@ -54,26 +55,33 @@ def front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T
     return x_TD
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook", "issue_mid"))
-def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False, hook=None, issue_mid=False):
-    layer = nnx.merge(graphdef, state)
-    x_TD = layer.attention(x_TD, segment_ids_T, positions_T)
-    if hook is not None and issue_mid:
-        x_TD = hook.issue_after(x_TD)
-    x_TD, ids_TK = layer.ffn(x_TD, _experts(view, merge, hook), segment_ids_T >= 0)
-    return (x_TD if hook is None or issue_mid else hook.issue_after(x_TD)), ids_TK
+ISSUE_POINTS = ("moe", "attention")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "hook"))
-def attention(graphdef, state, x_TD, segment_ids_T, positions_T, hook=None):
+def _issue(x_TD, hook, issue_after: str, stage: str):
+    if issue_after not in ISSUE_POINTS:
+        raise ValueError(f"issue_after must be one of {ISSUE_POINTS}, got {issue_after!r}")
+    return hook.issue_after(x_TD) if hook is not None and issue_after == stage else x_TD
+
+
+def _attention(graphdef, state, x_TD, segment_ids_T, positions_T, hook=None, issue_after="moe"):
     x_TD = nnx.merge(graphdef, state).attention(x_TD, segment_ids_T, positions_T)
-    return x_TD if hook is None else hook.issue_after(x_TD)
+    return _issue(x_TD, hook, issue_after, "attention")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook", "issue"))
-def ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False, hook=None, issue=True):
+def _ffn(graphdef, state, x_TD, segment_ids_T, view, merge=False, hook=None, issue_after="moe"):
     x_TD, ids_TK = nnx.merge(graphdef, state).ffn(x_TD, _experts(view, merge, hook), segment_ids_T >= 0)
-    return (x_TD if hook is None or not issue else hook.issue_after(x_TD)), ids_TK
+    return _issue(x_TD, hook, issue_after, "moe"), ids_TK
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge", "hook", "issue_after"))
+def moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=False, hook=None, issue_after="moe"):
+    x_TD = _attention(graphdef, state, x_TD, segment_ids_T, positions_T, hook, issue_after)
+    return _ffn(graphdef, state, x_TD, segment_ids_T, view, merge, hook, issue_after)
+
+
+attention = jax.jit(_attention, static_argnames=("graphdef", "hook", "issue_after"))
+ffn = jax.jit(_ffn, static_argnames=("graphdef", "merge", "hook", "issue_after"))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
