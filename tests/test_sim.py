@@ -183,7 +183,7 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
                   metrics={"gemm_tflops": 600.0, "hbm_gbps": 4000.0, "p2p_gbps": 300.0, "attention_tflops": 350.0,
                            "grouped_gemm_tflops": 300.0, "memory_gb": 141.0})
     cfg = R1.replace(num_hidden_layers=6, dtype="bfloat16")
-    config = {"num_ranks": 4, "max_num_tokens": 32768, "max_batch_size": 64,
+    config = {"num_ranks": 4, "max_num_tokens": 32768, "max_batch_size": 64, "token_buckets": 2,
               "dwdp": {"slices": 1, "local_experts": 0, "packing": "lookahead"},
               "gemm_backend": "pallas_split", "attention_impl": "cudnn",
               "workload": {"num_requests": 32, "isl": 8192, "input_ratio": 0.8, "isl_std": -1.0, "rate_per_s": 0.0,
@@ -191,7 +191,8 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
     bf16 = Precision("bf16", "bf16", "bf16", "bf16")
     hw = hardware.calibrated(root)
     w = Workload(32, 8192, 0.8)
-    tps = {s: simulate.simulate_context(cfg, hw, ContextConfig(s, max_num_tokens=32768, precision=bf16), w).tps_per_gpu
+    tps = {s: simulate.simulate_context(cfg, hw, ContextConfig(s, max_num_tokens=32768, token_buckets=2,
+                                                               precision=bf16), w).tps_per_gpu
            for s in simulate.STRATEGIES}
     predicted = tps["dwdp"] / tps["dep"]
     for run, factor in ratio_factors.items():
@@ -206,6 +207,35 @@ def test_dwdp_lookahead_packing_needs_fewer_iterations_with_varied_lengths():
     runs = {p: simulate.simulate_context(cfg, GB200, ContextConfig("dwdp", packing=p), w) for p in simulate.PACKINGS}
     # fuller batches; throughput need not follow in a short run (with 64 requests the tail decides: 0.96x here)
     assert runs["lookahead"].summary()["num_iterations"] < runs["fcfs"].summary()["num_iterations"]
+
+
+def test_padding_to_a_static_shape_costs_the_per_token_gemms_only():
+    prec = Precision("bf16", "bf16", "bf16", "bf16")
+    real, padded = (roofline.prefill_times(R1, GB200, [6000, 9000], prec, p) for p in (None, 16384))
+    assert padded.routed_s == real.routed_s and padded.head_s == real.head_s  # never routed, no logits
+    for name in ("attention_s", "pre_moe_s", "dense_s"):
+        assert getattr(padded, name) > getattr(real, name), name
+    # the attention core is not padded: the padded attention grows by the projections' share only
+    core = roofline.ops_time_s([roofline.prefill_attention_core(R1, 15000, roofline.causal_pairs([6000, 9000]), prec)],
+                               GB200)
+    assert padded.attention_s - core == pytest.approx((real.attention_s - core) * 16384 / 15000, rel=0.05)
+    with pytest.raises(ValueError, match="padded_tokens=8192 is below the batch's 15000 tokens"):
+        roofline.prefill_times(R1, GB200, [6000, 9000], prec, 8192)
+
+
+def test_token_buckets_pad_each_dwdp_batch_and_every_dep_rank_to_the_fullest():
+    cfg, w = R1.replace(num_hidden_layers=6), Workload(32, 8192, 1.0, isl_std=4096.0)
+    runs = {(s, tb): simulate.simulate_context(cfg, GB200, ContextConfig(s, max_num_tokens=32768, token_buckets=tb),
+                                               w).summary()
+            for s in simulate.STRATEGIES for tb in (None, 2, 32768)}
+    tps = {key: run["tps_per_gpu"] for key, run in runs.items()}
+    # a bucket per token count: no padding for a DWDP rank, while a DEP step still pads every rank to its fullest
+    assert tps[("dwdp", 32768)] == pytest.approx(tps[("dwdp", None)])
+    assert tps[("dep", 32768)] < tps[("dep", None)]
+    assert tps[("dwdp", 2)] < tps[("dwdp", None)] and tps[("dep", 2)] < tps[("dep", 32768)]
+    assert ContextConfig("dep", max_num_tokens=32768, token_buckets=2).padded(16385) == 32768
+    with pytest.raises(ValueError, match="token_buckets must be None or >= 1 and divide max_num_tokens=32768"):
+        ContextConfig("dwdp", max_num_tokens=32768, token_buckets=3)
 
 
 def test_bench_setup_packs_runs_without_the_packing_field_strict_fcfs(tmp_path):

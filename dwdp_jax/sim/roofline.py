@@ -193,12 +193,19 @@ class PrefillTimes:
 
 
 def prefill_times(cfg: ModelConfig, hw: HardwareSpec, seq_lens: Sequence[int] | np.ndarray,
-                  prec: Precision) -> PrefillTimes:
+                  prec: Precision, padded_tokens: float | None = None) -> PrefillTimes:
+    """`padded_tokens`: the batch's static token count when it is padded to a shape (a runtime with static shapes,
+    dwdp_jax.bench.token_buckets): every per-token GEMM (projections, dense MLP, router, shared expert) runs over
+    the padding too; the attention core and the routed experts skip it (masked, never routed)."""
     tokens = float(np.sum(seq_lens))
+    padded = tokens if padded_tokens is None else float(padded_tokens)
+    if padded < tokens:
+        raise ValueError(f"prefill_times: padded_tokens={padded_tokens} is below the batch's {tokens:.0f} tokens")
     pairs = causal_pairs(seq_lens)
-    attention = ops_time_s(attention_ops(cfg, tokens, pairs, prec), hw)
-    dense = cfg.first_k_dense_replace * (attention + ops_time_s(dense_mlp_ops(cfg, tokens, prec), hw))
-    pre_moe = attention + ops_time_s(shared_and_router_ops(cfg, tokens, prec), hw)
+    attention = ops_time_s([*mla_projection_ops(cfg, padded, prec), prefill_attention_core(cfg, tokens, pairs, prec)],
+                           hw)
+    dense = cfg.first_k_dense_replace * (attention + ops_time_s(dense_mlp_ops(cfg, padded, prec), hw))
+    pre_moe = attention + ops_time_s(shared_and_router_ops(cfg, padded, prec), hw)
     routed = ops_time_s(routed_ops(cfg, tokens * cfg.num_experts_per_tok, cfg.n_routed_experts, prec), hw)
     head = ops_time_s(lm_head_ops(cfg, len(seq_lens), prec), hw)
     return PrefillTimes(dense, pre_moe, routed, head, attention)

@@ -29,6 +29,9 @@ Model
                  check Table 2; contention is counted, never paid).
   While a rank has a pull moving data into it, its compute runs `compute_slowdown` slower (paper Appendix A: power
   and clocks, not bandwidth), its attention `attention_slowdown` slower (default: the same).
+- Static shapes (`token_buckets`, as dwdp_jax.bench runs): a batch's per-token GEMMs run over its padding to the
+  next bucket (a DWDP rank's own batch, a DEP step's fullest rank for every rank); attention cores and routed
+  experts skip it. None (default): a batch costs its tokens, as in a runtime without static shapes.
 - Contention level of a pulling rank at an instant: the number of pulls (queued or moving) at the source it is
   reading. Its distribution is time-weighted over every pulling rank ("a rank's source at a random time", the
   premise of the paper's model), which is robust to ranks whose pull boundaries stay aligned.
@@ -82,6 +85,10 @@ class ContextConfig:
     compute_slowdown: float = 0.0
     attention_slowdown: float | None = None  # None: compute_slowdown
     pull_issue: str = "after_moe"
+    # None: a batch costs its tokens (a runtime without static shapes, as the paper's); k: batches pad to the next
+    # multiple of max_num_tokens / k (dwdp_jax.bench.token_buckets), DWDP ranks each to their own batch's, DEP ranks
+    # all to their fullest rank's (one SPMD step)
+    token_buckets: int | None = None
     precision: Precision = Precision()
     seed: int = 0
 
@@ -101,6 +108,10 @@ class ContextConfig:
             raise ValueError(f"ContextConfig.group_size must be >= 2 for DWDP, got {self.group_size}")
         if self.pull_issue not in PULL_ISSUES:
             raise ValueError(f"ContextConfig.pull_issue must be one of {PULL_ISSUES}, got {self.pull_issue!r}")
+        if self.token_buckets is not None and not (self.token_buckets >= 1
+                                                   and self.max_num_tokens % self.token_buckets == 0):
+            raise ValueError(f"ContextConfig.token_buckets must be None or >= 1 and divide max_num_tokens="
+                             f"{self.max_num_tokens}, got {self.token_buckets}")
         for name in ("slice_overhead_s", "compute_slowdown", "attention_slowdown"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"ContextConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -114,6 +125,13 @@ class ContextConfig:
     @property
     def num_gpus(self) -> int:
         return self.group_size * self.num_groups
+
+    def padded(self, tokens: int) -> int | None:
+        """The static token count a batch of `tokens` runs at (None: no padding)."""
+        if self.token_buckets is None:
+            return None
+        step = self.max_num_tokens // self.token_buckets
+        return -(-tokens // step) * step
 
     def placement(self, cfg: ModelConfig) -> Placement:
         return Placement.for_group(cfg.n_routed_experts, self.group_size, self.local_experts)
@@ -523,12 +541,16 @@ class _Run:
     on_prefill_done: Callable[[int], None]
     times_cache: dict = dataclasses.field(default_factory=dict)
 
-    def times(self, rids: Sequence[int]) -> PrefillTimes:
-        """Roofline times of a batch, cached by its sorted lengths."""
-        key = tuple(sorted(int(self.lengths[r]) for r in rids))
+    def times(self, rids: Sequence[int], padded_tokens: int | None = None) -> PrefillTimes:
+        """Roofline times of a batch (run at `padded_tokens` if given), cached by its sorted lengths."""
+        key = (tuple(sorted(int(self.lengths[r]) for r in rids)), padded_tokens)
         if key not in self.times_cache:
-            self.times_cache[key] = roofline.prefill_times(self.cfg, self.hw, key, self.ctx.precision)
+            self.times_cache[key] = roofline.prefill_times(self.cfg, self.hw, key[0], self.ctx.precision,
+                                                           padded_tokens)
         return self.times_cache[key]
+
+    def tokens(self, rids: Sequence[int]) -> int:
+        return int(sum(self.lengths[r] for r in rids))
 
     def start(self, rids: Sequence[int]) -> None:
         for r in rids:
@@ -553,7 +575,8 @@ def _dwdp_rank(run: _Run, rank: int, copy: _CopyStream) -> Iterator:
             continue
         run.start(rids)
         start_s, waited_s = run.engine.now_s, 0.0
-        t = run.times(rids)
+        tokens = run.tokens(rids)
+        t = run.times(rids, run.ctx.padded(tokens))
         ahead = 1 if mid else 2  # the layer a MoE layer's issue prefetches, counted from it
         copy.start_step(m, ahead)
         k = run.cfg.first_k_dense_replace
@@ -572,7 +595,6 @@ def _dwdp_rank(run: _Run, rank: int, copy: _CopyStream) -> Iterator:
             if not mid and layer + ahead < m:
                 copy.enqueue(layer + ahead)
         yield ("compute", rank, t.head_s, slow_other)
-        tokens = int(sum(run.lengths[r] for r in rids))
         busy_s = run.engine.now_s - start_s - waited_s
         run.iterations.append(IterationRecord(rank, start_s, run.engine.now_s, [tokens], [busy_s], waited_s))
         run.finish(rids)
@@ -608,8 +630,9 @@ def _dep_group(run: _Run, group: int) -> Iterator:
         rids = [r for rs in placed for r in rs]
         run.start(rids)
         start_s = run.engine.now_s
-        tokens = [int(sum(run.lengths[r] for r in rs)) for rs in placed]
-        times = [run.times(rs) if rs else _IDLE for rs in placed]
+        tokens = [run.tokens(rs) for rs in placed]
+        padded = run.ctx.padded(max(tokens))  # an idle rank runs the step's shape too
+        times = [run.times(rs, padded) if rs or padded else _IDLE for rs in placed]
         step_s, busy_s = dep_step(run.cfg, run.hw, times, tokens, run.ctx.precision)
         yield ("sleep", step_s)
         run.iterations.append(IterationRecord(group, start_s, run.engine.now_s, tokens, busy_s.tolist()))

@@ -328,7 +328,7 @@ def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, Contex
                             rate_per_s=wl["rate_per_s"] if wl.get("rate_per_s", 0) > 0 else None,
                             seed=int(wl.get("seed", 0)))
         base = ContextConfig("dep", group_size=int(c["num_ranks"]), max_num_tokens=int(c["max_num_tokens"]),
-                             max_batch_size=int(c["max_batch_size"]),
+                             max_batch_size=int(c["max_batch_size"]), token_buckets=int(c["token_buckets"]),
                              precision=Precision(moe=precision, dense=precision, attention=precision,
                                                  combine=precision))
     except KeyError as e:
