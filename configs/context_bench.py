@@ -52,6 +52,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.workload.dataset = ""  # JSON lines file instead of synthetic lengths
     c.workload.seed = 0
 
+    # passes of the whole workload per strategy after warm-up; the one of median TPS/GPU is reported (all of them in
+    # metrics.<strategy>.repeats_tps_per_gpu) and DEP's synchronization is estimated on the first
+    c.repeats = 1
     c.max_num_tokens = 384
     c.token_buckets = 4  # batches pad to the next multiple of MNT / token_buckets (static shapes)
     c.max_batch_size = 64
@@ -109,6 +112,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         # simulator projects DWDP/DEP at 8 layers 1.194 (32) vs 1.228 (256), with ISL std 4096 1.066 vs 1.227
         # (results/sim_calibration/calibrated.json). About 2M prompt tokens: ~10 s of serving per strategy.
         c.workload.num_requests = 256
+        c.repeats = 3  # about 25 s of serving per pass, against about 4 minutes of setup per run
         c.workload.isl = 8192
         c.max_num_tokens = 32768
         c.max_batch_size = 64
