@@ -639,7 +639,8 @@ def format_table(doc: dict[str, Any]) -> str:
                     f"(mean rank-token CV {100 * m['dep']['rank_cv_mean']:.1f}%)")
     comm = doc.get("breakdown", {}).get("dep", {}).get("communication", {})
     if "gbps_per_rank" in comm:
-        rows.append(f"DEP all-to-all (dispatch + combine, first step profiled) {comm['gbps_per_rank']:.1f} GB/s per rank")
+        rows.append(f"DEP all-to-all (dispatch + combine, first step profiled) {comm['gbps_per_rank']:.1f} GB/s "
+                    f"per rank")
     if "pull_gbps_median" in m.get("dwdp", {}):
         rows.append(f"DWDP pulls {m['dwdp']['pull_gbps_median']:.1f} GB/s, exposed wait "
                     f"{100 * m['dwdp']['exposed_wait_fraction_mean']:.2f}% of the step")

@@ -111,7 +111,8 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
 def plan_reference(cfg: ModelConfig, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
                    attention_impl: str = "naive", device_bytes: int | None = None) -> MemoryPlan:
     """The single-device ground truth: every weight on one device, T tokens."""
-    return _plan(cfg, weight_bytes_per_param, device_bytes, f"reference, T={max_num_tokens}, {attention_impl} attention",
+    return _plan(cfg, weight_bytes_per_param, device_bytes,
+                 f"reference, T={max_num_tokens}, {attention_impl} attention",
                  expert_params=routed_params(cfg),
                  activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
                                                    attention_impl))

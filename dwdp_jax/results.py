@@ -1,8 +1,8 @@
 """The results-file contract shared by every experiment, the simulator and the figure scripts.
 
 A results file is one JSON object:
-  experiment, run, config (resolved), environment (jax/jaxlib versions, device kind and count, git sha, source hash, date,
-  python, host), raw (all repeats, unreduced), metrics (derived), verification ({strategy: {rel_err, passed}}),
+  experiment, run, config (resolved), environment (jax/jaxlib versions, device kind and count, git sha, source hash,
+  date, python, host), raw (all repeats, unreduced), metrics (derived), verification ({strategy: {rel_err, passed}}),
   plus optional free-form sections. Figure scripts read only these files.
 """
 

@@ -1,5 +1,6 @@
 """Grouped GEMM on one GPU, side by side: the split-weight Pallas kernel (block-size sweep), the same schedule
-on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256 experts, 131072 rows, skewed).
+on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256
+experts, 131072 rows, skewed).
 
   python -m experiments.bench_grouped_gemm                 # on a GPU; writes results/bench_grouped_gemm/<run>.json
   python -m experiments.bench_grouped_gemm --tune --rows=262144   # also records each kernel's fastest blocks for
@@ -130,7 +131,8 @@ def main(argv):
         # the winning order's output against fp32 (unfused at the problem's K and N; the kernel's epilogue aside,
         # launch order and tiles are what the sweep changes)
         metrics[f"{name}_split_rel_err"] = gb.grouped_gemm_error(sizes, k, n, best_blocks)
-        split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks, slab_counts=(third, third, _EXPERTS.value - 2 * third))
+        split3 = gb.split_gemm_tflops(sizes, k, n, fused, best_blocks,
+                                      slab_counts=(third, third, _EXPERTS.value - 2 * third))
         mgpu = gb.grouped_gemm_tflops(sizes, k, 2 * n if fused else n)
         # the same schedule on Mosaic GPU (TMA, warp-specialized wgmma), its best configuration and that one's error
         mgpu_timed = {b: v for b, v in mgpu_sweep.items() if isinstance(v, float)}
@@ -148,7 +150,8 @@ def main(argv):
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
                         f"{name}_split_3slabs_tflops": split3, f"{name}_mgpu_tflops": mgpu,
                         f"{name}_split_mgpu_tflops": split_mgpu, f"{name}_split_mgpu_over_dense": split_mgpu / dense,
-                        f"{name}_split_over_dense": timed[best_blocks] / dense, f"{name}_mgpu_over_dense": mgpu / dense})
+                        f"{name}_split_over_dense": timed[best_blocks] / dense,
+                        f"{name}_mgpu_over_dense": mgpu / dense})
         raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
         if _TUNE.value:

@@ -368,7 +368,8 @@ def test_deleted_copy_engine_releases_its_slots(params):
 def test_copy_engine_fences_order_the_moe_program(params):
     """The lowered MoE program: the wait fence's token passes an optimization barrier with every expert weight (no
     weight is read except through it), and the issue fence takes the layer's output (so it runs after the reads)."""
-    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2), options=DwdpOptions(transport="copy_engine"))
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
+                        options=DwdpOptions(transport="copy_engine"))
     batch = pack([[1, 2, 3]], budget=BUDGET)
     w = engine.ranks[0]
     args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)

@@ -231,7 +231,8 @@ def test_tile_aligned_moe_equals_the_unaligned_one():
     grouped_gemm.register_split_backend("xla_aligned_for_test", lambda x, sizes, slabs: grouped_ffn_over_slabs(
         x, sizes, slabs, "xla"), row_align=16)
     assert grouped_gemm.row_alignment("xla_aligned_for_test") == 16 and grouped_gemm.row_alignment("xla") == 1
-    assert grouped_gemm.row_alignment("pallas_split") == 128 and grouped_gemm.row_alignment("pallas_split_unaligned") == 1
+    assert grouped_gemm.row_alignment("pallas_split") == 128
+    assert grouped_gemm.row_alignment("pallas_split_unaligned") == 1
     t, k, d, f, e = 40, 4, 32, 16, 8
     keys = jax.random.split(jax.random.key(3), 6)
     x = jax.random.normal(keys[0], (t, d), jnp.float32)

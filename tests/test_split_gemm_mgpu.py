@@ -111,4 +111,5 @@ def test_clusters_refuse_what_they_cannot_run():
         MgpuBlocks(cluster_n=True, num_sms=131)
     x, w = jnp.zeros((64, 128), jnp.bfloat16), jnp.zeros((2, 128, 384), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"N=384 of 256 \(2 \* tile_n \* 2 CTAs with cluster_n\)"):
-        split_ragged_dot_mgpu(x, jnp.array([32, 32]), (w,), blocks=dataclasses.replace(SMALL, num_sms=2, cluster_n=True))
+        split_ragged_dot_mgpu(x, jnp.array([32, 32]), (w,),
+                              blocks=dataclasses.replace(SMALL, num_sms=2, cluster_n=True))

@@ -503,7 +503,8 @@ class DepRuntime:
 
     def check_memory(self, available_bytes: Sequence[int | None] | None = None) -> int:
         """Bytes the full-budget step allocates per device beyond its inputs (XLA's buffer assignment);
-        memory.DoesNotFit when that exceeds a device's largest free block (default: what each device's allocator reports)."""
+        memory.DoesNotFit when that exceeds a device's largest free block (default: what each device's allocator
+        reports)."""
         analysis = self.memory_analysis()
         need = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
         if available_bytes is None:
