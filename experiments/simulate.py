@@ -6,6 +6,7 @@
   python -m experiments.simulate --study=pareto                     # e2e TPS/GPU vs TPS/user (Tables 5-6)
   python -m experiments.simulate --study=planner --ttft_targets=1,2,4
   python -m experiments.simulate --study=calibration                # needs results/gpu_calibration + context_bench
+  python -m experiments.simulate --study=grid --group_size=8        # Table 4's grid at N GPUs, calibrated (issue 9)
 
 Writes results/<experiment>/<run>.json (experiments roofline, sim_contention, sim_sync_cv, sim_pareto, sim_planner,
 sim_calibration) and prints a short table. Invalid input exits with code 2 and a message naming the field, before any
@@ -26,7 +27,7 @@ from dwdp_jax.sim.simulate import PULL_ISSUES, ContextConfig
 from models.config import get_preset
 
 EXPERIMENTS = {"roofline": "roofline", "contention": "sim_contention", "sync_cv": "sim_sync_cv",
-               "pareto": "sim_pareto", "planner": "sim_planner", "calibration": "sim_calibration"}
+               "pareto": "sim_pareto", "planner": "sim_planner", "calibration": "sim_calibration", "grid": "sim_grid"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("study", "contention", list(EXPERIMENTS), "which study to run")
@@ -107,6 +108,8 @@ def run_study(study: str) -> dict:
     """Validates the flags and runs one study; returns its document (config, raw, metrics)."""
     if study == "calibration":
         return studies.calibration_study(FLAGS.out, FLAGS.tolerance)
+    if study == "grid":
+        return studies.grid_study(FLAGS.out, FLAGS.group_size)
     cfg, hw, prec = get_preset(FLAGS.model), hardware.get(FLAGS.hardware, FLAGS.out), _precision()
     hw.peak_flops_per_s(prec.moe)
     local = FLAGS.local_experts or None
@@ -179,6 +182,14 @@ def table(study: str, doc: dict) -> str:
                     f"TTFT {p['ttft_p50_s']:.2f} s")
         lines = [f"TTFT <= {r['ttft_target_s']} s: DWDP {pick(r['dwdp'])}; DEP {pick(r['dep'])}" for r in m["choices"]]
         return "\n".join(lines + [f"infeasible group sizes (memory): {m['infeasible_group_sizes']}"])
+    if study == "grid":
+        lines = [f"DWDP{doc['config']['group_size']} / DEP{doc['config']['group_size']} predicted (calibrated, setup "
+                 f"of {doc['config']['base_run']})", f"{'r':>5}{'MNT':>7}{'mitigation':>12}{'DWDP/DEP':>10}  "
+                 f"Pr[C=1..4] %"]
+        lines += [f"{p['input_ratio']:>5}{p['max_num_tokens']:>7}{str(p['contention_mitigation']):>12}"
+                  f"{p['dwdp_over_dep']:>10.3f}  " + " ".join(f"{100 * p['contention'].get(c, 0.0):.1f}"
+                                                             for c in range(1, 5)) for p in m["points"]]
+        return "\n".join(lines)
     return "\n".join([f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "
                       f"error {r['rel_error']:+.1%} ({'within' if r['within_tolerance'] else 'OUTSIDE'} tolerance)"
                       for r in m["runs"]] + ["  projected DWDP/DEP: " + ", ".join(

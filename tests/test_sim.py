@@ -249,6 +249,24 @@ def test_bench_setup_packs_runs_without_the_packing_field_strict_fcfs(tmp_path):
         ContextConfig("dwdp", packing="best")
 
 
+def test_grid_predicts_table_4_at_a_group_size_from_the_measured_setup(tmp_path):
+    predicted = _calibration_files(tmp_path, {"run": 1.0})
+    doc = studies.grid_study(tmp_path, group_size=4, input_ratios=(0.8, 0.5), max_num_tokens=(32768,))
+    points = {(p["input_ratio"], p["contention_mitigation"]): p for p in doc["metrics"]["points"]}
+    assert len(points) == 4 and doc["config"]["base_run"] == "run"
+    # the measured setup itself (r 0.8, MNT 32K, whole-shard pulls, 4 ranks) is the calibration's prediction
+    assert points[(0.8, False)]["dwdp_over_dep"] == pytest.approx(predicted)
+    assert sum(points[(0.8, False)]["contention"].values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="group_size must be >= 2, got 1"):
+        studies.grid_study(tmp_path, group_size=1)
+    with pytest.raises(ValueError, match="no GPU calibration results"):
+        studies.grid_study(tmp_path / "empty")
+    for path in (tmp_path / "context_bench").glob("*.json"):
+        path.unlink()
+    with pytest.raises(ValueError, match="no bf16 context_bench run with both strategies"):
+        studies.grid_study(tmp_path)
+
+
 def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_path):
     """A unit test of the mechanism on synthetic files, not a claim about any GPU."""
     predicted = _calibration_files(tmp_path, {"close": 1.05, "far": 1.3})
@@ -324,7 +342,8 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_cli_bad_input_exits_2_before_writing(tmp_path):
     for args, field in ((["--study=sync_cv", "--loads=-0.5"], "loads"), (["--hardware=tpu9"], "unknown hardware"),
-                        (["--study=roofline", "--group_size=5", "--local_experts=7"], "local_experts")):
+                        (["--study=roofline", "--group_size=5", "--local_experts=7"], "local_experts"),
+                        (["--study=grid", "--group_size=1"], "group_size must be >= 2")):
         done = _cli("experiments.simulate", *args, f"--out={tmp_path}")
         assert done.returncode == 2, done.stderr
         assert field in done.stderr

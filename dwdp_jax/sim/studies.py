@@ -412,6 +412,47 @@ def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], 
     return out
 
 
+def grid_study(results_root: str | Path | None, group_size: int = 8, input_ratios: Sequence[float] = (0.5, 0.8),
+               max_num_tokens: Sequence[int] = (16384, 32768), slice_bytes: int = 2 << 20) -> dict:
+    """The paper's Table 4 grid (input ratio x MNT x contention mitigation) for DWDP-N against DEP-N, predicted by the
+    calibrated simulator on the newest measured R1-width run's setup (model depth, workload, token buckets, DWDP
+    packing) at group size N: the prediction an N-GPU run (issue 9) is compared with. Mitigation off: whole-shard
+    pulls, first come first served at a source (fifo); on: 2 MiB slices round-robin over the peers."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    _positive("input_ratios", input_ratios)
+    _positive("max_num_tokens", max_num_tokens)
+    hw = hardware.calibrated(results_root)
+    kernels = calibrated_kernels(results_root)
+    docs = [d for d in read_results("context_bench", results_root)
+            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())
+            and (d.get("model") or {}).get("dtype") in _PRECISION_OF_DTYPE
+            and {k: (d.get("config") or {}).get(k) for k in kernels} == kernels]
+    if not docs:
+        raise ValueError(f"no bf16 context_bench run with both strategies and the calibrated kernels {kernels} under "
+                         f"{results_root or 'results'}")
+    base_doc = max(docs, key=lambda d: (d.get("environment") or {}).get("date", ""))
+    cfg, workload, dep, dwdp = bench_setup(base_doc)
+    rows = []
+    for ratio in input_ratios:
+        w = dataclasses.replace(workload, input_ratio=ratio, isl_std=None)
+        for mnt in max_num_tokens:
+            size = dict(group_size=group_size, max_num_tokens=mnt)
+            dep_result = simulate.simulate_context(cfg, hw, dataclasses.replace(dep, **size), w)
+            for on in (False, True):
+                x = dataclasses.replace(dwdp, **size, discipline="round_robin" if on else "fifo",
+                                        slice_bytes=slice_bytes)
+                result = simulate.simulate_context(cfg, hw, x, w)
+                rows.append({"input_ratio": ratio, "max_num_tokens": mnt, "contention_mitigation": on,
+                             "dwdp_over_dep": result.tps_per_gpu / dep_result.tps_per_gpu,
+                             "dwdp": result.summary(), "dep": dep_result.summary(),
+                             "contention": result.contention_frequencies()})
+    return {"config": {"hardware": hw, "group_size": group_size, "base_run": base_doc.get("run"),
+                       "slice_bytes": slice_bytes, "model": cfg, "kernels": kernels},
+            "raw": {"points": rows},
+            "metrics": {"points": [{k: v for k, v in r.items() if k not in ("dwdp", "dep")} for r in rows]}}
+
+
 def calibrated_kernels(results_root: str | Path | None) -> dict[str, str]:
     """The MoE and attention kernels the newest GPU calibration measured (context_bench config names).
 
