@@ -439,23 +439,43 @@ def collectives_of(runtime, batch: PackedBatch) -> dict[str, int]:
     return {"step": count_collectives(runtime.compiled_hlo())}
 
 
+class Phases:
+    """Wall seconds of the run's phases, in order (raw.phase_s): where a GPU run's minutes go besides serving."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def lap(self, name: str, value=None):
+        """Ends phase `name` once `value`'s device work is done; returns `value`."""
+        jax.block_until_ready(value)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._mark
+        self._mark = now
+        return value
+
+
 def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     """The whole benchmark; returns the results document (also written to results/<experiment>/<run>.json).
 
     The strategies run one after the other, each alone on the devices (built, verified, warmed up, run, profiled,
     freed), so each gets the memory the depth planner sized it for.
     """
-    p = plan(c)
-    params = build_params(p, c)
+    phases = Phases()
+    p = phases.lap("plan", plan(c))
+    params = phases.lap("params", build_params(p, c))
     run_name = c.run or f"{c.name}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     vb = verification_batches(p, c)
     refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
+    phases.lap("reference")
     skew = routing_skew(refs, p.cfg.n_routed_experts)
     noise = reference_noise(params, refs, vb, p, c) if refs and c.verify.get("noise_floor", False) else {}
+    phases.lap("reference_noise")
     s = {k: {} for k in ("verification", "hlo_collectives", "raw", "summary", "breakdown", "failures")}
+    s["raw"]["phase_s"] = phases.seconds
     for name in p.strategies:
         try:
-            for key, value in run_strategy(name, params, p, c, vb, refs, make_dep).items():
+            for key, value in run_strategy(name, params, p, c, vb, refs, make_dep, phases).items():
                 s[key].update(value)
         except (RuntimeError, memory.DoesNotFit) as e:  # a device failure or memory refusal: kept with the others
             s["failures"][name] = f"{type(e).__name__}: {e}"[:4000]
@@ -473,15 +493,17 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
                                      failures=s["failures"], reference_noise=noise)
     if s["failures"]:
         raise RuntimeError(f"strategies failed (the others' results are in {path}): {s['failures']}")
-    return {"path": str(path), "metrics": summary, "verification": s["verification"],
+    return {"path": str(path), "metrics": summary, "verification": s["verification"], "phase_s": phases.seconds,
             "hlo_collectives": s["hlo_collectives"], "breakdown": s["breakdown"], "routing_skew": skew,
             "reference_noise": noise}
 
 
-def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str, dict]:
+def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phases | None = None
+                 ) -> dict[str, dict]:
     """One strategy alone on the devices: built, verified, warmed up, run, profiled. Returns its part of each
     results section ({section: {...}}); the runtime is freed on return."""
-    runtime = make_runtime(name, params, p, c, make_dep)
+    phases = phases or Phases()
+    runtime = phases.lap(f"{name}.build", make_runtime(name, params, p, c, make_dep))
     ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
     batches = (vb + [None] * ranks)[:ranks]
     outs = verification_outputs(runtime, batches)
@@ -489,8 +511,11 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str,
     if refs:
         out["verification"][name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
                                            c.verify.min_id_match)
+    phases.lap(f"{name}.verify")
     warm_up(runtime, c)
+    phases.lap(f"{name}.warm_up")
     repeats = [serve(name, runtime, p, c, sync=i == 0) for i in range(c.repeats)]
+    phases.lap(f"{name}.serve")
     tps = [metrics.summarize(reqs, iters, ranks)["tps_per_gpu"] for reqs, iters, _, _ in repeats]
     # the repeat of median throughput (the lower middle one of an even count) stands for the strategy
     reqs, iters, assignments, extra = repeats[sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]]
@@ -508,10 +533,12 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep) -> dict[str,
            "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
     if c.breakdown:
         out["breakdown"] = profile_breakdown({name: runtime}, p, c)
+    phases.lap(f"{name}.profile")
     if name == "dwdp" and runtime.options.timeline:
         pulls = pull_timeline(runtime, first_step_batches(p, c))
         summary.update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
         raw["pull_timeline"] = pulls["ranks"]
+        phases.lap(f"{name}.timeline")
     return {**out, "summary": {name: summary}, "raw": {name: raw}}
 
 
@@ -629,6 +656,8 @@ def format_table(doc: dict[str, Any]) -> str:
     if "ratio" in m:
         rows.append(f"DWDP/DEP TPS/GPU {m['ratio']['tps_per_gpu_dwdp_over_dep']:.3f}   "
                     f"TTFT p50 speedup {m['ratio']['ttft_p50_dep_over_dwdp']:.3f}")
+    if doc.get("phase_s"):
+        rows.append("wall s per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["phase_s"].items()))
     passes = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES
               if len(m.get(name, {}).get("repeats_tps_per_gpu", ())) > 1}
     if passes:

@@ -65,6 +65,10 @@ def test_run_writes_the_contract(tmp_path):
         m = saved["metrics"][name]
         assert len(m["repeats_tps_per_gpu"]) == 3 and m["tps_per_gpu"] == sorted(m["repeats_tps_per_gpu"])[1]
     assert "sync_overhead" in saved["metrics"]["dep"] and "repeats TPS/GPU dwdp" in bench.format_table(doc)
+    phases = saved["raw"]["phase_s"]  # where the run's wall time went, in order
+    assert list(phases)[:3] == ["plan", "params", "reference"] and all(v >= 0 for v in phases.values())
+    assert {"dwdp.warm_up", "dwdp.serve", "dep.serve", "dep.profile"} <= set(phases)
+    assert "wall s per phase: plan" in bench.format_table(doc)
     step_memory = saved["metrics"]["dep"]["step_memory_gib"]  # XLA's temporaries beside the plan's estimate
     assert step_memory["compiled"] > 0 and step_memory["planned"] > 0
     assert "source_hash" in saved["environment"]
