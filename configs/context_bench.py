@@ -55,6 +55,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     # passes of the whole workload per strategy after warm-up; the one of median TPS/GPU is reported (all of them in
     # metrics.<strategy>.repeats_tps_per_gpu) and DEP's synchronization is estimated on the first
     c.repeats = 1
+    # further workloads on the same warm runtimes, "name:field=value,...;name2:..." over config.workload's fields
+    # (num_requests, isl, input_ratio, isl_std, rate_per_s, seed); each reported beside the main workload
+    c.variants = ""
     c.max_num_tokens = 384
     c.token_buckets = 4  # batches pad to the next multiple of MNT / token_buckets (static shapes)
     c.max_batch_size = 64
@@ -113,6 +116,8 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         # (results/sim_calibration/calibrated.json). About 2M prompt tokens: ~10 s of serving per strategy.
         c.workload.num_requests = 256
         c.repeats = 3  # about 25 s of serving per pass, against about 4 minutes of setup per run
+        # issue 6's second target (ISL std 4096) on the same runtimes: no second setup
+        c.variants = "std4096:isl_std=4096,input_ratio=1.0"
         c.workload.isl = 8192
         c.max_num_tokens = 32768
         c.max_batch_size = 64
@@ -137,5 +142,6 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         if name.endswith("_std"):
             c.workload.isl_std = 4096.0
             c.workload.input_ratio = 1.0
+            c.variants = ""
         return c
     raise ValueError(f"unknown context_bench config {name!r}; choose tiny, r1_width_4gpu or r1_width_4gpu_std")

@@ -102,6 +102,7 @@ def run_sweep(base, sweep: str, scale: str, results_root: str | Path = "results"
         if path.exists():
             continue
         c = base.copy_and_resolve_references()
+        c.variants = ""  # a sweep's points are its workloads; a preset's variants would serve again at each point
         apply_point(c, sweep, point, scale)
         c.experiment, c.run, c.results_root = "ablations", name, str(results_root)
         c.sweep, c.point = sweep, point

@@ -112,6 +112,7 @@ class Plan:
     strategies: tuple[str, ...]
     placement: Placement
     devices: list
+    variants: dict[str, list[workload.Request]] = dataclasses.field(default_factory=dict)  # config.variants
 
 
 def plan(c) -> Plan:
@@ -124,6 +125,18 @@ def plan(c) -> Plan:
     requests = requests_from(c)
     scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
                                 num_ranks=c.num_ranks)
+    variants = {}
+    if c.variants and c.workload.dataset:
+        raise ValueError("config.variants change synthetic workload fields; config.workload.dataset is set")
+    for name, overrides in workload.parse_variants(c.variants).items():
+        vc = c.copy_and_resolve_references()
+        vc.workload.update(overrides)
+        variants[name] = requests_from(vc)
+        try:
+            scheduler.validate_requests(variants[name], max_num_tokens=c.max_num_tokens,
+                                        max_batch_size=c.max_batch_size, num_ranks=c.num_ranks)
+        except ValueError as e:
+            raise ValueError(f"config.variants {name!r}: {e}") from e
     strategies = strategies_from(c)
     if c.dep.balance not in scheduler.DepScheduler.BALANCES:
         raise ValueError(f"config.dep.balance must be one of {scheduler.DepScheduler.BALANCES}, got {c.dep.balance!r}")
@@ -145,7 +158,7 @@ def plan(c) -> Plan:
         cfg = model_config_from(c, depth_that_fits(cfg, placement, c, device_bytes))
     if dep_ranks(c) > len(devices):
         raise ValueError(f"config.dep.num_ranks={dep_ranks(c)} exceeds the {len(devices)} devices")
-    return Plan(cfg, requests, strategies, placement, devices[:max(c.num_ranks, dep_ranks(c))])
+    return Plan(cfg, requests, strategies, placement, devices[:max(c.num_ranks, dep_ranks(c))], variants)
 
 
 def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarray:
@@ -439,6 +452,11 @@ def collectives_of(runtime, batch: PackedBatch) -> dict[str, int]:
     return {"step": count_collectives(runtime.compiled_hlo())}
 
 
+def ratios(dwdp: dict, dep: dict) -> dict[str, float]:
+    return {"tps_per_gpu_dwdp_over_dep": dwdp["tps_per_gpu"] / dep["tps_per_gpu"],
+            "ttft_p50_dep_over_dwdp": dep["ttft_p50_s"] / dwdp["ttft_p50_s"]}
+
+
 class Phases:
     """Wall seconds of the run's phases, in order (raw.phase_s): where a GPU run's minutes go besides serving."""
 
@@ -484,8 +502,10 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
         s["verification"] = {name: judged_by_floor(v, noise) for name, v in s["verification"].items()}
     summary = s["summary"]
     if len(summary) == 2:
-        summary["ratio"] = {"tps_per_gpu_dwdp_over_dep": summary["dwdp"]["tps_per_gpu"] / summary["dep"]["tps_per_gpu"],
-                            "ttft_p50_dep_over_dwdp": summary["dep"]["ttft_p50_s"] / summary["dwdp"]["ttft_p50_s"]}
+        summary["ratio"] = ratios(summary["dwdp"], summary["dep"])
+        if p.variants:
+            summary["ratio"]["variants"] = {v: ratios(summary["dwdp"]["variants"][v], summary["dep"]["variants"][v])
+                                            for v in p.variants}
     path = results_lib.write_results(c.experiment, run_name, config=c, raw=s["raw"], metrics=summary,
                                      verification=s["verification"], root=c.results_root,
                                      hlo_collectives=s["hlo_collectives"], breakdown=s["breakdown"], routing_skew=skew,
@@ -514,23 +534,19 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
     phases.lap(f"{name}.verify")
     warm_up(runtime, c)
     phases.lap(f"{name}.warm_up")
-    repeats = [serve(name, runtime, p, c, sync=i == 0) for i in range(c.repeats)]
+    summary, raw = served(name, runtime, p, c, ranks)
     phases.lap(f"{name}.serve")
-    tps = [metrics.summarize(reqs, iters, ranks)["tps_per_gpu"] for reqs, iters, _, _ in repeats]
-    # the repeat of median throughput (the lower middle one of an even count) stands for the strategy
-    reqs, iters, assignments, extra = repeats[sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]]
-    extra = {**repeats[0][3], **extra}  # DEP's synchronization estimate comes with the first repeat
+    if p.variants:
+        variants = {v: served(name, runtime, dataclasses.replace(p, requests=reqs), c, ranks)
+                    for v, reqs in p.variants.items()}
+        summary["variants"] = {v: vs for v, (vs, _) in variants.items()}
+        raw["variants"] = {v: vr for v, (_, vr) in variants.items()}
+        phases.lap(f"{name}.variants")
     if name == "dep":
         # XLA's temporaries of the full-budget step beside the plan's estimate
         plan = memory.plan_dep(p.cfg, ranks, c.max_num_tokens, attention_impl="flash")
-        extra["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
-                                    "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
-    summary = {**metrics.summarize(reqs, iters, ranks), "repeats_tps_per_gpu": tps,
-               **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean", "step_memory_gib")}}
-    if "pull_contention" in extra:
-        summary["pull_contention"] = {k: extra["pull_contention"][k] for k in ("measured", "model")}
-    raw = {"requests": [dataclasses.asdict(r) for r in reqs],
-           "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
+        summary["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
+                                      "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
     if c.breakdown:
         out["breakdown"] = profile_breakdown({name: runtime}, p, c)
     phases.lap(f"{name}.profile")
@@ -540,6 +556,22 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
         raw["pull_timeline"] = pulls["ranks"]
         phases.lap(f"{name}.timeline")
     return {**out, "summary": {name: summary}, "raw": {name: raw}}
+
+
+def served(name: str, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
+    """`config.repeats` passes of p's requests on a warm runtime: (summary, raw records) of the pass of median
+    TPS/GPU (the lower middle one of an even count), with every pass's TPS/GPU beside it."""
+    repeats = [serve(name, runtime, p, c, sync=i == 0) for i in range(c.repeats)]
+    tps = [metrics.summarize(reqs, iters, ranks)["tps_per_gpu"] for reqs, iters, _, _ in repeats]
+    reqs, iters, assignments, extra = repeats[sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]]
+    extra = {**repeats[0][3], **extra}  # DEP's synchronization estimate comes with the first pass
+    summary = {**metrics.summarize(reqs, iters, ranks), "repeats_tps_per_gpu": tps,
+               **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
+    if "pull_contention" in extra:
+        summary["pull_contention"] = {k: extra["pull_contention"][k] for k in ("measured", "model")}
+    raw = {"requests": [dataclasses.asdict(r) for r in reqs],
+           "iterations": [dataclasses.asdict(i) for i in iters], "assignments": assignments, **extra}
+    return summary, raw
 
 
 def serve(name: str, runtime, p: Plan, c, sync: bool) -> tuple[list, list, list, dict]:
@@ -656,6 +688,10 @@ def format_table(doc: dict[str, Any]) -> str:
     if "ratio" in m:
         rows.append(f"DWDP/DEP TPS/GPU {m['ratio']['tps_per_gpu_dwdp_over_dep']:.3f}   "
                     f"TTFT p50 speedup {m['ratio']['ttft_p50_dep_over_dwdp']:.3f}")
+    for v, r in m.get("ratio", {}).get("variants", {}).items():
+        rows.append(f"variant {v}: DWDP {m['dwdp']['variants'][v]['tps_per_gpu']:.1f}, DEP "
+                    f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, DWDP/DEP {r['tps_per_gpu_dwdp_over_dep']:.3f}"
+                    f", TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}")
     if doc.get("phase_s"):
         rows.append("wall s per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["phase_s"].items()))
     passes = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES

@@ -43,7 +43,8 @@ def c_tokens_bound(saved) -> int:
 
 
 def test_run_writes_the_contract(tmp_path):
-    doc = bench.run(small_config(tmp_path, breakdown=True, repeats=3, **{"verify.noise_floor": True}))
+    doc = bench.run(small_config(tmp_path, breakdown=True, repeats=3, variants="std:isl_std=24,input_ratio=1.0",
+                                 **{"verify.noise_floor": True}))
     saved = json.loads(Path(doc["path"]).read_text())
     for key in ("config", "environment", "raw", "metrics", "verification", "hlo_collectives", "breakdown"):
         assert key in saved
@@ -65,6 +66,14 @@ def test_run_writes_the_contract(tmp_path):
         m = saved["metrics"][name]
         assert len(m["repeats_tps_per_gpu"]) == 3 and m["tps_per_gpu"] == sorted(m["repeats_tps_per_gpu"])[1]
     assert "sync_overhead" in saved["metrics"]["dep"] and "repeats TPS/GPU dwdp" in bench.format_table(doc)
+    # the variant: another workload on the same runtimes, reported beside the main one
+    for name in ("dwdp", "dep"):
+        variant = saved["metrics"][name]["variants"]["std"]
+        assert len(variant["repeats_tps_per_gpu"]) == 3 and variant["num_requests"] == 8
+        lengths = {r["input_len"] for r in saved["raw"][name]["variants"]["std"]["requests"]}
+        assert lengths != {r["input_len"] for r in saved["raw"][name]["requests"]}
+    assert "variant std: DWDP" in bench.format_table(doc)
+    assert saved["metrics"]["ratio"]["variants"]["std"]["tps_per_gpu_dwdp_over_dep"] > 0
     phases = saved["raw"]["phase_s"]  # where the run's wall time went, in order
     assert list(phases)[:3] == ["plan", "params", "reference"] and all(v >= 0 for v in phases.values())
     assert {"dwdp.warm_up", "dwdp.serve", "dep.serve", "dep.profile"} <= set(phases)
@@ -144,6 +153,10 @@ def test_dep_matches_the_reference_bit_for_bit_without_excess_precision(tmp_path
     ("--config.workload.dataset=/nonexistent/file.jsonl", "cannot read"),
     ("--config.dep.balance=random", "config.dep.balance must be one of ('tokens', 'requests')"),
     ("--config.repeats=0", "config.repeats must be >= 1, got 0"),
+    ("--config.variants=oops", "config.variants: 'oops' needs a new name"),
+    ("--config.variants=a:isl=x", "config.variants 'a': isl='x' is not a int"),
+    ("--config.variants=a:max_len=9", "config.variants 'a': 'max_len=9' must be field=value with a field in"),
+    ("--config.variants=a:isl=100000", "config.variants 'a': "),
     ("--config.dwdp.packing=best", "config.dwdp.packing must be one of ('lookahead', 'fcfs')"),
     ("--config.dwdp.pull_issue=early", "config.dwdp.pull_issue must be one of ('after_moe', 'after_attention')"),
 ])

@@ -196,3 +196,34 @@ def read_dataset(path: str | Path, *, rate_per_s: float | None = None, seed: int
 def _abbreviate(numbers: Sequence[int], limit: int = 20) -> str:
     shown = ", ".join(map(str, numbers[:limit]))
     return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > limit else "")
+
+
+# Workload fields a variant may change, with their types (config.workload's).
+VARIANT_FIELDS = {"num_requests": int, "isl": int, "input_ratio": float, "isl_std": float, "rate_per_s": float,
+                  "seed": int}
+
+
+def parse_variants(text: str) -> dict[str, dict[str, Any]]:
+    """config.variants, "name:field=value,field=value;name2:...": further workloads served by the same warm runtimes
+    (no rebuild, no recompile), each reported beside the main one. ValueError names the part that is wrong."""
+    variants = {}
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        name, sep, body = part.partition(":")
+        name = name.strip()
+        if not sep or not name or name in variants:
+            raise ValueError(f"config.variants: {part!r} needs a new name, then ':' and field=value pairs")
+        overrides = {}
+        for pair in (x.strip() for x in body.split(",") if x.strip()):
+            field, eq, value = (x.strip() for x in pair.partition("="))
+            if not eq or field not in VARIANT_FIELDS:
+                raise ValueError(f"config.variants {name!r}: {pair!r} must be field=value with a field in "
+                                 f"{sorted(VARIANT_FIELDS)}")
+            try:
+                overrides[field] = VARIANT_FIELDS[field](value)
+            except ValueError as e:
+                raise ValueError(f"config.variants {name!r}: {field}={value!r} is not a "
+                                 f"{VARIANT_FIELDS[field].__name__}") from e
+        if not overrides:
+            raise ValueError(f"config.variants {name!r}: no field=value pairs")
+        variants[name] = overrides
+    return variants

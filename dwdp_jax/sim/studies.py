@@ -16,6 +16,7 @@ import numpy as np
 
 from dwdp_jax.placement import Placement
 from dwdp_jax.results import read_results
+from dwdp_jax.serving import workload as served_workload
 from dwdp_jax.sim import contention, hardware, roofline, simulate
 from dwdp_jax.sim.hardware import HardwareSpec
 from dwdp_jax.sim.roofline import GenServer, Precision
@@ -340,13 +341,26 @@ def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, Contex
     return cfg, workload, base, dwdp
 
 
-def _measured_ratio(doc: dict) -> float:
+def _measured_ratio(doc: dict, variant: str = "") -> float:
     m = doc.get("metrics") or {}
+    where = "" if not variant else f"variants.{variant}."
     try:
-        return float(m["dwdp"]["tps_per_gpu"]) / float(m["dep"]["tps_per_gpu"])
+        dwdp, dep = (m[s]["variants"][variant] if variant else m[s] for s in ("dwdp", "dep"))
+        return float(dwdp["tps_per_gpu"]) / float(dep["tps_per_gpu"])
     except (KeyError, TypeError) as e:
-        raise ValueError(f"context_bench run {doc.get('run', '?')}: needs metrics.dwdp.tps_per_gpu and "
-                         f"metrics.dep.tps_per_gpu") from e
+        raise ValueError(f"context_bench run {doc.get('run', '?')}: needs metrics.dwdp.{where}tps_per_gpu and "
+                         f"metrics.dep.{where}tps_per_gpu") from e
+
+
+def _with_fields(workload: Workload, fields: dict) -> Workload:
+    """The simulator's workload with a context_bench variant's fields (config.workload's conventions: isl_std < 0
+    and rate_per_s 0 mean none)."""
+    fields = dict(fields)
+    if "isl_std" in fields:
+        fields["isl_std"] = fields["isl_std"] if fields["isl_std"] >= 0 else None
+    if "rate_per_s" in fields:
+        fields["rate_per_s"] = fields["rate_per_s"] if fields["rate_per_s"] > 0 else None
+    return dataclasses.replace(workload, **fields)
 
 
 def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
@@ -371,14 +385,19 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
         if used != kernels:  # another kernel set: its ratio says nothing about these rates
             skipped.append({"run": doc.get("run"), "kernels": used})
             continue
-        cfg, workload, dep, dwdp = bench_setup(doc)
-        measured = _measured_ratio(doc)
-        sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
-        predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
-        rows.append({"run": doc.get("run"), "num_ranks": dep.group_size, "measured_ratio": measured,
-                     "predicted_ratio": predicted, "rel_error": predicted / measured - 1,
-                     "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim,
-                     "projections": _projections(cfg, hw, workload, dep, dwdp, depths, requests)})
+        cfg, main_workload, dep, dwdp = bench_setup(doc)
+        # the run's workload, then each of its variants (further workloads served by the same runtimes)
+        variants = served_workload.parse_variants((doc.get("config") or {}).get("variants", ""))
+        for variant, workload in [("", main_workload)] + [(v, _with_fields(main_workload, f))
+                                                          for v, f in variants.items()]:
+            measured = _measured_ratio(doc, variant)
+            sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
+            predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
+            rows.append({"run": doc.get("run") + (f"/{variant}" if variant else ""), "num_ranks": dep.group_size,
+                         "measured_ratio": measured, "predicted_ratio": predicted,
+                         "rel_error": predicted / measured - 1,
+                         "within_tolerance": abs(predicted / measured - 1) <= tolerance, "simulated": sim,
+                         "projections": _projections(cfg, hw, workload, dep, dwdp, depths, requests)})
     if not rows:
         raise ValueError(f"no context_bench run used the calibrated kernels {kernels}; runs seen: {skipped}")
     return {"config": {"hardware": hw, "tolerance": tolerance, "kernels": kernels},
