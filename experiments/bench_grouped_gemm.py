@@ -58,13 +58,18 @@ CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in 
 # allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
 # WORKSPACE.md, session 4); then clusters of two CTAs sharing their x tile by TMA multicast (session 7; checked on a
 # GPU only: Mosaic GPU's interpreter has no cluster barriers). Timed and dropped in session 8: x fed to the fused
-# kernel's wgmmas from registers (-9%) and 32-wide K tiles for down (chained or 6 stages, -3 to -17%).
+# kernel's wgmmas from registers (-9%) and 32-wide K tiles for down (chained or 6 stages, -3 to -17%). For down,
+# the output staged in halves (`half_store`) frees the fourth stage, so it can run gate/up's winning pipeline (4
+# stages, one wgmma in flight, clusters; session 8, untimed).
+_DOWN_HALF_STORE = [MgpuBlocks(max_concurrent_steps=4, half_store=True, **kw)
+                    for kw in (dict(), dict(delay_release=1), dict(cluster_n=True),
+                               dict(delay_release=1, cluster_n=True))]
 MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
     fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
             dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
             dataclasses.replace(default, delay_release=1, swizzled_store=True), stages,
             dataclasses.replace(default, cluster_n=True), dataclasses.replace(default, delay_release=1, cluster_n=True),
-            dataclasses.replace(stages, cluster_n=True)]
+            dataclasses.replace(stages, cluster_n=True)] + ([] if fused else _DOWN_HALF_STORE)
     for fused, default, stages in ((True, FUSED_MGPU_BLOCKS, MgpuBlocks(tile_n=64, max_concurrent_steps=3)),
                                    (False, DEFAULT_MGPU_BLOCKS, MgpuBlocks(max_concurrent_steps=2)))
 }
@@ -138,10 +143,10 @@ def main(argv):
         mgpu_timed = {b: v for b, v in mgpu_sweep.items() if isinstance(v, float)}
         best_mgpu = max(mgpu_timed, key=mgpu_timed.get)
         split_mgpu = mgpu_timed[best_mgpu]
-        # the error check is unfused: the down kernel's variant of the winner's pipeline
-        unfused = dataclasses.replace(CHAINED_R1[False] if best_mgpu.chain else DEFAULT_MGPU_BLOCKS,
-                                      delay_release=best_mgpu.delay_release, swizzled_store=best_mgpu.swizzled_store,
-                                      cluster_n=best_mgpu.cluster_n)
+        # the error check is unfused: down's winner itself, or the down kernel's variant of gate/up's pipeline
+        unfused = best_mgpu if not fused else dataclasses.replace(
+            CHAINED_R1[False] if best_mgpu.chain else DEFAULT_MGPU_BLOCKS, delay_release=best_mgpu.delay_release,
+            swizzled_store=best_mgpu.swizzled_store, cluster_n=best_mgpu.cluster_n)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
         metrics.update(_round_robin(name, sizes, k, n, fused, best_blocks, best_mgpu))

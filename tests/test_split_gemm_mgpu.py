@@ -36,9 +36,15 @@ SIZES = np.array([70, 0, 130, 5, 64, 100, 128], np.int32)
 CHAINED = [dataclasses.replace(SMALL, chain=True, num_sms=sms) for sms in (2, 17)]
 
 
+# 128-row tiles stored in two halves: the groups above cut tiles in either half, or span both
+HALVES = [dataclasses.replace(SMALL, tile_m=128, half_store=True),
+          dataclasses.replace(SMALL, tile_m=128, half_store=True, chain=True)]
+
+
 @pytest.mark.parametrize("blocks", [SMALL] + CHAINED + [dataclasses.replace(SMALL, delay_release=1),
-                                                         dataclasses.replace(SMALL, swizzled_store=True)],
-                         ids=["alone", "chained", "chained_lone_tiles", "wgmma_in_flight", "swizzled_store"])
+                                                         dataclasses.replace(SMALL, swizzled_store=True)] + HALVES,
+                         ids=["alone", "chained", "chained_lone_tiles", "wgmma_in_flight", "swizzled_store",
+                              "half_store", "chained_half_store"])
 def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     m, k, n = int(SIZES.sum()), 128, 256
     kx, kw = jax.random.split(jax.random.key(0))
@@ -102,6 +108,12 @@ def test_expert_ffn_with_the_mgpu_kernel_matches_xla():
                           up.astype(jnp.float32), down.astype(jnp.float32))
     assert _rel(out, ref) < 2e-2  # bf16 intermediate h
     np.testing.assert_array_equal(np.asarray(out[-8:], np.float32), 0)
+
+
+def test_half_stores_refuse_what_they_cannot_run():
+    for bad in (dict(tile_m=64), dict(swizzled_store=True)):
+        with pytest.raises(ValueError, match="half_store needs tile_m a multiple of 128"):
+            MgpuBlocks(half_store=True, **bad)
 
 
 def test_clusters_refuse_what_they_cannot_run():

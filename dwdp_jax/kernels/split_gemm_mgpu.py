@@ -55,12 +55,19 @@ class MgpuBlocks:
     # structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu `cluster_dimension`). The column blocks
     # per row tile must be even.
     cluster_n: bool = False
+    # The output leaves through a staging buffer of half the tile's rows, one half after the other: 32 of the down
+    # kernel's 64 KiB, which buys the fourth 48 KiB stage (and with it delay_release=1), the pipeline of the
+    # fused kernel's winner, whose 64-column halves need only 32 KiB.
+    half_store: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"))
         if self.cluster_n and self.chain:
             raise ValueError("MgpuBlocks: cluster_n and chain cannot be combined (a chained CTA's tiles would need "
                              "the same pipeline phase in both CTAs of its cluster)")
+        if self.half_store and (self.swizzled_store or self.tile_m % 128):
+            raise ValueError("MgpuBlocks.half_store needs tile_m a multiple of 128 (halves of whole 64-row wgmma "
+                             "blocks) and swizzled_store=False")
         if self.cluster_n and self.num_sms % 2:
             raise ValueError(f"MgpuBlocks.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
         if self.tile_m % 64:
@@ -119,7 +126,8 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
     example = (x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, :, pl.ds(0, cta_n)] for w in w_gmems[:per_slab])
 
-    plain = plgpu.SMEM((2, b.tile_m, b.tile_n), dtype)
+    out_rows = b.tile_m // 2 if b.half_store else b.tile_m
+    plain = plgpu.SMEM((2, out_rows, b.tile_n), dtype)
     out_swizzle = plgpu.find_swizzle(b.tile_n * jnp.dtype(dtype).itemsize * 8)
     swizzled = plgpu.SMEM((2, b.tile_m, b.tile_n), dtype, transforms=(
         plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(out_swizzle)))
@@ -154,9 +162,15 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                     out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
                     def store_rows():
-                        out_smem[wg] = out.astype(dtype)
-                        plgpu.commit_smem()
-                        _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
+                        for h in range(b.tile_m // out_rows):  # with half_store, each half once the last left
+                            if h:
+                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            out_smem[wg] = out[h * out_rows:(h + 1) * out_rows].astype(dtype)
+                            plgpu.commit_smem()
+                            h_lo = jnp.clip(lo - h * out_rows, 0, out_rows)
+                            h_hi = jnp.clip(hi - h * out_rows, 0, out_rows)
+                            _store_rows(out_smem.at[wg], out_gmem, h_lo, h_hi - h_lo, row0 + h * out_rows, col0,
+                                        out_rows, b.tile_n)
 
                     def store_tile():
                         out_swz[wg] = out.astype(dtype)
