@@ -162,7 +162,12 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                     out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
                     def store_rows():
-                        for h in range(b.tile_m // out_rows):  # with half_store, each half once the last left
+                        out_smem[wg] = out.astype(dtype)
+                        plgpu.commit_smem()
+                        _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
+
+                    def store_halves():  # the second half waits until the first has left the buffer
+                        for h in range(2):
                             if h:
                                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                             out_smem[wg] = out[h * out_rows:(h + 1) * out_rows].astype(dtype)
@@ -182,6 +187,8 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                         full = (lo == 0) & (hi == b.tile_m)
                         pl.when(full)(store_tile)
                         pl.when(~full)(store_rows)
+                    elif b.half_store:
+                        store_halves()
                     else:
                         store_rows()
 
