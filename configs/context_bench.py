@@ -56,7 +56,8 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     # metrics.<strategy>.repeats_tps_per_gpu) and DEP's synchronization is estimated on the first
     c.repeats = 1
     # further workloads on the same warm runtimes, "name:field=value,...;name2:..." over config.workload's fields
-    # (num_requests, isl, input_ratio, isl_std, rate_per_s, seed); each reported beside the main workload
+    # (num_requests, isl, input_ratio, isl_std, rate_per_s, seed) and max_num_tokens (one of the run's token
+    # buckets: no new shapes); each reported beside the main workload
     c.variants = ""
     c.max_num_tokens = 384
     c.token_buckets = 4  # batches pad to the next multiple of MNT / token_buckets (static shapes)

@@ -91,6 +91,23 @@ def requests_from(c) -> list[workload.Request]:
                                        isl_std=None if w.isl_std < 0 else w.isl_std, rate_per_s=rate, seed=w.seed)
 
 
+def variant_config(c, name: str, fields: dict[str, Any]):
+    """The run's config with a variant's fields. A smaller batch budget keeps the run's bucket size, so every batch
+    pads to a shape the runtimes compiled; it must be one of the run's token buckets."""
+    if c.workload.dataset:
+        raise ValueError("config.variants change synthetic workload fields; config.workload.dataset is set")
+    vc = c.copy_and_resolve_references()
+    vc.workload.update({k: v for k, v in fields.items() if k != "max_num_tokens"})
+    if "max_num_tokens" in fields:
+        buckets = token_buckets(c)
+        if fields["max_num_tokens"] not in buckets:
+            raise ValueError(f"config.variants {name!r}: max_num_tokens must be one of the run's token buckets "
+                             f"{buckets}, got {fields['max_num_tokens']}")
+        vc.max_num_tokens = fields["max_num_tokens"]
+        vc.token_buckets = buckets.index(vc.max_num_tokens) + 1
+    return vc
+
+
 def dep_ranks(c) -> int:
     return c.dep.num_ranks or c.num_ranks
 
@@ -112,7 +129,8 @@ class Plan:
     strategies: tuple[str, ...]
     placement: Placement
     devices: list
-    variants: dict[str, list[workload.Request]] = dataclasses.field(default_factory=dict)  # config.variants
+    # config.variants: name -> (requests, the run's config with the variant's fields)
+    variants: dict[str, tuple[list[workload.Request], Any]] = dataclasses.field(default_factory=dict)
 
 
 def plan(c) -> Plan:
@@ -125,18 +143,15 @@ def plan(c) -> Plan:
     requests = requests_from(c)
     scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
                                 num_ranks=c.num_ranks)
-    variants = {}
-    if c.variants and c.workload.dataset:
-        raise ValueError("config.variants change synthetic workload fields; config.workload.dataset is set")
-    for name, overrides in workload.parse_variants(c.variants).items():
-        vc = c.copy_and_resolve_references()
-        vc.workload.update(overrides)
-        variants[name] = requests_from(vc)
+    variants = {name: variant_config(c, name, fields) for name, fields in workload.parse_variants(c.variants).items()}
+    for name, vc in variants.items():
+        reqs = requests_from(vc)
         try:
-            scheduler.validate_requests(variants[name], max_num_tokens=c.max_num_tokens,
-                                        max_batch_size=c.max_batch_size, num_ranks=c.num_ranks)
+            scheduler.validate_requests(reqs, max_num_tokens=vc.max_num_tokens, max_batch_size=c.max_batch_size,
+                                        num_ranks=c.num_ranks)
         except ValueError as e:
             raise ValueError(f"config.variants {name!r}: {e}") from e
+        variants[name] = (reqs, vc)
     strategies = strategies_from(c)
     if c.dep.balance not in scheduler.DepScheduler.BALANCES:
         raise ValueError(f"config.dep.balance must be one of {scheduler.DepScheduler.BALANCES}, got {c.dep.balance!r}")
@@ -537,8 +552,8 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
     summary, raw = served(name, runtime, p, c, ranks)
     phases.lap(f"{name}.serve")
     if p.variants:
-        variants = {v: served(name, runtime, dataclasses.replace(p, requests=reqs), c, ranks)
-                    for v, reqs in p.variants.items()}
+        variants = {v: served(name, runtime, dataclasses.replace(p, requests=reqs), vc, ranks)
+                    for v, (reqs, vc) in p.variants.items()}
         summary["variants"] = {v: vs for v, (vs, _) in variants.items()}
         raw["variants"] = {v: vr for v, (_, vr) in variants.items()}
         phases.lap(f"{name}.variants")

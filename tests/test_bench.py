@@ -43,7 +43,8 @@ def c_tokens_bound(saved) -> int:
 
 
 def test_run_writes_the_contract(tmp_path):
-    doc = bench.run(small_config(tmp_path, breakdown=True, repeats=3, variants="std:isl_std=24,input_ratio=1.0",
+    doc = bench.run(small_config(tmp_path, breakdown=True, repeats=3,
+                                 variants="std:isl_std=24,input_ratio=1.0;small:max_num_tokens=96",
                                  **{"verify.noise_floor": True}))
     saved = json.loads(Path(doc["path"]).read_text())
     for key in ("config", "environment", "raw", "metrics", "verification", "hlo_collectives", "breakdown"):
@@ -72,6 +73,9 @@ def test_run_writes_the_contract(tmp_path):
         assert len(variant["repeats_tps_per_gpu"]) == 3 and variant["num_requests"] == 8
         lengths = {r["input_len"] for r in saved["raw"][name]["variants"]["std"]["requests"]}
         assert lengths != {r["input_len"] for r in saved["raw"][name]["requests"]}
+        # a smaller batch budget (the run's smallest bucket): every batch within it
+        tokens = [i["num_tokens"] for i in saved["raw"][name]["variants"]["small"]["iterations"]]
+        assert max(tokens) <= 96 < max(i["num_tokens"] for i in saved["raw"][name]["iterations"])
     assert "variant std: DWDP" in bench.format_table(doc)
     assert saved["metrics"]["ratio"]["variants"]["std"]["tps_per_gpu_dwdp_over_dep"] > 0
     phases = saved["raw"]["phase_s"]  # where the run's wall time went, in order
@@ -157,6 +161,8 @@ def test_dep_matches_the_reference_bit_for_bit_without_excess_precision(tmp_path
     ("--config.variants=a:isl=x", "config.variants 'a': isl='x' is not a int"),
     ("--config.variants=a:max_len=9", "config.variants 'a': 'max_len=9' must be field=value with a field in"),
     ("--config.variants=a:isl=100000", "config.variants 'a': "),
+    ("--config.variants=a:max_num_tokens=100",
+     "config.variants 'a': max_num_tokens must be one of the run's token buckets [96, 192, 288, 384], got 100"),
     ("--config.dwdp.packing=best", "config.dwdp.packing must be one of ('lookahead', 'fcfs')"),
     ("--config.dwdp.pull_issue=early", "config.dwdp.pull_issue must be one of ('after_moe', 'after_attention')"),
 ])

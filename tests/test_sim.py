@@ -252,19 +252,26 @@ def test_bench_setup_packs_runs_without_the_packing_field_strict_fcfs(tmp_path):
 def test_calibration_reads_each_variant_of_a_run_as_a_run(tmp_path):
     _calibration_files(tmp_path, {"run": 1.0})
     (doc,) = read_results("context_bench", tmp_path)
-    doc["config"]["variants"] = "std:isl_std=4096,input_ratio=1.0"
-    doc["metrics"]["dwdp"]["variants"] = {"std": {"tps_per_gpu": 120.0}}
-    doc["metrics"]["dep"]["variants"] = {"std": {"tps_per_gpu": 100.0}}
+    doc["config"]["variants"] = "std:isl_std=4096,input_ratio=1.0;half:max_num_tokens=16384"
+    doc["metrics"]["dwdp"]["variants"] = {"std": {"tps_per_gpu": 120.0}, "half": {"tps_per_gpu": 100.0}}
+    doc["metrics"]["dep"]["variants"] = {"std": {"tps_per_gpu": 100.0}, "half": {"tps_per_gpu": 100.0}}
     write_results("context_bench", "run", config=doc["config"], raw={}, root=tmp_path, with_devices=False,
                   model=doc["model"], metrics=doc["metrics"])
     runs = {r["run"]: r for r in studies.calibration_study(tmp_path)["metrics"]["runs"]}
-    assert set(runs) == {"run", "run/std"} and runs["run/std"]["measured_ratio"] == pytest.approx(1.2)
+    assert set(runs) == {"run", "run/std", "run/half"} and runs["run/std"]["measured_ratio"] == pytest.approx(1.2)
     cfg, w, dep, dwdp = studies.bench_setup(doc)
+    hw = hardware.calibrated(tmp_path)
+
+    def ratio(workload, configs):
+        tps = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).tps_per_gpu for s in configs}
+        return tps["dwdp"] / tps["dep"]
+
     std = dataclasses.replace(w, isl_std=4096.0, input_ratio=1.0)
-    tps = {s.strategy: simulate.simulate_context(cfg, hardware.calibrated(tmp_path), s, std).tps_per_gpu
-           for s in (dep, dwdp)}
-    assert runs["run/std"]["predicted_ratio"] == pytest.approx(tps["dwdp"] / tps["dep"])
+    assert runs["run/std"]["predicted_ratio"] == pytest.approx(ratio(std, (dep, dwdp)))
     assert runs["run/std"]["predicted_ratio"] != pytest.approx(runs["run"]["predicted_ratio"])
+    # half the batch budget on the run's bucket size (16K of 32K in two buckets: one bucket)
+    half = [dataclasses.replace(x, max_num_tokens=16384, token_buckets=1) for x in (dep, dwdp)]
+    assert runs["run/half"]["predicted_ratio"] == pytest.approx(ratio(w, half))
 
 
 def test_grid_predicts_table_4_at_a_group_size_from_the_measured_setup(tmp_path):

@@ -198,9 +198,10 @@ def _abbreviate(numbers: Sequence[int], limit: int = 20) -> str:
     return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > limit else "")
 
 
-# Workload fields a variant may change, with their types (config.workload's).
+# Fields a variant may change, with their types: config.workload's, and the batch budget (max_num_tokens, one of the
+# run's token buckets, so the runtimes' compiled shapes serve it).
 VARIANT_FIELDS = {"num_requests": int, "isl": int, "input_ratio": float, "isl_std": float, "rate_per_s": float,
-                  "seed": int}
+                  "seed": int, "max_num_tokens": int}
 
 
 def parse_variants(text: str) -> dict[str, dict[str, Any]]:

@@ -352,15 +352,20 @@ def _measured_ratio(doc: dict, variant: str = "") -> float:
                          f"metrics.dep.{where}tps_per_gpu") from e
 
 
-def _with_fields(workload: Workload, fields: dict) -> Workload:
-    """The simulator's workload with a context_bench variant's fields (config.workload's conventions: isl_std < 0
-    and rate_per_s 0 mean none)."""
+def _with_fields(setup: tuple, fields: dict) -> tuple:
+    """A bench setup (`bench_setup`) with a context_bench variant's fields: the workload's (config.workload's
+    conventions: isl_std < 0 and rate_per_s 0 mean none), and a smaller batch budget on the run's bucket size."""
+    cfg, workload, dep, dwdp = setup
     fields = dict(fields)
     if "isl_std" in fields:
         fields["isl_std"] = fields["isl_std"] if fields["isl_std"] >= 0 else None
     if "rate_per_s" in fields:
         fields["rate_per_s"] = fields["rate_per_s"] if fields["rate_per_s"] > 0 else None
-    return dataclasses.replace(workload, **fields)
+    if "max_num_tokens" in fields:
+        mnt = fields.pop("max_num_tokens")
+        step = dep.max_num_tokens // dep.token_buckets
+        dep, dwdp = (dataclasses.replace(x, max_num_tokens=mnt, token_buckets=mnt // step) for x in (dep, dwdp))
+    return cfg, dataclasses.replace(workload, **fields), dep, dwdp
 
 
 def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
@@ -385,11 +390,12 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
         if used != kernels:  # another kernel set: its ratio says nothing about these rates
             skipped.append({"run": doc.get("run"), "kernels": used})
             continue
-        cfg, main_workload, dep, dwdp = bench_setup(doc)
-        # the run's workload, then each of its variants (further workloads served by the same runtimes)
+        setup = bench_setup(doc)
+        cfg = setup[0]
+        # the run's setup, then each of its variants (further workloads served by the same runtimes)
         variants = served_workload.parse_variants((doc.get("config") or {}).get("variants", ""))
-        for variant, workload in [("", main_workload)] + [(v, _with_fields(main_workload, f))
-                                                          for v, f in variants.items()]:
+        for variant, (_, workload, dep, dwdp) in [("", setup)] + [(v, _with_fields(setup, f))
+                                                                  for v, f in variants.items()]:
             measured = _measured_ratio(doc, variant)
             sim = {s.strategy: simulate.simulate_context(cfg, hw, s, workload).summary() for s in (dep, dwdp)}
             predicted = sim["dwdp"]["tps_per_gpu"] / sim["dep"]["tps_per_gpu"]
