@@ -91,9 +91,9 @@ def requests_from(c) -> list[workload.Request]:
                                        isl_std=None if w.isl_std < 0 else w.isl_std, rate_per_s=rate, seed=w.seed)
 
 
-def variant_config(c, name: str, fields: dict[str, Any]):
-    """The run's config with a variant's fields. A smaller batch budget keeps the run's bucket size, so every batch
-    pads to a shape the runtimes compiled; it must be one of the run's token buckets."""
+def variant_plan(c, name: str, fields: dict[str, Any]) -> tuple[list[workload.Request], Any]:
+    """A variant's requests and the run's config with its fields. A smaller batch budget keeps the run's bucket
+    size, so every batch pads to a shape the runtimes compiled; it must be one of the run's token buckets."""
     if c.workload.dataset:
         raise ValueError("config.variants change synthetic workload fields; config.workload.dataset is set")
     vc = c.copy_and_resolve_references()
@@ -105,7 +105,13 @@ def variant_config(c, name: str, fields: dict[str, Any]):
                              f"{buckets}, got {fields['max_num_tokens']}")
         vc.max_num_tokens = fields["max_num_tokens"]
         vc.token_buckets = buckets.index(vc.max_num_tokens) + 1
-    return vc
+    reqs = requests_from(vc)
+    try:
+        scheduler.validate_requests(reqs, max_num_tokens=vc.max_num_tokens, max_batch_size=c.max_batch_size,
+                                    num_ranks=c.num_ranks)
+    except ValueError as e:
+        raise ValueError(f"config.variants {name!r}: {e}") from e
+    return reqs, vc
 
 
 def dep_ranks(c) -> int:
@@ -143,15 +149,7 @@ def plan(c) -> Plan:
     requests = requests_from(c)
     scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
                                 num_ranks=c.num_ranks)
-    variants = {name: variant_config(c, name, fields) for name, fields in workload.parse_variants(c.variants).items()}
-    for name, vc in variants.items():
-        reqs = requests_from(vc)
-        try:
-            scheduler.validate_requests(reqs, max_num_tokens=vc.max_num_tokens, max_batch_size=c.max_batch_size,
-                                        num_ranks=c.num_ranks)
-        except ValueError as e:
-            raise ValueError(f"config.variants {name!r}: {e}") from e
-        variants[name] = (reqs, vc)
+    variants = {name: variant_plan(c, name, fields) for name, fields in workload.parse_variants(c.variants).items()}
     strategies = strategies_from(c)
     if c.dep.balance not in scheduler.DepScheduler.BALANCES:
         raise ValueError(f"config.dep.balance must be one of {scheduler.DepScheduler.BALANCES}, got {c.dep.balance!r}")
@@ -577,10 +575,12 @@ def served(name: str, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
     """`config.repeats` passes of p's requests on a warm runtime: (summary, raw records) of the pass of median
     TPS/GPU (the lower middle one of an even count), with every pass's TPS/GPU beside it."""
     repeats = [serve(name, runtime, p, c, sync=i == 0) for i in range(c.repeats)]
-    tps = [metrics.summarize(reqs, iters, ranks)["tps_per_gpu"] for reqs, iters, _, _ in repeats]
-    reqs, iters, assignments, extra = repeats[sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]]
+    summaries = [metrics.summarize(reqs, iters, ranks) for reqs, iters, _, _ in repeats]
+    tps = [s["tps_per_gpu"] for s in summaries]
+    median = sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]
+    reqs, iters, assignments, extra = repeats[median]
     extra = {**repeats[0][3], **extra}  # DEP's synchronization estimate comes with the first pass
-    summary = {**metrics.summarize(reqs, iters, ranks), "repeats_tps_per_gpu": tps,
+    summary = {**summaries[median], "repeats_tps_per_gpu": tps,
                **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
     if "pull_contention" in extra:
         summary["pull_contention"] = {k: extra["pull_contention"][k] for k in ("measured", "model")}
@@ -705,15 +705,15 @@ def format_table(doc: dict[str, Any]) -> str:
                     f"TTFT p50 speedup {m['ratio']['ttft_p50_dep_over_dwdp']:.3f}")
     for v, r in m.get("ratio", {}).get("variants", {}).items():
         rows.append(f"variant {v}: DWDP {m['dwdp']['variants'][v]['tps_per_gpu']:.1f}, DEP "
-                    f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, DWDP/DEP {r['tps_per_gpu_dwdp_over_dep']:.3f}"
-                    f", TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}")
+                    f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, "
+                    f"DWDP/DEP {r['tps_per_gpu_dwdp_over_dep']:.3f}, TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}")
     if doc.get("phase_s"):
         rows.append("wall s per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["phase_s"].items()))
     passes = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES
               if len(m.get(name, {}).get("repeats_tps_per_gpu", ())) > 1}
     if passes:
         rows.append("repeats TPS/GPU " + "; ".join(f"{name} " + " ".join(f"{x:.1f}" for x in tps)
-                                                   for name, tps in passes.items()) + " (the median one above)")
+                                                   for name, tps in passes.items()) + " (the median pass above)")
     if "dep" in m and "sync_overhead" in m["dep"]:
         rows.append(f"DEP synchronization overhead {100 * m['dep']['sync_overhead']:.1f}% "
                     f"(mean rank-token CV {100 * m['dep']['rank_cv_mean']:.1f}%)")

@@ -341,6 +341,18 @@ def bench_setup(doc: dict) -> tuple[ModelConfig, Workload, ContextConfig, Contex
     return cfg, workload, base, dwdp
 
 
+def _gpu_runs(results_root: str | Path | None) -> list[dict]:
+    """The context_bench runs with both strategies at a tensor-core precision: the fp32 CPU runs (the tiny default)
+    measure the machinery, not the hardware."""
+    return [d for d in read_results("context_bench", results_root)
+            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())
+            and (d.get("model") or {}).get("dtype") in _PRECISION_OF_DTYPE]
+
+
+def _kernels_of(doc: dict, kernels: dict[str, str]) -> dict[str, str]:
+    return {k: (doc.get("config") or {}).get(k) for k in kernels}
+
+
 def _measured_ratio(doc: dict, variant: str = "") -> float:
     m = doc.get("metrics") or {}
     where = "" if not variant else f"variants.{variant}."
@@ -377,16 +389,14 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
     hw = hardware.calibrated(results_root)
     # Only runs at a tensor-core precision calibrate a GPU spec: the fp32 CPU runs (the tiny default) measure the
     # machinery, not the hardware, and are skipped rather than refused.
-    docs = [d for d in read_results("context_bench", results_root)
-            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())
-            and (d.get("model") or {}).get("dtype") in _PRECISION_OF_DTYPE]
+    docs = _gpu_runs(results_root)
     if not docs:
         raise ValueError(f"no bf16 context_bench results with both dwdp and dep metrics under "
                          f"{results_root or 'results'}")
     kernels = calibrated_kernels(results_root)
     rows, skipped = [], []
     for doc in docs:
-        used = {k: (doc.get("config") or {}).get(k) for k in kernels}
+        used = _kernels_of(doc, kernels)
         if used != kernels:  # another kernel set: its ratio says nothing about these rates
             skipped.append({"run": doc.get("run"), "kernels": used})
             continue
@@ -449,10 +459,7 @@ def grid_study(results_root: str | Path | None, group_size: int = 8, input_ratio
     _positive("max_num_tokens", max_num_tokens)
     hw = hardware.calibrated(results_root)
     kernels = calibrated_kernels(results_root)
-    docs = [d for d in read_results("context_bench", results_root)
-            if {"dwdp", "dep"} <= set((d.get("metrics") or {}).keys())
-            and (d.get("model") or {}).get("dtype") in _PRECISION_OF_DTYPE
-            and {k: (d.get("config") or {}).get(k) for k in kernels} == kernels]
+    docs = [d for d in _gpu_runs(results_root) if _kernels_of(d, kernels) == kernels]
     if not docs:
         raise ValueError(f"no bf16 context_bench run with both strategies and the calibrated kernels {kernels} under "
                          f"{results_root or 'results'}")
