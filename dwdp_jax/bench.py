@@ -706,7 +706,8 @@ def format_table(doc: dict[str, Any]) -> str:
     for v, r in m.get("ratio", {}).get("variants", {}).items():
         rows.append(f"variant {v}: DWDP {m['dwdp']['variants'][v]['tps_per_gpu']:.1f}, DEP "
                     f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, "
-                    f"DWDP/DEP {r['tps_per_gpu_dwdp_over_dep']:.3f}, TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}")
+                    f"DWDP/DEP {r['tps_per_gpu_dwdp_over_dep']:.3f}, "
+                    f"TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}")
     if doc.get("phase_s"):
         rows.append("wall s per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["phase_s"].items()))
     passes = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES
