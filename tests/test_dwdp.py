@@ -393,3 +393,7 @@ def test_copy_engine_fences_order_the_moe_program(params):
     final = next(line for line in body if issue_token in line and "optimization_barrier" in line)
     # the issue fence takes the layer output, and the program returns that output through the fence's barrier
     assert issued_after in final and final.split("=")[0].strip().split(":")[0] + "#0" in returned
+    with pytest.raises(ValueError, match=r"issue_after must be one of \('moe', 'attention'\), got 'early'"):
+        stages.moe_layer.lower(engine._moe_graph, w.moe_states[0], x, *args[1:],
+                               engine._view(0, 0, engine.transport.remote_specs(0)),
+                               hook=engine.transport.hook(0), issue_after="early")
