@@ -77,7 +77,7 @@ MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 
 
-def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks) -> dict[str, float]:
+def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, hbm_gbps: float) -> dict[str, float]:
     """Each winner over the dense GEMM timed in rounds with it (`gpu_bench.round_robin_over_dense`), on the skewed
     rows and on the same rows with every group padded to a whole number of tiles (DeepGEMM's contiguous layout:
     no tile is shared by two groups; the padding rows are computed, only the real rows' FLOPs are counted). With
@@ -95,6 +95,12 @@ def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks) 
     metrics = {f"{name}_rounds_{case}_{key}": value for case, stats in got.items() for key, value in stats.items()}
     for case, stats in got.items():
         print(name, case, "rounds:", {key: round(value, 3) for key, value in stats.items()}, flush=True)
+    # the roofline beside them: the rounds' dense rate and this card's HBM bandwidth, per tile padding
+    for tile in (1, best.block_m // 2, best.block_m):
+        floor = gb.grouped_gemm_floor(sizes, k, 2 * n if fused else n, n, got["dense"]["tflops"] * 1e12,
+                                      hbm_gbps * 1e9, tile_rows=tile)
+        metrics[f"{name}_floor_over_dense_rows{tile}"] = floor
+        print(name, f"roofline floor, groups padded to {tile} rows: {floor:.3f} of dense", flush=True)
     return metrics
 
 
@@ -108,7 +114,7 @@ def main(argv):
         sys.exit(2)
     sizes = (gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value) if _ROUTING.value == "skewed"
              else gb.uniform_group_sizes(_ROWS.value, _EXPERTS.value))
-    metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
+    metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean()), "hbm_gbps": gb.hbm_gbps()}, {}
     for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         # the dense GEMM before and after the sweep: its rate drifts between runs on one card (717-764 TFLOP/s)
         dense_before = gb.dense_gemm_tflops(_ROWS.value, k, 2 * n if fused else n)
@@ -149,7 +155,7 @@ def main(argv):
             swizzled_store=best_mgpu.swizzled_store, cluster_n=best_mgpu.cluster_n)
         metrics[f"{name}_split_mgpu_rel_err"] = gb.grouped_gemm_error(sizes, k, n, unfused,
                                                                      kernel=split_ragged_dot_mgpu)
-        metrics.update(_round_robin(name, sizes, k, n, fused, best_blocks, best_mgpu))
+        metrics.update(_round_robin(name, sizes, k, n, fused, best_blocks, best_mgpu, metrics["hbm_gbps"]))
         raw[f"{name}_mgpu_sweep"] = {str(dataclasses.astuple(b)): v for b, v in mgpu_sweep.items()}
         raw[f"{name}_mgpu_best_blocks"] = dataclasses.astuple(best_mgpu)
         metrics.update({f"{name}_dense_tflops": dense, f"{name}_split_tflops": timed[best_blocks],
