@@ -6,6 +6,7 @@ Every number is a median over repeats after warm-up, with a device sync before r
 
 from __future__ import annotations
 
+import functools
 import statistics
 import subprocess
 import time
@@ -101,6 +102,22 @@ def dense_gemm_case(m: int, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callabl
     return jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (a, b), 2 * m * k * n
 
 
+def per_group_dense_case(sizes: np.ndarray, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callable, tuple, float]:
+    """(jitted fn, its args, its FLOPs): one dense GEMM per non-empty group in one executable, each group's rows
+    times its own [k, n] weights, outputs left apart (no concatenation copy): the vendor's GEMM (cuBLAS on GPU)
+    over the same groups, launch gaps included, as a grouped GEMM built from dense calls would run."""
+    keys = jax.random.split(jax.random.key(3), 2)
+    x = jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32).astype(dtype)
+    w = (0.02 * jax.random.normal(keys[1], (len(sizes), k, n), jnp.float32)).astype(dtype)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    spans = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(starts[:-1], starts[1:])) if b > a]
+
+    def fn(x, w):
+        return tuple(jnp.dot(x[a:b], w[g], preferred_element_type=dtype) for g, a, b in spans)
+
+    return jax.jit(fn), (x, w), 2 * int(sizes.sum()) * k * n
+
+
 def tflops(case: tuple[Callable, tuple, float], **timing) -> float:
     fn, args, flops = case
     return flops / time_s(fn, *args, **timing) / 1e12
@@ -163,6 +180,20 @@ def _split_kernel(kernel: Callable | None) -> Callable:
     return kernel or split_ragged_dot
 
 
+@functools.lru_cache(maxsize=1)
+def _slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bool) -> tuple:
+    """The split cases' expert weights, one buffer set shared by the cases of a problem (a benchmark round holds
+    five cases: separate copies of gate/up's 15 GB would not fit an 80 GB card)."""
+    keys = jax.random.split(jax.random.key(1), 2)
+
+    def weights(key):
+        w = (0.02 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
+        edges = np.cumsum((0,) + counts)
+        return tuple(w[a:b] for a, b in zip(edges[:-1], edges[1:]))
+
+    return tuple(zip(weights(keys[0]), weights(keys[1]))) if fused else weights(keys[0])
+
+
 def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
                     slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None,
                     counted_rows: int | None = None) -> tuple[Callable, tuple, float]:
@@ -172,16 +203,8 @@ def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
     `counted_rows` (default all rows; fewer when the sizes include padding rows)."""
     split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
-    counts = slab_counts or (g,)
-    keys = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
-
-    def weights(key):
-        w = (0.02 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
-        edges = np.cumsum((0,) + tuple(counts))
-        return tuple(w[a:b] for a, b in zip(edges[:-1], edges[1:]))
-
-    ws = tuple(zip(weights(keys[1]), weights(keys[2]))) if fused else weights(keys[1])
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
+    ws = _slab_weights(g, k, n, tuple(slab_counts or (g,)), fused)
     f = jax.jit(lambda x, gs, ws: split_ragged_dot(x, gs, ws, fused=fused, blocks=blocks))
     rows = m if counted_rows is None else counted_rows
     return f, (x, jnp.asarray(sizes, jnp.int32), ws), 2 * rows * k * n * (2 if fused else 1)

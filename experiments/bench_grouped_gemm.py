@@ -90,7 +90,8 @@ def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, 
              "split_aligned_half": gb.split_gemm_case(padded(best.block_m // 2), k, n, fused, half, counted_rows=real),
              "split_mgpu": gb.split_gemm_case(sizes, k, n, fused, best_mgpu, kernel=split_ragged_dot_mgpu),
              "split_mgpu_aligned": gb.split_gemm_case(padded(best_mgpu.tile_m), k, n, fused, best_mgpu,
-                                                      kernel=split_ragged_dot_mgpu, counted_rows=real)}
+                                                      kernel=split_ragged_dot_mgpu, counted_rows=real),
+             "cublas_per_group": gb.per_group_dense_case(sizes, k, 2 * n if fused else n)}
     got = gb.round_robin_over_dense(cases, gb.dense_gemm_case(real, k, 2 * n if fused else n))
     metrics = {f"{name}_rounds_{case}_{key}": value for case, stats in got.items() for key, value in stats.items()}
     for case, stats in got.items():

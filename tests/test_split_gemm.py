@@ -146,6 +146,19 @@ def test_grouped_gemm_floor_by_hand():
         grouped_gemm_floor(np.array([1]), 8, 8, 8, 1e12, 1e12, tile_rows=0)
 
 
+def test_per_group_dense_case_multiplies_each_group_by_its_weights():
+    """cuBLAS-per-group reference of the grouped GEMM benchmark: one output per non-empty group, equal to
+    jax.lax.ragged_dot over the same rows and weights; FLOPs of the real rows."""
+    from dwdp_jax.gpu_bench import per_group_dense_case
+
+    sizes = np.array([3, 0, 5, 1])
+    fn, (x, w), flops = per_group_dense_case(sizes, 16, 8, jnp.float32)
+    outs = fn(x, w)
+    assert len(outs) == 3 and flops == 2 * 9 * 16 * 8
+    ref = jax.lax.ragged_dot(x, w, jnp.asarray(sizes, jnp.int32))
+    np.testing.assert_allclose(np.concatenate(outs), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_sustained_timing_warms_up_for_the_given_seconds():
     """With sustain_s the warm-up calls go on until that long has passed; only the calls after it are timed."""
     import time
