@@ -75,8 +75,8 @@ def uniform_group_sizes(num_rows: int, num_groups: int, seed: int = 0) -> np.nda
     return np.random.default_rng(seed).multinomial(num_rows, np.full(num_groups, 1.0 / num_groups)).astype(np.int32)
 
 
-def grouped_gemm_floor(sizes: np.ndarray, k: int, n: int, out_cols: int, dense_flops_per_s: float,
-                       hbm_bytes_per_s: float, tile_rows: int = 1, itemsize: int = 2) -> float:
+def grouped_gemm_roofline(sizes: np.ndarray, k: int, n: int, out_cols: int, dense_flops_per_s: float,
+                          hbm_bytes_per_s: float, tile_rows: int = 1, itemsize: int = 2) -> float:
     """The best fraction of the dense GEMM's rate a grouped GEMM can reach over these groups, with no overlap
     between groups: each group takes max(its FLOPs at the dense rate, its bytes at the HBM bandwidth), its rows
     padded to whole `tile_rows` tiles; the dense GEMM of the real rows at the dense rate. A group of m rows reads
@@ -84,7 +84,7 @@ def grouped_gemm_floor(sizes: np.ndarray, k: int, n: int, out_cols: int, dense_f
     under dense/HBM FLOP per byte (about 155 rows on H200, 220 on H100) are memory bound; with perfect overlap
     between groups the bound would be the padding's real/padded rows alone."""
     if not (dense_flops_per_s > 0 and hbm_bytes_per_s > 0 and tile_rows >= 1):
-        raise ValueError(f"grouped_gemm_floor: rates must be > 0 and tile_rows >= 1, got {dense_flops_per_s}, "
+        raise ValueError(f"grouped_gemm_roofline: rates must be > 0 and tile_rows >= 1, got {dense_flops_per_s}, "
                          f"{hbm_bytes_per_s}, {tile_rows}")
     sizes = np.asarray(sizes, np.float64)
     padded = np.ceil(sizes / tile_rows) * tile_rows

@@ -1,6 +1,7 @@
 """Grouped GEMM on one GPU, side by side: the split-weight Pallas kernel (block-size sweep), the same schedule
 on Mosaic GPU, jax's Mosaic GPU ragged_dot, and the dense GEMM of the same FLOPs (issue 6: >= 75% of dense at 256
-experts, 131072 rows, skewed).
+experts, 131072 rows, skewed). Beside them, in the same rounds: cuBLAS run group by group (a MoE built from dense
+calls) and the roofline of the groups (`gpu_bench.grouped_gemm_roofline`).
 
   python -m experiments.bench_grouped_gemm                 # on a GPU; writes results/bench_grouped_gemm/<run>.json
   python -m experiments.bench_grouped_gemm --tune --rows=262144   # also records each kernel's fastest blocks for
@@ -98,10 +99,10 @@ def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, 
         print(name, case, "rounds:", {key: round(value, 3) for key, value in stats.items()}, flush=True)
     # the roofline beside them: the rounds' dense rate and this card's HBM bandwidth, per tile padding
     for tile in (1, best.block_m // 2, best.block_m):
-        floor = gb.grouped_gemm_floor(sizes, k, 2 * n if fused else n, n, got["dense"]["tflops"] * 1e12,
-                                      hbm_gbps * 1e9, tile_rows=tile)
-        metrics[f"{name}_floor_over_dense_rows{tile}"] = floor
-        print(name, f"roofline floor, groups padded to {tile} rows: {floor:.3f} of dense", flush=True)
+        bound = gb.grouped_gemm_roofline(sizes, k, 2 * n if fused else n, n, got["dense"]["tflops"] * 1e12,
+                                         hbm_gbps * 1e9, tile_rows=tile)
+        metrics[f"{name}_roofline_over_dense_rows{tile}"] = bound
+        print(name, f"roofline, groups alone and padded to {tile} rows: {bound:.3f} of dense", flush=True)
     return metrics
 
 

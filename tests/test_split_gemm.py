@@ -127,23 +127,23 @@ def test_uniform_routing_group_sizes_are_balanced():
     assert sizes.max() / sizes.mean() < 1.2 < skewed_group_sizes(262144, 256, 6.0).max() / sizes.mean()
 
 
-def test_grouped_gemm_floor_by_hand():
+def test_grouped_gemm_roofline_by_hand():
     """The roofline bound beside the grouped GEMM's ratio: compute-bound whole tiles reach the dense rate, padding
     costs real/padded rows, a memory-bound group its bytes at HBM bandwidth, empty groups nothing."""
-    from dwdp_jax.gpu_bench import grouped_gemm_floor
+    from dwdp_jax.gpu_bench import grouped_gemm_roofline
 
     fast_hbm = 1e30
-    assert grouped_gemm_floor(np.array([256, 0, 512]), 64, 64, 64, 1e12, fast_hbm, tile_rows=128) == pytest.approx(1)
-    assert grouped_gemm_floor(np.array([65]), 64, 64, 64, 1e12, fast_hbm, tile_rows=128) == pytest.approx(65 / 128)
+    assert grouped_gemm_roofline(np.array([256, 0, 512]), 64, 64, 64, 1e12, fast_hbm, tile_rows=128) == pytest.approx(1)
+    assert grouped_gemm_roofline(np.array([65]), 64, 64, 64, 1e12, fast_hbm, tile_rows=128) == pytest.approx(65 / 128)
     # one group of 10 rows, k 1000, n 2000 (fused: out 1000): 4e7 FLOPs at 1e12/s = 40 us; bytes (2e6 + 10 x 2000)
     # x 2 at 1e10/s = 404 us
-    got = grouped_gemm_floor(np.array([10]), 1000, 2000, 1000, 1e12, 1e10)
+    got = grouped_gemm_roofline(np.array([10]), 1000, 2000, 1000, 1e12, 1e10)
     assert got == pytest.approx(40 / 404)
-    # H200's ridge: about 155 rows per group (742 TFLOP/s over 4.8 TB/s); below it the floor drops
+    # H200's ridge: about 155 rows per group (742 TFLOP/s over 4.8 TB/s); below it the bound drops
     h200 = dict(k=2048, n=7168, out_cols=7168, dense_flops_per_s=742e12, hbm_bytes_per_s=4.8e12)
-    assert grouped_gemm_floor(np.full(4, 1024), **h200) > 0.98 > 0.9 > grouped_gemm_floor(np.full(4, 64), **h200)
+    assert grouped_gemm_roofline(np.full(4, 1024), **h200) > 0.98 > 0.9 > grouped_gemm_roofline(np.full(4, 64), **h200)
     with pytest.raises(ValueError, match="tile_rows"):
-        grouped_gemm_floor(np.array([1]), 8, 8, 8, 1e12, 1e12, tile_rows=0)
+        grouped_gemm_roofline(np.array([1]), 8, 8, 8, 1e12, 1e12, tile_rows=0)
 
 
 def test_per_group_dense_case_multiplies_each_group_by_its_weights():
