@@ -102,6 +102,12 @@ def dense_gemm_case(m: int, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callabl
     return jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (a, b), 2 * m * k * n
 
 
+def group_spans(sizes: np.ndarray) -> list[tuple[int, int, int]]:
+    """(group, first row, end row) of every non-empty group of rows sorted by group."""
+    ends = np.cumsum(sizes)
+    return [(g, int(end - size), int(end)) for g, (size, end) in enumerate(zip(sizes, ends)) if size > 0]
+
+
 def per_group_dense_case(sizes: np.ndarray, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callable, tuple, float]:
     """(jitted fn, its args, its FLOPs): one dense GEMM per non-empty group in one executable, each group's rows
     times its own [k, n] weights, outputs left apart (no concatenation copy): the vendor's GEMM (cuBLAS on GPU)
@@ -109,8 +115,7 @@ def per_group_dense_case(sizes: np.ndarray, k: int, n: int, dtype=jnp.bfloat16) 
     keys = jax.random.split(jax.random.key(3), 2)
     x = jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32).astype(dtype)
     w = (0.02 * jax.random.normal(keys[1], (len(sizes), k, n), jnp.float32)).astype(dtype)
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    spans = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(starts[:-1], starts[1:])) if b > a]
+    spans = group_spans(sizes)
 
     def fn(x, w):
         return tuple(jnp.dot(x[a:b], w[g], preferred_element_type=dtype) for g, a, b in spans)
@@ -224,12 +229,10 @@ def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: C
     w = (0.05 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
     ours = split_ragged_dot(x, jnp.asarray(sizes, jnp.int32), (w[:g // 2], w[g // 2:]), blocks=blocks)
     ours = ours.astype(jnp.float32)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-
     @jax.jit  # one program (eager, every group's shape would compile on its own)
     def reference(x, w):
-        return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[i].astype(jnp.float32)
-                                for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))])
+        return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[g].astype(jnp.float32)
+                                for g, a, b in group_spans(sizes)])
 
     ref = reference(x, w)
     return float(jnp.linalg.norm(ours - ref) / jnp.linalg.norm(ref))

@@ -83,7 +83,7 @@ def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, 
     rows and on the same rows with every group padded to a whole number of tiles (DeepGEMM's contiguous layout:
     no tile is shared by two groups; the padding rows are computed, only the real rows' FLOPs are counted). With
     half tiles a group padded to half a tile ends on a half-tile boundary, so no half is computed twice either."""
-    real = int(sizes.sum())
+    real, cols = int(sizes.sum()), 2 * n if fused else n
     padded = lambda rows: -(-sizes // rows) * rows  # noqa: E731
     half = dataclasses.replace(best, half_tiles=True)
     cases = {"split": gb.split_gemm_case(sizes, k, n, fused, best),
@@ -92,15 +92,15 @@ def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, 
              "split_mgpu": gb.split_gemm_case(sizes, k, n, fused, best_mgpu, kernel=split_ragged_dot_mgpu),
              "split_mgpu_aligned": gb.split_gemm_case(padded(best_mgpu.tile_m), k, n, fused, best_mgpu,
                                                       kernel=split_ragged_dot_mgpu, counted_rows=real),
-             "cublas_per_group": gb.per_group_dense_case(sizes, k, 2 * n if fused else n)}
-    got = gb.round_robin_over_dense(cases, gb.dense_gemm_case(real, k, 2 * n if fused else n))
+             "cublas_per_group": gb.per_group_dense_case(sizes, k, cols)}
+    got = gb.round_robin_over_dense(cases, gb.dense_gemm_case(real, k, cols))
     metrics = {f"{name}_rounds_{case}_{key}": value for case, stats in got.items() for key, value in stats.items()}
     for case, stats in got.items():
         print(name, case, "rounds:", {key: round(value, 3) for key, value in stats.items()}, flush=True)
     # the roofline beside them: the rounds' dense rate and this card's HBM bandwidth, per tile padding
     for tile in (1, best.block_m // 2, best.block_m):
-        bound = gb.grouped_gemm_roofline(sizes, k, 2 * n if fused else n, n, got["dense"]["tflops"] * 1e12,
-                                         hbm_gbps * 1e9, tile_rows=tile)
+        bound = gb.grouped_gemm_roofline(sizes, k, cols, n, got["dense"]["tflops"] * 1e12, hbm_gbps * 1e9,
+                                         tile_rows=tile)
         metrics[f"{name}_roofline_over_dense_rows{tile}"] = bound
         print(name, f"roofline, groups alone and padded to {tile} rows: {bound:.3f} of dense", flush=True)
     return metrics

@@ -144,17 +144,20 @@ def test_grouped_gemm_roofline_by_hand():
     assert grouped_gemm_roofline(np.full(4, 1024), **h200) > 0.98 > 0.9 > grouped_gemm_roofline(np.full(4, 64), **h200)
     with pytest.raises(ValueError, match="tile_rows"):
         grouped_gemm_roofline(np.array([1]), 8, 8, 8, 1e12, 1e12, tile_rows=0)
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        grouped_gemm_roofline(np.array([1]), 8, 8, 8, 1e12, 0.0)
 
 
 def test_per_group_dense_case_multiplies_each_group_by_its_weights():
     """cuBLAS-per-group reference of the grouped GEMM benchmark: one output per non-empty group, equal to
     jax.lax.ragged_dot over the same rows and weights; FLOPs of the real rows."""
-    from dwdp_jax.gpu_bench import per_group_dense_case
+    from dwdp_jax.gpu_bench import group_spans, per_group_dense_case
 
     sizes = np.array([3, 0, 5, 1])
     fn, (x, w), flops = per_group_dense_case(sizes, 16, 8, jnp.float32)
     outs = fn(x, w)
     assert len(outs) == 3 and flops == 2 * 9 * 16 * 8
+    assert group_spans(sizes) == [(0, 0, 3), (2, 3, 8), (3, 8, 9)]
     ref = jax.lax.ragged_dot(x, w, jnp.asarray(sizes, jnp.int32))
     np.testing.assert_allclose(np.concatenate(outs), ref, rtol=1e-5, atol=1e-5)
 
