@@ -142,25 +142,35 @@ def sm_clock_mhz() -> float | None:
         return None
 
 
+def burst(case: tuple[Callable, tuple, float], repeats: int = 3) -> dict[str, float]:
+    """A case's TFLOP/s over a few calls from idle, and the SM clock read right after."""
+    rate = tflops(case, repeats=repeats, warmup=1)
+    clock = sm_clock_mhz()
+    return {"tflops": rate} if clock is None else {"tflops": rate, "sm_clock_mhz": clock}
+
+
 def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dense: tuple[Callable, tuple, float],
-                           rounds: int = 7, repeats: int = 3) -> dict[str, dict[str, float]]:
+                           rounds: int = 7, measure: Callable = burst) -> dict[str, dict[str, float]]:
     """Kernels against the dense GEMM timed in rounds (dense, then each kernel, per round), so all see the same
     clocks: on one H200 the dense rate falls from about 745 TFLOP/s in a short burst to 620-680 under sustained
-    load (WORKSPACE.md, session 7). Per case: medians over the rounds of its rate, of its ratio to the round's
-    dense rate (with the extremes) and of the SM clock read after its timing."""
-    samples: dict[str, dict[str, list]] = {name: {"tflops": [], "over_dense": [], "sm_clock_mhz": []}
-                                           for name in ("dense", *cases)}
+    load (WORKSPACE.md, session 7). `measure(case)` gives a dict with "tflops" and whatever else it reads (`burst`:
+    the SM clock after it; `clocks_under_load`: clock and power over a sustained run). Per case: medians over the
+    rounds of each reading and of the ratio to the round's dense rate (with its extremes); with clocks, also the
+    ratio at equal clocks (over_dense_per_clock)."""
+    samples: dict[str, dict[str, list]] = {name: {} for name in ("dense", *cases)}
     for _ in range(rounds):
+        ref = None
         for name, case in (("dense", dense), *cases.items()):
-            rate = tflops(case, repeats=repeats, warmup=1)
-            samples[name]["tflops"].append(rate)
-            samples[name]["over_dense"].append(rate / samples["dense"]["tflops"][-1])
-            clock = sm_clock_mhz()
-            if clock is not None:
-                samples[name]["sm_clock_mhz"].append(clock)
+            got = dict(measure(case))
+            ref = ref or got  # the round's dense reading: it runs first
+            got["over_dense"] = got["tflops"] / ref["tflops"]
+            if "sm_clock_mhz" in got and "sm_clock_mhz" in ref:
+                got["over_dense_per_clock"] = got["over_dense"] * ref["sm_clock_mhz"] / got["sm_clock_mhz"]
+            for key, value in got.items():
+                samples[name].setdefault(key, []).append(value)
     out = {}
     for name, got in samples.items():
-        out[name] = {key: statistics.median(values) for key, values in got.items() if values}
+        out[name] = {key: statistics.median(values) for key, values in got.items()}
         out[name].update(over_dense_min=min(got["over_dense"]), over_dense_max=max(got["over_dense"]))
     return out
 
@@ -216,8 +226,9 @@ def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
 
 
 def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
-                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None, **timing) -> float:
-    return tflops(split_gemm_case(sizes, k, n, fused, blocks, slab_counts, kernel), **timing)
+                      slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None,
+                      counted_rows: int | None = None, **timing) -> float:
+    return tflops(split_gemm_case(sizes, k, n, fused, blocks, slab_counts, kernel, counted_rows), **timing)
 
 
 def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: Callable | None = None) -> float:
@@ -238,9 +249,48 @@ def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: C
     return float(jnp.linalg.norm(ours - ref) / jnp.linalg.norm(ref))
 
 
-def hbm_gbps(num_bytes: int = 4 * GIB) -> float:
-    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
-    return 2 * num_bytes / time_s(jax.jit(lambda x: x * 2), x) / 1e9
+def hbm_gbps(num_bytes: int = 4 * GIB, passes: int = 16) -> float:
+    """HBM read GB/s: `passes` reductions over an f32 buffer inside one program, so the host's dispatch and sync
+    are paid once (what the grouped GEMM's weight stream and the roofline need). On one H200: 4.41 TB/s at 4 GiB,
+    against 3.91 for read + write passes and 2.92 for the single bf16 x * 2 per call this replaced, which read
+    0.31-0.62 of the 4.8 TB/s datasheet rising with the size (WORKSPACE.md, session 10)."""
+    if num_bytes < 4 or passes < 1:
+        raise ValueError(f"hbm_gbps: num_bytes must be >= 4 and passes >= 1, got {num_bytes}, {passes}")
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    # the pass index in the sum keeps every pass a read of x (no pass is a copy of the last's result)
+    read = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, acc: acc + jnp.sum(x * i), 0.0))
+    return passes * x.nbytes / time_s(read, x) / 1e9
+
+
+def clocks_under_load(case: tuple[Callable, tuple, float], seconds: float = 3.0,
+                      sample_ms: int = 100) -> dict[str, float]:
+    """A case run back to back for `seconds` while nvidia-smi samples GPU 0's SM clock and power: TFLOP/s over
+    the second half (past the power cap's reaction), the median clock and power over the same span. Kernels that
+    stream more bytes draw more power at the same tensor-core load, so under the cap they run at lower clocks."""
+    fn, args, flops = case
+    jax.block_until_ready(fn(*args))
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                            "-i", "0", f"--loop-ms={sample_ms}"], stdout=subprocess.PIPE, text=True)
+    start = time.perf_counter()
+    calls, half = 0, None
+    while (now := time.perf_counter()) - start < seconds:
+        if half is None and now - start >= seconds / 2:
+            half, calls = now, 0
+        jax.block_until_ready(fn(*args))  # one call in flight: queued outputs would pile up in memory
+        calls += 1
+    rate = calls * flops / (time.perf_counter() - half) / 1e12
+    smi.terminate()
+    samples = []
+    for line in smi.communicate()[0].splitlines():
+        try:
+            samples.append(tuple(float(v) for v in line.split(",")))
+        except ValueError:  # "[N/A]" where the card does not report one
+            continue
+    samples = samples[len(samples) // 2:]
+    if not samples:
+        raise RuntimeError("clocks_under_load: nvidia-smi reported no clock and power samples")
+    return {"tflops": rate, "sm_clock_mhz": statistics.median(c for c, _ in samples),
+            "power_w": statistics.median(p for _, p in samples)}
 
 
 def p2p_gbps(src: jax.Device, dsts: list[jax.Device], num_bytes: int = GIB, fan_in: bool = False) -> float:

@@ -8,6 +8,7 @@ calls) and the roofline of the groups (`gpu_bench.grouped_gemm_roofline`).
                                                                   # this shape and card (dwdp_jax.kernels.tuning)
   python -m experiments.bench_grouped_gemm --tune --rows=262144 --routing=uniform   # tuned for serving's rows
   python -m experiments.bench_grouped_gemm --problem=down     # one projection only (gate_up, down; default both)
+  python -m experiments.bench_grouped_gemm --tune --align=128  # swept and tuned over the model's tile-aligned groups
 """
 
 import dataclasses
@@ -31,6 +32,12 @@ _ROUTING = flags.DEFINE_enum("routing", "skewed", ["skewed", "uniform"], "group 
                              "tiny groups) or uniform random routing (a DWDP rank's rows in serving)")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate block configuration (--nosweep: the cached "
                             "winners for this card and shape, else the defaults)")
+_ALIGN = flags.DEFINE_integer("align", 1, "the sweep's groups padded to a multiple of this many rows (128: the "
+                              "model's tile-aligned layout, where every tile is full; FLOPs counted over the real "
+                              "rows), so --tune records the blocks serving runs best", lower_bound=1)
+_SUSTAINED_ROUNDS = flags.DEFINE_integer(
+    "sustained_rounds", 3, "rounds of the dense GEMM and the aligned winners each run for 3 s with the SM clock and "
+    "power sampled (`gpu_bench.clocks_under_load`); 0 skips them", lower_bound=0)
 _PROBLEMS = flags.DEFINE_multi_enum("problem", ["gate_up", "down"], ["gate_up", "down"], "the projections to time")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 _TUNE = flags.DEFINE_bool("tune", False, "record each kernel's fastest swept blocks in the kernel block cache, which "
@@ -65,12 +72,20 @@ CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in 
 _DOWN_HALF_STORE = [MgpuBlocks(max_concurrent_steps=4, half_store=True, **kw)
                     for kw in (dict(), dict(delay_release=1), dict(cluster_n=True),
                                dict(delay_release=1, cluster_n=True))]
+# Full tiles through the swizzled view with each projection's clustered winners (session 10): the plain view's
+# stores are 8-way bank conflicted, and in the model's tile-aligned layout every tile is full (`--align`).
+_SWIZZLED_CLUSTERED = {
+    True: [MgpuBlocks(tile_n=64, delay_release=1, cluster_n=True, swizzled_store=True)],
+    False: [MgpuBlocks(max_concurrent_steps=3, cluster_n=True, swizzled_store=True)]
+    + [MgpuBlocks(max_concurrent_steps=4, half_store=True, swizzled_store=True, cluster_n=True, delay_release=d)
+       for d in (0, 1)]}
 MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
     fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
             dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
             dataclasses.replace(default, delay_release=1, swizzled_store=True), stages,
             dataclasses.replace(default, cluster_n=True), dataclasses.replace(default, delay_release=1, cluster_n=True),
             dataclasses.replace(stages, cluster_n=True)] + ([] if fused else _DOWN_HALF_STORE)
+    + _SWIZZLED_CLUSTERED[fused]
     for fused, default, stages in ((True, FUSED_MGPU_BLOCKS, MgpuBlocks(tile_n=64, max_concurrent_steps=3)),
                                    (False, DEFAULT_MGPU_BLOCKS, MgpuBlocks(max_concurrent_steps=2)))
 }
@@ -93,10 +108,20 @@ def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, 
              "split_mgpu_aligned": gb.split_gemm_case(padded(best_mgpu.tile_m), k, n, fused, best_mgpu,
                                                       kernel=split_ragged_dot_mgpu, counted_rows=real),
              "cublas_per_group": gb.per_group_dense_case(sizes, k, cols)}
-    got = gb.round_robin_over_dense(cases, gb.dense_gemm_case(real, k, cols))
+    dense = gb.dense_gemm_case(real, k, cols)
+    got = gb.round_robin_over_dense(cases, dense)
     metrics = {f"{name}_rounds_{case}_{key}": value for case, stats in got.items() for key, value in stats.items()}
     for case, stats in got.items():
         print(name, case, "rounds:", {key: round(value, 3) for key, value in stats.items()}, flush=True)
+    # the same under sustained load, where the card's power cap sets every case's clock (serving's condition; the
+    # rounds above start each case from the idle gap of the clock reading before it)
+    if _SUSTAINED_ROUNDS.value:
+        aligned = {case: cases[case] for case in ("split_aligned_half", "split_mgpu_aligned")}
+        sustained = gb.round_robin_over_dense(aligned, dense, rounds=_SUSTAINED_ROUNDS.value,
+                                              measure=gb.clocks_under_load)
+        for case, stats in sustained.items():
+            metrics.update({f"{name}_sustained_{case}_{key}": value for key, value in stats.items()})
+            print(name, case, "sustained:", {key: round(value, 3) for key, value in stats.items()}, flush=True)
     # the roofline beside them: the rounds' dense rate and this card's HBM bandwidth, per tile padding
     for tile in (1, best.block_m // 2, best.block_m):
         bound = gb.grouped_gemm_roofline(sizes, k, cols, n, got["dense"]["tflops"] * 1e12, hbm_gbps * 1e9,
@@ -128,10 +153,11 @@ def main(argv):
         mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else [tuned_mgpu] if tuned_mgpu else \
             MGPU_CANDIDATES[fused][:5]
         sweep, mgpu_sweep = {}, {}
+        real, swept = int(sizes.sum()), -(-sizes // _ALIGN.value) * _ALIGN.value
         for table, kernel, candidates in ((sweep, None, configs), (mgpu_sweep, split_ragged_dot_mgpu, mgpu_configs)):
             for b in candidates:
                 try:
-                    table[b] = gb.split_gemm_tflops(sizes, k, n, fused, b, kernel=kernel)
+                    table[b] = gb.split_gemm_tflops(swept, k, n, fused, b, kernel=kernel, counted_rows=real)
                 except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
                     table[b] = repr(e)[:200]
                 print(name, b, table[b], flush=True)
@@ -168,12 +194,13 @@ def main(argv):
         raw[f"{name}_sweep"] = {str(dataclasses.astuple(b)): v for b, v in sweep.items()}
         raw[f"{name}_best_blocks"] = dataclasses.astuple(best_blocks)
         if _TUNE.value:
-            rows = int(sizes.sum())
             shape = f"skew {_SKEW.value}" if _ROUTING.value == "skewed" else "uniform routing"
+            shape += f", groups aligned to {_ALIGN.value} rows" if _ALIGN.value > 1 else ""
             how = f"experiments.bench_grouped_gemm {datetime.date.today()}, {_EXPERTS.value} groups, {shape}"
-            tuning.record("split_triton", kind, k, n, fused, rows, best_blocks, timed[best_blocks], how)
-            tuning.record("split_mgpu", kind, k, n, fused, rows, best_mgpu, split_mgpu, how)
+            tuning.record("split_triton", kind, k, n, fused, real, best_blocks, timed[best_blocks], how)
+            tuning.record("split_mgpu", kind, k, n, fused, real, best_mgpu, split_mgpu, how)
     config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "routing": _ROUTING.value, "skew": _SKEW.value,
+              "align": _ALIGN.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     write_measurements("bench_grouped_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
 

@@ -1,6 +1,8 @@
 """The split-weight grouped GEMM (Pallas Triton) in interpret mode on CPU: its tile schedule, and its output
 against `jax.lax.ragged_dot` over the concatenated weights, through the model too. The GPU tests run it compiled."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +119,17 @@ def test_round_robin_measures_a_known_ratio():
     assert 0.3 < got["twice"]["over_dense"] < 0.8, got
     assert got["twice"]["over_dense_min"] <= got["twice"]["over_dense"] <= got["twice"]["over_dense_max"]
     assert got["dense"]["over_dense"] == 1.0 and got["dense"]["tflops"] > got["twice"]["tflops"] > 0
+
+
+def test_round_robin_takes_each_rounds_dense_reading_and_clocks():
+    """With a measurement that reports clocks (as `clocks_under_load` does), each case is divided by its own
+    round's dense reading, and the ratio at equal clocks scales by the clocks' ratio."""
+    readings = iter([{"tflops": 100.0, "sm_clock_mhz": 1500.0}, {"tflops": 75.0, "sm_clock_mhz": 1200.0},
+                     {"tflops": 50.0, "sm_clock_mhz": 1000.0}, {"tflops": 40.0, "sm_clock_mhz": 1000.0}])
+    got = round_robin_over_dense({"k": None}, None, rounds=2, measure=lambda case: next(readings))
+    assert got["k"]["over_dense_min"] == pytest.approx(0.75) and got["k"]["over_dense_max"] == pytest.approx(0.8)
+    assert got["k"]["over_dense_per_clock"] == pytest.approx((0.75 * 1500 / 1200 + 0.8) / 2)
+    assert got["dense"]["over_dense"] == 1.0 and got["dense"]["sm_clock_mhz"] == 1250
 
 
 def test_uniform_routing_group_sizes_are_balanced():
@@ -309,3 +322,33 @@ def test_blocks_refuse_impossible_sizes():
         Blocks(block_k=0)
     with pytest.raises(ValueError, match="half_tiles needs block_m a multiple of 32"):
         Blocks(block_m=16, half_tiles=True)
+
+
+def test_hbm_rate_counts_every_pass_and_refuses_empty_buffers():
+    """The read rate over 16 in-program passes is within a plausible band of the same bytes read 4 times (CPU: the
+    memory system is the same, only the pass count differs), and nonsense sizes are refused before any work."""
+    from dwdp_jax.gpu_bench import hbm_gbps
+
+    sixteen, four = hbm_gbps(1 << 24, 16), hbm_gbps(1 << 24, 4)
+    assert sixteen > 0 and 0.25 < sixteen / four < 4
+    with pytest.raises(ValueError, match="num_bytes must be >= 4 and passes >= 1"):
+        hbm_gbps(2)
+    with pytest.raises(ValueError, match="got 1024, 0"):
+        hbm_gbps(1024, 0)
+
+
+def test_clocks_under_load_reads_the_second_half_of_nvidia_smis_samples(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi prints 1400 MHz / 300 W then 1700 MHz / 650 W (and one unreadable line): the medians
+    come from the later samples, the span the rate is timed over; no samples at all is an error, not a zero."""
+    from dwdp_jax.gpu_bench import clocks_under_load
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '1400, 300.0\\n1400, 300.0\\n[N/A], [N/A]\\n1700, 650.0\\n1700, 650.0\\n'\n"
+                   "exec sleep 5\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    got = clocks_under_load(dense_gemm_case(256, 256, 256, jnp.float32), seconds=0.5)
+    assert got["sm_clock_mhz"] == 1700 and got["power_w"] == 650 and got["tflops"] > 0
+    smi.write_text("#!/bin/sh\nexec sleep 5\n")
+    with pytest.raises(RuntimeError, match="no clock and power samples"):
+        clocks_under_load(dense_gemm_case(64, 64, 64, jnp.float32), seconds=0.2)

@@ -36,15 +36,17 @@ SIZES = np.array([70, 0, 130, 5, 64, 100, 128], np.int32)
 CHAINED = [dataclasses.replace(SMALL, chain=True, num_sms=sms) for sms in (2, 17)]
 
 
-# 128-row tiles stored in two halves: the groups above cut tiles in either half, or span both
+# 128-row tiles stored in two halves: the groups above cut tiles in either half, or span both; with the swizzled
+# view, full halves (rows 0-63) leave through it and cut ones through the plain view
 HALVES = [dataclasses.replace(SMALL, tile_m=128, half_store=True),
-          dataclasses.replace(SMALL, tile_m=128, half_store=True, chain=True)]
+          dataclasses.replace(SMALL, tile_m=128, half_store=True, chain=True),
+          dataclasses.replace(SMALL, tile_m=128, half_store=True, swizzled_store=True)]
 
 
 @pytest.mark.parametrize("blocks", [SMALL] + CHAINED + [dataclasses.replace(SMALL, delay_release=1),
                                                          dataclasses.replace(SMALL, swizzled_store=True)] + HALVES,
                          ids=["alone", "chained", "chained_lone_tiles", "wgmma_in_flight", "swizzled_store",
-                              "half_store", "chained_half_store"])
+                              "half_store", "chained_half_store", "swizzled_half_store"])
 def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     m, k, n = int(SIZES.sum()), 128, 256
     kx, kw = jax.random.split(jax.random.key(0))
@@ -53,6 +55,20 @@ def test_plain_over_two_slabs_matches_ragged_dot(blocks):
     ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(SIZES))
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     assert _rel(out, ref) < 4e-3  # bf16 rounding of the output only
+
+
+@pytest.mark.parametrize("blocks", [dataclasses.replace(SMALL, swizzled_store=True), HALVES[-1]],
+                         ids=["swizzled_store", "swizzled_half_store"])
+def test_tile_aligned_groups_leave_through_the_swizzled_view(blocks):
+    """The model's layout: every group padded to whole 128-row tiles, so every tile (and half) is full and takes
+    the swizzled store; the padding rows are computed like real ones."""
+    sizes = -(-SIZES // 128) * 128
+    m, k, n = int(sizes.sum()), 128, 256
+    kx, kw = jax.random.split(jax.random.key(3))
+    x, w = _bf16(kx, (m, k)), _bf16(kw, (len(sizes), k, n))
+    out = split_ragged_dot_mgpu(x, jnp.asarray(sizes), (w[:4], w[4:]), blocks=blocks, interpret=True)
+    ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), jnp.asarray(sizes))
+    assert _rel(out, ref) < 4e-3
 
 
 @pytest.mark.parametrize("blocks", [SMALL_FUSED, dataclasses.replace(SMALL_FUSED, chain=True),
@@ -111,9 +127,8 @@ def test_expert_ffn_with_the_mgpu_kernel_matches_xla():
 
 
 def test_half_stores_refuse_what_they_cannot_run():
-    for bad in (dict(tile_m=64), dict(swizzled_store=True)):
-        with pytest.raises(ValueError, match="half_store needs tile_m a multiple of 128"):
-            MgpuBlocks(half_store=True, **bad)
+    with pytest.raises(ValueError, match="half_store needs tile_m a multiple of 128"):
+        MgpuBlocks(half_store=True, tile_m=64)
 
 
 def test_clusters_refuse_what_they_cannot_run():

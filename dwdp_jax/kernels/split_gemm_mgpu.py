@@ -47,8 +47,10 @@ class MgpuBlocks:
     # wgmma groups left in flight per k step (jax's Hopper matmul and ragged_dot keep one): a stage's shared memory
     # is released that many steps later, so the tensor cores never wait for the last wgmma before the next issue.
     delay_release: int = 0
-    # Full tiles (a group's rows fill all tile_m) go out through a swizzled shared-memory view in one TMA store
-    # (the register-to-shared writes without bank conflicts); cut tiles keep the plain view and the row runs.
+    # Full tiles (a group's rows fill all tile_m; every tile in the model's tile-aligned layout) go out through a
+    # swizzled shared-memory view in one TMA store: the plain view's rows are 256 bytes apart, so a warp's writes
+    # of the wgmma accumulator fall 8 to a bank. Cut tiles keep the plain view and the row runs. With half_store,
+    # per half.
     swizzled_store: bool = False
     # Two CTAs per cluster take adjacent column blocks of one row tile, and the x tile they share is loaded once
     # for both (TMA multicast): per CTA and k step 40 of the 48 KiB come from L2 (x is 16 KiB of them), the
@@ -57,7 +59,8 @@ class MgpuBlocks:
     cluster_n: bool = False
     # The output leaves through a staging buffer of half the tile's rows, one half after the other: 32 of the down
     # kernel's 64 KiB, which buys the fourth 48 KiB stage (and with it delay_release=1), the pipeline of the
-    # fused kernel's winner, whose 64-column halves need only 32 KiB.
+    # fused kernel's winner, whose 64-column halves need only 32 KiB. Combines with swizzled_store (one 32 KiB
+    # buffer, two views).
     half_store: bool = False
 
     def __post_init__(self):
@@ -65,9 +68,9 @@ class MgpuBlocks:
         if self.cluster_n and self.chain:
             raise ValueError("MgpuBlocks: cluster_n and chain cannot be combined (a chained CTA's tiles would need "
                              "the same pipeline phase in both CTAs of its cluster)")
-        if self.half_store and (self.swizzled_store or self.tile_m % 128):
-            raise ValueError("MgpuBlocks.half_store needs tile_m a multiple of 128 (halves of whole 64-row wgmma "
-                             "blocks) and swizzled_store=False")
+        if self.half_store and self.tile_m % 128:
+            raise ValueError(f"MgpuBlocks.half_store needs tile_m a multiple of 128 (halves of whole 64-row wgmma "
+                             f"blocks), got {self.tile_m}")
         if self.cluster_n and self.num_sms % 2:
             raise ValueError(f"MgpuBlocks.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
         if self.tile_m % 64:
@@ -103,6 +106,29 @@ def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: 
         size //= 2
 
 
+def _store(block, plain, swizzled, out_gmem, lo, hi, row0, col0, tile_n: int):
+    """Rows [lo, hi) of `block` (a tile's output or half of it) to rows row0 + lo.. of out_gmem: a full block in
+    one TMA store through the swizzled view when there is one (its register-to-shared writes free of bank
+    conflicts), else power-of-two row runs through the plain view."""
+    rows = block.shape[0]
+
+    def runs():
+        plain[...] = block
+        plgpu.commit_smem()
+        _store_rows(plain, out_gmem, lo, hi - lo, row0, col0, rows, tile_n)
+
+    def whole():
+        swizzled[...] = block
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(swizzled, out_gmem.at[pl.ds(row0, rows), pl.ds(col0, tile_n)])
+
+    if swizzled is None:
+        return runs()
+    full = (lo == 0) & (hi == rows)
+    pl.when(full)(whole)
+    pl.when(~full)(runs)
+
+
 def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlocks, k_dim: int, n_dim: int,
             alias_views: bool = True):
     w_gmems, out_gmem = refs[:-1], refs[-1]
@@ -129,7 +155,7 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
     out_rows = b.tile_m // 2 if b.half_store else b.tile_m
     plain = plgpu.SMEM((2, out_rows, b.tile_n), dtype)
     out_swizzle = plgpu.find_swizzle(b.tile_n * jnp.dtype(dtype).itemsize * 8)
-    swizzled = plgpu.SMEM((2, b.tile_m, b.tile_n), dtype, transforms=(
+    swizzled = plgpu.SMEM((2, out_rows, b.tile_n), dtype, transforms=(
         plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(out_swizzle)))
 
     # One buffer, two views; a tile writes through one of them only after the last tile's stores read it. Mosaic
@@ -160,37 +186,13 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                     run(accs)
                     vals = tuple(a[...] for a in accs)
                     out = jax.nn.silu(vals[0]) * vals[1] if fused else vals[0]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left out_smem
-                    def store_rows():
-                        out_smem[wg] = out.astype(dtype)
-                        plgpu.commit_smem()
-                        _store_rows(out_smem.at[wg], out_gmem, lo, hi - lo, row0, col0, b.tile_m, b.tile_n)
-
-                    def store_halves():  # the second half waits until the first has left the buffer
-                        for h in range(2):
-                            if h:
-                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            out_smem[wg] = out[h * out_rows:(h + 1) * out_rows].astype(dtype)
-                            plgpu.commit_smem()
-                            h_lo = jnp.clip(lo - h * out_rows, 0, out_rows)
-                            h_hi = jnp.clip(hi - h * out_rows, 0, out_rows)
-                            _store_rows(out_smem.at[wg], out_gmem, h_lo, h_hi - h_lo, row0 + h * out_rows, col0,
-                                        out_rows, b.tile_n)
-
-                    def store_tile():
-                        out_swz[wg] = out.astype(dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_swz.at[wg],
-                                                out_gmem.at[pl.ds(row0, b.tile_m), pl.ds(col0, b.tile_n)])
-
-                    if b.swizzled_store:
-                        full = (lo == 0) & (hi == b.tile_m)
-                        pl.when(full)(store_tile)
-                        pl.when(~full)(store_rows)
-                    elif b.half_store:
-                        store_halves()
-                    else:
-                        store_rows()
+                    for h in range(b.tile_m // out_rows):  # halves: each waits until the last left the buffer
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        h_lo = jnp.clip(lo - h * out_rows, 0, out_rows)
+                        h_hi = jnp.clip(hi - h * out_rows, 0, out_rows)
+                        _store(out[h * out_rows:(h + 1) * out_rows].astype(dtype), out_smem.at[wg],
+                               None if out_swz is None else out_swz.at[wg], out_gmem, h_lo, h_hi,
+                               row0 + h * out_rows, col0, b.tile_n)
 
             def mma(_, x_smem, *w_and_accs):
                 w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
