@@ -2,6 +2,7 @@
 against `jax.lax.ragged_dot` over the concatenated weights, through the model too. The GPU tests run it compiled."""
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -177,8 +178,6 @@ def test_per_group_dense_case_multiplies_each_group_by_its_weights():
 
 def test_sustained_timing_warms_up_for_the_given_seconds():
     """With sustain_s the warm-up calls go on until that long has passed; only the calls after it are timed."""
-    import time
-
     calls = []
 
     def work():
@@ -349,6 +348,9 @@ def test_clocks_under_load_reads_the_second_half_of_nvidia_smis_samples(tmp_path
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     got = clocks_under_load(dense_gemm_case(256, 256, 256, jnp.float32), seconds=0.5)
     assert got["sm_clock_mhz"] == 1700 and got["power_w"] == 650 and got["tflops"] > 0
+    fn, args, flops = dense_gemm_case(256, 256, 256, jnp.float32)
+    slow = (lambda *a: (time.sleep(0.3), fn(*a))[1], args, flops)  # one call outlasts all the seconds
+    assert clocks_under_load(slow, seconds=0.1)["tflops"] > 0
     smi.write_text("#!/bin/sh\nexec sleep 5\n")
     with pytest.raises(RuntimeError, match="no clock and power samples"):
         clocks_under_load(dense_gemm_case(64, 64, 64, jnp.float32), seconds=0.2)
