@@ -13,6 +13,7 @@ calls) and the roofline of the groups (`gpu_bench.grouped_gemm_roofline`).
 
 import dataclasses
 import datetime
+import functools
 import sys
 
 import jax
@@ -94,13 +95,18 @@ MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 
 
+def _padded(sizes, rows: int):
+    """Group sizes rounded up to a multiple of `rows` (each group starts on a tile; padding rows are computed)."""
+    return -(-sizes // rows) * rows
+
+
 def _round_robin(name, sizes, k, n, fused, best: Blocks, best_mgpu: MgpuBlocks, hbm_gbps: float) -> dict[str, float]:
     """Each winner over the dense GEMM timed in rounds with it (`gpu_bench.round_robin_over_dense`), on the skewed
     rows and on the same rows with every group padded to a whole number of tiles (DeepGEMM's contiguous layout:
     no tile is shared by two groups; the padding rows are computed, only the real rows' FLOPs are counted). With
     half tiles a group padded to half a tile ends on a half-tile boundary, so no half is computed twice either."""
     real, cols = int(sizes.sum()), 2 * n if fused else n
-    padded = lambda rows: -(-sizes // rows) * rows  # noqa: E731
+    padded = functools.partial(_padded, sizes)
     half = dataclasses.replace(best, half_tiles=True)
     cases = {"split": gb.split_gemm_case(sizes, k, n, fused, best),
              "split_aligned": gb.split_gemm_case(padded(best.block_m), k, n, fused, best, counted_rows=real),
@@ -154,7 +160,7 @@ def main(argv):
         mgpu_configs = MGPU_CANDIDATES[fused] if _SWEEP.value else [tuned_mgpu] if tuned_mgpu else \
             MGPU_CANDIDATES[fused][:5]
         sweep, mgpu_sweep = {}, {}
-        real, swept = int(sizes.sum()), -(-sizes // _ALIGN.value) * _ALIGN.value
+        real, swept = int(sizes.sum()), _padded(sizes, _ALIGN.value)
         for table, kernel, candidates in ((sweep, None, configs), (mgpu_sweep, split_ragged_dot_mgpu, mgpu_configs)):
             for b in candidates:
                 try:
