@@ -69,6 +69,7 @@ flags.DEFINE_float("attention_slowdown", None, "DWDP attention slowdown while pu
 flags.DEFINE_enum("pull_issue", "after_moe", list(PULL_ISSUES), "where a DWDP rank issues the next "
                   "pull: after a MoE layer (two layers ahead) or after its attention (one layer ahead)")
 flags.DEFINE_float("tolerance", 0.10, "calibration: allowed relative error of the predicted DWDP/DEP ratio")
+flags.DEFINE_list("projection_requests", ["256"], "calibration: request counts each measured run is also projected at")
 
 
 def _ints(name: str) -> list[int]:
@@ -107,7 +108,7 @@ def _band(name: str) -> studies.Band:
 def run_study(study: str) -> dict:
     """Validates the flags and runs one study; returns its document (config, raw, metrics)."""
     if study == "calibration":
-        return studies.calibration_study(FLAGS.out, FLAGS.tolerance)
+        return studies.calibration_study(FLAGS.out, FLAGS.tolerance, requests=_ints("projection_requests"))
     if study == "grid":
         return studies.grid_study(FLAGS.out, FLAGS.group_size)
     cfg, hw, prec = get_preset(FLAGS.model), hardware.get(FLAGS.hardware, FLAGS.out), _precision()

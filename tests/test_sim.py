@@ -368,7 +368,9 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_cli_bad_input_exits_2_before_writing(tmp_path):
     for args, field in ((["--study=sync_cv", "--loads=-0.5"], "loads"), (["--hardware=tpu9"], "unknown hardware"),
                         (["--study=roofline", "--group_size=5", "--local_experts=7"], "local_experts"),
-                        (["--study=grid", "--group_size=1"], "group_size must be >= 2")):
+                        (["--study=grid", "--group_size=1"], "group_size must be >= 2"),
+                        (["--study=calibration", "--projection_requests=256,x"], "projection_requests"),
+                        (["--study=calibration", "--projection_requests=0"], "projection_requests")):
         done = _cli("experiments.simulate", *args, f"--out={tmp_path}")
         assert done.returncode == 2, done.stderr
         assert field in done.stderr

@@ -386,6 +386,7 @@ def calibration_study(results_root: str | Path | None, tolerance: float = 0.10,
     strategies, and what the calibrated simulator projects for the same run at other depths (more MoE layers per
     dense front), with ISL std 4096, and with more requests (a longer run: the last requests' tail weighs less).
     Raises ValueError when there is no calibration file or no such run."""
+    _positive("projection_requests", requests)
     hw = hardware.calibrated(results_root)
     # Only runs at a tensor-core precision calibrate a GPU spec: the fp32 CPU runs (the tiny default) measure the
     # machinery, not the hardware, and are skipped rather than refused.
