@@ -40,7 +40,7 @@ def register_backend(name: str, fn: Attention) -> None:
     _BACKENDS[name] = fn
 
 
-_GPU_BACKENDS = {"cudnn", "cudnn_mla", "cudnn_mla_1seq"}
+_GPU_BACKENDS = {"cudnn", "cudnn_mla_1seq"}
 
 
 def get_backend(name: str) -> Attention:

@@ -7,7 +7,6 @@ Imported lazily by the backend registries (`grouped_gemm.get_backend("pallas_mgp
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ def segments_of(segment_ids_T: jax.Array, max_segments: int):
 
 
 def cudnn_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
-                    max_segments: int = MAX_SEGMENTS, mask_padding: bool = True):
+                    max_segments: int = MAX_SEGMENTS):
     """Causal flash attention over the packed sequences with cuDNN (q/k 192 and v 128 natively: MLA).
 
     Uses the private cuDNN entry point, the only one taking a V head size different from Q/K and packed segments
@@ -64,47 +63,7 @@ def cudnn_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: f
     out_1THV = dot_product_attention(q_THK[None], k_THK[None], v_THV[None], q_seqlen=lengths, kv_seqlen=lengths,
                                      q_offsets=offsets, kv_offsets=offsets, scale=scale,
                                      mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-    if not mask_padding:
-        return out_1THV[0]
     return jnp.where((segment_ids_T >= 0)[:, None, None], out_1THV[0], 0).astype(v_THV.dtype)
-
-
-def stretched_rows(segment_ids_T: jax.Array, qk_dim: int, v_dim: int, max_segments: int):
-    """Where each token's V (and output) row sits when a sequence's offsets count in q/k rows: (rows, index_TU).
-
-    jax's packed-segment path hands cuDNN one element offset per sequence, its start token times N * qk_dim, for
-    Q, K, V and the output alike, so with v_dim < qk_dim the V and output rows of sequence s must start at element
-    start_s * N * qk_dim of buffers whose rows are N * v_dim long. In units of N * gcd(qk_dim, v_dim) elements a
-    token's row is b = v_dim / gcd units and sequence s starts at unit a * start_s (a = qk_dim / gcd): token t's
-    unit u sits at a * start_s + b * (t - start_s) + u. Returns the buffers' row count (ceil(a * T / b), which Q
-    and K are padded to as well: cuDNN sizes the output by Q and wants K and V alike) and those unit indices
-    ([T, b], past the end for padding tokens, so scatters drop them)."""
-    g = math.gcd(qk_dim, v_dim)
-    a, b = qk_dim // g, v_dim // g
-    t = segment_ids_T.shape[0]
-    rows = -(-a * t // b)
-    _, offsets_1S = segments_of(segment_ids_T, max_segments)
-    start_T = offsets_1S[0, jnp.clip(segment_ids_T, 0, max_segments - 1)]
-    unit_T = a * start_T + b * (jnp.arange(t) - start_T)
-    index_TU = jnp.where(segment_ids_T[:, None] >= 0, unit_T[:, None] + jnp.arange(b)[None], rows * b)
-    return rows, index_TU
-
-
-def cudnn_attention_stretched_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
-                                max_segments: int = MAX_SEGMENTS):
-    """Native 192/128 MLA over packed sequences: V scattered to the rows the packed path reads (`stretched_rows`),
-    the output gathered back from them; the FLOPs are MLA's own, the padding is rows no sequence covers."""
-    t, n, v_dim = v_THV.shape
-    rows, index_TU = stretched_rows(segment_ids_T, q_THK.shape[-1], v_dim, max_segments)
-    units = index_TU.shape[1]
-    v_units = jnp.zeros((rows * units, n * v_dim // units), v_THV.dtype)
-    v_units = v_units.at[index_TU].set(v_THV.reshape(t, units, -1), mode="drop")
-    pad = ((0, rows - t), (0, 0), (0, 0))
-    out_RNV = cudnn_attention(jnp.pad(q_THK, pad), jnp.pad(k_THK, pad), v_units.reshape(rows, n, v_dim),
-                              jnp.pad(segment_ids_T, (0, rows - t), constant_values=-1), None, scale=scale,
-                              max_segments=max_segments, mask_padding=False)
-    out_TNV = out_RNV.reshape(rows * units, -1)[jnp.minimum(index_TU, rows * units - 1)].reshape(t, n, v_dim)
-    return jnp.where((segment_ids_T >= 0)[:, None, None], out_TNV, 0)
 
 
 def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
@@ -153,7 +112,5 @@ grouped_gemm.register_split_backend("pallas_split_interpret",
 # jax 0.11.2's packed-segment path scales the V offsets by the Q/K head size (192), so MLA's 128-wide V reads the
 # wrong rows (NaN, measured on H200) once a batch holds several sequences: the packed backend pads V to 192.
 attention.register_backend("cudnn", cudnn_attention_padded_v)
-# Native 192/128 MLA over packed sequences: V and the output laid out where that path addresses them.
-attention.register_backend("cudnn_mla", cudnn_attention_stretched_v)
 # Native 192/128 MLA, correct for one sequence per batch only (no offsets): the kernel-speed comparison.
 attention.register_backend("cudnn_mla_1seq", functools.partial(cudnn_attention, max_segments=1))
