@@ -162,6 +162,9 @@ def plan(c) -> Plan:
         raise ValueError(f"config.dwdp.pull_issue={c.dwdp.pull_issue!r} needs config.dwdp.prefetch=True (it places "
                          f"prefetched pulls)")
     devices = jax.devices()
+    if devices[0].platform == "cpu" and max(c.num_ranks, dep_ranks(c)) > len(devices):
+        raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and this CPU "
+                         f"run has {len(devices)} virtual ones: raise config.cpu_devices")
     placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     placement.check_devices(len(devices))
     if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
