@@ -334,6 +334,22 @@ def test_calibrated_spec_requires_measurements(tmp_path):
         hardware.calibrated(tmp_path)
 
 
+def test_calibrated_down_projection_runs_at_its_own_rate(tmp_path):
+    metrics = {"gemm_tflops": 600.0, "hbm_gbps": 4000.0, "p2p_gbps": 300.0, "grouped_gemm_tflops": 500.0}
+    write_results("gpu_calibration", "a", config={}, raw={}, root=tmp_path, with_devices=False, metrics=metrics)
+    fc1, fc2 = roofline.routed_ops(R1, 262144.0, 256.0, Precision(moe="bf16"))
+    hw = hardware.calibrated(tmp_path)
+    assert hw.grouped_gemm_down_flops_per_s is None  # without the down rate both projections run at the one rate
+    assert roofline.op_time_s(fc2, hw) == pytest.approx(fc2.flops / 500e12)
+    write_results("gpu_calibration", "b", config={}, raw={}, root=tmp_path, with_devices=False,
+                  metrics={**metrics, "grouped_gemm_down_tflops": 400.0})
+    hw = hardware.calibrated(tmp_path)
+    assert roofline.op_time_s(fc1, hw) == pytest.approx(fc1.flops / 500e12)
+    assert roofline.op_time_s(fc2, hw) == pytest.approx(fc2.flops / 400e12)
+    with pytest.raises(ValueError, match="grouped_gemm_down_flops_per_s must be > 0 or None"):
+        dataclasses.replace(hw, grouped_gemm_down_flops_per_s=0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_fail_with_the_field_named():

@@ -65,7 +65,7 @@ class OpCost:
     """One operator: FLOPs, HBM bytes, the precision its tensor cores run in, and which peak applies."""
 
     name: str
-    kind: str  # gemm | grouped_gemm | attention | memory
+    kind: str  # gemm | grouped_gemm | grouped_gemm_down | attention | memory
     flops: float
     bytes: float
     precision: str = "bf16"
@@ -78,8 +78,10 @@ def op_time_s(op: OpCost, hw: HardwareSpec) -> float:
     peak = hw.peak_flops_per_s(op.precision)
     if op.kind == "attention" and hw.attention_flops_per_s:
         peak = hw.attention_flops_per_s
-    if op.kind == "grouped_gemm" and hw.grouped_gemm_flops_per_s:
+    if op.kind in ("grouped_gemm", "grouped_gemm_down") and hw.grouped_gemm_flops_per_s:
         peak = hw.grouped_gemm_flops_per_s
+    if op.kind == "grouped_gemm_down" and hw.grouped_gemm_down_flops_per_s:
+        peak = hw.grouped_gemm_down_flops_per_s
     return max(op.flops / peak, op.bytes / hw.hbm_bytes_per_s)
 
 
@@ -159,7 +161,7 @@ def routed_ops(cfg: ModelConfig, assignments: float, experts_held: float, prec: 
     touched = experts_touched(cfg, assignments, experts_held)
     fc1 = OpCost("routed_fc1", "grouped_gemm", 2.0 * assignments * d * 2 * inter,
                  touched * d * 2 * inter * b + assignments * (d * b + inter * ACTIVATION_BYTES), prec.moe)
-    fc2 = OpCost("routed_fc2", "grouped_gemm", 2.0 * assignments * inter * d,
+    fc2 = OpCost("routed_fc2", "grouped_gemm_down", 2.0 * assignments * inter * d,
                  touched * inter * d * b + assignments * (inter * b + d * ACTIVATION_BYTES), prec.moe)
     return [fc1, fc2]
 
