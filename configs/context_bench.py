@@ -96,6 +96,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.verify.noise_floor = False
     c.memory_fraction = 0.9  # of each device's memory the depth planner may use (model.num_hidden_layers = 0)
     c.breakdown = True  # a profiled pass per strategy for the per-layer breakdown
+    # A directory: one more served pass per strategy under the profiler, its device time by named scope in place
+    # (dwdp_jax.stage_trace; traces and XLA's HLO dump go there). Empty: no trace.
+    c.trace = ""
     c.sync_samples = 8  # DEP steps re-run rank by rank to estimate synchronization time
 
     if name == "tiny":

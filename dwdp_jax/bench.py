@@ -9,11 +9,14 @@ the per-layer breakdown.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import gc
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -22,7 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dwdp_jax import checkpoint, evaluate, memory
+from dwdp_jax import checkpoint, evaluate, memory, stage_trace
 from dwdp_jax import results as results_lib
 from dwdp_jax.expert_source import SyntheticExperts
 from dwdp_jax.kernels import grouped_gemm
@@ -161,6 +164,9 @@ def plan(c) -> Plan:
     if c.dwdp.pull_issue != "after_moe" and not c.dwdp.prefetch:
         raise ValueError(f"config.dwdp.pull_issue={c.dwdp.pull_issue!r} needs config.dwdp.prefetch=True (it places "
                          f"prefetched pulls)")
+    if c.trace and trace_dump_flags(c) not in os.environ.get("XLA_FLAGS", ""):
+        raise ValueError(f"config.trace needs XLA's HLO dump from the backend's start ({trace_dump_flags(c)} in "
+                         f"XLA_FLAGS; experiments.context_bench sets it)")
     devices = jax.devices()
     if devices[0].platform == "cpu" and max(c.num_ranks, dep_ranks(c)) > len(devices):
         raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and this CPU "
@@ -563,6 +569,9 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
         plan = memory.plan_dep(p.cfg, ranks, c.max_num_tokens, attention_impl="flash")
         summary["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
                                       "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
+    if c.trace:
+        summary["trace"] = traced_pass(name, runtime, p, c)
+        phases.lap(f"{name}.trace")
     if c.breakdown:
         out["breakdown"] = profile_breakdown({name: runtime}, p, c)
     phases.lap(f"{name}.profile")
@@ -602,6 +611,41 @@ def serve(name: str, runtime, p: Plan, c, sync: bool) -> tuple[list, list, list,
         return reqs, iters, assignments, ({"pull_contention": pull_contention(runtime)} if runtime.options.timeline
                                           else {})
     return run_dep(runtime, p, c, sync)
+
+
+def trace_dump_flags(c) -> str:
+    return f"--xla_dump_to={Path(c.trace) / 'hlo'} --xla_dump_hlo_as_text"
+
+
+def start_trace_dump(c) -> None:
+    """Turns on XLA's HLO dump into config.trace for `traced_pass`; call before the backend starts. The directory
+    must be new or empty: XLA numbers its modules per process, so another run's dumps would name other programs."""
+    root = Path(c.trace)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"config.trace={c.trace!r} is not empty; give a new directory (its HLO dumps would mix "
+                         f"with this run's)")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {trace_dump_flags(c)}".strip()
+
+
+def traced_pass(name: str, runtime, p: Plan, c) -> dict[str, Any]:
+    """One more served pass under the profiler: per rank its iterations and its device's time by stage in that pass
+    (`stage_trace.breakdown`; ranks that ran nothing are left out), and their per-iteration means over the ranks."""
+    trace_dir = Path(c.trace) / name
+    with jax.profiler.trace(str(trace_dir)):
+        _, iters, _, _ = serve(name, runtime, p, c, sync=False)
+    ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
+    per_rank = collections.Counter(i.rank for i in iters)
+    iterations = {r: per_rank[r] if name == "dwdp" else len({i.iteration for i in iters}) for r in range(ranks)}
+    kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
+    by_device = stage_trace.breakdown({d.id: kernels[d.id] for d in p.devices[:ranks] if kernels.get(d.id)},
+                                      stage_trace.hlo_scopes(Path(c.trace) / "hlo"))
+    traced = {rank: by_device[d.id] for rank, d in enumerate(p.devices[:ranks]) if d.id in by_device}
+    per_iteration = collections.defaultdict(list)
+    for rank, t in traced.items():
+        for key, ms in [(k, t[k]) for k in ("span_ms", "busy_ms", "idle_ms")] + list(t["stages_ms"].items()):
+            per_iteration[key.removesuffix("_ms")].append(ms / max(iterations[rank], 1))
+    return {"iterations": iterations, "ranks": traced,
+            "per_iteration_ms": {k: float(np.mean(v)) for k, v in per_iteration.items()}}
 
 
 def first_step_batches(p: Plan, c) -> list[PackedBatch | None]:
@@ -728,6 +772,11 @@ def format_table(doc: dict[str, Any]) -> str:
     if "pull_gbps_median" in m.get("dwdp", {}):
         rows.append(f"DWDP pulls {m['dwdp']['pull_gbps_median']:.1f} GB/s, exposed wait "
                     f"{100 * m['dwdp']['exposed_wait_fraction_mean']:.2f}% of the step")
+    for name in STRATEGIES:
+        if "trace" in m.get(name, {}):
+            t = m[name]["trace"]["per_iteration_ms"]
+            rows.append(f"{name} traced pass, ms per iteration: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(t.items(), key=lambda kv: -kv[1])))
     if doc.get("routing_skew"):
         skew = doc["routing_skew"]
         rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "

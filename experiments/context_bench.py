@@ -27,6 +27,8 @@ def main(argv):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_allow_excess_precision=false".strip()
     jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
     try:
+        if c.trace:  # the trace names HLO instructions; the dump maps them to their named scopes (stage_trace)
+            bench.start_trace_dump(c)
         doc = bench.run(c)
     except ValueError as e:
         print(f"context_bench: invalid input: {e}", file=sys.stderr)

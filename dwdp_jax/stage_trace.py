@@ -1,0 +1,114 @@
+"""Where a served pass's device time goes, read from a profiler trace of the pass itself.
+
+The profiled breakdown (`bench.profile_breakdown`) times each stage alone with a sync; this reads every kernel the
+devices ran while serving, in place, and attributes it to the `jax.named_scope` it came from. A trace event names
+its program (`program_id`, XLA's module id) and HLO instruction (`hlo_op`); the compiled HLO that XLA dumps
+(`--xla_dump_to=DIR --xla_dump_hlo_as_text`, files `module_<id>.<name>.*after_optimizations.txt`) maps each
+instruction to its op_name (`jit(f)/layer_3/attention/...`), whose innermost component among `STAGES` is the
+stage. Kernels without an instruction (a peer copy's memcpy) count as `copy`, others as `other`.
+
+Per device: the span from its first kernel to its last, the time any computing kernel ran (busy: intervals merged,
+copies left out, so idle = span - busy is time the device computed nothing), and each stage's merged time (stages
+on concurrent streams may overlap, so they need not sum to busy).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from pathlib import Path
+from typing import Any
+
+# The named scopes of models/ and runtime/dep.py, innermost first where they nest (moe_gmm inside routed_experts).
+STAGES = ("attention", "mla_proj", "rope", "mla_out", "router", "shared_expert", "moe_permute", "moe_gmm",
+          "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head")
+
+_MODULE_FILE = re.compile(r"^module_(\d+)\..*after_optimizations\.txt$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name=\"([^\"]*)\"")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """{instruction name: op_name} of an HLO module's text (instructions without an op_name left out)."""
+    return {m.group(1): m.group(2) for line in hlo_text.splitlines() if (m := _INSTRUCTION.match(line))}
+
+
+def hlo_scopes(dump_dir: str | Path) -> dict[int, dict[str, str]]:
+    """{program id: {instruction name: op_name}} from XLA's after-optimization HLO text dumps in `dump_dir`."""
+    return {int(m.group(1)): op_names(path.read_text()) for path in Path(dump_dir).iterdir()
+            if (m := _MODULE_FILE.match(path.name))}
+
+
+def stage_of(op_name: str) -> str:
+    """The innermost component of an op_name path that is a stage, else "other"."""
+    for part in reversed(op_name.split("/")):
+        if part in STAGES:
+            return part
+    return "other"
+
+
+def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple[int, int, int | None, str | None, str]]]:
+    """{device: [(start_ns, end_ns, program_id, hlo_op, event name)]} of the kernels in a trace: GPU device planes
+    (`/device:GPU:<n>`), or on CPU the host plane's XLA thunks (tagged with `device_ordinal`)."""
+    from jax.profiler import ProfileData
+
+    kernels = collections.defaultdict(list)
+    for plane in ProfileData.from_file(str(xplane_path)).planes:
+        gpu = re.fullmatch(r"/device:GPU:(\d+)", plane.name)
+        if not gpu and plane.name != "/host:CPU":
+            continue
+        # GPU planes also carry whole-module spans on other lines: only the CUDA streams' kernels, where named
+        streams = [line for line in plane.lines if line.name.startswith("Stream")] if gpu else []
+        for line in streams or plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if not gpu and "hlo_op" not in stats:
+                    continue  # host threads: Python, the runtime's own work
+                device = int(gpu.group(1)) if gpu else int(stats.get("device_ordinal", 0))
+                program = stats.get("program_id")
+                kernels[device].append((int(event.start_ns), int(event.start_ns + event.duration_ns),
+                                        int(program) if program is not None else None, stats.get("hlo_op"),
+                                        event.name))
+    return dict(kernels)
+
+
+def merged_ns(intervals: list[tuple[int, int]]) -> int:
+    """Total length of a union of [start, end) intervals."""
+    total, end = 0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def breakdown(kernels: dict[int, list], scopes: dict[int, dict[str, str]]) -> dict[int, dict[str, Any]]:
+    """Per device: span, busy and idle milliseconds, each stage's merged milliseconds, and how many kernels came
+    from a program no dump describes (`undumped_kernels`, counted as "other"; instructions XLA added without an
+    op_name, such as layout copies, are "other" too)."""
+    out = {}
+    for device, events in sorted(kernels.items()):
+        by_stage, undumped = collections.defaultdict(list), 0
+        for start, end, program, op, name in events:
+            if op is None:
+                stage = "copy" if "memcpy" in name.lower() else "other"
+            else:
+                undumped += program not in scopes
+                stage = stage_of(scopes.get(program, {}).get(op, ""))
+            by_stage[stage].append((start, end))
+        span = max(e for _, e, *_ in events) - min(s for s, *_ in events)
+        busy = merged_ns([iv for stage, ivs in by_stage.items() if stage != "copy" for iv in ivs])
+        out[device] = {"span_ms": span / 1e6, "busy_ms": busy / 1e6, "idle_ms": (span - busy) / 1e6,
+                       "stages_ms": {k: merged_ns(v) / 1e6 for k, v in sorted(by_stage.items())},
+                       "kernels": len(events), "undumped_kernels": undumped}
+    return out
+
+
+def newest_xplane(trace_dir: str | Path) -> Path:
+    """The trace file jax.profiler.trace wrote last under `trace_dir`."""
+    paths = sorted(Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        raise ValueError(f"no profiler trace (*.xplane.pb) under {trace_dir}")
+    return paths[-1]

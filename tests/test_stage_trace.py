@@ -1,0 +1,98 @@
+"""Device time by named scope from a profiler trace (dwdp_jax.stage_trace), and the benchmark's traced pass."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dwdp_jax import bench, stage_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_intervals_merge_and_op_names_map_to_their_innermost_stage():
+    assert stage_trace.merged_ns([(0, 10), (5, 20), (30, 40), (40, 45), (1, 2)]) == 35
+    assert stage_trace.stage_of("jit(step)/layer_3/routed_experts/dispatch/all-to-all") == "dispatch"
+    assert stage_trace.stage_of("jit(moe_layer)/routed_experts/moe_gmm/custom-call") == "moe_gmm"
+    assert stage_trace.stage_of("jit(front)/embed/gather") == "other"
+    text = ('  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/attention/exp"}\n'
+            '  ROOT %copy.1 = f32[4]{0} copy(%fusion.3)\n')
+    assert stage_trace.op_names(text) == {"fusion.3": "jit(f)/attention/exp"}
+
+
+def test_breakdown_counts_span_busy_idle_and_stages_per_device():
+    scopes = {7: {"a": "jit(f)/attention/dot", "g": "jit(f)/moe_gmm/custom-call"}}
+    kernels = {0: [(0, 4_000_000, 7, "a", "k"), (2_000_000, 6_000_000, 7, "g", "k"),
+                   (8_000_000, 9_000_000, None, None, "MemcpyP2P"), (9_000_000, 10_000_000, 9, "x", "k")]}
+    t = stage_trace.breakdown(kernels, scopes)[0]
+    assert (t["span_ms"], t["busy_ms"], t["idle_ms"]) == (10.0, 7.0, 3.0)  # the copy is not computing
+    assert t["stages_ms"] == {"attention": 4.0, "copy": 1.0, "moe_gmm": 4.0, "other": 1.0}
+    assert (t["kernels"], t["undumped_kernels"]) == (4, 1)
+
+
+def test_a_cpu_trace_names_each_kernel_by_its_scope(tmp_path):
+    @jax.jit
+    def f(x):
+        with jax.named_scope("attention"):
+            y = jnp.tanh(x @ x)
+        with jax.named_scope("moe_gmm"):
+            return jnp.sin(y @ x) + 1.0
+
+    x = jnp.ones((256, 256))
+    text = f.lower(x).compile().as_text()
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        f(x).block_until_ready()
+    kernels = stage_trace.device_kernels(stage_trace.newest_xplane(tmp_path))
+    programs = {p for events in kernels.values() for _, _, p, _, _ in events}
+    assert len(programs) == 1  # one program ran; its instructions are those of the compiled text
+    (device, t), = stage_trace.breakdown(kernels, {programs.pop(): stage_trace.op_names(text)}).items()
+    assert device == jax.devices()[0].id and t["undumped_kernels"] == 0
+    assert t["stages_ms"]["attention"] > 0 and t["stages_ms"]["moe_gmm"] > 0
+    assert t["busy_ms"] <= t["span_ms"]
+    with pytest.raises(ValueError, match="no profiler trace"):
+        stage_trace.newest_xplane(tmp_path / "empty")
+
+
+def test_trace_needs_the_hlo_dump(monkeypatch):
+    from test_bench import small_config
+
+    c = small_config(Path("/nonexistent"))
+    c.trace = "/tmp/unused_trace_dir"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.raises(ValueError, match="config.trace needs XLA's HLO dump"):
+        bench.plan(c)
+
+
+def test_a_used_trace_directory_is_refused(tmp_path):
+    (tmp_path / "hlo").mkdir()
+    (tmp_path / "hlo" / "module_0001.jit_f.cpu_after_optimizations.txt").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", f"--config.trace={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"config.trace='{tmp_path}' is not empty" in proc.stderr
+
+
+def test_context_bench_traced_pass_attributes_each_strategys_stages(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", f"--config.trace={tmp_path / 'trace'}",
+                           "--config.breakdown=False", "--config.workload.num_requests=8",
+                           f"--config.results_root={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dwdp traced pass, ms per iteration" in proc.stdout and "dep traced pass" in proc.stdout
+    (path,) = (tmp_path / "context_bench").glob("*.json")
+    m = json.loads(path.read_text())["metrics"]
+    for name in ("dwdp", "dep"):
+        t = m[name]["trace"]
+        active = {rank for rank, n in t["iterations"].items() if n}  # 8 requests need not reach every DWDP rank
+        assert active and set(t["ranks"]) == active
+        for d in t["ranks"].values():
+            assert d["undumped_kernels"] == 0 and 0 < d["busy_ms"] <= d["span_ms"]
+            assert d["stages_ms"]["attention"] > 0 and d["stages_ms"]["moe_gmm"] > 0
+    # the all-to-all is DEP's alone
+    assert all(d["stages_ms"].get("dispatch", 0) > 0 for d in m["dep"]["trace"]["ranks"].values())
+    assert not any("dispatch" in d["stages_ms"] or "combine" in d["stages_ms"]
+                   for d in m["dwdp"]["trace"]["ranks"].values())
