@@ -5,7 +5,7 @@ devices ran while serving, in place, and attributes it to the `jax.named_scope` 
 its program (`program_id`, XLA's module id) and HLO instruction (`hlo_op`); the compiled HLO that XLA dumps
 (`--xla_dump_to=DIR --xla_dump_hlo_as_text`, files `module_<id>.<name>.*after_optimizations.txt`) maps each
 instruction to its op_name (`jit(f)/layer_3/attention/...`), whose innermost component among `STAGES` is the
-stage. Kernels without an instruction (a peer copy's memcpy) count as `copy`, others as `other`.
+stage. Memory copies (a peer pull's memcpy) count as `copy`, instructions without an op_name as `other`.
 
 Per device: the span from its first kernel to its last, the time any computing kernel ran (busy: intervals merged,
 copies left out, so idle = span - busy is time the device computed nothing), and each stage's merged time (stages
@@ -53,7 +53,7 @@ def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple[int, int, in
 
     kernels = collections.defaultdict(list)
     for plane in ProfileData.from_file(str(xplane_path)).planes:
-        gpu = re.fullmatch(r"/device:GPU:(\d+)", plane.name)
+        gpu = re.match(r"/device:GPU:(\d+)", plane.name)
         if not gpu and plane.name != "/host:CPU":
             continue
         # GPU planes also carry whole-module spans on other lines: only the CUDA streams' kernels, where named
@@ -61,14 +61,18 @@ def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple[int, int, in
         for line in streams or plane.lines:
             for event in line.events:
                 stats = dict(event.stats)
-                if not gpu and "hlo_op" not in stats:
-                    continue  # host threads: Python, the runtime's own work
+                if "hlo_op" not in stats and not (gpu and _is_copy(event.name)):
+                    continue  # host threads (Python, the runtime), module-wide spans
                 device = int(gpu.group(1)) if gpu else int(stats.get("device_ordinal", 0))
                 program = stats.get("program_id")
                 kernels[device].append((int(event.start_ns), int(event.start_ns + event.duration_ns),
                                         int(program) if program is not None else None, stats.get("hlo_op"),
                                         event.name))
     return dict(kernels)
+
+
+def _is_copy(event_name: str) -> bool:
+    return "memcpy" in event_name.lower()
 
 
 def merged_ns(intervals: list[tuple[int, int]]) -> int:
@@ -92,8 +96,8 @@ def breakdown(kernels: dict[int, list], scopes: dict[int, dict[str, str]]) -> di
     for device, events in sorted(kernels.items()):
         by_stage, undumped = collections.defaultdict(list), 0
         for start, end, program, op, name in events:
-            if op is None:
-                stage = "copy" if "memcpy" in name.lower() else "other"
+            if _is_copy(name):  # a copy-engine pull is no compute, even when launched inside a custom call
+                stage = "copy"
             else:
                 undumped += program not in scopes
                 stage = stage_of(scopes.get(program, {}).get(op, ""))
