@@ -570,7 +570,10 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
         summary["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
                                       "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
     if c.trace:
-        summary["trace"] = traced_pass(name, runtime, p, c)
+        try:
+            summary["trace"] = traced_pass(name, runtime, p, c)
+        except Exception as e:  # a diagnostic: a profiler or trace-format failure must not cost the measurements
+            summary["trace"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         phases.lap(f"{name}.trace")
     if c.breakdown:
         out["breakdown"] = profile_breakdown({name: runtime}, p, c)
@@ -773,10 +776,12 @@ def format_table(doc: dict[str, Any]) -> str:
         rows.append(f"DWDP pulls {m['dwdp']['pull_gbps_median']:.1f} GB/s, exposed wait "
                     f"{100 * m['dwdp']['exposed_wait_fraction_mean']:.2f}% of the step")
     for name in STRATEGIES:
-        if "trace" in m.get(name, {}):
-            t = m[name]["trace"]["per_iteration_ms"]
+        trace = m.get(name, {}).get("trace", {})
+        if "error" in trace:
+            rows.append(f"{name} traced pass failed: {trace['error']}")
+        elif trace:
             rows.append(f"{name} traced pass, ms per iteration: " + ", ".join(
-                f"{k} {v:.1f}" for k, v in sorted(t.items(), key=lambda kv: -kv[1])))
+                f"{k} {v:.1f}" for k, v in sorted(trace["per_iteration_ms"].items(), key=lambda kv: -kv[1])))
     if doc.get("routing_skew"):
         skew = doc["routing_skew"]
         rows.append(f"routing skew, max/mean expert load per MoE layer over {skew['tokens']} verification tokens: "

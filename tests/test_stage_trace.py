@@ -68,6 +68,23 @@ def test_trace_needs_the_hlo_dump(monkeypatch):
         bench.plan(c)
 
 
+def test_a_failing_trace_keeps_the_measurements(tmp_path, monkeypatch):
+    from test_bench import small_config
+
+    c = small_config(tmp_path, strategies="dwdp")
+    c.trace = str(tmp_path / "trace")
+    monkeypatch.setenv("XLA_FLAGS", bench.trace_dump_flags(c))  # in-process the backend has started: no dump
+
+    def unreadable(path):
+        raise ValueError("trace format (simulated)")
+
+    monkeypatch.setattr(stage_trace, "device_kernels", unreadable)
+    doc = bench.run(c)
+    assert doc["metrics"]["dwdp"]["tps_per_gpu"] > 0
+    assert doc["metrics"]["dwdp"]["trace"] == {"error": "ValueError: trace format (simulated)"}
+    assert "dwdp traced pass failed: ValueError: trace format (simulated)" in bench.format_table(doc)
+
+
 def test_a_used_trace_directory_is_refused(tmp_path):
     (tmp_path / "hlo").mkdir()
     (tmp_path / "hlo" / "module_0001.jit_f.cpu_after_optimizations.txt").write_text("")
