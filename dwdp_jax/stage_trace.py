@@ -23,7 +23,7 @@ from typing import Any
 STAGES = ("attention", "mla_proj", "rope", "mla_out", "router", "shared_expert", "moe_permute", "moe_gmm",
           "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head")
 
-_MODULE_FILE = re.compile(r"^module_(\d+)\..*after_optimizations\.txt$")
+_MODULE_FILE = re.compile(r"^module_(\d+)\.([^.]+)\..*after_optimizations\.txt$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name=\"([^\"]*)\"")
 
 
@@ -32,10 +32,15 @@ def op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for line in hlo_text.splitlines() if (m := _INSTRUCTION.match(line))}
 
 
-def hlo_scopes(dump_dir: str | Path) -> dict[int, dict[str, str]]:
-    """{program id: {instruction name: op_name}} from XLA's after-optimization HLO text dumps in `dump_dir`."""
-    return {int(m.group(1)): op_names(path.read_text()) for path in Path(dump_dir).iterdir()
-            if (m := _MODULE_FILE.match(path.name))}
+def hlo_scopes(dump_dir: str | Path) -> dict[int | str, dict[str, str]]:
+    """{program id: {instruction name: op_name}} from XLA's after-optimization HLO text dumps in `dump_dir`, and
+    under each module name the union of its programs' (for trace events that name the module, not the program)."""
+    scopes: dict[int | str, dict[str, str]] = {}
+    for path in Path(dump_dir).iterdir():
+        if m := _MODULE_FILE.match(path.name):
+            scopes[int(m.group(1))] = op_names(path.read_text())
+            scopes.setdefault(m.group(2), {}).update(scopes[int(m.group(1))])
+    return scopes
 
 
 def stage_of(op_name: str) -> str:
@@ -46,8 +51,9 @@ def stage_of(op_name: str) -> str:
     return "other"
 
 
-def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple[int, int, int | None, str | None, str]]]:
-    """{device: [(start_ns, end_ns, program_id, hlo_op, event name)]} of the kernels in a trace: GPU device planes
+def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple]]:
+    """{device: [(start_ns, end_ns, program_id, hlo_module, hlo_op, event name)]} of the kernels in a trace: GPU
+    device planes
     (`/device:GPU:<n>`), or on CPU the host plane's XLA thunks (tagged with `device_ordinal`)."""
     from jax.profiler import ProfileData
 
@@ -66,8 +72,8 @@ def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple[int, int, in
                 device = int(gpu.group(1)) if gpu else int(stats.get("device_ordinal", 0))
                 program = stats.get("program_id")
                 kernels[device].append((int(event.start_ns), int(event.start_ns + event.duration_ns),
-                                        int(program) if program is not None else None, stats.get("hlo_op"),
-                                        event.name))
+                                        int(program) if program is not None else None, stats.get("hlo_module"),
+                                        stats.get("hlo_op"), event.name))
     return dict(kernels)
 
 
@@ -88,19 +94,20 @@ def merged_ns(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
-def breakdown(kernels: dict[int, list], scopes: dict[int, dict[str, str]]) -> dict[int, dict[str, Any]]:
+def breakdown(kernels: dict[int, list], scopes: dict[int | str, dict[str, str]]) -> dict[int, dict[str, Any]]:
     """Per device: span, busy and idle milliseconds, each stage's merged milliseconds, and how many kernels came
     from a program no dump describes (`undumped_kernels`, counted as "other"; instructions XLA added without an
     op_name, such as layout copies, are "other" too)."""
     out = {}
     for device, events in sorted(kernels.items()):
         by_stage, undumped = collections.defaultdict(list), 0
-        for start, end, program, op, name in events:
+        for start, end, program, module, op, name in events:
             if _is_copy(name):  # a copy-engine pull is no compute, even when launched inside a custom call
                 stage = "copy"
             else:
-                undumped += program not in scopes
-                stage = stage_of(scopes.get(program, {}).get(op, ""))
+                ops = scopes.get(program, scopes.get(module))
+                undumped += ops is None
+                stage = stage_of((ops or {}).get(op, ""))
             by_stage[stage].append((start, end))
         span = max(e for _, e, *_ in events) - min(s for s, *_ in events)
         busy = merged_ns([iv for stage, ivs in by_stage.items() if stage != "copy" for iv in ivs])

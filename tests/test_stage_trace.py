@@ -14,7 +14,7 @@ from dwdp_jax import bench, stage_trace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_intervals_merge_and_op_names_map_to_their_innermost_stage():
+def test_intervals_merge_and_op_names_map_to_their_innermost_stage(tmp_path):
     assert stage_trace.merged_ns([(0, 10), (5, 20), (30, 40), (40, 45), (1, 2)]) == 35
     assert stage_trace.stage_of("jit(step)/layer_3/routed_experts/dispatch/all-to-all") == "dispatch"
     assert stage_trace.stage_of("jit(moe_layer)/routed_experts/moe_gmm/custom-call") == "moe_gmm"
@@ -22,16 +22,27 @@ def test_intervals_merge_and_op_names_map_to_their_innermost_stage():
     text = ('  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/attention/exp"}\n'
             '  ROOT %copy.1 = f32[4]{0} copy(%fusion.3)\n')
     assert stage_trace.op_names(text) == {"fusion.3": "jit(f)/attention/exp"}
+    for name in ("module_0012.jit_f.sm_9.0_gpu_after_optimizations.txt",
+                 "module_0013.jit_f.cpu_after_optimizations.txt",
+                 "module_0012.jit_f.sm_9.0_gpu_after_optimizations-buffer-assignment.txt"):
+        (tmp_path / name).write_text(text)
+    scopes = stage_trace.hlo_scopes(tmp_path)
+    assert set(scopes) == {12, 13, "jit_f"} and scopes[12] == {"fusion.3": "jit(f)/attention/exp"}
 
 
 def test_breakdown_counts_span_busy_idle_and_stages_per_device():
     scopes = {7: {"a": "jit(f)/attention/dot", "g": "jit(f)/moe_gmm/custom-call"}}
-    kernels = {0: [(0, 4_000_000, 7, "a", "k"), (2_000_000, 6_000_000, 7, "g", "k"),
-                   (8_000_000, 9_000_000, None, None, "MemcpyP2P"), (9_000_000, 10_000_000, 9, "x", "k")]}
+    kernels = {0: [(0, 4_000_000, 7, "jit_f", "a", "k"), (2_000_000, 6_000_000, 7, "jit_f", "g", "k"),
+                   (8_000_000, 9_000_000, None, None, None, "MemcpyP2P"),
+                   (9_000_000, 10_000_000, 9, "jit_g", "x", "k")]}
     t = stage_trace.breakdown(kernels, scopes)[0]
     assert (t["span_ms"], t["busy_ms"], t["idle_ms"]) == (10.0, 7.0, 3.0)  # the copy is not computing
     assert t["stages_ms"] == {"attention": 4.0, "copy": 1.0, "moe_gmm": 4.0, "other": 1.0}
     assert (t["kernels"], t["undumped_kernels"]) == (4, 1)
+    # events that name their module but not their program find it by name
+    by_name = {"jit_f": scopes[7]}
+    kernels = {0: [(0, 4_000_000, None, "jit_f", "a", "k")]}
+    assert stage_trace.breakdown(kernels, by_name)[0]["stages_ms"] == {"attention": 4.0}
 
 
 def test_a_cpu_trace_names_each_kernel_by_its_scope(tmp_path):
@@ -48,7 +59,7 @@ def test_a_cpu_trace_names_each_kernel_by_its_scope(tmp_path):
     with jax.profiler.trace(str(tmp_path)):
         f(x).block_until_ready()
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(tmp_path))
-    programs = {p for events in kernels.values() for _, _, p, _, _ in events}
+    programs = {p for events in kernels.values() for _, _, p, *_ in events}
     assert len(programs) == 1  # one program ran; its instructions are those of the compiled text
     (device, t), = stage_trace.breakdown(kernels, {programs.pop(): stage_trace.op_names(text)}).items()
     assert device == jax.devices()[0].id and t["undumped_kernels"] == 0
