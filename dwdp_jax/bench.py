@@ -168,18 +168,16 @@ def plan(c) -> Plan:
         raise ValueError(f"config.trace needs XLA's HLO dump from the backend's start ({trace_dump_flags(c)} in "
                          f"XLA_FLAGS; experiments.context_bench sets it)")
     devices = jax.devices()
-    if devices[0].platform == "cpu" and max(c.num_ranks, dep_ranks(c)) > len(devices):
-        raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and this CPU "
-                         f"run has {len(devices)} virtual ones: raise config.cpu_devices")
+    if max(c.num_ranks, dep_ranks(c)) > len(devices):
+        have = (f"this CPU run has {len(devices)} virtual ones: raise config.cpu_devices"
+                if devices[0].platform == "cpu" else f"this machine has {len(devices)}")
+        raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and {have}")
     placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
-    placement.check_devices(len(devices))
     if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
         raise ValueError(f"config.max_batch_size must be <= {MAX_SEGMENTS} with cuDNN attention (its segment table)")
     if not c.model.num_hidden_layers:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * c.memory_fraction)
         cfg = model_config_from(c, depth_that_fits(cfg, placement, c, device_bytes))
-    if dep_ranks(c) > len(devices):
-        raise ValueError(f"config.dep.num_ranks={dep_ranks(c)} exceeds the {len(devices)} devices")
     return Plan(cfg, requests, strategies, placement, devices[:max(c.num_ranks, dep_ranks(c))], variants)
 
 
@@ -571,7 +569,7 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
                                       "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
     if c.trace:
         try:
-            summary["trace"] = traced_pass(name, runtime, p, c)
+            summary["trace"] = traced_pass(name, runtime, p, c, ranks)
         except Exception as e:  # a diagnostic: a profiler or trace-format failure must not cost the measurements
             summary["trace"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         phases.lap(f"{name}.trace")
@@ -630,13 +628,12 @@ def start_trace_dump(c) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {trace_dump_flags(c)}".strip()
 
 
-def traced_pass(name: str, runtime, p: Plan, c) -> dict[str, Any]:
+def traced_pass(name: str, runtime, p: Plan, c, ranks: int) -> dict[str, Any]:
     """One more served pass under the profiler: per rank its iterations and its device's time by stage in that pass
     (`stage_trace.breakdown`; ranks that ran nothing are left out), and their per-iteration means over the ranks."""
     trace_dir = Path(c.trace) / name
     with jax.profiler.trace(str(trace_dir)):
         _, iters, _, _ = serve(name, runtime, p, c, sync=False)
-    ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
     per_rank = collections.Counter(i.rank for i in iters)
     iterations = {r: per_rank[r] if name == "dwdp" else len({i.iteration for i in iters}) for r in range(ranks)}
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))

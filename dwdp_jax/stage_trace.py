@@ -38,8 +38,8 @@ def hlo_scopes(dump_dir: str | Path) -> dict[int | str, dict[str, str]]:
     scopes: dict[int | str, dict[str, str]] = {}
     for path in Path(dump_dir).iterdir():
         if m := _MODULE_FILE.match(path.name):
-            scopes[int(m.group(1))] = op_names(path.read_text())
-            scopes.setdefault(m.group(2), {}).update(scopes[int(m.group(1))])
+            ops = scopes[int(m.group(1))] = op_names(path.read_text())
+            scopes.setdefault(m.group(2), {}).update(ops)
     return scopes
 
 
@@ -53,8 +53,7 @@ def stage_of(op_name: str) -> str:
 
 def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple]]:
     """{device: [(start_ns, end_ns, program_id, hlo_module, hlo_op, event name)]} of the kernels in a trace: GPU
-    device planes
-    (`/device:GPU:<n>`), or on CPU the host plane's XLA thunks (tagged with `device_ordinal`)."""
+    device planes (`/device:GPU:<n>`), or on CPU the host plane's XLA thunks (tagged with `device_ordinal`)."""
     from jax.profiler import ProfileData
 
     kernels = collections.defaultdict(list)

@@ -82,8 +82,8 @@ def main(argv):
         m["layer_pull_over_fanin_ceiling"] = m["layer_pull_gbps"] / m["p2p_fanin_gbps"]
         # 1.0: the compute and the pull took no longer together than the longer of them alone (the pull, at this
         # size); the compute's own slowdown under a pull is bench_copy_engine's measurement
-        both = raw["pull_overlap"]
-        m["pull_with_compute_over_longer_alone"] = both["both_s"] / max(both["compute_s"], both["pull_s"])
+        overlap = raw["pull_overlap"]
+        m["pull_with_compute_over_longer_alone"] = overlap["both_s"] / max(overlap["compute_s"], overlap["pull_s"])
         m["all2all_gbps"] = gb.all2all_gbps(devices[:4])
     m["memory_gb"] = devices[0].memory_stats().get("bytes_limit", 0) / 1e9
     config = {"quick": _QUICK.value, "rows": rows, "gemm_backend": "pallas_split", "attention_impl": "cudnn",

@@ -167,6 +167,8 @@ def test_dep_matches_the_reference_bit_for_bit_without_excess_precision(tmp_path
     ("--config.dwdp.pull_issue=early", "config.dwdp.pull_issue must be one of ('after_moe', 'after_attention')"),
     ("--config.num_ranks=8", "config.num_ranks=8 (DEP: 8) needs as many devices, and this CPU run has 4 virtual "
                              "ones: raise config.cpu_devices"),
+    ("--config.dep.num_ranks=8", "config.num_ranks=4 (DEP: 8) needs as many devices, and this CPU run has 4 "
+                                 "virtual ones: raise config.cpu_devices"),
 ])
 def test_bad_input_exits_2_before_device_work(flag, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.context_bench", flag], cwd=ROOT, capture_output=True,

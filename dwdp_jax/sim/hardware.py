@@ -67,7 +67,8 @@ class HardwareSpec:
             if not getattr(self, name) > 0:
                 raise ValueError(f"HardwareSpec {self.name}: {name} must be > 0, got {getattr(self, name)!r}")
         for name in ("fp8_flops_per_s", "fp4_flops_per_s", "attention_flops_per_s", "grouped_gemm_flops_per_s",
-                     "grouped_gemm_down_flops_per_s", "egress_bytes_per_s", "ingress_bytes_per_s", "all_to_all_bytes_per_s"):
+                     "grouped_gemm_down_flops_per_s", "egress_bytes_per_s", "ingress_bytes_per_s",
+                     "all_to_all_bytes_per_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"HardwareSpec {self.name}: {name} must be > 0 or None, got {value!r}")
