@@ -225,6 +225,64 @@ def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
     return f, (x, jnp.asarray(sizes, jnp.int32), ws), 2 * rows * k * n * (2 if fused else 1)
 
 
+@functools.lru_cache(maxsize=1)
+def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bool) -> tuple:
+    """`_slab_weights` quantized to e4m3 in 128 x 128 blocks ((values, scales) per weight), cached likewise."""
+    from dwdp_jax.kernels import fp8
+
+    return jax.tree.map(fp8.quantize_weights, _slab_weights(g, k, n, counts, fused))
+
+
+def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, counted_rows: int | None = None,
+                   quantize_rows: bool = False) -> tuple[Callable, tuple, float]:
+    """The split-weight kernel's FP8 path over these groups (one slab): `split_gemm_case`'s weights quantized in
+    128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
+    the kernel (the pass the FFN adds before each projection)."""
+    from dwdp_jax.kernels import fp8
+    from dwdp_jax.kernels.split_gemm import split_ragged_dot
+
+    m, g = int(sizes.sum()), len(sizes)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
+    ws = _fp8_slab_weights(g, k, n, (g,), fused)
+
+    def run(x, gs, ws):
+        x_q, x_scale = fp8.quantize_rows(x) if quantize_rows else x
+        return split_ragged_dot(x_q, gs, ws, fused=fused, blocks=blocks, x_scale_SM=x_scale)
+
+    rows = m if counted_rows is None else counted_rows
+    return (jax.jit(run), (x if quantize_rows else fp8.quantize_rows(x), jnp.asarray(sizes, jnp.int32), ws),
+            2 * rows * k * n * (2 if fused else 1))
+
+
+def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> dict[str, float]:
+    """The FP8 kernel (two slabs, unfused) against fp32 per-group products: `kernel` of the dequantized operands
+    (the kernel's own error: summation order, bf16 output) and `quantization` of the bf16 ones (e4m3's rounding)."""
+    from dwdp_jax.kernels import fp8
+    from dwdp_jax.kernels.split_gemm import split_ragged_dot
+
+    key = jax.random.key(2)
+    m, g = int(sizes.sum()), len(sizes)
+    x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
+    x_q, x_scale = fp8.quantize_rows(x)
+    halves = (fp8.quantize_weights(w[:g // 2]), fp8.quantize_weights(w[g // 2:]))
+    ours = split_ragged_dot(x_q, jnp.asarray(sizes, jnp.int32), halves, blocks=blocks, x_scale_SM=x_scale)
+    ours = ours.astype(jnp.float32)
+
+    @jax.jit
+    def reference(x, w):
+        return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[g].astype(jnp.float32)
+                                for g, a, b in group_spans(sizes)])
+
+    w_deq = jnp.concatenate([fp8.dequantize_weights(*h) for h in halves])
+    out = {}
+    for name, ref in (("kernel", reference(fp8.dequantize_rows(x_q, x_scale), w_deq)),
+                      ("quantization", reference(x, w))):
+        out[name] = float(jnp.linalg.norm(ours - ref) / jnp.linalg.norm(ref))
+        del ref
+    return out
+
+
 def split_gemm_tflops(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
                       slab_counts: tuple[int, ...] | None = None, kernel: Callable | None = None,
                       counted_rows: int | None = None, **timing) -> float:

@@ -91,6 +91,58 @@ def test_split_kernel_matches_xla_over_three_slabs(kind, backend):
     assert not np.asarray(ours[int(sizes.sum()):]).any()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_fp8_candidate_matches_the_dequantized_product(fused):
+    """The FP8 path in each configuration its benchmark times, at R1's K and N, skewed groups over two slabs,
+    against the fp32 product of the same quantized operands (only summation order and the bf16 output differ)."""
+    from dwdp_jax import gpu_bench
+    from dwdp_jax.kernels import fp8
+    from dwdp_jax.kernels.split_gemm import split_ragged_dot
+    from experiments.bench_fp8_gemm import CANDIDATES
+
+    k, n = (7168, 2048) if fused else (2048, 7168)
+    sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
+    keys = jax.random.split(jax.random.key(6), 3)
+    x_q, x_scale = fp8.quantize_rows(jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32))
+    g, u = (fp8.quantize_weights(0.02 * jax.random.normal(key, (64, k, n), jnp.float32)) for key in keys[1:])
+    gs, x = jnp.asarray(sizes), fp8.dequantize_rows(x_q, x_scale)
+    ref = jax.lax.ragged_dot(x, fp8.dequantize_weights(*g), gs, precision=jax.lax.Precision.HIGHEST)
+    if fused:
+        ref = jax.nn.silu(ref) * jax.lax.ragged_dot(x, fp8.dequantize_weights(*u), gs,
+                                                    precision=jax.lax.Precision.HIGHEST)
+    half = lambda w, a, b: (w[0][a:b], w[1][a:b])  # noqa: E731
+    weights = (((half(g, 0, 16), half(u, 0, 16)), (half(g, 16, 64), half(u, 16, 64))) if fused
+               else (half(g, 0, 16), half(g, 16, 64)))
+    for blocks in CANDIDATES:
+        out = split_ragged_dot(x_q, gs, weights, fused=fused, blocks=blocks, x_scale_SM=x_scale)
+        assert rel(out, ref) < 1e-2, blocks
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
+def test_fp8_experts_match_bf16_within_e4m3_rounding(kind):
+    """The split backend with FP8 expert slabs against the XLA FFN on the unquantized weights; rows outside every
+    group come back zero, poisoned inputs there notwithstanding."""
+    from dwdp_jax import gpu_bench
+    from dwdp_jax.kernels import fp8, grouped_gemm
+    from models.experts import ExpertSlab
+
+    g, d, f = 16, 512, 256
+    sizes = {"uniform": np.full(g, 128), "skewed": gpu_bench.skewed_group_sizes(2048, g, 6.0),
+             "empty": np.where(np.arange(g) % 3 == 0, 200, 0)}[kind].astype(np.int32)
+    rows = int(sizes.sum()) + 64
+    keys = jax.random.split(jax.random.key(8), 4)
+    x = jax.random.normal(keys[0], (rows, d), jnp.float32).astype(jnp.bfloat16)
+    ws = [(0.05 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
+          for k, shape in zip(keys[1:], [(g, d, f), (g, d, f), (g, f, d)])]
+    slabs = tuple(ExpertSlab(*(fp8.quantize_weights(w[a:b]) for w in ws), start=a) for a, b in ((0, 3), (3, g)))
+    poisoned = x.at[int(sizes.sum()):].set(jnp.nan)
+    ours = jax.jit(grouped_gemm.get_split_backend("pallas_split"))(poisoned, jnp.asarray(sizes), slabs)
+    ref = grouped_gemm.get_backend("xla")(x.astype(jnp.float32), jnp.asarray(sizes),
+                                          *(w.astype(jnp.float32) for w in ws))
+    assert rel(ours, ref) < 0.08
+    assert not np.asarray(ours[int(sizes.sum()):]).any()
+
+
 @pytest.mark.parametrize("impl,lengths", [("cudnn", (300, 77, 500)), ("cudnn_mla_1seq", (700,))])
 def test_cudnn_mla_attention_matches_xla(impl, lengths):
     from dwdp_jax.kernels import attention

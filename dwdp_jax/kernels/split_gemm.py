@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dwdp_jax.kernels import tuning
+from dwdp_jax.kernels import fp8, tuning
 
 
 def require_positive(blocks, names: tuple[str, ...]) -> None:
@@ -69,6 +69,9 @@ class Blocks:
 # down projection K=2048 N=7168 497 TFLOP/s (column-block-major 443); fused gate/up K=7168 2x2048 490 (423).
 DEFAULT_BLOCKS = Blocks(block_n=256, per_group=True)
 FUSED_BLOCKS = Blocks(group_m=16, per_group=True)
+# FP8: one K step per 128-wide scale block (e4m3's wgmma takes K 32 per instruction; 128 is 128 bytes per row, the
+# widest swizzle), a 128-column tile per weight scale block.
+FP8_BLOCKS = Blocks(block_k=128, num_stages=3, group_m=16, per_group=True)
 
 
 def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,
@@ -117,16 +120,24 @@ def _windows(t, group_first_tile, group_tiles, group, count, num_tiles: int, gro
     return jnp.where(dead, count, first), jnp.where(dead, num_tiles - count, size)
 
 
-def slab_weights(x_MK: jax.Array, weights: tuple, fused: bool, kernel: str) -> tuple[tuple[tuple, ...], int]:
+def slab_weights(x_MK: jax.Array, weights: tuple, fused: bool, kernel: str,
+                 scaled: bool = False) -> tuple[tuple[tuple, ...], int]:
     """(per-slab weight tuples, N): the kernels' `weights` argument checked against x (every weight [G_s, K, N]
-    in x's dtype); ValueError names the slab."""
+    in x's dtype; scaled: every weight an FP8 (values, scales [G_s, K/128, N/128]) pair, `fp8`); ValueError names
+    the slab."""
     slabs = tuple(tuple(ws) for ws in weights) if fused else tuple((w,) for w in weights)
-    k, n = x_MK.shape[1], slabs[0][0].shape[2]
+    k = x_MK.shape[1]
+    n = (slabs[0][0][0] if scaled else slabs[0][0]).shape[2]
     for i, ws in enumerate(slabs):
         for w in ws:
-            if w.shape[1:] != (k, n) or w.dtype != x_MK.dtype:
-                raise ValueError(f"{kernel}: slab {i} weight {w.shape} {w.dtype} does not match x {x_MK.shape} "
+            q = w[0] if scaled else w
+            if q.shape[1:] != (k, n) or q.dtype != x_MK.dtype:
+                raise ValueError(f"{kernel}: slab {i} weight {q.shape} {q.dtype} does not match x {x_MK.shape} "
                                  f"{x_MK.dtype} and N={n}")
+            want = (q.shape[0], k // fp8.BLOCK, n // fp8.BLOCK)
+            if scaled and (w[1].shape != want or w[1].dtype != jnp.float32):
+                raise ValueError(f"{kernel}: slab {i} weight scales {w[1].shape} {w[1].dtype} must be float32 "
+                                 f"{want} (one per {fp8.BLOCK} x {fp8.BLOCK} block)")
     return slabs, n
 
 
@@ -150,9 +161,14 @@ def launch_order(pid, sched, num_col_blocks: int):
 
 
 def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num_rows: int, k_dim: int,
-            num_col_blocks: int):
-    w_refs, o_ref = refs[:-1], refs[-1]
-    per_slab = 2 if fused else 1
+            num_col_blocks: int, scaled: bool):
+    """One (row tile, column block). Scaled (FP8): refs start with x's scales [K/128, M], and each weight is a
+    (values, scales) pair; every K step's product is scaled by its rows' and its weight block's scales."""
+    o_ref, refs = refs[-1], refs[:-1]
+    if scaled:
+        xs_ref, refs = refs[0], refs[1:]
+    per_weight = 2 if scaled else 1
+    per_slab = (2 if fused else 1) * per_weight
     ti, ni = launch_order(pl.program_id(0), sched_ref, num_col_blocks)
 
     @pl.when(ti < sched_ref[5, 0])
@@ -164,12 +180,18 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
             """Rows [first, first + rows) of the row block (first a multiple of rows) times the slab's weights."""
             row0 = pl.multiple_of(block * b.block_m + first, rows)
             rows_m = first + jnp.arange(rows, dtype=jnp.int32)
-            in_bounds = (block * b.block_m + rows_m < num_rows)[:, None]
+            in_bounds = block * b.block_m + rows_m < num_rows
 
             def step(kk, accs):
                 ks = pl.ds(pl.multiple_of(kk * b.block_k, b.block_k), b.block_k)
-                x = plt.load(x_ref.at[pl.ds(row0, rows), ks], mask=in_bounds, other=0)
-                return tuple(acc + plt.dot(x, plt.load(w.at[group, ks, cols])) for acc, w in zip(accs, ws))
+                x = plt.load(x_ref.at[pl.ds(row0, rows), ks], mask=in_bounds[:, None], other=0.0)  # e4m3: no int cast
+                if not scaled:
+                    return tuple(acc + plt.dot(x, plt.load(w.at[group, ks, cols])) for acc, (w,) in zip(accs, ws))
+                sk = kk * b.block_k // fp8.BLOCK
+                xs = plt.load(xs_ref.at[sk, pl.ds(row0, rows)], mask=in_bounds, other=0)
+                sn = ni * b.block_n // fp8.BLOCK
+                return tuple(acc + plt.dot(x, plt.load(w.at[group, ks, cols])) * (xs[:, None] * s[group, sk, sn])
+                             for acc, (w, s) in zip(accs, ws))
 
             zeros = tuple(jnp.zeros((rows, b.block_n), jnp.float32) for _ in ws)
             accs = jax.lax.fori_loop(0, k_dim // b.block_k, step, zeros)
@@ -187,37 +209,52 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
             pl.when(hi > first + half)(lambda: run(ws, b.block_m, 0))
 
         for s in range(num_slabs):
-            pl.when(sched_ref[0, ti] == s)(lambda s=s: tile(w_refs[per_slab * s: per_slab * (s + 1)]))
+            slab = refs[per_slab * s: per_slab * (s + 1)]
+            ws = tuple(slab[i: i + per_weight] for i in range(0, per_slab, per_weight))
+            pl.when(sched_ref[0, ti] == s)(lambda ws=ws: tile(ws))
 
 
-@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret", "out_dtype"))
 def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, fused: bool = False,
-                     blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
+                     blocks: Blocks | None = None, interpret: bool = False, x_scale_SM: jax.Array | None = None,
+                     out_dtype=None) -> jax.Array:
     """x rows sorted by group times each group's weights, the groups spread over slabs.
 
     weights: one [G_s, K, N] array per slab (fused: a (gate, up) pair per slab, and the result is
     silu(x @ gate) * (x @ up)). blocks: None takes the tuned ones for this shape and card (`tuning`), else the
     defaults. group_sizes_G covers all slabs' groups in order. Rows past sum(group_sizes) are
     not written (garbage): callers mask them. bf16 in, fp32 accumulation, x's dtype out.
+
+    FP8 (x_scale_SM given): x is e4m3 with `fp8.quantize_rows` scales [K/128, M], every weight an e4m3 (values,
+    scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16); K and N multiples of 128, and
+    the K and N tiles divide 128 (one scale per tile and K step).
     """
-    slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot")
+    scaled = x_scale_SM is not None
+    slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot", scaled)
     m, k = x_MK.shape
-    b = blocks or tuning.lookup("split_triton", Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
-        FUSED_BLOCKS if fused else DEFAULT_BLOCKS)
-    b = dataclasses.replace(b, block_k=_fit(b.block_k, k, "K"), block_n=_fit(b.block_n, n, "N"))
-    sched = tile_schedule(group_sizes_G, tuple(ws[0].shape[0] for ws in slabs), b.block_m, m, b.group_m, b.per_group)
-    flat = tuple(w for ws in slabs for w in ws)
+    kernel_name = "split_triton_fp8" if scaled else "split_triton"
+    b = blocks or tuning.lookup(kernel_name, Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
+        FP8_BLOCKS if scaled else FUSED_BLOCKS if fused else DEFAULT_BLOCKS)
+    cap = fp8.BLOCK if scaled else max(k, n)  # the scaled K step and column block lie in one scale block
+    b = dataclasses.replace(b, block_k=_fit(min(b.block_k, cap), k, "K"), block_n=_fit(min(b.block_n, cap), n, "N"))
+    if scaled and (x_scale_SM.shape != (k // fp8.BLOCK, m) or x_scale_SM.dtype != jnp.float32):
+        raise ValueError(f"split_ragged_dot: x_scale_SM {x_scale_SM.shape} {x_scale_SM.dtype} must be float32 "
+                         f"{(k // fp8.BLOCK, m)} (fp8.quantize_rows)")
+    sched = tile_schedule(group_sizes_G, tuple(len(ws[0][0] if scaled else ws[0]) for ws in slabs), b.block_m, m,
+                          b.group_m, b.per_group)
+    flat = tuple(a for ws in slabs for w in ws for a in (w if scaled else (w,)))
     num_tiles, num_col_blocks = sched.shape[1], n // b.block_n
     kernel = functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, num_rows=m, k_dim=k,
-                               num_col_blocks=num_col_blocks)
+                               num_col_blocks=num_col_blocks, scaled=scaled)
+    out_dtype = out_dtype or (jnp.bfloat16 if scaled else x_MK.dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(num_tiles * num_col_blocks,),
         compiler_params=plt.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
         interpret=interpret,
-        name="split_ragged_dot_fused" if fused else "split_ragged_dot",
-    )(sched, x_MK, *flat)
+        name=("split_ragged_dot_fused" if fused else "split_ragged_dot") + ("_fp8" if scaled else ""),
+    )(sched, x_MK, *((x_scale_SM,) if scaled else ()), *flat)
 
 
 def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, interpret: bool = False,
@@ -225,9 +262,20 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, inter
     """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection
     (`ragged_dot`: this module's Triton kernel or `split_gemm_mgpu`'s Mosaic GPU one).
 
-    Rows past sum(group_sizes) come back zeroed (the backend contract)."""
-    h_MF = ragged_dot(x_MD, group_sizes_E, tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs), fused=True,
-                      interpret=interpret)
-    y_MD = ragged_dot(h_MF, group_sizes_E, tuple(s.w_down_EFD for s in slabs), interpret=interpret)
+    FP8 experts (each slab weight an e4m3 (values, scales) pair of `fp8.quantize_weights`) run this module's
+    scaled kernel whatever `ragged_dot` is, x and the SwiGLU output quantized per row and 128 columns on the way in,
+    as DeepSeek-V3's inference does. Rows past sum(group_sizes) come back zeroed (the backend contract)."""
+    gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
+    down = tuple(s.w_down_EFD for s in slabs)
+    if isinstance(down[0], tuple):
+        x_q, x_scale = fp8.quantize_rows(x_MD)
+        h_MF = split_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale, interpret=interpret,
+                                out_dtype=x_MD.dtype)
+        h_q, h_scale = fp8.quantize_rows(h_MF)
+        y_MD = split_ragged_dot(h_q, group_sizes_E, down, x_scale_SM=h_scale, interpret=interpret,
+                                out_dtype=x_MD.dtype)
+    else:
+        h_MF = ragged_dot(x_MD, group_sizes_E, gate_up, fused=True, interpret=interpret)
+        y_MD = ragged_dot(h_MF, group_sizes_E, down, interpret=interpret)
     valid_M1 = (jnp.arange(x_MD.shape[0]) < group_sizes_E.sum())[:, None]
     return jnp.where(valid_M1, y_MD, 0).astype(x_MD.dtype)

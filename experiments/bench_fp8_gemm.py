@@ -1,0 +1,124 @@
+"""FP8 expert GEMMs on one GPU, side by side: the split-weight kernel's FP8 path (e4m3 weights in 128 x 128 blocks,
+rows in 1 x 128 groups, DeepSeek-V3's scheme; `dwdp_jax.kernels.fp8`) against the dense FP8 GEMM (cuBLAS, one
+scale per tensor: the ceiling), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds, over the
+model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales").
+
+  python -m experiments.bench_fp8_gemm                  # on a GPU; results/bench_fp8_gemm/<run>.json
+  python -m experiments.bench_fp8_gemm --tune           # also records the fastest FP8 blocks (kernels.tuning)
+  python -m experiments.bench_fp8_gemm --rows=262144 --skew=1.5 --tune   # serving's shape
+"""
+
+import datetime
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from dwdp_jax import gpu_bench as gb
+from dwdp_jax.kernels import tuning
+from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
+from dwdp_jax.results import write_measurements
+
+_ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)", lower_bound=1)
+_EXPERTS = flags.DEFINE_integer("experts", 256, "groups", lower_bound=1)
+_SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size of the skewed routing", lower_bound=1.0)
+_ALIGN = flags.DEFINE_integer("align", 128, "groups padded to a multiple of this many rows (the model's layout); "
+                              "FLOPs counted over the real rows", lower_bound=1)
+_PROBLEMS = flags.DEFINE_multi_enum("problem", ["gate_up", "down"], ["gate_up", "down"], "the projections to time")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "burst rounds of every case against the dense bf16 GEMM", lower_bound=1)
+_SUSTAINED_ROUNDS = flags.DEFINE_integer("sustained_rounds", 1, "rounds under sustained load (3 s a case, clocks "
+                                         "and power sampled); 0 skips them", lower_bound=0)
+_SWEEP = flags.DEFINE_bool("sweep", True, "time every FP8 candidate (--nosweep: the cached winner, else the default)")
+_TUNE = flags.DEFINE_bool("tune", False, "record the fastest FP8 blocks in the kernel block cache")
+_RESULTS = flags.DEFINE_string("results", "results", "results root")
+
+# K steps of at most one 128-wide scale block and column tiles inside one scale block; per-expert launch windows
+# (the bf16 kernel's winning order), pipeline depth and half tiles around them.
+CANDIDATES = [FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_group=True),
+              Blocks(block_k=128, num_stages=3, per_group=True), Blocks(block_k=128, num_stages=4, per_group=True),
+              Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
+              Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
+              Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True)]
+PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
+
+
+def _bf16_split(x, gs, ws, fused, blocks):
+    """The bf16 kernel serving runs for this projection (the faster tuned one: `gpu.fastest_split_ragged_dot`)."""
+    from dwdp_jax.kernels import gpu
+
+    del blocks
+    return gpu.fastest_split_ragged_dot(x, gs, ws, fused=fused)
+
+
+def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]:
+    kind = jax.devices()[0].device_kind
+    real, cols = int(sizes.sum()), 2 * n if fused else n
+    padded = -(-sizes // _ALIGN.value) * _ALIGN.value
+    tuned = tuning.lookup("split_triton_fp8", Blocks, kind, k, n, fused, real)
+    sweep = {}
+    for b in CANDIDATES if _SWEEP.value else [tuned or FP8_BLOCKS]:
+        try:
+            sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real))
+        except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
+            sweep[b] = repr(e)[:200]
+        print(name, b, sweep[b], flush=True)
+    timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
+    best = max(timed, key=timed.get)
+    metrics = {f"{name}_fp8_split_best_tflops": timed[best]}
+    metrics.update({f"{name}_fp8_rel_err_{what}": v for what, v in gb.fp8_grouped_gemm_error(sizes, k, n, best).items()})
+    case = functools.partial(gb.fp8_split_case, padded, k, n, fused, best, counted_rows=real)
+    cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), "fp8_split": case(),
+             "fp8_split_with_row_quant": case(quantize_rows=True),
+             "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real)}
+    dense = gb.dense_gemm_case(real, k, cols)
+    runs = {"rounds": gb.round_robin_over_dense(cases, dense, rounds=_ROUNDS.value)}
+    if _SUSTAINED_ROUNDS.value:
+        loaded = {c: cases[c] for c in ("dense_fp8", "fp8_split", "bf16_split")}
+        runs["sustained"] = gb.round_robin_over_dense(loaded, dense, rounds=_SUSTAINED_ROUNDS.value,
+                                                      measure=gb.clocks_under_load)
+    for run, got in runs.items():
+        for c, stats in got.items():
+            metrics.update({f"{name}_{run}_{c}_{key}": v for key, v in stats.items()})
+        # ratios within the run: the FP8 kernel over the FP8 ceiling and over the bf16 kernel it would replace
+        metrics[f"{name}_{run}_fp8_split_over_dense_fp8"] = (got["fp8_split"]["over_dense"]
+                                                             / got["dense_fp8"]["over_dense"])
+        metrics[f"{name}_{run}_fp8_split_over_bf16_split"] = (got["fp8_split"]["over_dense"]
+                                                              / got["bf16_split"]["over_dense"])
+    # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)
+    metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
+        sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,
+        tile_rows=_ALIGN.value, itemsize=1)
+    if _TUNE.value and _SWEEP.value:
+        how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}, "
+               f"groups aligned to {_ALIGN.value} rows")
+        tuning.record("split_triton_fp8", kind, k, n, fused, real, best, timed[best], how)
+    return metrics, {f"{name}_sweep": {str(b): v for b, v in sweep.items()}, f"{name}_best_blocks": str(best)}
+
+
+def main(argv):
+    del argv
+    if jax.devices()[0].platform != "gpu":
+        print("bench_fp8_gemm: needs a GPU", file=sys.stderr)
+        sys.exit(2)
+    sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
+    metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
+    for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
+        got, got_raw = _problem(name, sizes, k, n, fused)
+        metrics.update(got)
+        raw.update(got_raw)
+    print(f"{'':10} {'TFLOP/s FP8 kernel':>18} {'/ dense FP8':>11} {'/ bf16 kernel':>13} {'roofline':>9}")
+    for name, *_ in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
+        print(f"{name:10} {metrics[f'{name}_rounds_fp8_split_tflops']:18.1f} "
+              f"{metrics[f'{name}_rounds_fp8_split_over_dense_fp8']:11.3f} "
+              f"{metrics[f'{name}_rounds_fp8_split_over_bf16_split']:13.3f} "
+              f"{metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value, "align": _ALIGN.value,
+              "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
+              "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
+    write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
