@@ -230,7 +230,7 @@ def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bo
     """`_slab_weights` quantized to e4m3 in 128 x 128 blocks ((values, scales) per weight), cached likewise."""
     from dwdp_jax.kernels import fp8
 
-    return jax.tree.map(fp8.quantize_weights, _slab_weights(g, k, n, counts, fused))
+    return jax.tree.map(fp8.quantize_weights_kn, _slab_weights(g, k, n, counts, fused))
 
 
 def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, counted_rows: int | None = None,
@@ -265,7 +265,7 @@ def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> di
     x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
     w = (0.05 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
     x_q, x_scale = fp8.quantize_rows(x)
-    halves = (fp8.quantize_weights(w[:g // 2]), fp8.quantize_weights(w[g // 2:]))
+    halves = (fp8.quantize_weights_kn(w[:g // 2]), fp8.quantize_weights_kn(w[g // 2:]))
     ours = split_ragged_dot(x_q, jnp.asarray(sizes, jnp.int32), halves, blocks=blocks, x_scale_SM=x_scale)
     ours = ours.astype(jnp.float32)
 
@@ -274,7 +274,7 @@ def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> di
         return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[g].astype(jnp.float32)
                                 for g, a, b in group_spans(sizes)])
 
-    w_deq = jnp.concatenate([fp8.dequantize_weights(*h) for h in halves])
+    w_deq = jnp.concatenate([fp8.dequantize_weights_kn(*h) for h in halves])
     out = {}
     for name, ref in (("kernel", reference(fp8.dequantize_rows(x_q, x_scale), w_deq)),
                       ("quantization", reference(x, w))):

@@ -27,9 +27,9 @@ def test_weight_blocks_round_trip_within_e4m3_rounding():
     # blocks of very different magnitudes: one scale per 128 x 128 block keeps each block's relative error
     w = rng.standard_normal((2, 256, 384)) * np.repeat(np.repeat(10.0 ** rng.integers(-4, 3, (2, 2, 3)), 128, 1),
                                                         128, 2)
-    q, s = fp8.quantize_weights(jnp.asarray(w, jnp.float32))
-    assert q.dtype == fp8.E4M3 and q.shape == w.shape and s.shape == (2, 2, 3) and s.dtype == jnp.float32
-    back = np.asarray(fp8.dequantize_weights(q, s))
+    q, s = fp8.quantize_weights_kn(jnp.asarray(w, jnp.float32))
+    assert q.dtype == fp8.E4M3 and q.shape == (2, 384, 256) and s.shape == (2, 3, 2) and s.dtype == jnp.float32
+    back = np.asarray(fp8.dequantize_weights_kn(q, s))
     for g in range(2):
         for i in range(2):
             for j in range(3):
@@ -60,7 +60,7 @@ def test_quantize_refuses_dimensions_off_the_scale_block(fn, shape, dim):
 def _operands(rng, sizes, counts, k, n, fused):
     rows = int(np.sum(sizes)) + 7  # padding rows past the groups
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-    weights = [[fp8.quantize_weights(jnp.asarray(rng.standard_normal((c, k, n)) / np.sqrt(k), jnp.float32))
+    weights = [[fp8.quantize_weights_kn(jnp.asarray(rng.standard_normal((c, k, n)) / np.sqrt(k), jnp.float32))
                 for c in counts] for _ in range(2 if fused else 1)]
     return x, weights
 
@@ -78,7 +78,7 @@ def test_fp8_split_ragged_dot_matches_dequantized_product(fused, blocks):
     ours = np.asarray(split_ragged_dot(x_q, gs, arg, fused=fused, blocks=blocks, interpret=True,
                                        x_scale_SM=poisoned, out_dtype=jnp.float32))
     x_deq = fp8.dequantize_rows(x_q, x_s)
-    refs = [jax.lax.ragged_dot(x_deq, jnp.concatenate([fp8.dequantize_weights(*w) for w in ws]), gs,
+    refs = [jax.lax.ragged_dot(x_deq, jnp.concatenate([fp8.dequantize_weights_kn(*w) for w in ws]), gs,
                                precision=jax.lax.Precision.HIGHEST) for ws in weights]
     ref = jax.nn.silu(refs[0]) * refs[1] if fused else refs[0]
     used = int(np.sum(sizes))
@@ -97,7 +97,7 @@ def test_fp8_expert_ffn_tracks_bf16_within_e4m3_rounding():
 
     def slabs(quantize):
         edges = np.cumsum((0,) + counts)
-        return tuple(types.SimpleNamespace(**{name: (fp8.quantize_weights(w[a:b]) if quantize else w[a:b])
+        return tuple(types.SimpleNamespace(**{name: (fp8.quantize_weights_kn(w[a:b]) if quantize else w[a:b])
                                               for name, w in zip(("w_gate_EDF", "w_up_EDF", "w_down_EFD"), full)})
                      for a, b in zip(edges[:-1], edges[1:]))
 
@@ -111,12 +111,15 @@ def test_fp8_expert_ffn_tracks_bf16_within_e4m3_rounding():
 
 def test_fp8_split_ragged_dot_refuses_bad_scales():
     x_q, x_s = fp8.quantize_rows(jnp.ones((8, 256)))
-    w = fp8.quantize_weights(jnp.ones((2, 256, 128)))
+    w = fp8.quantize_weights_kn(jnp.ones((2, 256, 128)))
     gs = jnp.asarray([4, 4], jnp.int32)
     with pytest.raises(ValueError, match=r"x_scale_SM \(8, 2\) float32 must be float32 \(2, 8\)"):
         split_ragged_dot(x_q, gs, (w,), x_scale_SM=x_s.T, blocks=TILES, interpret=True)
-    with pytest.raises(ValueError, match=r"slab 0 weight scales \(2, 1, 2\) float32 must be float32 \(2, 2, 1\)"):
-        split_ragged_dot(x_q, gs, ((w[0], jnp.ones((2, 1, 2))),), x_scale_SM=x_s, blocks=TILES, interpret=True)
+    with pytest.raises(ValueError, match=r"slab 0 weight scales \(2, 2, 1\) float32 must be float32 \(2, 1, 2\)"):
+        split_ragged_dot(x_q, gs, ((w[0], jnp.ones((2, 2, 1))),), x_scale_SM=x_s, blocks=TILES, interpret=True)
+    with pytest.raises(ValueError, match=r"FP8 weights are \[G, N, K\]"):
+        split_ragged_dot(x_q, gs, ((jnp.swapaxes(w[0], 1, 2), w[1]),), x_scale_SM=x_s, blocks=TILES,
+                         interpret=True)
     with pytest.raises(ValueError, match="slab 0 weight .* does not match x"):
         split_ragged_dot(x_q, gs, ((w[0].astype(jnp.bfloat16), w[1]),), x_scale_SM=x_s, blocks=TILES,
                          interpret=True)
@@ -130,7 +133,7 @@ def test_every_fp8_candidate_lowers_for_cuda_at_r1_sizes(fused):
 
     def run(x, gs, ws, fused, blocks):
         x_q, x_scale = fp8.quantize_rows(x)
-        return split_ragged_dot(x_q, gs, jax.tree.map(fp8.quantize_weights, ws), fused=fused, blocks=blocks,
+        return split_ragged_dot(x_q, gs, jax.tree.map(fp8.quantize_weights_kn, ws), fused=fused, blocks=blocks,
                                 x_scale_SM=x_scale)
 
     for blocks in CANDIDATES:

@@ -104,11 +104,11 @@ def test_every_fp8_candidate_matches_the_dequantized_product(fused):
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
     keys = jax.random.split(jax.random.key(6), 3)
     x_q, x_scale = fp8.quantize_rows(jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32))
-    g, u = (fp8.quantize_weights(0.02 * jax.random.normal(key, (64, k, n), jnp.float32)) for key in keys[1:])
+    g, u = (fp8.quantize_weights_kn(0.02 * jax.random.normal(key, (64, k, n), jnp.float32)) for key in keys[1:])
     gs, x = jnp.asarray(sizes), fp8.dequantize_rows(x_q, x_scale)
-    ref = jax.lax.ragged_dot(x, fp8.dequantize_weights(*g), gs, precision=jax.lax.Precision.HIGHEST)
+    ref = jax.lax.ragged_dot(x, fp8.dequantize_weights_kn(*g), gs, precision=jax.lax.Precision.HIGHEST)
     if fused:
-        ref = jax.nn.silu(ref) * jax.lax.ragged_dot(x, fp8.dequantize_weights(*u), gs,
+        ref = jax.nn.silu(ref) * jax.lax.ragged_dot(x, fp8.dequantize_weights_kn(*u), gs,
                                                     precision=jax.lax.Precision.HIGHEST)
     half = lambda w, a, b: (w[0][a:b], w[1][a:b])  # noqa: E731
     weights = (((half(g, 0, 16), half(u, 0, 16)), (half(g, 16, 64), half(u, 16, 64))) if fused
@@ -134,7 +134,7 @@ def test_fp8_experts_match_bf16_within_e4m3_rounding(kind):
     x = jax.random.normal(keys[0], (rows, d), jnp.float32).astype(jnp.bfloat16)
     ws = [(0.05 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
           for k, shape in zip(keys[1:], [(g, d, f), (g, d, f), (g, f, d)])]
-    slabs = tuple(ExpertSlab(*(fp8.quantize_weights(w[a:b]) for w in ws), start=a) for a, b in ((0, 3), (3, g)))
+    slabs = tuple(ExpertSlab(*(fp8.quantize_weights_kn(w[a:b]) for w in ws), start=a) for a, b in ((0, 3), (3, g)))
     poisoned = x.at[int(sizes.sum()):].set(jnp.nan)
     ours = jax.jit(grouped_gemm.get_split_backend("pallas_split"))(poisoned, jnp.asarray(sizes), slabs)
     ref = grouped_gemm.get_backend("xla")(x.astype(jnp.float32), jnp.asarray(sizes),

@@ -5,8 +5,10 @@ The FP8 expert path of the split-weight grouped GEMM (`split_gemm.split_ragged_d
 128-wide K block, an fp8 x fp8 product accumulated in fp32 and scaled by the row's and the weight block's scales:
 what DeepSeek's own inference kernels do, and half the weight bytes of bf16 for the HBM stream and for DWDP's pull.
 
-Scale layouts: a weight [G, K, N] has scales [G, K/128, N/128]; activations [M, K] have scales [K/128, M] (K block
-major, so a kernel's row tile reads its scales contiguously).
+Layouts: FP8 weights are stored as the checkpoint stores them, [G, N, K] ([out, in]: K contiguous, which Hopper's
+fp8 wgmma needs for both operands; an N-contiguous weight runs at a quarter of the speed through Triton's
+transposes, WORKSPACE.md session 13), with scales [G, N/128, K/128]; activations [M, K] have scales [K/128, M] (K
+block major, so a kernel's row tile reads its scales contiguously).
 """
 
 from __future__ import annotations
@@ -28,22 +30,32 @@ def _require_blocks(shape: tuple[int, ...], axes: tuple[int, ...], what: str) ->
                              f"(the FP8 scale block), got {shape[axis]}")
 
 
-def quantize_weights(w_GKN: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(e4m3 [G, K, N], fp32 scales [G, K/128, N/128]): each 128 x 128 block scaled so its largest magnitude is
-    e4m3's 448."""
-    _require_blocks(w_GKN.shape, (-2, -1), "quantize_weights")
-    g, k, n = w_GKN.shape
-    w_GSBRC = w_GKN.astype(jnp.float32).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
-    scale_GSR = jnp.maximum(jnp.abs(w_GSBRC).max(axis=(2, 4)), _TINY) / E4M3_MAX
-    q_GSBRC = (w_GSBRC / scale_GSR[:, :, None, :, None]).astype(E4M3)
-    return q_GSBRC.reshape(g, k, n), scale_GSR
+def quantize_weights(w_GNK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(e4m3 [G, N, K], fp32 scales [G, N/128, K/128]) of weights [G, N, K] ([out, in]): each 128 x 128 block
+    scaled so its largest magnitude is e4m3's 448."""
+    _require_blocks(w_GNK.shape, (-2, -1), "quantize_weights")
+    g, n, k = w_GNK.shape
+    w_GRBSC = w_GNK.astype(jnp.float32).reshape(g, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    scale_GRS = jnp.maximum(jnp.abs(w_GRBSC).max(axis=(2, 4)), _TINY) / E4M3_MAX
+    q_GRBSC = (w_GRBSC / scale_GRS[:, :, None, :, None]).astype(E4M3)
+    return q_GRBSC.reshape(g, n, k), scale_GRS
 
 
-def dequantize_weights(q_GKN: jax.Array, scale_GSR: jax.Array) -> jax.Array:
-    """fp32 weights of `quantize_weights`' output."""
-    g, k, n = q_GKN.shape
-    q_GSBRC = q_GKN.astype(jnp.float32).reshape(g, k // BLOCK, BLOCK, n // BLOCK, BLOCK)
-    return (q_GSBRC * scale_GSR[:, :, None, :, None]).reshape(g, k, n)
+def dequantize_weights(q_GNK: jax.Array, scale_GRS: jax.Array) -> jax.Array:
+    """fp32 [G, N, K] weights of `quantize_weights`' output."""
+    g, n, k = q_GNK.shape
+    q_GRBSC = q_GNK.astype(jnp.float32).reshape(g, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    return (q_GRBSC * scale_GRS[:, :, None, :, None]).reshape(g, n, k)
+
+
+def quantize_weights_kn(w_GKN: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`quantize_weights` of [G, K, N] weights (the model's [in, out] bf16 layout), stored [G, N, K]."""
+    return quantize_weights(jnp.swapaxes(w_GKN, 1, 2))
+
+
+def dequantize_weights_kn(q_GNK: jax.Array, scale_GRS: jax.Array) -> jax.Array:
+    """fp32 [G, K, N] weights (the model's layout) of `quantize_weights`' output."""
+    return jnp.swapaxes(dequantize_weights(q_GNK, scale_GRS), 1, 2)
 
 
 def quantize_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -123,18 +123,18 @@ def _windows(t, group_first_tile, group_tiles, group, count, num_tiles: int, gro
 def slab_weights(x_MK: jax.Array, weights: tuple, fused: bool, kernel: str,
                  scaled: bool = False) -> tuple[tuple[tuple, ...], int]:
     """(per-slab weight tuples, N): the kernels' `weights` argument checked against x (every weight [G_s, K, N]
-    in x's dtype; scaled: every weight an FP8 (values, scales [G_s, K/128, N/128]) pair, `fp8`); ValueError names
-    the slab."""
+    in x's dtype; scaled: every weight an FP8 (values [G_s, N, K], scales [G_s, N/128, K/128]) pair of
+    `fp8.quantize_weights`); ValueError names the slab."""
     slabs = tuple(tuple(ws) for ws in weights) if fused else tuple((w,) for w in weights)
     k = x_MK.shape[1]
-    n = (slabs[0][0][0] if scaled else slabs[0][0]).shape[2]
+    n = slabs[0][0][0].shape[1] if scaled else slabs[0][0].shape[2]
     for i, ws in enumerate(slabs):
         for w in ws:
             q = w[0] if scaled else w
-            if q.shape[1:] != (k, n) or q.dtype != x_MK.dtype:
+            if (q.shape[1:] != ((n, k) if scaled else (k, n))) or q.dtype != x_MK.dtype:
                 raise ValueError(f"{kernel}: slab {i} weight {q.shape} {q.dtype} does not match x {x_MK.shape} "
-                                 f"{x_MK.dtype} and N={n}")
-            want = (q.shape[0], k // fp8.BLOCK, n // fp8.BLOCK)
+                                 f"{x_MK.dtype} and N={n}" + (" (FP8 weights are [G, N, K])" if scaled else ""))
+            want = (q.shape[0], n // fp8.BLOCK, k // fp8.BLOCK)
             if scaled and (w[1].shape != want or w[1].dtype != jnp.float32):
                 raise ValueError(f"{kernel}: slab {i} weight scales {w[1].shape} {w[1].dtype} must be float32 "
                                  f"{want} (one per {fp8.BLOCK} x {fp8.BLOCK} block)")
@@ -190,8 +190,9 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
                 sk = kk * b.block_k // fp8.BLOCK
                 xs = plt.load(xs_ref.at[sk, pl.ds(row0, rows)], mask=in_bounds, other=0)
                 sn = ni * b.block_n // fp8.BLOCK
-                return tuple(acc + plt.dot(x, plt.load(w.at[group, ks, cols])) * (xs[:, None] * s[group, sk, sn])
-                             for acc, (w, s) in zip(accs, ws))
+                # weights [G, N, K]: a K-contiguous tile, as e4m3 wgmma reads both operands
+                return tuple(acc + plt.dot(x, plt.load(w.at[group, cols, ks]), trans_b=True)
+                             * (xs[:, None] * s[group, sn, sk]) for acc, (w, s) in zip(accs, ws))
 
             zeros = tuple(jnp.zeros((rows, b.block_n), jnp.float32) for _ in ws)
             accs = jax.lax.fori_loop(0, k_dim // b.block_k, step, zeros)
@@ -225,9 +226,9 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     defaults. group_sizes_G covers all slabs' groups in order. Rows past sum(group_sizes) are
     not written (garbage): callers mask them. bf16 in, fp32 accumulation, x's dtype out.
 
-    FP8 (x_scale_SM given): x is e4m3 with `fp8.quantize_rows` scales [K/128, M], every weight an e4m3 (values,
-    scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16); K and N multiples of 128, and
-    the K and N tiles divide 128 (one scale per tile and K step).
+    FP8 (x_scale_SM given): x is e4m3 with `fp8.quantize_rows` scales [K/128, M], every weight an e4m3 (values
+    [G_s, N, K], scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16); K and N multiples
+    of 128, and the K and N tiles divide 128 (one scale per tile and K step).
     """
     scaled = x_scale_SM is not None
     slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot", scaled)
@@ -262,9 +263,9 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, inter
     """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection
     (`ragged_dot`: this module's Triton kernel or `split_gemm_mgpu`'s Mosaic GPU one).
 
-    FP8 experts (each slab weight an e4m3 (values, scales) pair of `fp8.quantize_weights`) run this module's
-    scaled kernel whatever `ragged_dot` is, x and the SwiGLU output quantized per row and 128 columns on the way in,
-    as DeepSeek-V3's inference does. Rows past sum(group_sizes) come back zeroed (the backend contract)."""
+    FP8 experts (each slab weight an e4m3 (values [E, out, in], scales) pair of `fp8.quantize_weights`) run this
+    module's scaled kernel whatever `ragged_dot` is, x and the SwiGLU output quantized per row and 128 columns on
+    the way in, as DeepSeek-V3's inference does. Rows past sum(group_sizes) come back zeroed (the backend contract)."""
     gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
     down = tuple(s.w_down_EFD for s in slabs)
     if isinstance(down[0], tuple):
