@@ -18,7 +18,7 @@ from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
 from dwdp_jax.kernels import tuning
-from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
+from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, FP8_CANDIDATES as CANDIDATES, Blocks
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)", lower_bound=1)
@@ -34,13 +34,6 @@ _SWEEP = flags.DEFINE_bool("sweep", True, "time every FP8 candidate (--nosweep: 
 _TUNE = flags.DEFINE_bool("tune", False, "record the fastest FP8 blocks in the kernel block cache")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
-# K steps of at most one 128-wide scale block and column tiles inside one scale block; per-expert launch windows
-# (the bf16 kernel's winning order), pipeline depth and half tiles around them.
-CANDIDATES = [FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_group=True),
-              Blocks(block_k=128, num_stages=3, per_group=True), Blocks(block_k=128, num_stages=4, per_group=True),
-              Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
-              Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
-              Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True)]
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 
 
@@ -67,7 +60,8 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
     timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
     best = max(timed, key=timed.get)
     metrics = {f"{name}_fp8_split_best_tflops": timed[best]}
-    metrics.update({f"{name}_fp8_rel_err_{what}": v for what, v in gb.fp8_grouped_gemm_error(sizes, k, n, best).items()})
+    errors = gb.fp8_grouped_gemm_error(sizes, k, n, best)
+    metrics.update({f"{name}_fp8_rel_err_{what}": v for what, v in errors.items()})
     case = functools.partial(gb.fp8_split_case, padded, k, n, fused, best, counted_rows=real)
     cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), "fp8_split": case(),
              "fp8_split_with_row_quant": case(quantize_rows=True),

@@ -98,7 +98,7 @@ def test_every_fp8_candidate_matches_the_dequantized_product(fused):
     from dwdp_jax import gpu_bench
     from dwdp_jax.kernels import fp8
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
-    from experiments.bench_fp8_gemm import CANDIDATES
+    from dwdp_jax.kernels.split_gemm import FP8_CANDIDATES as CANDIDATES
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
