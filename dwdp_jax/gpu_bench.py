@@ -108,6 +108,17 @@ def group_spans(sizes: np.ndarray) -> list[tuple[int, int, int]]:
     return [(g, int(end - size), int(end)) for g, (size, end) in enumerate(zip(sizes, ends)) if size > 0]
 
 
+def per_group_reference(sizes: np.ndarray) -> Callable:
+    """fp32 products of each group's rows with its own [k, n] weights, concatenated, as one jitted program (eager,
+    every group's shape would compile on its own): the grouped GEMMs' oracle."""
+    @jax.jit
+    def reference(x, w):
+        return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[g].astype(jnp.float32)
+                                for g, a, b in group_spans(sizes)])
+
+    return reference
+
+
 def per_group_dense_case(sizes: np.ndarray, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callable, tuple, float]:
     """(jitted fn, its args, its FLOPs): one dense GEMM per non-empty group in one executable, each group's rows
     times its own [k, n] weights, outputs left apart (no concatenation copy): the vendor's GEMM (cuBLAS on GPU)
@@ -268,12 +279,7 @@ def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> di
     halves = (fp8.quantize_weights_kn(w[:g // 2]), fp8.quantize_weights_kn(w[g // 2:]))
     ours = split_ragged_dot(x_q, jnp.asarray(sizes, jnp.int32), halves, blocks=blocks, x_scale_SM=x_scale)
     ours = ours.astype(jnp.float32)
-
-    @jax.jit
-    def reference(x, w):
-        return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[g].astype(jnp.float32)
-                                for g, a, b in group_spans(sizes)])
-
+    reference = per_group_reference(sizes)
     w_deq = jnp.concatenate([fp8.dequantize_weights_kn(*h) for h in halves])
     out = {}
     for name, ref in (("kernel", reference(fp8.dequantize_rows(x_q, x_scale), w_deq)),
@@ -298,12 +304,7 @@ def grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None, kernel: C
     w = (0.05 * jax.random.normal(key, (g, k, n), jnp.float32)).astype(jnp.bfloat16)
     ours = split_ragged_dot(x, jnp.asarray(sizes, jnp.int32), (w[:g // 2], w[g // 2:]), blocks=blocks)
     ours = ours.astype(jnp.float32)
-    @jax.jit  # one program (eager, every group's shape would compile on its own)
-    def reference(x, w):
-        return jnp.concatenate([x[a:b].astype(jnp.float32) @ w[g].astype(jnp.float32)
-                                for g, a, b in group_spans(sizes)])
-
-    ref = reference(x, w)
+    ref = per_group_reference(sizes)(x, w)
     return float(jnp.linalg.norm(ours - ref) / jnp.linalg.norm(ref))
 
 

@@ -67,23 +67,31 @@ def test_every_benchmarked_candidate_matches_ragged_dot(fused, kernel):
         assert rel(out, ref) < 1e-2, blocks
 
 
-@pytest.mark.parametrize("backend", ["pallas_split", "pallas_split_triton", "pallas_split_mgpu"])
-@pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
-def test_split_kernel_matches_xla_over_three_slabs(kind, backend):
+def ffn_case(kind: str, seed: int):
+    """(groups, group sizes, rows, x [rows, 512] bf16, bf16 gate/up/down weights) of a 16-expert FFN whose rows
+    are routed uniformly, skewed, or to every third expert only; 64 rows past the groups."""
     from dwdp_jax import gpu_bench
-    from dwdp_jax.kernels import grouped_gemm
-    from models.experts import ExpertSlab
 
     g, d, f = 16, 512, 256
     sizes = {"uniform": np.full(g, 128), "skewed": gpu_bench.skewed_group_sizes(2048, g, 6.0),
              "empty": np.where(np.arange(g) % 3 == 0, 200, 0)}[kind].astype(np.int32)
     rows = int(sizes.sum()) + 64
-    keys = jax.random.split(jax.random.key(7), 4)
+    keys = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(keys[0], (rows, d), jnp.float32).astype(jnp.bfloat16)
     ws = [(0.05 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
           for k, shape in zip(keys[1:], [(g, d, f), (g, d, f), (g, f, d)])]
+    return g, sizes, rows, x, ws
+
+
+@pytest.mark.parametrize("backend", ["pallas_split", "pallas_split_triton", "pallas_split_mgpu"])
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
+def test_split_kernel_matches_xla_over_three_slabs(kind, backend):
+    from dwdp_jax.kernels import grouped_gemm
+    from models.experts import ExpertSlab
+
+    g, sizes, rows, x, ws = ffn_case(kind, seed=7)
     slabs = tuple(ExpertSlab(*(w[a:b] for w in ws), start=a) for a, b in ((0, 3), (3, 8), (8, g)))
-    poisoned = jnp.full((rows + 64, d), jnp.nan, jnp.bfloat16).at[:rows].set(x)[:rows]
+    poisoned = jnp.full((rows + 64, x.shape[1]), jnp.nan, jnp.bfloat16).at[:rows].set(x)[:rows]
     ours = jax.jit(grouped_gemm.get_split_backend(backend))(poisoned, jnp.asarray(sizes), slabs)
     ref = grouped_gemm.get_backend("xla")(x.astype(jnp.float32), jnp.asarray(sizes),
                                           *(w.astype(jnp.float32) for w in ws))
@@ -97,8 +105,7 @@ def test_every_fp8_candidate_matches_the_dequantized_product(fused):
     against the fp32 product of the same quantized operands (only summation order and the bf16 output differ)."""
     from dwdp_jax import gpu_bench
     from dwdp_jax.kernels import fp8
-    from dwdp_jax.kernels.split_gemm import split_ragged_dot
-    from dwdp_jax.kernels.split_gemm import FP8_CANDIDATES as CANDIDATES
+    from dwdp_jax.kernels.split_gemm import FP8_CANDIDATES, split_ragged_dot
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
@@ -113,7 +120,7 @@ def test_every_fp8_candidate_matches_the_dequantized_product(fused):
     half = lambda w, a, b: (w[0][a:b], w[1][a:b])  # noqa: E731
     weights = (((half(g, 0, 16), half(u, 0, 16)), (half(g, 16, 64), half(u, 16, 64))) if fused
                else (half(g, 0, 16), half(g, 16, 64)))
-    for blocks in CANDIDATES:
+    for blocks in FP8_CANDIDATES:
         out = split_ragged_dot(x_q, gs, weights, fused=fused, blocks=blocks, x_scale_SM=x_scale)
         assert rel(out, ref) < 1e-2, blocks
 
@@ -122,18 +129,10 @@ def test_every_fp8_candidate_matches_the_dequantized_product(fused):
 def test_fp8_experts_match_bf16_within_e4m3_rounding(kind):
     """The split backend with FP8 expert slabs against the XLA FFN on the unquantized weights; rows outside every
     group come back zero, poisoned inputs there notwithstanding."""
-    from dwdp_jax import gpu_bench
     from dwdp_jax.kernels import fp8, grouped_gemm
     from models.experts import ExpertSlab
 
-    g, d, f = 16, 512, 256
-    sizes = {"uniform": np.full(g, 128), "skewed": gpu_bench.skewed_group_sizes(2048, g, 6.0),
-             "empty": np.where(np.arange(g) % 3 == 0, 200, 0)}[kind].astype(np.int32)
-    rows = int(sizes.sum()) + 64
-    keys = jax.random.split(jax.random.key(8), 4)
-    x = jax.random.normal(keys[0], (rows, d), jnp.float32).astype(jnp.bfloat16)
-    ws = [(0.05 * jax.random.normal(k, shape, jnp.float32)).astype(jnp.bfloat16)
-          for k, shape in zip(keys[1:], [(g, d, f), (g, d, f), (g, f, d)])]
+    g, sizes, rows, x, ws = ffn_case(kind, seed=8)
     slabs = tuple(ExpertSlab(*(fp8.quantize_weights_kn(w[a:b]) for w in ws), start=a) for a, b in ((0, 3), (3, g)))
     poisoned = x.at[int(sizes.sum()):].set(jnp.nan)
     ours = jax.jit(grouped_gemm.get_split_backend("pallas_split"))(poisoned, jnp.asarray(sizes), slabs)
