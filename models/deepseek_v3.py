@@ -28,6 +28,12 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
     return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
 
+# The q/kv LoRA norms keep RMSNorm's default eps whatever rms_norm_eps says: DeepSeek's own inference code
+# (`RMSNorm(self.kv_lora_rank)`) and HF's DeepseekV3Attention both build them without the config's eps, so a
+# checkpoint with rms_norm_eps != 1e-6 is computed with 1e-6 there and with rms_norm_eps everywhere else.
+LORA_NORM_EPS = 1e-6
+
+
 class RMSNorm(nnx.Module):
     """Normalized in fp32, cast back to the input dtype before the weight multiply (as HF)."""
 
@@ -93,10 +99,10 @@ class MLA(nnx.Module):
             self.q_proj = _param(rngs, (d, h, cfg.qk_head_dim), dt)
         else:
             self.q_a_proj = _param(rngs, (d, cfg.q_lora_rank), dt)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dt)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, dt)
             self.q_b_proj = _param(rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), dt)
         self.kv_a_proj_with_mqa = _param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), dt)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dt)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LORA_NORM_EPS, dt)
         self.kv_b_proj = _param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim), dt)
         self.o_proj = _param(rngs, (h, cfg.v_head_dim, d), dt)
 

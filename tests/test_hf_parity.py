@@ -25,6 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 import dwdp_jax  # noqa: E402
 from dwdp_jax.packing import pack  # noqa: E402
 from dwdp_jax.runtime import reference  # noqa: E402
+from models import deepseek_v3  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
@@ -46,6 +47,12 @@ CONFIGS = {
                           topk_group=1, num_experts_per_tok=3, n_shared_experts=2, max_position_embeddings=256,
                           rope_scaling={"type": "yarn", "factor": 4.0, "beta_fast": 8, "beta_slow": 1, "mscale": 0.707,
                                         "mscale_all_dim": 0.9, "original_max_position_embeddings": 64}),
+    # rms_norm_eps 1e-5: HF and DeepSeek keep the q/kv LoRA norms at 1e-6 (models.deepseek_v3.LORA_NORM_EPS).
+    "eps1e-5_qlora": dict(TINY, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=24, n_group=4, topk_group=2,
+                          num_experts_per_tok=2, rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "eps1e-5_no_qlora": dict(TINY, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=None, n_group=2,
+                             topk_group=1, num_experts_per_tok=3, n_shared_experts=2, rms_norm_eps=1e-5,
+                             max_position_embeddings=4096),
     # Plain RoPE, unnormalized top-k weights with another scaling factor.
     "plain_rope": dict(TINY, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=24, n_group=4, topk_group=3,
                        num_experts_per_tok=4, norm_topk_prob=False, routed_scaling_factor=1.5,
@@ -147,6 +154,10 @@ def test_config_maps_hf_fields(cases, name):
     assert len(case.params.model.mtp) == 0 and len(case.params.experts) == config.num_moe_layers
     np.testing.assert_allclose(config.softmax_scale, case.model.model.layers[0].self_attn.scaling, rtol=1e-12)
     assert (config.rope_scaling is None) == (hf.rope_parameters["rope_type"] == "default")
+    assert config.rms_norm_eps == hf.rms_norm_eps
+    attention = case.model.model.layers[0].self_attn
+    assert attention.kv_a_layernorm.variance_epsilon == deepseek_v3.LORA_NORM_EPS
+    assert case.model.model.layers[0].input_layernorm.variance_epsilon == hf.rms_norm_eps
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
