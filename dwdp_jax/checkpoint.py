@@ -8,8 +8,10 @@ rows first, and `experts.down_proj` [E, H, I]). Both load. FP8 e4m3 tensors are 
 W = fp8 * weight_scale_inv, one scale per block (128x128 for R1; edge blocks partial), computed in fp32.
 
 Every expected tensor and shape is checked against the shard headers before any data is read, so a bad
-checkpoint fails in seconds, naming the tensor. Data is then read one tensor at a time (host peak: the
-parameters being built plus one tensor).
+checkpoint fails in seconds, naming the tensor and its shard. Data is then read one tensor at a time (host peak:
+the parameters being built plus one tensor), each checked for NaN and Inf: safetensors has no checksums, and
+overwritten bytes most visibly decode as non-finite values. Every problem with a checkpoint's files raises
+CheckpointError, naming the file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import struct
+import sys
 import zlib
 from typing import Any, Callable, NamedTuple
 
@@ -32,7 +35,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.reference import Params
@@ -53,6 +56,9 @@ _FIXED_FIELDS = {"model_type": "deepseek_v3", "scoring_func": "sigmoid", "topk_m
                  "moe_layer_freq": 1, "hidden_act": "silu", "attention_bias": False, "rope_interleave": True,
                  "tie_word_embeddings": False}
 
+# Parameter dtypes a checkpoint loads as (load_hf_config's `dtype`).
+DTYPES = ("float32", "bfloat16", "float16")
+
 # safetensors' numpy backend cannot hand these out; they are read from the raw bytes.
 _RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
 _SUPPORTED_DTYPES = {"F32", "BF16", "F16", *_RAW_DTYPES}
@@ -62,12 +68,19 @@ _DEFAULT_FP8_BLOCK = (128, 128)
 Read = Callable[[str], np.ndarray]  # a checkpoint tensor by name, dequantized, in its stored layout
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, partial, corrupt, unsupported or inconsistent with its own config; the
+    message names the file and says which."""
+
+
 def load_hf_config(path: str, dtype: Any = None) -> ModelConfig:
     """The ModelConfig of `path`/config.json, with num_nextn_predict_layers as declared there.
 
-    Rejects configs this model does not implement (non-sigmoid scoring, another top-k method, rope other than
-    default/yarn, non-interleaved rope, ...) with a ValueError naming the field. `dtype` (default: the config's
-    `dtype`/`torch_dtype` when it is fp32/bf16/fp16, else bfloat16) is the parameter and activation dtype.
+    Rejects a config.json that is not a JSON object, and configs this model does not implement (non-sigmoid
+    scoring, another top-k method, rope other than default/yarn, non-interleaved rope, a field of the wrong type,
+    ...), with a CheckpointError naming the file and the field. `dtype`, one of DTYPES (default: the config's
+    `dtype`/`torch_dtype` when it is one, else bfloat16), is the parameter and activation dtype; any other value
+    is a ValueError.
     """
     return _model_config(path, _config_json(path), dtype)
 
@@ -81,15 +94,17 @@ def load_hf_checkpoint(path: str, dtype: Any = None) -> tuple[ModelConfig, Param
     num_nextn_predict_layers=0 in the returned config. The MTP layer's copies of embed_tokens and
     shared_head.head are shape-checked and skipped: the model uses the main embedding and lm_head.
 
-    Raises ValueError for an unsupported config, a missing tensor (named, with its expected shape), a tensor of
-    the wrong shape (named, expected vs found) and tensors the model has no place for (listed).
+    Raises CheckpointError for an unsupported config, a shard that is not a readable safetensors file (truncated,
+    corrupt header), a missing tensor (named, with its expected shape), a tensor of the wrong shape (named,
+    expected vs found), tensors the model has no place for (listed) and a tensor holding NaN or Inf; each names
+    the file.
     """
     hf = _config_json(path)
     config = _model_config(path, hf, dtype)
     fp8_block = _fp8_block(hf)
     with contextlib.ExitStack() as stack:
         shards = _Shards(path, stack)
-        config = config.replace(num_nextn_predict_layers=_present_mtp_layers(config, shards.names))
+        config = config.replace(num_nextn_predict_layers=_present_mtp_layers(config, shards))
         model, expert_targets = abstract_model(config)
         graphdef, abstract_state = nnx.split(model)
         flat = list(nnx.to_flat_state(abstract_state))
@@ -110,18 +125,40 @@ def _config_json(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} is not a HuggingFace checkpoint directory: no config.json")
-    with open(config_path) as f:
-        return json.load(f)
+    return _json_object(config_path)
+
+
+def _json_object(file: str) -> dict:
+    with open(file, "rb") as f:
+        try:
+            value = json.load(f)
+        except ValueError as e:  # a file that is not UTF-8 raises UnicodeDecodeError, a ValueError too
+            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 def _model_config(path: str, hf: dict, dtype: Any) -> ModelConfig:
+    dtype = _dtype_name(dtype, hf)  # outside the try: a bad `dtype` argument is the caller's, not config.json's
     try:
         return _parse_config(hf, dtype)
-    except ValueError as e:
-        raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    except (TypeError, ValueError) as e:  # TypeError: a field of the wrong JSON type reached a comparison
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
 
 
-def _parse_config(hf: dict, dtype: Any) -> ModelConfig:
+def _optional_object(hf: dict, *names: str) -> dict:
+    """The first of the fields `names` that is set, which must be a JSON object; {} when none is."""
+    for name in names:
+        value = hf.get(name)
+        if value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}={value!r} must be a JSON object")
+            return value
+    return {}
+
+
+def _parse_config(hf: dict, dtype: str) -> ModelConfig:
     for name, value in _FIXED_FIELDS.items():
         if hf.get(name, value) != value:
             raise ValueError(f"unsupported {name}={hf[name]!r}: this model implements only {value!r}")
@@ -132,13 +169,30 @@ def _parse_config(hf: dict, dtype: Any) -> ModelConfig:
     missing = [name for name in _ARCH_FIELDS if name not in hf]
     if missing:
         raise ValueError(f"missing fields {missing}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _check_field_types(hf)
+    rope = _optional_object(hf, "rope_parameters", "rope_scaling")
     _fp8_block(hf)  # rejects an unsupported quantization before any tensor is read
     return ModelConfig(**{name: hf[name] for name in _ARCH_FIELDS},
                        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
                        rope_scaling=_yarn_config(rope, hf["max_position_embeddings"]),
                        num_nextn_predict_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)),
-                       dtype=_dtype_name(dtype, hf))
+                       dtype=dtype)
+
+
+_JSON_TYPES = {bool: ((bool,), "boolean"), int: ((int,), "integer"), float: ((int, float), "number")}
+
+
+def _check_field_types(hf: dict) -> None:
+    """Each architecture field must have the JSON type of ModelConfig's default (q_lora_rank may be null): a
+    string or a list would otherwise fail inside ModelConfig without the field's name."""
+    defaults = ModelConfig()
+    for name in _ARCH_FIELDS:
+        value, kind = hf[name], type(getattr(defaults, name))
+        if value is None and name == "q_lora_rank":
+            continue
+        allowed, noun = _JSON_TYPES[kind]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):  # JSON true is an int too
+            raise ValueError(f"{name}={value!r} must be a JSON {noun}")
 
 
 def _yarn_config(rope: dict, max_position_embeddings: int) -> YarnConfig | None:
@@ -163,14 +217,20 @@ def _yarn_config(rope: dict, max_position_embeddings: int) -> YarnConfig | None:
 def _dtype_name(dtype: Any, hf: dict) -> str:
     if dtype is None:
         dtype = hf.get("dtype", hf.get("torch_dtype"))
-        dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
-    return jnp.dtype(dtype).name
+        dtype = dtype if dtype in DTYPES else "bfloat16"
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    return name
 
 
 def _fp8_block(hf: dict) -> tuple[int, int]:
     """The FP8 weight block (rows, cols) of the quantization_config; 128x128 when there is none."""
-    quant = hf.get("quantization_config")
-    if quant is None:
+    quant = _optional_object(hf, "quantization_config")
+    if not quant:
         return _DEFAULT_FP8_BLOCK
     if quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"unsupported quantization_config {quant}: only fp8 e4m3 block scales are implemented")
@@ -188,10 +248,10 @@ class _Shards:
     """Every tensor of the checkpoint by name; headers up front, data one tensor at a time."""
 
     def __init__(self, path: str, stack: contextlib.ExitStack):
+        self.path = path
         index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+        weight_map = _weight_map(index_path) if os.path.isfile(index_path) else None
+        if weight_map is not None:
             files = sorted({os.path.join(path, file) for file in weight_map.values()})
         else:
             files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -199,20 +259,20 @@ class _Shards:
             raise FileNotFoundError(f"{path} holds no *.safetensors files")
         for file in files:
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"model.safetensors.index.json names {file}, which does not exist")
-        handles = {file: stack.enter_context(safe_open(file, framework="np")) for file in files}
+                raise CheckpointError(f"{index_path} names {file}, which does not exist")
+        handles = {file: _open_shard(file, stack) for file in files}
         self._file: dict[str, str] = {}
-        if os.path.isfile(index_path):
+        if weight_map is not None:
             for name, file in weight_map.items():
                 file = os.path.join(path, file)
                 if name not in handles[file].keys():
-                    raise ValueError(f"model.safetensors.index.json puts {name} in {file}, which lacks it")
+                    raise CheckpointError(f"{index_path} puts {name} in {file}, which lacks it")
                 self._file[name] = file
         else:
             for file, handle in handles.items():
                 for name in handle.keys():
                     if name in self._file:
-                        raise ValueError(f"tensor {name} is in both {self._file[name]} and {file}")
+                        raise CheckpointError(f"tensor {name} is in both {self._file[name]} and {file}")
                     self._file[name] = file
         self._handles = handles
         self._raw_headers: dict[str, dict] = {}
@@ -220,6 +280,9 @@ class _Shards:
     @property
     def names(self) -> set[str]:
         return set(self._file)
+
+    def file(self, name: str) -> str:
+        return self._file[name]
 
     def dtype(self, name: str) -> str:
         return self._handles[self._file[name]].get_slice(name).get_dtype()
@@ -236,9 +299,12 @@ class _Shards:
 
     def reader(self, fp8_block: tuple[int, int]) -> Read:
         def read(name: str) -> np.ndarray:
-            if self.dtype(name) == _FP8:
-                return dequantize_fp8(self.stored(name), self.stored(name + "_scale_inv"), fp8_block)
-            return self.stored(name)
+            if self.dtype(name) == _FP8:  # checked dequantized: a corrupt scale shows there too
+                value = dequantize_fp8(self.stored(name), self.stored(name + "_scale_inv"), fp8_block)
+            else:
+                value = self.stored(name)
+            _check_finite(self._file[name], name, value)
+            return value
         return read
 
     def _raw(self, name: str, dtype) -> np.ndarray:
@@ -253,6 +319,29 @@ class _Shards:
             f.seek(header["data_start"] + begin)
             data = f.read(end - begin)
         return np.frombuffer(data, dtype).reshape(header[name]["shape"])
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+    weight_map = _json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index_path} has no weight_map object of tensor name -> shard file")
+    return weight_map
+
+
+def _open_shard(file: str, stack: contextlib.ExitStack) -> Any:
+    try:
+        return stack.enter_context(safe_open(file, framework="np"))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} ({os.path.getsize(file)} bytes) is not a readable safetensors file, "
+                              f"truncated or corrupt: {e}") from None
+
+
+def _check_finite(file: str, name: str, value: np.ndarray) -> None:
+    finite = np.isfinite(value)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        raise CheckpointError(f"{file}: tensor {name} holds {len(bad)} non-finite value(s) (NaN or Inf), the "
+                              f"first at index {tuple(int(i) for i in bad[0])}: the shard is corrupt")
 
 
 def dequantize_fp8(w: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -342,14 +431,15 @@ def _experts_entry(prefix: str, target: ExpertSlab, fused: bool) -> _Entry:
     return _Entry(expected, build_per_expert)
 
 
-def _present_mtp_layers(config: ModelConfig, names: set[str]) -> int:
+def _present_mtp_layers(config: ModelConfig, shards: _Shards) -> int:
     """num_nextn_predict_layers if the checkpoint holds every declared MTP layer, 0 if it holds none."""
     prefixes = [f"model.layers.{config.num_hidden_layers + d}." for d in range(config.num_nextn_predict_layers)]
+    names = shards.names
     present = [p for p in prefixes if any(n.startswith(p) for n in names)]
     if present and len(present) != len(prefixes):
         missing = sorted(set(prefixes) - set(present))
-        raise ValueError(f"checkpoint holds {len(present)} of the {len(prefixes)} declared MTP layers; "
-                         f"no tensors under {missing}")
+        raise CheckpointError(f"{shards.path}: checkpoint holds {len(present)} of the {len(prefixes)} declared MTP "
+                              f"layers; no tensors under {missing}")
     return config.num_nextn_predict_layers if present else 0
 
 
@@ -370,26 +460,27 @@ def _validate(shards: _Shards, entries: list[_Entry], skipped: dict[str, tuple[i
     available = shards.names
     missing = [f"{name} (expected shape {shape})" for name, shape in expected.items() if name not in available]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s): " + ", ".join(missing[:20]))
+        raise CheckpointError(f"{shards.path}: checkpoint lacks {len(missing)} tensor(s): " + ", ".join(missing[:20]))
     scales = set()
     for name, shape in expected.items():
-        found, dtype = shards.shape(name), shards.dtype(name)
+        found, dtype, file = shards.shape(name), shards.dtype(name), shards.file(name)
         if found != shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {found}, expected {shape}")
+            raise CheckpointError(f"{file}: tensor {name} has shape {found}, expected {shape}")
         if dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"checkpoint tensor {name} has unsupported dtype {dtype}")
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
         if dtype == _FP8:
             scale, scale_shape = name + "_scale_inv", _scale_shape(shape, fp8_block)
             if scale not in available:
-                raise ValueError(f"fp8 checkpoint tensor {name} has no block scale {scale}")
+                raise CheckpointError(f"{file}: fp8 tensor {name} has no block scale {scale}")
             if shards.shape(scale) != scale_shape:
-                raise ValueError(f"checkpoint tensor {scale} has shape {shards.shape(scale)}, expected {scale_shape}"
-                                 f" ({fp8_block[0]}x{fp8_block[1]} blocks of {name} {shape})")
+                raise CheckpointError(f"{shards.file(scale)}: tensor {scale} has shape {shards.shape(scale)}, "
+                                      f"expected {scale_shape} ({fp8_block[0]}x{fp8_block[1]} blocks of {name} "
+                                      f"{shape})")
             scales.add(scale)
     unexpected = sorted(available - expected.keys() - scales)
     if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} tensor(s) this model has no place for: "
-                         + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        raise CheckpointError(f"{shards.path}: checkpoint has {len(unexpected)} tensor(s) this model has no place "
+                              "for: " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
 
 
 # === Orbax model checkpoints ==================================================================================
@@ -412,10 +503,6 @@ _CONFIG_FILE = "config.json"
 _EXPERT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is partial, corrupt or inconsistent with its own config (the message says which)."""
-
-
 class RankParams(NamedTuple):
     """What one DWDP rank restores, all on its device: the replicated weights and only its own expert rows."""
 
@@ -427,8 +514,7 @@ class RankParams(NamedTuple):
 def is_orbax_checkpoint(path: str) -> bool:
     """Whether `path` holds a model written by save_model (an HF directory also has a config.json, without the tag)."""
     try:
-        with open(os.path.join(path, _CONFIG_FILE)) as f:
-            return json.load(f).get("format") == ORBAX_FORMAT
+        return _json_object(os.path.join(path, _CONFIG_FILE)).get("format") == ORBAX_FORMAT
     except (OSError, ValueError):
         return False
 
@@ -514,8 +600,6 @@ class ModelCheckpoint:
                 rows, start = (value, 0) if shard is None else (np.asarray(shard.data), shard.index[0].start or 0)
                 self._verify_rows(name, rows, start)
         return tuple(ExpertSlab(*(arrays[f"{m}/{n}"] for n in _EXPERT_NAMES)) for m in range(self.num_layers))
-
-    
 
     def _verify_rows(self, name: str, rows: np.ndarray, start: int) -> None:
         crcs = self._header["arrays"]["experts"][name]["crc32_rows"]
@@ -623,11 +707,7 @@ def _read_header(path: str) -> tuple[ModelConfig, dict]:
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{path} has no {_CONFIG_FILE}: not an Orbax model checkpoint, or a partial one "
                               "(save_model writes config.json last)")
-    try:
-        with open(config_path) as f:
-            header = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{config_path} is corrupt (not valid JSON): {e}") from e
+    header = _json_object(config_path)
     if header.get("format") != ORBAX_FORMAT:
         raise CheckpointError(f"{config_path} is not a {ORBAX_FORMAT} header (format={header.get('format')!r}); "
                               "a HuggingFace directory loads with load_hf_checkpoint")
@@ -697,9 +777,30 @@ def _restore_tree(path: str, item: str, restore_args: dict[str, Any]) -> dict[st
         restored = _checkpointer().restore(path, args=ocp.args.Composite(**{
             item: ocp.args.PyTreeRestore(restore_args=_nest(restore_args))}))
     except Exception as e:  # tensorstore/orbax errors name the file; say what it means
+        _drop_closed_loop_reports()
         raise CheckpointError(f"{path}: reading the Orbax tree '{item}' failed, the checkpoint is partial or "
                               f"corrupt: {e}") from e
     return _flatten(restored[item])
+
+
+class _DropClosedLoopReports:
+    """An unraisable-exception hook passing everything but 'Event loop is closed' on to the one it replaced."""
+
+    def __init__(self, previous: Callable[[Any], None]):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+def _drop_closed_loop_reports() -> None:
+    """A failed Orbax restore closes its event loop while TensorStore reads of the other arrays are still in
+    flight; each of those, completing, finds the loop closed and Python prints a 'RuntimeError: Event loop is
+    closed' traceback for it, after and unrelated to the error that matters. From here on those are dropped."""
+    if not isinstance(sys.unraisablehook, _DropClosedLoopReports):
+        sys.unraisablehook = _DropClosedLoopReports(sys.unraisablehook)
 
 
 def _read_rows(path: str, name: str, meta: Any, start: int, stop: int, context: ts.Context) -> np.ndarray:

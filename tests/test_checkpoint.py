@@ -12,8 +12,7 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +23,11 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import dwdp_jax
-from dwdp_jax.checkpoint import dequantize_fp8, load_hf_config
+from dwdp_jax.checkpoint import CheckpointError, dequantize_fp8, load_hf_config
 from dwdp_jax.runtime.reference import Params
 from models.config import ModelConfig, deepseek_r1, tiny
 from models.deepseek_v3 import abstract_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 128
 # hidden 160, widths 200 / 136: none a multiple of 128, so most FP8 weights end in partial blocks.
 CONFIG = tiny(hidden_size=160, intermediate_size=200, moe_intermediate_size=136)
@@ -127,6 +125,28 @@ def write_checkpoint(path, config_json: dict, tensors: dict[str, np.ndarray], sh
     return str(path)
 
 
+def shard_of(path: str, name: str) -> str:
+    """The file of a checkpoint written by write_checkpoint that holds tensor `name`."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return os.path.join(path, "model.safetensors")
+    with open(index) as f:
+        return os.path.join(path, json.load(f)["weight_map"][name])
+
+
+def overwrite(file: str, offset: int, data: bytes) -> None:
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def data_offset(file: str, name: str) -> int:
+    """Where tensor `name`'s bytes start in a safetensors file (after the 8-byte length and the JSON header)."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size + json.loads(f.read(size))[name]["data_offsets"][0]
+
+
 # --- FP8 ---------------------------------------------------------------------------------------------------
 
 def _blocks(shape: tuple[int, int]):
@@ -177,12 +197,11 @@ def assert_flat_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.fixture(scope="module")
-def original():
-    """A random tiny model with an MTP module, norm weights around 1 and random correction biases; filled from
-    numpy (eager jax.random would compile once per shape, ~10 s)."""
-    rng = np.random.default_rng(3)
-    model, abstract_experts = abstract_model(CONFIG)
+def random_params(config: ModelConfig, seed: int) -> Params:
+    """A random model with norm weights around 1 and random correction biases; filled from numpy (eager jax.random
+    would compile once per shape, ~10 s)."""
+    rng = np.random.default_rng(seed)
+    model, abstract_experts = abstract_model(config)
     graphdef, state = nnx.split(model)
 
     def fill(path, var):
@@ -194,6 +213,12 @@ def original():
     state = nnx.from_flat_state([(p, v.replace(jnp.asarray(fill(p, v)))) for p, v in nnx.to_flat_state(state)])
     experts = jax.tree.map(lambda w: jnp.asarray(0.1 * rng.standard_normal(w.shape, np.float32)), abstract_experts)
     return Params(nnx.merge(graphdef, state), experts)
+
+
+@pytest.fixture(scope="module")
+def original():
+    """CONFIG's random model, with an MTP module."""
+    return random_params(CONFIG, seed=3)
 
 
 def test_dequantize_fp8_multiplies_partial_edge_blocks():
@@ -263,23 +288,78 @@ def _load(tmp_path, tensors, **config_changes):
     return dwdp_jax.load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG, **config_changes), tensors))
 
 
+def _two_shards(tmp_path, tensors) -> tuple[str, str]:
+    """A checkpoint over two shards and the second one's path."""
+    path = write_checkpoint(tmp_path, hf_config(CONFIG), tensors, shards=2)
+    return path, os.path.join(path, "model-00002-of-00002.safetensors")
+
+
+def test_truncated_shard_is_named(tmp_path, good_tensors):
+    path, shard = _two_shards(tmp_path, good_tensors)
+    os.truncate(shard, os.path.getsize(shard) - 1000)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(shard)} \(\d+ bytes\) is not a readable safetensors "
+                                              "file, truncated or corrupt: .*not fully covered"):
+        dwdp_jax.load_hf_checkpoint(path)
+
+
+def test_corrupt_shard_header_is_named(tmp_path, good_tensors):
+    path, shard = _two_shards(tmp_path, good_tensors)
+    overwrite(shard, 8, b"#" * 8)  # the start of the JSON header
+    with pytest.raises(CheckpointError, match=rf"{re.escape(shard)} .* truncated or corrupt: .*invalid JSON"):
+        dwdp_jax.load_hf_checkpoint(path)
+
+
+@pytest.mark.parametrize("value", [b"\xff\xff\xff\xff", np.float32(-np.inf).tobytes()], ids=["nan", "inf"])
+def test_non_finite_weight_names_the_tensor_and_shard(tmp_path, good_tensors, value):
+    """Four bytes overwritten inside lm_head.weight [64, 160]: the shard's header is intact, its data is not."""
+    path, _ = _two_shards(tmp_path, good_tensors)
+    shard = shard_of(path, "lm_head.weight")
+    overwrite(shard, data_offset(shard, "lm_head.weight") + 4 * (160 + 7), value)
+    message = rf"{re.escape(shard)}: tensor lm_head\.weight holds 1 non-finite value\(s\) .* at index \(1, 7\)"
+    with pytest.raises(CheckpointError, match=message):
+        dwdp_jax.load_hf_checkpoint(path)
+
+
+def test_corrupt_index_is_named(tmp_path, good_tensors):
+    path, _ = _two_shards(tmp_path, good_tensors)
+    index = os.path.join(path, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"weight_map": ["model.safetensors"]}, f)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(index)} has no weight_map object"):
+        dwdp_jax.load_hf_checkpoint(path)
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "holds a JSON list, expected an object"),
+                                           ('{"vocab_size": 6', "is not valid JSON: Expecting"),
+                                           (b"\xff\xfe{", "is not valid JSON")])
+def test_unreadable_config_json_names_the_file(tmp_path, text, message):
+    file = tmp_path / "config.json"
+    file.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(file))} {message}"):
+        load_hf_config(str(tmp_path))
+
+
 def test_missing_tensor_is_named(tmp_path, good_tensors):
     tensors = dict(good_tensors)
     del tensors["model.layers.2.self_attn.kv_b_proj.weight"], tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
-    with pytest.raises(ValueError, match=r"kv_b_proj\.weight \(expected shape \(128, 16\)\).*experts\.5\.up_proj"):
+    message = rf"{re.escape(str(tmp_path))}: checkpoint lacks 2 tensor\(s\): .*kv_b_proj\.weight \(expected shape " \
+              r"\(128, 16\)\).*experts\.5\.up_proj"
+    with pytest.raises(CheckpointError, match=message):
         _load(tmp_path, tensors)
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(tmp_path, good_tensors):
     tensors = dict(good_tensors, **{"model.layers.1.mlp.experts.3.down_proj.weight": np.zeros((160, 135), np.float32)})
-    message = r"experts\.3\.down_proj\.weight has shape \(160, 135\), expected \(160, 136\)"
-    with pytest.raises(ValueError, match=message):
+    shard = re.escape(str(tmp_path / "model.safetensors"))
+    message = rf"{shard}: tensor model\.layers\.1\.mlp\.experts\.3\.down_proj\.weight has shape \(160, 135\), " \
+              r"expected \(160, 136\)"
+    with pytest.raises(CheckpointError, match=message):
         _load(tmp_path, tensors)
 
 
 def test_unexpected_tensors_are_listed(tmp_path, good_tensors):
     tensors = dict(good_tensors, **{"model.layers.1.mlp.experts.8.up_proj.weight": np.zeros((136, 160), np.float32)})
-    with pytest.raises(ValueError, match=r"no place for: model\.layers\.1\.mlp\.experts\.8\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"no place for: model\.layers\.1\.mlp\.experts\.8\.up_proj\.weight"):
         _load(tmp_path, tensors)
 
 
@@ -330,25 +410,20 @@ def test_published_r1_config_is_the_deepseek_r1_preset(tmp_path):
     (dict(num_key_value_heads=2), "num_key_value_heads"),
     (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
     (dict(n_group=3), "n_routed_experts"),
+    (dict(n_shared_experts="1"), "n_shared_experts='1' must be a JSON integer"),
+    (dict(norm_topk_prob=1), "norm_topk_prob=1 must be a JSON boolean"),
+    (dict(rope_scaling=5), "rope_scaling=5 must be a JSON object"),
 ])
 def test_unsupported_hf_config_is_rejected(tmp_path, changes, field):
     write_checkpoint(tmp_path, hf_config(CONFIG, **changes), {})
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path / 'config.json'))}: .*{field}"):
         load_hf_config(str(tmp_path))
 
 
-def test_prefill_cli_rejects_bad_input_before_loading(tmp_path):
-    write_checkpoint(tmp_path, hf_config(CONFIG), {})  # no weights: every case must fail before reading them
-    cases = [(f"--hf_dir={tmp_path / 'absent'}", "--tokens=1,2", "no config.json"),
-             (f"--hf_dir={tmp_path}", "--tokens=1,2;3,x", "not a comma-separated list of integers"),
-             (f"--hf_dir={tmp_path}", f"--tokens=1,2;{CONFIG.vocab_size}", f"outside \\[0, {CONFIG.vocab_size}\\)")]
-    for hf_dir, tokens, message in cases:
-        proc = subprocess.run([sys.executable, "-m", "experiments.prefill", hf_dir, tokens,
-                               f"--output={tmp_path / 'out.npy'}"], cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2, (tokens, proc.stderr[-2000:])
-        assert re.search(message, proc.stderr), proc.stderr[-2000:]
-    assert not (tmp_path / "out.npy").exists()
+def test_bad_dtype_argument_is_the_callers_error(tmp_path):
+    write_checkpoint(tmp_path, hf_config(CONFIG), {})
+    with pytest.raises(ValueError, match=r"^dtype='bogus' is not one of float32, bfloat16, float16$"):
+        load_hf_config(str(tmp_path), dtype="bogus")
 
 
 def test_r1_parameter_count_from_the_abstract_model():

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -220,6 +221,11 @@ def test_corrupt_config_json(copy):
         f.write('{"format": "dwdp_jax.orbax_model", "vers')
     with pytest.raises(ckpt.CheckpointError, match="not valid JSON"):
         ckpt.load_config(copy)
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(ckpt.CheckpointError, match="config.json holds a JSON list, expected an object"):
+        ckpt.load_config(copy)
+    assert not ckpt.is_orbax_checkpoint(copy)
 
 
 def test_corrupt_expert_row_is_named(copy):
@@ -233,11 +239,44 @@ def test_corrupt_expert_row_is_named(copy):
     ckpt.restore_rank(copy, PLACEMENT, 0, jax.devices()[0])  # rank 0 owns [0, 4): untouched
 
 
-def test_garbled_expert_file(copy):
-    with open(expert_chunk_files(copy)[("0.w_gate_EDF", 1)], "r+b") as f:
+def garble(file):
+    with open(file, "r+b") as f:
         f.write(b"\x00garbage" * 8)
+
+
+def test_garbled_expert_file(copy):
+    garble(expert_chunk_files(copy)[("0.w_gate_EDF", 1)])
     with pytest.raises(ckpt.CheckpointError, match="rows \\[0, 4\\) of expert array 0/w_gate_EDF failed"):
         ckpt.restore_rank(copy, PLACEMENT, 0, jax.devices()[0])
+
+
+def test_failed_restore_drops_only_closed_loop_reports(copy, monkeypatch):
+    """A failed Orbax restore leaves TensorStore reads in flight (how many depends on timing); each, completing,
+    finds Orbax's event loop closed and reports 'Event loop is closed' as an unraisable exception. From then on
+    those are dropped, and every other unraisable exception still reaches the hook that was there."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    garble(expert_chunk_files(copy)[("0.w_gate_EDF", 1)])
+    with pytest.raises(ckpt.CheckpointError, match="partial or corrupt"):
+        ckpt.restore_model(copy)
+    closed, other = (types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(text), exc_traceback=None,
+                                           err_msg=None, object=None)
+                     for text in ("Event loop is closed", "something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert reported == [other]
+
+
+def test_garbled_expert_file_fails_without_stray_tracebacks(copy):
+    """The command's one-line error, with none of the 'Event loop is closed' tracebacks of reads left in flight."""
+    chunk = expert_chunk_files(copy)[("0.w_gate_EDF", 1)]
+    garble(chunk)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--checkpoint={copy}", "--num_windows=4"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "reading the Orbax tree 'experts' failed" in done.stderr and chunk in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-2000:]
 
 
 def test_corrupt_replicated_weight_is_named(copy):
@@ -292,3 +331,8 @@ def test_convert_command_turns_an_hf_checkpoint_into_orbax(tmp_path):
     leaves_equal(hf_params, restored)
     again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "never overwritten" in again.stderr
+    bad_dtype = subprocess.run([*command[:-1], f"--out={out}_2", "--dtype=bogus"], cwd=repo, capture_output=True,
+                               text=True, timeout=300)
+    assert bad_dtype.returncode == 2 and "Traceback" not in bad_dtype.stderr
+    assert bad_dtype.stderr.strip().splitlines()[-1] == ("convert_checkpoint: --dtype='bogus' is not one of float32, "
+                                                         "bfloat16, float16")
