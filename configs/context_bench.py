@@ -3,7 +3,8 @@
 NAME: `tiny` (default; the byte-level MoE trained on the standard library, checkpoints/tiny_stdlib, on 4 virtual
 CPU devices), `r1_width_4gpu` (DeepSeek-R1-width layers on 4 H100/H200, depth chosen by the memory planner),
 `r1_width_4gpu_std` (the same with ISL std 4096, the imbalance case).
-Override any field with `--config.field=value`.
+Override any field with `--config.field=value`. Every field is checked before the JAX backend starts
+(dwdp_jax.bench.FIELD_CHECKS, then bench.validate for the fields together): a bad one exits 2 naming it.
 """
 
 import os
@@ -53,7 +54,8 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.workload.seed = 0
 
     # passes of the whole workload per strategy after warm-up; the one of median TPS/GPU is reported (all of them in
-    # metrics.<strategy>.repeats_tps_per_gpu) and DEP's synchronization is estimated on the first
+    # metrics.<strategy>.repeats_tps_per_gpu, their [min, max] in tps_per_gpu_band: one pass has no noise band) and
+    # DEP's synchronization is estimated on the first
     c.repeats = 1
     # further workloads on the same warm runtimes, "name:field=value,...;name2:..." over config.workload's fields
     # (num_requests, isl, input_ratio, isl_std, rate_per_s, seed) and max_num_tokens (one of the run's token

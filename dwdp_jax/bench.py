@@ -1,10 +1,12 @@
 """The context-only serving benchmark: DWDP and DEP on the same model, weights and workload.
 
-`run(config)` validates everything that can be checked without a device (workload vs MNT, placement vs devices,
-memory), builds the weights, verifies both strategies against the reference runtime, runs each strategy over the
-whole workload (DWDP: one worker thread per device pulling from a shared queue; DEP: lock-step iterations), and
-writes one results file with the raw records, the metrics, the verification block, the HLO collective counts and
-the per-layer breakdown.
+`validate(config)` checks every field of the config, alone and together (workload vs MNT, placement, DEP's
+sharding), before a JAX backend starts. `run(config)` validates, checks what needs the devices (their count, memory),
+builds the weights, verifies both strategies against the reference runtime, runs each strategy over the whole
+workload (DWDP: one worker thread per device pulling from a shared queue; DEP: lock-step iterations), announcing
+each phase on stderr, and writes one results file with the raw records, the metrics with their noise bands, the
+verification block, the HLO collective counts, the per-layer breakdown and what the timings can claim (`timing`:
+on CPU a functional check).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import collections
 import dataclasses
 import datetime
 import gc
+import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,13 +29,15 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from configs.context_bench import get_config as preset_config
 from dwdp_jax import checkpoint, evaluate, memory, stage_trace
 from dwdp_jax import results as results_lib
 from dwdp_jax.expert_source import SyntheticExperts
-from dwdp_jax.kernels import grouped_gemm
+from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.placement import Placement
+from dwdp_jax.runtime import dep as dep_lib
 from dwdp_jax.runtime import reference, stages
 from dwdp_jax.runtime.dwdp import PULL_ISSUES, DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives
 from dwdp_jax.serving import metrics, scheduler, workload
@@ -108,8 +114,8 @@ def variant_plan(c, name: str, fields: dict[str, Any]) -> tuple[list[workload.Re
                              f"{buckets}, got {fields['max_num_tokens']}")
         vc.max_num_tokens = fields["max_num_tokens"]
         vc.token_buckets = buckets.index(vc.max_num_tokens) + 1
-    reqs = requests_from(vc)
     try:
+        reqs = requests_from(vc)
         scheduler.validate_requests(reqs, max_num_tokens=vc.max_num_tokens, max_batch_size=c.max_batch_size,
                                     num_ranks=c.num_ranks)
     except ValueError as e:
@@ -123,9 +129,8 @@ def dep_ranks(c) -> int:
 
 def strategies_from(c) -> tuple[str, ...]:
     names = tuple(s.strip() for s in c.strategies.split(",") if s.strip())
-    unknown = [s for s in names if s not in STRATEGIES]
-    if unknown or not names:
-        raise ValueError(f"config.strategies must be a comma list of {STRATEGIES}, got {c.strategies!r}")
+    if not names or set(names) - set(STRATEGIES) or len(set(names)) != len(names):
+        raise ValueError(f"config.strategies={c.strategies!r}: a comma list of distinct names from {STRATEGIES}")
     return names
 
 
@@ -142,43 +147,280 @@ class Plan:
     variants: dict[str, tuple[list[workload.Request], Any]] = dataclasses.field(default_factory=dict)
 
 
-def plan(c) -> Plan:
-    """Validation without device work: ValueError names the offending field."""
-    if c.num_ranks < 1:
-        raise ValueError(f"config.num_ranks must be >= 1, got {c.num_ranks}")
-    if c.repeats < 1:
-        raise ValueError(f"config.repeats must be >= 1, got {c.repeats}")
-    cfg = model_config_from(c)
-    requests = requests_from(c)
-    scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
-                                num_ranks=c.num_ranks)
-    variants = {name: variant_plan(c, name, fields) for name, fields in workload.parse_variants(c.variants).items()}
+# -- validation: every field of the resolved config, before any backend starts --------------------------------------
+# A field check returns None or what the field allows; `validate` raises it as "config.<field>=<value>: <allowed>".
+
+WEIGHTS = ("random", "synthetic")  # random: the checkpoint's weights when config.model.checkpoint is set
+DEP_DISPATCHES = ("auto", *dep_lib.DISPATCH_BACKENDS)  # auto: dep_lib.default_dispatch of the platform
+
+
+def _integer(low: int, meaning: str = "") -> Callable[[Any], str | None]:
+    def check(v):
+        return None if isinstance(v, int) and not isinstance(v, bool) and v >= low else f"an integer >= {low}{meaning}"
+    return check
+
+
+def _number(low: float, high: float = math.inf, *, above: bool = False, meaning: str = ""
+            ) -> Callable[[Any], str | None]:
+    """A real number in [low, high] ((low, high] with `above`)."""
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if above else low <= v) and v <= high
+        return None if ok else f"a number in {'(' if above else '['}{low}, {high}]{meaning}"
+    return check
+
+
+def _boolean(v) -> str | None:
+    return None if isinstance(v, bool) else "True or False"
+
+
+def _one_of(allowed: tuple[str, ...], meaning: str = "") -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"one of {allowed}{meaning}"
+
+
+def _registered(lookup: Callable[[str], Any]) -> Callable[[Any], str | None]:
+    """A name its registry knows; the registry's own error says which names it has."""
+    def check(v):
+        if not isinstance(v, str):
+            return "a name"
+        try:
+            lookup(v)
+        except ValueError as e:
+            return str(e)
+        return None
+    return check
+
+
+def _kernel(lookup: Callable[[str], Any]) -> Callable[[Any], str | None]:
+    """A kernel backend name. The GPU backends register when their module is imported, which CPU runs skip, so
+    an unknown name imports it first: the registry's message then lists every backend."""
+    registered = _registered(lookup)
+
+    def check(v):
+        if registered(v) is None:
+            return None
+        import dwdp_jax.kernels.gpu  # noqa: F401
+        return registered(v)
+    return check
+
+
+def _file_name(optional: bool) -> Callable[[Any], str | None]:
+    def check(v):
+        ok = isinstance(v, str) and (v or optional) and "/" not in v and v not in (".", "..")
+        return None if ok else f"{'empty or ' if optional else ''}a name without '/' (results/<experiment>/<run>.json)"
+    return check
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(a for a in (path, *path.parents) if a.exists())
+
+
+def _creatable_dir(v) -> str | None:
+    allowed = "a directory that exists or can be created"
+    if not isinstance(v, str) or not v:
+        return allowed
+    have = _nearest_existing(Path(v).absolute())
+    if not have.is_dir():
+        return f"{allowed}; {have} is a file"
+    return None if os.access(have, os.W_OK | os.X_OK) else f"{allowed}; {have} is not writable"
+
+
+def _new_dir(v) -> str | None:
+    """config.trace: XLA numbers its HLO dumps per process, so another run's would name other programs."""
+    if v == "":
+        return None
+    problem = _creatable_dir(v)
+    if problem is None and Path(v).is_dir() and any(Path(v).iterdir()):
+        problem = "a new or empty directory (its HLO dumps would mix with this run's)"
+    return None if problem is None else f"'' (no trace) or {problem}"
+
+
+def _checkpoint_dir(v) -> str | None:
+    ok = v == "" or (isinstance(v, str) and (Path(v) / "config.json").is_file())
+    return None if ok else "'' (random weights) or a checkpoint directory with a config.json (Orbax or HuggingFace)"
+
+
+def _dataset_file(v) -> str | None:
+    ok = v == "" or (isinstance(v, str) and Path(v).is_file() and os.access(v, os.R_OK))
+    return None if ok else "'' (synthetic lengths) or a readable JSON-lines file (cannot read it)"
+
+
+def _text(v) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
+FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "name": _file_name(optional=False),
+    "experiment": _file_name(optional=False),
+    "run": _file_name(optional=True),
+    "results_root": _creatable_dir,
+    "seed": _integer(0),
+    "strategies": _text,  # its names: strategies_from
+    "num_ranks": _integer(1),
+    "cpu_devices": _integer(1, " (virtual CPU devices, one per rank)"),
+    "xla_excess_precision": _boolean,
+    "model.preset": _one_of(tuple(model_config.PRESETS)),
+    **{f"model.{k}": _integer(0, " (0: the preset's)") for k in MODEL_OVERRIDES},
+    "model.dtype": _registered(lambda v: model_config.ModelConfig(dtype=v)),
+    "model.checkpoint": _checkpoint_dir,
+    "model.weights": _one_of(WEIGHTS),
+    "workload.num_requests": _integer(1),
+    "workload.isl": _integer(1),
+    "workload.input_ratio": _number(0.0, 1.0),
+    "workload.isl_std": _number(-math.inf, meaning=" (< 0: uniform lengths from input_ratio)"),
+    "workload.rate_per_s": _number(0.0, meaning=" (0: every request arrives at once)"),
+    "workload.dataset": _dataset_file,
+    "workload.seed": _integer(0),
+    "repeats": _integer(1),
+    "variants": _text,  # its parts: workload.parse_variants
+    "max_num_tokens": _integer(1),
+    "token_buckets": _integer(1),
+    "max_batch_size": _integer(1),
+    "dwdp.transport": _registered(transport_class),
+    "dwdp.slices": _integer(1, " (1: contention mitigation off)"),
+    "dwdp.prefetch": _boolean,
+    "dwdp.merge_experts": _boolean,
+    "dwdp.timeline": _boolean,
+    "dwdp.slice_bytes": _integer(0, " (0: whole copies)"),
+    "dwdp.local_experts": _integer(0, " (0: chosen from the experts and ranks)"),
+    "dwdp.packing": _one_of(scheduler.DwdpScheduler.PACKINGS),
+    "dwdp.pull_issue": _one_of(PULL_ISSUES),
+    "dep.dispatch": _one_of(DEP_DISPATCHES, f" ('auto': {dep_lib.default_dispatch('gpu')} on GPU, "
+                                            f"{dep_lib.default_dispatch('cpu')} on CPU)"),
+    "dep.num_ranks": _integer(0, " (0: config.num_ranks)"),
+    "dep.balance": _one_of(scheduler.DepScheduler.BALANCES),
+    "gemm_backend": _kernel(grouped_gemm.get_backend),
+    "attention_impl": _kernel(attention.get_backend),
+    "verify.enabled": _boolean,
+    "verify.num_requests": _integer(1),
+    "verify.rel_tol": _number(0.0),
+    "verify.min_id_match": _number(0.0, 1.0),
+    "verify.noise_floor": _boolean,
+    "memory_fraction": _number(0.0, 1.0, above=True),
+    "breakdown": _boolean,
+    "trace": _new_dir,
+    "sync_samples": _integer(1),
+}
+
+
+def field_value(c, field: str) -> Any:
+    try:
+        for part in field.split("."):
+            c = c[part]
+    except KeyError as e:
+        raise ValueError(f"config.{field} is missing (configs/context_bench.py defines every field)") from e
+    return c
+
+
+def field_default(c, field: str) -> Any:
+    """The field's value in the config preset the run started from (config.name), else in the default preset."""
+    try:
+        return field_value(preset_config(c.name), field)
+    except ValueError:
+        return field_value(preset_config(), field)
+
+
+def validate(c) -> Plan:
+    """Checks every field of the resolved config (FIELD_CHECKS), then the fields together, without starting a JAX
+    backend: ValueError "config.<field>=<value>: <what is allowed>". Returns the plan without its devices (`plan`
+    adds what needs them)."""
+    for field, check in FIELD_CHECKS.items():
+        value = field_value(c, field)
+        allowed = check(value)
+        if allowed:
+            raise ValueError(f"config.{field}={value!r}: {allowed}; default {field_default(c, field)!r}")
     strategies = strategies_from(c)
-    if c.dep.balance not in scheduler.DepScheduler.BALANCES:
-        raise ValueError(f"config.dep.balance must be one of {scheduler.DepScheduler.BALANCES}, got {c.dep.balance!r}")
-    if c.dwdp.packing not in scheduler.DwdpScheduler.PACKINGS:
-        raise ValueError(f"config.dwdp.packing must be one of {scheduler.DwdpScheduler.PACKINGS}, "
-                         f"got {c.dwdp.packing!r}")
-    if c.dwdp.pull_issue not in PULL_ISSUES:
-        raise ValueError(f"config.dwdp.pull_issue must be one of {PULL_ISSUES}, got {c.dwdp.pull_issue!r}")
-    if c.dwdp.pull_issue != "after_moe" and not c.dwdp.prefetch:
-        raise ValueError(f"config.dwdp.pull_issue={c.dwdp.pull_issue!r} needs config.dwdp.prefetch=True (it places "
-                         f"prefetched pulls)")
+    cfg = _checked_model(c)
+    placement = _checked_groups(c, cfg, strategies)
+    requests, variants = _checked_workload(c)
+    _check_verification(requests, c)
+    if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
+        raise ValueError(f"config.max_batch_size={c.max_batch_size}: at most {MAX_SEGMENTS} with cuDNN attention "
+                         f"(config.attention_impl={c.attention_impl!r}: its segment table)")
+    return Plan(cfg, requests, strategies, placement, [], variants)
+
+
+def _checked_model(c) -> model_config.ModelConfig:
+    if c.model.weights == "synthetic" and c.model.checkpoint:
+        raise ValueError(f"config.model.weights='synthetic' generates the weights, so config.model.checkpoint must "
+                         f"be '', got {c.model.checkpoint!r}")
+    try:
+        cfg = model_config_from(c)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from e
+    if cfg.num_moe_layers < 1:
+        raise ValueError(f"config.model.num_hidden_layers={c.model.num_hidden_layers}: the model needs a MoE layer, "
+                         f"more than its {cfg.first_k_dense_replace} dense ones")
+    return cfg
+
+
+def _checked_groups(c, cfg: model_config.ModelConfig, strategies: tuple[str, ...]) -> Placement:
+    """DWDP's expert placement and engine options, and DEP's expert sharding, for this model."""
+    try:
+        placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
+    except ValueError as e:
+        raise ValueError(f"config.num_ranks={c.num_ranks}, config.dwdp.local_experts={c.dwdp.local_experts}: "
+                         f"{e}") from e
+    try:
+        dwdp_options(c)
+    except ValueError as e:
+        raise ValueError(f"config.dwdp: {e}") from e
+    if "dep" in strategies and cfg.n_routed_experts % dep_ranks(c):
+        raise ValueError(f"config.dep.num_ranks={c.dep.num_ranks} (DEP ranks: {dep_ranks(c)}): must divide the "
+                         f"model's {cfg.n_routed_experts} experts (DEP shards every MoE layer evenly)")
+    return placement
+
+
+def _checked_workload(c) -> tuple[list[workload.Request], dict[str, tuple[list[workload.Request], Any]]]:
+    where = f"config.workload.dataset={c.workload.dataset!r}" if c.workload.dataset else "config.workload"
+    try:
+        requests = requests_from(c)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    try:
+        scheduler.validate_requests(requests, max_num_tokens=c.max_num_tokens, max_batch_size=c.max_batch_size,
+                                    num_ranks=c.num_ranks)
+    except ValueError as e:
+        raise ValueError(f"config.max_num_tokens={c.max_num_tokens}: {e}") from e
+    token_buckets(c)
+    variants = {name: variant_plan(c, name, fields) for name, fields in workload.parse_variants(c.variants).items()}
+    return requests, variants
+
+
+def _check_verification(requests: list[workload.Request], c) -> None:
+    """Each rank's verification batch within the step's token budget and batch size."""
+    def fits(n: int) -> bool:
+        return all(sum(r.input_len for r in rs) <= c.max_num_tokens and len(rs) <= c.max_batch_size
+                   for rs in verification_split(requests[:n], c.num_ranks))
+
+    n = c.verify.num_requests
+    if not fits(n):
+        most = max(k for k in range(1, n) if fits(k))
+        raise ValueError(f"config.verify.num_requests={n}: the first {n} requests, spread over the ranks, do not fit "
+                         f"one step of config.max_num_tokens={c.max_num_tokens} tokens and config.max_batch_size="
+                         f"{c.max_batch_size} sequences; at most {most} fit")
+
+
+def plan(c) -> Plan:
+    """`validate`, then what needs the devices (the backend starts here, nothing compiles): enough of them, DEP's
+    dispatch on this platform, and the depth that fits their memory (config.model.num_hidden_layers = 0)."""
+    p = validate(c)
     if c.trace and trace_dump_flags(c) not in os.environ.get("XLA_FLAGS", ""):
         raise ValueError(f"config.trace needs XLA's HLO dump from the backend's start ({trace_dump_flags(c)} in "
                          f"XLA_FLAGS; experiments.context_bench sets it)")
     devices = jax.devices()
+    platform = devices[0].platform
     if max(c.num_ranks, dep_ranks(c)) > len(devices):
         have = (f"this CPU run has {len(devices)} virtual ones: raise config.cpu_devices"
-                if devices[0].platform == "cpu" else f"this machine has {len(devices)}")
+                if platform == "cpu" else f"this machine has {len(devices)}")
         raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and {have}")
-    placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
-    if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
-        raise ValueError(f"config.max_batch_size must be <= {MAX_SEGMENTS} with cuDNN attention (its segment table)")
+    if "dep" in p.strategies and c.dep.dispatch == "ragged" and platform not in dep_lib.RAGGED_PLATFORMS:
+        raise ValueError(f"config.dep.dispatch='ragged': XLA:{platform.upper()} has no ragged_all_to_all (platforms "
+                         f"with it: {dep_lib.RAGGED_PLATFORMS}); use 'dense' or 'auto'")
+    cfg = p.cfg
     if not c.model.num_hidden_layers:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * c.memory_fraction)
-        cfg = model_config_from(c, depth_that_fits(cfg, placement, c, device_bytes))
-    return Plan(cfg, requests, strategies, placement, devices[:max(c.num_ranks, dep_ranks(c))], variants)
+        cfg = model_config_from(c, depth_that_fits(cfg, p.placement, c, device_bytes))
+    return dataclasses.replace(p, cfg=cfg, devices=devices[:max(c.num_ranks, dep_ranks(c))])
 
 
 def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarray:
@@ -222,15 +464,18 @@ def id_match(ours: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> tuple
     return float(same.sum() / max(total.sum(), 1)), (same / np.maximum(total, 1)).tolist()
 
 
+def verification_split(requests: list[workload.Request], num_ranks: int) -> list[list[workload.Request]]:
+    """The requests round-robin over the ranks but the last, left empty (it must not matter)."""
+    per_rank: list[list] = [[] for _ in range(num_ranks)]
+    for i, r in enumerate(requests):
+        per_rank[i % max(num_ranks - 1, 1)].append(r)
+    return per_rank
+
+
 def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
-    """A few requests spread over the ranks, the last rank left empty (it must not matter), padded to
-    max_num_tokens."""
-    reqs = p.requests[:c.verify.num_requests]
-    per_rank: list[list] = [[] for _ in range(c.num_ranks)]
-    for i, r in enumerate(reqs):
-        per_rank[i % max(c.num_ranks - 1, 1)].append(r)
+    """The first config.verify.num_requests requests spread over the ranks, padded to max_num_tokens."""
     return [pack([tokens_of(r, p.cfg.vocab_size, c.workload.seed) for r in rs], budget=c.max_num_tokens)
-            if rs else None for rs in per_rank]
+            if rs else None for rs in verification_split(p.requests[:c.verify.num_requests], c.num_ranks)]
 
 
 def last_bit_perturbed(model: deepseek_v3.DeepseekV3, seed: int) -> deepseek_v3.DeepseekV3:
@@ -395,20 +640,28 @@ def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
         rank_s.append(alone)
         tokens.append([0 if b is None else b.num_tokens for b in packed])
     rank_s = np.asarray(rank_s)
+    band = metrics.sync_overhead_band(step_s, rank_s)
     return {"sampled_steps": len(step_s), "step_s": step_s, "rank_compute_s": rank_s.tolist(),
             "rank_tokens": tokens, "sync_overhead": metrics.overall_sync_overhead(step_s, rank_s),
+            "sync_overhead_band": list(band), "sync_overhead_within_noise": metrics.within_noise(band),
             "rank_cv_mean": float(np.nanmean(metrics.rank_token_cv(np.asarray(tokens, float))))}
 
 
 def warm_up(runtime, c) -> None:
     """Compiles every bucket's programs (DWDP: on every rank, programs compile per device) before timing."""
-    for budget in token_buckets(c):
+    dwdp = isinstance(runtime, DwdpEngine)
+    programs = [(budget, r) for budget in token_buckets(c) for r in (range(runtime.num_ranks) if dwdp else [None])]
+    for budget, r in progress_bar(programs, "warm-up", "program"):
         batch = pack([[1] * budget], budget=budget)
-        if isinstance(runtime, DwdpEngine):
-            for r in range(runtime.num_ranks):
-                runtime.step(r, batch)
+        if dwdp:
+            runtime.step(r, batch)
         else:
             runtime.step([batch] * runtime.num_ranks)
+
+
+def progress_bar(items: list, desc: str, unit: str):
+    """`items` under a progress bar on stderr, for the steps that compile (seconds each, a minute in all)."""
+    return tqdm(items, desc=desc, unit=unit, leave=False, file=sys.stderr)
 
 
 def build_params(p: Plan, c) -> reference.Params:
@@ -445,15 +698,16 @@ def routing_skew(refs: list[reference.PrefillOutput | None] | None, num_experts:
                                                                     outs[0].expert_ids[0].shape[1])}
 
 
+def dwdp_options(c) -> DwdpOptions:
+    return DwdpOptions(transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
+                       merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend,
+                       last_token_logits=c.max_batch_size, timeline=c.dwdp.timeline, slice_bytes=c.dwdp.slice_bytes,
+                       pull_issue=c.dwdp.pull_issue)
+
+
 def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Callable | None = None):
     if name == "dwdp":
-        return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], DwdpOptions(
-            transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
-            merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend, last_token_logits=c.max_batch_size,
-            timeline=c.dwdp.get("timeline", False), slice_bytes=c.dwdp.get("slice_bytes", 0),
-            pull_issue=c.dwdp.pull_issue))
-    from dwdp_jax.runtime import dep as dep_lib
-
+        return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], dwdp_options(c))
     return (make_dep or dep_lib.DepRuntime)(
         params, dep_ranks(c), c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
         gemm_backend=c.gemm_backend, attention_impl=c.attention_impl, devices=p.devices[:dep_ranks(c)],
@@ -462,7 +716,8 @@ def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Call
 
 def verification_outputs(runtime, batches: list[PackedBatch | None]) -> list[reference.PrefillOutput | None]:
     if isinstance(runtime, DwdpEngine):
-        return [runtime.step(r, b).output if b is not None else None for r, b in enumerate(batches)]
+        return [runtime.step(r, b).output if b is not None else None
+                for r, b in enumerate(progress_bar(batches, "verify", "rank"))]
     return [None if b is None else last_token_only(o, b) for o, b in zip(runtime.step(batches), batches)]
 
 
@@ -472,17 +727,38 @@ def collectives_of(runtime, batch: PackedBatch) -> dict[str, int]:
     return {"step": count_collectives(runtime.compiled_hlo())}
 
 
-def ratios(dwdp: dict, dep: dict) -> dict[str, float]:
+def tps_band(summary: dict) -> list[float]:
+    """[min, max] TPS/GPU over the passes (a summary made elsewhere, without passes: zero width)."""
+    return summary.get("tps_per_gpu_band", [summary["tps_per_gpu"]] * 2)
+
+
+def ratios(dwdp: dict, dep: dict) -> dict[str, Any]:
+    """DWDP over DEP; the TPS/GPU ratio's band pairs the passes' extremes."""
+    (dwdp_lo, dwdp_hi), (dep_lo, dep_hi) = tps_band(dwdp), tps_band(dep)
     return {"tps_per_gpu_dwdp_over_dep": dwdp["tps_per_gpu"] / dep["tps_per_gpu"],
+            "tps_per_gpu_dwdp_over_dep_band": [dwdp_lo / dep_hi, dwdp_hi / dep_lo],
             "ttft_p50_dep_over_dwdp": dep["ttft_p50_s"] / dwdp["ttft_p50_s"]}
 
 
+def timing_context(devices: list, repeats: int) -> dict[str, Any]:
+    """What the run's timings can claim. Virtual CPU devices share the host's cores, so there they show that each
+    strategy serves the workload, not how fast: a functional check, which makes no speed claim."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    platform = devices[0].platform
+    return {"functional_check": platform == "cpu", "platform": platform, "devices": len(devices),
+            "host_cores": cores, "passes": repeats}
+
+
 class Phases:
-    """Wall seconds of the run's phases, in order (raw.phase_s): where a GPU run's minutes go besides serving."""
+    """Wall seconds of the run's phases, in order (raw.phase_s): where a GPU run's minutes go besides serving. Each
+    phase is announced on stderr as it starts, since compiling comes first and takes a minute on CPU, more on GPU."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self._mark = time.perf_counter()
+        self._start = self._mark = time.perf_counter()
+
+    def begin(self, text: str) -> None:
+        tqdm.write(f"[{time.perf_counter() - self._start:6.1f} s] {text}", file=sys.stderr)
 
     def lap(self, name: str, value=None):
         """Ends phase `name` once `value`'s device work is done; returns `value`."""
@@ -500,14 +776,24 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     freed), so each gets the memory the depth planner sized it for.
     """
     phases = Phases()
+    phases.begin("plan: checking the config and the workload, starting the JAX backend")
     p = phases.lap("plan", plan(c))
+    phases.begin(f"params: {p.cfg.num_hidden_layers} layers, {p.cfg.n_routed_experts} experts per MoE layer, "
+                 f"{p.cfg.dtype} ({c.model.checkpoint or c.model.weights})")
     params = phases.lap("params", build_params(p, c))
     run_name = c.run or f"{c.name}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     vb = verification_batches(p, c)
-    refs = [reference_output(params, b, p, c) if b is not None else None for b in vb] if c.verify.enabled else None
+    refs = None
+    if c.verify.enabled:
+        phases.begin("reference: the verification batches on one device")
+        refs = [reference_output(params, b, p, c) if b is not None else None
+                for b in progress_bar(vb, "reference", "batch")]
     phases.lap("reference")
     skew = routing_skew(refs, p.cfg.n_routed_experts)
-    noise = reference_noise(params, refs, vb, p, c) if refs and c.verify.get("noise_floor", False) else {}
+    noise = {}
+    if refs and c.verify.noise_floor:
+        phases.begin("reference noise: the reference with its embeddings one last bit off")
+        noise = reference_noise(params, refs, vb, p, c)
     phases.lap("reference_noise")
     s = {k: {} for k in ("verification", "hlo_collectives", "raw", "summary", "breakdown", "failures")}
     s["raw"]["phase_s"] = phases.seconds
@@ -526,16 +812,17 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
         if p.variants:
             summary["ratio"]["variants"] = {v: ratios(summary["dwdp"]["variants"][v], summary["dep"]["variants"][v])
                                             for v in p.variants}
+    timing = timing_context(p.devices, c.repeats)
     path = results_lib.write_results(c.experiment, run_name, config=c, raw=s["raw"], metrics=summary,
                                      verification=s["verification"], root=c.results_root,
                                      hlo_collectives=s["hlo_collectives"], breakdown=s["breakdown"], routing_skew=skew,
                                      model=dataclasses.asdict(p.cfg), placement=dataclasses.asdict(p.placement),
-                                     failures=s["failures"], reference_noise=noise)
+                                     failures=s["failures"], reference_noise=noise, timing=timing)
     if s["failures"]:
         raise RuntimeError(f"strategies failed (the others' results are in {path}): {s['failures']}")
     return {"path": str(path), "metrics": summary, "verification": s["verification"], "phase_s": phases.seconds,
             "hlo_collectives": s["hlo_collectives"], "breakdown": s["breakdown"], "routing_skew": skew,
-            "reference_noise": noise}
+            "reference_noise": noise, "timing": timing}
 
 
 def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phases | None = None
@@ -543,20 +830,25 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
     """One strategy alone on the devices: built, verified, warmed up, run, profiled. Returns its part of each
     results section ({section: {...}}); the runtime is freed on return."""
     phases = phases or Phases()
-    runtime = phases.lap(f"{name}.build", make_runtime(name, params, p, c, make_dep))
     ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
+    phases.begin(f"{name}: building the runtime on {ranks} devices")
+    runtime = phases.lap(f"{name}.build", make_runtime(name, params, p, c, make_dep))
     batches = (vb + [None] * ranks)[:ranks]
+    phases.begin(f"{name}: verifying against the reference (compiles its step)")
     outs = verification_outputs(runtime, batches)
     out = {"verification": {}, "hlo_collectives": {name: collectives_of(runtime, vb[0])}, "breakdown": {}}
     if refs:
         out["verification"][name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
                                            c.verify.min_id_match)
     phases.lap(f"{name}.verify")
+    phases.begin(f"{name}: warm-up, compiling the step for each of {c.token_buckets} token buckets")
     warm_up(runtime, c)
     phases.lap(f"{name}.warm_up")
+    phases.begin(f"{name}: serving {len(p.requests)} requests, {c.repeats} pass(es)")
     summary, raw = served(name, runtime, p, c, ranks)
     phases.lap(f"{name}.serve")
     if p.variants:
+        phases.begin(f"{name}: serving the variants {', '.join(p.variants)}")
         variants = {v: served(name, runtime, dataclasses.replace(p, requests=reqs), vc, ranks)
                     for v, (reqs, vc) in p.variants.items()}
         summary["variants"] = {v: vs for v, (vs, _) in variants.items()}
@@ -568,20 +860,27 @@ def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phas
         summary["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
                                       "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
     if c.trace:
+        phases.begin(f"{name}: a served pass under the profiler into {c.trace}")
         try:
             summary["trace"] = traced_pass(name, runtime, p, c, ranks)
         except Exception as e:  # a diagnostic: a profiler or trace-format failure must not cost the measurements
             summary["trace"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         phases.lap(f"{name}.trace")
     if c.breakdown:
+        phases.begin(f"{name}: profiling the first step stage by stage (compiles each stage)")
         out["breakdown"] = profile_breakdown({name: runtime}, p, c)
     phases.lap(f"{name}.profile")
     if name == "dwdp" and runtime.options.timeline:
+        phases.begin(f"{name}: copy-engine pull timeline of the first step")
         pulls = pull_timeline(runtime, first_step_batches(p, c))
         summary.update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
         raw["pull_timeline"] = pulls["ranks"]
         phases.lap(f"{name}.timeline")
     return {**out, "summary": {name: summary}, "raw": {name: raw}}
+
+
+# DEP's synchronization estimate (`sync_estimate`) in the strategy's summary
+SYNC_KEYS = ("sync_overhead", "sync_overhead_band", "sync_overhead_within_noise", "sampled_steps", "rank_cv_mean")
 
 
 def served(name: str, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
@@ -593,8 +892,8 @@ def served(name: str, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
     median = sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]
     reqs, iters, assignments, extra = repeats[median]
     extra = {**repeats[0][3], **extra}  # DEP's synchronization estimate comes with the first pass
-    summary = {**summaries[median], "repeats_tps_per_gpu": tps,
-               **{k: v for k, v in extra.items() if k in ("sync_overhead", "rank_cv_mean")}}
+    summary = {**summaries[median], "repeats_tps_per_gpu": tps, "tps_per_gpu_band": [min(tps), max(tps)],
+               **{k: v for k, v in extra.items() if k in SYNC_KEYS}}
     if "pull_contention" in extra:
         summary["pull_contention"] = {k: extra["pull_contention"][k] for k in ("measured", "model")}
     raw = {"requests": [dataclasses.asdict(r) for r in reqs],
@@ -705,7 +1004,7 @@ def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[st
     if "dwdp" in runtimes:
         engine = runtimes["dwdp"]
         runs = []
-        for r, b in enumerate(batches):
+        for r, b in enumerate(progress_bar(batches, "profile", "rank")):
             if b is not None:
                 engine.step(r % engine.num_ranks, b, profile=True)  # compiles the per-stage programs
                 runs.append(breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s))
@@ -737,38 +1036,78 @@ def all2all_bytes_per_rank(outputs, batches, num_ranks: int, cfg) -> float:
     return 2.0 * row_bytes * float(np.mean(sent))
 
 
+def timing_header(timing: dict[str, Any]) -> list[str]:
+    """What the timings below can claim (`timing_context`), and where their noise band comes from."""
+    if not timing:
+        return []
+    passes = (f"TPS/GPU: the median of {timing['passes']} passes, [min, max] beside it" if timing["passes"] > 1
+              else "one pass per strategy: no noise band (config.repeats > 1 measures one)")
+    if timing["functional_check"]:
+        return [f"FUNCTIONAL CHECK, no speed claim: {timing['devices']} virtual CPU devices share "
+                f"{timing['host_cores']} host cores, so the timings below show that each strategy serves the "
+                f"workload, not how fast it would on GPUs; {passes}"]
+    return [f"{timing['devices']} {timing['platform'].upper()} devices; {passes}"]
+
+
+def _band(band: list[float], digits: int, passes: int) -> str:
+    return f"[{band[0]:.{digits}f}, {band[1]:.{digits}f}]" if passes > 1 else "(1 pass)"
+
+
+def _ratio_text(r: dict[str, Any], functional: bool, passes: int) -> str:
+    band = r.get("tps_per_gpu_dwdp_over_dep_band", [r["tps_per_gpu_dwdp_over_dep"]] * 2)
+    tps = f"DWDP/DEP TPS/GPU {r['tps_per_gpu_dwdp_over_dep']:.3f} {_band(band, 3, passes)}"
+    if functional:
+        return f"{tps}, TTFT p50 DEP/DWDP {r['ttft_p50_dep_over_dwdp']:.3f} (functional-check timings)"
+    return f"{tps}, TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}"
+
+
+def sync_text(dep: dict[str, Any]) -> str:
+    """DEP's synchronization overhead with its band; one that cannot be told from zero reads "within noise" (a
+    negative estimate is noise: waiting never saves time)."""
+    value, (lo, hi), steps = dep["sync_overhead"], dep["sync_overhead_band"], f"{dep['sampled_steps']} sampled steps"
+    if metrics.within_noise([lo, hi]):
+        text = f"within noise (band [0.0%, {100 * max(hi, 0.0):.1f}%] over {steps})"
+    elif lo == hi:
+        text = f"{100 * value:.1f}% (one sampled step: no noise band)"
+    else:
+        text = f"{100 * value:.1f}% (band [{100 * lo:.1f}%, {100 * hi:.1f}%] over {steps})"
+    return f"DEP synchronization overhead {text}; mean rank-token CV {100 * dep['rank_cv_mean']:.1f}%"
+
+
 def format_table(doc: dict[str, Any]) -> str:
-    """The short end-of-run table: per strategy TPS/GPU, TTFT p50/p90, iteration p50, and the DWDP/DEP ratios."""
+    """The short end-of-run table: what its timings can claim, per strategy TPS/GPU with its band over the passes,
+    TTFT p50/p90, iteration p50, and the DWDP/DEP ratios."""
     m = doc["metrics"]
-    rows = [f"{'strategy':<10}{'TPS/GPU':>12}{'TTFT p50 s':>13}{'TTFT p90 s':>13}{'iter p50 s':>13}{'verified':>10}"]
+    timing = doc.get("timing", {})
+    functional, passes = timing.get("functional_check", False), timing.get("passes", 1)
+    rows = timing_header(timing)
+    rows.append(f"{'strategy':<10}{'TPS/GPU':>10}{'[min, max]':>18}{'TTFT p50 s':>12}{'TTFT p90 s':>12}"
+                f"{'iter p50 s':>12}{'verified':>10}")
     for name in STRATEGIES:
         if name in m:
             s = m[name]
             ok = doc["verification"].get(name, {}).get("passed", "-")
-            rows.append(f"{name:<10}{s['tps_per_gpu']:>12.1f}{s['ttft_p50_s']:>13.4f}{s['ttft_p90_s']:>13.4f}"
-                        f"{s['iteration_p50_s']:>13.4f}{str(ok):>10}")
+            rows.append(f"{name:<10}{s['tps_per_gpu']:>10.1f}{_band(tps_band(s), 1, passes):>18}"
+                        f"{s['ttft_p50_s']:>12.4f}{s['ttft_p90_s']:>12.4f}{s['iteration_p50_s']:>12.4f}{str(ok):>10}")
     if "ratio" in m:
-        rows.append(f"DWDP/DEP TPS/GPU {m['ratio']['tps_per_gpu_dwdp_over_dep']:.3f}   "
-                    f"TTFT p50 speedup {m['ratio']['ttft_p50_dep_over_dwdp']:.3f}")
+        rows.append(_ratio_text(m["ratio"], functional, passes))
     for v, r in m.get("ratio", {}).get("variants", {}).items():
         rows.append(f"variant {v}: DWDP {m['dwdp']['variants'][v]['tps_per_gpu']:.1f}, DEP "
-                    f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, "
-                    f"DWDP/DEP {r['tps_per_gpu_dwdp_over_dep']:.3f}, "
-                    f"TTFT p50 speedup {r['ttft_p50_dep_over_dwdp']:.3f}")
+                    f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, {_ratio_text(r, functional, passes)}")
     if doc.get("phase_s"):
         rows.append("wall s per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["phase_s"].items()))
-    passes = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES
-              if len(m.get(name, {}).get("repeats_tps_per_gpu", ())) > 1}
-    if passes:
+    repeats = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES
+               if len(m.get(name, {}).get("repeats_tps_per_gpu", ())) > 1}
+    if repeats:
         rows.append("repeats TPS/GPU " + "; ".join(f"{name} " + " ".join(f"{x:.1f}" for x in tps)
-                                                   for name, tps in passes.items()) + " (the median pass above)")
+                                                   for name, tps in repeats.items()) + " (the median pass above)")
     if "dep" in m and "sync_overhead" in m["dep"]:
-        rows.append(f"DEP synchronization overhead {100 * m['dep']['sync_overhead']:.1f}% "
-                    f"(mean rank-token CV {100 * m['dep']['rank_cv_mean']:.1f}%)")
+        rows.append(sync_text(m["dep"]))
     comm = doc.get("breakdown", {}).get("dep", {}).get("communication", {})
     if "gbps_per_rank" in comm:
+        where = ": copies between virtual CPU devices in host memory, not a link's speed" if functional else ""
         rows.append(f"DEP all-to-all (dispatch + combine, first step profiled) {comm['gbps_per_rank']:.1f} GB/s "
-                    f"per rank")
+                    f"per rank{where}")
     if "pull_gbps_median" in m.get("dwdp", {}):
         rows.append(f"DWDP pulls {m['dwdp']['pull_gbps_median']:.1f} GB/s, exposed wait "
                     f"{100 * m['dwdp']['exposed_wait_fraction_mean']:.2f}% of the step")

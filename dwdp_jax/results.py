@@ -3,7 +3,9 @@
 A results file is one JSON object:
   experiment, run, config (resolved), environment (jax/jaxlib versions, device kind and count, git sha, source hash,
   date, python, host), raw (all repeats, unreduced), metrics (derived), verification ({strategy: {rel_err, passed}}),
-  plus optional free-form sections. Figure scripts read only these files.
+  plus optional free-form sections (the main job's `timing`: platform, devices, host cores, passes and
+  functional_check, true where virtual CPU devices share the host's cores and the timings make no speed claim).
+  Figure scripts read only these files.
 """
 
 from __future__ import annotations

@@ -175,6 +175,24 @@ def overall_sync_overhead(step_s: Sequence[float], rank_compute_s: np.ndarray) -
     return float(np.sum(sync_overhead(step_s, rank_compute_s) * step_s) / np.sum(step_s))
 
 
+def sync_overhead_band(step_s: Sequence[float], rank_compute_s: np.ndarray, z: float = 2.0) -> tuple[float, float]:
+    """`overall_sync_overhead` +- z standard errors of that step-time-weighted mean over the sampled steps: the
+    per-step estimates scatter with the timing noise (and with real step-to-step differences). One step gives no
+    scatter to measure: a band of zero width."""
+    step_s = np.asarray(step_s, dtype=np.float64)
+    per_step = sync_overhead(step_s, rank_compute_s)
+    weights = step_s / step_s.sum()
+    mean = float(np.sum(weights * per_step))
+    n = per_step.size
+    se = float(np.sqrt(np.sum(weights**2 * (per_step - mean) ** 2) * n / (n - 1))) if n > 1 else 0.0
+    return mean - z * se, mean + z * se
+
+
+def within_noise(band: Sequence[float]) -> bool:
+    """Whether a cost measured with this band cannot be told from zero: its band reaches zero or below."""
+    return band[0] <= 0.0
+
+
 def rank_token_cv(rank_tokens: np.ndarray) -> np.ndarray:
     """Per-step coefficient of variation sigma/mu (population sigma) of tokens over ranks [steps]; NaN for a step where
     no rank has tokens, where the CV is undefined."""
