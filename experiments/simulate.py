@@ -10,12 +10,16 @@
 
 Writes results/<experiment>/<run>.json (experiments roofline, sim_contention, sim_sync_cv, sim_pareto, sim_planner,
 sim_calibration) and prints a short table. Invalid input exits with code 2 and a message naming the field, before any
-simulation runs.
+simulation runs. Another command runs a study exactly as this main does with `produce(study, options())` (the figures
+command runs the missing ones this way).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from absl import app, flags
 from tqdm import tqdm
@@ -72,63 +76,93 @@ flags.DEFINE_float("tolerance", 0.10, "calibration: allowed relative error of th
 flags.DEFINE_list("projection_requests", ["256"], "calibration: request counts each measured run is also projected at")
 
 
-def _ints(name: str) -> list[int]:
+def options(**overrides: Any) -> SimpleNamespace:
+    """This module's flag values (their defaults unless a command line set them) with `overrides`: the settings
+    `python -m experiments.simulate` runs a study with, for another command to run the same study."""
+    values = {flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.modules[__name__])}
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"unknown simulate options {unknown}")
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def _ints(opts: SimpleNamespace, name: str) -> list[int]:
     try:
-        return [int(v) for v in getattr(FLAGS, name)]
+        return [int(v) for v in getattr(opts, name)]
     except ValueError as e:
-        raise ValueError(f"--{name} must be a list of integers, got {getattr(FLAGS, name)}") from e
+        raise ValueError(f"--{name} must be a list of integers, got {getattr(opts, name)}") from e
 
 
-def _floats(name: str) -> list[float]:
+def _floats(opts: SimpleNamespace, name: str) -> list[float]:
     try:
-        return [float(v) for v in getattr(FLAGS, name)]
+        return [float(v) for v in getattr(opts, name)]
     except ValueError as e:
-        raise ValueError(f"--{name} must be a list of numbers, got {getattr(FLAGS, name)}") from e
+        raise ValueError(f"--{name} must be a list of numbers, got {getattr(opts, name)}") from e
 
 
-def _precision() -> Precision:
-    return Precision(moe=FLAGS.moe_precision, dense=FLAGS.dense_precision, attention=FLAGS.attention_precision)
+def _precision(opts: SimpleNamespace) -> Precision:
+    return Precision(moe=opts.moe_precision, dense=opts.dense_precision, attention=opts.attention_precision)
 
 
-def _context(strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
-    return ContextConfig(strategy, group_size=FLAGS.group_size, max_num_tokens=max_num_tokens,
-                         max_batch_size=max_batch_size, discipline=FLAGS.discipline, slice_bytes=FLAGS.slice_bytes,
-                         packing=FLAGS.packing, compute_slowdown=FLAGS.compute_slowdown,
-                         attention_slowdown=FLAGS.attention_slowdown, pull_issue=FLAGS.pull_issue,
-                         precision=_precision(), seed=FLAGS.seed)
+def _context(opts: SimpleNamespace, strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
+    return ContextConfig(strategy, group_size=opts.group_size, max_num_tokens=max_num_tokens,
+                         max_batch_size=max_batch_size, discipline=opts.discipline, slice_bytes=opts.slice_bytes,
+                         packing=opts.packing, compute_slowdown=opts.compute_slowdown,
+                         attention_slowdown=opts.attention_slowdown, pull_issue=opts.pull_issue,
+                         precision=_precision(opts), seed=opts.seed)
 
 
-def _band(name: str) -> studies.Band:
-    bands = {b.name: b for b in studies.paper_bands(FLAGS.mtp_acceptance)}
+def _band(opts: SimpleNamespace, name: str) -> studies.Band:
+    bands = {b.name: b for b in studies.paper_bands(opts.mtp_acceptance)}
     if name not in bands:
         raise ValueError(f"unknown band {name!r}; choose from {sorted(bands)}")
     return bands[name]
 
 
-def run_study(study: str) -> dict:
-    """Validates the flags and runs one study; returns its document (config, raw, metrics)."""
+def run_study(study: str, opts: SimpleNamespace, progress: studies.Progress = tqdm) -> dict:
+    """Validates the options (`options`) and runs one study; returns its document (config, raw, metrics)."""
     if study == "calibration":
-        return studies.calibration_study(FLAGS.out, FLAGS.tolerance, requests=_ints("projection_requests"))
+        return studies.calibration_study(opts.out, opts.tolerance, requests=_ints(opts, "projection_requests"))
     if study == "grid":
-        return studies.grid_study(FLAGS.out, FLAGS.group_size)
-    cfg, hw, prec = get_preset(FLAGS.model), hardware.get(FLAGS.hardware, FLAGS.out), _precision()
+        return studies.grid_study(opts.out, opts.group_size)
+    cfg, hw, prec = get_preset(opts.model), hardware.get(opts.hardware, opts.out), _precision(opts)
     hw.peak_flops_per_s(prec.moe)
-    local = FLAGS.local_experts or None
+    local = opts.local_experts or None
     if study == "roofline":
-        return studies.roofline_study(cfg, hw, _ints("isls"), _ints("batches"), FLAGS.group_size, prec, local)
+        return studies.roofline_study(cfg, hw, _ints(opts, "isls"), _ints(opts, "batches"), opts.group_size, prec,
+                                      local)
     if study == "contention":
-        return studies.contention_study(cfg, hw, _ints("group_sizes"), FLAGS.disciplines, FLAGS.min_pulls,
-                                        seed=FLAGS.seed, progress=tqdm)
+        return studies.contention_study(cfg, hw, _ints(opts, "group_sizes"), opts.disciplines, opts.min_pulls,
+                                        seed=opts.seed, progress=progress)
     if study == "sync_cv":
-        return studies.sync_cv_study(cfg, hw, FLAGS.isl, FLAGS.input_ratio, FLAGS.group_size, FLAGS.max_num_tokens,
-                                     _floats("loads"), _ints("seeds"), FLAGS.num_requests, prec=prec, progress=tqdm)
+        return studies.sync_cv_study(cfg, hw, opts.isl, opts.input_ratio, opts.group_size, opts.max_num_tokens,
+                                     _floats(opts, "loads"), _ints(opts, "seeds"), opts.num_requests, prec=prec,
+                                     progress=progress)
     if study == "pareto":
-        return studies.pareto_study(cfg, hw, [_band(b) for b in FLAGS.bands], FLAGS.isl, FLAGS.osl,
-                                    FLAGS.input_ratio, FLAGS.cycles, FLAGS.group_size,
-                                    _context("dep", 33000, 4), FLAGS.seed, progress=tqdm)
-    return studies.planner_study(cfg, hw, _band(FLAGS.band), _floats("ttft_targets"), _ints("planner_group_sizes"),
-                                 FLAGS.max_ctx_gpus, FLAGS.isl, FLAGS.osl, FLAGS.input_ratio, FLAGS.cycles,
-                                 _context("dwdp", 33000, 4), FLAGS.seed, progress=tqdm)
+        return studies.pareto_study(cfg, hw, [_band(opts, b) for b in opts.bands], opts.isl, opts.osl,
+                                    opts.input_ratio, opts.cycles, opts.group_size,
+                                    _context(opts, "dep", 33000, 4), opts.seed, progress=progress)
+    return studies.planner_study(cfg, hw, _band(opts, opts.band), _floats(opts, "ttft_targets"),
+                                 _ints(opts, "planner_group_sizes"), opts.max_ctx_gpus, opts.isl, opts.osl,
+                                 opts.input_ratio, opts.cycles, _context(opts, "dwdp", 33000, 4), opts.seed,
+                                 progress=progress)
+
+
+def write(study: str, doc: dict, opts: SimpleNamespace) -> Path:
+    """Writes a study's document as results/<experiment>/<run>.json (run: --run, else the hardware's name)."""
+    run = opts.run or ("calibrated" if study == "calibration" else opts.hardware)
+    return write_results(EXPERIMENTS[study], run, config={**doc["config"], "argv": sys.argv}, raw=doc["raw"],
+                         metrics=doc["metrics"], root=opts.out, with_devices=False)
+
+
+def produce(study: str, opts: SimpleNamespace) -> Path:
+    """Runs one study without progress bars and writes its results file (what the main does, for another command);
+    ValueError, before anything is written, on invalid input."""
+    return write(study, run_study(study, opts, progress=_quiet), opts)
+
+
+def _quiet(items):
+    return items
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -191,23 +225,29 @@ def table(study: str, doc: dict) -> str:
                   f"{p['dwdp_over_dep']:>10.3f}  " + " ".join(f"{100 * p['contention'].get(c, 0.0):.1f}"
                                                              for c in range(1, 5)) for p in m["points"]]
         return "\n".join(lines)
-    return "\n".join([f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "
-                      f"error {r['rel_error']:+.1%} ({'within' if r['within_tolerance'] else 'OUTSIDE'} tolerance)"
-                      for r in m["runs"]] + ["  projected DWDP/DEP: " + ", ".join(
-                          f"{k} {v:.3f}" for k, v in r["projections"].items()) for r in m["runs"]]
-                     + [f"{r['run']}: skipped, other kernels {r['kernels']}"
-                                             for r in doc["raw"]["skipped_other_kernels"]])
+    return "\n".join(calibration_lines(doc))
+
+
+def calibration_lines(doc: dict) -> list[str]:
+    """Per measured run: predicted against measured, then the run's projections on a line that names the run again
+    (a reader scanning the projections must not have to count lines to know whose they are)."""
+    lines = []
+    for r in doc["metrics"]["runs"]:
+        lines.append(f"{r['run']}: predicted DWDP/DEP {r['predicted_ratio']:.3f}, measured {r['measured_ratio']:.3f}, "
+                     f"error {r['rel_error']:+.1%} ({'within' if r['within_tolerance'] else 'OUTSIDE'} tolerance)")
+        lines.append(f"  {r['run']} projected DWDP/DEP: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in r["projections"].items()))
+    return lines + [f"{r['run']}: skipped, other kernels {r['kernels']}" for r in doc["raw"]["skipped_other_kernels"]]
 
 
 def main(study: str) -> int:
+    opts = options()
     try:
-        doc = run_study(study)
+        doc = run_study(study, opts)
     except ValueError as e:
         print(f"simulate: invalid input: {e}", file=sys.stderr)
         return 2
-    run = FLAGS.run or ("calibrated" if study == "calibration" else FLAGS.hardware)
-    path = write_results(EXPERIMENTS[study], run, config={**doc["config"], "argv": sys.argv}, raw=doc["raw"],
-                         metrics=doc["metrics"], root=FLAGS.out, with_devices=False)
+    path = write(study, doc, opts)
     print(table(study, doc))
     print(f"wrote {path}")
     return 0

@@ -3,7 +3,12 @@
 Reads results/ablations/*.json, one file per sweep point, each with config.sweep (the sweep name), config.point (the
 swept values, e.g. {"isl": 8192}) and metrics.{dwdp,dep}.{tps_per_gpu, ttft_p50_s}. Writes ablation_<sweep>.png/pdf
 (TPS/GPU speedup DWDP/DEP and TTFT p50 speedup DEP/DWDP, ours beside the paper's) and ablations.md.
-The paper's numbers are on GB200 x4 with NVFP4 experts, so they are a shape to compare against, not a target value.
+
+Every sweep of the paper's Tables 3-4 gets its figure even with nothing measured: a reader of a fresh clone expects the
+paper's ablations, so they are drawn alone with a "no measured points" note naming the command that measures them
+(the sweeps run the real model on GPUs, far too slow for the figures command). Points are skipped, with the reason,
+when they ran on CPU (a tiny model's timings check the machinery, they are not speed data), failed verification, or
+lack a metric. The paper's numbers are on GB200 x4 with NVFP4 experts: a shape to compare against, not a target.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import logging
 
-from experiments.figures.common import FIGURES_ROOT, cli, load, plt, save
+from dwdp_jax.results import RESULTS_ROOT, read_results
+from experiments.figures.common import FIGURES_ROOT, cli, device_kind, is_cpu, note, plt, save, skip
 
-
+TITLE = "paper Tables 3-4, ablations (results/ablations; measured by python -m experiments.ablations on GPUs)"
 # (sweep, point, TTFT speedup, TPS/GPU speedup) from dwdp_reference.md 3.3. A paper point matches a run when its
 # items are a subset of the run's config.point. Table 3 is without contention mitigation; Table 4's "contention"
 # rows give TPS/GPU only (merge elimination alone = mitigation off, full DWDP = on).
@@ -43,6 +48,13 @@ PAPER = (
     ("contention", {"input_ratio": 0.8, "max_num_tokens": 32768, "contention_mitigation": False}, None, 1.098),
     ("contention", {"input_ratio": 0.8, "max_num_tokens": 32768, "contention_mitigation": True}, None, 1.109),
 )
+# What each paper sweep holds fixed (dwdp_reference.md 3.3).
+SWEEP_TITLES = {"isl": "Table 3a, ISL (MNT 32768)", "mnt": "Table 3b, MNT (ISL 8192)",
+                "isl_std": "Table 3c, ISL std (ISL 16384)", "group_size": "Table 3d, group size (ISL 16384, MNT 32768)",
+                "contention": "Table 4, contention mitigation (ISL 8K, 1 MB slices; TPS/GPU only)"}
+CAPTION = ("Paper (hatched): GB200 x4, NVFP4 experts, TRT-LLM, Artificial Analysis dataset; Table 3 without contention "
+           "mitigation. Ours: GPU runs of python -m experiments.ablations at the paper's points (R1 width); CPU runs "
+           "are functional checks and are not drawn. Compare the shape across points, not the values.")
 SHORT_NAMES = {"isl": "ISL", "isl_std": "ISL std", "max_num_tokens": "MNT", "input_ratio": "r", "group_size": "N",
                "contention_mitigation": "mitigation"}
 METRICS = ("tps_per_gpu", "ttft_p50_s")
@@ -57,77 +69,126 @@ def paper_speedups(sweep: str, point: dict[str, Any]) -> tuple[float | None, flo
     return None, None
 
 
-def _row(doc: dict) -> dict[str, Any] | None:
-    """One sweep point's numbers, or None (with a warning naming the run and the field) when a field is missing."""
-    run = doc.get("run", "?")
+def _unusable(doc: dict) -> str | None:
+    """Why an ablation point cannot be drawn, or None."""
     config, metrics = doc.get("config") or {}, doc.get("metrics") or {}
     if not isinstance(config.get("sweep"), str) or not isinstance(config.get("point"), dict):
-        logging.warning("ablations run %s lacks config.sweep or config.point: skipping", run)
-        return None
-    values = {}
+        return "lacks config.sweep or config.point"
+    if is_cpu(doc):
+        return "a CPU run: a functional check, not speed data"
+    if doc.get("failures") or any(v.get("passed") is False for v in (doc.get("verification") or {}).values()):
+        return "a strategy failed or failed verification"
     for strategy in STRATEGIES:
         for name in METRICS:
             value = (metrics.get(strategy) or {}).get(name)
             if not isinstance(value, (int, float)) or not value > 0:
-                logging.warning("ablations run %s lacks a positive metrics.%s.%s: skipping", run, strategy, name)
-                return None
-            values[f"{strategy}_{name}"] = float(value)
+                return f"lacks a positive metrics.{strategy}.{name}"
+    return None
+
+
+def _row(doc: dict) -> dict[str, Any]:
+    """One measured sweep point's numbers, beside the paper's for the point."""
+    config, metrics = doc["config"], doc["metrics"]
+    values = {f"{s}_{name}": float(metrics[s][name]) for s in STRATEGIES for name in METRICS}
     ttft_paper, tps_paper = paper_speedups(config["sweep"], config["point"])
-    return {"run": run, "sweep": config["sweep"], "point": config["point"], **values,
+    return {"run": doc.get("run", "?"), "sweep": config["sweep"], "point": config["point"], **values,
             "tps_speedup": values["dwdp_tps_per_gpu"] / values["dep_tps_per_gpu"],
             "ttft_speedup": values["dep_ttft_p50_s"] / values["dwdp_ttft_p50_s"],
-            "paper_tps_speedup": tps_paper, "paper_ttft_speedup": ttft_paper,
-            "device": (doc.get("environment") or {}).get("device_kind", "unknown device")}
+            "paper_tps_speedup": tps_paper, "paper_ttft_speedup": ttft_paper, "device": device_kind(doc)}
+
+
+def _paper_row(sweep: str, point: dict[str, Any], ttft_x: float | None, tps_x: float | None) -> dict[str, Any]:
+    """A paper point nobody measured: the paper's speedups, no numbers of ours."""
+    return {"run": None, "sweep": sweep, "point": point, "tps_speedup": None, "ttft_speedup": None,
+            "paper_tps_speedup": tps_x, "paper_ttft_speedup": ttft_x, "device": None}
 
 
 def _point_key(point: dict[str, Any]) -> tuple:
-    """Sort order of points: numerically by each swept value (bools as 0/1), then by text."""
-    return tuple((k, float(v) if isinstance(v, (int, float)) else math.inf, str(v)) for k, v in sorted(point.items()))
+    """Sort order of points: by each swept value in the point's own key order (the sweep's: Table 4 pairs mitigation
+    off and on under each setting), numerically (bools as 0/1), then by text."""
+    return tuple((k, float(v) if isinstance(v, (int, float)) else math.inf, str(v)) for k, v in point.items())
 
 
 def _point_label(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(point.items()))
+    return ", ".join(f"{k}={v}" for k, v in point.items())
 
 
 def _tick_label(point: dict[str, Any]) -> str:
     """Short names, one swept value per line, so multi-knob points (Table 4) stay readable on the axis."""
-    return "\n".join(f"{SHORT_NAMES.get(k, k)}={v}" for k, v in sorted(point.items()))
+    return "\n".join(f"{SHORT_NAMES.get(k, k)}={v}" for k, v in point.items())
 
 
-def _by_sweep(docs: list[dict]) -> dict[str, list[dict[str, Any]]]:
-    """Rows grouped by sweep and sorted by point; of several runs of one point the last by run name wins (warned)."""
+def _measured(docs: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{sweep: {point label: row}} of the usable points; of several runs of one point the last by run name wins."""
     sweeps: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in filter(None, map(_row, docs)):
+    for doc in docs:
+        reason = _unusable(doc)
+        if reason:
+            skip("ablations", doc, reason)
+            continue
+        row = _row(doc)
         points = sweeps.setdefault(row["sweep"], {})
         label = _point_label(row["point"])
         if label in points:
-            logging.warning("sweep %s point %s has runs %s and %s: using %s", row["sweep"], label,
-                            points[label]["run"], row["run"], row["run"])
+            note(f"skipped ablations run {points[label]['run']}: point {label} of sweep {row['sweep']} ran again as "
+                 f"{row['run']}, which is drawn")
         points[label] = row
+    return sweeps
+
+
+def _by_sweep(docs: list[dict]) -> dict[str, list[dict[str, Any]]]:
+    """Every paper sweep and every measured one, each point once (a measured point stands for the paper point it
+    matches), sorted by point."""
+    sweeps = _measured(docs)
+    for sweep, point, ttft_x, tps_x in PAPER:
+        rows = sweeps.setdefault(sweep, {})
+        if not any(all(r["point"].get(k) == v for k, v in point.items()) for r in rows.values()):
+            rows[_point_label(point)] = _paper_row(sweep, point, ttft_x, tps_x)
     return {sweep: sorted(points.values(), key=lambda r: _point_key(r["point"])) for sweep, points in sweeps.items()}
+
+
+def _printed(value: float) -> str:
+    """A paper value as the paper prints it: two places, three where it gives three (1.093 against 1.091)."""
+    return f"{value:.2f}" if round(value, 2) == value else f"{value:.3f}"
+
+
+PANELS = (("tps_speedup", "paper_tps_speedup", "TPS/GPU speedup (DWDP / DEP)"),
+          ("ttft_speedup", "paper_ttft_speedup", "TTFT p50 speedup (DEP / DWDP)"))
 
 
 def _speedup_panel(ax, rows: list[dict[str, Any]], ours: str, paper: str, title: str) -> None:
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r[ours] for r in rows], 0.4, label="this run", color="tab:blue")
-    paper_x = [i for i, r in enumerate(rows) if r[paper] is not None]
-    if paper_x:
-        ax.bar(np.asarray(paper_x) + 0.2, [rows[i][paper] for i in paper_x], 0.4, label="paper (GB200 x4)",
-               color="tab:gray")
+    for offset, key, label, fmt, style in ((-0.2, ours, "ours", "{:.3f}".format, {"color": "tab:blue"}),
+                                           (0.2, paper, "paper (GB200 x4)", _printed,
+                                            {"color": "tab:gray", "hatch": "//", "edgecolor": "white"})):
+        at = [i for i, r in enumerate(rows) if r[key] is not None]
+        if at:
+            values = [rows[i][key] for i in at]
+            bars = ax.bar(x[at] + offset, values, 0.4, label=label, **style)
+            ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=7, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(x, [_tick_label(r["point"]) for r in rows], fontsize=7)
     ax.set_title(title, fontsize=9)
-    tallest = max([r[ours] for r in rows] + [rows[i][paper] for i in paper_x] + [1.0])
-    ax.set_ylim(0, 1.25 * tallest)  # headroom so the legend sits above the bars
-    ax.legend(fontsize=8, loc="upper center", ncols=2)
+    ax.set_ylim(0, 1.3 * max([r[k] for r in rows for k in (ours, paper) if r[k] is not None] + [1.0]))
+    if all(r[ours] is None for r in rows):
+        ax.text(0.5, 0.93, "no measured points", transform=ax.transAxes, ha="center", va="top", fontsize=9,
+                color="tab:red")
+    ax.legend(fontsize=8, loc="upper right")  # above the bars: the y limit leaves it room
 
 
 def _figure(sweep: str, rows: list[dict[str, Any]]) -> "plt.Figure":
-    fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
-    _speedup_panel(ax_tps, rows, "tps_speedup", "paper_tps_speedup", "TPS/GPU speedup (DWDP / DEP)")
-    _speedup_panel(ax_ttft, rows, "ttft_speedup", "paper_ttft_speedup", "TTFT p50 speedup (DEP / DWDP)")
-    devices = ", ".join(sorted({r["device"] for r in rows}))
-    fig.suptitle(f"ablation: {sweep} ({devices})", fontsize=10)
+    """One panel per speedup that the paper reports or we measured (Table 4 has no TTFT)."""
+    panels = [p for p in PANELS if any(r[k] is not None for r in rows for k in p[:2])]
+    wide = len(rows) > 4  # many points: panels one above the other, each as wide as the figure
+    shape = (len(panels), 1) if wide else (1, len(panels))
+    fig, axes = plt.subplots(*shape, figsize=(max(9.0, 1.3 * len(rows)) if wide else 4.5 * len(panels) + 1,
+                                              4.2 * len(panels) if wide else 4.8), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        _speedup_panel(ax, rows, *panel)
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    measured = (f"measured on {', '.join(devices)}" if devices else
+                f"no measured points: python -m experiments.ablations --sweep={sweep} on GPUs measures them")
+    fig.suptitle(f"ablation {sweep}: {SWEEP_TITLES.get(sweep, 'not in the paper')}\n{measured}", fontsize=10)
     return fig
 
 
@@ -136,32 +197,35 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown(sweeps: dict[str, list[dict[str, Any]]]) -> str:
-    """Tables 3/4 layout: one section per sweep, ours beside the paper's speedups."""
+    """Tables 3/4 layout: one section per sweep, ours beside the paper's speedups ('-': none)."""
     lines = ["# Ablations: DWDP vs DEP (paper Tables 3 and 4)", "",
-             "Speedups: TPS/GPU = DWDP/DEP, TTFT p50 = DEP/DWDP (> 1 favours DWDP). Paper numbers: GB200 x4.", ""]
+             "Speedups: TPS/GPU = DWDP/DEP, TTFT p50 = DEP/DWDP (> 1 favours DWDP). Paper numbers: GB200 x4. "
+             "Rows without a device: not measured here.", ""]
     for sweep, rows in sorted(sweeps.items()):
-        lines += [f"## {sweep}", "",
+        lines += [f"## {sweep}: {SWEEP_TITLES.get(sweep, 'not in the paper')}", "",
                   "| point | device | DWDP TPS/GPU | DEP TPS/GPU | TPS/GPU speedup | paper | DWDP TTFT p50 (s) "
                   "| DEP TTFT p50 (s) | TTFT speedup | paper | run |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
-            lines.append(f"| {_point_label(r['point'])} | {r['device']} | {r['dwdp_tps_per_gpu']:.4g} "
-                         f"| {r['dep_tps_per_gpu']:.4g} | {r['tps_speedup']:.3f} "
-                         f"| {_fmt(r['paper_tps_speedup'], '.3f')} | {r['dwdp_ttft_p50_s']:.4g} "
-                         f"| {r['dep_ttft_p50_s']:.4g} | {r['ttft_speedup']:.3f} "
-                         f"| {_fmt(r['paper_ttft_speedup'], '.2f')} | {r['run']} |")
+            ours = [_fmt(r.get(k), ".4g") for k in ("dwdp_tps_per_gpu", "dep_tps_per_gpu")]
+            ttft = [_fmt(r.get(k), ".4g") for k in ("dwdp_ttft_p50_s", "dep_ttft_p50_s")]
+            lines.append(f"| {_point_label(r['point'])} | {r['device'] or '-'} | {ours[0]} | {ours[1]} "
+                         f"| {_fmt(r['tps_speedup'], '.3f')} | {_fmt(r['paper_tps_speedup'], '.3f')} "
+                         f"| {ttft[0]} | {ttft[1]} | {_fmt(r['ttft_speedup'], '.3f')} "
+                         f"| {_fmt(r['paper_ttft_speedup'], '.2f')} | {r['run'] or '-'} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + [CAPTION, ""])
 
 
 def main(results_root: str | Path | None = None, figures_root: str | Path | None = None) -> list[Path]:
-    """ablation_<sweep>.png/pdf per sweep and ablations.md; [] (with a warning) when there are no usable results."""
-    sweeps = _by_sweep(load("ablations", results_root))
-    if not sweeps:
-        return []
+    """ablation_<sweep>.png/pdf per sweep (every paper sweep, measured or not) and ablations.md."""
+    docs = read_results("ablations", results_root)
+    if not docs:
+        note(f"no measured points in {Path(results_root or RESULTS_ROOT) / 'ablations'}: the paper's values alone")
+    sweeps = _by_sweep(docs)
     written = []
     for sweep, rows in sorted(sweeps.items()):
-        written += save(_figure(sweep, rows), f"ablation_{sweep}", figures_root)
+        written += save(_figure(sweep, rows), f"ablation_{sweep}", figures_root, caption=CAPTION)
     table = Path(figures_root or FIGURES_ROOT) / "ablations.md"
     table.write_text(markdown(sweeps))
     return [*written, table]

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.figures.common import cli, load, plt, save
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from experiments.figures.common import cli, load, plt, save, skip
+
+TITLE = "copy-engine pulls against compute, per rank (issue 6; results/context_bench raw.dwdp.pull_timeline)"
+LEGEND = [Patch(color="tab:orange", label="pull of a MoE layer's remote experts (side stream)"),
+          Line2D([], [], marker="v", color="black", linestyle="none", label="pull issued (XLA stream)"),
+          Patch(color="tab:red", label="MoE waits for its pull (arrive to resume; a sliver: hidden)"),
+          Line2D([], [], color="gray", linestyle="--", label="host-measured step end")]
 
 
 def _pairs(marks: list, start: str, end: str) -> list[tuple[int, float, float]]:
@@ -35,7 +44,8 @@ def _figure(doc: dict) -> "plt.Figure":
         ax.set_ylim(-0.6, 1.6)
         ax.set_title(f"rank {rank['rank']}: exposed wait {rank['exposed_wait_ms']:.3f} ms of a "
                      f"{rank['step_ms']:.0f} ms step", fontsize=8)
-    axes[-1, 0].set_xlabel("ms since the step's first mark (dashed: host-measured step end)")
+    axes[-1, 0].set_xlabel("ms since the step's first mark")
+    axes[0, 0].legend(handles=LEGEND, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.25), ncols=2)
     return fig
 
 
@@ -43,7 +53,9 @@ def main(results_root: str | Path | None = None, figures_root: str | Path | None
     """One figure per context_bench run that recorded a pull timeline; [] when there is none."""
     written = []
     for doc in load("context_bench", results_root):
-        if doc.get("raw", {}).get("dwdp", {}).get("pull_timeline"):
+        if not ((doc.get("raw") or {}).get("dwdp") or {}).get("pull_timeline"):
+            skip("context_bench", doc, "no pull timeline (recorded by config.dwdp.timeline on a GPU)")
+        else:
             written += save(_figure(doc), f"pull_timeline_{doc['run']}", figures_root)
     return written
 
