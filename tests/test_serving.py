@@ -388,15 +388,15 @@ def test_figure_scripts_write_png_pdf_and_markdown(tmp_path):
     written = fig_pull_timeline.main(results, figures)  # only the run with a pull timeline
     assert sorted(p.name for p in written) == ["pull_timeline_timeline.pdf", "pull_timeline_timeline.png"]
     assert fig_pull_timeline._pairs(marks_of(results), "copy_start", "copy_end") == [(0, 0.01, 40.0), (1, 40.0, 80.0)]
-    written = fig_ablations.main(results, figures)
-    assert sorted(p.name for p in written) == ["ablation_isl.pdf", "ablation_isl.png", "ablations.md"]
+    written = fig_ablations.main(results, figures)  # every sweep of Tables 3-4, with or without measured points
+    assert {"ablation_isl.pdf", "ablation_isl.png", "ablations.md"} <= {p.name for p in written}
     assert all(p.stat().st_size > 0 for p in written)
     table = (figures / "ablations.md").read_text()
     assert "| isl=8192 | unknown device | 111 | 100 | 1.110 | 1.100 |" in table
     assert fig_ablations.paper_speedups("contention", {"input_ratio": 0.5, "max_num_tokens": 16384,
                                                        "contention_mitigation": True}) == (None, 1.081)
     empty = tmp_path / "empty"
-    assert fig_breakdown.main(empty, figures) == [] and fig_ablations.main(empty, figures) == []
+    assert fig_breakdown.main(empty, figures) == []
 
 
 def test_malformed_breakdown_names_the_run(tmp_path):
@@ -412,7 +412,8 @@ def test_figures_command_runs_every_script(tmp_path):
     results, figures = tmp_path / "results", tmp_path / "figures"
     _synthetic_results(results)
     done = subprocess.run([sys.executable, "-m", "experiments.figures", f"--results={results}",
-                           f"--figures={figures}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           f"--figures={figures}", "--nosimulate"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     assert "fig_breakdown: " in done.stdout and "breakdown_tiny.png" in done.stdout
     assert (figures / "ablation_isl.pdf").exists()
