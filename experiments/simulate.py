@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dwdp_jax.results import write_results
 from dwdp_jax.sim import hardware, studies
 from dwdp_jax.sim.roofline import Precision
-from dwdp_jax.sim.simulate import PULL_ISSUES, ContextConfig
+from dwdp_jax.sim.config import PULL_ISSUES, ContextConfig
 from models.config import get_preset
 
 EXPERIMENTS = {"roofline": "roofline", "contention": "sim_contention", "sync_cv": "sim_sync_cv",

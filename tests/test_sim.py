@@ -11,9 +11,12 @@ import pytest
 
 from dwdp_jax.placement import Placement
 from dwdp_jax.results import read_results, write_results
-from dwdp_jax.sim import contention, hardware, roofline, simulate, studies
+from dwdp_jax.serving.scheduler import CountCheckError, DepScheduler, DwdpScheduler
+from dwdp_jax.serving.workload import Request, synthetic_requests
+from dwdp_jax.sim import contention, hardware, planner, roofline, servers, simulate, studies
+from dwdp_jax.sim import workload as sim_workload
+from dwdp_jax.sim.config import PACKINGS, STRATEGIES, ContextConfig, E2EConfig
 from dwdp_jax.sim.roofline import GenServer, Precision
-from dwdp_jax.sim.simulate import ContextConfig, E2EConfig
 from dwdp_jax.sim.workload import Workload, arrival_times_s, input_lengths
 from models.config import deepseek_r1
 
@@ -101,13 +104,50 @@ def test_workload_sampler():
     assert not arrival_times_s(Workload(4, 10)).any()
 
 
+def test_the_simulator_runs_the_serving_workload_and_scheduler():
+    """One workload sampler and one scheduler: a simulated run batches exactly as the runtimes' scheduler does."""
+    w = Workload(40, 8192, 0.5, rate_per_s=50.0, seed=4)
+    served = synthetic_requests(40, 8192, input_ratio=0.5, rate_per_s=50.0, seed=4)
+    assert [(r.id, r.input_len, r.arrival_s) for r in sim_workload.requests(w)] == \
+        [(r.id, r.input_len, r.arrival_s) for r in served]
+    assert np.array_equal(input_lengths(w), [r.input_len for r in served])
+    saturated = Workload(40, 8192, 0.5, seed=4)
+    ctx = ContextConfig("dep", max_num_tokens=16384, max_batch_size=3)
+    steps = simulate.simulate_context(R1, GB200, ctx, saturated).iterations
+    scheduler = DepScheduler(sim_workload.requests(saturated), num_ranks=4, max_num_tokens=16384, max_batch_size=3)
+    expected = []
+    while (batches := scheduler.next_step(0.0)) is not None:
+        expected.append([b.num_tokens for b in batches])
+    assert [it.rank_tokens for it in steps] == expected
+    with pytest.raises(ValueError, match="input_ratio must be 1.0 when isl_std is given"):
+        Workload(4, 1024, 0.8, isl_std=100.0)
+
+
+def test_scheduler_takes_closed_loop_submissions_in_arrival_order():
+    scheduler = DwdpScheduler([Request(0, 10)], num_ranks=2, max_num_tokens=32, max_batch_size=4)
+    scheduler.submit(Request(1, 20, arrival_s=1.0))
+    assert scheduler.next_batch(0, 0.5).request_ids == (0,)
+    assert scheduler.next_batch(1, 0.5) is None and scheduler.next_arrival_s() == 1.0
+    with pytest.raises(ValueError, match="request 2 arrives at 0.5 s, before pending request 1"):
+        scheduler.submit(Request(2, 5, arrival_s=0.5))
+    with pytest.raises(ValueError, match=r"duplicate request ids: \[0\]"):
+        scheduler.submit(Request(0, 5, arrival_s=2.0))
+    with pytest.raises(ValueError, match="longer than max_num_tokens=32"):
+        scheduler.submit(Request(3, 33, arrival_s=2.0))
+    batch = scheduler.next_batch(1, 1.0)
+    assert batch.request_ids == (1,)
+    scheduler.complete(batch)
+    with pytest.raises(CountCheckError, match=r"1 request\(s\) never completed: \[0\]"):
+        scheduler.finish()
+
+
 def test_dep_step_barrier_and_sync_overhead():
     prec = Precision()
     even = [roofline.prefill_times(R1, GB200, [8192], prec)] * 4
-    step_s, busy_s = simulate.dep_step(R1, GB200, even, [8192] * 4, prec)
+    step_s, busy_s = servers.dep_step(R1, GB200, even, [8192] * 4, prec)
     assert np.allclose(busy_s, step_s)
     uneven = [roofline.prefill_times(R1, GB200, [8192] * k, prec) for k in (1, 1, 1, 2)]
-    step2_s, busy2_s = simulate.dep_step(R1, GB200, uneven, [8192, 8192, 8192, 16384], prec)
+    step2_s, busy2_s = servers.dep_step(R1, GB200, uneven, [8192, 8192, 8192, 16384], prec)
     assert busy2_s.max() == pytest.approx(step2_s) and 1 - busy2_s.mean() / step2_s > 0.05
 
 
@@ -154,13 +194,13 @@ def test_e2e_closed_loop_and_planner():
     gen = GenServer(num_gpus=4, max_batch=16, mtp_tokens=1)
     w = Workload(64, 2048, 0.8, osl=32)
     results = {s: simulate.simulate_e2e(R1, GB200, E2EConfig(ContextConfig(s, max_num_tokens=8192), gen), w)
-               for s in simulate.STRATEGIES}
+               for s in STRATEGIES}
     for result in results.values():
         s = result.summary()
         assert s["steady_requests"] > 0 and s["output_tps_per_gpu"] > 0 and s["ttft_p50_s"] > 0
         assert all(r.end_s > r.gen_start_s >= r.prefill_end_s > r.arrival_s for r in result.requests)
     points = [{"ttft_p50_s": 0.5, "output_tps_per_gpu": 10.0}, {"ttft_p50_s": 2.0, "output_tps_per_gpu": 20.0}]
-    choices = simulate.plan(points, [0.1, 1.0, 3.0])
+    choices = planner.plan(points, [0.1, 1.0, 3.0])
     assert [c.best and c.best["output_tps_per_gpu"] for c in choices] == [None, 10.0, 20.0]
 
 
@@ -193,7 +233,7 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
     w = Workload(32, 8192, 0.8)
     tps = {s: simulate.simulate_context(cfg, hw, ContextConfig(s, max_num_tokens=32768, token_buckets=2,
                                                                precision=bf16), w).tps_per_gpu
-           for s in simulate.STRATEGIES}
+           for s in STRATEGIES}
     predicted = tps["dwdp"] / tps["dep"]
     for run, factor in ratio_factors.items():
         write_results("context_bench", run, config=config, raw={}, root=root, with_devices=False,
@@ -204,7 +244,7 @@ def _calibration_files(root: Path, ratio_factors: dict[str, float]) -> float:
 
 def test_dwdp_lookahead_packing_needs_fewer_iterations_with_varied_lengths():
     cfg, w = R1.replace(num_hidden_layers=5), Workload(64, 8192, 1.0, isl_std=4096.0)
-    runs = {p: simulate.simulate_context(cfg, GB200, ContextConfig("dwdp", packing=p), w) for p in simulate.PACKINGS}
+    runs = {p: simulate.simulate_context(cfg, GB200, ContextConfig("dwdp", packing=p), w) for p in PACKINGS}
     # fuller batches; throughput need not follow in a short run (with 64 requests the tail decides: 0.96x here)
     assert runs["lookahead"].summary()["num_iterations"] < runs["fcfs"].summary()["num_iterations"]
 
@@ -227,7 +267,7 @@ def test_token_buckets_pad_each_dwdp_batch_and_every_dep_rank_to_the_fullest():
     cfg, w = R1.replace(num_hidden_layers=6), Workload(32, 8192, 1.0, isl_std=4096.0)
     runs = {(s, tb): simulate.simulate_context(cfg, GB200, ContextConfig(s, max_num_tokens=32768, token_buckets=tb),
                                                w).summary()
-            for s in simulate.STRATEGIES for tb in (None, 2, 32768)}
+            for s in STRATEGIES for tb in (None, 2, 32768)}
     tps = {key: run["tps_per_gpu"] for key, run in runs.items()}
     # a bucket per token count: no padding for a DWDP rank, while a DEP step still pads every rank to its fullest
     assert tps[("dwdp", 32768)] == pytest.approx(tps[("dwdp", None)])

@@ -85,6 +85,11 @@ class _Ledger:
         self._issued: dict[int, Assignment] = {}
         self._completions: collections.Counter[int] = collections.Counter()
 
+    def add(self, request_id: int) -> None:
+        if request_id in self._ids:
+            raise ValueError(f"duplicate request ids: [{request_id}]")
+        self._ids.add(request_id)
+
     def issue(self, batch: Batch) -> None:
         for rid in batch.request_ids:
             self._issued[rid] = Assignment(rid, batch.rank, batch.iteration)
@@ -136,6 +141,18 @@ class _FcfsQueue:
         until then."""
         with self._lock:
             return self._pending[0].arrival_s if self._pending else None
+
+    def submit(self, request: Request) -> None:
+        """Queues a request that comes after the scheduler was made (a closed-loop client releases one when another
+        finishes): checked as at construction, and arriving no earlier than any request still pending."""
+        validate_requests([request], max_num_tokens=self.max_num_tokens, max_batch_size=self.max_batch_size,
+                          num_ranks=self.num_ranks)
+        with self._lock:
+            if self._pending and request.arrival_s < self._pending[-1].arrival_s:
+                raise ValueError(f"request {request.id} arrives at {request.arrival_s} s, before pending request "
+                                 f"{self._pending[-1].id} ({self._pending[-1].arrival_s} s)")
+            self._ledger.add(request.id)
+            self._pending.append(request)
 
     def _take_fcfs(self, now_s: float, max_tokens: int, max_count: int) -> list[Request]:
         """Pops the longest arrived FCFS prefix within the limits; stops at the first request that does not fit, so a

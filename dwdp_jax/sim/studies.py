@@ -17,10 +17,10 @@ import numpy as np
 from dwdp_jax.placement import Placement
 from dwdp_jax.results import read_results
 from dwdp_jax.serving import workload as served_workload
-from dwdp_jax.sim import contention, hardware, roofline, simulate
+from dwdp_jax.sim import contention, hardware, planner, roofline, simulate
 from dwdp_jax.sim.hardware import HardwareSpec
 from dwdp_jax.sim.roofline import GenServer, Precision
-from dwdp_jax.sim.simulate import ContextConfig, E2EConfig
+from dwdp_jax.sim.config import DISCIPLINES, PULL_ISSUES, ContextConfig, E2EConfig
 from dwdp_jax.sim.workload import Workload
 from models.config import ModelConfig, YarnConfig
 
@@ -82,9 +82,9 @@ def contention_study(cfg: ModelConfig, hw: HardwareSpec, group_sizes: Sequence[i
         contention.contention_pmf(n)
     if min_pulls < 1:
         raise ValueError(f"min_pulls must be >= 1, got {min_pulls}")
-    bad = [d for d in disciplines if d not in simulate.DISCIPLINES]
+    bad = [d for d in disciplines if d not in DISCIPLINES]
     if bad:
-        raise ValueError(f"disciplines: unknown {bad}; choose from {simulate.DISCIPLINES}")
+        raise ValueError(f"disciplines: unknown {bad}; choose from {DISCIPLINES}")
     rows, raw = {}, {}
     for n in progress(list(group_sizes)):
         pmf = contention.contention_pmf(n)
@@ -278,12 +278,12 @@ def planner_study(cfg: ModelConfig, hw: HardwareSpec, band: Band, ttft_targets_s
         raise ValueError(f"max_ctx_gpus must be >= 1, got {max_ctx_gpus}")
     for g in group_sizes:
         Placement.for_group(cfg.n_routed_experts, g)
-    infeasible = [g for g in group_sizes if not simulate.fits_memory(cfg, hw, _ctx("dwdp", g, g, base))]
+    infeasible = [g for g in group_sizes if not planner.fits_memory(cfg, hw, _ctx("dwdp", g, g, base))]
     jobs = [("dwdp", g, k * g) for g in group_sizes if g not in infeasible for k in range(1, max_ctx_gpus // g + 1)]
     jobs += [("dep", 4, k * 4) for k in range(1, max_ctx_gpus // 4 + 1)]
     w = _e2e_workload(isl, osl, input_ratio, band.gen.max_batch, cycles, seed)
     points = [e2e_point(cfg, hw, _ctx(s, gpus, g, base), band.gen, w) for s, g, gpus in progress(jobs)]
-    choices = {s: simulate.plan([p for p in points if p["strategy"] == s], ttft_targets_s) for s in ("dwdp", "dep")}
+    choices = {s: planner.plan([p for p in points if p["strategy"] == s], ttft_targets_s) for s in ("dwdp", "dep")}
     rows = [{"ttft_target_s": t, "dwdp": choices["dwdp"][i].best, "dep": choices["dep"][i].best}
             for i, t in enumerate(ttft_targets_s)]
     return {"config": {"hardware": hw, "band": band, "ttft_targets_s": list(ttft_targets_s),
@@ -435,7 +435,7 @@ def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], 
     def variants(w):
         return (("", w), (",isl_std=4096", dataclasses.replace(w, input_ratio=1.0, isl_std=4096.0)))
 
-    other = next(p for p in simulate.PULL_ISSUES if p != dwdp.pull_issue)
+    other = next(p for p in PULL_ISSUES if p != dwdp.pull_issue)
     moved = dataclasses.replace(dwdp, pull_issue=other)
     out = {f"layers={cfg.num_hidden_layers}{name},pull_issue={other}": ratio(cfg, w, moved)
            for name, w in variants(workload)}

@@ -1,8 +1,8 @@
-"""The simulator's request sampler: prompt lengths and arrival times, seeded, numpy only.
+"""A simulated workload: the serving workload's synthetic requests (dwdp_jax.serving.workload), named by one value.
 
-Why a separate one: the simulator needs only two arrays and must stay importable without the serving stack; it follows
-the same conventions as dwdp_jax.serving.workload (benchmark_serving's random-range-ratio lengths, TRT-LLM's normal
-lengths, Poisson or all-at-once arrivals) and could be replaced by that module's `input_lengths` / `arrival_times_s`.
+Why a spec of its own: studies replace one field of a workload (`dataclasses.replace`) and results files record it
+whole; the lengths and arrivals themselves come from the serving sampler, so a simulated run and a served run of the
+same settings see the same requests.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import dataclasses
 import math
 
 import numpy as np
+
+from dwdp_jax.serving import workload as served
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Workload:
             raise ValueError(f"Workload.input_ratio must be in [0, 1], got {self.input_ratio}")
         if self.isl_std is not None and not self.isl_std >= 0:
             raise ValueError(f"Workload.isl_std must be >= 0 or None, got {self.isl_std}")
+        if self.isl_std is not None and self.input_ratio != 1.0:
+            raise ValueError(f"Workload.input_ratio must be 1.0 when isl_std is given, got {self.input_ratio}")
         if self.max_len is not None and self.max_len < self.isl:
             raise ValueError(f"Workload.max_len must be >= isl ({self.isl}), got {self.max_len}")
         if self.rate_per_s is not None and not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
@@ -49,16 +53,16 @@ class Workload:
 
 def input_lengths(w: Workload) -> np.ndarray:
     """Prompt lengths [num_requests] (int64)."""
-    rng = np.random.default_rng(np.random.SeedSequence([w.seed, 0]))
-    if w.isl_std is None:
-        return rng.integers(max(1, int(w.isl * w.input_ratio)), w.isl, size=w.num_requests, endpoint=True)
-    upper = w.max_len if w.max_len is not None else 2 * w.isl - 1
-    return np.clip(np.rint(rng.normal(w.isl, w.isl_std, size=w.num_requests)), 1, upper).astype(np.int64)
+    return served.input_lengths(w.num_requests, w.isl, input_ratio=w.input_ratio, isl_std=w.isl_std,
+                                max_len=w.max_len, seed=w.seed)
 
 
 def arrival_times_s(w: Workload) -> np.ndarray:
     """Arrival times [num_requests], non-decreasing, seconds from the start."""
-    if w.rate_per_s is None:
-        return np.zeros(w.num_requests)
-    rng = np.random.default_rng(np.random.SeedSequence([w.seed, 1]))
-    return np.cumsum(rng.exponential(1.0 / w.rate_per_s, size=w.num_requests))
+    return served.arrival_times_s(w.num_requests, w.rate_per_s, seed=w.seed)
+
+
+def requests(w: Workload) -> list[served.Request]:
+    """The requests, ids 0..n-1, with their lengths and arrivals."""
+    return served.synthetic_requests(w.num_requests, w.isl, input_ratio=w.input_ratio, isl_std=w.isl_std,
+                                     max_len=w.max_len, rate_per_s=w.rate_per_s, seed=w.seed)
