@@ -28,8 +28,8 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.cpu_devices = 4  # virtual CPU devices when running on CPU
     # XLA's default keeps bf16 intermediates wider inside fusions, and DEP's program fuses unlike the reference's, so
     # the two round differently. False (XLA_FLAGS --xla_allow_excess_precision=false, set before the backend starts)
-    # rounds every intermediate as written: DEP then matches the reference bit for bit on CPU at MNT 192 (session 6;
-    # from 256 tokens a smaller difference remains there, in the shared expert).
+    # rounds every intermediate as written: DEP then matches the reference bit for bit on CPU at MNT 192 (from
+    # 256 tokens a smaller difference remains there, in the shared expert).
     c.xla_excess_precision = True
 
     c.model = config_dict.ConfigDict()
@@ -108,8 +108,8 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     if name in ("r1_width_4gpu", "r1_width_4gpu_std"):
         c.model.preset = "deepseek_r1"
         c.model.checkpoint = ""
-        # The depth measured on 4x H200 (sessions 5-6); 0 lets the memory planner pick the deepest that fits
-        # (with the session-6 DEP plan: 9 at memory_fraction 0.78, not yet run).
+        # The depth measured on 4x H200; 0 lets the memory planner pick the deepest that fits (with DEP's
+        # threaded plan: 9 at memory_fraction 0.78, not yet run).
         c.model.num_hidden_layers = 7
         c.model.hidden_size = 0
         c.model.n_routed_experts = 0
@@ -132,14 +132,14 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         c.dwdp.transport = "copy_engine"
         c.dwdp.timeline = True
         # DEP first, on a fresh allocator pool: after DWDP2 at R1 width DEP2's 35 GiB of temporaries did not fit on
-        # one rank and the others waited in NCCL (2x H200, session 3); DWDP's ranks fail alone, with an error.
+        # one rank and the others waited in NCCL (2x H200); DWDP's ranks fail alone, with an error.
         c.strategies = "dep,dwdp"
         c.verify.rel_tol = 2e-2
         # With num_hidden_layers 0, DEP4 decides the depth: its dropless all-to-all buffers (dep.ReceiveBuffer,
         # memory.plan_dep). At 8 layers before the combine output was threaded, DEP4 passed its memory check, then
         # three ranks could not place the step's 31.5 GiB all-to-all buffer in their fragmented pools (58 GiB free,
-        # largest piece 27) and the fourth waited in NCCL until killed (session 5); threaded, the step's
-        # temporaries are 50.4 GiB at 7 and 8 layers (session 6).
+        # largest piece 27) and the fourth waited in NCCL until killed; threaded, the step's
+        # temporaries are 50.4 GiB at 7 and 8 layers (4x H200).
         c.memory_fraction = 0.78
         c.verify.min_id_match = 0.97
         c.verify.noise_floor = True  # DEP4's bf16 error: 0.047 / 0.065 at 3 / 4 MoE layers (sessions 4-5)

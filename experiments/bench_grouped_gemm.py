@@ -44,7 +44,7 @@ _RESULTS = flags.DEFINE_string("results", "results", "results root")
 _TUNE = flags.DEFINE_bool("tune", False, "record each kernel's fastest swept blocks in the kernel block cache, which "
                           "the kernels then use at this K, N and about this many rows on this card")
 
-# Launch orders (session-3 sweep in WORKSPACE.md): group_m 0 is column-block-major (every column block re-reads all
+# Launch orders: group_m 0 is column-block-major (every column block re-reads all
 # rows: 45 GB of HBM traffic for gate/up at 131072 rows); windows of group_m row tiles read rows about once, and
 # per_group windows never span two experts (group_m 0 with per_group: the whole expert). Per-expert windows won
 # (+12-16%), so the sweep now explores around them: window width, pipeline depth and K tile.
@@ -57,24 +57,24 @@ _FULL_TILES = {
                                                          Blocks(block_n=256, block_k=32, num_stages=6,
                                                                 per_group=True)],
 }
-# and against the tile waste at group boundaries (session 6): half tiles (`Blocks.half_tiles`) on the per-expert
+# and against the tile waste at group boundaries: half tiles (`Blocks.half_tiles`) on the per-expert
 # orders that won at 131072 and 262144 rows, and 64-row tiles throughout (one warpgroup per tile)
 CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in blocks
                                if b.per_group and b.group_m in (0, 16, 32) and b.block_k == 64]
               + [Blocks(block_m=64, block_n=128 if fused else 256, num_warps=4, per_group=True)]
               for fused, blocks in _FULL_TILES.items()}
 # The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
-# allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view (first timings:
-# WORKSPACE.md, session 4); then clusters of two CTAs sharing their x tile by TMA multicast (session 7; checked on a
-# GPU only: Mosaic GPU's interpreter has no cluster barriers). Timed and dropped in session 8: x fed to the fused
+# allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view; then clusters
+# of two CTAs sharing their x tile by TMA multicast (checked on a GPU only: Mosaic GPU's interpreter has no cluster
+# barriers). Timed on an H200 and dropped: x fed to the fused
 # kernel's wgmmas from registers (-9%) and 32-wide K tiles for down (chained or 6 stages, -3 to -17%). For down,
 # the output staged in halves (`half_store`) frees the fourth stage, so it can run gate/up's winning pipeline (4
-# stages, one wgmma in flight, clusters; session 8, untimed).
+# stages, one wgmma in flight, clusters).
 _DOWN_HALF_STORE = [MgpuBlocks(max_concurrent_steps=4, half_store=True, **kw)
                     for kw in (dict(), dict(delay_release=1), dict(cluster_n=True),
                                dict(delay_release=1, cluster_n=True))]
 # Full tiles through the swizzled view with each projection's clustered winners: the plain view's stores are 8-way
-# bank conflicted, and in the model's tile-aligned layout every tile is full (`--align`; session 10, H200: down's
+# bank conflicted, and in the model's tile-aligned layout every tile is full (`--align`; H200: down's
 # swizzled half store 559.1 TFLOP/s against 557.7 plain, the recorded winner).
 _SWIZZLED_CLUSTERED = {
     True: [MgpuBlocks(tile_n=64, delay_release=1, cluster_n=True, swizzled_store=True)],

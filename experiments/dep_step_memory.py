@@ -5,7 +5,7 @@
 For each depth (num_hidden_layers; the preset's 3 dense layers first), builds the DEP runtime of the
 `r1_width_4gpu` context_bench preset with synthetic weights and reads the compiled step's memory analysis
 (temporaries, outputs, arguments) and each device's largest free block; nothing runs. This is how DEP4's per-layer
-14 GiB receive buffers were found (WORKSPACE.md, session 4). Results: results/dep_step_memory/<run>.json.
+14 GiB receive buffers were found. Results: results/dep_step_memory/<run>.json.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dwdp_jax.results import write_measurements
 _QUICK = flags.DEFINE_bool("quick", False, "smaller shapes (a smoke run)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 _SUSTAIN = flags.DEFINE_float("sustain_s", 2.0, "each compute rate is timed after this many seconds of the same "
-                              "kernel, at the clocks serving runs at (0: a burst from idle, as before session 7)",
+                              "kernel, at the clocks serving runs at (0: a burst from idle)",
                               lower_bound=0.0)
 
 
