@@ -74,7 +74,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.dwdp.slice_bytes = 0  # copy engine: > 0 cuts copies into pieces this large, round-robin over owners
     c.dwdp.local_experts = 0  # 0: chosen from (E, N)
     # lookahead: a free rank fills its batch from the window DEP's steps pack (serving.scheduler); fcfs: the ablation
-    # that stops at the first request that does not fit (the GPU runs of sessions 4-6)
+    # that stops at the first request that does not fit (the first 4x H200 runs)
     c.dwdp.packing = "lookahead"
     # after_moe: the next layer's pull starts at the end of a MoE layer and overlaps attention first;
     # after_attention: it starts between attention and MoE and overlaps the grouped GEMM first (DwdpOptions)
@@ -142,7 +142,7 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         # temporaries are 50.4 GiB at 7 and 8 layers (4x H200).
         c.memory_fraction = 0.78
         c.verify.min_id_match = 0.97
-        c.verify.noise_floor = True  # DEP4's bf16 error: 0.047 / 0.065 at 3 / 4 MoE layers (sessions 4-5)
+        c.verify.noise_floor = True  # DEP4's bf16 error: 0.047 / 0.065 at 3 / 4 MoE layers (4x H200)
         c.verify.num_requests = 3
         c.sync_samples = 4
         if name.endswith("_std"):
