@@ -1,164 +1,130 @@
 """Roofline and simulator studies at NVL72 scale (issue 7): one study per run, one results file per study.
 
-  python -m experiments.simulate --study=contention                 # paper Table 2, model vs simulated pulls
-  python -m experiments.simulate --study=sync_cv                    # DEP sync overhead vs CV (paper Fig. 1)
-  python -m experiments.simulate --study=roofline --hardware=gb200  # blog Table 1 (= python -m experiments.roofline)
-  python -m experiments.simulate --study=pareto                     # e2e TPS/GPU vs TPS/user (Tables 5-6)
-  python -m experiments.simulate --study=planner --ttft_targets=1,2,4
-  python -m experiments.simulate --study=calibration                # needs results/gpu_calibration + context_bench
-  python -m experiments.simulate --study=grid --group_size=8        # Table 4's grid at N GPUs, calibrated (issue 9)
+  python -m experiments.simulate --config=configs/simulate.py:contention   # paper Table 2, model vs simulated pulls
+  python -m experiments.simulate --config=configs/simulate.py:sync_cv      # DEP sync overhead vs CV (paper Fig. 1)
+  python -m experiments.simulate --config=configs/simulate.py:roofline     # blog Table 1 (= experiments.roofline)
+  python -m experiments.simulate --config=configs/simulate.py:pareto       # e2e TPS/GPU vs TPS/user (Tables 5-6)
+  python -m experiments.simulate --config=configs/simulate.py:planner --config.ttft_targets=1,2,4
+  python -m experiments.simulate --config=configs/simulate.py:calibration  # needs gpu_calibration + context_bench
+  python -m experiments.simulate --config=configs/simulate.py:grid --config.group_size=8  # Table 4 at N GPUs
 
-Writes results/<experiment>/<run>.json (experiments roofline, sim_contention, sim_sync_cv, sim_pareto, sim_planner,
-sim_calibration) and prints a short table. Invalid input exits with code 2 and a message naming the field, before any
-simulation runs. Another command runs a study exactly as this main does with `produce(study, options())` (the figures
-command runs the missing ones this way).
+`--study=NAME` is short for `--config=configs/simulate.py:NAME`. Writes results/<experiment>/<run>.json (experiments
+roofline, sim_contention, sim_sync_cv, sim_pareto, sim_planner, sim_calibration, sim_grid) and prints a short table.
+Invalid input exits with code 2 and a message naming the field, before any simulation runs. Another command runs a
+study exactly as this main does with `produce(options(STUDY))` (the figures command runs the missing ones this way).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from absl import app, flags
+from ml_collections import config_dict, config_flags
 from tqdm import tqdm
 
+import configs
+from configs import simulate as simulate_configs
 from dwdp_jax.results import write_results
 from dwdp_jax.sim import hardware, studies
+from dwdp_jax.sim.config import ContextConfig
 from dwdp_jax.sim.roofline import Precision
-from dwdp_jax.sim.config import PULL_ISSUES, ContextConfig
 from models.config import get_preset
 
+CONFIG_FILE = os.path.join(os.path.dirname(configs.__file__), "simulate.py")
 EXPERIMENTS = {"roofline": "roofline", "contention": "sim_contention", "sync_cv": "sim_sync_cv",
                "pareto": "sim_pareto", "planner": "sim_planner", "calibration": "sim_calibration", "grid": "sim_grid"}
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("study", "contention", list(EXPERIMENTS), "which study to run")
-flags.DEFINE_string("hardware", "gb200", f"GPU spec: one of {sorted(hardware.SPECS)} or calibrated")
-flags.DEFINE_string("model", "deepseek_r1", "model preset (models.config.PRESETS)")
-flags.DEFINE_string("out", "results", "results root")
-flags.DEFINE_string("run", "", "results file name (default: the hardware name)")
-flags.DEFINE_integer("seed", 0, "random seed")
-flags.DEFINE_string("moe_precision", "nvfp4", "routed/shared expert precision: bf16 | fp8 | nvfp4")
-flags.DEFINE_string("dense_precision", "bf16", "MLA projections, dense MLP, LM head precision")
-flags.DEFINE_string("attention_precision", "bf16", "attention core precision")
-flags.DEFINE_list("isls", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"], "roofline ISLs")
-flags.DEFINE_list("batches", ["1", "2", "4", "8"], "roofline batch sizes (sequences per rank)")
-flags.DEFINE_integer("group_size", 4, "DWDP group / DEP server size")
-flags.DEFINE_integer("local_experts", 0, "DWDP local experts L per rank (0: least redundant placement)")
-flags.DEFINE_list("group_sizes", ["3", "4", "6", "8", "12", "16"], "contention: DWDP group sizes")
-flags.DEFINE_list("disciplines", ["none", "fifo", "round_robin"], "contention: pull disciplines")
-flags.DEFINE_integer("min_pulls", 80000, "contention: pulls simulated per group size (at least)")
-flags.DEFINE_integer("isl", 8192, "sync_cv / pareto / planner: ISL")
-flags.DEFINE_float("input_ratio", 0.8, "input lengths uniform in [ratio * ISL, ISL]")
-flags.DEFINE_integer("osl", 1024, "pareto / planner: output tokens per request")
-flags.DEFINE_integer("max_num_tokens", 32768, "sync_cv: DEP tokens per rank per step")
-flags.DEFINE_list("loads", ["0.3", "0.5", "0.7", "0.8", "0.9", "1.0"], "sync_cv: arrival rates / DEP capacity")
-flags.DEFINE_list("seeds", ["0", "1"], "sync_cv: workload seeds")
-flags.DEFINE_integer("num_requests", 2000, "sync_cv: requests per (load, seed)")
-flags.DEFINE_list("bands", [b.name for b in studies.paper_bands()], "pareto: paper TPS/user bands to simulate")
-flags.DEFINE_string("band", "60-80", "planner: the generation configuration (a pareto band name)")
-flags.DEFINE_float("mtp_acceptance", 0.8, "generation: acceptance of each MTP draft token")
-flags.DEFINE_integer("cycles", 5, "pareto / planner: requests = cycles x concurrency")
-flags.DEFINE_list("ttft_targets", ["0.5", "1", "2", "5"], "planner: median TTFT targets, seconds")
-flags.DEFINE_list("planner_group_sizes", ["3", "4", "6", "8"], "planner: DWDP group sizes")
-flags.DEFINE_integer("max_ctx_gpus", 32, "planner: most context GPUs")
-flags.DEFINE_enum("discipline", "fifo", ["fifo", "round_robin", "none"], "DWDP pull discipline (pareto, planner)")
-flags.DEFINE_integer("slice_bytes", 1 << 20, "round_robin slice size, bytes")
-flags.DEFINE_enum("packing", "lookahead", ["lookahead", "fcfs"], "DWDP batch filling (pareto, planner): DEP's window "
-                  "one rank at a time, or strict FCFS (serving.scheduler)")
-flags.DEFINE_float("compute_slowdown", 0.0, "DWDP compute slowdown while pulling (0.05 = 5%)")
-flags.DEFINE_float("attention_slowdown", None, "DWDP attention slowdown while pulling (default: --compute_slowdown)")
-flags.DEFINE_enum("pull_issue", "after_moe", list(PULL_ISSUES), "where a DWDP rank issues the next "
-                  "pull: after a MoE layer (two layers ahead) or after its attention (one layer ahead)")
-flags.DEFINE_float("tolerance", 0.10, "calibration: allowed relative error of the predicted DWDP/DEP ratio")
-flags.DEFINE_list("projection_requests", ["256"], "calibration: request counts each measured run is also projected at")
 
-
-def options(**overrides: Any) -> SimpleNamespace:
-    """This module's flag values (their defaults unless a command line set them) with `overrides`: the settings
-    `python -m experiments.simulate` runs a study with, for another command to run the same study."""
-    values = {flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    unknown = sorted(set(overrides) - set(values))
+def options(study: str, **overrides: Any) -> config_dict.ConfigDict:
+    """The study's config (configs/simulate.py:STUDY) with `overrides`: the settings `python -m experiments.simulate`
+    runs it with, for another command to run the same study."""
+    c = simulate_configs.get_config(study)
+    unknown = sorted(set(overrides) - set(c.keys()))
     if unknown:
-        raise ValueError(f"unknown simulate options {unknown}")
-    return SimpleNamespace(**{**values, **overrides})
+        raise ValueError(f"unknown {study} config fields {unknown}; the study has {sorted(c.keys())}")
+    c.update(overrides)
+    return c
 
 
-def _ints(opts: SimpleNamespace, name: str) -> list[int]:
+def _items(c: config_dict.ConfigDict, name: str) -> list[str]:
+    return [v.strip() for v in str(c[name]).split(",") if v.strip()]
+
+
+def _ints(c: config_dict.ConfigDict, name: str) -> list[int]:
     try:
-        return [int(v) for v in getattr(opts, name)]
+        return [int(v) for v in _items(c, name)]
     except ValueError as e:
-        raise ValueError(f"--{name} must be a list of integers, got {getattr(opts, name)}") from e
+        raise ValueError(f"config.{name} must be a comma-separated list of integers, got {c[name]!r}") from e
 
 
-def _floats(opts: SimpleNamespace, name: str) -> list[float]:
+def _floats(c: config_dict.ConfigDict, name: str) -> list[float]:
     try:
-        return [float(v) for v in getattr(opts, name)]
+        return [float(v) for v in _items(c, name)]
     except ValueError as e:
-        raise ValueError(f"--{name} must be a list of numbers, got {getattr(opts, name)}") from e
+        raise ValueError(f"config.{name} must be a comma-separated list of numbers, got {c[name]!r}") from e
 
 
-def _precision(opts: SimpleNamespace) -> Precision:
-    return Precision(moe=opts.moe_precision, dense=opts.dense_precision, attention=opts.attention_precision)
+def _precision(c: config_dict.ConfigDict) -> Precision:
+    return Precision(moe=c.moe_precision, dense=c.dense_precision, attention=c.attention_precision)
 
 
-def _context(opts: SimpleNamespace, strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
-    return ContextConfig(strategy, group_size=opts.group_size, max_num_tokens=max_num_tokens,
-                         max_batch_size=max_batch_size, discipline=opts.discipline, slice_bytes=opts.slice_bytes,
-                         packing=opts.packing, compute_slowdown=opts.compute_slowdown,
-                         attention_slowdown=opts.attention_slowdown, pull_issue=opts.pull_issue,
-                         precision=_precision(opts), seed=opts.seed)
+def _context(c: config_dict.ConfigDict, strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
+    return ContextConfig(strategy, group_size=c.get("group_size", 4), max_num_tokens=max_num_tokens,
+                         max_batch_size=max_batch_size, discipline=c.discipline, slice_bytes=c.slice_bytes,
+                         packing=c.packing, compute_slowdown=c.compute_slowdown,
+                         attention_slowdown=c.attention_slowdown, pull_issue=c.pull_issue,
+                         precision=_precision(c), seed=c.seed)
 
 
-def _band(opts: SimpleNamespace, name: str) -> studies.Band:
-    bands = {b.name: b for b in studies.paper_bands(opts.mtp_acceptance)}
+def _band(c: config_dict.ConfigDict, name: str) -> studies.Band:
+    bands = {b.name: b for b in studies.paper_bands(c.mtp_acceptance)}
     if name not in bands:
         raise ValueError(f"unknown band {name!r}; choose from {sorted(bands)}")
     return bands[name]
 
 
-def run_study(study: str, opts: SimpleNamespace, progress: studies.Progress = tqdm) -> dict:
-    """Validates the options (`options`) and runs one study; returns its document (config, raw, metrics)."""
-    if study == "calibration":
-        return studies.calibration_study(opts.out, opts.tolerance, requests=_ints(opts, "projection_requests"))
-    if study == "grid":
-        return studies.grid_study(opts.out, opts.group_size)
-    cfg, hw, prec = get_preset(opts.model), hardware.get(opts.hardware, opts.out), _precision(opts)
+def run_study(c: config_dict.ConfigDict, progress: studies.Progress = tqdm) -> dict:
+    """Validates the config (`options`) and runs its study; returns its document (config, raw, metrics)."""
+    if c.study == "calibration":
+        return studies.calibration_study(c.results_root, c.tolerance, requests=_ints(c, "projection_requests"))
+    if c.study == "grid":
+        return studies.grid_study(c.results_root, c.group_size)
+    cfg, hw, prec = get_preset(c.model), hardware.get(c.hardware, c.results_root), _precision(c)
     hw.peak_flops_per_s(prec.moe)
-    local = opts.local_experts or None
-    if study == "roofline":
-        return studies.roofline_study(cfg, hw, _ints(opts, "isls"), _ints(opts, "batches"), opts.group_size, prec,
-                                      local)
-    if study == "contention":
-        return studies.contention_study(cfg, hw, _ints(opts, "group_sizes"), opts.disciplines, opts.min_pulls,
-                                        seed=opts.seed, progress=progress)
-    if study == "sync_cv":
-        return studies.sync_cv_study(cfg, hw, opts.isl, opts.input_ratio, opts.group_size, opts.max_num_tokens,
-                                     _floats(opts, "loads"), _ints(opts, "seeds"), opts.num_requests, prec=prec,
+    if c.study == "roofline":
+        return studies.roofline_study(cfg, hw, _ints(c, "isls"), _ints(c, "batches"), c.group_size, prec,
+                                      c.local_experts or None)
+    if c.study == "contention":
+        return studies.contention_study(cfg, hw, _ints(c, "group_sizes"), _items(c, "disciplines"), c.min_pulls,
+                                        seed=c.seed, progress=progress)
+    if c.study == "sync_cv":
+        return studies.sync_cv_study(cfg, hw, c.isl, c.input_ratio, c.group_size, c.max_num_tokens,
+                                     _floats(c, "loads"), _ints(c, "seeds"), c.num_requests, prec=prec,
                                      progress=progress)
-    if study == "pareto":
-        return studies.pareto_study(cfg, hw, [_band(opts, b) for b in opts.bands], opts.isl, opts.osl,
-                                    opts.input_ratio, opts.cycles, opts.group_size,
-                                    _context(opts, "dep", 33000, 4), opts.seed, progress=progress)
-    return studies.planner_study(cfg, hw, _band(opts, opts.band), _floats(opts, "ttft_targets"),
-                                 _ints(opts, "planner_group_sizes"), opts.max_ctx_gpus, opts.isl, opts.osl,
-                                 opts.input_ratio, opts.cycles, _context(opts, "dwdp", 33000, 4), opts.seed,
-                                 progress=progress)
+    if c.study == "pareto":
+        return studies.pareto_study(cfg, hw, [_band(c, b) for b in _items(c, "bands")], c.isl, c.osl,
+                                    c.input_ratio, c.cycles, c.group_size, _context(c, "dep", 33000, 4), c.seed,
+                                    progress=progress)
+    return studies.planner_study(cfg, hw, _band(c, c.band), _floats(c, "ttft_targets"), _ints(c, "group_sizes"),
+                                 c.max_ctx_gpus, c.isl, c.osl, c.input_ratio, c.cycles,
+                                 _context(c, "dwdp", 33000, 4), c.seed, progress=progress)
 
 
-def write(study: str, doc: dict, opts: SimpleNamespace) -> Path:
-    """Writes a study's document as results/<experiment>/<run>.json (run: --run, else the hardware's name)."""
-    run = opts.run or ("calibrated" if study == "calibration" else opts.hardware)
-    return write_results(EXPERIMENTS[study], run, config={**doc["config"], "argv": sys.argv}, raw=doc["raw"],
-                         metrics=doc["metrics"], root=opts.out, with_devices=False)
+def write(doc: dict, c: config_dict.ConfigDict) -> Path:
+    """Writes a study's document as results/<experiment>/<run>.json (run: config.run, else the hardware's name)."""
+    run = c.run or ("calibrated" if c.study == "calibration" else c.hardware)
+    return write_results(EXPERIMENTS[c.study], run, config={**doc["config"], "argv": sys.argv}, raw=doc["raw"],
+                         metrics=doc["metrics"], root=c.results_root, with_devices=False)
 
 
-def produce(study: str, opts: SimpleNamespace) -> Path:
+def produce(c: config_dict.ConfigDict) -> Path:
     """Runs one study without progress bars and writes its results file (what the main does, for another command);
     ValueError, before anything is written, on invalid input."""
-    return write(study, run_study(study, opts, progress=_quiet), opts)
+    return write(run_study(c, progress=_quiet), c)
 
 
 def _quiet(items):
@@ -240,23 +206,65 @@ def calibration_lines(doc: dict) -> list[str]:
     return lines + [f"{r['run']}: skipped, other kernels {r['kernels']}" for r in doc["raw"]["skipped_other_kernels"]]
 
 
-def main(study: str) -> int:
-    opts = options()
+def main(c: config_dict.ConfigDict) -> int:
     try:
-        doc = run_study(study, opts)
+        doc = run_study(c)
     except ValueError as e:
         print(f"simulate: invalid input: {e}", file=sys.stderr)
         return 2
-    path = write(study, doc, opts)
-    print(table(study, doc))
+    path = write(doc, c)
+    print(table(c.study, doc))
     print(f"wrote {path}")
     return 0
 
 
-def _cli(argv):
-    del argv
-    sys.exit(main(FLAGS.study))
+def invalid(message: str) -> None:
+    print(f"simulate: invalid input: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def command_line(argv: list[str], default_study: str) -> list[str]:
+    """argv with `--study=NAME` as `--config=configs/simulate.py:NAME`, and `default_study` where neither names one;
+    exits 2 on an unknown study or a --config.x override of a field the study does not have (ml_collections would
+    raise a traceback)."""
+    rest, study, spec = [], None, None
+    for arg in argv[1:]:
+        if arg.startswith("--study="):
+            study = arg.split("=", 1)[1]
+        elif arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if study is not None and spec is not None:
+        invalid("give --study or --config, not both")
+    path, _, name = (spec or CONFIG_FILE).partition(":")
+    name = study or name or default_study
+    if name not in simulate_configs.STUDIES:
+        invalid(f"unknown study {name!r}; choose from {', '.join(simulate_configs.STUDIES)}")
+    if os.path.abspath(path) == CONFIG_FILE:
+        known = list(simulate_configs.get_config(name).keys())
+        for field in (a[len("--config."):].split("=", 1)[0] for a in rest if a.startswith("--config.")):
+            if field not in known:
+                nearest = ", ".join(difflib.get_close_matches(field, known, n=3, cutoff=0.0))
+                invalid(f"--config.{field}: no such field of the {name} study; nearest: {nearest}")
+    return [argv[0], f"--config={path}:{name}", *rest]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, a bad value (--config.min_pulls=many) exiting 2 in one line like every other bad input."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        invalid(str(e).strip().splitlines()[-1])
+
+
+def run_main(default_study: str) -> None:
+    """The command: `default_study` unless --study or --config names another."""
+    sys.argv = command_line(sys.argv, default_study)
+    config = config_flags.DEFINE_config_file("config", None, "study config (configs/simulate.py:STUDY)",
+                                             lock_config=True)
+    app.run(lambda argv: sys.exit(main(config.value)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    app.run(_cli)
+    run_main("contention")

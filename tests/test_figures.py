@@ -24,11 +24,11 @@ RUNS = {"full": "r1_width_4gpu_h200x4_depth7_s9_repeats_std4096_20261128-051307.
         "no_breakdown": "r1_width_4gpu_std_depth7_n1024_h200x4_20261128-194042.json",
         "negative_sync": "r1_width_4gpu_std_h200x4_depth7_20261127-173654.json"}
 # The studies' settings here: the same studies as the mains run, on fewer points, so the test stays short.
-CHEAP = {"contention": {"group_sizes": ["3", "4"], "min_pulls": 2000},
-         "sync_cv": {"loads": ["0.5", "1.0"], "seeds": ["0"], "num_requests": 200},
-         "pareto": {"bands": ["160-180"]},
-         "planner": {"band": "160-180", "planner_group_sizes": ["4"], "max_ctx_gpus": 8},
-         "roofline": {"isls": ["1024", "8192", "16384", "32768"], "batches": ["1"]}}
+CHEAP = {"contention": {"group_sizes": "3,4", "min_pulls": 2000},
+         "sync_cv": {"loads": "0.5,1.0", "seeds": "0", "num_requests": 200},
+         "pareto": {"bands": "160-180"},
+         "planner": {"band": "160-180", "group_sizes": "4", "max_ctx_gpus": 8},
+         "roofline": {"isls": "1024,8192,16384,32768", "batches": "1"}}
 
 
 def _map_scripts() -> set[str]:

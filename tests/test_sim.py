@@ -422,19 +422,27 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_bad_input_exits_2_before_writing(tmp_path):
-    for args, field in ((["--study=sync_cv", "--loads=-0.5"], "loads"), (["--hardware=tpu9"], "unknown hardware"),
-                        (["--study=roofline", "--group_size=5", "--local_experts=7"], "local_experts"),
-                        (["--study=grid", "--group_size=1"], "group_size must be >= 2"),
-                        (["--study=calibration", "--projection_requests=256,x"], "projection_requests"),
-                        (["--study=calibration", "--projection_requests=0"], "projection_requests")):
-        done = _cli("experiments.simulate", *args, f"--out={tmp_path}")
+    config = "--config=configs/simulate.py"
+    for args, field in ((["--study=sync_cv", "--config.loads=-0.5"], "loads"),
+                        (["--config.hardware=tpu9"], "unknown hardware"),
+                        ([f"{config}:roofline", "--config.group_size=5", "--config.local_experts=7"], "local_experts"),
+                        (["--study=grid", "--config.group_size=1"], "group_size must be >= 2"),
+                        ([f"{config}:calibration", "--config.projection_requests=256,x"], "projection_requests"),
+                        (["--study=calibration", "--config.projection_requests=0"], "projection_requests"),
+                        (["--study=planner", "--config.planner_group_sizes=4"],
+                         "--config.planner_group_sizes: no such field of the planner study; nearest: group_sizes"),
+                        ([f"{config}:contention", "--config.min_pulls=many"], "--config.min_pulls=many"),
+                        (["--study=paretto"], "unknown study 'paretto'"),
+                        (["--study=grid", f"{config}:grid"], "give --study or --config, not both")):
+        done = _cli("experiments.simulate", *args, f"--config.results_root={tmp_path}")
         assert done.returncode == 2, done.stderr
         assert field in done.stderr
     assert not list(tmp_path.rglob("*.json"))
 
 
 def test_cli_roofline_writes_results_and_table(tmp_path):
-    done = _cli("experiments.roofline", "--isls=1024,8192,16384,32768", "--batches=1", f"--out={tmp_path}")
+    done = _cli("experiments.roofline", "--config.isls=1024,8192,16384,32768", "--config.batches=1",
+                f"--config.results_root={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert "crossover ISL" in done.stdout
     (doc,) = read_results("roofline", tmp_path)

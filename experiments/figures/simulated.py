@@ -1,8 +1,8 @@
 """The simulator and roofline studies the figures read, run where their results are missing (a fresh clone tracks none).
 
-Each study runs exactly as `python -m experiments.simulate --study=NAME` runs it (experiments.simulate.produce with
-that main's flag values) and writes the same results file. They are CPU-only and independent, so they run in worker
-processes, longest first, one per core. A study that cannot run here (calibration without GPU measurements) is
+Each study runs exactly as `python -m experiments.simulate --config=configs/simulate.py:NAME` runs it
+(experiments.simulate.produce with that config) and writes the same results file. They are CPU-only and independent,
+so they run in worker processes, longest first, one per core. A study that cannot run here (calibration without GPU measurements) is
 reported with its reason and skipped; any other error is a bug and propagates.
 """
 
@@ -47,19 +47,19 @@ def run_missing(results_root: str | Path | None = None, overrides: dict[str, dic
                 workers: int | None = None) -> dict[str, str]:
     """Runs every missing study into the results root; returns {study: "wrote PATH" | "not run: REASON"}.
 
-    `overrides` maps a study to option values (experiments.simulate.options) replacing the main's for that study
-    (the tests run cheap settings this way); `workers` defaults to the CPU count."""
+    `overrides` maps a study to config values (experiments.simulate.options) replacing the config file's for that
+    study (the tests run cheap settings this way); `workers` defaults to the CPU count."""
     todo = missing(results_root)
     if not todo:
         return {}
     out = str(results_root or RESULTS_ROOT)
-    opts = {s: simulate.options(**{**(overrides or {}).get(s, {}), "out": out, "run": ""}) for s in todo}
+    opts = {s: simulate.options(s, **{**(overrides or {}).get(s, {}), "results_root": out, "run": ""}) for s in todo}
     outcome: dict[str, str] = {}
     context = multiprocessing.get_context("spawn")  # the parent may hold threads (a test's JAX): never fork it
     with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(todo)), mp_context=context,
                              initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool, \
             tqdm(total=len(todo), desc="simulating missing results", unit="study") as bar:
-        running = {pool.submit(simulate.produce, s, opts[s]): s for s in todo}
+        running = {pool.submit(simulate.produce, opts[s]): s for s in todo}
         bar.set_postfix_str(", ".join(todo))
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
