@@ -9,6 +9,7 @@ checked before any simulation runs: a bad one exits 2 naming it.
 
 from ml_collections import config_dict
 
+from dwdp_jax.sim.config import SLICE_BYTES
 from dwdp_jax.sim.studies import paper_bands
 
 STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibration", "grid")
@@ -17,7 +18,7 @@ STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibratio
 def _context(c: config_dict.ConfigDict) -> None:
     """The DWDP context servers' settings of the e2e studies (sim.config.ContextConfig)."""
     c.discipline = "fifo"  # fifo | round_robin | none
-    c.slice_bytes = 1 << 20  # round_robin slice size
+    c.slice_bytes = SLICE_BYTES  # round_robin slice size
     c.packing = "lookahead"  # DWDP batch filling: DEP's window one rank at a time, or strict fcfs (serving.scheduler)
     c.compute_slowdown = 0.0  # DWDP compute slowdown while pulling (0.05 = 5%)
     c.attention_slowdown = config_dict.placeholder(float)  # None: compute_slowdown

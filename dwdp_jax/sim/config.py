@@ -16,6 +16,9 @@ PEER_ORDERS = ("random", "rank")
 PACKINGS = DwdpScheduler.PACKINGS
 # The runtime's (dwdp_jax.runtime.dwdp.PULL_ISSUES), restated: importing it would bring JAX into the simulator.
 PULL_ISSUES = ("after_moe", "after_attention")
+# The sliced copy engine's piece size (contention mitigation): the paper's 2 MiB, the one value the simulator's
+# round-robin pulls, its studies and configs, and the copy-engine ablations use.
+SLICE_BYTES = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +32,7 @@ class ContextConfig:
     max_num_tokens: int = 32768
     max_batch_size: int = 64
     discipline: str = "fifo"
-    slice_bytes: int = 1 << 20
+    slice_bytes: int = SLICE_BYTES
     slice_overhead_s: float = 0.2e-6  # assumed copy-engine cost per slice; to be measured by the sliced transport
     peer_order: str = "random"
     packing: str = "lookahead"  # DWDP's batch filling (serving.scheduler.DwdpScheduler)

@@ -20,7 +20,7 @@ from dwdp_jax.serving import workload as served_workload
 from dwdp_jax.sim import contention, hardware, planner, roofline, simulate
 from dwdp_jax.sim.hardware import HardwareSpec
 from dwdp_jax.sim.roofline import GenServer, Precision
-from dwdp_jax.sim.config import DISCIPLINES, PULL_ISSUES, ContextConfig, E2EConfig
+from dwdp_jax.sim.config import DISCIPLINES, PULL_ISSUES, SLICE_BYTES, ContextConfig, E2EConfig
 from dwdp_jax.sim.workload import Workload
 from models.config import ModelConfig, YarnConfig
 
@@ -449,11 +449,11 @@ def _projections(cfg, hw, workload: Workload, dep, dwdp, depths: Sequence[int], 
 
 
 def grid_study(results_root: str | Path | None, group_size: int = 8, input_ratios: Sequence[float] = (0.5, 0.8),
-               max_num_tokens: Sequence[int] = (16384, 32768), slice_bytes: int = 2 << 20) -> dict:
+               max_num_tokens: Sequence[int] = (16384, 32768), slice_bytes: int = SLICE_BYTES) -> dict:
     """The paper's Table 4 grid (input ratio x MNT x contention mitigation) for DWDP-N against DEP-N, predicted by the
     calibrated simulator on the newest measured R1-width run's setup (model depth, workload, token buckets, DWDP
     packing) at group size N: the prediction an N-GPU run (issue 9) is compared with. Mitigation off: whole-shard
-    pulls, first come first served at a source (fifo); on: 2 MiB slices round-robin over the peers."""
+    pulls, first come first served at a source (fifo); on: `slice_bytes` slices round-robin over the peers."""
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2, got {group_size}")
     _positive("input_ratios", input_ratios)
