@@ -73,11 +73,12 @@ def _precision(c: config_dict.ConfigDict) -> Precision:
 
 
 def _context(c: config_dict.ConfigDict, strategy: str, max_num_tokens: int, max_batch_size: int) -> ContextConfig:
-    return ContextConfig(strategy, group_size=c.get("group_size", 4), max_num_tokens=max_num_tokens,
-                         max_batch_size=max_batch_size, discipline=c.discipline, slice_bytes=c.slice_bytes,
-                         packing=c.packing, compute_slowdown=c.compute_slowdown,
-                         attention_slowdown=c.attention_slowdown, pull_issue=c.pull_issue,
-                         precision=_precision(c), seed=c.seed)
+    """The e2e studies' base context servers (the planner sets every group size itself: its config has none)."""
+    group = {"group_size": c.group_size} if "group_size" in c else {}
+    return ContextConfig(strategy, **group, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
+                         discipline=c.discipline, slice_bytes=c.slice_bytes, packing=c.packing,
+                         compute_slowdown=c.compute_slowdown, attention_slowdown=c.attention_slowdown,
+                         pull_issue=c.pull_issue, precision=_precision(c), seed=c.seed)
 
 
 def _band(c: config_dict.ConfigDict, name: str) -> studies.Band:
