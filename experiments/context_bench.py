@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from dwdp_jax import bench
+from dwdp_jax import bench, profiling, report, validation
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "context_bench.py")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -85,7 +85,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     c = _CONFIG.value
     try:  # before the backend starts: jax_num_cpu_devices and XLA_FLAGS are read then, and devices cost time
-        bench.validate(c)
+        validation.validate(c)
     except ValueError as e:
         invalid(str(e))
     if not c.xla_excess_precision:
@@ -93,11 +93,11 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
     try:
         if c.trace:  # the trace names HLO instructions; the dump maps them to their named scopes (stage_trace)
-            bench.start_trace_dump(c)
+            profiling.start_trace_dump(c)
         doc = bench.run(c)
     except ValueError as e:
         invalid(str(e))
-    print(bench.format_table(doc))
+    print(report.format_table(doc))
     failed = [name for name, v in doc["verification"].items() if not v["passed"]]
     if failed:
         print(f"context_bench: verification against the reference FAILED for {failed}", file=sys.stderr)

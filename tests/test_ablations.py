@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from configs.context_bench import get_config
-from dwdp_jax import ablations, bench, results
+from dwdp_jax import ablations, bench, report, results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ class FakeRun:
         mnt = c.max_num_tokens
         metrics = {"dwdp": {"tps_per_gpu": 1.25 * mnt, "ttft_p50_s": 0.5},
                    "dep": {"tps_per_gpu": 1.0 * mnt, "ttft_p50_s": 0.6}}
-        metrics["ratio"] = bench.ratios(metrics["dwdp"], metrics["dep"])
+        metrics["ratio"] = report.ratios(metrics["dwdp"], metrics["dep"])
         verification = {name: {"rel_err": 0.0, "passed": c.run not in self.failing} for name in ("dwdp", "dep")}
         failures = {"dep": "RuntimeError: device lost"} if c.run in self.raising else {}
         path = results.write_results(c.experiment, c.run, config=c, raw={}, metrics=metrics,

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs.context_bench import get_config
-from dwdp_jax import ablations, bench, memory
+from dwdp_jax import ablations, bench, memory, report, validation, verification
 from dwdp_jax.results import read_results
 from models import config as model_config
 from models import deepseek_v3
@@ -57,7 +57,7 @@ def test_run_writes_the_contract(tmp_path, capsys):
     timing = saved["timing"]
     assert (timing["functional_check"], timing["platform"], timing["devices"], timing["passes"]) == (True, "cpu", 4, 3)
     assert timing["host_cores"] >= 1
-    table = bench.format_table(doc)
+    table = report.format_table(doc)
     assert table.startswith("FUNCTIONAL CHECK, no speed claim: 4 virtual CPU devices") and "speedup" not in table
     assert not re.search(r"-\d[\d.]*%", table)
     dep = saved["metrics"]["dep"]
@@ -87,7 +87,7 @@ def test_run_writes_the_contract(tmp_path, capsys):
     for name in ("dwdp", "dep"):  # three passes; the median one's records stand for the strategy
         m = saved["metrics"][name]
         assert len(m["repeats_tps_per_gpu"]) == 3 and m["tps_per_gpu"] == sorted(m["repeats_tps_per_gpu"])[1]
-    assert "sync_overhead" in saved["metrics"]["dep"] and "repeats TPS/GPU dwdp" in bench.format_table(doc)
+    assert "sync_overhead" in saved["metrics"]["dep"] and "repeats TPS/GPU dwdp" in report.format_table(doc)
     # the variant: another workload on the same runtimes, reported beside the main one
     for name in ("dwdp", "dep"):
         variant = saved["metrics"][name]["variants"]["std"]
@@ -97,26 +97,26 @@ def test_run_writes_the_contract(tmp_path, capsys):
         # a smaller batch budget (the run's smallest bucket): every batch within it
         tokens = [i["num_tokens"] for i in saved["raw"][name]["variants"]["small"]["iterations"]]
         assert max(tokens) <= 96 < max(i["num_tokens"] for i in saved["raw"][name]["iterations"])
-    assert "variant std: DWDP" in bench.format_table(doc)
+    assert "variant std: DWDP" in report.format_table(doc)
     assert saved["metrics"]["ratio"]["variants"]["std"]["tps_per_gpu_dwdp_over_dep"] > 0
     phases = saved["raw"]["phase_s"]  # where the run's wall time went, in order
     assert list(phases)[:3] == ["plan", "params", "reference"] and all(v >= 0 for v in phases.values())
     assert {"dwdp.warm_up", "dwdp.serve", "dep.serve", "dep.profile"} <= set(phases)
-    assert "wall s per phase: plan" in bench.format_table(doc)
+    assert "wall s per phase: plan" in report.format_table(doc)
     step_memory = saved["metrics"]["dep"]["step_memory_gib"]  # XLA's temporaries beside the plan's estimate
     assert step_memory["compiled"] > 0 and step_memory["planned"] > 0
     assert "source_hash" in saved["environment"]
     # the reference against itself one last bit off: fp32 on CPU, so the logits move, by about rounding
     noise = saved["reference_noise"]
     assert noise["finite"] and 0 < noise["rel_err"] < 1e-4 and noise["expert_id_match"] == 1.0
-    assert "one last bit off" in bench.format_table(doc)
-    assert "expert sets identical per MoE layer: dwdp 100.0%" in bench.format_table(doc)
+    assert "one last bit off" in report.format_table(doc)
+    assert "expert sets identical per MoE layer: dwdp 100.0%" in report.format_table(doc)
 
 
 @pytest.mark.parametrize("dtype,uint", [("float32", np.uint32), ("bfloat16", np.uint16)])
 def test_last_bit_perturbation_moves_every_entry_one_unit(dtype, uint):
     table = jnp.asarray([[0.0, -0.0, 1.0, -3.5], [2.0**-130, 0.02, -0.02, 7.0]], dtype)
-    out = bench._flip_last_bit(table, jax.random.key(0))
+    out = verification._flip_last_bit(table, jax.random.key(0))
     a, b = (np.asarray(jax.lax.bitcast_convert_type(t, uint)).astype(np.int64) for t in (table, out))
     assert (np.abs(b - a) == 1).all()  # one unit in the last place, never the sign bit
     assert np.isfinite(np.asarray(out.astype(jnp.float32))).all() and (b[0, :2] > a[0, :2]).all()  # zeros move up
@@ -126,7 +126,7 @@ def test_last_bit_perturbed_model_leaves_the_original_alone():
     cfg = model_config.tiny()
     model = deepseek_v3.DeepseekV3(cfg, nnx.Rngs(0))
     before = np.asarray(model.embed_tokens[...]).copy()
-    other = bench.last_bit_perturbed(model, seed=1)
+    other = verification.last_bit_perturbed(model, seed=1)
     np.testing.assert_array_equal(np.asarray(model.embed_tokens[...]), before)
     assert (np.asarray(other.embed_tokens[...]) != before).all()
     np.testing.assert_array_equal(np.asarray(other.layers[0].input_layernorm.weight[...]),
@@ -142,15 +142,15 @@ def test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not(tmp_path):
     floor, v = doc["reference_noise"], doc["verification"]["dep"]
     assert floor["rel_err"] > 1e-3 and floor["expert_id_match"] < 1.0  # bf16 random routing is that sensitive
     assert not v["passed_tolerance"] and v["within_noise_floor"] and v["passed"]
-    p = bench.plan(c)
+    p = validation.plan(c)
     params = bench.build_params(p, c)
-    vb = bench.verification_batches(p, c)
-    refs = [bench.reference_output(params, b, p, c) if b is not None else None for b in vb]
+    vb = verification.verification_batches(p, c)
+    refs = [verification.reference_output(params, b, p, c) if b is not None else None for b in vb]
     slabs = list(params.experts)
     slabs[2] = jax.tree.map(lambda w: (w * 1.1).astype(w.dtype), slabs[2])
-    faulty = [bench.reference_output(params._replace(experts=tuple(slabs)), b, p, c) if b is not None else None
+    faulty = [verification.reference_output(params._replace(experts=tuple(slabs)), b, p, c) if b is not None else None
               for b in vb]
-    judged = bench.judged_by_floor(bench.verify(faulty, refs, c.verify.rel_tol), floor)
+    judged = verification.judged_by_floor(verification.verify(faulty, refs, c.verify.rel_tol), floor)
     assert not judged["within_noise_floor"] and not judged["passed"]
     # per MoE layer the fault shows where it enters: routes up to the faulty layer's are untouched, later ones move
     per_layer = judged["expert_id_match_per_layer"]
@@ -204,11 +204,11 @@ def test_prefetch_sweep_pins_a_transport_that_copies_on_request():
 
 @pytest.mark.parametrize("sweep", sorted(ablations.SWEEP_VALUES))
 def test_every_tiny_sweep_point_applies_and_validates(sweep, tmp_path):
-    """Each point of each sweep maps onto config fields the benchmark accepts (bench.plan: no device work)."""
+    """Each point of each sweep maps onto config fields the benchmark accepts (validation.plan: no device work)."""
     for point in ablations.points(sweep, "tiny"):
         c = small_config(tmp_path)
         ablations.apply_point(c, sweep, point, "tiny")
-        bench.plan(c)
+        validation.plan(c)
 
 
 def test_contention_mitigation_slices_bytes_on_the_copy_engine():

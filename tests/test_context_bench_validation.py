@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from configs.context_bench import get_config
-from dwdp_jax import bench
+from dwdp_jax import report, validation
 from dwdp_jax.serving import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +48,13 @@ def leaf_fields(c, prefix=""):
 def test_every_field_of_every_preset_is_checked_and_valid(name, tmp_path):
     c = get_config(name)
     c.results_root = str(tmp_path)
-    assert sorted(leaf_fields(c)) == sorted(bench.FIELD_CHECKS)
-    assert bench.validate(c).requests
+    assert sorted(leaf_fields(c)) == sorted(validation.FIELD_CHECKS)
+    assert validation.validate(c).requests
 
 
-@pytest.mark.parametrize("field", sorted(bench.FIELD_CHECKS))
+@pytest.mark.parametrize("field", sorted(validation.FIELD_CHECKS))
 def test_every_field_check_refuses_a_value_of_no_type(field):
-    assert bench.FIELD_CHECKS[field](object())
+    assert validation.FIELD_CHECKS[field](object())
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -103,7 +103,7 @@ def test_every_field_check_refuses_a_value_of_no_type(field):
 ])
 def test_bad_field_is_named_with_what_it_allows(tmp_path, changes, message):
     with pytest.raises(ValueError) as e:
-        bench.validate(config_with(tmp_path, **changes))
+        validation.validate(config_with(tmp_path, **changes))
     assert message in str(e.value)
 
 
@@ -112,22 +112,22 @@ def test_paths_must_be_usable(tmp_path):
     (tmp_path / "used" / "module_0001.txt").write_text("")
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="config.trace='.*used': '' \\(no trace\\) or a new or empty directory"):
-        bench.validate(config_with(tmp_path, trace=str(tmp_path / "used")))
+        validation.validate(config_with(tmp_path, trace=str(tmp_path / "used")))
     with pytest.raises(ValueError, match="config.results_root='.*file/results': a directory that exists or can be "
                                          "created; .*file is a file"):
-        bench.validate(config_with(tmp_path, results_root=str(tmp_path / "file" / "results")))
-    bench.validate(config_with(tmp_path, trace=str(tmp_path / "new" / "trace")))
+        validation.validate(config_with(tmp_path, results_root=str(tmp_path / "file" / "results")))
+    validation.validate(config_with(tmp_path, trace=str(tmp_path / "new" / "trace")))
 
 
 def test_ragged_dispatch_is_refused_on_cpu_before_building(tmp_path):
     with pytest.raises(ValueError, match=r"config.dep.dispatch='ragged': XLA:CPU has no ragged_all_to_all"):
-        bench.plan(config_with(tmp_path, **{"dep.dispatch": "ragged"}))
+        validation.plan(config_with(tmp_path, **{"dep.dispatch": "ragged"}))
 
 
 def test_validation_starts_no_backend():
     proc = subprocess.run([sys.executable, "-c", "from jax._src import xla_bridge\n"
-                           "from configs.context_bench import get_config\nfrom dwdp_jax import bench\n"
-                           "bench.validate(get_config())\nassert not xla_bridge.backends_are_initialized()"],
+                           "from configs.context_bench import get_config\nfrom dwdp_jax import validation\n"
+                           "validation.validate(get_config())\nassert not xla_bridge.backends_are_initialized()"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -165,7 +165,7 @@ def cpu_doc(sync_overhead: float, band: list[float], functional: bool = True, pa
     m = {"dwdp": strategy(843.1), "dep": strategy(710.7)}
     m["dep"].update(sync_overhead=sync_overhead, sync_overhead_band=band, sampled_steps=8, rank_cv_mean=0.009,
                     sync_overhead_within_noise=metrics.within_noise(band))
-    m["ratio"] = bench.ratios(m["dwdp"], m["dep"])
+    m["ratio"] = report.ratios(m["dwdp"], m["dep"])
     timing = {"functional_check": functional, "platform": "cpu" if functional else "gpu", "devices": 4,
               "host_cores": 2, "passes": passes}
     return {"path": "results/x.json", "metrics": m, "verification": {"dwdp": {"passed": True}, "dep": {"passed": True}},
@@ -174,7 +174,7 @@ def cpu_doc(sync_overhead: float, band: list[float], functional: bool = True, pa
 
 
 def test_cpu_table_is_a_functional_check_without_speed_claims_or_negative_overhead():
-    table = bench.format_table(cpu_doc(-0.114, [-0.3, 0.07]))
+    table = report.format_table(cpu_doc(-0.114, [-0.3, 0.07]))
     assert table.startswith("FUNCTIONAL CHECK, no speed claim: 4 virtual CPU devices share 2 host cores")
     assert "one pass per strategy: no noise band" in table and "(1 pass)" in table
     assert "speedup" not in table and not re.search(r"-\d[\d.]*%", table)
@@ -183,7 +183,7 @@ def test_cpu_table_is_a_functional_check_without_speed_claims_or_negative_overhe
 
 
 def test_gpu_table_reports_bands_and_an_overhead_beyond_noise():
-    table = bench.format_table(cpu_doc(0.104, [0.05, 0.16], functional=False, passes=3))
+    table = report.format_table(cpu_doc(0.104, [0.05, 0.16], functional=False, passes=3))
     assert table.startswith("4 GPU devices; TPS/GPU: the median of 3 passes, [min, max] beside it")
     assert "[758.8, 927.4]" in table and "TTFT p50 speedup" in table and "FUNCTIONAL" not in table
     assert "DEP synchronization overhead 10.4% (band [5.0%, 16.0%] over 8 sampled steps)" in table

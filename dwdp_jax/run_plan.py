@@ -1,0 +1,153 @@
+"""What a benchmark run is, derived from its resolved config: the `Plan` (model, requests, strategies, placement,
+devices, variants) and the config-derived pieces the stages share (the model config, the requests, DEP's ranks,
+DWDP's engine options, the token buckets a batch pads to)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from dwdp_jax import checkpoint, memory
+from dwdp_jax.kernels import grouped_gemm
+from dwdp_jax.packing import PackedBatch, pack
+from dwdp_jax.placement import Placement
+from dwdp_jax.runtime.dwdp import DwdpOptions
+from dwdp_jax.serving import scheduler, workload
+from dwdp_jax.transport import transport_class
+from models import config as model_config
+
+
+STRATEGIES = ("dwdp", "dep")
+
+
+MODEL_OVERRIDES = ("num_hidden_layers", "hidden_size", "n_routed_experts", "vocab_size")
+
+
+def model_config_from(c, num_hidden_layers: int = 0) -> model_config.ModelConfig:
+    """The preset with the config's non-zero overrides; no MTP (context-only serving never runs it). An Orbax
+    checkpoint brings its own config (see orbax_model_config)."""
+    if c.model.checkpoint and checkpoint.is_orbax_checkpoint(c.model.checkpoint):
+        return orbax_model_config(c)
+    overrides = {k: c.model[k] for k in MODEL_OVERRIDES if c.model[k]}
+    if num_hidden_layers:
+        overrides["num_hidden_layers"] = num_hidden_layers
+    return model_config.get_preset(c.model.preset, dtype=c.model.dtype, num_nextn_predict_layers=0, **overrides)
+
+
+def orbax_model_config(c) -> model_config.ModelConfig:
+    """The ModelConfig stored with the Orbax checkpoint; config.model's non-zero fields and dtype must agree with it
+    (they say which model the run expects)."""
+    cfg = checkpoint.load_config(c.model.checkpoint)
+    wanted = {**{k: c.model[k] for k in MODEL_OVERRIDES if c.model[k]}, "dtype": c.model.dtype}
+    wrong = [f"config.model.{k}={v!r} but the checkpoint has {getattr(cfg, k)!r}" for k, v in wanted.items()
+             if getattr(cfg, k) != v]
+    if wrong:
+        raise ValueError(f"checkpoint {c.model.checkpoint} does not match the config: " + "; ".join(wrong))
+    return cfg
+
+
+def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, device_bytes: int) -> int:
+    """The deepest model (num_hidden_layers) whose DWDP and DEP ranks both fit `device_bytes`
+    (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
+    dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash",
+                                      live_slots=transport_class(c.dwdp.transport).live_slots,
+                                      row_align=grouped_gemm.row_alignment(c.gemm_backend))
+    for layers in range(dwdp, cfg.first_k_dense_replace, -1):
+        try:
+            memory.plan_dep(cfg.replace(num_hidden_layers=layers), dep_ranks(c), c.max_num_tokens,
+                            attention_impl="flash", device_bytes=device_bytes)
+            return layers
+        except ValueError:
+            continue
+    raise ValueError(f"no depth of {c.model.preset} fits {device_bytes / 2**30:.1f} GiB per device for DEP")
+
+
+def requests_from(c) -> list[workload.Request]:
+    w = c.workload
+    rate = w.rate_per_s or None
+    if w.dataset:
+        return workload.read_dataset(w.dataset, rate_per_s=rate, seed=w.seed)
+    return workload.synthetic_requests(w.num_requests, w.isl, input_ratio=w.input_ratio,
+                                       isl_std=None if w.isl_std < 0 else w.isl_std, rate_per_s=rate, seed=w.seed)
+
+
+def variant_plan(c, name: str, fields: dict[str, Any]) -> tuple[list[workload.Request], Any]:
+    """A variant's requests and the run's config with its fields. A smaller batch budget keeps the run's bucket
+    size, so every batch pads to a shape the runtimes compiled; it must be one of the run's token buckets."""
+    if c.workload.dataset:
+        raise ValueError("config.variants change synthetic workload fields; config.workload.dataset is set")
+    vc = c.copy_and_resolve_references()
+    vc.workload.update({k: v for k, v in fields.items() if k != "max_num_tokens"})
+    if "max_num_tokens" in fields:
+        buckets = token_buckets(c)
+        if fields["max_num_tokens"] not in buckets:
+            raise ValueError(f"config.variants {name!r}: max_num_tokens must be one of the run's token buckets "
+                             f"{buckets}, got {fields['max_num_tokens']}")
+        vc.max_num_tokens = fields["max_num_tokens"]
+        vc.token_buckets = buckets.index(vc.max_num_tokens) + 1
+    try:
+        reqs = requests_from(vc)
+        scheduler.validate_requests(reqs, max_num_tokens=vc.max_num_tokens, max_batch_size=c.max_batch_size,
+                                    num_ranks=c.num_ranks)
+    except ValueError as e:
+        raise ValueError(f"config.variants {name!r}: {e}") from e
+    return reqs, vc
+
+
+def dep_ranks(c) -> int:
+    return c.dep.num_ranks or c.num_ranks
+
+
+def strategies_from(c) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in c.strategies.split(",") if s.strip())
+    if not names or set(names) - set(STRATEGIES) or len(set(names)) != len(names):
+        raise ValueError(f"config.strategies={c.strategies!r}: a comma list of distinct names from {STRATEGIES}")
+    return names
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before touching a device."""
+
+    cfg: model_config.ModelConfig
+    requests: list[workload.Request]
+    strategies: tuple[str, ...]
+    placement: Placement
+    devices: list
+    # config.variants: name -> (requests, the run's config with the variant's fields)
+    variants: dict[str, tuple[list[workload.Request], Any]] = dataclasses.field(default_factory=dict)
+
+
+def dwdp_options(c) -> DwdpOptions:
+    return DwdpOptions(transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
+                       merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend,
+                       last_token_logits=c.max_batch_size, timeline=c.dwdp.timeline, slice_bytes=c.dwdp.slice_bytes,
+                       pull_issue=c.dwdp.pull_issue)
+
+
+def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarray:
+    return workload.request_token_ids(request, vocab_size, seed=seed)
+
+
+def token_buckets(c) -> list[int]:
+    """The static token budgets a batch is padded to: multiples of MNT / config.token_buckets up to MNT.
+
+    Static shapes mean padded tokens cost compute. A DWDP rank pads only to its own bucket; DEP's SPMD step pads
+    every rank to the bucket of its fullest rank, so its imbalance costs padding work as well as waiting.
+    """
+    if c.token_buckets < 1 or c.max_num_tokens % c.token_buckets:
+        raise ValueError(f"config.token_buckets must be >= 1 and divide max_num_tokens={c.max_num_tokens}, "
+                         f"got {c.token_buckets}")
+    step = c.max_num_tokens // c.token_buckets
+    return [step * (i + 1) for i in range(c.token_buckets)]
+
+
+def bucket_for(num_tokens: int, c) -> int:
+    return next(b for b in token_buckets(c) if b >= num_tokens)
+
+
+def pack_batch(batch: scheduler.Batch, c, vocab_size: int, budget: int | None = None) -> PackedBatch:
+    tokens = [tokens_of(r, vocab_size, c.workload.seed) for r in batch.requests]
+    return pack(tokens, budget=budget or bucket_for(batch.num_tokens, c))
