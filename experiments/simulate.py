@@ -29,7 +29,7 @@ from tqdm import tqdm
 import configs
 from configs import simulate as simulate_configs
 from dwdp_jax.results import write_results
-from dwdp_jax.sim import hardware, studies
+from dwdp_jax.sim import calibration, hardware, studies
 from dwdp_jax.sim.config import ContextConfig
 from dwdp_jax.sim.roofline import Precision
 from models.config import get_preset
@@ -91,9 +91,9 @@ def _band(c: config_dict.ConfigDict, name: str) -> studies.Band:
 def run_study(c: config_dict.ConfigDict, progress: studies.Progress = tqdm) -> dict:
     """Validates the config (`options`) and runs its study; returns its document (config, raw, metrics)."""
     if c.study == "calibration":
-        return studies.calibration_study(c.results_root, c.tolerance, requests=_ints(c, "projection_requests"))
+        return calibration.calibration_study(c.results_root, c.tolerance, requests=_ints(c, "projection_requests"))
     if c.study == "grid":
-        return studies.grid_study(c.results_root, c.group_size)
+        return calibration.grid_study(c.results_root, c.group_size)
     cfg, hw, prec = get_preset(c.model), hardware.get(c.hardware, c.results_root), _precision(c)
     hw.peak_flops_per_s(prec.moe)
     if c.study == "roofline":

@@ -13,7 +13,7 @@ from dwdp_jax.placement import Placement
 from dwdp_jax.results import read_results, write_results
 from dwdp_jax.serving.scheduler import CountCheckError, DepScheduler, DwdpScheduler
 from dwdp_jax.serving.workload import Request, synthetic_requests
-from dwdp_jax.sim import contention, hardware, planner, roofline, servers, simulate, studies
+from dwdp_jax.sim import calibration, contention, hardware, planner, roofline, servers, simulate, studies
 from dwdp_jax.sim import workload as sim_workload
 from dwdp_jax.sim.config import PACKINGS, STRATEGIES, ContextConfig, E2EConfig
 from dwdp_jax.sim.roofline import GenServer, Precision
@@ -282,9 +282,9 @@ def test_bench_setup_packs_runs_without_the_packing_field_strict_fcfs(tmp_path):
     """Runs written before config.dwdp.packing existed (the GPU runs of sessions 4-6) packed strict FCFS."""
     _calibration_files(tmp_path, {"run": 1.0})
     doc = read_results("context_bench", tmp_path)[0]
-    assert studies.bench_setup(doc)[3].packing == "lookahead"
+    assert calibration.bench_setup(doc)[3].packing == "lookahead"
     del doc["config"]["dwdp"]["packing"]
-    assert studies.bench_setup(doc)[3].packing == "fcfs"
+    assert calibration.bench_setup(doc)[3].packing == "fcfs"
     with pytest.raises(ValueError, match=r"ContextConfig.packing must be one of \('lookahead', 'fcfs'\)"):
         ContextConfig("dwdp", packing="best")
 
@@ -297,9 +297,9 @@ def test_calibration_reads_each_variant_of_a_run_as_a_run(tmp_path):
     doc["metrics"]["dep"]["variants"] = {"std": {"tps_per_gpu": 100.0}, "half": {"tps_per_gpu": 100.0}}
     write_results("context_bench", "run", config=doc["config"], raw={}, root=tmp_path, with_devices=False,
                   model=doc["model"], metrics=doc["metrics"])
-    runs = {r["run"]: r for r in studies.calibration_study(tmp_path)["metrics"]["runs"]}
+    runs = {r["run"]: r for r in calibration.calibration_study(tmp_path)["metrics"]["runs"]}
     assert set(runs) == {"run", "run/std", "run/half"} and runs["run/std"]["measured_ratio"] == pytest.approx(1.2)
-    cfg, w, dep, dwdp = studies.bench_setup(doc)
+    cfg, w, dep, dwdp = calibration.bench_setup(doc)
     hw = hardware.calibrated(tmp_path)
 
     def ratio(workload, configs):
@@ -316,20 +316,20 @@ def test_calibration_reads_each_variant_of_a_run_as_a_run(tmp_path):
 
 def test_grid_predicts_table_4_at_a_group_size_from_the_measured_setup(tmp_path):
     predicted = _calibration_files(tmp_path, {"run": 1.0})
-    doc = studies.grid_study(tmp_path, group_size=4, input_ratios=(0.8, 0.5), max_num_tokens=(32768,))
+    doc = calibration.grid_study(tmp_path, group_size=4, input_ratios=(0.8, 0.5), max_num_tokens=(32768,))
     points = {(p["input_ratio"], p["contention_mitigation"]): p for p in doc["metrics"]["points"]}
     assert len(points) == 4 and doc["config"]["base_run"] == "run"
     # the measured setup itself (r 0.8, MNT 32K, whole-shard pulls, 4 ranks) is the calibration's prediction
     assert points[(0.8, False)]["dwdp_over_dep"] == pytest.approx(predicted)
     assert sum(points[(0.8, False)]["contention"].values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="group_size must be >= 2, got 1"):
-        studies.grid_study(tmp_path, group_size=1)
+        calibration.grid_study(tmp_path, group_size=1)
     with pytest.raises(ValueError, match="no GPU calibration results"):
-        studies.grid_study(tmp_path / "empty")
+        calibration.grid_study(tmp_path / "empty")
     for path in (tmp_path / "context_bench").glob("*.json"):
         path.unlink()
     with pytest.raises(ValueError, match="no bf16 context_bench run with both strategies"):
-        studies.grid_study(tmp_path)
+        calibration.grid_study(tmp_path)
 
 
 def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_path):
@@ -338,7 +338,7 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     write_results("context_bench", "cpu_fp32", config={}, raw={}, root=tmp_path, with_devices=False,
                   model=dataclasses.asdict(R1.replace(dtype="float32")),
                   metrics={"dwdp": {"tps_per_gpu": 1.0}, "dep": {"tps_per_gpu": 1.0}})
-    doc = studies.calibration_study(tmp_path, tolerance=0.10)
+    doc = calibration.calibration_study(tmp_path, tolerance=0.10)
     runs = {r["run"]: r for r in doc["metrics"]["runs"]}
     assert "cpu_fp32" not in runs  # CPU runs measure the machinery, not the GPU
     assert runs["close"]["predicted_ratio"] == pytest.approx(predicted)
@@ -360,7 +360,7 @@ def test_calibration_reads_measured_runs_and_reports_predicted_vs_measured(tmp_p
     write_results("context_bench", "mgpu", config={"gemm_backend": "pallas_mgpu", "attention_impl": "cudnn"}, raw={},
                   root=tmp_path, with_devices=False, model=dataclasses.asdict(R1.replace(dtype="bfloat16")),
                   metrics={"dwdp": {"tps_per_gpu": 1.0}, "dep": {"tps_per_gpu": 1.0}})
-    doc = studies.calibration_study(tmp_path, tolerance=0.10)
+    doc = calibration.calibration_study(tmp_path, tolerance=0.10)
     assert [r["run"] for r in doc["raw"]["skipped_other_kernels"]] == ["mgpu"]
     assert "mgpu" not in {r["run"] for r in doc["metrics"]["runs"]}
 
@@ -473,7 +473,7 @@ def test_figure_scripts_write_files_and_skip_missing_data(tmp_path):
                                                          isl=2048, osl=16, cycles=4))
     _calibration_files(results, {"synthetic": 1.0})
     write_results("context_bench", "no_metrics", config={}, raw={}, metrics={}, root=results, with_devices=False)
-    _write(results, "sim_calibration", studies.calibration_study(results))
+    _write(results, "sim_calibration", calibration.calibration_study(results))
     names = {p.name for m in modules for p in m.main(results, figures)}
     for stem in ("roofline_test", "contention_test", "sync_overhead_test", "pareto_test", "planner_test",
                  "calibration_test"):

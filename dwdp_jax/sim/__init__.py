@@ -5,5 +5,6 @@ contention: the copy-engine contention distribution (paper Table 2); workload: a
 sampler's requests); config: what a simulation runs; engine: the fluid discrete-event engine; pulls: DWDP's pulls
 (source disciplines, prefetch streams, contention statistics); servers: the context servers, batched by the serving
 scheduler; generation: the generation servers of disaggregated serving; simulate: context-only and disaggregated runs
-and their results; planner: the TTFT-target planner; studies: the experiments that turn those into results files.
+and their results; planner: the TTFT-target planner; studies: the experiments that turn those into results files;
+calibration: the studies of measured runs (calibrated predictions, the Table 4 grid).
 """
