@@ -10,7 +10,8 @@ room, and what fits nowhere goes back to the front in order (`place`). They diff
 - DEP ranks meet at every MoE layer's all-to-all, so each iteration hands every rank a batch at once, balanced by
   tokens, and all ranks step together (`DepScheduler.next_step`).
 Both keep a ledger of what was handed out and what the runtime reported complete; `finish()` is the end-of-run count
-check that no request was lost or run twice.
+check that no request was lost or run twice. The simulator (dwdp_jax.sim.servers) batches with these same schedulers;
+its closed-loop clients hand them requests as they release them (`submit`).
 """
 
 from __future__ import annotations
