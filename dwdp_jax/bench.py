@@ -1,11 +1,11 @@
 """The context-only serving benchmark: DWDP and DEP on the same model, weights and workload.
 
 `run(config)` validates (`validation`), checks what needs the devices (their count, memory), builds the weights,
-verifies both strategies against the reference runtime (`verification`), runs each strategy over the whole workload
-(`serving.loop`: DWDP with one worker thread per device pulling from a shared queue; DEP in lock-step iterations),
-announcing each phase on stderr (`progress`), and writes one results file with the raw records, the metrics with
-their noise bands, the verification block, the HLO collective counts, the per-layer breakdown (`profiling`) and
-what the timings can claim (`report`: on CPU a functional check).
+then takes each strategy (`strategies`: DWDP, DEP) through the same sequence: build its runtime, verify it against
+the reference runtime (`verification`), warm it up, serve the whole workload (`serving.loop`), profile it
+(`profiling`). It announces each phase on stderr (`progress`) and writes one results file with the raw records, the
+metrics with their noise bands, the verification block, the HLO collective counts, the per-layer breakdown and what
+the timings can claim (`report`: on CPU a functional check).
 """
 
 from __future__ import annotations
@@ -17,20 +17,17 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from dwdp_jax import checkpoint, memory
+from dwdp_jax import checkpoint, memory, strategies
 from dwdp_jax import results as results_lib
 from dwdp_jax.expert_source import SyntheticExperts
-from dwdp_jax.packing import PackedBatch, pack
-from dwdp_jax.profiling import first_step_batches, profile_breakdown, pull_timeline, traced_pass
+from dwdp_jax.profiling import first_step_batches, traced_pass
 from dwdp_jax.progress import Phases, progress_bar
 from dwdp_jax.report import ratios, timing_context
-from dwdp_jax.run_plan import Plan, dep_ranks, dwdp_options, token_buckets
-from dwdp_jax.runtime import dep as dep_lib
+from dwdp_jax.run_plan import Plan
 from dwdp_jax.runtime import reference, stages
-from dwdp_jax.runtime.dwdp import DwdpEngine, count_collectives
-from dwdp_jax.serving.loop import serve, served
+from dwdp_jax.serving.loop import served
 from dwdp_jax.validation import plan
-from dwdp_jax.verification import (judged_by_floor, last_token_only, reference_noise, reference_output, routing_skew,
+from dwdp_jax.verification import (judged_by_floor, reference_noise, reference_output, routing_skew,
                                    verification_batches, verify)
 from models import deepseek_v3
 
@@ -58,45 +55,17 @@ def _weights(p: Plan, c) -> reference.Params:
     return reference.Params(*deepseek_v3.init_model(p.cfg, seed=c.seed))
 
 
-def make_runtime(name: str, params: reference.Params, p: Plan, c, make_dep: Callable | None = None):
-    if name == "dwdp":
-        return DwdpEngine(params, p.placement, p.devices[:c.num_ranks], dwdp_options(c))
-    return (make_dep or dep_lib.DepRuntime)(
-        params, dep_ranks(c), c.max_num_tokens, dispatch=None if c.dep.dispatch == "auto" else c.dep.dispatch,
-        gemm_backend=c.gemm_backend, attention_impl=c.attention_impl, devices=p.devices[:dep_ranks(c)],
-        last_token_logits=c.max_batch_size)
+def make_runtime(name: str, params: reference.Params, p: Plan, c):
+    """Strategy `name`'s runtime on its devices."""
+    return strategies.get(name).build(params, p, c)
 
 
-def verification_outputs(runtime, batches: list[PackedBatch | None]) -> list[reference.PrefillOutput | None]:
-    if isinstance(runtime, DwdpEngine):
-        return [runtime.step(r, b).output if b is not None else None
-                for r, b in enumerate(progress_bar(batches, "verify", "rank"))]
-    return [None if b is None else last_token_only(o, b) for o, b in zip(runtime.step(batches), batches)]
-
-
-def collectives_of(runtime, batch: PackedBatch) -> dict[str, int]:
-    if isinstance(runtime, DwdpEngine):
-        return {k: count_collectives(t) for k, t in runtime.compiled_hlo(batch).items()}
-    return {"step": count_collectives(runtime.compiled_hlo())}
-
-
-def warm_up(runtime, c) -> None:
-    """Compiles every bucket's programs (DWDP: on every rank, programs compile per device) before timing."""
-    dwdp = isinstance(runtime, DwdpEngine)
-    programs = [(budget, r) for budget in token_buckets(c) for r in (range(runtime.num_ranks) if dwdp else [None])]
-    for budget, r in progress_bar(programs, "warm-up", "program"):
-        batch = pack([[1] * budget], budget=budget)
-        if dwdp:
-            runtime.step(r, batch)
-        else:
-            runtime.step([batch] * runtime.num_ranks)
-
-
-def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
+def run(c, runtime_classes: dict[str, Callable] | None = None) -> dict[str, Any]:
     """The whole benchmark; returns the results document (also written to results/<experiment>/<run>.json).
 
     The strategies run one after the other, each alone on the devices (built, verified, warmed up, run, profiled,
-    freed), so each gets the memory the depth planner sized it for.
+    freed), so each gets the memory the depth planner sized it for. `runtime_classes` stands other runtimes in for
+    strategies by name (a failing one in tests).
     """
     phases = Phases()
     phases.begin("plan: checking the config and the workload, starting the JAX backend")
@@ -121,8 +90,9 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
     s = {k: {} for k in ("verification", "hlo_collectives", "raw", "summary", "breakdown", "failures")}
     s["raw"]["phase_s"] = phases.seconds
     for name in p.strategies:
+        strategy = strategies.get(name, (runtime_classes or {}).get(name))
         try:
-            for key, value in run_strategy(name, params, p, c, vb, refs, make_dep, phases).items():
+            for key, value in run_strategy(strategy, params, p, c, vb, refs, phases).items():
                 s[key].update(value)
         except (RuntimeError, memory.DoesNotFit) as e:  # a device failure or memory refusal: kept with the others
             s["failures"][name] = f"{type(e).__name__}: {e}"[:4000]
@@ -148,55 +118,49 @@ def run(c, make_dep: Callable | None = None) -> dict[str, Any]:
             "reference_noise": noise, "timing": timing}
 
 
-def run_strategy(name: str, params, p: Plan, c, vb, refs, make_dep, phases: Phases | None = None
+def run_strategy(strategy: strategies.Strategy, params, p: Plan, c, vb, refs, phases: Phases | None = None
                  ) -> dict[str, dict]:
     """One strategy alone on the devices: built, verified, warmed up, run, profiled. Returns its part of each
     results section ({section: {...}}); the runtime is freed on return."""
     phases = phases or Phases()
-    ranks = c.num_ranks if name == "dwdp" else dep_ranks(c)
+    name, ranks = strategy.name, strategy.ranks(c)
     phases.begin(f"{name}: building the runtime on {ranks} devices")
-    runtime = phases.lap(f"{name}.build", make_runtime(name, params, p, c, make_dep))
+    runtime = phases.lap(f"{name}.build", strategy.build(params, p, c))
     batches = (vb + [None] * ranks)[:ranks]
     phases.begin(f"{name}: verifying against the reference (compiles its step)")
-    outs = verification_outputs(runtime, batches)
-    out = {"verification": {}, "hlo_collectives": {name: collectives_of(runtime, vb[0])}, "breakdown": {}}
+    outs = strategy.verification_outputs(runtime, batches)
+    out = {"verification": {}, "hlo_collectives": {name: strategy.collectives(runtime, vb[0])}, "breakdown": {}}
     if refs:
         out["verification"][name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
                                            c.verify.min_id_match)
     phases.lap(f"{name}.verify")
     phases.begin(f"{name}: warm-up, compiling the step for each of {c.token_buckets} token buckets")
-    warm_up(runtime, c)
+    strategy.warm_up(runtime, c)
     phases.lap(f"{name}.warm_up")
     phases.begin(f"{name}: serving {len(p.requests)} requests, {c.repeats} pass(es)")
-    summary, raw = served(name, runtime, p, c, ranks)
+    summary, raw = served(strategy, runtime, p, c, ranks)
     phases.lap(f"{name}.serve")
     if p.variants:
         phases.begin(f"{name}: serving the variants {', '.join(p.variants)}")
-        variants = {v: served(name, runtime, dataclasses.replace(p, requests=reqs), vc, ranks)
+        variants = {v: served(strategy, runtime, dataclasses.replace(p, requests=reqs), vc, ranks)
                     for v, (reqs, vc) in p.variants.items()}
         summary["variants"] = {v: vs for v, (vs, _) in variants.items()}
         raw["variants"] = {v: vr for v, (_, vr) in variants.items()}
         phases.lap(f"{name}.variants")
-    if name == "dep":
-        # XLA's temporaries of the full-budget step beside the plan's estimate
-        plan = memory.plan_dep(p.cfg, ranks, c.max_num_tokens, attention_impl="flash")
-        summary["step_memory_gib"] = {"compiled": runtime.check_memory([None] * ranks) / 2**30,
-                                      "planned": (plan.all_to_all_bytes + plan.activation_bytes) / 2**30}
+    summary.update(strategy.step_memory(runtime, p, c))
     if c.trace:
         phases.begin(f"{name}: a served pass under the profiler into {c.trace}")
         try:
-            summary["trace"] = traced_pass(name, lambda: serve(name, runtime, p, c, sync=False)[1], p, c, ranks)
+            summary["trace"] = traced_pass(name, lambda: strategy.serve(runtime, p, c, sync=False)[1], p, c, ranks,
+                                           strategy.lock_step)
         except Exception as e:  # a diagnostic: a profiler or trace-format failure must not cost the measurements
             summary["trace"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         phases.lap(f"{name}.trace")
     if c.breakdown:
         phases.begin(f"{name}: profiling the first step stage by stage (compiles each stage)")
-        out["breakdown"] = profile_breakdown({name: runtime}, p, c)
+        out["breakdown"] = {name: strategy.profile(runtime, first_step_batches(p, c), p)}
     phases.lap(f"{name}.profile")
-    if name == "dwdp" and runtime.options.timeline:
-        phases.begin(f"{name}: copy-engine pull timeline of the first step")
-        pulls = pull_timeline(runtime, first_step_batches(p, c))
-        summary.update({k: pulls[k] for k in ("pull_gbps_median", "exposed_wait_fraction_mean")})
-        raw["pull_timeline"] = pulls["ranks"]
-        phases.lap(f"{name}.timeline")
+    timeline_summary, timeline_raw = strategy.timeline(runtime, p, c, phases)
+    summary.update(timeline_summary)
+    raw.update(timeline_raw)
     return {**out, "summary": {name: summary}, "raw": {name: raw}}

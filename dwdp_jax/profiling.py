@@ -45,15 +45,16 @@ def start_trace_dump(c) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {trace_dump_flags(c)}".strip()
 
 
-def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, c, ranks: int) -> dict[str, Any]:
+def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, c, ranks: int, lock_step: bool
+                ) -> dict[str, Any]:
     """One more served pass (`serve_pass`, returning its iteration records) under the profiler: per rank its
-    iterations and its device's time by stage in that pass (`stage_trace.breakdown`; ranks that ran nothing are
-    left out), and their per-iteration means over the ranks."""
+    iterations (with `lock_step` every rank runs every iteration) and its device's time by stage in that pass
+    (`stage_trace.breakdown`; ranks that ran nothing are left out), and their per-iteration means over the ranks."""
     trace_dir = Path(c.trace) / name
     with jax.profiler.trace(str(trace_dir)):
         iters = serve_pass()
     per_rank = collections.Counter(i.rank for i in iters)
-    iterations = {r: per_rank[r] if name == "dwdp" else len({i.iteration for i in iters}) for r in range(ranks)}
+    iterations = {r: len({i.iteration for i in iters}) if lock_step else per_rank[r] for r in range(ranks)}
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
     by_device = stage_trace.breakdown({d.id: kernels[d.id] for d in p.devices[:ranks] if kernels.get(d.id)},
                                       stage_trace.hlo_scopes(Path(c.trace) / "hlo"))
@@ -113,35 +114,32 @@ def pull_contention(engine: DwdpEngine) -> dict[str, Any]:
             "spans": [(d, s, layer, a - t0, b - t0) for d, s, layer, a, b in spans], "source": metrics.MEASURED}
 
 
-def profile_breakdown(runtimes: dict, p: Plan, c) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per-iteration milliseconds in the paper's categories on the workload's first DEP step (each rank's batch):
-    DWDP profiles every rank's batch alone and averages; DEP profiles the step. Stage times are measured one
-    program at a time with a device sync; DEP's synchronization is estimated (sync overhead x step time).
-    DWDP's grouped_gemm includes its router and shared expert (one program), DEP's does not (others)."""
-    batches = first_step_batches(p, c)
-    out = {}
-    if "dwdp" in runtimes:
-        engine = runtimes["dwdp"]
-        runs = []
-        for r, b in enumerate(progress_bar(batches, "profile", "rank")):
-            if b is not None:
-                engine.step(r % engine.num_ranks, b, profile=True)  # compiles the per-stage programs
-                runs.append(breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s))
-        out["dwdp"] = {k: {"ms": float(np.mean([run[k] for run in runs])), "source": metrics.MEASURED}
-                       for k in runs[0]}
-    if "dep" in runtimes:
-        prof = runtimes["dep"].profile(batches)
-        t = {k: 1e3 * v for k, v in prof.stage_total_s.items()}
-        measured = {"attention": t.get("attention", 0.0), "grouped_gemm": t.get("moe_gmm", 0.0),
-                    "dense_gemm": t.get("dense_mlp", 0.0) + t.get("head", 0.0) + t.get("embed", 0.0),
-                    "others": t.get("router", 0.0) + t.get("shared_expert", 0.0),
-                    "communication": t.get("dispatch", 0.0) + t.get("combine", 0.0), "p2p_exposed_wait": 0.0}
-        out["dep"] = {k: {"ms": v, "source": metrics.MEASURED} for k, v in measured.items()}
-        moved = all2all_bytes_per_rank(prof.outputs, batches, runtimes["dep"].num_ranks, p.cfg)
-        out["dep"]["communication"].update(bytes_per_rank=moved,
-                                           gbps_per_rank=moved / max(measured["communication"], 1e-9) / 1e6)
-        out["dep"]["synchronization"] = {"ms": max(prof.sync_overhead, 0.0) * 1e3 * prof.step_s,
-                                         "source": metrics.ESTIMATED}
+def dwdp_breakdown(engine: DwdpEngine, batches: list[PackedBatch | None]) -> dict[str, dict[str, Any]]:
+    """Per-iteration milliseconds in the paper's categories, each rank's batch of the first DEP step profiled alone
+    and averaged. Stage times are measured one program at a time with a device sync; grouped_gemm includes the
+    router and shared expert (one program)."""
+    runs = []
+    for r, b in enumerate(progress_bar(batches, "profile", "rank")):
+        if b is not None:
+            engine.step(r % engine.num_ranks, b, profile=True)  # compiles the per-stage programs
+            runs.append(breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s))
+    return {k: {"ms": float(np.mean([run[k] for run in runs])), "source": metrics.MEASURED} for k in runs[0]}
+
+
+def dep_breakdown(dep, batches: list[PackedBatch | None], cfg) -> dict[str, dict[str, Any]]:
+    """Per-iteration milliseconds in the paper's categories on the first DEP step, profiled one program at a time
+    with a device sync; the router and shared expert are in others, and synchronization is estimated (sync
+    overhead x step time)."""
+    prof = dep.profile(batches)
+    t = {k: 1e3 * v for k, v in prof.stage_total_s.items()}
+    measured = {"attention": t.get("attention", 0.0), "grouped_gemm": t.get("moe_gmm", 0.0),
+                "dense_gemm": t.get("dense_mlp", 0.0) + t.get("head", 0.0) + t.get("embed", 0.0),
+                "others": t.get("router", 0.0) + t.get("shared_expert", 0.0),
+                "communication": t.get("dispatch", 0.0) + t.get("combine", 0.0), "p2p_exposed_wait": 0.0}
+    out = {k: {"ms": v, "source": metrics.MEASURED} for k, v in measured.items()}
+    moved = all2all_bytes_per_rank(prof.outputs, batches, dep.num_ranks, cfg)
+    out["communication"].update(bytes_per_rank=moved, gbps_per_rank=moved / max(measured["communication"], 1e-9) / 1e6)
+    out["synchronization"] = {"ms": max(prof.sync_overhead, 0.0) * 1e3 * prof.step_s, "source": metrics.ESTIMATED}
     return out
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dwdp_jax.run_plan import STRATEGIES
 from dwdp_jax.serving import metrics
+from dwdp_jax.strategies import NAMES as STRATEGIES
 
 
 def tps_band(summary: dict) -> list[float]:

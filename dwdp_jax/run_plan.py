@@ -19,9 +19,6 @@ from dwdp_jax.transport import transport_class
 from models import config as model_config
 
 
-STRATEGIES = ("dwdp", "dep")
-
-
 MODEL_OVERRIDES = ("num_hidden_layers", "hidden_size", "n_routed_experts", "vocab_size")
 
 
@@ -98,13 +95,6 @@ def variant_plan(c, name: str, fields: dict[str, Any]) -> tuple[list[workload.Re
 
 def dep_ranks(c) -> int:
     return c.dep.num_ranks or c.num_ranks
-
-
-def strategies_from(c) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in c.strategies.split(",") if s.strip())
-    if not names or set(names) - set(STRATEGIES) or len(set(names)) != len(names):
-        raise ValueError(f"config.strategies={c.strategies!r}: a comma list of distinct names from {STRATEGIES}")
-    return names
 
 
 @dataclasses.dataclass

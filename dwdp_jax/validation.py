@@ -17,8 +17,9 @@ from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.placement import Placement
 from dwdp_jax.profiling import trace_dump_flags
+from dwdp_jax import strategies as strategy_lib
 from dwdp_jax.run_plan import (MODEL_OVERRIDES, Plan, depth_that_fits, dep_ranks, dwdp_options, model_config_from,
-                               requests_from, strategies_from, token_buckets, variant_plan)
+                               requests_from, token_buckets, variant_plan)
 from dwdp_jax.runtime import dep as dep_lib
 from dwdp_jax.runtime.dwdp import PULL_ISSUES
 from dwdp_jax.serving import scheduler, workload
@@ -181,6 +182,14 @@ FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def strategies_from(c) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in c.strategies.split(",") if s.strip())
+    if not names or set(names) - set(strategy_lib.NAMES) or len(set(names)) != len(names):
+        raise ValueError(f"config.strategies={c.strategies!r}: a comma list of distinct names from "
+                         f"{strategy_lib.NAMES}")
+    return names
+
+
 def field_value(c, field: str) -> Any:
     try:
         for part in field.split("."):
@@ -233,7 +242,8 @@ def _checked_model(c) -> model_config.ModelConfig:
 
 
 def _checked_groups(c, cfg: model_config.ModelConfig, strategies: tuple[str, ...]) -> Placement:
-    """DWDP's expert placement and engine options, and DEP's expert sharding, for this model."""
+    """DWDP's expert placement and engine options, and each strategy's own checks (DEP: its expert sharding), for
+    this model."""
     try:
         placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     except ValueError as e:
@@ -243,9 +253,8 @@ def _checked_groups(c, cfg: model_config.ModelConfig, strategies: tuple[str, ...
         dwdp_options(c)
     except ValueError as e:
         raise ValueError(f"config.dwdp: {e}") from e
-    if "dep" in strategies and cfg.n_routed_experts % dep_ranks(c):
-        raise ValueError(f"config.dep.num_ranks={c.dep.num_ranks} (DEP ranks: {dep_ranks(c)}): must divide the "
-                         f"model's {cfg.n_routed_experts} experts (DEP shards every MoE layer evenly)")
+    for name in strategies:
+        strategy_lib.get(name).check(c, cfg)
     return placement
 
 
@@ -292,9 +301,8 @@ def plan(c) -> Plan:
         have = (f"this CPU run has {len(devices)} virtual ones: raise config.cpu_devices"
                 if platform == "cpu" else f"this machine has {len(devices)}")
         raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and {have}")
-    if "dep" in p.strategies and c.dep.dispatch == "ragged" and platform not in dep_lib.RAGGED_PLATFORMS:
-        raise ValueError(f"config.dep.dispatch='ragged': XLA:{platform.upper()} has no ragged_all_to_all (platforms "
-                         f"with it: {dep_lib.RAGGED_PLATFORMS}); use 'dense' or 'auto'")
+    for name in p.strategies:
+        strategy_lib.get(name).check_platform(c, platform)
     cfg = p.cfg
     if not c.model.num_hidden_layers:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * c.memory_fraction)

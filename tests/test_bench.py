@@ -186,7 +186,7 @@ def test_a_failing_strategy_keeps_the_other_ones_results(tmp_path, error):
 
     c = small_config(tmp_path)
     with pytest.raises(RuntimeError, match=r"strategies failed .*dep.*simulated"):
-        bench.run(c, make_dep=FailingDep)
+        bench.run(c, runtime_classes={"dep": FailingDep})
     (path,) = (Path(tmp_path) / "context_bench").glob("*.json")
     saved = json.loads(path.read_text())
     assert saved["metrics"]["dwdp"]["tps_per_gpu"] > 0 and "dep" not in saved["metrics"]

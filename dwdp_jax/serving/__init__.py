@@ -1,6 +1,8 @@
-"""Context-only serving: workloads (`workload`), DWDP/DEP scheduling (`scheduler`) and metrics (`metrics`).
+"""Context-only serving: workloads (`workload`), DWDP/DEP scheduling (`scheduler`) and metrics (`metrics`), and the
+serve loops that drive the runtimes with them (`loop`).
 
-Pure Python/numpy, no JAX: the runtimes, the simulator and the figure pipeline all build on these.
+The package and the three modules it exports are pure Python/numpy, no JAX: the runtimes, the simulator and the
+figure pipeline all build on these. `loop` runs the runtimes, so it brings JAX and is imported on its own.
 """
 
 from dwdp_jax.serving.metrics import IterationRecord, RequestRecord, summarize

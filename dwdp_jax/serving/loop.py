@@ -1,6 +1,8 @@
-"""One pass of the workload on a warm runtime, request records and iteration records out: DWDP with one worker
-thread per device pulling batches from a shared scheduler, DEP in lock-step iterations (with its synchronization
-estimate), and `served`, the median of config.repeats passes."""
+"""The serve loops: one pass of the workload on a warm runtime, request records and iteration records out. DWDP
+runs one worker thread per device, each taking its rank's next batch from the shared scheduler, packing it and
+stepping its engine (front and attention, MoE over local and pulled experts, head), and records each iteration as
+it ends; DEP steps every rank together in lock-step iterations (with its synchronization estimate). `served` takes
+the median of config.repeats passes."""
 
 from __future__ import annotations
 
@@ -11,23 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from dwdp_jax.profiling import breakdown_ms, pull_contention
+from dwdp_jax.profiling import breakdown_ms
 from dwdp_jax.progress import Progress
 from dwdp_jax.run_plan import Plan, bucket_for, pack_batch
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpWorkers
 from dwdp_jax.serving import metrics, scheduler
-
-
-def serve(name: str, runtime, p: Plan, c, sync: bool) -> tuple[list, list, list, dict]:
-    """One pass of the workload on a warm runtime: (request records, iteration records, assignments, extra raw
-    data: DWDP's pull contention, DEP's synchronization estimate when `sync`)."""
-    if name == "dwdp":
-        if runtime.options.timeline:
-            runtime.transport.clear_source_intervals()
-        reqs, iters, assignments = run_dwdp(runtime, p, c)
-        return reqs, iters, assignments, ({"pull_contention": pull_contention(runtime)} if runtime.options.timeline
-                                          else {})
-    return run_dep(runtime, p, c, sync)
 
 
 def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
@@ -114,10 +104,10 @@ def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
 SYNC_KEYS = ("sync_overhead", "sync_overhead_band", "sync_overhead_within_noise", "sampled_steps", "rank_cv_mean")
 
 
-def served(name: str, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
-    """`config.repeats` passes of p's requests on a warm runtime: (summary, raw records) of the pass of median
-    TPS/GPU (the lower middle one of an even count), with every pass's TPS/GPU beside it."""
-    repeats = [serve(name, runtime, p, c, sync=i == 0) for i in range(c.repeats)]
+def served(strategy, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
+    """`config.repeats` passes (`strategy.serve`) of p's requests on a warm runtime: (summary, raw records) of the
+    pass of median TPS/GPU (the lower middle one of an even count), with every pass's TPS/GPU beside it."""
+    repeats = [strategy.serve(runtime, p, c, sync=i == 0) for i in range(c.repeats)]
     summaries = [metrics.summarize(reqs, iters, ranks) for reqs, iters, _, _ in repeats]
     tps = [s["tps_per_gpu"] for s in summaries]
     median = sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]
