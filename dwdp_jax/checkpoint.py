@@ -38,9 +38,8 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from dwdp_jax.placement import Placement
-from dwdp_jax.runtime.reference import Params
 from models.config import ModelConfig, YarnConfig
-from models.deepseek_v3 import DeepseekV3, abstract_model, num_expert_layers
+from models.deepseek_v3 import DeepseekV3, Params, abstract_model, num_expert_layers
 from models.experts import ExpertSlab
 
 # config.json fields copied verbatim into ModelConfig (same names).

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwdp_jax.kernels import attention as attention_kernels
+from dwdp_jax.kernels import fp8, gpu
+from dwdp_jax.kernels.split_gemm import split_ragged_dot
+from dwdp_jax.runtime.dep import shard_map
 
 
 GIB = 1 << 30
@@ -188,8 +191,6 @@ def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dens
 
 def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "pallas_mgpu") -> float:
     """One ragged GEMM (the backend's building block) over groups of the given sizes."""
-    from dwdp_jax.kernels import gpu
-
     m, g = int(sizes.sum()), len(sizes)
     key = jax.random.key(1)
     x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -201,8 +202,6 @@ def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "palla
 
 
 def _split_kernel(kernel: Callable | None) -> Callable:
-    from dwdp_jax.kernels.split_gemm import split_ragged_dot
-
     return kernel or split_ragged_dot
 
 
@@ -239,8 +238,6 @@ def split_gemm_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None,
 @functools.lru_cache(maxsize=1)
 def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bool) -> tuple:
     """`_slab_weights` quantized to e4m3 in 128 x 128 blocks ((values, scales) per weight), cached likewise."""
-    from dwdp_jax.kernels import fp8
-
     return jax.tree.map(fp8.quantize_weights_kn, _slab_weights(g, k, n, counts, fused))
 
 
@@ -249,9 +246,6 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
     """The split-weight kernel's FP8 path over these groups (one slab): `split_gemm_case`'s weights quantized in
     128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
     the kernel (the pass the FFN adds before each projection)."""
-    from dwdp_jax.kernels import fp8
-    from dwdp_jax.kernels.split_gemm import split_ragged_dot
-
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
     ws = _fp8_slab_weights(g, k, n, (g,), fused)
@@ -268,9 +262,6 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
 def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> dict[str, float]:
     """The FP8 kernel (two slabs, unfused) against fp32 per-group products: `kernel` of the dequantized operands
     (the kernel's own error: summation order, bf16 output) and `quantization` of the bf16 ones (e4m3's rounding)."""
-    from dwdp_jax.kernels import fp8
-    from dwdp_jax.kernels.split_gemm import split_ragged_dot
-
     key = jax.random.key(2)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -403,11 +394,7 @@ def all2all_gbps(devices: list[jax.Device], bytes_per_peer: int = 64 << 20) -> f
     mesh = Mesh(np.asarray(devices), ("x",))
     rows = bytes_per_peer // (7168 * 2)
     x = jax.device_put(jnp.ones((n * n, rows, 7168), jnp.bfloat16), NamedSharding(mesh, P("x")))
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is None:
-        from jax.experimental.shard_map import shard_map
-    f = jax.jit(shard_map(lambda b: jax.lax.all_to_all(b, "x", 0, 0, tiled=True), mesh=mesh, in_specs=P("x"),
-                          out_specs=P("x")))
+    f = jax.jit(shard_map(lambda b: jax.lax.all_to_all(b, "x", 0, 0, tiled=True), mesh, P("x"), P("x")))
     return (n - 1) * bytes_per_peer / time_s(f, x) / 1e9
 
 

@@ -19,8 +19,8 @@ from typing import NoReturn
 import numpy as np
 from absl import app, flags
 
-import dwdp_jax
-from dwdp_jax.checkpoint import DTYPES, load_hf_config
+from dwdp_jax.checkpoint import DTYPES, load_hf_checkpoint, load_hf_config
+from dwdp_jax.runtime.reference import prefill_logits
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace checkpoint directory (config.json + *.safetensors).")
 _TOKENS = flags.DEFINE_string("tokens", None, "Token ids: comma-separated, sequences separated by ';', e.g. "
@@ -94,10 +94,10 @@ def _fail(message: str) -> NoReturn:
 def main(argv):
     try:
         sequences = _checked_sequences(argv)
-        config, params = dwdp_jax.load_hf_checkpoint(_HF_DIR.value, dtype=_DTYPE.value)
+        config, params = load_hf_checkpoint(_HF_DIR.value, dtype=_DTYPE.value)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError; both name the file at fault
         _fail(str(e))
-    logits_TV = np.asarray(dwdp_jax.prefill_logits(config, params, sequences), np.float32)
+    logits_TV = np.asarray(prefill_logits(config, params, sequences), np.float32)
     nonfinite = nonfinite_report(logits_TV, [len(s) for s in sequences])
     if nonfinite and not _ALLOW_NONFINITE.value:
         _fail(f"the logits hold {nonfinite}; nothing written (--allow_nonfinite writes them)")

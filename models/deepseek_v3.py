@@ -11,7 +11,7 @@ same modules run the reference, DEP and DWDP. Nothing here knows about devices o
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -279,6 +279,13 @@ class DeepseekV3(nnx.Module):
         x_TD = jnp.concatenate([e_TD, mtp.hnorm(self.norm(h_TD))], axis=-1) @ mtp.eh_proj[...]
         x_TD, ids_TK = mtp.layer(x_TD, segment_ids_T, positions_T, experts, segment_ids_T >= 0)
         return jnp.einsum("td,dv->tv", mtp.norm(x_TD), self.lm_head[...], preferred_element_type=jnp.float32), ids_TK
+
+
+class Params(NamedTuple):
+    """A whole model: the NNX module (every non-routed weight) and one full expert slab per MoE layer."""
+
+    model: DeepseekV3
+    experts: tuple[ExpertSlab, ...]
 
 
 def init_expert_slab(cfg: ModelConfig, key: jax.Array) -> ExpertSlab:

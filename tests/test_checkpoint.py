@@ -22,11 +22,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-import dwdp_jax
-from dwdp_jax.checkpoint import CheckpointError, dequantize_fp8, load_hf_config
-from dwdp_jax.runtime.reference import Params
+from dwdp_jax.checkpoint import CheckpointError, dequantize_fp8, load_hf_checkpoint, load_hf_config
 from models.config import ModelConfig, deepseek_r1, tiny
-from models.deepseek_v3 import abstract_model
+from models.deepseek_v3 import Params, abstract_model
 
 BLOCK = 128
 # hidden 160, widths 200 / 136: none a multiple of 128, so most FP8 weights end in partial blocks.
@@ -246,8 +244,8 @@ def test_fp8_checkpoint_loads_the_dequantized_weights(original, tmp_path, fused)
     quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
     fp8_dir = write_checkpoint(tmp_path / "fp8", hf_config(CONFIG, quantization_config=quant), quantized, shards=2)
     ref_dir = write_checkpoint(tmp_path / "ref", hf_config(CONFIG), dequantized)
-    _, from_fp8 = dwdp_jax.load_hf_checkpoint(fp8_dir)
-    _, from_ref = dwdp_jax.load_hf_checkpoint(ref_dir)
+    _, from_fp8 = load_hf_checkpoint(fp8_dir)
+    _, from_ref = load_hf_checkpoint(ref_dir)
     assert_params_equal(from_fp8, from_ref)
     assert not np.array_equal(flat_params(from_fp8)["layers/0/mlp/gate_proj"],
                               flat_params(original)["layers/0/mlp/gate_proj"])  # it did go through fp8
@@ -256,7 +254,7 @@ def test_fp8_checkpoint_loads_the_dequantized_weights(original, tmp_path, fused)
 def test_round_trip_with_mtp_and_both_expert_layouts(original, tmp_path):
     for fused in (False, True):
         path = write_checkpoint(tmp_path / str(fused), hf_config(CONFIG), hf_tensors(CONFIG, original, fused=fused))
-        config, params = dwdp_jax.load_hf_checkpoint(path)
+        config, params = load_hf_checkpoint(path)
         assert config == CONFIG and len(params.model.mtp) == 1
         assert len(params.experts) == CONFIG.num_moe_layers + 1
         assert_params_equal(params, original)
@@ -268,7 +266,7 @@ def test_bf16_checkpoint_without_mtp(original, tmp_path):
     router = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
     tensors = {k: v if router.search(k) else v.astype(ml_dtypes.bfloat16)
                for k, v in hf_tensors(CONFIG, original, mtp=False).items()}
-    config, params = dwdp_jax.load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG), tensors),
+    config, params = load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG), tensors),
                                                  dtype="bfloat16")
     assert config == CONFIG.replace(num_nextn_predict_layers=0, dtype="bfloat16")
     assert len(params.model.mtp) == 0 and len(params.experts) == CONFIG.num_moe_layers
@@ -285,7 +283,7 @@ def good_tensors(original):
 
 
 def _load(tmp_path, tensors, **config_changes):
-    return dwdp_jax.load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG, **config_changes), tensors))
+    return load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG, **config_changes), tensors))
 
 
 def _two_shards(tmp_path, tensors) -> tuple[str, str]:
@@ -299,14 +297,14 @@ def test_truncated_shard_is_named(tmp_path, good_tensors):
     os.truncate(shard, os.path.getsize(shard) - 1000)
     with pytest.raises(CheckpointError, match=rf"{re.escape(shard)} \(\d+ bytes\) is not a readable safetensors "
                                               "file, truncated or corrupt: .*not fully covered"):
-        dwdp_jax.load_hf_checkpoint(path)
+        load_hf_checkpoint(path)
 
 
 def test_corrupt_shard_header_is_named(tmp_path, good_tensors):
     path, shard = _two_shards(tmp_path, good_tensors)
     overwrite(shard, 8, b"#" * 8)  # the start of the JSON header
     with pytest.raises(CheckpointError, match=rf"{re.escape(shard)} .* truncated or corrupt: .*invalid JSON"):
-        dwdp_jax.load_hf_checkpoint(path)
+        load_hf_checkpoint(path)
 
 
 @pytest.mark.parametrize("value", [b"\xff\xff\xff\xff", np.float32(-np.inf).tobytes()], ids=["nan", "inf"])
@@ -317,7 +315,7 @@ def test_non_finite_weight_names_the_tensor_and_shard(tmp_path, good_tensors, va
     overwrite(shard, data_offset(shard, "lm_head.weight") + 4 * (160 + 7), value)
     message = rf"{re.escape(shard)}: tensor lm_head\.weight holds 1 non-finite value\(s\) .* at index \(1, 7\)"
     with pytest.raises(CheckpointError, match=message):
-        dwdp_jax.load_hf_checkpoint(path)
+        load_hf_checkpoint(path)
 
 
 def test_corrupt_index_is_named(tmp_path, good_tensors):
@@ -326,7 +324,7 @@ def test_corrupt_index_is_named(tmp_path, good_tensors):
     with open(index, "w") as f:
         json.dump({"weight_map": ["model.safetensors"]}, f)
     with pytest.raises(CheckpointError, match=rf"{re.escape(index)} has no weight_map object"):
-        dwdp_jax.load_hf_checkpoint(path)
+        load_hf_checkpoint(path)
 
 
 @pytest.mark.parametrize("text, message", [("[1, 2]", "holds a JSON list, expected an object"),

@@ -21,9 +21,10 @@ from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dep import DepRuntime
 from dwdp_jax.runtime.dwdp import DwdpEngine
-from dwdp_jax.runtime.reference import Params, prefill
+from dwdp_jax.runtime.reference import prefill
 from models import config as C
 from models import deepseek_v3 as M
+from models.deepseek_v3 import Params
 
 CFG = C.tiny(num_hidden_layers=4, n_routed_experts=8, n_group=4, topk_group=2)  # 3 MoE layers + 1 MTP layer
 PLACEMENT = Placement.for_group(8, 3)  # L = 4, P = 2: neighbouring ranks share two experts

@@ -10,9 +10,9 @@ import pytest
 
 from dwdp_jax.packing import pack
 from dwdp_jax.runtime import dep, watchdog
-from dwdp_jax.runtime.reference import Params, prefill
+from dwdp_jax.runtime.reference import prefill
 from models.config import tiny
-from models.deepseek_v3 import init_model
+from models.deepseek_v3 import Params, init_model
 
 BUDGET = 32
 

@@ -13,9 +13,10 @@ from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives, queue_source
-from dwdp_jax.runtime.reference import Params, prefill
+from dwdp_jax.runtime.reference import prefill
 from models import config as C
 from models import deepseek_v3 as M
+from models.deepseek_v3 import Params
 
 CFG = C.tiny(num_hidden_layers=5, first_k_dense_replace=1)
 BUDGET = 32

@@ -198,7 +198,8 @@ def test_strategies_agree_on_gpus(num_ranks):
     from dwdp_jax.placement import Placement
     from dwdp_jax.runtime.dep import DepRuntime
     from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
-    from dwdp_jax.runtime.reference import Params, prefill
+    from dwdp_jax.runtime.reference import prefill
+    from models.deepseek_v3 import Params
     from models import config as C
     from models import deepseek_v3 as M
 
@@ -229,7 +230,7 @@ def test_copy_engine_timeline_orders_copies_and_fences():
     from dwdp_jax.packing import pack
     from dwdp_jax.placement import Placement
     from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
-    from dwdp_jax.runtime.reference import Params
+    from models.deepseek_v3 import Params
     from models import config as C
     from models import deepseek_v3 as M
 

@@ -1,7 +1,7 @@
 """The imported model against HuggingFace transformers' DeepseekV3ForCausalLM (the numerics oracle), fp32.
 
 Each config builds a tiny random HF model once, saves it with save_pretrained (DeepSeek's per-expert names)
-and imports it through dwdp_jax.load_hf_checkpoint. Two sequences of different lengths run packed into one
+and imports it through dwdp_jax.checkpoint.load_hf_checkpoint. Two sequences of different lengths run packed into one
 batch here and one at a time in HF, so any attention across sequences shows up as a logits mismatch.
 """
 
@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
 
-import dwdp_jax  # noqa: E402
+from dwdp_jax.checkpoint import load_hf_checkpoint  # noqa: E402
 from dwdp_jax.packing import pack  # noqa: E402
 from dwdp_jax.runtime import reference  # noqa: E402
 from models import deepseek_v3  # noqa: E402
@@ -123,7 +123,7 @@ def cases(tmp_path_factory):
             model = build_hf_model(CONFIGS[name])
             path = str(tmp_path_factory.mktemp(name))
             model.save_pretrained(path)
-            built[name] = Case(model, path, *hf_run(model, SEQUENCES), *dwdp_jax.load_hf_checkpoint(path))
+            built[name] = Case(model, path, *hf_run(model, SEQUENCES), *load_hf_checkpoint(path))
         return built[name]
     return get
 
@@ -168,7 +168,7 @@ def test_fused_expert_layout_loads_like_per_expert(cases, name, tmp_path):
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     shutil.copy(os.path.join(case.path, "config.json"), tmp_path / "config.json")
-    _, fused = dwdp_jax.load_hf_checkpoint(str(tmp_path))
+    _, fused = load_hf_checkpoint(str(tmp_path))
     ours, theirs = flat_params(fused), flat_params(case.params)
     assert ours.keys() == theirs.keys()
     for key in ours:

@@ -16,10 +16,11 @@ from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
 from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
-from dwdp_jax.runtime.reference import Params, prefill
+from dwdp_jax.runtime.reference import prefill
 from experiments.bench_grouped_gemm import CANDIDATES, MGPU_CANDIDATES
 from models import config as C
 from models import deepseek_v3 as M
+from models.deepseek_v3 import Params
 
 SMALL = Blocks(block_m=16, block_n=16, block_k=16)
 # 16-row half tiles: in the cases below, tiles with rows in the lower half only, the upper half only, and both

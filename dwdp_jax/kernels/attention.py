@@ -3,10 +3,13 @@
 Tokens of many sequences share one flat axis T. `segment_ids_T` names each token's sequence (-1 for padding)
 and `positions_T` its position inside it: token q attends to token k iff both are in the same sequence and
 pos[k] <= pos[q]. Padding rows attend nowhere; they get finite garbage that callers discard.
+
+Backends by name (`get_backend`): `xla` everywhere, and cuDNN's flash attention on GPU.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -33,19 +36,61 @@ def xla_attention(q_THK: jax.Array, k_THK: jax.Array, v_THV: jax.Array, segment_
     return jnp.einsum("hts,shv->thv", probs_HTS, v_THV)
 
 
-_BACKENDS: dict[str, Attention] = {"xla": xla_attention}
+def segments_of(segment_ids_T: jax.Array, max_segments: int):
+    """Per-sequence lengths and start offsets of a packed batch ([1, S] and [1, S + 1], -1 where unused).
+
+    Sequences are contiguous and numbered 0, 1, ... in order (packing.pack), padding (-1) sits at the end.
+    """
+    ids_T = jnp.where(segment_ids_T >= 0, segment_ids_T, max_segments)  # padding counts nowhere
+    lengths_S = jnp.zeros((max_segments,), jnp.int32).at[ids_T].add(1, mode="drop")
+    offsets_S1 = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths_S)])
+    num_used = (lengths_S > 0).sum()
+    lengths_S = jnp.where(jnp.arange(max_segments) < num_used, lengths_S, -1)
+    offsets_S1 = jnp.where(jnp.arange(max_segments + 1) <= num_used, offsets_S1, -1)
+    return lengths_S[None], offsets_S1[None]
+
+
+def cudnn_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
+                    max_segments: int = MAX_SEGMENTS):
+    """Causal flash attention over the packed sequences with cuDNN (q/k 192 and v 128 natively: MLA).
+
+    Uses the private cuDNN entry point, the only one taking a V head size different from Q/K and packed segments
+    (q_offsets). Padding rows come back zeroed. GPU only; imported when traced, so CPU runs never load cuDNN.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    del positions_T  # packed segments carry the positions: every sequence starts at 0
+    lengths, offsets = segments_of(segment_ids_T, max_segments)
+    out_1THV = dot_product_attention(q_THK[None], k_THK[None], v_THV[None], q_seqlen=lengths, kv_seqlen=lengths,
+                                     q_offsets=offsets, kv_offsets=offsets, scale=scale,
+                                     mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    return jnp.where((segment_ids_T >= 0)[:, None, None], out_1THV[0], 0).astype(v_THV.dtype)
+
+
+def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
+                             max_segments: int = MAX_SEGMENTS):
+    """The public-API alternative: V zero-padded to the q/k head size (192), output sliced back to 128."""
+    pad = q_THK.shape[-1] - v_THV.shape[-1]
+    v_pad = jnp.pad(v_THV, ((0, 0), (0, 0), (0, pad)))
+    return cudnn_attention(q_THK, k_THK, v_pad, segment_ids_T, positions_T, scale=scale,
+                           max_segments=max_segments)[..., :v_THV.shape[-1]]
+
+
+_BACKENDS: dict[str, Attention] = {
+    "xla": xla_attention,
+    # jax 0.11.2's packed-segment path scales the V offsets by the Q/K head size (192), so MLA's 128-wide V reads
+    # the wrong rows (NaN, measured on H200) once a batch holds several sequences: the packed backend pads V to 192.
+    "cudnn": cudnn_attention_padded_v,
+    # Native 192/128 MLA, correct for one sequence per batch only (no offsets): the kernel-speed comparison.
+    "cudnn_mla_1seq": functools.partial(cudnn_attention, max_segments=1),
+}
 
 
 def register_backend(name: str, fn: Attention) -> None:
     _BACKENDS[name] = fn
 
 
-_GPU_BACKENDS = {"cudnn", "cudnn_mla_1seq"}
-
-
 def get_backend(name: str) -> Attention:
-    if name not in _BACKENDS and name in _GPU_BACKENDS:
-        import dwdp_jax.kernels.gpu  # noqa: F401 (importing it registers the GPU backends)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
     return _BACKENDS[name]

@@ -3,15 +3,18 @@
 Input rows are sorted by expert; `group_sizes_G[g]` rows belong to expert g of the slab, starting at row 0.
 Rows past sum(group_sizes_G) produce zeros, which is what lets the split-weight MoE run one call per slab
 on a shared sorted buffer. The XLA backend is `jax.lax.ragged_dot`: exact and portable, but XLA:GPU expands
-it densely (G x the FLOPs), so it is the CPU/reference backend only; the Hopper kernel plugs in by name.
+it densely (G x the FLOPs), so it is the CPU/reference backend only; the Hopper kernels (`gpu`) plug in by name.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from dwdp_jax.kernels import gpu, split_gemm, split_gemm_mgpu
 
 GroupedFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -26,12 +29,25 @@ def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.A
     return jax.lax.ragged_dot(h_MF, w_down_GFD, group_sizes_G, preferred_element_type=acc).astype(x_MD.dtype)
 
 
-_BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn}
-# Backends that take every slab at once: fn(x_MD, group_sizes_E, slabs) -> y_MD (one kernel, weights unmerged).
-_SPLIT_BACKENDS: dict[str, Callable] = {}
-# Backends whose kernels compute whole row tiles: each group's rows should start at a multiple of this (see
-# `row_alignment`); 1 for the rest.
-_ROW_ALIGN: dict[str, int] = {}
+_BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn, "pallas_mgpu": gpu.pallas_grouped_ffn}
+
+_fastest_ffn = functools.partial(split_gemm.split_grouped_ffn, ragged_dot=gpu.fastest_split_ragged_dot)
+_TILED = gpu.SPLIT_ROW_ALIGN
+# Backends that take every slab at once: name -> (fn(x_MD, group_sizes_E, slabs) -> y_MD, row alignment). One
+# kernel, weights unmerged; a kernel that computes whole row tiles wants each group's rows to start at a multiple
+# of its alignment (see `row_alignment`), the rest take 1.
+_SPLIT_BACKENDS: dict[str, tuple[Callable, int]] = {
+    "pallas_split": (_fastest_ffn, _TILED),
+    # The ablation of the alignment: the same kernels over groups packed back to back.
+    "pallas_split_unaligned": (_fastest_ffn, 1),
+    # One kernel for both projections (the ablations of the choice): Triton, and the same schedule on Mosaic GPU
+    # (TMA + warp-specialized wgmma).
+    "pallas_split_triton": (split_gemm.split_grouped_ffn, _TILED),
+    "pallas_split_mgpu": (functools.partial(split_gemm.split_grouped_ffn,
+                                            ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu), _TILED),
+    # The same kernel in Pallas interpret mode: CPU tests of the split-weight path through the model.
+    "pallas_split_interpret": (functools.partial(split_gemm.split_grouped_ffn, interpret=True), _TILED),
+}
 
 
 def register_backend(name: str, fn: GroupedFFN) -> None:
@@ -39,8 +55,7 @@ def register_backend(name: str, fn: GroupedFFN) -> None:
 
 
 def register_split_backend(name: str, fn: Callable, row_align: int = 1) -> None:
-    _SPLIT_BACKENDS[name] = fn
-    _ROW_ALIGN[name] = row_align
+    _SPLIT_BACKENDS[name] = (fn, row_align)
 
 
 def row_alignment(name: str) -> int:
@@ -49,17 +64,11 @@ def row_alignment(name: str) -> int:
     near-uniform experts that is about 14% more rows than real, against about 7% when every group starts on a
     tile (the padding rows are zeros and nobody reads their outputs)."""
     get_backend(name)
-    return _ROW_ALIGN.get(name, 1)
-
-
-_GPU_BACKENDS = {"pallas_mgpu", "pallas_split", "pallas_split_unaligned", "pallas_split_triton", "pallas_split_mgpu",
-                 "pallas_split_interpret"}
+    return _SPLIT_BACKENDS[name][1] if name in _SPLIT_BACKENDS else 1
 
 
 def get_backend(name: str) -> GroupedFFN | None:
     """The per-slab function of a backend, or None for a split backend (see `get_split_backend`)."""
-    if name not in _BACKENDS and name not in _SPLIT_BACKENDS and name in _GPU_BACKENDS:
-        import dwdp_jax.kernels.gpu  # noqa: F401 (importing it registers the GPU backends)
     if name in _SPLIT_BACKENDS:
         return None
     if name not in _BACKENDS:
@@ -69,5 +78,5 @@ def get_backend(name: str) -> GroupedFFN | None:
 
 
 def get_split_backend(name: str) -> Callable | None:
-    get_backend(name)  # validates the name and registers lazy backends
-    return _SPLIT_BACKENDS.get(name)
+    get_backend(name)  # validates the name
+    return _SPLIT_BACKENDS[name][0] if name in _SPLIT_BACKENDS else None

@@ -49,7 +49,8 @@ from dwdp_jax.expert_source import as_source
 from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.runtime import stages, watchdog
-from dwdp_jax.runtime.reference import Params, PrefillOutput
+from dwdp_jax.runtime.reference import PrefillOutput
+from models.deepseek_v3 import Params
 from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
 
 AXIS = "ep"

@@ -30,8 +30,9 @@ from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import stages
-from dwdp_jax.runtime.reference import Params, PrefillOutput
-from dwdp_jax.transport import TransportOptions, make_transport, transport_class
+from dwdp_jax.runtime.reference import PrefillOutput
+from dwdp_jax.transport import TransportOptions, make_transport, transport_class, transport_options
+from models.deepseek_v3 import Params
 from models.experts import ExpertSlab, ExpertView
 
 COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
@@ -67,7 +68,7 @@ class DwdpOptions:
     attention_memory: str = "naive"  # the activation estimate of the attention kernel in use
 
     def __post_init__(self):
-        self.transport_options()  # validates slices before any device work
+        self.transport_options()  # the transport and its slicing checked before any device work
         if self.pull_issue not in PULL_ISSUES:
             raise ValueError(f"DwdpOptions.pull_issue must be one of {PULL_ISSUES}, got {self.pull_issue!r}")
         if self.pull_issue != "after_moe" and not self.prefetch:
@@ -75,13 +76,10 @@ class DwdpOptions:
                              f"pulls each layer right before its MoE")
         if self.timeline and self.transport != "copy_engine":
             raise ValueError(f"DwdpOptions.timeline needs transport='copy_engine', got {self.transport!r}")
-        if self.slice_bytes and self.transport != "copy_engine":
-            raise ValueError(f"DwdpOptions.slice_bytes={self.slice_bytes} needs transport='copy_engine' "
-                             f"(transport {self.transport!r} slices by count: DwdpOptions.slices)")
 
     def transport_options(self) -> TransportOptions:
-        return TransportOptions(slices=self.slices, poison=self.poison, timeline=self.timeline,
-                                slice_bytes=self.slice_bytes)
+        return transport_options(self.transport, slices=self.slices, poison=self.poison, timeline=self.timeline,
+                                 slice_bytes=self.slice_bytes)
 
 
 @dataclasses.dataclass

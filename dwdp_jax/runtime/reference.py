@@ -10,17 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dwdp_jax.expert_source import as_source
 from dwdp_jax.packing import PackedBatch, pack
+from dwdp_jax.runtime import stages
 from models.config import ModelConfig
-from models.deepseek_v3 import DeepseekV3
-from models.experts import ExpertSlab, ExpertView
-
-
-class Params(NamedTuple):
-    """A whole model: the NNX module (every non-routed weight) and one full expert slab per MoE layer."""
-
-    model: DeepseekV3
-    experts: tuple[ExpertSlab, ...]
+from models.deepseek_v3 import DeepseekV3, Params
+from models.experts import ExpertView
 
 
 class PrefillOutput(NamedTuple):
@@ -50,9 +45,6 @@ def prefill_streaming(model: DeepseekV3, experts, batch: PackedBatch, device: ja
     """The reference for models too large for one device: the same single-device math, every MoE layer run with
     all E of its experts in one slab, but each layer's slab materialized on `device` only while that layer runs
     (`experts`: an ExpertSource or the full slabs). Only peak memory differs from `prefill`."""
-    from dwdp_jax.expert_source import as_source  # noqa: PLC0415 (the source module imports models only)
-    from dwdp_jax.runtime import stages  # noqa: PLC0415
-
     cfg, source = model.cfg, as_source(experts)
     k = cfg.first_k_dense_replace
     dense_graph, dense_states = stages.split_stack(model.layers[:k])

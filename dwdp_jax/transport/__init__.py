@@ -21,4 +21,15 @@ def make_transport(name: str, *args, **kwargs) -> Transport:
     return transport_class(name)(*args, **kwargs)
 
 
-__all__ = ["Transport", "TransportOptions", "export_pieces", "make_transport", "register_backend", "transport_class"]
+def transport_options(name: str, **fields) -> TransportOptions:
+    """TransportOptions for transport `name`: each field checked once, here, against what that transport does."""
+    options = TransportOptions(**fields)
+    if options.slice_bytes and not transport_class(name).slices_by_bytes:
+        by_bytes = " or ".join(repr(n) for n, cls in sorted(_BACKENDS.items()) if cls.slices_by_bytes)
+        raise ValueError(f"slice_bytes={options.slice_bytes} needs transport={by_bytes} (transport {name!r} slices "
+                         f"by count: slices)")
+    return options
+
+
+__all__ = ["Transport", "TransportOptions", "export_pieces", "make_transport", "register_backend", "transport_class",
+           "transport_options"]

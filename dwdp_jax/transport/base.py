@@ -90,6 +90,8 @@ class Transport(abc.ABC):
     live_slots = 2
     # True: a pull starts from the program launched after its seal, so it cannot serve that program's own read.
     issues_in_program = False
+    # True: honours TransportOptions.slice_bytes (cuts copies by size); the rest slice by count only.
+    slices_by_bytes = False
 
     def __init__(self, placement: Placement, local_slabs: list[list[ExpertSlab]], devices: list[jax.Device],
                  options: TransportOptions = TransportOptions()):

@@ -310,6 +310,7 @@ class ProgramHook:
 class CopyEngineTransport(Transport):
     live_slots = 2
     issues_in_program = True
+    slices_by_bytes = True
 
     def __init__(self, placement, local_slabs, devices, options=TransportOptions()):
         super().__init__(placement, local_slabs, devices, options)
