@@ -265,7 +265,8 @@ def test_failed_restore_drops_only_closed_loop_reports(copy, monkeypatch):
                      for text in ("Event loop is closed", "something else"))
     sys.unraisablehook(closed)
     sys.unraisablehook(other)
-    assert reported == [other]
+    # reads still in flight from the restore may add reports of their own at any time; these two are the probe
+    assert other in reported and closed not in reported
 
 
 def test_garbled_expert_file_fails_without_stray_tracebacks(copy):
