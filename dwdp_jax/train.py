@@ -39,9 +39,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from dwdp_jax.kernels import grouped_gemm
-from dwdp_jax.runtime.reference import Params
 from models import config as model_config
-from models.deepseek_v3 import DeepseekV3, init_model
+from models.deepseek_v3 import DeepseekV3, Params, init_model
 from models.experts import ExpertSlab, ExpertView
 
 FILE_SEPARATOR = 0  # NUL never occurs in Python source: it marks where one file ends and the next begins

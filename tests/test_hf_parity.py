@@ -110,7 +110,7 @@ class Case(NamedTuple):
     hf_ids: list[np.ndarray]  # per MoE layer [T, k]
     hf_scores: list[np.ndarray]  # per MoE layer, unbiased sigmoid scores [T, E]
     config: Any
-    params: reference.Params
+    params: deepseek_v3.Params
 
 
 @pytest.fixture(scope="module")
