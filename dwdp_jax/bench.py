@@ -135,15 +135,15 @@ def run_strategy(strategy: strategies.Strategy, params, p: Plan, c, vb, refs, ph
                                            c.verify.min_id_match)
     phases.lap(f"{name}.verify")
     phases.begin(f"{name}: warm-up, compiling the step for each of {c.token_buckets} token buckets")
-    strategy.warm_up(runtime, c)
+    strategy.warm_up(runtime, p)
     phases.lap(f"{name}.warm_up")
     phases.begin(f"{name}: serving {len(p.requests)} requests, {c.repeats} pass(es)")
     summary, raw = served(strategy, runtime, p, c, ranks)
     phases.lap(f"{name}.serve")
     if p.variants:
         phases.begin(f"{name}: serving the variants {', '.join(p.variants)}")
-        variants = {v: served(strategy, runtime, dataclasses.replace(p, requests=reqs), vc, ranks)
-                    for v, (reqs, vc) in p.variants.items()}
+        variants = {v: served(strategy, runtime, dataclasses.replace(p, requests=reqs, batching=batching), c, ranks)
+                    for v, (reqs, batching) in p.variants.items()}
         summary["variants"] = {v: vs for v, (vs, _) in variants.items()}
         raw["variants"] = {v: vr for v, (_, vr) in variants.items()}
         phases.lap(f"{name}.variants")

@@ -15,7 +15,7 @@ import numpy as np
 from dwdp_jax import stage_trace
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.progress import progress_bar
-from dwdp_jax.run_plan import Plan, bucket_for, dep_ranks, pack_batch
+from dwdp_jax.run_plan import Plan, dep_ranks
 from dwdp_jax.runtime.dwdp import DwdpEngine
 from dwdp_jax.serving import metrics, scheduler
 from dwdp_jax.sim import contention
@@ -69,11 +69,11 @@ def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, c, ranks: in
 
 def first_step_batches(p: Plan, c) -> list[PackedBatch | None]:
     """Each rank's batch of the workload's first DEP step (the profiled and timed batches)."""
-    first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=c.max_num_tokens,
+    first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=p.batching.max_num_tokens,
                                    balance=c.dep.balance,
-                                   max_batch_size=c.max_batch_size).next_step(float("inf"))
-    budget = bucket_for(max(b.num_tokens for b in first), c)
-    return [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in first]
+                                   max_batch_size=p.batching.max_batch_size).next_step(float("inf"))
+    budget = p.batching.bucket_for(max(b.num_tokens for b in first))
+    return [p.batching.pack(b, budget) if b.requests else None for b in first]
 
 
 def pull_timeline(engine: DwdpEngine, batches: list[PackedBatch | None]) -> dict[str, Any]:

@@ -70,9 +70,10 @@ def requests_from(c) -> list[workload.Request]:
                                        isl_std=None if w.isl_std < 0 else w.isl_std, rate_per_s=rate, seed=w.seed)
 
 
-def variant_plan(c, name: str, fields: dict[str, Any]) -> tuple[list[workload.Request], Any]:
-    """A variant's requests and the run's config with its fields. A smaller batch budget keeps the run's bucket
-    size, so every batch pads to a shape the runtimes compiled; it must be one of the run's token buckets."""
+def variant_plan(c, name: str, fields: dict[str, Any], vocab_size: int) -> tuple[list[workload.Request], Batching]:
+    """A variant's requests and batching: the run's config with the variant's fields. A smaller batch budget keeps
+    the run's bucket size, so every batch pads to a shape the runtimes compiled; it must be one of the run's token
+    buckets."""
     if c.workload.dataset:
         raise ValueError("config.variants change synthetic workload fields; config.workload.dataset is set")
     vc = c.copy_and_resolve_references()
@@ -90,11 +91,34 @@ def variant_plan(c, name: str, fields: dict[str, Any]) -> tuple[list[workload.Re
                                     num_ranks=c.num_ranks)
     except ValueError as e:
         raise ValueError(f"config.variants {name!r}: {e}") from e
-    return reqs, vc
+    return reqs, batching_from(vc, vocab_size)
 
 
 def dep_ranks(c) -> int:
     return c.dep.num_ranks or c.num_ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How the scheduler's batches become the runtimes' inputs: the step's token and sequence limits, the static
+    token budgets a batch pads to (`token_buckets`) and what generates each request's token ids."""
+
+    max_num_tokens: int
+    max_batch_size: int
+    buckets: tuple[int, ...]
+    vocab_size: int
+    token_seed: int
+
+    def bucket_for(self, num_tokens: int) -> int:
+        return next(b for b in self.buckets if b >= num_tokens)
+
+    def pack(self, batch: scheduler.Batch, budget: int | None = None) -> PackedBatch:
+        tokens = [tokens_of(r, self.vocab_size, self.token_seed) for r in batch.requests]
+        return pack(tokens, budget=budget or self.bucket_for(batch.num_tokens))
+
+
+def batching_from(c, vocab_size: int) -> Batching:
+    return Batching(c.max_num_tokens, c.max_batch_size, tuple(token_buckets(c)), vocab_size, c.workload.seed)
 
 
 @dataclasses.dataclass
@@ -103,11 +127,12 @@ class Plan:
 
     cfg: model_config.ModelConfig
     requests: list[workload.Request]
+    batching: Batching
     strategies: tuple[str, ...]
     placement: Placement
     devices: list
-    # config.variants: name -> (requests, the run's config with the variant's fields)
-    variants: dict[str, tuple[list[workload.Request], Any]] = dataclasses.field(default_factory=dict)
+    # config.variants: name -> (its requests, its batching)
+    variants: dict[str, tuple[list[workload.Request], Batching]] = dataclasses.field(default_factory=dict)
 
 
 def dwdp_options(c) -> DwdpOptions:
@@ -133,11 +158,3 @@ def token_buckets(c) -> list[int]:
     step = c.max_num_tokens // c.token_buckets
     return [step * (i + 1) for i in range(c.token_buckets)]
 
-
-def bucket_for(num_tokens: int, c) -> int:
-    return next(b for b in token_buckets(c) if b >= num_tokens)
-
-
-def pack_batch(batch: scheduler.Batch, c, vocab_size: int, budget: int | None = None) -> PackedBatch:
-    tokens = [tokens_of(r, vocab_size, c.workload.seed) for r in batch.requests]
-    return pack(tokens, budget=budget or bucket_for(batch.num_tokens, c))

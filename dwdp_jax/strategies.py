@@ -13,7 +13,7 @@ from typing import Any, Callable
 from dwdp_jax import memory, profiling
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.progress import Phases, progress_bar
-from dwdp_jax.run_plan import Plan, dep_ranks, dwdp_options, token_buckets
+from dwdp_jax.run_plan import Plan, dep_ranks, dwdp_options
 from dwdp_jax.runtime import dep as dep_lib
 from dwdp_jax.runtime import reference
 from dwdp_jax.runtime.dwdp import DwdpEngine, count_collectives
@@ -59,7 +59,7 @@ class Strategy(abc.ABC):
         """The collectives in its compiled programs, by program."""
 
     @abc.abstractmethod
-    def warm_up(self, runtime, c) -> None:
+    def warm_up(self, runtime, p: Plan) -> None:
         """Compiles every token bucket's programs before timing."""
 
     @abc.abstractmethod
@@ -99,9 +99,9 @@ class Dwdp(Strategy):
     def collectives(self, runtime, batch):
         return {k: count_collectives(t) for k, t in runtime.compiled_hlo(batch).items()}
 
-    def warm_up(self, runtime, c):
+    def warm_up(self, runtime, p):
         # programs compile per device, so on every rank
-        programs = [(budget, r) for budget in token_buckets(c) for r in range(runtime.num_ranks)]
+        programs = [(budget, r) for budget in p.batching.buckets for r in range(runtime.num_ranks)]
         for budget, r in progress_bar(programs, "warm-up", "program"):
             runtime.step(r, pack([[1] * budget], budget=budget))
 
@@ -157,8 +157,8 @@ class Dep(Strategy):
     def collectives(self, runtime, batch):
         return {"step": count_collectives(runtime.compiled_hlo())}
 
-    def warm_up(self, runtime, c):
-        for budget in progress_bar(token_buckets(c), "warm-up", "program"):
+    def warm_up(self, runtime, p):
+        for budget in progress_bar(p.batching.buckets, "warm-up", "program"):
             runtime.step([pack([[1] * budget], budget=budget)] * runtime.num_ranks)
 
     def serve(self, runtime, p, c, sync):

@@ -18,8 +18,8 @@ from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.placement import Placement
 from dwdp_jax.profiling import trace_dump_flags
 from dwdp_jax import strategies as strategy_lib
-from dwdp_jax.run_plan import (MODEL_OVERRIDES, Plan, depth_that_fits, dep_ranks, dwdp_options, model_config_from,
-                               requests_from, token_buckets, variant_plan)
+from dwdp_jax.run_plan import (MODEL_OVERRIDES, Batching, Plan, batching_from, depth_that_fits, dep_ranks,
+                               dwdp_options, model_config_from, requests_from, token_buckets, variant_plan)
 from dwdp_jax.runtime import dep as dep_lib
 from dwdp_jax.runtime.dwdp import PULL_ISSUES
 from dwdp_jax.serving import scheduler, workload
@@ -219,12 +219,12 @@ def validate(c) -> Plan:
     strategies = strategies_from(c)
     cfg = _checked_model(c)
     placement = _checked_groups(c, cfg, strategies)
-    requests, variants = _checked_workload(c)
+    requests, variants = _checked_workload(c, cfg.vocab_size)
     _check_verification(requests, c)
     if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
         raise ValueError(f"config.max_batch_size={c.max_batch_size}: at most {MAX_SEGMENTS} with cuDNN attention "
                          f"(config.attention_impl={c.attention_impl!r}: its segment table)")
-    return Plan(cfg, requests, strategies, placement, [], variants)
+    return Plan(cfg, requests, batching_from(c, cfg.vocab_size), strategies, placement, [], variants)
 
 
 def _checked_model(c) -> model_config.ModelConfig:
@@ -258,7 +258,8 @@ def _checked_groups(c, cfg: model_config.ModelConfig, strategies: tuple[str, ...
     return placement
 
 
-def _checked_workload(c) -> tuple[list[workload.Request], dict[str, tuple[list[workload.Request], Any]]]:
+def _checked_workload(c, vocab_size: int
+                      ) -> tuple[list[workload.Request], dict[str, tuple[list[workload.Request], Batching]]]:
     where = f"config.workload.dataset={c.workload.dataset!r}" if c.workload.dataset else "config.workload"
     try:
         requests = requests_from(c)
@@ -270,7 +271,8 @@ def _checked_workload(c) -> tuple[list[workload.Request], dict[str, tuple[list[w
     except ValueError as e:
         raise ValueError(f"config.max_num_tokens={c.max_num_tokens}: {e}") from e
     token_buckets(c)
-    variants = {name: variant_plan(c, name, fields) for name, fields in workload.parse_variants(c.variants).items()}
+    variants = {name: variant_plan(c, name, fields, vocab_size)
+                for name, fields in workload.parse_variants(c.variants).items()}
     return requests, variants
 
 

@@ -15,14 +15,14 @@ import numpy as np
 
 from dwdp_jax.profiling import breakdown_ms
 from dwdp_jax.progress import Progress
-from dwdp_jax.run_plan import Plan, bucket_for, pack_batch
+from dwdp_jax.run_plan import Plan
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpWorkers
 from dwdp_jax.serving import metrics, scheduler
 
 
 def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
-    sched = scheduler.DwdpScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=c.max_num_tokens,
-                                    max_batch_size=c.max_batch_size, packing=c.dwdp.packing)
+    sched = scheduler.DwdpScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=p.batching.max_num_tokens,
+                                    max_batch_size=p.batching.max_batch_size, packing=c.dwdp.packing)
     req_records, iter_records, lock = [], [], threading.Lock()
     progress = Progress(len(p.requests), "dwdp")
     t0 = time.perf_counter()
@@ -40,16 +40,15 @@ def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
         progress.update(len(batch.requests))
 
     workers = DwdpWorkers(engine, lambda rank: sched.wait_for_batch(rank, clock), sink,
-                          batch_of=lambda b: pack_batch(b, c, p.cfg.vocab_size))
+                          batch_of=p.batching.pack)
     workers.start().join()
     progress.close()
     return req_records, iter_records, [dataclasses.asdict(a) for a in sched.finish()]
 
 
 def run_dep(dep, p: Plan, c, sync: bool = True) -> tuple[list, list, list, dict]:
-    sched = scheduler.DepScheduler(p.requests, num_ranks=dep.num_ranks, max_num_tokens=c.max_num_tokens,
-                                   balance=c.dep.balance,
-                                   max_batch_size=c.max_batch_size)
+    sched = scheduler.DepScheduler(p.requests, num_ranks=dep.num_ranks, max_num_tokens=p.batching.max_num_tokens,
+                                   balance=c.dep.balance, max_batch_size=p.batching.max_batch_size)
     req_records, iter_records, steps = [], [], []
     progress = Progress(len(p.requests), "dep")
     t0 = time.perf_counter()
@@ -61,8 +60,8 @@ def run_dep(dep, p: Plan, c, sync: bool = True) -> tuple[list, list, list, dict]
                 break
             time.sleep(max(0.0, sched.next_arrival_s() - now))
             continue
-        budget = bucket_for(max(b.num_tokens for b in step), c)
-        packed = [pack_batch(b, c, p.cfg.vocab_size, budget) if b.requests else None for b in step]
+        budget = p.batching.bucket_for(max(b.num_tokens for b in step))
+        packed = [p.batching.pack(b, budget) if b.requests else None for b in step]
         start = time.perf_counter() - t0
         dep.step(packed)
         end = time.perf_counter() - t0
