@@ -31,10 +31,6 @@ from dwdp_jax.verification import (judged_by_floor, reference_noise, reference_o
                                    verification_batches, verify)
 from models import deepseek_v3
 
-# tests/test_stage_trace.py and tests/test_copy_engine_clock.py still reach these through bench
-from dwdp_jax.profiling import pull_contention, trace_dump_flags  # noqa: E402, F401
-from dwdp_jax.report import format_table  # noqa: E402, F401
-
 
 def build_params(p: Plan, c) -> reference.Params:
     """The weights, with the config's attention backend set on every MLA module."""

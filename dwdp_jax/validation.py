@@ -70,17 +70,6 @@ def _registered(lookup: Callable[[str], Any]) -> Callable[[Any], str | None]:
     return check
 
 
-def _kernel(lookup: Callable[[str], Any]) -> Callable[[Any], str | None]:
-    """A kernel backend name. The GPU backends register when their module is imported, which CPU runs skip, so
-    an unknown name imports it first: the registry's message then lists every backend."""
-    registered = _registered(lookup)
-
-    def check(v):
-        if registered(v) is None:
-            return None
-        import dwdp_jax.kernels.gpu  # noqa: F401
-        return registered(v)
-    return check
 
 
 def _file_name(optional: bool) -> Callable[[Any], str | None]:
@@ -168,8 +157,8 @@ FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
                                             f"{dep_lib.default_dispatch('cpu')} on CPU)"),
     "dep.num_ranks": _integer(0, " (0: config.num_ranks)"),
     "dep.balance": _one_of(scheduler.DepScheduler.BALANCES),
-    "gemm_backend": _kernel(grouped_gemm.get_backend),
-    "attention_impl": _kernel(attention.get_backend),
+    "gemm_backend": _registered(grouped_gemm.get_backend),
+    "attention_impl": _registered(attention.get_backend),
     "verify.enabled": _boolean,
     "verify.num_requests": _integer(1),
     "verify.rel_tol": _number(0.0),

@@ -117,11 +117,11 @@ def test_measured_levels_recover_the_paper_model_from_independent_pulls():
 
 
 def test_bench_reports_measured_contention_beside_the_model():
-    from dwdp_jax import bench
+    from dwdp_jax import profiling
 
     spans = [(1, 0, 0, 5.0, 7.0), (2, 0, 0, 6.0, 8.0), (0, 1, 1, 5.0, 6.0)]
     engine = types.SimpleNamespace(num_ranks=4, transport=types.SimpleNamespace(source_intervals=lambda: spans))
-    out = bench.pull_contention(engine)
+    out = profiling.pull_contention(engine)
     assert out["measured"] == pytest.approx({1: 3 / 5, 2: 2 / 5})
     assert out["model"] == pytest.approx({1: 4 / 9, 2: 4 / 9, 3: 1 / 9})
     assert out["spans"][0] == (1, 0, 0, 0.0, 2.0)  # relative to the first pull
