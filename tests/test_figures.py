@@ -1,4 +1,4 @@
-"""The figures command on CPU, from a fresh clone's results: every paper figure of WORKSPACE.md's map written, the
+"""The figures command on CPU, from a fresh clone's results: every paper figure of the map in docs/results.md written, the
 missing simulator studies run by the command itself, unusable results files skipped with a reason, and the paper's
 values beside ours."""
 
@@ -32,8 +32,8 @@ CHEAP = {"contention": {"group_sizes": "3,4", "min_pulls": 2000},
 
 
 def _map_scripts() -> set[str]:
-    """The figure modules WORKSPACE.md's paper figure -> script -> data map names."""
-    return set(re.findall(r"`experiments/figures/(fig_\w+)\.py`", (REPO / "WORKSPACE.md").read_text()))
+    """The figure modules the paper figure -> script -> data map (docs/results.md) names."""
+    return set(re.findall(r"`experiments/figures/(fig_\w+)\.py`", (REPO / "docs" / "results.md").read_text()))
 
 
 def _fresh_results(root: Path) -> None:
