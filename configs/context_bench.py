@@ -4,7 +4,7 @@ NAME: `tiny` (default; the byte-level MoE trained on the standard library, check
 CPU devices), `r1_width_4gpu` (DeepSeek-R1-width layers on 4 H100/H200, depth chosen by the memory planner),
 `r1_width_4gpu_std` (the same with ISL std 4096, the imbalance case).
 Override any field with `--config.field=value`. Every field is checked before the JAX backend starts
-(dwdp_jax.bench.FIELD_CHECKS, then bench.validate for the fields together): a bad one exits 2 naming it.
+(dwdp_jax.validation.FIELD_CHECKS, then validation.validate for the fields together): a bad one exits 2 naming it.
 """
 
 import os
@@ -93,8 +93,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     c.verify.num_requests = 6
     c.verify.rel_tol = 1e-5  # fp32; bf16 runs use ~2e-2
     c.verify.min_id_match = 1.0  # fraction of tokens whose expert sets equal the reference's (bf16 near-ties flip)
-    # also run the reference one last bit off (bench.reference_noise; results: reference_noise); a strategy no further
-    # from the reference than that floor passes even past rel_tol (bf16 routing on random weights is that sensitive)
+    # also run the reference one last bit off (verification.reference_noise; results: reference_noise); a strategy
+    # no further from the reference than that floor passes even past rel_tol (bf16 routing on random weights is that
+    # sensitive)
     c.verify.noise_floor = False
     c.memory_fraction = 0.9  # of each device's memory the depth planner may use (model.num_hidden_layers = 0)
     c.breakdown = True  # a profiled pass per strategy for the per-layer breakdown

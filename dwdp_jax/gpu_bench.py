@@ -29,7 +29,7 @@ def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2, before: Calla
            after: Callable = lambda: None, sustain_s: float = 0.0) -> float:
     """Median seconds of fn(*args) until ready; `before`/`after` run around every call, outside the timed span.
     `sustain_s`: the warm-up calls go on until this long has passed, so the timed calls run at the clocks a
-    sustained load gets (an H200's power cap lowers them within seconds: WORKSPACE.md, session 7)."""
+    sustained load gets (an H200's power cap lowers them within seconds)."""
     samples = []
     start = time.perf_counter()
     i = 0
@@ -74,7 +74,7 @@ def skewed_group_sizes(num_rows: int, num_groups: int, max_over_mean: float, see
 
 def uniform_group_sizes(num_rows: int, num_groups: int, seed: int = 0) -> np.ndarray:
     """Group sizes of rows routed uniformly at random (multinomial): what a rank's experts see in serving with
-    balanced routing (max/mean 1.3-1.5 per MoE layer in the R1-width runs, WORKSPACE.md session 6)."""
+    balanced routing (max/mean 1.3-1.5 per MoE layer in the R1-width runs on 4x H200)."""
     return np.random.default_rng(seed).multinomial(num_rows, np.full(num_groups, 1.0 / num_groups)).astype(np.int32)
 
 
@@ -167,7 +167,7 @@ def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dens
                            rounds: int = 7, measure: Callable = burst) -> dict[str, dict[str, float]]:
     """Kernels against the dense GEMM timed in rounds (dense, then each kernel, per round), so all see the same
     clocks: on one H200 the dense rate falls from about 745 TFLOP/s in a short burst to 620-680 under sustained
-    load (WORKSPACE.md, session 7). `measure(case)` gives a dict with "tflops" and whatever else it reads (`burst`:
+    load. `measure(case)` gives a dict with "tflops" and whatever else it reads (`burst`:
     the SM clock after it; `clocks_under_load`: clock and power over a sustained run). Per case: medians over the
     rounds of each reading and of the ratio to the round's dense rate (with its extremes); with clocks, also the
     ratio at equal clocks (over_dense_per_clock)."""
@@ -303,7 +303,7 @@ def hbm_gbps(num_bytes: int = 4 * GIB, passes: int = 16) -> float:
     """HBM read GB/s: `passes` reductions over an f32 buffer inside one program, so the host's dispatch and sync
     are paid once (what the grouped GEMM's weight stream and the roofline need). On one H200: 4.41 TB/s at 4 GiB,
     against 3.91 for read + write passes and 2.92 for the single bf16 x * 2 per call this replaced, which read
-    0.31-0.62 of the 4.8 TB/s datasheet rising with the size (WORKSPACE.md, session 10)."""
+    0.31-0.62 of the 4.8 TB/s datasheet rising with the size."""
     if num_bytes < 4 or passes < 1:
         raise ValueError(f"hbm_gbps: num_bytes must be >= 4 and passes >= 1, got {num_bytes}, {passes}")
     x = jnp.ones((num_bytes // 4,), jnp.float32)
@@ -402,9 +402,10 @@ def all2all_gbps(devices: list[jax.Device], bytes_per_peer: int = 64 << 20) -> f
 def copy_engine_overlap(dst: jax.Device, srcs: list[jax.Device], num_bytes: int, t: int = 8192) -> dict[str, float]:
     """The copy-engine pull against the peer-copy ceiling, and compute slowdown while it runs, all on `dst`.
 
-    Pull: cudaMemcpyPeerAsync of num_bytes split over the peers, back to back on one side stream (what the
-    transport does) and, as the ceiling, one stream per peer at once. Compute: a bf16 GEMM chain and MLA attention
-    (cuDNN, 128 heads, q/k 192, v 128, t tokens causal), alone and with the pull issued on the side stream first.
+    Pull: cudaMemcpyAsync over unified addresses of num_bytes split over the peers, back to back on one side stream
+    (what the transport does) and, as the ceiling, one stream per peer at once. Compute: a bf16 GEMM chain and MLA
+    attention (cuDNN, 128 heads, q/k 192, v 128, t tokens causal), alone and with the pull issued on the side stream
+    first.
     """
     import cupy
 

@@ -91,7 +91,7 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
     its grouped GEMM runs over those N*T*K rows. XLA:GPU (jax 0.11.2) keeps every ragged_all_to_all output in
     collective memory without sharing it between layers, so both outputs, the dispatch's receive buffer and the
     combine's T*K rows, are threaded through the layers (`dep.ReceiveBuffer`): one of each, whatever the depth.
-    Measured at T 32768 on 4x H200 (`experiments.dep_step_memory`, WORKSPACE.md session 6): DEP4 50.4 GiB of
+    Measured at T 32768 on 4x H200 (`experiments.dep_step_memory`): DEP4 50.4 GiB of
     temporaries at both 4 and 5 MoE layers (before the threading: 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5); this plan
     says 54.7 GiB for all-to-all buffers and activations there.
     """

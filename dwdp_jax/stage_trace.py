@@ -1,7 +1,8 @@
 """Where a served pass's device time goes, read from a profiler trace of the pass itself.
 
-The profiled breakdown (`bench.profile_breakdown`) times each stage alone with a sync; this reads every kernel the
-devices ran while serving, in place, and attributes it to the `jax.named_scope` it came from. A trace event names
+The profiled breakdown (`profiling.dwdp_breakdown` / `profiling.dep_breakdown`) times each stage alone with a
+sync; this reads every kernel the devices ran while serving, in place, and attributes it to the `jax.named_scope`
+it came from. A trace event names
 its program (`program_id`, XLA's module id) and HLO instruction (`hlo_op`); the compiled HLO that XLA dumps
 (`--xla_dump_to=DIR --xla_dump_hlo_as_text`, files `module_<id>.<name>.*after_optimizations.txt`) maps each
 instruction to its op_name (`jit(f)/layer_3/attention/...`), whose innermost component among `STAGES` is the

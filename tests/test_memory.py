@@ -124,7 +124,7 @@ def test_bad_inputs():
 def test_dep_step_plan_covers_the_steps_measured_on_h200(layers, measured_gib):
     """XLA's temporaries of the full-budget DEP4 step at R1 width (T 32768, flash attention, serving logits, the
     dispatch's receive buffer and the combine's output threaded through the layers) on 4x H200
-    (`experiments.dep_step_memory --depths=7,8`, session 6): the plan must not count less, nor much more."""
+    (`experiments.dep_step_memory --depths=7,8`): the plan must not count less, nor much more."""
     cfg = deepseek_r1()
     dep = memory.plan_dep(cfg.replace(num_hidden_layers=layers), 4, 32768, attention_impl="flash")
     step = dep.all_to_all_bytes + dep.activation_bytes

@@ -105,7 +105,7 @@ def test_launch_orders_give_the_same_result(order):
 def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused, kernel):
     """Each configuration the GPU benchmark times lowers (on CPU: no GPU compile, no run): Mosaic GPU fits Hopper's
     shared memory; Triton passes its lowering's type rules, which interpret mode does not apply (boolean or/not
-    failed there only on the GPU, session 6)."""
+    failed there only on the GPU)."""
     run, candidates, marker = {"triton": (split_ragged_dot, CANDIDATES, "__gpu$xla.gpu.triton"),
                                "mgpu": (split_ragged_dot_mgpu, MGPU_CANDIDATES, "mosaic_gpu")}[kernel]
     for blocks in candidates[fused]:

@@ -5,11 +5,11 @@ The FP8 expert path of the split-weight grouped GEMM (`split_gemm.split_ragged_d
 128-wide K block, an fp8 x fp8 product accumulated in fp32 and scaled by the row's and the weight block's scales:
 what DeepSeek's own inference kernels do, and half the weight bytes of bf16 for the HBM stream and for DWDP's pull.
 Measured on H200 it is correct but slow (0.23-0.25 of the dense FP8 GEMM, 0.53-0.60 of the bf16 split kernel:
-WORKSPACE.md session 13), so no model config builds FP8 experts yet.
+experiments.bench_grouped_gemm), so no model config builds FP8 experts yet.
 
 Layouts: FP8 weights are stored as the checkpoint stores them, [G, N, K] ([out, in]: K contiguous, which Hopper's
 fp8 wgmma needs for both operands: gate/up ran at 135 TFLOP/s from N-contiguous weights, through Triton's
-transposes, and 223 from these; WORKSPACE.md session 13), with scales [G, N/128, K/128]; activations [M, K]
+transposes, and 223 from these; H200), with scales [G, N/128, K/128]; activations [M, K]
 have scales [K/128, M] (K block major, so a kernel's row tile reads its scales contiguously).
 """
 

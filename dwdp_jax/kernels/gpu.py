@@ -35,8 +35,8 @@ SPLIT_KERNELS = {"split_triton": split_gemm.split_ragged_dot, "split_mgpu": spli
 
 def fastest_split_kernel(k: int, n: int, fused: bool, rows: int) -> str:
     """Whichever split kernel (Triton or Mosaic GPU) timed faster at its tuned blocks for this problem and card
-    (`tuning.fastest`), the Triton one without entries: neither wins both projections (session 8, H200: Mosaic
-    GPU's clustered kernel for gate/up, Triton's half tiles for down)."""
+    (`tuning.fastest`), the Triton one without entries: neither wins both projections (H200,
+    experiments.bench_grouped_gemm: Mosaic GPU's clustered kernel for gate/up, Triton's half tiles for down)."""
     return tuning.fastest(tuple(SPLIT_KERNELS), jax.devices()[0].device_kind, k, n, fused, rows) or "split_triton"
 
 

@@ -53,7 +53,7 @@ class Blocks:
     per_group: bool = False
     # A tile whose rows all lie in one half of its row block computes that half only (block_m / 2 rows): group
     # boundaries cut tiles, and at 131072 skewed rows over 256 groups full tiles compute 1.24x the real rows, half
-    # tiles 1.12x (WORKSPACE.md, session 6).
+    # tiles 1.12x (gpu_bench.skewed_group_sizes).
     half_tiles: bool = False
 
     def __post_init__(self):
@@ -65,7 +65,7 @@ class Blocks:
                              f"got block_m={self.block_m}")
 
 
-# Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows; WORKSPACE.md):
+# Best of the sweeps on H200 (experiments.bench_grouped_gemm, 256 experts, 131072 skewed rows):
 # down projection K=2048 N=7168 497 TFLOP/s (column-block-major 443); fused gate/up K=7168 2x2048 490 (423).
 DEFAULT_BLOCKS = Blocks(block_n=256, per_group=True)
 FUSED_BLOCKS = Blocks(group_m=16, per_group=True)

@@ -1,10 +1,11 @@
 """Split-weight grouped GEMM on Mosaic GPU (Hopper): TMA loads and warp-specialized wgmma.
 
 The Triton kernel (`split_gemm`) computes each row tile at 0.80-0.89 of cuBLAS's rate on H200 and stops at
-0.64-0.72 of the dense GEMM over skewed groups (WORKSPACE.md, session 3); what it lacks is what Hopper's fastest
-GEMMs do: TMA copies and a producer warpgroup that keeps the consumers' wgmma fed. This kernel is that structure
-(the one of jax's `hopper_matmul_mgpu` example) over the same tile schedule (`split_gemm.tile_schedule`): row tiles
-aligned to `tile_m`, cut at group boundaries, each tagged with its slab and its group in the slab.
+0.64-0.72 of the dense GEMM over skewed groups (H200, experiments.bench_grouped_gemm); what it lacks is what
+Hopper's fastest GEMMs do: TMA copies and a producer warpgroup that keeps the consumers' wgmma fed. This kernel is
+that structure (the one of jax's `hopper_matmul_mgpu` example) over the same tile schedule
+(`split_gemm.tile_schedule`): row tiles aligned to `tile_m`, cut at group boundaries, each tagged with its slab and
+its group in the slab.
 
 Per CTA (persistent over the SMs): (row tile, column block) pairs in row-tile-major order; a memory warpgroup
 streams the x tile and the slab's weight block into shared memory with TMA, two compute warpgroups each own half
@@ -13,7 +14,7 @@ tile stores only its rows [lo, hi): TMA boxes have static shapes, so the rows go
 
 Tested on CPU in Mosaic GPU interpret mode against `jax.lax.ragged_dot`, and lowered for CUDA there; its GPU speed
 is measured by `experiments.bench_grouped_gemm` (backend `pallas_split_mgpu`). First run on H200, unchained: 0.675
-(down) and 0.676 (fused gate/up) of the dense GEMM, equal to the tuned Triton kernel (WORKSPACE.md, session 4).
+(down) and 0.676 (fused gate/up) of the dense GEMM, equal to the tuned Triton kernel (H200, 131072 rows, skew 6.45).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class MgpuBlocks:
     # Full tiles (a group's rows fill all tile_m; every tile in the model's tile-aligned layout) go out through a
     # swizzled shared-memory view in one TMA store: the plain view's rows are 256 bytes apart, so a warp's writes
     # of the wgmma accumulator fall 8 to a bank. Cut tiles keep the plain view and the row runs. With half_store,
-    # per half. Measured on H200 over aligned groups: within 0.3% of the plain view (WORKSPACE.md, session 10).
+    # per half. Measured on H200 over aligned groups: within 0.3% of the plain view
+    # (experiments.bench_grouped_gemm).
     swizzled_store: bool = False
     # Two CTAs per cluster take adjacent column blocks of one row tile, and the x tile they share is loaded once
     # for both (TMA multicast): per CTA and k step 40 of the 48 KiB come from L2 (x is 16 KiB of them), the
@@ -87,8 +89,9 @@ class MgpuBlocks:
 # for the fused gate/up kernel, which keeps two weight blocks per stage, half the columns per warpgroup.
 DEFAULT_MGPU_BLOCKS = MgpuBlocks(max_concurrent_steps=3)
 FUSED_MGPU_BLOCKS = MgpuBlocks(tile_n=64)
-# Chained variants for R1's shapes (K / tile_k divisible by the stages: 2048 / 64 = 32, 7168 / 64 = 112); not yet
-# timed on a GPU. fused -> blocks
+# Chained variants for R1's shapes (K / tile_k divisible by the stages: 2048 / 64 = 32, 7168 / 64 = 112). Timed on
+# H200 (experiments.bench_grouped_gemm --tune, 256 experts, skew 6.45): chained gate/up 565.5 TFLOP/s (0.793 of
+# dense) at 262144 rows, 506.6 (0.715) at 131072; down's fastest was unchained. fused -> blocks
 CHAINED_R1 = {False: MgpuBlocks(max_concurrent_steps=2, chain=True), True: MgpuBlocks(tile_n=64, chain=True)}
 
 

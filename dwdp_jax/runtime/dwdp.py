@@ -56,8 +56,8 @@ class DwdpOptions:
     timeline: bool = False  # copy engine on GPU: device timestamps of every pull and fence (transport.timeline)
     # Where the next pull starts: "after_moe" (layer m + 2's, at the end of layer m: it overlaps attention first) or
     # "after_attention" (layer m + 1's, between layer m's attention and MoE: it overlaps the grouped GEMM first, for
-    # hardware where a pull slows attention more than a GEMM; serving on 4x H200 showed no such slowdown,
-    # WORKSPACE.md session 7).
+    # hardware where a pull slows attention more than a GEMM; serving on 4x H200 showed no such slowdown
+    # (experiments.context_bench).
     pull_issue: str = "after_moe"
     # > 0: logits only at the last token of each sequence (serving needs nothing else), for up to this many
     # sequences per batch; 0: logits of every token (verification).

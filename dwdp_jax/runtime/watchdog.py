@@ -1,7 +1,7 @@
 """A deadline for calls that can block forever: an SPMD step some of whose ranks failed to start.
 
 When one rank of a jitted multi-device program cannot allocate its buffers, XLA fails that rank and the others
-wait for it in their first collective with no timeout (4x H200, session 5: ranks 1-3 could not place a 31.5 GiB
+wait for it in their first collective with no timeout (4x H200: ranks 1-3 could not place a 31.5 GiB
 buffer in a fragmented pool, rank 0 waited in NCCL's clique rendezvous until killed). The waiting call holds the
 Python thread inside XLA, so no exception can reach it: past the deadline the process says why and exits.
 """

@@ -40,7 +40,7 @@ class ContextConfig:
     attention_slowdown: float | None = None  # None: compute_slowdown
     pull_issue: str = "after_moe"
     # None: a batch costs its tokens (a runtime without static shapes, as the paper's); k: batches pad to the next
-    # multiple of max_num_tokens / k (dwdp_jax.bench.token_buckets), DWDP ranks each to their own batch's, DEP ranks
+    # multiple of max_num_tokens / k (dwdp_jax.run_plan.token_buckets), DWDP ranks each to their own batch's, DEP ranks
     # all to their fullest rank's (one SPMD step)
     token_buckets: int | None = None
     precision: Precision = Precision()

@@ -184,7 +184,7 @@ class PrefillTimes:
     dense_s: all dense layers; pre_moe_s: one MoE layer up to its routed experts (attention, router, shared expert);
     routed_s: one MoE layer's routed experts on this rank's own tokens with all E experts (the DWDP case);
     head_s: final norm and LM head (one token per sequence); attention_s: one layer's attention (part of pre_moe_s,
-    and of each dense layer), which a pull in flight slows more than a GEMM (WORKSPACE.md, sessions 6-7).
+    and of each dense layer), which a pull in flight slows more than a GEMM.
     """
 
     dense_s: float
@@ -197,7 +197,7 @@ class PrefillTimes:
 def prefill_times(cfg: ModelConfig, hw: HardwareSpec, seq_lens: Sequence[int] | np.ndarray,
                   prec: Precision, padded_tokens: float | None = None) -> PrefillTimes:
     """`padded_tokens`: the batch's static token count when it is padded to a shape (a runtime with static shapes,
-    dwdp_jax.bench.token_buckets): every per-token GEMM (projections, dense MLP, router, shared expert) runs over
+    dwdp_jax.run_plan.token_buckets): every per-token GEMM (projections, dense MLP, router, shared expert) runs over
     the padding too; the attention core and the routed experts skip it (masked, never routed)."""
     tokens = float(np.sum(seq_lens))
     padded = tokens if padded_tokens is None else float(padded_tokens)

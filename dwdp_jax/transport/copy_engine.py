@@ -68,7 +68,7 @@ class PullBatch:
     piece (the timeline's per-source marks), `targets` the slot's buffers (poisoned first when asked).
 
     The addresses are read here, while no program runs, so the issuing callback (inside the launch of the rank's
-    program) only walks integers; `unsafe_buffer_pointer` there was suspected of a per-step stall (session 4), whose
+    program) only walks integers; `unsafe_buffer_pointer` there was suspected of a per-step stall, whose
     cause turned out to be the copy call (`CudaCopier.issue`)."""
 
     layer: int
@@ -207,7 +207,7 @@ class CudaCopier:
                         self._mark(rank, "source_start", b.layer, side, c.src_rank)
                     # A plain async copy over unified addresses (XLA enables peer access). With
                     # cudaMemcpyPeerAsync, every step's first pulls took 400-700 ms on the device against 30-40 ms
-                    # with this, same host issue times (R1 width, depth 8, 4x H200, session 5): iterations 1.12 s
+                    # with this, same host issue times (R1 width, depth 8, 4x H200): iterations 1.12 s
                     # against 0.74 s. Presumably the peer call orders against the owner's work; not measured why.
                     rt.memcpyAsync(dst, src, n, rt.memcpyDefault, side)
                     if i == last:
