@@ -28,6 +28,11 @@ def small_config(tmp_path, **changes):
     c.workload.num_requests = 8
     c.breakdown = False
     c.sync_samples = 2
+    return with_fields(c, **changes)
+
+
+def with_fields(c, **changes):
+    """c with `changes` set by dotted name ("dep.dispatch": value)."""
     for key, value in changes.items():
         target = c
         *path, leaf = key.split(".")

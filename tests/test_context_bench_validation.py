@@ -14,6 +14,7 @@ import pytest
 from configs.context_bench import get_config
 from dwdp_jax import report, validation
 from dwdp_jax.serving import metrics
+from test_bench import with_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("tiny", "r1_width_4gpu", "r1_width_4gpu_std")
@@ -23,13 +24,7 @@ def config_with(tmp_path, **changes):
     """The tiny default writing under tmp_path, with `changes` ("dep.dispatch": value)."""
     c = get_config("tiny")
     c.results_root = str(tmp_path)
-    for key, value in changes.items():
-        *path, leaf = key.split(".")
-        target = c
-        for part in path:
-            target = target[part]
-        target[leaf] = value
-    return c
+    return with_fields(c, **changes)
 
 
 def context_bench(*flags: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
