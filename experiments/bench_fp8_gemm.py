@@ -18,7 +18,8 @@ from absl import app, flags
 
 from dwdp_jax import gpu_bench as gb
 from dwdp_jax.kernels import tuning
-from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, FP8_CANDIDATES as CANDIDATES, Blocks
+from dwdp_jax.kernel_sweeps import FP8_CANDIDATES as CANDIDATES
+from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)", lower_bound=1)

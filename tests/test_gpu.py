@@ -76,7 +76,7 @@ def test_benchmarked_options_match_ragged_dot(fused, kernel):
     from dwdp_jax import gpu_bench
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
     from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
-    from experiments.bench_grouped_gemm import CANDIDATES, MGPU_CANDIDATES
+    from dwdp_jax.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
@@ -135,7 +135,8 @@ def test_fp8_options_match_the_dequantized_product(fused):
     output differ)."""
     from dwdp_jax import gpu_bench
     from dwdp_jax.kernels import fp8
-    from dwdp_jax.kernels.split_gemm import FP8_CANDIDATES, split_ragged_dot
+    from dwdp_jax.kernel_sweeps import FP8_CANDIDATES
+    from dwdp_jax.kernels.split_gemm import split_ragged_dot
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)

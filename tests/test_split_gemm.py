@@ -17,7 +17,7 @@ from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
 from dwdp_jax.runtime.reference import prefill
-from experiments.bench_grouped_gemm import CANDIDATES, MGPU_CANDIDATES
+from dwdp_jax.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
 from models import config as C
 from models import deepseek_v3 as M
 from models.deepseek_v3 import Params

@@ -72,13 +72,6 @@ FUSED_BLOCKS = Blocks(group_m=16, per_group=True)
 # FP8: one K step per 128-wide scale block (e4m3's wgmma takes K 32 per instruction; 128 is 128 bytes per row, the
 # widest swizzle), a 128-column tile per weight scale block.
 FP8_BLOCKS = Blocks(block_k=128, num_stages=3, group_m=16, per_group=True)
-# What experiments.bench_fp8_gemm sweeps (and the GPU tests check): per-expert launch windows (the bf16 kernel's
-# winning order), pipeline depth, half tiles and 64-row tiles around FP8_BLOCKS.
-FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_group=True),
-                  Blocks(block_k=128, num_stages=3, per_group=True), Blocks(block_k=128, num_stages=4, per_group=True),
-                  Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
-                  Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
-                  Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
 
 
 def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,

@@ -1,0 +1,63 @@
+"""The block configurations the GPU benchmarks sweep (`experiments.bench_grouped_gemm`, `bench_fp8_gemm`) and the
+GPU tests run: the candidates of the split-weight kernels, Triton, Mosaic GPU and FP8. The kernels themselves use
+their defaults or the cached winners (`kernels.tuning`), never this list."""
+
+import dataclasses
+
+from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
+from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks
+
+# Launch orders: group_m 0 is column-block-major (every column block re-reads all
+# rows: 45 GB of HBM traffic for gate/up at 131072 rows); windows of group_m row tiles read rows about once, and
+# per_group windows never span two experts (group_m 0 with per_group: the whole expert). Per-expert windows won
+# (+12-16%), so the sweep now explores around them: window width, pipeline depth and K tile.
+_ORDERS = [dict(group_m=0), dict(group_m=16), dict(group_m=8, per_group=True), dict(group_m=16, per_group=True),
+           dict(group_m=32, per_group=True), dict(per_group=True)]
+_FULL_TILES = {
+    True: [Blocks(**o) for o in _ORDERS] + [Blocks(num_stages=3, group_m=16, per_group=True),
+                                           Blocks(block_k=32, num_stages=6, group_m=16, per_group=True)],
+    False: [Blocks(block_n=256, **o) for o in _ORDERS] + [Blocks(block_n=256, num_stages=3, per_group=True),
+                                                         Blocks(block_n=256, block_k=32, num_stages=6,
+                                                                per_group=True)],
+}
+# and against the tile waste at group boundaries: half tiles (`Blocks.half_tiles`) on the per-expert
+# orders that won at 131072 and 262144 rows, and 64-row tiles throughout (one warpgroup per tile)
+CANDIDATES = {fused: blocks + [dataclasses.replace(b, half_tiles=True) for b in blocks
+                               if b.per_group and b.group_m in (0, 16, 32) and b.block_k == 64]
+              + [Blocks(block_m=64, block_n=128 if fused else 256, num_warps=4, per_group=True)]
+              for fused, blocks in _FULL_TILES.items()}
+# The Mosaic GPU kernel: its defaults, a CTA's tiles chained into one pipeline, the stage counts shared memory
+# allows, one wgmma left in flight per k step, and full tiles stored through a swizzled view; then clusters
+# of two CTAs sharing their x tile by TMA multicast (checked on a GPU only: Mosaic GPU's interpreter has no cluster
+# barriers). Timed on an H200 and dropped: x fed to the fused
+# kernel's wgmmas from registers (-9%) and 32-wide K tiles for down (chained or 6 stages, -3 to -17%). For down,
+# the output staged in halves (`half_store`) frees the fourth stage, so it can run gate/up's winning pipeline (4
+# stages, one wgmma in flight, clusters).
+_DOWN_HALF_STORE = [MgpuBlocks(max_concurrent_steps=4, half_store=True, **kw)
+                    for kw in (dict(), dict(delay_release=1), dict(cluster_n=True),
+                               dict(delay_release=1, cluster_n=True))]
+# Full tiles through the swizzled view with each projection's clustered winners: the plain view's stores are 8-way
+# bank conflicted, and in the model's tile-aligned layout every tile is full (`--align`; H200: down's
+# swizzled half store 559.1 TFLOP/s against 557.7 plain, the recorded winner).
+_SWIZZLED_CLUSTERED = {
+    True: [MgpuBlocks(tile_n=64, delay_release=1, cluster_n=True, swizzled_store=True)],
+    False: [MgpuBlocks(max_concurrent_steps=3, cluster_n=True, swizzled_store=True)]
+    + [MgpuBlocks(max_concurrent_steps=4, half_store=True, swizzled_store=True, cluster_n=True, delay_release=d)
+       for d in (0, 1)]}
+MGPU_CANDIDATES = {  # the first five also under --nosweep without cached blocks
+    fused: [default, CHAINED_R1[fused], dataclasses.replace(default, delay_release=1),
+            dataclasses.replace(CHAINED_R1[fused], swizzled_store=True),
+            dataclasses.replace(default, delay_release=1, swizzled_store=True), stages,
+            dataclasses.replace(default, cluster_n=True), dataclasses.replace(default, delay_release=1, cluster_n=True),
+            dataclasses.replace(stages, cluster_n=True)] + ([] if fused else _DOWN_HALF_STORE)
+    + _SWIZZLED_CLUSTERED[fused]
+    for fused, default, stages in ((True, FUSED_MGPU_BLOCKS, MgpuBlocks(tile_n=64, max_concurrent_steps=3)),
+                                   (False, DEFAULT_MGPU_BLOCKS, MgpuBlocks(max_concurrent_steps=2)))
+}
+# What experiments.bench_fp8_gemm sweeps (and the GPU tests check): per-expert launch windows (the bf16 kernel's
+# winning order), pipeline depth, half tiles and 64-row tiles around FP8_BLOCKS.
+FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_group=True),
+                  Blocks(block_k=128, num_stages=3, per_group=True), Blocks(block_k=128, num_stages=4, per_group=True),
+                  Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
+                  Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
+                  Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
