@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 
 from dwdp_jax import bench, results
+from dwdp_jax.sim.config import SLICE_BYTES
 
 # Point values per scale: "tiny" for the CPU default model, "r1" for the R1-width GPU configs (the paper's values).
 SWEEP_VALUES = {
@@ -40,7 +41,7 @@ SWEEP_VALUES = {
 # The ISL of the std sweep (paper: 16384) and the slice count standing for "contention mitigation on".
 STD_ISL = {"tiny": 128, "r1": 16384}
 MITIGATION_SLICES = {"tiny": 4, "r1": 8}
-MITIGATION_SLICE_BYTES = 2 << 20
+MITIGATION_SLICE_BYTES = SLICE_BYTES  # the paper's, as the simulator's
 
 
 def points(sweep: str, scale: str) -> list[dict[str, Any]]:

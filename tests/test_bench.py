@@ -209,11 +209,15 @@ def test_prefetch_sweep_pins_a_transport_that_copies_on_request():
 
 @pytest.mark.parametrize("sweep", sorted(ablations.SWEEP_VALUES))
 def test_every_tiny_sweep_point_applies_and_validates(sweep, tmp_path):
-    """Each point of each sweep maps onto config fields the benchmark accepts (validation.plan: no device work)."""
+    """Each point of each sweep maps onto config fields the benchmark accepts (validation.plan: no device work),
+    and no two points of a sweep leave the same config (a point that changed nothing would measure its neighbour)."""
+    keys = set()
     for point in ablations.points(sweep, "tiny"):
         c = small_config(tmp_path)
         ablations.apply_point(c, sweep, point, "tiny")
-        validation.plan(c)
+        assert validation.plan(c).requests, point
+        keys.add(ablations.point_key(ablations.keyed_config(c), {}))
+    assert len(keys) == len(ablations.points(sweep, "tiny"))
 
 
 def test_contention_mitigation_slices_bytes_on_the_copy_engine():

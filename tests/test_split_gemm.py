@@ -113,12 +113,13 @@ def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused, kernel):
 
 
 def test_round_robin_measures_a_known_ratio():
-    """A 'kernel' doing the dense GEMM twice but credited with one GEMM's FLOPs runs at about half the dense rate,
-    timed in rounds with it (a loose band: CPU timings are noisy); no GPU, so no clock readings."""
+    """A 'kernel' doing the dense GEMM twice but credited with one GEMM's FLOPs runs below the dense rate, timed in
+    rounds with it (only the order is asserted: CPU timings on a loaded machine say no more); no GPU, so no clock
+    readings. The ratio arithmetic itself is checked on given readings below."""
     fn, args, flops = dense_gemm_case(384, 384, 384, jnp.float32)
     twice = (jax.jit(lambda a, b: (a @ b, (a + 1) @ b)), args, flops)
     got = round_robin_over_dense({"twice": twice}, (fn, args, flops), rounds=5)
-    assert 0.3 < got["twice"]["over_dense"] < 0.8, got
+    assert 0 < got["twice"]["over_dense"] < 1, got
     assert got["twice"]["over_dense_min"] <= got["twice"]["over_dense"] <= got["twice"]["over_dense_max"]
     assert got["dense"]["over_dense"] == 1.0 and got["dense"]["tflops"] > got["twice"]["tflops"] > 0
 
@@ -188,7 +189,7 @@ def test_sustained_timing_warms_up_for_the_given_seconds():
 
     seconds = time_s(work, repeats=3, warmup=1, sustain_s=0.2)
     assert calls[-3] - calls[0] >= 0.2 and len(calls) >= 15
-    assert 0.005 < seconds < 0.1
+    assert seconds >= 0.01  # each timed call sleeps 10 ms; no upper bound: a loaded machine sleeps longer
     calls.clear()
     time_s(work, repeats=3, warmup=1)
     assert len(calls) == 4
@@ -324,13 +325,16 @@ def test_blocks_refuse_impossible_sizes():
         Blocks(block_m=16, half_tiles=True)
 
 
-def test_hbm_rate_counts_every_pass_and_refuses_empty_buffers():
-    """The read rate over 16 in-program passes is within a plausible band of the same bytes read 4 times (CPU: the
-    memory system is the same, only the pass count differs), and nonsense sizes are refused before any work."""
+def test_hbm_rate_counts_every_pass_and_refuses_empty_buffers(monkeypatch):
+    """The rate counts the buffer's bytes once per in-program pass (timed at a given 0.5 s), a real run gives a
+    positive rate, and nonsense sizes are refused before any work."""
+    from dwdp_jax import gpu_bench
     from dwdp_jax.gpu_bench import hbm_gbps
 
-    sixteen, four = hbm_gbps(1 << 24, 16), hbm_gbps(1 << 24, 4)
-    assert sixteen > 0 and 0.25 < sixteen / four < 4
+    assert hbm_gbps(1 << 20, 4) > 0
+    monkeypatch.setattr(gpu_bench, "time_s", lambda fn, *args, **kw: 0.5)
+    assert hbm_gbps(1 << 24, 16) == pytest.approx(16 * (1 << 24) / 0.5 / 1e9)
+    assert hbm_gbps(1 << 24, 4) == pytest.approx(4 * (1 << 24) / 0.5 / 1e9)
     with pytest.raises(ValueError, match="num_bytes must be >= 4 and passes >= 1"):
         hbm_gbps(2)
     with pytest.raises(ValueError, match="got 1024, 0"):
