@@ -19,7 +19,7 @@ import numpy as np
 from dwdp_jax.kernels import attention as attention_kernels
 from dwdp_jax.kernels import fp8, gpu
 from dwdp_jax.kernels.split_gemm import split_ragged_dot
-from dwdp_jax.runtime.dep import shard_map
+from dwdp_jax.runtime.dep_dispatch import shard_map
 
 
 GIB = 1 << 30

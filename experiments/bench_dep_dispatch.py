@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dwdp_jax.results import write_results
-from dwdp_jax.runtime import dep
+from dwdp_jax.runtime import dep_dispatch as dep
 from models.config import deepseek_r1
 from models.deepseek_v3 import init_expert_slab
 
