@@ -342,7 +342,9 @@ class DepRuntime:
 
     def _profiled_step(self, inputs, times: dict):
         """The forward step as one program per stage, each synchronized and timed into times[(layer, stage)];
-        the same modules and MoE stages as the fast path, in the order of DeepseekV3/DecoderLayer/MoE."""
+        the same modules and MoE stages as the fast path, in the order of DeepseekV3/DecoderLayer/MoE. The router
+        and shared-expert stages run `DecoderLayer.ffn` itself around stand-in routed experts (the latter recomputes
+        the post-attention norm, a few elementwise ops, rather than take it as an input)."""
         rep, split = P(), P(AXIS)
         dispatcher = get_dispatcher(self.dispatch)
         tokens_T, segment_ids_T, positions_T, *rows = inputs
@@ -374,8 +376,8 @@ class DepRuntime:
                                self._slabs[len(expert_ids)], x_grouped_RD, plan)
             y_TD = run((i, "combine"), self._program("combine", _combine_rank, (split,) * 3, dispatcher),
                        y_grouped_RD, plan, weights_TK)
-            x_TD = run((i, "shared_expert"), self._program("shared_expert", _shared_rank, (rep,) + (split,) * 3,
-                                                           graphdef), state, x_TD, h_TD, y_TD)
+            x_TD = run((i, "shared_expert"), self._program("shared_expert", _shared_rank, (rep,) + (split,) * 2,
+                                                           graphdef), state, x_TD, y_TD)
             expert_ids.append(ids_TK)
         if rows:
             logits_TV = run((None, "head"), self._program("head_rows", _head_rows_rank, (rep, split, split),
@@ -401,11 +403,31 @@ def _dense_mlp_rank(graphdef, state, x_TD):
     return nnx.merge(graphdef, state).ffn(x_TD)[0]
 
 
+class _RoutedInputs:
+    """The routed experts of the router stage: keep what `DecoderLayer.ffn` hands them (its normed input and
+    routing) and return zeros; the stage returns only what was kept, so XLA drops the rest of the layer."""
+
+    def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
+        self.h_TD, self.ids_TK, self.weights_TK = x_TD, ids_TK, weights_TK
+        return jnp.zeros_like(x_TD)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RoutedOutputs:
+    """The routed experts of the shared-expert stage: their output, computed by the dispatch, GEMM and combine
+    stages (XLA drops the routing the layer computes for them)."""
+
+    y_TD: jax.Array
+
+    def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
+        return self.y_TD
+
+
 def _router_rank(graphdef, state, x_TD):
-    layer = nnx.merge(graphdef, state)
-    h_TD = layer.post_attention_layernorm(x_TD)
-    weights_TK, ids_TK = layer.mlp.gate(h_TD)
-    return h_TD, weights_TK, ids_TK
+    """`DecoderLayer.ffn` up to its routed experts: the post-attention norm and the router."""
+    routed = _RoutedInputs()
+    nnx.merge(graphdef, state).ffn(x_TD, routed)
+    return routed.h_TD, routed.weights_TK, routed.ids_TK
 
 
 def _dispatch_rank(num_experts, dispatcher, h_TD, ids_TK, segment_ids_T):
@@ -420,9 +442,9 @@ def _combine_rank(dispatcher, y_grouped_RD, plan, weights_TK):
     return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher)
 
 
-def _shared_rank(graphdef, state, x_TD, h_TD, y_TD):
-    moe = nnx.merge(graphdef, state).mlp
-    return x_TD + (y_TD + moe.shared_experts(h_TD) if moe.shared_experts is not None else y_TD)
+def _shared_rank(graphdef, state, x_TD, y_TD):
+    """`DecoderLayer.ffn` from its routed experts' output: the shared expert and the residual."""
+    return nnx.merge(graphdef, state).ffn(x_TD, _RoutedOutputs(y_TD))[0]
 
 
 def _head_rank(graphdef, state, x_TD):
