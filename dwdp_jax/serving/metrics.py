@@ -182,7 +182,7 @@ def sync_overhead_band(step_s: Sequence[float], rank_compute_s: np.ndarray, z: f
     step_s = np.asarray(step_s, dtype=np.float64)
     per_step = sync_overhead(step_s, rank_compute_s)
     weights = step_s / step_s.sum()
-    mean = float(np.sum(weights * per_step))
+    mean = overall_sync_overhead(step_s, rank_compute_s)  # the band's centre is the reported value, to the bit
     n = per_step.size
     se = float(np.sqrt(np.sum(weights**2 * (per_step - mean) ** 2) * n / (n - 1))) if n > 1 else 0.0
     return mean - z * se, mean + z * se
