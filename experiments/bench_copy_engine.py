@@ -10,7 +10,7 @@ import sys
 import jax
 from absl import app, flags
 
-from dwdp_jax import gpu_bench as gb
+from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.results import write_measurements
 
 _GIB = flags.DEFINE_integer("gib", 16, "GiB pulled (an R1 layer's remote experts for DWDP4 is 15.75 GiB)")

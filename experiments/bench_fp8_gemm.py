@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from dwdp_jax import gpu_bench as gb
+from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.kernels import tuning
-from dwdp_jax.kernel_sweeps import FP8_CANDIDATES as CANDIDATES
+from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES as CANDIDATES
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
 from dwdp_jax.results import write_measurements
 

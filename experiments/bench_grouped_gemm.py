@@ -19,8 +19,8 @@ import sys
 import jax
 from absl import app, flags
 
-from dwdp_jax import gpu_bench as gb
-from dwdp_jax.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
+from dwdp_jax.measure import gpu_bench as gb
+from dwdp_jax.measure.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
 from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import DEFAULT_BLOCKS, FUSED_BLOCKS, Blocks
 from dwdp_jax.kernels.split_gemm_mgpu import (CHAINED_R1, DEFAULT_MGPU_BLOCKS, MgpuBlocks,

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dwdp_jax import gpu_bench as gb
+from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.kernels import gpu
 from dwdp_jax.results import write_measurements
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwdp_jax.gpu_bench import lowered_for_cuda
+from dwdp_jax.measure.gpu_bench import lowered_for_cuda
 from dwdp_jax.kernels import fp8
 from dwdp_jax.kernels.split_gemm import Blocks, split_grouped_ffn, split_ragged_dot
 
@@ -129,7 +129,7 @@ def test_fp8_split_ragged_dot_refuses_bad_scales():
 def test_every_fp8_candidate_lowers_for_cuda_at_r1_sizes(fused):
     """Each FP8 configuration the GPU benchmark times passes Triton's lowering at R1's shapes (on CPU, before any
     GPU time: e4m3 takes no integer cast, which interpret mode does not check)."""
-    from dwdp_jax.kernel_sweeps import FP8_CANDIDATES as CANDIDATES
+    from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES as CANDIDATES
 
     def run(x, gs, ws, fused, blocks):
         x_q, x_scale = fp8.quantize_rows(x)

@@ -48,7 +48,7 @@ def covering(candidates, kernel: str, k: int, n: int, fused: bool) -> list:
 
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "empty"])
 def test_pallas_grouped_ffn_matches_xla(kind):
-    from dwdp_jax import gpu_bench
+    from dwdp_jax.measure import gpu_bench
     from dwdp_jax.kernels import grouped_gemm
 
     g, d, f = 16, 512, 256
@@ -73,10 +73,10 @@ def test_benchmarked_options_match_ragged_dot(fused, kernel):
     """Each split kernel with every option the benchmark sweeps (Triton: launch orders, half tiles; Mosaic GPU:
     chained, wgmma in flight, swizzled stores of full tiles, two-CTA clusters) and the cached winners, at R1's K
     and N, skewed groups over two slabs."""
-    from dwdp_jax import gpu_bench
+    from dwdp_jax.measure import gpu_bench
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
     from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
-    from dwdp_jax.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
+    from dwdp_jax.measure.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = gpu_bench.skewed_group_sizes(16384, 64, 6.0).astype(np.int32)
@@ -99,7 +99,7 @@ def test_benchmarked_options_match_ragged_dot(fused, kernel):
 def ffn_case(kind: str, seed: int):
     """(groups, group sizes, rows, x [rows, 512] bf16, bf16 gate/up/down weights) of a 16-expert FFN whose rows
     are routed uniformly, skewed, or to every third expert only; 64 rows past the groups."""
-    from dwdp_jax import gpu_bench
+    from dwdp_jax.measure import gpu_bench
 
     g, d, f = 16, 512, 256
     sizes = {"uniform": np.full(g, 128), "skewed": gpu_bench.skewed_group_sizes(2048, g, 6.0),
@@ -133,9 +133,9 @@ def test_fp8_options_match_the_dequantized_product(fused):
     """The FP8 path with every option its benchmark sweeps and the cached winners, at R1's K and N, skewed groups
     over two slabs, against the fp32 product of the same quantized operands (only summation order and the bf16
     output differ)."""
-    from dwdp_jax import gpu_bench
+    from dwdp_jax.measure import gpu_bench
     from dwdp_jax.kernels import fp8
-    from dwdp_jax.kernel_sweeps import FP8_CANDIDATES
+    from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES
     from dwdp_jax.kernels.split_gemm import split_ragged_dot
 
     k, n = (7168, 2048) if fused else (2048, 7168)

@@ -106,3 +106,11 @@ def test_package_init_has_no_lazy_attributes():
     from the graph above, so it is not allowed."""
     tree = ast.parse((ROOT / "dwdp_jax" / "__init__.py").read_text())
     assert not [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"]
+
+
+def test_measurement_stays_out_of_the_product():
+    """dwdp_jax.measure (benchmark and calibration code) is imported by experiments and tests only."""
+    graph = import_graph()
+    users = {name for name, deps in graph.items() if not name.startswith("dwdp_jax.measure")
+             and any(d.startswith("dwdp_jax.measure") for d in deps)}
+    assert "dwdp_jax.measure.gpu_bench" in graph and not users, users

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwdp_jax.gpu_bench import dense_gemm_case, lowered_for_cuda, round_robin_over_dense, time_s
+from dwdp_jax.measure.gpu_bench import dense_gemm_case, lowered_for_cuda, round_robin_over_dense, time_s
 from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.kernels.split_gemm import Blocks, split_ragged_dot, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
@@ -17,7 +17,7 @@ from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
 from dwdp_jax.runtime.reference import prefill
-from dwdp_jax.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
+from dwdp_jax.measure.kernel_sweeps import CANDIDATES, MGPU_CANDIDATES
 from models import config as C
 from models import deepseek_v3 as M
 from models.deepseek_v3 import Params
@@ -136,7 +136,7 @@ def test_round_robin_takes_each_rounds_dense_reading_and_clocks():
 
 
 def test_uniform_routing_group_sizes_are_balanced():
-    from dwdp_jax.gpu_bench import skewed_group_sizes, uniform_group_sizes
+    from dwdp_jax.measure.gpu_bench import skewed_group_sizes, uniform_group_sizes
 
     sizes = uniform_group_sizes(262144, 256)
     assert sizes.sum() == 262144 and sizes.min() > 0
@@ -146,7 +146,7 @@ def test_uniform_routing_group_sizes_are_balanced():
 def test_grouped_gemm_roofline_by_hand():
     """The roofline bound beside the grouped GEMM's ratio: compute-bound whole tiles reach the dense rate, padding
     costs real/padded rows, a memory-bound group its bytes at HBM bandwidth, empty groups nothing."""
-    from dwdp_jax.gpu_bench import grouped_gemm_roofline
+    from dwdp_jax.measure.gpu_bench import grouped_gemm_roofline
 
     fast_hbm = 1e30
     assert grouped_gemm_roofline(np.array([256, 0, 512]), 64, 64, 64, 1e12, fast_hbm, tile_rows=128) == pytest.approx(1)
@@ -167,7 +167,7 @@ def test_grouped_gemm_roofline_by_hand():
 def test_per_group_dense_case_multiplies_each_group_by_its_weights():
     """cuBLAS-per-group reference of the grouped GEMM benchmark: one output per non-empty group, equal to
     jax.lax.ragged_dot over the same rows and weights; FLOPs of the real rows."""
-    from dwdp_jax.gpu_bench import group_spans, per_group_dense_case
+    from dwdp_jax.measure.gpu_bench import group_spans, per_group_dense_case
 
     sizes = np.array([3, 0, 5, 1])
     fn, (x, w), flops = per_group_dense_case(sizes, 16, 8, jnp.float32)
@@ -328,8 +328,8 @@ def test_blocks_refuse_impossible_sizes():
 def test_hbm_rate_counts_every_pass_and_refuses_empty_buffers(monkeypatch):
     """The rate counts the buffer's bytes once per in-program pass (timed at a given 0.5 s), a real run gives a
     positive rate, and nonsense sizes are refused before any work."""
-    from dwdp_jax import gpu_bench
-    from dwdp_jax.gpu_bench import hbm_gbps
+    from dwdp_jax.measure import gpu_bench
+    from dwdp_jax.measure.gpu_bench import hbm_gbps
 
     assert hbm_gbps(1 << 20, 4) > 0
     monkeypatch.setattr(gpu_bench, "time_s", lambda fn, *args, **kw: 0.5)
@@ -344,7 +344,7 @@ def test_hbm_rate_counts_every_pass_and_refuses_empty_buffers(monkeypatch):
 def test_clocks_under_load_reads_the_second_half_of_nvidia_smis_samples(tmp_path, monkeypatch):
     """A stand-in nvidia-smi prints 1400 MHz / 300 W then 1700 MHz / 650 W (and one unreadable line): the medians
     come from the later samples, the span the rate is timed over; no samples at all is an error, not a zero."""
-    from dwdp_jax.gpu_bench import clocks_under_load
+    from dwdp_jax.measure.gpu_bench import clocks_under_load
 
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\nprintf '1400, 300.0\\n1400, 300.0\\n[N/A], [N/A]\\n1700, 650.0\\n1700, 650.0\\n'\n"
