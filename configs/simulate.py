@@ -9,7 +9,7 @@ checked before any simulation runs: a bad one exits 2 naming it.
 
 from ml_collections import config_dict
 
-from dwdp_jax.sim.config import SLICE_BYTES
+from dwdp_jax.prefetch import SLICE_BYTES
 from dwdp_jax.sim.studies import paper_bands
 
 STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibration", "grid")

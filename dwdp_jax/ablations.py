@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 
 from dwdp_jax import bench, results
-from dwdp_jax.sim.config import SLICE_BYTES
+from dwdp_jax.prefetch import SLICE_BYTES
 
 # Point values per scale: "tiny" for the CPU default model, "r1" for the R1-width GPU configs (the paper's values).
 SWEEP_VALUES = {

@@ -1,9 +1,10 @@
-"""The context-only serving benchmark: DWDP and DEP on the same model, weights and workload.
+"""The context-only serving benchmark: DWDP and DEP (and the single-device reference) on the same model, weights
+and workload.
 
-`run(config)` validates (`validation`), checks what needs the devices (their count, memory), builds the weights,
-then takes each strategy (`strategies`: DWDP, DEP) through the same sequence: build its runtime, verify it against
-the reference runtime (`verification`), warm it up, serve the whole workload (`serving.loop`), profile it
-(`profiling`). It announces each phase on stderr (`progress`) and writes one results file with the raw records, the
+`run(config)` validates the config into a typed plan (`validation`, `run_plan.Plan`), checks what needs the devices
+(their count, memory), builds the weights, then takes each strategy (`strategies`) through the same sequence,
+reading only the plan: build its runtime, verify its step against the reference (`verification`), warm it up,
+serve the whole workload (`serving.loop`), profile it (`profiling`). It announces each phase on stderr (`progress`) and writes one results file with the raw records, the
 metrics with their noise bands, the verification block, the HLO collective counts, the per-layer breakdown and what
 the timings can claim (`report`: on CPU a functional check).
 """
@@ -32,28 +33,29 @@ from dwdp_jax.verification import (judged_by_floor, reference_noise, reference_o
 from models import deepseek_v3
 
 
-def build_params(p: Plan, c) -> reference.Params:
-    """The weights, with the config's attention backend set on every MLA module."""
-    params = _weights(p, c)
-    return params._replace(model=stages.with_attention_impl(params.model, c.attention_impl))
+def build_params(p: Plan) -> reference.Params:
+    """The weights, with the plan's attention backend set on every MLA module."""
+    params = _weights(p)
+    return params._replace(model=stages.with_attention_impl(params.model, p.weights.attention_impl))
 
 
-def _weights(p: Plan, c) -> reference.Params:
-    if c.model.weights == "synthetic":  # R1-width experts generated on each rank's device, never whole
-        return reference.Params(deepseek_v3.DeepseekV3(p.cfg, nnx.Rngs(c.seed)), SyntheticExperts(p.cfg, c.seed))
-    if c.model.checkpoint and checkpoint.is_orbax_checkpoint(c.model.checkpoint):
-        return checkpoint.restore_model(c.model.checkpoint)[1]
-    if c.model.checkpoint:
-        cfg, params = checkpoint.load_hf_checkpoint(c.model.checkpoint)
+def _weights(p: Plan) -> reference.Params:
+    w = p.weights
+    if w.source == "synthetic":  # R1-width experts generated on each rank's device, never whole
+        return reference.Params(deepseek_v3.DeepseekV3(p.cfg, nnx.Rngs(w.seed)), SyntheticExperts(p.cfg, w.seed))
+    if w.source == "checkpoint" and checkpoint.is_orbax_checkpoint(w.checkpoint):
+        return checkpoint.restore_model(w.checkpoint)[1]
+    if w.source == "checkpoint":
+        cfg, params = checkpoint.load_hf_checkpoint(w.checkpoint)
         if cfg.n_routed_experts != p.cfg.n_routed_experts:
             raise ValueError(f"checkpoint has {cfg.n_routed_experts} experts, the config {p.cfg.n_routed_experts}")
         return params
-    return reference.Params(*deepseek_v3.init_model(p.cfg, seed=c.seed))
+    return reference.Params(*deepseek_v3.init_model(p.cfg, seed=w.seed))
 
 
-def make_runtime(name: str, params: reference.Params, p: Plan, c):
+def make_runtime(name: str, params: reference.Params, p: Plan):
     """Strategy `name`'s runtime on its devices."""
-    return strategies.get(name).build(params, p, c)
+    return strategies.get(name).build(params, p)
 
 
 def run(c, runtime_classes: dict[str, Callable] | None = None) -> dict[str, Any]:
@@ -67,28 +69,28 @@ def run(c, runtime_classes: dict[str, Callable] | None = None) -> dict[str, Any]
     phases.begin("plan: checking the config and the workload, starting the JAX backend")
     p = phases.lap("plan", plan(c))
     phases.begin(f"params: {p.cfg.num_hidden_layers} layers, {p.cfg.n_routed_experts} experts per MoE layer, "
-                 f"{p.cfg.dtype} ({c.model.checkpoint or c.model.weights})")
-    params = phases.lap("params", build_params(p, c))
+                 f"{p.cfg.dtype} ({p.weights.checkpoint or p.weights.source})")
+    params = phases.lap("params", build_params(p))
     run_name = c.run or f"{c.name}_{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    vb = verification_batches(p, c)
+    vb = verification_batches(p)
     refs = None
-    if c.verify.enabled:
+    if p.verify.enabled:
         phases.begin("reference: the verification batches on one device")
-        refs = [reference_output(params, b, p, c) if b is not None else None
+        refs = [reference_output(params, b, p) if b is not None else None
                 for b in progress_bar(vb, "reference", "batch")]
     phases.lap("reference")
     skew = routing_skew(refs, p.cfg.n_routed_experts)
     noise = {}
-    if refs and c.verify.noise_floor:
+    if refs and p.verify.noise_floor:
         phases.begin("reference noise: the reference with its embeddings one last bit off")
-        noise = reference_noise(params, refs, vb, p, c)
+        noise = reference_noise(params, refs, vb, p)
     phases.lap("reference_noise")
     s = {k: {} for k in ("verification", "hlo_collectives", "raw", "summary", "breakdown", "failures")}
     s["raw"]["phase_s"] = phases.seconds
     for name in p.strategies:
         strategy = strategies.get(name, (runtime_classes or {}).get(name))
         try:
-            for key, value in run_strategy(strategy, params, p, c, vb, refs, phases).items():
+            for key, value in run_strategy(strategy, params, p, vb, refs, phases).items():
                 s[key].update(value)
         except (RuntimeError, memory.DoesNotFit) as e:  # a device failure or memory refusal: kept with the others
             s["failures"][name] = f"{type(e).__name__}: {e}"[:4000]
@@ -96,12 +98,12 @@ def run(c, runtime_classes: dict[str, Callable] | None = None) -> dict[str, Any]
     if noise:
         s["verification"] = {name: judged_by_floor(v, noise) for name, v in s["verification"].items()}
     summary = s["summary"]
-    if len(summary) == 2:
+    if {"dwdp", "dep"} <= summary.keys():
         summary["ratio"] = ratios(summary["dwdp"], summary["dep"])
         if p.variants:
             summary["ratio"]["variants"] = {v: ratios(summary["dwdp"]["variants"][v], summary["dep"]["variants"][v])
                                             for v in p.variants}
-    timing = timing_context(p.devices, c.repeats)
+    timing = timing_context(p.devices, p.measure.repeats)
     path = results_lib.write_results(c.experiment, run_name, config=c, raw=s["raw"], metrics=summary,
                                      verification=s["verification"], root=c.results_root,
                                      hlo_collectives=s["hlo_collectives"], breakdown=s["breakdown"], routing_skew=skew,
@@ -114,49 +116,49 @@ def run(c, runtime_classes: dict[str, Callable] | None = None) -> dict[str, Any]
             "reference_noise": noise, "timing": timing}
 
 
-def run_strategy(strategy: strategies.Strategy, params, p: Plan, c, vb, refs, phases: Phases | None = None
+def run_strategy(strategy: strategies.Strategy, params, p: Plan, vb, refs, phases: Phases | None = None
                  ) -> dict[str, dict]:
     """One strategy alone on the devices: built, verified, warmed up, run, profiled. Returns its part of each
     results section ({section: {...}}); the runtime is freed on return."""
     phases = phases or Phases()
-    name, ranks = strategy.name, strategy.ranks(c)
+    name, ranks = strategy.name, strategy.ranks(p)
     phases.begin(f"{name}: building the runtime on {ranks} devices")
-    runtime = phases.lap(f"{name}.build", strategy.build(params, p, c))
+    runtime = phases.lap(f"{name}.build", strategy.build(params, p))
     batches = (vb + [None] * ranks)[:ranks]
     phases.begin(f"{name}: verifying against the reference (compiles its step)")
-    outs = strategy.verification_outputs(runtime, batches)
+    outs = strategy.step(runtime, batches)
     out = {"verification": {}, "hlo_collectives": {name: strategy.collectives(runtime, vb[0])}, "breakdown": {}}
     if refs:
-        out["verification"][name] = verify(outs, (refs + [None] * ranks)[:ranks], c.verify.rel_tol,
-                                           c.verify.min_id_match)
+        out["verification"][name] = verify(outs, (refs + [None] * ranks)[:ranks], p.verify.rel_tol,
+                                           p.verify.min_id_match)
     phases.lap(f"{name}.verify")
-    phases.begin(f"{name}: warm-up, compiling the step for each of {c.token_buckets} token buckets")
+    phases.begin(f"{name}: warm-up, compiling the step for each of {len(p.batching.buckets)} token buckets")
     strategy.warm_up(runtime, p)
     phases.lap(f"{name}.warm_up")
-    phases.begin(f"{name}: serving {len(p.requests)} requests, {c.repeats} pass(es)")
-    summary, raw = served(strategy, runtime, p, c, ranks)
+    phases.begin(f"{name}: serving {len(p.requests)} requests, {p.measure.repeats} pass(es)")
+    summary, raw = served(strategy, runtime, p, ranks)
     phases.lap(f"{name}.serve")
     if p.variants:
         phases.begin(f"{name}: serving the variants {', '.join(p.variants)}")
-        variants = {v: served(strategy, runtime, dataclasses.replace(p, requests=reqs, batching=batching), c, ranks)
+        variants = {v: served(strategy, runtime, dataclasses.replace(p, requests=reqs, batching=batching), ranks)
                     for v, (reqs, batching) in p.variants.items()}
         summary["variants"] = {v: vs for v, (vs, _) in variants.items()}
         raw["variants"] = {v: vr for v, (_, vr) in variants.items()}
         phases.lap(f"{name}.variants")
-    summary.update(strategy.step_memory(runtime, p, c))
-    if c.trace:
-        phases.begin(f"{name}: a served pass under the profiler into {c.trace}")
+    summary.update(strategy.step_memory(runtime, p))
+    if p.measure.trace:
+        phases.begin(f"{name}: a served pass under the profiler into {p.measure.trace}")
         try:
-            summary["trace"] = traced_pass(name, lambda: strategy.serve(runtime, p, c, sync=False)[1], p, c, ranks,
+            summary["trace"] = traced_pass(name, lambda: strategy.serve(runtime, p, sync=False)[1], p, ranks,
                                            strategy.lock_step)
         except Exception as e:  # a diagnostic: a profiler or trace-format failure must not cost the measurements
             summary["trace"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         phases.lap(f"{name}.trace")
-    if c.breakdown:
+    if p.measure.breakdown:
         phases.begin(f"{name}: profiling the first step stage by stage (compiles each stage)")
-        out["breakdown"] = {name: strategy.profile(runtime, first_step_batches(p, c), p)}
+        out["breakdown"] = {name: strategy.profile(runtime, first_step_batches(p), p)}
     phases.lap(f"{name}.profile")
-    timeline_summary, timeline_raw = strategy.timeline(runtime, p, c, phases)
+    timeline_summary, timeline_raw = strategy.timeline(runtime, p, phases)
     summary.update(timeline_summary)
     raw.update(timeline_raw)
     return {**out, "summary": {name: summary}, "raw": {name: raw}}

@@ -15,7 +15,7 @@ import numpy as np
 from dwdp_jax import stage_trace
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.progress import progress_bar
-from dwdp_jax.run_plan import Plan, dep_ranks
+from dwdp_jax.run_plan import Plan
 from dwdp_jax.runtime.dwdp import DwdpEngine
 from dwdp_jax.serving import metrics, scheduler
 from dwdp_jax.sim import contention
@@ -31,33 +31,33 @@ def breakdown_ms(stages_s: dict[str, float]) -> dict[str, float]:
             "p2p_exposed_wait": 1e3 * stages_s.get("pull_wait", 0.0), "communication": 0.0, "synchronization": 0.0}
 
 
-def trace_dump_flags(c) -> str:
-    return f"--xla_dump_to={Path(c.trace) / 'hlo'} --xla_dump_hlo_as_text"
+def trace_dump_flags(trace: str) -> str:
+    return f"--xla_dump_to={Path(trace) / 'hlo'} --xla_dump_hlo_as_text"
 
 
-def start_trace_dump(c) -> None:
+def start_trace_dump(trace: str) -> None:
     """Turns on XLA's HLO dump into config.trace for `traced_pass`; call before the backend starts. The directory
     must be new or empty: XLA numbers its modules per process, so another run's dumps would name other programs."""
-    root = Path(c.trace)
+    root = Path(trace)
     if root.exists() and any(root.iterdir()):
-        raise ValueError(f"config.trace={c.trace!r} is not empty; give a new directory (its HLO dumps would mix "
+        raise ValueError(f"config.trace={trace!r} is not empty; give a new directory (its HLO dumps would mix "
                          f"with this run's)")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {trace_dump_flags(c)}".strip()
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {trace_dump_flags(trace)}".strip()
 
 
-def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, c, ranks: int, lock_step: bool
+def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, ranks: int, lock_step: bool
                 ) -> dict[str, Any]:
     """One more served pass (`serve_pass`, returning its iteration records) under the profiler: per rank its
     iterations (with `lock_step` every rank runs every iteration) and its device's time by stage in that pass
     (`stage_trace.breakdown`; ranks that ran nothing are left out), and their per-iteration means over the ranks."""
-    trace_dir = Path(c.trace) / name
+    trace_dir = Path(p.measure.trace) / name
     with jax.profiler.trace(str(trace_dir)):
         iters = serve_pass()
     per_rank = collections.Counter(i.rank for i in iters)
     iterations = {r: len({i.iteration for i in iters}) if lock_step else per_rank[r] for r in range(ranks)}
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
     by_device = stage_trace.breakdown({d.id: kernels[d.id] for d in p.devices[:ranks] if kernels.get(d.id)},
-                                      stage_trace.hlo_scopes(Path(c.trace) / "hlo"))
+                                      stage_trace.hlo_scopes(Path(p.measure.trace) / "hlo"))
     traced = {rank: by_device[d.id] for rank, d in enumerate(p.devices[:ranks]) if d.id in by_device}
     per_iteration = collections.defaultdict(list)
     for rank, t in traced.items():
@@ -67,10 +67,10 @@ def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, c, ranks: in
             "per_iteration_ms": {k: float(np.mean(v)) for k, v in per_iteration.items()}}
 
 
-def first_step_batches(p: Plan, c) -> list[PackedBatch | None]:
+def first_step_batches(p: Plan) -> list[PackedBatch | None]:
     """Each rank's batch of the workload's first DEP step (the profiled and timed batches)."""
-    first = scheduler.DepScheduler(p.requests, num_ranks=dep_ranks(c), max_num_tokens=p.batching.max_num_tokens,
-                                   balance=c.dep.balance,
+    first = scheduler.DepScheduler(p.requests, num_ranks=p.dep.num_ranks, max_num_tokens=p.batching.max_num_tokens,
+                                   balance=p.dep.balance,
                                    max_batch_size=p.batching.max_batch_size).next_step(float("inf"))
     budget = p.batching.bucket_for(max(b.num_tokens for b in first))
     return [p.batching.pack(b, budget) if b.requests else None for b in first]
@@ -114,15 +114,16 @@ def pull_contention(engine: DwdpEngine) -> dict[str, Any]:
             "spans": [(d, s, layer, a - t0, b - t0) for d, s, layer, a, b in spans], "source": metrics.MEASURED}
 
 
-def dwdp_breakdown(engine: DwdpEngine, batches: list[PackedBatch | None]) -> dict[str, dict[str, Any]]:
-    """Per-iteration milliseconds in the paper's categories, each rank's batch of the first DEP step profiled alone
-    and averaged. Stage times are measured one program at a time with a device sync; grouped_gemm includes the
-    router and shared expert (one program)."""
+def rank_by_rank_breakdown(runtime, batches: list[PackedBatch | None]) -> dict[str, dict[str, Any]]:
+    """Per-iteration milliseconds in the paper's categories for a runtime whose ranks step alone (DWDP, the
+    reference): each rank's batch of the first DEP step profiled alone (on rank r mod its ranks) and averaged.
+    Stage times are measured one program at a time with a device sync; grouped_gemm includes the router and shared
+    expert (one program)."""
     runs = []
     for r, b in enumerate(progress_bar(batches, "profile", "rank")):
         if b is not None:
-            engine.step(r % engine.num_ranks, b, profile=True)  # compiles the per-stage programs
-            runs.append(breakdown_ms(engine.step(r % engine.num_ranks, b, profile=True).stages_s))
+            runtime.step(r % runtime.num_ranks, b, profile=True)  # compiles the per-stage programs
+            runs.append(breakdown_ms(runtime.step(r % runtime.num_ranks, b, profile=True).stages_s))
     return {k: {"ms": float(np.mean([run[k] for run in runs])), "source": metrics.MEASURED} for k in runs[0]}
 
 

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 from dwdp_jax.serving import metrics
-from dwdp_jax.strategies import NAMES as STRATEGIES
 
 
 def tps_band(summary: dict) -> list[float]:
@@ -79,12 +78,12 @@ def format_table(doc: dict[str, Any]) -> str:
     rows = timing_header(timing)
     rows.append(f"{'strategy':<10}{'TPS/GPU':>10}{'[min, max]':>18}{'TTFT p50 s':>12}{'TTFT p90 s':>12}"
                 f"{'iter p50 s':>12}{'verified':>10}")
-    for name in STRATEGIES:
-        if name in m:
-            s = m[name]
-            ok = doc["verification"].get(name, {}).get("passed", "-")
-            rows.append(f"{name:<10}{s['tps_per_gpu']:>10.1f}{_band(tps_band(s), 1, passes):>18}"
-                        f"{s['ttft_p50_s']:>12.4f}{s['ttft_p90_s']:>12.4f}{s['iteration_p50_s']:>12.4f}{str(ok):>10}")
+    strategies = [name for name in m if name != "ratio"]
+    for name in strategies:
+        s = m[name]
+        ok = doc["verification"].get(name, {}).get("passed", "-")
+        rows.append(f"{name:<10}{s['tps_per_gpu']:>10.1f}{_band(tps_band(s), 1, passes):>18}"
+                    f"{s['ttft_p50_s']:>12.4f}{s['ttft_p90_s']:>12.4f}{s['iteration_p50_s']:>12.4f}{str(ok):>10}")
     if "ratio" in m:
         rows.append(_ratio_text(m["ratio"], functional, passes))
     for v, r in m.get("ratio", {}).get("variants", {}).items():
@@ -92,8 +91,8 @@ def format_table(doc: dict[str, Any]) -> str:
                     f"{m['dep']['variants'][v]['tps_per_gpu']:.1f} TPS/GPU, {_ratio_text(r, functional, passes)}")
     if doc.get("phase_s"):
         rows.append("wall s per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in doc["phase_s"].items()))
-    repeats = {name: m[name]["repeats_tps_per_gpu"] for name in STRATEGIES
-               if len(m.get(name, {}).get("repeats_tps_per_gpu", ())) > 1}
+    repeats = {name: m[name]["repeats_tps_per_gpu"] for name in strategies
+               if len(m[name].get("repeats_tps_per_gpu", ())) > 1}
     if repeats:
         rows.append("repeats TPS/GPU " + "; ".join(f"{name} " + " ".join(f"{x:.1f}" for x in tps)
                                                    for name, tps in repeats.items()) + " (the median pass above)")
@@ -107,8 +106,8 @@ def format_table(doc: dict[str, Any]) -> str:
     if "pull_gbps_median" in m.get("dwdp", {}):
         rows.append(f"DWDP pulls {m['dwdp']['pull_gbps_median']:.1f} GB/s, exposed wait "
                     f"{100 * m['dwdp']['exposed_wait_fraction_mean']:.2f}% of the step")
-    for name in STRATEGIES:
-        trace = m.get(name, {}).get("trace", {})
+    for name in strategies:
+        trace = m[name].get("trace", {})
         if "error" in trace:
             rows.append(f"{name} traced pass failed: {trace['error']}")
         elif trace:

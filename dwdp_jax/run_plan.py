@@ -1,6 +1,7 @@
-"""What a benchmark run is, derived from its resolved config: the `Plan` (model, requests, strategies, placement,
-devices, variants) and the config-derived pieces the stages share (the model config, the requests, DEP's ranks,
-DWDP's engine options, the token buckets a batch pads to)."""
+"""What a benchmark run is, derived once from its resolved config: the typed `Plan` (model, requests, strategies and
+their options, placement, devices, verification, measurements, variants) that every later stage reads instead of
+the config, and the config-derived pieces it is made of (the model config, the requests, the token buckets a
+batch pads to)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from dwdp_jax import checkpoint, memory
-from dwdp_jax.kernels import grouped_gemm
+from dwdp_jax import checkpoint
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dwdp import DwdpOptions
 from dwdp_jax.serving import scheduler, workload
-from dwdp_jax.transport import transport_class
 from models import config as model_config
 
 
@@ -43,22 +42,6 @@ def orbax_model_config(c) -> model_config.ModelConfig:
     if wrong:
         raise ValueError(f"checkpoint {c.model.checkpoint} does not match the config: " + "; ".join(wrong))
     return cfg
-
-
-def depth_that_fits(cfg: model_config.ModelConfig, placement: Placement, c, device_bytes: int) -> int:
-    """The deepest model (num_hidden_layers) whose DWDP and DEP ranks both fit `device_bytes`
-    (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
-    dwdp = memory.max_layers_that_fit(cfg, placement, c.max_num_tokens, device_bytes, attention_impl="flash",
-                                      live_slots=transport_class(c.dwdp.transport).live_slots,
-                                      row_align=grouped_gemm.row_alignment(c.gemm_backend))
-    for layers in range(dwdp, cfg.first_k_dense_replace, -1):
-        try:
-            memory.plan_dep(cfg.replace(num_hidden_layers=layers), dep_ranks(c), c.max_num_tokens,
-                            attention_impl="flash", device_bytes=device_bytes)
-            return layers
-        except ValueError:
-            continue
-    raise ValueError(f"no depth of {c.model.preset} fits {device_bytes / 2**30:.1f} GiB per device for DEP")
 
 
 def requests_from(c) -> list[workload.Request]:
@@ -94,10 +77,6 @@ def variant_plan(c, name: str, fields: dict[str, Any], vocab_size: int) -> tuple
     return reqs, batching_from(vc, vocab_size)
 
 
-def dep_ranks(c) -> int:
-    return c.dep.num_ranks or c.num_ranks
-
-
 @dataclasses.dataclass(frozen=True)
 class Batching:
     """How the scheduler's batches become the runtimes' inputs: the step's token and sequence limits, the static
@@ -121,6 +100,49 @@ def batching_from(c, vocab_size: int) -> Batching:
     return Batching(c.max_num_tokens, c.max_batch_size, tuple(token_buckets(c)), vocab_size, c.workload.seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """Where the weights come from and the kernels the model's modules run."""
+
+    source: str  # "random" (initialized from `seed`), "synthetic" (generated per rank) or "checkpoint"
+    checkpoint: str  # the Orbax or HuggingFace directory of source "checkpoint"
+    seed: int
+    attention_impl: str
+    gemm_backend: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DwdpPlan:
+    num_ranks: int
+    options: DwdpOptions
+    packing: str  # how the scheduler fills a rank's batch (serving.scheduler.DwdpScheduler.PACKINGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DepPlan:
+    num_ranks: int
+    dispatch: str | None  # None: the platform's default (runtime.dep.default_dispatch)
+    balance: str  # how the scheduler spreads a step over the ranks (DepScheduler.BALANCES)
+    sync_samples: int  # steps re-run rank by rank for the synchronization estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyPlan:
+    enabled: bool
+    num_requests: int  # the first requests, spread over the ranks, form the verification batches
+    rel_tol: float
+    min_id_match: float
+    noise_floor: bool  # also judge by the reference's last-bit noise floor
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasurePlan:
+    repeats: int  # served passes per strategy; the median is reported with the band
+    breakdown: bool  # the first step profiled stage by stage
+    trace: str  # '' or the directory of a traced pass
+    memory_fraction: float  # of each device's memory the plan may use
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything decided before touching a device."""
@@ -131,15 +153,40 @@ class Plan:
     strategies: tuple[str, ...]
     placement: Placement
     devices: list
+    weights: Weights
+    dwdp: DwdpPlan
+    dep: DepPlan
+    verify: VerifyPlan
+    measure: MeasurePlan
     # config.variants: name -> (its requests, its batching)
     variants: dict[str, tuple[list[workload.Request], Batching]] = dataclasses.field(default_factory=dict)
 
 
-def dwdp_options(c) -> DwdpOptions:
-    return DwdpOptions(transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
-                       merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend,
-                       last_token_logits=c.max_batch_size, timeline=c.dwdp.timeline, slice_bytes=c.dwdp.slice_bytes,
-                       pull_issue=c.dwdp.pull_issue)
+def weights_from(c) -> Weights:
+    source = "checkpoint" if c.model.checkpoint else c.model.weights
+    return Weights(source, c.model.checkpoint, c.seed, c.attention_impl, c.gemm_backend)
+
+
+def dwdp_plan_from(c) -> DwdpPlan:
+    options = DwdpOptions(transport=c.dwdp.transport, slices=c.dwdp.slices, prefetch=c.dwdp.prefetch,
+                          merge_experts=c.dwdp.merge_experts, gemm_backend=c.gemm_backend,
+                          last_token_logits=c.max_batch_size, timeline=c.dwdp.timeline,
+                          slice_bytes=c.dwdp.slice_bytes, pull_issue=c.dwdp.pull_issue)
+    return DwdpPlan(c.num_ranks, options, c.dwdp.packing)
+
+
+def dep_plan_from(c) -> DepPlan:
+    return DepPlan(c.dep.num_ranks or c.num_ranks, None if c.dep.dispatch == "auto" else c.dep.dispatch,
+                   c.dep.balance, c.sync_samples)
+
+
+def verify_plan_from(c) -> VerifyPlan:
+    v = c.verify
+    return VerifyPlan(v.enabled, v.num_requests, v.rel_tol, v.min_id_match, v.noise_floor)
+
+
+def measure_plan_from(c) -> MeasurePlan:
+    return MeasurePlan(c.repeats, c.breakdown, c.trace, c.memory_fraction)
 
 
 def tokens_of(request: workload.Request, vocab_size: int, seed: int) -> np.ndarray:

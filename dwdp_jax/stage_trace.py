@@ -1,6 +1,6 @@
 """Where a served pass's device time goes, read from a profiler trace of the pass itself.
 
-The profiled breakdown (`profiling.dwdp_breakdown` / `profiling.dep_breakdown`) times each stage alone with a
+The profiled breakdown (`profiling.rank_by_rank_breakdown` / `profiling.dep_breakdown`) times each stage alone with a
 sync; this reads every kernel the devices ran while serving, in place, and attributes it to the `jax.named_scope`
 it came from. A trace event names
 its program (`program_id`, XLA's module id) and HLO instruction (`hlo_op`); the compiled HLO that XLA dumps

@@ -16,12 +16,13 @@ from configs.context_bench import get_config as preset_config
 from dwdp_jax.kernels import attention, grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.placement import Placement
+from dwdp_jax.prefetch import PULL_ISSUES
 from dwdp_jax.profiling import trace_dump_flags
 from dwdp_jax import strategies as strategy_lib
-from dwdp_jax.run_plan import (MODEL_OVERRIDES, Batching, Plan, batching_from, depth_that_fits, dep_ranks,
-                               dwdp_options, model_config_from, requests_from, token_buckets, variant_plan)
+from dwdp_jax.run_plan import (MODEL_OVERRIDES, Batching, Plan, batching_from, dep_plan_from, dwdp_plan_from,
+                               measure_plan_from, model_config_from, requests_from, token_buckets, variant_plan,
+                               verify_plan_from, weights_from)
 from dwdp_jax.runtime import dep as dep_lib
-from dwdp_jax.runtime.dwdp import PULL_ISSUES
 from dwdp_jax.serving import scheduler, workload
 from dwdp_jax.transport import transport_class
 from dwdp_jax.verification import verification_split
@@ -173,9 +174,9 @@ FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
 
 def strategies_from(c) -> tuple[str, ...]:
     names = tuple(s.strip() for s in c.strategies.split(",") if s.strip())
-    if not names or set(names) - set(strategy_lib.NAMES) or len(set(names)) != len(names):
-        raise ValueError(f"config.strategies={c.strategies!r}: a comma list of distinct names from "
-                         f"{strategy_lib.NAMES}")
+    known = tuple(strategy_lib.REGISTRY)
+    if not names or set(names) - set(known) or len(set(names)) != len(names):
+        raise ValueError(f"config.strategies={c.strategies!r}: a comma list of distinct names from {known}")
     return names
 
 
@@ -207,13 +208,21 @@ def validate(c) -> Plan:
             raise ValueError(f"config.{field}={value!r}: {allowed}; default {field_default(c, field)!r}")
     strategies = strategies_from(c)
     cfg = _checked_model(c)
-    placement = _checked_groups(c, cfg, strategies)
+    placement = _checked_placement(c, cfg)
     requests, variants = _checked_workload(c, cfg.vocab_size)
     _check_verification(requests, c)
     if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
         raise ValueError(f"config.max_batch_size={c.max_batch_size}: at most {MAX_SEGMENTS} with cuDNN attention "
                          f"(config.attention_impl={c.attention_impl!r}: its segment table)")
-    return Plan(cfg, requests, batching_from(c, cfg.vocab_size), strategies, placement, [], variants)
+    try:
+        dwdp = dwdp_plan_from(c)
+    except ValueError as e:
+        raise ValueError(f"config.dwdp: {e}") from e
+    p = Plan(cfg, requests, batching_from(c, cfg.vocab_size), strategies, placement, [], weights_from(c), dwdp,
+             dep_plan_from(c), verify_plan_from(c), measure_plan_from(c), variants)
+    for name in strategies:
+        strategy_lib.get(name).check(p)
+    return p
 
 
 def _checked_model(c) -> model_config.ModelConfig:
@@ -230,21 +239,13 @@ def _checked_model(c) -> model_config.ModelConfig:
     return cfg
 
 
-def _checked_groups(c, cfg: model_config.ModelConfig, strategies: tuple[str, ...]) -> Placement:
-    """DWDP's expert placement and engine options, and each strategy's own checks (DEP: its expert sharding), for
-    this model."""
+def _checked_placement(c, cfg: model_config.ModelConfig) -> Placement:
+    """DWDP's expert placement for this model."""
     try:
-        placement = Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
+        return Placement.for_group(cfg.n_routed_experts, c.num_ranks, c.dwdp.local_experts or None)
     except ValueError as e:
         raise ValueError(f"config.num_ranks={c.num_ranks}, config.dwdp.local_experts={c.dwdp.local_experts}: "
                          f"{e}") from e
-    try:
-        dwdp_options(c)
-    except ValueError as e:
-        raise ValueError(f"config.dwdp: {e}") from e
-    for name in strategies:
-        strategy_lib.get(name).check(c, cfg)
-    return placement
 
 
 def _checked_workload(c, vocab_size: int
@@ -280,22 +281,40 @@ def _check_verification(requests: list[workload.Request], c) -> None:
 
 
 def plan(c) -> Plan:
-    """`validate`, then what needs the devices (the backend starts here, nothing compiles): enough of them, DEP's
-    dispatch on this platform, and the depth that fits their memory (config.model.num_hidden_layers = 0)."""
+    """`validate`, then what needs the devices (the backend starts here, nothing compiles): enough of them for each
+    strategy, each strategy's checks on this platform, and the depth that fits their memory
+    (config.model.num_hidden_layers = 0)."""
     p = validate(c)
-    if c.trace and trace_dump_flags(c) not in os.environ.get("XLA_FLAGS", ""):
-        raise ValueError(f"config.trace needs XLA's HLO dump from the backend's start ({trace_dump_flags(c)} in "
-                         f"XLA_FLAGS; experiments.context_bench sets it)")
+    if c.trace and trace_dump_flags(c.trace) not in os.environ.get("XLA_FLAGS", ""):
+        raise ValueError(f"config.trace needs XLA's HLO dump from the backend's start ({trace_dump_flags(c.trace)} "
+                         f"in XLA_FLAGS; experiments.context_bench sets it)")
     devices = jax.devices()
     platform = devices[0].platform
-    if max(c.num_ranks, dep_ranks(c)) > len(devices):
+    needs = {name: strategy_lib.get(name).ranks(p) for name in p.strategies}
+    if max(needs.values()) > len(devices):
         have = (f"this CPU run has {len(devices)} virtual ones: raise config.cpu_devices"
                 if platform == "cpu" else f"this machine has {len(devices)}")
-        raise ValueError(f"config.num_ranks={c.num_ranks} (DEP: {dep_ranks(c)}) needs as many devices, and {have}")
+        wanted = ", ".join(f"{name.upper()} {n}" for name, n in needs.items())
+        raise ValueError(f"config.num_ranks={c.num_ranks} ({wanted}) needs as many devices, and {have}")
     for name in p.strategies:
-        strategy_lib.get(name).check_platform(c, platform)
+        strategy_lib.get(name).check_platform(p, platform)
     cfg = p.cfg
     if not c.model.num_hidden_layers:
-        device_bytes = int(devices[0].memory_stats()["bytes_limit"] * c.memory_fraction)
-        cfg = model_config_from(c, depth_that_fits(cfg, p.placement, c, device_bytes))
-    return dataclasses.replace(p, cfg=cfg, devices=devices[:max(c.num_ranks, dep_ranks(c))])
+        device_bytes = int(devices[0].memory_stats()["bytes_limit"] * p.measure.memory_fraction)
+        cfg = model_config_from(c, depth_that_fits(p, device_bytes))
+    return dataclasses.replace(p, cfg=cfg, devices=devices[:max(needs.values())])
+
+
+def depth_that_fits(p: Plan, device_bytes: int) -> int:
+    """The deepest model (num_hidden_layers, at most the preset's) whose ranks fit `device_bytes` for every
+    strategy of the run (config.model.num_hidden_layers = 0 asks for it: R1-width layers on the GPUs at hand)."""
+    cfg, last_refusal = p.cfg, ""
+    for layers in range(cfg.num_hidden_layers, cfg.first_k_dense_replace, -1):
+        try:
+            for name in p.strategies:
+                strategy_lib.get(name).plan_memory(p, cfg.replace(num_hidden_layers=layers), device_bytes)
+            return layers
+        except ValueError as e:
+            last_refusal = f"{name}: {e}"
+    raise ValueError(f"no depth of the model fits {device_bytes / 2**30:.1f} GiB per device; at one MoE layer, "
+                     f"{last_refusal}")

@@ -27,18 +27,20 @@ def verification_split(requests: list[workload.Request], num_ranks: int) -> list
     return per_rank
 
 
-def verification_batches(p: Plan, c) -> list[PackedBatch | None]:
-    """The first config.verify.num_requests requests spread over the ranks, padded to max_num_tokens."""
-    return [pack([tokens_of(r, p.cfg.vocab_size, c.workload.seed) for r in rs], budget=c.max_num_tokens)
-            if rs else None for rs in verification_split(p.requests[:c.verify.num_requests], c.num_ranks)]
+def verification_batches(p: Plan) -> list[PackedBatch | None]:
+    """The first config.verify.num_requests requests spread over DWDP's ranks, padded to max_num_tokens."""
+    b = p.batching
+    return [pack([tokens_of(r, b.vocab_size, b.token_seed) for r in rs], budget=b.max_num_tokens) if rs else None
+            for rs in verification_split(p.requests[:p.verify.num_requests], p.dwdp.num_ranks)]
 
 
-def reference_output(params: reference.Params, batch: PackedBatch, p: Plan, c) -> reference.PrefillOutput:
+def reference_output(params: reference.Params, batch: PackedBatch, p: Plan) -> reference.PrefillOutput:
     """The reference on one device, reduced to what serving produces: the last token's logits of each sequence."""
     if isinstance(params.experts, tuple):
-        out = reference.prefill(params, batch, backend=c.gemm_backend)
+        out = reference.prefill(params, batch, backend=p.weights.gemm_backend)
     else:
-        out = reference.prefill_streaming(params.model, params.experts, batch, p.devices[0], backend=c.gemm_backend)
+        out = reference.prefill_streaming(params.model, params.experts, batch, p.devices[0],
+                                          backend=p.weights.gemm_backend)
     return last_token_only(out, batch)
 
 
@@ -94,14 +96,14 @@ def _flip_last_bit(table: jax.Array, key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(down, bits - 1, bits + 1).astype(uint), table.dtype)
 
 
-def reference_noise(params: reference.Params, refs: list[reference.PrefillOutput | None], vb, p: Plan, c
+def reference_noise(params: reference.Params, refs: list[reference.PrefillOutput | None], vb, p: Plan
                     ) -> dict[str, Any]:
     """The reference against itself with its embeddings one last bit off (`last_bit_perturbed`): how far the logits
     and the expert choices move when the model is perturbed by one rounding difference. bf16 with random weights
     routes on near-ties, so a strategy that differs from the reference only in rounding (another summation order,
     another kernel) lands near this floor rather than within a fixed tolerance; a real fault lands far above it."""
-    model = last_bit_perturbed(params.model, c.seed + 1)
-    others = [reference_output(params._replace(model=model), b, p, c) if b is not None else None for b in vb]
+    model = last_bit_perturbed(params.model, p.weights.seed + 1)
+    others = [reference_output(params._replace(model=model), b, p) if b is not None else None for b in vb]
     floor = verify(others, refs, tol=float("inf"))
     return {k: floor[k] for k in ("rel_err", "expert_id_match", "expert_id_match_per_layer", "finite")}
 

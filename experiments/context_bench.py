@@ -93,7 +93,7 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
     try:
         if c.trace:  # the trace names HLO instructions; the dump maps them to their named scopes (stage_trace)
-            profiling.start_trace_dump(c)
+            profiling.start_trace_dump(c.trace)
         doc = bench.run(c)
     except ValueError as e:
         invalid(str(e))

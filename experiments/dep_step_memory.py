@@ -32,7 +32,7 @@ def step_memory(depth: int) -> dict[str, float]:
     c = get_config("r1_width_4gpu")
     c.strategies, c.num_ranks, c.model.num_hidden_layers = "dep", jax.device_count(), depth
     p = bench.plan(c)
-    runtime = bench.make_runtime("dep", bench.build_params(p, c), p, c)
+    runtime = bench.make_runtime("dep", bench.build_params(p), p)
     analysis = runtime.memory_analysis()
     plan = memory.plan_dep(p.cfg, c.num_ranks, c.max_num_tokens, attention_impl="flash")
     free = min(memory.largest_free_block(d) or 0 for d in p.devices)

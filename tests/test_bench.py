@@ -148,12 +148,12 @@ def test_bf16_strategies_pass_by_the_floor_and_a_fault_does_not(tmp_path):
     assert floor["rel_err"] > 1e-3 and floor["expert_id_match"] < 1.0  # bf16 random routing is that sensitive
     assert not v["passed_tolerance"] and v["within_noise_floor"] and v["passed"]
     p = validation.plan(c)
-    params = bench.build_params(p, c)
-    vb = verification.verification_batches(p, c)
-    refs = [verification.reference_output(params, b, p, c) if b is not None else None for b in vb]
+    params = bench.build_params(p)
+    vb = verification.verification_batches(p)
+    refs = [verification.reference_output(params, b, p) if b is not None else None for b in vb]
     slabs = list(params.experts)
     slabs[2] = jax.tree.map(lambda w: (w * 1.1).astype(w.dtype), slabs[2])
-    faulty = [verification.reference_output(params._replace(experts=tuple(slabs)), b, p, c) if b is not None else None
+    faulty = [verification.reference_output(params._replace(experts=tuple(slabs)), b, p) if b is not None else None
               for b in vb]
     judged = verification.judged_by_floor(verification.verify(faulty, refs, c.verify.rel_tol), floor)
     assert not judged["within_noise_floor"] and not judged["passed"]

@@ -80,7 +80,7 @@ def test_every_field_check_refuses_a_value_of_no_type(field):
     ({"memory_fraction": 0.0}, "config.memory_fraction=0.0: a number in (0.0, 1.0]"),
     ({"strategies": "dwdp,dwdp"}, "config.strategies='dwdp,dwdp': a comma list of distinct names from"),
     ({"dep.balance": "random"}, "config.dep.balance='random': one of ('tokens', 'requests'); default 'tokens'"),
-    ({"dep.num_ranks": 3}, "config.dep.num_ranks=3 (DEP ranks: 3): must divide the model's 16 experts"),
+    ({"dep.num_ranks": 3}, "config.dep.num_ranks: DEP's 3 ranks must divide the model's 16 experts"),
     ({"dwdp.packing": "best"}, "config.dwdp.packing='best': one of ('lookahead', 'fcfs')"),
     ({"dwdp.pull_issue": "early"}, "config.dwdp.pull_issue='early': one of ('after_moe', 'after_attention')"),
     ({"dwdp.pull_issue": "after_attention", "dwdp.prefetch": False},
@@ -140,9 +140,9 @@ def test_bad_dispatch_fails_in_seconds_naming_field_allowed_and_default(tmp_path
     ("--config.dep.dispach=dense", "--config.dep.dispach: no such config field; nearest: config.dep.dispatch"),
     ("--config.num_ranks=two", "flag --config.num_ranks=two: invalid literal for int()"),
     ("--config=configs/context_bench.py:r2", "--config=configs/context_bench.py:r2: unknown context_bench config"),
-    ("--config.num_ranks=16", "config.num_ranks=16 (DEP: 16) needs as many devices, and this CPU run has 4 virtual "
+    ("--config.num_ranks=16", "config.num_ranks=16 (DWDP 16, DEP 16) needs as many devices, and this CPU run has 4 virtual "
                               "ones: raise config.cpu_devices"),
-    ("--config.dep.num_ranks=8", "config.num_ranks=4 (DEP: 8) needs as many devices, and this CPU run has 4 "
+    ("--config.dep.num_ranks=8", "config.num_ranks=4 (DWDP 4, DEP 8) needs as many devices, and this CPU run has 4 "
                                  "virtual ones: raise config.cpu_devices"),
 ])
 def test_bad_command_line_exits_2_in_one_line(flag, message):

@@ -12,7 +12,8 @@ import pytest
 from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime import stages
-from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, DwdpWorkers, count_collectives, queue_source
+from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions, count_collectives
+from dwdp_jax.serving.workers import RankWorkers, queue_source
 from dwdp_jax.runtime.reference import prefill
 from models import config as C
 from models import deepseek_v3 as M
@@ -67,7 +68,7 @@ def run_workers(engine, per_rank, pause_rank=None):
     for r, batches in enumerate(per_rank):
         if not batches:
             done[r].set()
-    workers = DwdpWorkers(engine, queue_source(queues), sink)
+    workers = RankWorkers(engine, queue_source(queues), sink)
     if pause_rank is not None:
         workers.pause(pause_rank)
     workers.start()

@@ -28,8 +28,8 @@ PACKAGES = ("dwdp_jax", "models")
 LAYERS = (
     ("dwdp_jax.kernels",),
     ("models",),
-    ("dwdp_jax.placement", "dwdp_jax.packing", "dwdp_jax.memory", "dwdp_jax.expert_source", "dwdp_jax.transport",
-     "dwdp_jax.checkpoint"),
+    ("dwdp_jax.placement", "dwdp_jax.prefetch", "dwdp_jax.packing", "dwdp_jax.memory", "dwdp_jax.expert_source",
+     "dwdp_jax.transport", "dwdp_jax.checkpoint"),
     ("dwdp_jax.runtime",),
 )
 

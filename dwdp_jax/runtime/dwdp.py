@@ -15,10 +15,7 @@ Nothing here ever waits for another rank: owners' weights are immutable and pull
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,17 +26,15 @@ from dwdp_jax.expert_source import as_source
 from dwdp_jax.kernels import grouped_gemm
 from dwdp_jax.packing import PackedBatch
 from dwdp_jax.placement import Placement
+from dwdp_jax.prefetch import PULL_ISSUES
 from dwdp_jax.runtime import stages
-from dwdp_jax.runtime.reference import PrefillOutput
+from dwdp_jax.runtime.step import StageClock, StepResult
 from dwdp_jax.transport import TransportOptions, make_transport, transport_class, transport_options
 from models.deepseek_v3 import Params
 from models.experts import ExpertSlab, ExpertView
 
 COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter",
                   "ragged-all-to-all", "collective-broadcast")
-
-
-PULL_ISSUES = ("after_moe", "after_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +88,6 @@ class RankWeights:
     norm_state: Any
     lm_head_DV: jax.Array
     local: tuple[ExpertSlab, ...]  # per MoE layer: this rank's experts [rP, rP + L)
-
-
-@dataclasses.dataclass
-class StepResult:
-    output: PrefillOutput
-    start_s: float
-    end_s: float
-    stages_s: dict[str, float]  # profiled steps only: seconds per stage, summed over layers
 
 
 class DwdpEngine:
@@ -170,22 +157,11 @@ class DwdpEngine:
         """One prefill of `batch` on `rank`, touching only this rank's device and its own slots.
 
         `profile` runs every layer's attention and FFN as separate programs and syncs after every stage to time it
-        (embed, attention and dense_mlp of every layer, moe, pull_wait, head, and host: the outputs' copies to the
-        host): it serializes the rank's pipeline, so it measures, it does not serve.
+        (`StageClock`: embed, attention and dense_mlp of every layer, moe, pull_wait, head, host).
         """
         w, t, opts = self.ranks[rank], self.transport, self.options
         n_moe = self.cfg.num_moe_layers
-        stage_s = dict.fromkeys(("embed", "attention", "dense_mlp", "moe", "pull_wait", "head", "host"), 0.0)
-        start_s = mark = time.perf_counter()
-
-        def lap(name, tree):
-            nonlocal mark
-            if profile:
-                jax.block_until_ready(tree)
-                now = time.perf_counter()
-                stage_s[name] += now - mark
-                mark = now
-
+        clock = StageClock(profile)
         # Validated before any pull is issued, so a refused batch leaves the slots untouched.
         last_rows = stages.last_token_rows(batch, opts.last_token_logits) if opts.last_token_logits else None
         tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
@@ -198,23 +174,14 @@ class DwdpEngine:
             for m in range(min(ahead, n_moe)):
                 t.pull(rank, m, m % 2)
         t.seal(rank)
-        if profile:  # the dense layers one stage at a time, after the embedding (which issues the pulls)
-            x = stages.front(self._dense_graph, (), w.embed_VD, tokens, segs, pos, hook=hook)
-            lap("embed", x)
-            for state in w.dense_states:
-                x = stages.attention(self._dense_graph, state, x, segs, pos)
-                lap("attention", x)
-                x, _ = stages.ffn(self._dense_graph, state, x, segs, None)
-                lap("dense_mlp", x)
-        else:
-            x = stages.front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos, hook=hook)
+        x = stages.run_front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos, clock, hook=hook)
         expert_ids = []
         for m in range(n_moe):
             slot = m % 2
             if not opts.prefetch:
                 t.pull(rank, m, slot)
             remote = t.acquire(rank, slot, m)
-            lap("pull_wait", remote)
+            clock.lap("pull_wait", remote)
             view = self._view(rank, m, remote)
             # The MoE below holds the view; the slot is refilled with layer m + 2 only after it has been read (the
             # device_put transport copies into fresh buffers, the copy engine issues from the end of this program, or
@@ -223,28 +190,13 @@ class DwdpEngine:
             if opts.prefetch and m + ahead < n_moe:
                 t.pull(rank, m + ahead, (m + ahead) % 2)
             t.seal(rank)
-            if profile:
-                x = stages.attention(self._moe_graph, w.moe_states[m], x, segs, pos, hook=hook,
-                                     issue_after=issue_after)
-                lap("attention", x)
-                x, ids = stages.ffn(self._moe_graph, w.moe_states[m], x, segs, view, merge=opts.merge_experts,
-                                    hook=hook, issue_after=issue_after)
-            else:
-                x, ids = stages.moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view,
+            x, ids = stages.run_moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view, clock,
                                           merge=opts.merge_experts, hook=hook, issue_after=issue_after)
             expert_ids.append(ids)
-            lap("moe", x)
-        n = batch.num_tokens
         rows = None if last_rows is None else jax.device_put(last_rows, w.device)
         logits = stages.head(self._norm_graph, w.norm_state, w.lm_head_DV, x, rows)
-        lap("head", logits)
-        # Slice on the host: an eager device slice would compile a new program for every token count.
-        logits = np.asarray(logits)[:n if rows is None else len(batch.lengths)]
-        hidden = None if rows is not None else np.asarray(x)[:n]
-        out = PrefillOutput(logits, [np.asarray(i)[:n] for i in expert_ids], hidden)
-        end_s = time.perf_counter()
-        stage_s["host"] = end_s - mark  # the outputs' copies to the host: none of the paper's categories
-        return StepResult(out, start_s, end_s, stage_s if profile else {})
+        clock.lap("head", logits)
+        return clock.result(stages.host_output(logits, x, expert_ids, batch, last_token=rows is not None))
 
     def compiled_hlo(self, batch: PackedBatch, rank: int = 0) -> dict[str, str]:
         """Optimized HLO text of the rank's programs (front, one MoE layer, head) for `batch`'s shapes."""
@@ -267,54 +219,3 @@ class DwdpEngine:
 
 def count_collectives(hlo_text: str) -> int:
     return sum(hlo_text.count(f" {op}(") + hlo_text.count(f" {op}-start(") for op in COLLECTIVE_OPS)
-
-
-class DwdpWorkers:
-    """One host thread per rank, each looping on its own: take the next batch from `source(rank)` when free
-    (None = no more work), run the step, hand the result to `sink(rank, item, result)`.
-
-    `pause(rank)` holds a worker before its next step (to show the others do not depend on it).
-    """
-
-    def __init__(self, engine: DwdpEngine, source: Callable[[int], Any], sink: Callable[[int, Any, StepResult], None],
-                 batch_of: Callable[[Any], PackedBatch] = lambda item: item):
-        self.engine, self.source, self.sink, self.batch_of = engine, source, sink, batch_of
-        self._running = [threading.Event() for _ in range(engine.num_ranks)]
-        for e in self._running:
-            e.set()
-        self.errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._loop, args=(r,), name=f"dwdp-rank{r}", daemon=True)
-                         for r in range(engine.num_ranks)]
-
-    def start(self) -> "DwdpWorkers":
-        for th in self._threads:
-            th.start()
-        return self
-
-    def pause(self, rank: int) -> None:
-        self._running[rank].clear()
-
-    def resume(self, rank: int) -> None:
-        self._running[rank].set()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        for th in self._threads:
-            th.join(timeout_s)
-        if self.errors:
-            raise self.errors[0]
-
-    def _loop(self, rank: int) -> None:
-        try:
-            while True:
-                self._running[rank].wait()
-                item = self.source(rank)
-                if item is None:
-                    return
-                self.sink(rank, item, self.engine.step(rank, self.batch_of(item)))
-        except BaseException as e:  # surfaced by join(); a dead worker must not look like an idle one
-            self.errors.append(e)
-
-
-def queue_source(queues: list[queue.Queue]) -> Callable[[int], Any]:
-    """A source over per-rank queues ending with None."""
-    return lambda rank: queues[rank].get()

@@ -1,9 +1,11 @@
-"""The reference runtime: one device, all weights, one jitted prefill. The ground truth for DEP and DWDP."""
+"""The reference: one device, all weights. `prefill` (one jitted program) is the ground truth for DEP and DWDP;
+`prefill_streaming` the same math for models too large for one device; `ReferenceRuntime` serves it stage by stage
+as a baseline strategy."""
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +15,10 @@ from flax import nnx
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.runtime import stages
+from dwdp_jax.runtime.step import PrefillOutput, StageClock, StepResult
 from models.config import ModelConfig
 from models.deepseek_v3 import DeepseekV3, Params
 from models.experts import ExpertView
-
-
-class PrefillOutput(NamedTuple):
-    logits_TV: np.ndarray  # float32, real tokens only, in input order
-    expert_ids: list[np.ndarray]  # per MoE layer [T, top-k], real tokens only
-    hidden_TD: np.ndarray | None  # None from the serving runtimes (last-token logits): no host copy of [T, D]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
@@ -63,6 +60,61 @@ def prefill_streaming(model: DeepseekV3, experts, batch: PackedBatch, device: ja
     logits = stages.head(norm_graph, put(norm_state), put(model.lm_head[...]), x)
     n = batch.num_tokens
     return PrefillOutput(np.asarray(logits, np.float32)[:n], [np.asarray(i)[:n] for i in ids], np.asarray(x)[:n])
+
+
+class ReferenceRuntime:
+    """The reference as a serving runtime: every weight on one device, run stage by stage as a DWDP rank runs it
+    (the front, one program per MoE layer with all E experts in one slab, the head), with nothing to pull and no
+    peer. With `last_token_logits` > 0, logits only at each sequence's last token (serving)."""
+
+    num_ranks = 1
+
+    def __init__(self, params: Params, device: jax.Device, gemm_backend: str = "xla", last_token_logits: int = 0):
+        model = params.model
+        cfg = self.cfg = model.cfg
+        self.device, self.last_token_logits = device, last_token_logits
+        k = cfg.first_k_dense_replace
+        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
+        self._moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
+        self._norm_graph, norm_state = nnx.split(model.norm)
+        self._dense_states, self._moe_states, self._norm_state, self._embed_VD, self._lm_head_DV = jax.device_put(
+            (dense_states, moe_states, norm_state, model.embed_tokens[...], model.lm_head[...]), device)
+        source = as_source(params.experts)
+        self._views = [ExpertView.single(source.rows(m, 0, cfg.n_routed_experts, device), gemm_backend)
+                       for m in range(cfg.num_moe_layers)]
+
+    def _inputs(self, batch: PackedBatch):
+        return jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), self.device)
+
+    def step(self, rank: int, batch: PackedBatch, profile: bool = False) -> StepResult:
+        """One prefill of `batch`; `profile` times each stage alone (`StageClock`)."""
+        if rank != 0:
+            raise ValueError(f"the reference runs on one rank (0), got rank={rank}")
+        clock = StageClock(profile)
+        rows = stages.last_token_rows(batch, self.last_token_logits) if self.last_token_logits else None
+        tokens, segs, pos = self._inputs(batch)
+        x = stages.run_front(self._dense_graph, self._dense_states, self._embed_VD, tokens, segs, pos, clock)
+        expert_ids = []
+        for state, view in zip(self._moe_states, self._views):
+            x, ids = stages.run_moe_layer(self._moe_graph, state, x, segs, pos, view, clock)
+            expert_ids.append(ids)
+        logits = stages.head(self._norm_graph, self._norm_state, self._lm_head_DV, x,
+                             None if rows is None else jax.device_put(rows, self.device))
+        clock.lap("head", logits)
+        return clock.result(stages.host_output(logits, x, expert_ids, batch, last_token=rows is not None))
+
+    def compiled_hlo(self, batch: PackedBatch) -> dict[str, str]:
+        """Optimized HLO text of its programs (front, one MoE layer, head) for `batch`'s shapes."""
+        tokens, segs, pos = self._inputs(batch)
+        x = jax.ShapeDtypeStruct((batch.budget, self.cfg.hidden_size), self._embed_VD.dtype,
+                                 sharding=self._embed_VD.sharding)
+        return {
+            "front": stages.front.lower(self._dense_graph, self._dense_states, self._embed_VD, tokens, segs,
+                                        pos).compile().as_text(),
+            "moe_layer": stages.moe_layer.lower(self._moe_graph, self._moe_states[0], x, segs, pos,
+                                                self._views[0]).compile().as_text(),
+            "head": stages.head.lower(self._norm_graph, self._norm_state, self._lm_head_DV, x).compile().as_text(),
+        }
 
 
 def prefill_logits(config: ModelConfig, params: Params, sequences: Sequence[Sequence[int]]) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dwdp_jax.packing import PackedBatch
+from dwdp_jax.runtime.step import PrefillOutput, StageClock
 from models.deepseek_v3 import MLA
 from models.experts import ExpertView
 
@@ -88,6 +89,43 @@ ffn = jax.jit(_ffn, static_argnames=("graphdef", "merge", "hook", "issue_after")
 def head(graphdef, norm_state, lm_head_DV, x_TD, rows_R=None):
     h_TD = nnx.merge(graphdef, norm_state)(x_TD if rows_R is None else x_TD[rows_R])
     return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
+
+
+def run_front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T, clock: StageClock, hook=None):
+    """The embedding and the dense layers: one program, or one per stage when the clock profiles."""
+    if not clock.profile:
+        return front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T, hook=hook)
+    x_TD = front(graphdef, (), embed_VD, tokens_T, segment_ids_T, positions_T, hook=hook)
+    clock.lap("embed", x_TD)
+    for state in dense_states:
+        x_TD = attention(graphdef, state, x_TD, segment_ids_T, positions_T)
+        clock.lap("attention", x_TD)
+        x_TD, _ = ffn(graphdef, state, x_TD, segment_ids_T, None)
+        clock.lap("dense_mlp", x_TD)
+    return x_TD
+
+
+def run_moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, clock: StageClock, *, merge=False,
+                  hook=None, issue_after="moe"):
+    """One MoE layer: attention and MoE in one program, or each alone when the clock profiles."""
+    if clock.profile:
+        x_TD = attention(graphdef, state, x_TD, segment_ids_T, positions_T, hook=hook, issue_after=issue_after)
+        clock.lap("attention", x_TD)
+        x_TD, ids_TK = ffn(graphdef, state, x_TD, segment_ids_T, view, merge=merge, hook=hook,
+                           issue_after=issue_after)
+    else:
+        x_TD, ids_TK = moe_layer(graphdef, state, x_TD, segment_ids_T, positions_T, view, merge=merge, hook=hook,
+                                 issue_after=issue_after)
+    clock.lap("moe", x_TD)
+    return x_TD, ids_TK
+
+
+def host_output(logits, x_TD, expert_ids, batch: PackedBatch, last_token: bool) -> PrefillOutput:
+    """The step's outputs on the host, real tokens only (last-token logits: one row per sequence). Sliced on the
+    host: an eager device slice would compile a new program for every token count."""
+    n = batch.num_tokens
+    logits = np.asarray(logits, np.float32)[:len(batch.lengths) if last_token else n]
+    return PrefillOutput(logits, [np.asarray(i)[:n] for i in expert_ids], None if last_token else np.asarray(x_TD)[:n])
 
 
 def last_token_rows(batch: PackedBatch, max_sequences: int) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""The serve loops: one pass of the workload on a warm runtime, request records and iteration records out. DWDP
-runs one worker thread per device, each taking its rank's next batch from the shared scheduler, packing it and
-stepping its engine (front and attention, MoE over local and pulled experts, head), and records each iteration as
-it ends; DEP steps every rank together in lock-step iterations (with its synchronization estimate). `served` takes
-the median of config.repeats passes."""
+"""The serve loops: one pass of the workload on a warm runtime, request records and iteration records out.
+
+Ranks that progress alone (DWDP, the reference; `run_rank_by_rank`): one worker thread per rank
+(`workers.RankWorkers`) takes its rank's next batch from the shared scheduler (`DwdpScheduler.wait_for_batch`),
+packs it (`Batching.pack`), steps the rank (`DwdpEngine.step`: the front, then per MoE layer the pulled experts'
+slot, attention and the MoE over local and pulled experts, the next pull, then the head), and records the
+iteration as it ends (`metrics.records_for_batch`). DEP (`run_dep`) steps every rank together in lock-step
+iterations, with its synchronization estimate. `served` takes the median of the plan's repeats."""
 
 from __future__ import annotations
 
@@ -16,15 +19,15 @@ import numpy as np
 from dwdp_jax.profiling import breakdown_ms
 from dwdp_jax.progress import Progress
 from dwdp_jax.run_plan import Plan
-from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpWorkers
 from dwdp_jax.serving import metrics, scheduler
+from dwdp_jax.serving.workers import RankRuntime, RankWorkers
 
 
-def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
-    sched = scheduler.DwdpScheduler(p.requests, num_ranks=c.num_ranks, max_num_tokens=p.batching.max_num_tokens,
-                                    max_batch_size=p.batching.max_batch_size, packing=c.dwdp.packing)
+def run_rank_by_rank(runtime: RankRuntime, p: Plan, name: str) -> tuple[list, list, list]:
+    sched = scheduler.DwdpScheduler(p.requests, num_ranks=runtime.num_ranks, max_num_tokens=p.batching.max_num_tokens,
+                                    max_batch_size=p.batching.max_batch_size, packing=p.dwdp.packing)
     req_records, iter_records, lock = [], [], threading.Lock()
-    progress = Progress(len(p.requests), "dwdp")
+    progress = Progress(len(p.requests), name)
     t0 = time.perf_counter()
 
     def clock():
@@ -39,16 +42,15 @@ def run_dwdp(engine: DwdpEngine, p: Plan, c) -> tuple[list, list, list]:
         sched.complete(batch)
         progress.update(len(batch.requests))
 
-    workers = DwdpWorkers(engine, lambda rank: sched.wait_for_batch(rank, clock), sink,
-                          batch_of=p.batching.pack)
+    workers = RankWorkers(runtime, lambda rank: sched.wait_for_batch(rank, clock), sink, batch_of=p.batching.pack)
     workers.start().join()
     progress.close()
     return req_records, iter_records, [dataclasses.asdict(a) for a in sched.finish()]
 
 
-def run_dep(dep, p: Plan, c, sync: bool = True) -> tuple[list, list, list, dict]:
+def run_dep(dep, p: Plan, sync: bool = True) -> tuple[list, list, list, dict]:
     sched = scheduler.DepScheduler(p.requests, num_ranks=dep.num_ranks, max_num_tokens=p.batching.max_num_tokens,
-                                   balance=c.dep.balance, max_batch_size=p.batching.max_batch_size)
+                                   balance=p.dep.balance, max_batch_size=p.batching.max_batch_size)
     req_records, iter_records, steps = [], [], []
     progress = Progress(len(p.requests), "dep")
     t0 = time.perf_counter()
@@ -75,15 +77,15 @@ def run_dep(dep, p: Plan, c, sync: bool = True) -> tuple[list, list, list, dict]
         progress.update(sum(len(b.requests) for b in step))
     progress.close()
     return (req_records, iter_records, [dataclasses.asdict(a) for a in sched.finish()],
-            sync_estimate(dep, steps, c) if sync else {})
+            sync_estimate(dep, steps, p.dep.sync_samples) if sync else {})
 
 
-def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
+def sync_estimate(dep, steps: list, samples: int) -> dict[str, Any]:
     """Synchronization overhead of DEP (paper Fig. 1) on sampled steps: each rank's batch alone (the other ranks
     empty) is that rank's compute time; overhead = 1 - mean(rank compute) / step time (`DepRuntime.sync_times`)."""
     if not steps:
         return {}
-    idx = np.linspace(0, len(steps) - 1, min(c.sync_samples, len(steps))).round().astype(int)
+    idx = np.linspace(0, len(steps) - 1, min(samples, len(steps))).round().astype(int)
     step_s, rank_s, tokens = [], [], []
     for i in sorted(set(idx.tolist())):
         packed, _ = steps[i]
@@ -103,10 +105,10 @@ def sync_estimate(dep, steps: list, c) -> dict[str, Any]:
 SYNC_KEYS = ("sync_overhead", "sync_overhead_band", "sync_overhead_within_noise", "sampled_steps", "rank_cv_mean")
 
 
-def served(strategy, runtime, p: Plan, c, ranks: int) -> tuple[dict, dict]:
-    """`config.repeats` passes (`strategy.serve`) of p's requests on a warm runtime: (summary, raw records) of the
-    pass of median TPS/GPU (the lower middle one of an even count), with every pass's TPS/GPU beside it."""
-    repeats = [strategy.serve(runtime, p, c, sync=i == 0) for i in range(c.repeats)]
+def served(strategy, runtime, p: Plan, ranks: int) -> tuple[dict, dict]:
+    """The plan's repeats (`strategy.serve`) of p's requests on a warm runtime: (summary, raw records) of the pass of
+    median TPS/GPU (the lower middle one of an even count), with every pass's TPS/GPU beside it."""
+    repeats = [strategy.serve(runtime, p, sync=i == 0) for i in range(p.measure.repeats)]
     summaries = [metrics.summarize(reqs, iters, ranks) for reqs, iters, _, _ in repeats]
     tps = [s["tps_per_gpu"] for s in summaries]
     median = sorted(range(len(tps)), key=tps.__getitem__)[(len(tps) - 1) // 2]

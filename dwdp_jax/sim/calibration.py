@@ -11,10 +11,11 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from dwdp_jax.prefetch import PULL_ISSUES, SLICE_BYTES
 from dwdp_jax.results import read_results
 from dwdp_jax.serving import workload as served_workload
 from dwdp_jax.sim import hardware, simulate
-from dwdp_jax.sim.config import PULL_ISSUES, SLICE_BYTES, ContextConfig
+from dwdp_jax.sim.config import ContextConfig
 from dwdp_jax.sim.roofline import Precision
 from dwdp_jax.sim.studies import require_positive
 from dwdp_jax.sim.workload import Workload

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from dwdp_jax.placement import Placement
+from dwdp_jax.prefetch import PULL_ISSUES, SLICE_BYTES
 from dwdp_jax.serving.scheduler import DwdpScheduler
 from dwdp_jax.sim.roofline import GenServer, Precision
 from models.config import ModelConfig
@@ -14,11 +15,6 @@ STRATEGIES = ("dep", "dwdp")
 DISCIPLINES = ("fifo", "round_robin", "none")
 PEER_ORDERS = ("random", "rank")
 PACKINGS = DwdpScheduler.PACKINGS
-# The runtime's (dwdp_jax.runtime.dwdp.PULL_ISSUES), restated: importing it would bring JAX into the simulator.
-PULL_ISSUES = ("after_moe", "after_attention")
-# The sliced copy engine's piece size (contention mitigation): the paper's 2 MiB, the one value the simulator's
-# round-robin pulls, its studies and configs, and the copy-engine ablations use.
-SLICE_BYTES = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True)
