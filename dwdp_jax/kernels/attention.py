@@ -4,7 +4,8 @@ Tokens of many sequences share one flat axis T. `segment_ids_T` names each token
 and `positions_T` its position inside it: token q attends to token k iff both are in the same sequence and
 pos[k] <= pos[q]. Padding rows attend nowhere; they get finite garbage that callers discard.
 
-Backends by name (`get_backend`): `xla` everywhere, and cuDNN's flash attention on GPU.
+Backends by name (`get_backend`): `xla` everywhere, cuDNN's flash attention on GPU, and tokamax's Mosaic GPU flash
+attention on Hopper (`attention_tokamax`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from dwdp_jax.kernels.attention_tokamax import tokamax_attention
 
 Attention = Callable[..., jax.Array]
 
@@ -83,6 +86,10 @@ _BACKENDS: dict[str, Attention] = {
     "cudnn": cudnn_attention_padded_v,
     # Native 192/128 MLA, correct for one sequence per batch only (no offsets): the kernel-speed comparison.
     "cudnn_mla_1seq": functools.partial(cudnn_attention, max_segments=1),
+    # Hopper only: native 192/128 over packed sequences, no segment table (tokamax's Mosaic GPU flash attention).
+    "tokamax": tokamax_attention,
+    # Causal over the whole axis, correct for one sequence per batch only: what the packed key range costs.
+    "tokamax_1seq": functools.partial(tokamax_attention, packed=False),
 }
 
 
