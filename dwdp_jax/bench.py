@@ -4,9 +4,10 @@ and workload.
 `run(config)` validates the config into a typed plan (`validation`, `run_plan.Plan`), checks what needs the devices
 (their count, memory), builds the weights, then takes each strategy (`strategies`) through the same sequence,
 reading only the plan: build its runtime, verify its step against the reference (`verification`), warm it up,
-serve the whole workload (`serving.loop`), profile it (`profiling`). It announces each phase on stderr (`progress`) and writes one results file with the raw records, the
-metrics with their noise bands, the verification block, the HLO collective counts, the per-layer breakdown and what
-the timings can claim (`report`: on CPU a functional check).
+serve the whole workload (`serving.loop`), profile it (`profiling`). It announces each phase on stderr
+(`progress`) and writes one results file with the raw records, the metrics with their noise bands, the
+verification block, the HLO collective counts, the per-layer breakdown and what the timings can claim (`report`:
+on CPU a functional check).
 """
 
 from __future__ import annotations

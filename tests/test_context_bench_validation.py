@@ -140,8 +140,8 @@ def test_bad_dispatch_fails_in_seconds_naming_field_allowed_and_default(tmp_path
     ("--config.dep.dispach=dense", "--config.dep.dispach: no such config field; nearest: config.dep.dispatch"),
     ("--config.num_ranks=two", "flag --config.num_ranks=two: invalid literal for int()"),
     ("--config=configs/context_bench.py:r2", "--config=configs/context_bench.py:r2: unknown context_bench config"),
-    ("--config.num_ranks=16", "config.num_ranks=16 (DWDP 16, DEP 16) needs as many devices, and this CPU run has 4 virtual "
-                              "ones: raise config.cpu_devices"),
+    ("--config.num_ranks=16", "config.num_ranks=16 (DWDP 16, DEP 16) needs as many devices, and this CPU run has 4 "
+                              "virtual ones: raise config.cpu_devices"),
     ("--config.dep.num_ranks=8", "config.num_ranks=4 (DWDP 4, DEP 8) needs as many devices, and this CPU run has 4 "
                                  "virtual ones: raise config.cpu_devices"),
 ])
