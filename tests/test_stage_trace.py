@@ -84,7 +84,7 @@ def test_a_failing_trace_keeps_the_measurements(tmp_path, monkeypatch):
 
     c = small_config(tmp_path, strategies="dwdp")
     c.trace = str(tmp_path / "trace")
-    monkeypatch.setenv("XLA_FLAGS", profiling.trace_dump_flags(c))  # in-process the backend has started: no dump
+    monkeypatch.setenv("XLA_FLAGS", profiling.trace_dump_flags(c.trace))  # in-process the backend has started: no dump
 
     def unreadable(path):
         raise ValueError("trace format (simulated)")
