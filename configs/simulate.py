@@ -3,7 +3,7 @@
 STUDY: `contention` (default; paper Table 2), `sync_cv` (DEP sync overhead vs CV, paper Fig. 1), `roofline` (blog
 Table 1), `pareto` (e2e TPS/GPU vs TPS/user, Tables 5-6), `planner` (context GPUs per TTFT target), `calibration`
 (predicted vs measured DWDP/DEP, needs results/gpu_calibration and context_bench runs), `grid` (Table 4's grid at N
-GPUs, calibrated). Override any field with `--config.field=value`; lists are comma-separated strings. Every field is
+GPUs, calibrated), `memory` (which DWDP and DEP groups hold full-depth R1, FP8 experts or bf16, on which card). Override any field with `--config.field=value`; lists are comma-separated strings. Every field is
 checked before any simulation runs: a bad one exits 2 naming it.
 """
 
@@ -12,7 +12,7 @@ from ml_collections import config_dict
 from dwdp_jax.prefetch import SLICE_BYTES
 from dwdp_jax.sim.studies import paper_bands
 
-STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibration", "grid")
+STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibration", "grid", "memory")
 
 
 def _context(c: config_dict.ConfigDict) -> None:
@@ -75,6 +75,12 @@ def get_config(name: str = "contention") -> config_dict.ConfigDict:
         c.group_sizes = "3,4,6,8"  # DWDP group sizes
         c.max_ctx_gpus = 32
         _e2e(c)
+    elif name == "memory":
+        c.models = "deepseek_r1_fp8,deepseek_r1"  # full depth, FP8 experts as released and bf16
+        c.cards = "h100_sxm,h200,b200"
+        c.group_sizes = "4,8,16,32"
+        c.max_num_tokens = "16384,32768"
+        c.memory_fraction = 0.9  # of each card's memory a rank may plan for (the runtime and allocator keep the rest)
     elif name == "calibration":
         c.tolerance = 0.10  # allowed relative error of the predicted DWDP/DEP ratio
         c.projection_requests = "256"  # request counts each measured run is also projected at

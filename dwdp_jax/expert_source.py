@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
+from dwdp_jax.kernels import fp8
 from models.config import ModelConfig
 from models.deepseek_v3 import INIT_STD
 from models.experts import ExpertSlab
@@ -42,17 +43,20 @@ class SlabExperts:
         return self.slabs[0].count
 
     def rows(self, layer: int, start: int, stop: int, device: jax.Device) -> ExpertSlab:
-        s = self.slabs[layer]
-        arrays = (s.w_gate_EDF[start:stop], s.w_up_EDF[start:stop], s.w_down_EFD[start:stop])
-        return ExpertSlab(*jax.device_put(arrays, device), start=start)
+        return jax.device_put(self.slabs[layer].rows(start - self.slabs[layer].start, stop - self.slabs[layer].start),
+                              device)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _expert_weights(key, expert_ids, shape, dtype):
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "fp8_blocks"))
+def _expert_weights(key, expert_ids, shape, dtype, fp8_blocks=False):
+    """[experts, *shape] in `dtype`, or with `fp8_blocks` an FP8 `BlockScaled` of the [out, in] transpose, each
+    expert quantized as it is drawn (no full fp32 slab)."""
     def one(e):
-        return (INIT_STD * jax.random.normal(jax.random.fold_in(key, e), shape, jnp.float32)).astype(dtype)
+        w = INIT_STD * jax.random.normal(jax.random.fold_in(key, e), shape, jnp.float32)
+        return fp8.quantize_weights_kn(w[None]) if fp8_blocks else w.astype(dtype)
 
-    return jax.lax.map(one, expert_ids)
+    ws = jax.lax.map(one, expert_ids)
+    return fp8.BlockScaled(*(a[:, 0] for a in ws)) if fp8_blocks else ws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +84,9 @@ class SyntheticExperts:
         ids = jax.device_put(jnp.arange(start, stop, dtype=jnp.uint32), device)
         layer_key = jax.random.fold_in(jax.random.key(self.seed), layer)
         keys = [jax.device_put(jax.random.fold_in(layer_key, w), device) for w in range(3)]
-        return ExpertSlab(_expert_weights(keys[0], ids, (d, f), dt), _expert_weights(keys[1], ids, (d, f), dt),
-                          _expert_weights(keys[2], ids, (f, d), dt), start=start)
+        q = self.cfg.fp8_experts
+        return ExpertSlab(_expert_weights(keys[0], ids, (d, f), dt, q), _expert_weights(keys[1], ids, (d, f), dt, q),
+                          _expert_weights(keys[2], ids, (f, d), dt, q), start=start)
 
 
 def as_source(experts: ExpertSource | Sequence[ExpertSlab]) -> ExpertSource:

@@ -18,9 +18,9 @@ import math
 from typing import Sequence
 
 from dwdp_jax.placement import Placement
-from models.config import ModelConfig
+from models.config import DTYPE_BYTES, FP8_BLOCK, ModelConfig
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPE_BYTES = DTYPE_BYTES
 _FP32_BYTES = 4
 ATTENTION_IMPLS = ("naive", "flash")
 
@@ -76,8 +76,7 @@ def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
     return _plan(cfg, weight_bytes_per_param, device_bytes,
                  f"dwdp N={placement.num_ranks} L={placement.local_experts} P={placement.prefetch_experts}, "
                  f"{cfg.num_moe_layers} MoE layers, T={max_num_tokens}, {attention_impl} attention",
-                 expert_params=placement.local_experts * cfg.num_moe_layers * cfg.expert_params(),
-                 slot_params=live_slots * remote_experts * cfg.expert_params(),
+                 experts=placement.local_experts * cfg.num_moe_layers, slot_experts=live_slots * remote_experts,
                  activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok
                                               + cfg.n_routed_experts * (row_align - 1), attention_impl))
 
@@ -102,7 +101,7 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
     return _plan(cfg, weight_bytes_per_param, device_bytes,
                  f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
                  f"{attention_impl} attention",
-                 expert_params=local_experts * cfg.num_moe_layers * cfg.expert_params(),
+                 experts=local_experts * cfg.num_moe_layers,
                  all_to_all_bytes=(num_ranks + 1) * rows_per_rank * cfg.hidden_size
                  * _DTYPE_BYTES[cfg.dtype],
                  activations=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
@@ -113,22 +112,26 @@ def plan_reference(cfg: ModelConfig, max_num_tokens: int, *, weight_bytes_per_pa
     """The single-device ground truth: every weight on one device, T tokens."""
     return _plan(cfg, weight_bytes_per_param, device_bytes,
                  f"reference, T={max_num_tokens}, {attention_impl} attention",
-                 expert_params=routed_params(cfg),
+                 experts=cfg.n_routed_experts * cfg.num_moe_layers,
                  activations=activation_bytes(cfg, max_num_tokens, max_num_tokens * cfg.num_experts_per_tok,
                                                    attention_impl))
 
 
 def _plan(cfg: ModelConfig, weight_bytes_per_param: float | None, device_bytes: int | None, description: str, *,
-          expert_params: float, activations: int, slot_params: float = 0, all_to_all_bytes: int = 0
-          ) -> MemoryPlan:
-    """The plan every strategy shares the shape of: replicated weights, routed experts held, prefetch slots,
-    all-to-all buffers and activations; checked against `device_bytes` when given."""
+          experts: int, activations: int, slot_experts: int = 0, all_to_all_bytes: int = 0) -> MemoryPlan:
+    """The plan every strategy shares the shape of: replicated weights, routed experts held (`experts`, over all
+    MoE layers), prefetch slots (`slot_experts`), all-to-all buffers and activations; checked against
+    `device_bytes` when given. Experts take `cfg.expert_bytes()` (FP8 values with their block scales, or dtype)
+    unless `weight_bytes_per_param` sets every weight's size."""
     param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
+    expert_bytes = (cfg.expert_bytes() if weight_bytes_per_param is None
+                    else cfg.expert_params() * weight_bytes_per_param)
+    experts_format = "FP8 experts, " if cfg.fp8_experts and weight_bytes_per_param is None else ""
     plan = MemoryPlan(
-        description=f"{description}, {param_bytes} B/param",
+        description=f"{description}, {experts_format}{param_bytes} B/param",
         replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
-        local_expert_bytes=math.ceil(expert_params * param_bytes),
-        prefetch_slot_bytes=math.ceil(slot_params * param_bytes),
+        local_expert_bytes=math.ceil(experts * expert_bytes),
+        prefetch_slot_bytes=math.ceil(slot_experts * expert_bytes),
         all_to_all_bytes=all_to_all_bytes,
         activation_bytes=activations)
     if device_bytes is not None:
@@ -161,6 +164,18 @@ def replicated_params(cfg: ModelConfig) -> int:
     norms, dense MLPs, shared experts, routers with their bias)."""
     embeddings = 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
     return embeddings + sum(cfg.layer_params(layer)["replicated"] for layer in range(cfg.num_hidden_layers))
+
+
+def replicated_bytes_fp8_projections(cfg: ModelConfig) -> int:
+    """The replicated weights' bytes if every projection (attention, dense MLP, shared experts) were FP8 with
+    128 x 128 fp32 block scales, as the released checkpoint stores them, and the rest (embedding, lm_head, norms,
+    routers) in `dtype`: a projection of dense FP8 layers, which the model does not build."""
+    d = cfg.hidden_size
+    projections = sum(cfg.layer_params(layer)["replicated"] - 2 * d for layer in range(cfg.num_hidden_layers))
+    projections -= cfg.num_moe_layers * (d * cfg.n_routed_experts + cfg.n_routed_experts)  # routers stay
+    projections -= cfg.num_hidden_layers * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank)  # the LoRA norms stay
+    rest = replicated_params(cfg) - projections
+    return math.ceil(projections * (1 + 4 / (FP8_BLOCK * FP8_BLOCK)) + rest * _DTYPE_BYTES[cfg.dtype])
 
 
 def routed_params(cfg: ModelConfig) -> int:

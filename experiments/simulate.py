@@ -36,7 +36,8 @@ from models.config import get_preset
 
 CONFIG_FILE = os.path.join(os.path.dirname(configs.__file__), "simulate.py")
 EXPERIMENTS = {"roofline": "roofline", "contention": "sim_contention", "sync_cv": "sim_sync_cv",
-               "pareto": "sim_pareto", "planner": "sim_planner", "calibration": "sim_calibration", "grid": "sim_grid"}
+               "pareto": "sim_pareto", "planner": "sim_planner", "calibration": "sim_calibration", "grid": "sim_grid",
+               "memory": "sim_memory"}
 
 
 def options(study: str, **overrides: Any) -> config_dict.ConfigDict:
@@ -94,6 +95,10 @@ def run_study(c: config_dict.ConfigDict, progress: studies.Progress = tqdm) -> d
         return calibration.calibration_study(c.results_root, c.tolerance, requests=_ints(c, "projection_requests"))
     if c.study == "grid":
         return calibration.grid_study(c.results_root, c.group_size)
+    if c.study == "memory":
+        return studies.memory_study([get_preset(m) for m in _items(c, "models")],
+                                    [hardware.get(h) for h in _items(c, "cards")], _ints(c, "group_sizes"),
+                                    _ints(c, "max_num_tokens"), c.memory_fraction)
     cfg, hw, prec = get_preset(c.model), hardware.get(c.hardware, c.results_root), _precision(c)
     hw.peak_flops_per_s(prec.moe)
     if c.study == "roofline":
@@ -117,7 +122,7 @@ def run_study(c: config_dict.ConfigDict, progress: studies.Progress = tqdm) -> d
 
 def write(doc: dict, c: config_dict.ConfigDict) -> Path:
     """Writes a study's document as results/<experiment>/<run>.json (run: config.run, else the hardware's name)."""
-    run = c.run or ("calibrated" if c.study == "calibration" else c.hardware)
+    run = c.run or {"calibration": "calibrated", "memory": "r1_full_depth"}.get(c.study, c.hardware)
     return write_results(EXPERIMENTS[c.study], run, config={**doc["config"], "argv": sys.argv}, raw=doc["raw"],
                          metrics=doc["metrics"], root=c.results_root, with_devices=False)
 
@@ -184,6 +189,22 @@ def table(study: str, doc: dict) -> str:
                     f"TTFT {p['ttft_p50_s']:.2f} s")
         lines = [f"TTFT <= {r['ttft_target_s']} s: DWDP {pick(r['dwdp'])}; DEP {pick(r['dep'])}" for r in m["choices"]]
         return "\n".join(lines + [f"infeasible group sizes (memory): {m['infeasible_group_sizes']}"])
+    if study == "memory":
+        cards = list(doc["config"]["cards"])
+        lines = [f"{'experts':>8}{'strategy':>9}{'N':>4}{'MNT':>7}{'replicated':>11}{'experts':>9}{'slots':>7}"
+                 f"{'a2a':>6}{'activ.':>8}{'total GB':>9}  fits " + " ".join(cards)
+                 + "  | dense FP8: total GB, fits"]
+        lines += [f"{'fp8' if r['fp8_experts'] else 'bf16':>8}{r['strategy']:>9}{r['group_size']:>4}"
+                  f"{r['max_num_tokens']:>7}" + "".join(f"{r[k] / 1e9:>{w}.1f}" for k, w in (
+                      ("replicated_weight_bytes", 11), ("local_expert_bytes", 9), ("prefetch_slot_bytes", 7),
+                      ("all_to_all_bytes", 6), ("activation_bytes", 8), ("total_bytes", 9)))
+                  + "  " + " ".join(("yes" if r["fits"][card] else "no").rjust(len(card)) for card in cards)
+                  + f"  | {r['projected_total_bytes_fp8_projections'] / 1e9:.1f} "
+                  + " ".join(("yes" if r["projected_fits_fp8_projections"][card] else "no") for card in cards)
+                  for r in doc["raw"]["rows"]]
+        return "\n".join(lines + [f"fits: at most {doc['config']['memory_fraction']:.0%} of the card's memory; dense "
+                                  "FP8: the replicated projections FP8 as the checkpoint stores them (projected: "
+                                  "the model keeps them in bf16)"])
     if study == "grid":
         lines = [f"DWDP{doc['config']['group_size']} / DEP{doc['config']['group_size']} predicted (calibrated, setup "
                  f"of {doc['config']['base_run']})", f"{'r':>5}{'MNT':>7}{'mitigation':>12}{'DWDP/DEP':>10}  "

@@ -12,6 +12,10 @@ import math
 from typing import Any
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP8_BLOCK = 128  # the checkpoint's weight_block_size
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnConfig:
     """YaRN RoPE scaling (HF `rope_scaling` of type yarn)."""
@@ -54,6 +58,9 @@ class ModelConfig:
     num_nextn_predict_layers: int = 1
     # Storage dtype of parameters and the activation dtype. Norms, router and softmax always run in fp32.
     dtype: str = "bfloat16"
+    # Routed experts stored FP8 e4m3 with one fp32 scale per 128 x 128 block, as the released checkpoint stores
+    # them; each expert GEMM quantizes its input in 1 x 128 groups (DeepSeek-V3's inference). False: `dtype`.
+    fp8_experts: bool = False
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -89,8 +96,10 @@ class ModelConfig:
                              f"{self.topk_group * group_size}], got {self.num_experts_per_tok}")
         if self.routed_scaling_factor <= 0 or self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"ModelConfig.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if not isinstance(self.fp8_experts, bool):
+            raise ValueError(f"ModelConfig.fp8_experts must be True or False, got {self.fp8_experts!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -115,6 +124,13 @@ class ModelConfig:
     def expert_params(self) -> int:
         """Parameters of one routed expert (gate, up, down)."""
         return 3 * self.hidden_size * self.moe_intermediate_size
+
+    def expert_bytes(self) -> int:
+        """Bytes of one routed expert as stored: FP8 values and their fp32 block scales, or `dtype`."""
+        if not self.fp8_experts:
+            return self.expert_params() * DTYPE_BYTES[self.dtype]
+        blocks = -(-self.hidden_size // FP8_BLOCK) * -(-self.moe_intermediate_size // FP8_BLOCK)
+        return self.expert_params() + 3 * blocks * 4
 
     def attention_params(self) -> int:
         """Parameters of one MLA block (projections and its two LoRA norms)."""
@@ -178,7 +194,13 @@ def tiny(**changes: Any) -> ModelConfig:
     return base.replace(**changes)
 
 
-PRESETS = {"deepseek_r1": deepseek_r1, "deepseek_v3_lite": deepseek_v3_lite, "tiny": tiny}
+def deepseek_r1_fp8() -> ModelConfig:
+    """DeepSeek-R1 with its routed experts FP8 as released (the other weights in `dtype`)."""
+    return deepseek_r1().replace(fp8_experts=True)
+
+
+PRESETS = {"deepseek_r1": deepseek_r1, "deepseek_r1_fp8": deepseek_r1_fp8, "deepseek_v3_lite": deepseek_v3_lite,
+           "tiny": tiny}
 
 
 def get_preset(name: str, **changes: Any) -> ModelConfig:

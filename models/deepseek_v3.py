@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dwdp_jax.kernels import attention as attention_kernels
+from dwdp_jax.kernels import fp8
 from models.config import ModelConfig
-from models.experts import ExpertSlab, RoutedExperts
+from models.experts import WEIGHTS, ExpertSlab, RoutedExperts
 
 INIT_STD = 0.02  # HF initializer_range
 
@@ -289,13 +290,19 @@ class Params(NamedTuple):
 
 
 def init_expert_slab(cfg: ModelConfig, key: jax.Array) -> ExpertSlab:
-    """All routed experts of one MoE layer as a single slab."""
+    """All routed experts of one MoE layer as a single slab (FP8 with `cfg.fp8_experts`)."""
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     dt = jnp.dtype(cfg.dtype)
     kg, ku, kd = jax.random.split(key, 3)
-    return ExpertSlab(w_gate_EDF=(INIT_STD * jax.random.normal(kg, (e, d, f), jnp.float32)).astype(dt),
+    slab = ExpertSlab(w_gate_EDF=(INIT_STD * jax.random.normal(kg, (e, d, f), jnp.float32)).astype(dt),
                       w_up_EDF=(INIT_STD * jax.random.normal(ku, (e, d, f), jnp.float32)).astype(dt),
                       w_down_EFD=(INIT_STD * jax.random.normal(kd, (e, f, d), jnp.float32)).astype(dt))
+    return fp8_slab(slab) if cfg.fp8_experts else slab
+
+
+def fp8_slab(slab: ExpertSlab) -> ExpertSlab:
+    """The slab's experts in FP8 as the checkpoint stores them: each weight an e4m3 [out, in] `BlockScaled`."""
+    return ExpertSlab(*(fp8.quantize_weights_kn(getattr(slab, w)) for w in WEIGHTS), start=slab.start)
 
 
 def num_expert_layers(cfg: ModelConfig) -> int:

@@ -5,6 +5,10 @@ reference (one slab holding all E experts), DWDP (the local slab plus the prefet
 where they lie, no merge) and DEP (its own shard, behind an all-to-all). A view is an ordered tuple of slabs
 whose global expert ranges [start, start + count) tile [0, E) in order; tokens sorted by global expert id are
 therefore also sorted by slab, and each slab runs one grouped GEMM over its own rows of the shared buffer.
+
+A slab's weights are arrays in the model's dtype, or FP8 (`ModelConfig.fp8_experts`): each an `fp8.BlockScaled`
+pair in the checkpoint's [out, in] layout with its block scales. Every array of a slab, values and scales alike,
+has the expert on axis 0, so slicing, placing and pulling experts treat both alike (`ExpertSlab.rows`, `arrays`).
 """
 
 from __future__ import annotations
@@ -15,22 +19,58 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import grouped_gemm
+from dwdp_jax.kernels import fp8, grouped_gemm
+
+WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+Weight = jax.Array | fp8.BlockScaled
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ExpertSlab:
-    """Consecutive experts [start, start + count) of one MoE layer, SwiGLU weights stored [in, out]."""
+    """Consecutive experts [start, start + count) of one MoE layer: SwiGLU weights stored [in, out], or FP8
+    `BlockScaled` pairs stored [out, in] as the checkpoint stores them."""
 
-    w_gate_EDF: jax.Array
-    w_up_EDF: jax.Array
-    w_down_EFD: jax.Array
+    w_gate_EDF: Weight
+    w_up_EDF: Weight
+    w_down_EFD: Weight
     start: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def count(self) -> int:
-        return self.w_gate_EDF.shape[0]
+        return jax.tree.leaves(self.w_gate_EDF)[0].shape[0]
+
+    @property
+    def fp8(self) -> bool:
+        return isinstance(self.w_gate_EDF, fp8.BlockScaled)
+
+    def arrays(self) -> list[jax.Array]:
+        """Every array it holds (values and scales), each with the expert on axis 0."""
+        return jax.tree.leaves(self)
+
+    def with_arrays(self, arrays, start: int | None = None) -> "ExpertSlab":
+        """A slab of the same kind holding `arrays` (in `arrays()`'s order), starting at expert `start`."""
+        return jax.tree.unflatten(jax.tree.structure(self.at(start if start is not None else self.start)),
+                                  list(arrays))
+
+    def at(self, start: int) -> "ExpertSlab":
+        return dataclasses.replace(self, start=start)
+
+    def rows(self, first: int, stop: int) -> "ExpertSlab":
+        """Its experts [start + first, start + stop) (slab-relative indices), values and scales alike."""
+        return self.with_arrays([a[first:stop] for a in self.arrays()], self.start + first)
+
+    def named_arrays(self) -> dict[str, jax.Array]:
+        """`arrays()` by name: w_gate_EDF, ..., or for FP8 w_gate_EDF/values_GNK, w_gate_EDF/scales_GRS, ..."""
+        named = {}
+        for w in WEIGHTS:
+            value = getattr(self, w)
+            named.update({f"{w}/{f}": getattr(value, f) for f in value._fields}
+                         if isinstance(value, fp8.BlockScaled) else {w: value})
+        return named
+
+    def bytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in self.arrays())
 
 
 class RoutedExperts(Protocol):
@@ -73,6 +113,8 @@ def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, sla
     """The grouped GEMMs over the slabs, the weights used where they lie: one kernel over all slabs for a split
     backend, else one grouped GEMM per slab over the rows of the sorted buffer."""
     split = grouped_gemm.get_split_backend(backend)
+    if slabs[0].fp8:
+        grouped_gemm.check_fp8(backend)
     if split is not None:
         return split(x_sorted_MD, group_sizes_E, slabs)
     ffn = grouped_gemm.get_backend(backend)
@@ -124,7 +166,7 @@ class ExpertView:
     def __post_init__(self):
         expected = 0
         for i, slab in enumerate(self.slabs):
-            if not hasattr(slab, "start") or not hasattr(slab.w_gate_EDF, "shape"):
+            if not hasattr(slab, "start") or not all(hasattr(a, "shape") for a in jax.tree.leaves(slab)):
                 return  # a pytree of non-arrays (specs, shardings) built by a JAX transform
             if slab.start != expected:
                 raise ValueError(f"ExpertView slab {i} starts at expert {slab.start}, expected {expected}: "
@@ -140,10 +182,8 @@ class ExpertView:
     def merged(self) -> "ExpertView":
         """The slabs concatenated into one (a copy of every expert weight): the paper's D2D merge, kept only as an
         ablation of split-weight consumption."""
-        def cat(name):
-            return jnp.concatenate([getattr(s, name) for s in self.slabs], axis=0)
-
-        slab = ExpertSlab(cat("w_gate_EDF"), cat("w_up_EDF"), cat("w_down_EFD"), start=0)
+        arrays = zip(*(s.arrays() for s in self.slabs))
+        slab = self.slabs[0].with_arrays([jnp.concatenate(a, axis=0) for a in arrays], start=0)
         return ExpertView((slab,), self.num_experts, self.backend)
 
     def __call__(self, x_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,

@@ -49,12 +49,25 @@ def test_rows_round_trip_and_zero_groups():
     assert rel(back, x) < 0.04
 
 
-@pytest.mark.parametrize("fn,shape,dim", [(fp8.quantize_weights, (1, 100, 128), 100),
-                                          (fp8.quantize_weights, (1, 128, 192), 192),
-                                          (fp8.quantize_rows, (4, 96), 96)])
-def test_quantize_refuses_dimensions_off_the_scale_block(fn, shape, dim):
-    with pytest.raises(ValueError, match=f"must be a multiple of 128 .*got {dim}"):
-        fn(jnp.zeros(shape))
+def test_rows_for_the_kernels_refuse_dimensions_off_the_scale_block():
+    with pytest.raises(ValueError, match="must be a multiple of 128 .*got 96"):
+        fp8.quantize_rows(jnp.zeros((4, 96)))
+
+
+def test_weights_off_the_block_get_partial_edge_blocks_as_the_checkpoint_stores_them():
+    """N 100 and K 192: one row of blocks, the second column block 64 wide, each with its own scale."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 100, 192)).astype(np.float32)
+    w[:, :, 128:] *= 1e-3  # the partial block's own scale keeps its small values, a shared one would flush them
+    q, s = fp8.quantize_weights(jnp.asarray(w)).check("w")
+    assert q.shape == (2, 100, 192) and s.shape == (2, 1, 2) == fp8.scale_shape(q.shape)
+    back = np.asarray(fp8.dequantize_weights(q, s))
+    assert rel(back[:, :, 128:], w[:, :, 128:]) < 0.04 and rel(back[:, :, :128], w[:, :, :128]) < 0.04
+    np.testing.assert_allclose(np.abs(back[:, :, 128:]).max(axis=(1, 2)), np.abs(w[:, :, 128:]).max(axis=(1, 2)),
+                               rtol=1e-6)  # each block's largest magnitude maps to 448 and back exactly
+    with pytest.raises(ValueError, match=r"w: FP8 weight values float8_e4m3fn\[2, 100, 192\] with scales "
+                                         r"float32\[2, 2, 2\]; want .* scales \[2, 1, 2\]"):
+        fp8.BlockScaled(q, jnp.zeros((2, 2, 2), jnp.float32)).check("w")
 
 
 def _operands(rng, sizes, counts, k, n, fused):

@@ -5,7 +5,11 @@ Two expert layouts exist in the wild: DeepSeek's original per-expert tensors
 (`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`, what the published checkpoints and transformers'
 `save_pretrained` write) and transformers 5.x's fused in-memory layout (`experts.gate_up_proj` [E, 2I, H], gate
 rows first, and `experts.down_proj` [E, H, I]). Both load. FP8 e4m3 tensors are dequantized on the way in:
-W = fp8 * weight_scale_inv, one scale per block (128x128 for R1; edge blocks partial), computed in fp32.
+W = fp8 * weight_scale_inv, one scale per block (128x128 for R1; edge blocks partial), computed in fp32; with
+`fp8="keep"` the routed experts stay FP8 (`ModelConfig.fp8_experts`: values and scales as stored).
+
+With `experts="lazy"` no expert is read at load time: `Params.experts` is an `HfExperts` source whose `rows` reads
+only the experts asked for, straight onto a device, so a DWDP rank holds its own slab and never the checkpoint's.
 
 Every expected tensor and shape is checked against the shard headers before any data is read, so a bad
 checkpoint fails in seconds, naming the tensor and its shard. Data is then read one tensor at a time (host peak:
@@ -34,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from dwdp_jax.checkpoint.common import CheckpointError, json_object
 from dwdp_jax.checkpoint.hf_config import config_json, fp8_block_size, model_config
+from dwdp_jax.kernels import fp8 as fp8_kernels
 from models.config import ModelConfig
 from models.deepseek_v3 import Params, abstract_model
 from models.experts import ExpertSlab
@@ -44,9 +49,12 @@ _SUPPORTED_DTYPES = {"F32", "BF16", "F16", *_RAW_DTYPES}
 _FP8 = "F8_E4M3"
 
 Read = Callable[[str], np.ndarray]  # a checkpoint tensor by name, dequantized, in its stored layout
+FP8_MODES = ("dequantize", "keep")
+EXPERT_LOADING = ("load", "lazy")
 
 
-def load_hf_checkpoint(path: str, dtype: Any = None) -> tuple[ModelConfig, Params]:
+def load_hf_checkpoint(path: str, dtype: Any = None, fp8: str = "dequantize", experts: str = "load"
+                       ) -> tuple[ModelConfig, Params]:
     """Loads a HuggingFace-format DeepSeek-V3/R1 directory into (config, Params).
 
     The shards are those of model.safetensors.index.json's weight_map when the index exists, else every
@@ -58,14 +66,21 @@ def load_hf_checkpoint(path: str, dtype: Any = None) -> tuple[ModelConfig, Param
     Raises CheckpointError for an unsupported config, a shard that is not a readable safetensors file (truncated,
     corrupt header), a missing tensor (named, with its expected shape), a tensor of the wrong shape (named,
     expected vs found), tensors the model has no place for (listed) and a tensor holding NaN or Inf; each names
-    the file.
+    the file. `fp8="keep"` of a checkpoint whose experts are not FP8 in 128 x 128 blocks, and a bad `fp8` or
+    `experts`, raise ValueError.
     """
+    if fp8 not in FP8_MODES or experts not in EXPERT_LOADING:
+        raise ValueError(f"load_hf_checkpoint: fp8={fp8!r} must be one of {FP8_MODES} and experts={experts!r} one "
+                         f"of {EXPERT_LOADING}")
     hf = config_json(path)
     config = model_config(path, hf, dtype)
     fp8_block = fp8_block_size(hf)
     with contextlib.ExitStack() as stack:
         shards = _Shards(path, stack)
-        config = config.replace(num_nextn_predict_layers=_present_mtp_layers(config, shards))
+        config = config.replace(num_nextn_predict_layers=_present_mtp_layers(config, shards),
+                                fp8_experts=fp8 == "keep")
+        if fp8 == "keep":
+            _check_fp8_experts(shards, config, fp8_block)
         model, expert_targets = abstract_model(config)
         graphdef, abstract_state = nnx.split(model)
         flat = list(nnx.to_flat_state(abstract_state))
@@ -76,8 +91,31 @@ def load_hf_checkpoint(path: str, dtype: Any = None) -> tuple[ModelConfig, Param
         read = shards.reader(fp8_block)
         state = nnx.from_flat_state([(p, v.replace(jnp.asarray(e.build(read)))) for (p, v), e in
                                      zip(flat, param_entries)])
-        experts = tuple(jax.tree.map(jnp.asarray, e.build(read)) for e in expert_entries)
-    return config, Params(nnx.merge(graphdef, state), experts)
+        if experts == "lazy":
+            source = HfExperts(path, config, expert_entries, fp8_block)
+        else:
+            source = tuple(jax.tree.map(jnp.asarray, e.build(read)) for e in expert_entries)
+    return config, Params(nnx.merge(graphdef, state), source)
+
+
+class HfExperts:
+    """The routed experts of a HuggingFace checkpoint as an expert source: `rows` opens the shards, reads only the
+    tensors of experts [start, stop) of one MoE layer (each checked for NaN and Inf) and places them on a device.
+    Host memory peaks at those experts' arrays plus one tensor."""
+
+    def __init__(self, path: str, config: ModelConfig, entries: list["_Entry"], fp8_block: tuple[int, int]):
+        self.path, self.config, self._entries, self._fp8_block = path, config, entries, fp8_block
+        self.num_layers = len(entries)
+        self.num_experts = config.n_routed_experts
+
+    def rows(self, layer: int, start: int, stop: int, device: jax.Device) -> ExpertSlab:
+        if not (0 <= layer < self.num_layers and 0 <= start < stop <= self.num_experts):
+            raise ValueError(f"rows({layer}, {start}, {stop}) outside {self.num_layers} MoE layers x "
+                             f"{self.num_experts} experts")
+        with contextlib.ExitStack() as stack:
+            read = _Shards(self.path, stack).reader(self._fp8_block)
+            slab = self._entries[layer].build(read, start, stop)
+        return jax.device_put(slab.at(start), device)
 
 
 # --- safetensors shards --------------------------------------------------------------------------------------
@@ -136,13 +174,18 @@ class _Shards:
         return self._handles[self._file[name]].get_tensor(name)
 
     def reader(self, fp8_block: tuple[int, int]) -> Read:
+        """Tensors by name, dequantized; `read.fp8(name)` an FP8 tensor as stored: (e4m3 values, fp32 scales)."""
+        def fp8(name: str) -> tuple[np.ndarray, np.ndarray]:
+            values, scales = self.stored(name), self.stored(name + "_scale_inv").astype(np.float32)
+            # checked dequantized: a corrupt scale shows there too
+            _check_finite(self._file[name], name, dequantize_fp8(values, scales, fp8_block))
+            return values, scales
+
         def read(name: str) -> np.ndarray:
-            if self.dtype(name) == _FP8:  # checked dequantized: a corrupt scale shows there too
-                value = dequantize_fp8(self.stored(name), self.stored(name + "_scale_inv"), fp8_block)
-            else:
-                value = self.stored(name)
+            value = dequantize_fp8(*fp8(name), fp8_block) if self.dtype(name) == _FP8 else self.stored(name)
             _check_finite(self._file[name], name, value)
             return value
+        read.fp8 = fp8
         return read
 
     def _raw(self, name: str, dtype) -> np.ndarray:
@@ -242,31 +285,58 @@ def _expert_prefixes(config: ModelConfig) -> list[str]:
 
 
 def _experts_entry(prefix: str, target: ExpertSlab, fused: bool) -> _Entry:
-    e, d, f = target.w_gate_EDF.shape
-    dtype = target.w_gate_EDF.dtype
+    """The entry of one MoE layer's experts; its `build(read, start=0, stop=E)` reads experts [start, stop) only,
+    kept FP8 ([out, in] values and block scales, as stored) when `target` is an FP8 slab."""
+    keep_fp8 = target.fp8
+    e = target.count
+    if keep_fp8:
+        f, d = target.w_gate_EDF.values_GNK.shape[1:]
+    else:
+        d, f = target.w_gate_EDF.shape[1:]
+    dtype = jax.tree.leaves(target.w_gate_EDF)[0].dtype
     if fused:
         gate_up, down = prefix + "gate_up_proj", prefix + "down_proj"
 
-        def build_fused(read: Read) -> ExpertSlab:
-            w_gate_up_EXD = read(gate_up)
+        def build_fused(read: Read, start: int = 0, stop: int = e) -> ExpertSlab:
+            if keep_fp8:
+                raise CheckpointError(f"{prefix}gate_up_proj: FP8 kept from the fused expert layout is not "
+                                      "implemented (its gate and up halves share scale blocks); load with "
+                                      "fp8='dequantize'")
+            w_gate_up_EXD = read(gate_up)[start:stop]
             return ExpertSlab(w_gate_EDF=np.asarray(w_gate_up_EXD[:, :f].transpose(0, 2, 1), dtype),
                               w_up_EDF=np.asarray(w_gate_up_EXD[:, f:].transpose(0, 2, 1), dtype),
-                              w_down_EFD=np.asarray(read(down).transpose(0, 2, 1), dtype))
+                              w_down_EFD=np.asarray(read(down)[start:stop].transpose(0, 2, 1), dtype))
         return _Entry({gate_up: (e, 2 * f, d), down: (e, d, f)}, build_fused)
 
     names = {proj: [f"{prefix}{i}.{proj}.weight" for i in range(e)] for proj in ("gate_proj", "up_proj", "down_proj")}
 
-    def stack(read: Read, proj: str, shape: tuple[int, int]) -> np.ndarray:
-        out = np.empty((e, *shape), dtype)
-        for i, name in enumerate(names[proj]):
+    def stack(read: Read, proj: str, shape: tuple[int, int], start: int, stop: int):
+        if keep_fp8:  # HF's [out, in] is the FP8 layout: no transpose
+            pairs = [read.fp8(name) for name in names[proj][start:stop]]
+            return fp8_kernels.BlockScaled(np.stack([v for v, _ in pairs]), np.stack([s for _, s in pairs]))
+        out = np.empty((stop - start, *shape), dtype)
+        for i, name in enumerate(names[proj][start:stop]):
             out[i] = read(name).T
         return out
 
-    def build_per_expert(read: Read) -> ExpertSlab:
-        return ExpertSlab(w_gate_EDF=stack(read, "gate_proj", (d, f)), w_up_EDF=stack(read, "up_proj", (d, f)),
-                          w_down_EFD=stack(read, "down_proj", (f, d)))
+    def build_per_expert(read: Read, start: int = 0, stop: int = e) -> ExpertSlab:
+        return ExpertSlab(w_gate_EDF=stack(read, "gate_proj", (d, f), start, stop),
+                          w_up_EDF=stack(read, "up_proj", (d, f), start, stop),
+                          w_down_EFD=stack(read, "down_proj", (f, d), start, stop))
     expected = {n: (f, d) for n in names["gate_proj"] + names["up_proj"]} | {n: (d, f) for n in names["down_proj"]}
     return _Entry(expected, build_per_expert)
+
+
+def _check_fp8_experts(shards: "_Shards", config: ModelConfig, fp8_block: tuple[int, int]) -> None:
+    """fp8="keep" needs the routed experts stored FP8 in the model's 128 x 128 blocks."""
+    if fp8_block != (fp8_kernels.BLOCK, fp8_kernels.BLOCK):
+        raise ValueError(f"fp8='keep': the checkpoint's weight_block_size is {list(fp8_block)}; FP8 experts are "
+                         f"kept in {fp8_kernels.BLOCK} x {fp8_kernels.BLOCK} blocks only")
+    prefix = _expert_prefixes(config)[0]
+    name = next((n for n in (f"{prefix}0.gate_proj.weight", prefix + "gate_up_proj") if n in shards.names), None)
+    if name is not None and shards.dtype(name) != _FP8:
+        raise ValueError(f"fp8='keep': the routed experts are {shards.dtype(name)} ({name}), not FP8 e4m3; load "
+                         f"with fp8='dequantize'")
 
 
 def _present_mtp_layers(config: ModelConfig, shards: _Shards) -> int:

@@ -39,7 +39,6 @@ from models.experts import ExpertSlab
 ORBAX_FORMAT = "dwdp_jax.orbax_model"
 ORBAX_VERSION = 1
 _CONFIG_FILE = "config.json"
-_EXPERT_NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 class RankParams(NamedTuple):
@@ -67,8 +66,8 @@ def save_model(path: str, config: ModelConfig, params: Params) -> None:
     if os.path.exists(path):
         raise FileExistsError(f"save_model: {path} exists; a checkpoint is never overwritten")
     model_arrays = _model_arrays(params.model)
-    expert_arrays = {f"{m}/{name}": getattr(slab, name) for m, slab in enumerate(params.experts)
-                     for name in _EXPERT_NAMES}
+    expert_arrays = {f"{m}/{name}": array for m, slab in enumerate(params.experts)
+                     for name, array in slab.named_arrays().items()}
     one_expert_per_chunk = ocp.SaveArgs(shard_axes=(0,))
     _checkpointer().save(path, args=ocp.args.Composite(
         model=ocp.args.PyTreeSave(_nest(model_arrays)),
@@ -103,6 +102,7 @@ class ModelCheckpoint:
         self._ts_context = ts.Context()  # one cache for every sliced read of this checkpoint
         self.num_layers = num_expert_layers(self.config)
         self.num_experts = self.config.n_routed_experts
+        self._slab = abstract_model(self.config)[1][0]  # the kind of slab the config implies (bf16 or FP8)
 
     def replicated(self, put: Callable[[np.ndarray], jax.Array]) -> DeepseekV3:
         """The non-expert weights (every rank's replicated share), read to host, checked, then placed by `put`."""
@@ -128,7 +128,7 @@ class ModelCheckpoint:
             self._verify_rows(key, value, start)
             return jax.device_put(value, device)
 
-        return ExpertSlab(*(read(n) for n in _EXPERT_NAMES), start=start)
+        return self._slab.with_arrays([read(n) for n in self._slab.named_arrays()], start=start)
 
     def experts(self, restore_args: ocp.RestoreArgs) -> tuple[ExpertSlab, ...]:
         """Every expert array whole, restored by Orbax as `restore_args` says (host, or sharded over a mesh, each
@@ -138,7 +138,8 @@ class ModelCheckpoint:
             for shard in getattr(value, "addressable_shards", None) or [None]:
                 rows, start = (value, 0) if shard is None else (np.asarray(shard.data), shard.index[0].start or 0)
                 self._verify_rows(name, rows, start)
-        return tuple(ExpertSlab(*(arrays[f"{m}/{n}"] for n in _EXPERT_NAMES)) for m in range(self.num_layers))
+        return tuple(self._slab.with_arrays([arrays[f"{m}/{n}"] for n in self._slab.named_arrays()])
+                     for m in range(self.num_layers))
 
     def _verify_rows(self, name: str, rows: np.ndarray, start: int) -> None:
         crcs = self._header["arrays"]["experts"][name]["crc32_rows"]
@@ -269,8 +270,8 @@ def _expected_arrays(config: ModelConfig) -> dict[str, dict[str, tuple[tuple[int
     model, slabs = abstract_model(config)
     expected_model = {_path_name(p): (tuple(v.get_value().shape), jnp.dtype(v.get_value().dtype).name)
                       for p, v in nnx.to_flat_state(nnx.state(model))}
-    expected_experts = {f"{m}/{n}": (tuple(getattr(s, n).shape), jnp.dtype(getattr(s, n).dtype).name)
-                        for m, s in enumerate(slabs) for n in _EXPERT_NAMES}
+    expected_experts = {f"{m}/{n}": (tuple(a.shape), jnp.dtype(a.dtype).name)
+                        for m, s in enumerate(slabs) for n, a in s.named_arrays().items()}
     return {"model": expected_model, "experts": expected_experts}
 
 

@@ -5,15 +5,20 @@ The FP8 expert path of the split-weight grouped GEMM (`split_gemm.split_ragged_d
 128-wide K block, an fp8 x fp8 product accumulated in fp32 and scaled by the row's and the weight block's scales:
 what DeepSeek's own inference kernels do, and half the weight bytes of bf16 for the HBM stream and for DWDP's pull.
 Measured on H200 it is correct but slow (0.23-0.25 of the dense FP8 GEMM, 0.53-0.60 of the bf16 split kernel:
-experiments.bench_grouped_gemm), so no model config builds FP8 experts yet.
+experiments.bench_grouped_gemm). The model builds FP8 experts with `ModelConfig.fp8_experts`: each weight a
+`BlockScaled` pair, which the CPU reference path (`reference_ffn`) and the scaled split kernel consume.
 
 Layouts: FP8 weights are stored as the checkpoint stores them, [G, N, K] ([out, in]: K contiguous, which Hopper's
 fp8 wgmma needs for both operands: gate/up ran at 135 TFLOP/s from N-contiguous weights, through Triton's
 transposes, and 223 from these; H200), with scales [G, N/128, K/128]; activations [M, K]
-have scales [K/128, M] (K block major, so a kernel's row tile reads its scales contiguously).
+have scales [K/128, M] (K block major, so a kernel's row tile reads its scales contiguously). A dimension that is
+not a multiple of 128 ends in a partial block with a scale of its own (the checkpoint's `weight_scale_inv` has
+ceil(N/128) x ceil(K/128) entries); the kernels take whole blocks only, the reference path any.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +30,39 @@ E4M3_MAX = 448.0
 _TINY = 1e-12
 
 
+class BlockScaled(NamedTuple):
+    """An FP8 weight as DeepSeek's checkpoint stores it: e4m3 values [G, N, K] ([out, in]: K contiguous) and fp32
+    scales [G, ceil(N/128), ceil(K/128)], one per 128 x 128 block, multiplying it back."""
+
+    values_GNK: jax.Array
+    scales_GRS: jax.Array
+
+    def check(self, what: str) -> "BlockScaled":
+        """Itself, or ValueError naming `what` when the dtypes or the scales' shape do not match the values."""
+        q, s = self.values_GNK, self.scales_GRS
+        want = scale_shape(q.shape)
+        if q.dtype != E4M3 or s.dtype != jnp.float32 or tuple(s.shape) != want:
+            raise ValueError(f"{what}: FP8 weight values {q.dtype}{list(q.shape)} with scales {s.dtype}"
+                             f"{list(s.shape)}; want float8_e4m3fn values and float32 scales {list(want)} (one per "
+                             f"{BLOCK} x {BLOCK} block, partial edge blocks included)")
+        return self
+
+
+def blocks(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+def scale_shape(shape_GNK: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape_GNK[:-2], blocks(shape_GNK[-2]), blocks(shape_GNK[-1]))
+
+
+def _pad_to_blocks(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    for axis in axes:
+        pad[axis] = (0, blocks(x.shape[axis]) * BLOCK - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
 def _require_blocks(shape: tuple[int, ...], axes: tuple[int, ...], what: str) -> None:
     for axis in axes:
         if shape[axis] % BLOCK:
@@ -32,25 +70,26 @@ def _require_blocks(shape: tuple[int, ...], axes: tuple[int, ...], what: str) ->
                              f"(the FP8 scale block), got {shape[axis]}")
 
 
-def quantize_weights(w_GNK: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(e4m3 [G, N, K], fp32 scales [G, N/128, K/128]) of weights [G, N, K] ([out, in]): each 128 x 128 block
-    scaled so its largest magnitude is e4m3's 448."""
-    _require_blocks(w_GNK.shape, (-2, -1), "quantize_weights")
+def quantize_weights(w_GNK: jax.Array) -> BlockScaled:
+    """(e4m3 [G, N, K], fp32 scales [G, ceil(N/128), ceil(K/128)]) of weights [G, N, K] ([out, in]): each 128 x 128
+    block (partial at the edges) scaled so its largest magnitude is e4m3's 448."""
     g, n, k = w_GNK.shape
-    w_GRBSC = w_GNK.astype(jnp.float32).reshape(g, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    r, c = blocks(n), blocks(k)
+    w_GRBSC = _pad_to_blocks(w_GNK.astype(jnp.float32), (1, 2)).reshape(g, r, BLOCK, c, BLOCK)
     scale_GRS = jnp.maximum(jnp.abs(w_GRBSC).max(axis=(2, 4)), _TINY) / E4M3_MAX
     q_GRBSC = (w_GRBSC / scale_GRS[:, :, None, :, None]).astype(E4M3)
-    return q_GRBSC.reshape(g, n, k), scale_GRS
+    return BlockScaled(q_GRBSC.reshape(g, r * BLOCK, c * BLOCK)[:, :n, :k], scale_GRS)
 
 
 def dequantize_weights(q_GNK: jax.Array, scale_GRS: jax.Array) -> jax.Array:
     """fp32 [G, N, K] weights of `quantize_weights`' output."""
     g, n, k = q_GNK.shape
-    q_GRBSC = q_GNK.astype(jnp.float32).reshape(g, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
-    return (q_GRBSC * scale_GRS[:, :, None, :, None]).reshape(g, n, k)
+    r, c = blocks(n), blocks(k)
+    q_GRBSC = _pad_to_blocks(q_GNK.astype(jnp.float32), (1, 2)).reshape(g, r, BLOCK, c, BLOCK)
+    return (q_GRBSC * scale_GRS[:, :, None, :, None]).reshape(g, r * BLOCK, c * BLOCK)[:, :n, :k]
 
 
-def quantize_weights_kn(w_GKN: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_weights_kn(w_GKN: jax.Array) -> BlockScaled:
     """`quantize_weights` of [G, K, N] weights (the model's [in, out] bf16 layout), stored [G, N, K]."""
     return quantize_weights(jnp.swapaxes(w_GKN, 1, 2))
 
@@ -73,3 +112,26 @@ def dequantize_rows(q_MK: jax.Array, scale_SM: jax.Array) -> jax.Array:
     """fp32 activations of `quantize_rows`' output."""
     m, k = q_MK.shape
     return (q_MK.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK) * scale_SM.T[:, :, None]).reshape(m, k)
+
+
+def as_fp8_rows(x_MK: jax.Array) -> jax.Array:
+    """x in fp32 as an FP8 GEMM sees it: quantized in 1 x 128 groups (partial at the end) and multiplied back."""
+    k = x_MK.shape[1]
+    padded = _pad_to_blocks(x_MK, (1,))
+    return dequantize_rows(*quantize_rows(padded))[:, :k]
+
+
+def reference_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate: BlockScaled, w_up: BlockScaled,
+                  w_down: BlockScaled) -> jax.Array:
+    """The SwiGLU expert FFN on FP8 experts exactly as the scaled kernels define it: x quantized per row and 128
+    columns, the fp32 product with the block-dequantized weights, the SwiGLU output rounded to x's dtype and
+    quantized again before the down projection. Rows past sum(group_sizes) come back zero."""
+    acc = jnp.float32
+
+    def dot(a_MK, w: BlockScaled):
+        w_GKN = jnp.swapaxes(dequantize_weights(*w), 1, 2)
+        return jax.lax.ragged_dot(as_fp8_rows(a_MK), w_GKN, group_sizes_G, preferred_element_type=acc,
+                                  precision=jax.lax.Precision.HIGHEST)
+
+    h_MF = (jax.nn.silu(dot(x_MD, w_gate)) * dot(x_MD, w_up)).astype(x_MD.dtype)
+    return dot(h_MF, w_down).astype(x_MD.dtype)

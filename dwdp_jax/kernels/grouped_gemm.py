@@ -14,14 +14,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import gpu, split_gemm, split_gemm_mgpu
+from dwdp_jax.kernels import fp8, gpu, split_gemm, split_gemm_mgpu
 
 GroupedFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.Array, w_up_GDF: jax.Array,
                     w_down_GFD: jax.Array) -> jax.Array:
-    """down(silu(gate(x)) * up(x)) per expert group, accumulated in fp32, returned in x's dtype."""
+    """down(silu(gate(x)) * up(x)) per expert group, accumulated in fp32, returned in x's dtype. FP8 experts
+    (`fp8.BlockScaled` weights) take the exact reference of the scaled kernels (`fp8.reference_ffn`)."""
+    if isinstance(w_gate_GDF, fp8.BlockScaled):
+        return fp8.reference_ffn(x_MD, group_sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD)
     acc = jnp.float32
     gate_MF = jax.lax.ragged_dot(x_MD, w_gate_GDF, group_sizes_G, preferred_element_type=acc)
     up_MF = jax.lax.ragged_dot(x_MD, w_up_GDF, group_sizes_G, preferred_element_type=acc)
@@ -30,6 +33,8 @@ def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.A
 
 
 _BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn, "pallas_mgpu": gpu.pallas_grouped_ffn}
+# Per-slab backends with an FP8 path (every split backend has one: split_gemm.split_grouped_ffn's scaled kernel)
+_FP8_BACKENDS = {"xla"}
 
 _fastest_ffn = functools.partial(split_gemm.split_grouped_ffn, ragged_dot=gpu.fastest_split_ragged_dot)
 _TILED = gpu.SPLIT_ROW_ALIGN
@@ -75,6 +80,14 @@ def get_backend(name: str) -> GroupedFFN | None:
         raise ValueError(f"unknown grouped GEMM backend {name!r}; available: "
                          f"{sorted(set(_BACKENDS) | set(_SPLIT_BACKENDS))}")
     return _BACKENDS[name]
+
+
+def check_fp8(name: str) -> None:
+    """ValueError unless backend `name` computes with FP8 experts."""
+    get_backend(name)
+    if name not in _SPLIT_BACKENDS and name not in _FP8_BACKENDS:
+        raise ValueError(f"grouped GEMM backend {name!r} has no FP8 path; FP8 experts run on "
+                         f"{sorted(_FP8_BACKENDS | set(_SPLIT_BACKENDS))}")
 
 
 def get_split_backend(name: str) -> Callable | None:

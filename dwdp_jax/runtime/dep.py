@@ -178,12 +178,11 @@ class DepRuntime:
         per_rank = self.cfg.n_routed_experts // self.num_ranks
         shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d) for r, d in enumerate(self.mesh.devices)]
 
-        def stack(name):
-            parts = [getattr(s, name) for s in shards]
+        def stack(parts):
             shape = (self.cfg.n_routed_experts,) + parts[0].shape[1:]
-            return jax.make_array_from_single_device_arrays(shape, self._by_rank, parts)
+            return jax.make_array_from_single_device_arrays(shape, self._by_rank, list(parts))
 
-        return ExpertSlab(stack("w_gate_EDF"), stack("w_up_EDF"), stack("w_down_EFD"))
+        return shards[0].with_arrays([stack(parts) for parts in zip(*(s.arrays() for s in shards))], start=0)
 
     def _forward_rank(self, state, slabs, batch):
         tokens_T, segment_ids_T, positions_T, *rows = batch

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from dwdp_jax import memory
 from dwdp_jax.placement import Placement
 from dwdp_jax.sim import contention, planner, roofline, simulate
 from dwdp_jax.sim.config import DISCIPLINES, ContextConfig, E2EConfig
@@ -58,6 +59,48 @@ def roofline_study(cfg: ModelConfig, hw: HardwareSpec, isls: Sequence[int], batc
             "metrics": {"per_batch": per_batch, "published": roofline.published_distance(points),
                         "prefetch_bytes_per_layer": roofline.prefetch_bytes(cfg, placement, prec),
                         "expert_bytes": roofline.expert_bytes(cfg, prec)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory: which groups hold the full model on which card.
+
+
+def memory_study(cfgs: Sequence[ModelConfig], cards: Sequence[HardwareSpec], group_sizes: Sequence[int],
+                 max_num_tokens: Sequence[int], fraction: float) -> dict:
+    """Per model (FP8 experts or not), group size and MNT: one DWDP rank's and one DEP rank's memory plan, term by
+    term (`memory.plan_dwdp` / `plan_dep`, FlashAttention activations, two prefetch slots), and whether it fits
+    `fraction` of each card's memory; beside it, projected, the same with every replicated projection FP8 as the
+    checkpoint stores them (`memory.replicated_bytes_fp8_projections`; the model keeps them in `dtype`)."""
+    require_positive("group_sizes", group_sizes)
+    require_positive("max_num_tokens", max_num_tokens)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
+    rows = []
+    for cfg in cfgs:
+        fp8_projections = memory.replicated_bytes_fp8_projections(cfg)
+        for n in group_sizes:
+            placement = Placement.for_group(cfg.n_routed_experts, n)
+            for mnt in max_num_tokens:
+                plans = {"dwdp": memory.plan_dwdp(cfg, placement, mnt, attention_impl="flash")}
+                if cfg.n_routed_experts % n == 0:
+                    plans["dep"] = memory.plan_dep(cfg, n, mnt, attention_impl="flash")
+                for strategy, plan in plans.items():
+                    fp8_dense = plan.total_bytes - plan.replicated_weight_bytes + fp8_projections
+                    rows.append({"fp8_experts": cfg.fp8_experts, "strategy": strategy, "group_size": n,
+                                 "max_num_tokens": mnt, **dataclasses.asdict(plan), "total_bytes": plan.total_bytes,
+                                 "fits": {hw.name: plan.total_bytes <= fraction * hw.memory_bytes for hw in cards},
+                                 "projected_total_bytes_fp8_projections": fp8_dense,
+                                 "projected_fits_fp8_projections": {hw.name: fp8_dense <= fraction * hw.memory_bytes
+                                                                    for hw in cards}})
+    return {"config": {"models": list(cfgs), "cards": {hw.name: hw.memory_bytes for hw in cards},
+                       "group_sizes": list(group_sizes), "max_num_tokens": list(max_num_tokens),
+                       "memory_fraction": fraction},
+            "raw": {"rows": rows},
+            "metrics": {"smallest_dwdp_group": {
+                f"{'fp8' if cfg.fp8_experts else cfg.dtype} experts, MNT {mnt}, {hw.name}": min(
+                    (r["group_size"] for r in rows if r["strategy"] == "dwdp" and r["fits"][hw.name]
+                     and r["fp8_experts"] == cfg.fp8_experts and r["max_num_tokens"] == mnt), default=None)
+                for cfg in cfgs for mnt in max_num_tokens for hw in cards}}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

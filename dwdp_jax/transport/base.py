@@ -69,18 +69,16 @@ def export_pieces(local_slab: ExpertSlab, placement: Placement, owner: int, slic
             if (offset + a, b - a) == (0, local_slab.count):
                 chunks.append(local_slab)
                 continue
-            arrays = [jax.device_put(w[offset + a:offset + b], device)
-                      for w in (local_slab.w_gate_EDF, local_slab.w_up_EDF, local_slab.w_down_EFD)]
-            chunks.append(ExpertSlab(*arrays, start=local_slab.start + offset + a))
+            chunks.append(jax.device_put(local_slab.rows(offset + a, offset + b), device))
         pieces[(offset, count)] = tuple(chunks)
     return pieces
 
 
 def poisoned_like(slabs: tuple[ExpertSlab, ...], device: jax.Device) -> tuple[ExpertSlab, ...]:
-    def nan(w):
-        return jax.device_put(jnp.full(w.shape, jnp.nan, w.dtype), device)
+    def nan(a):
+        return jax.device_put(jnp.full(a.shape, jnp.nan, a.dtype), device)
 
-    return tuple(ExpertSlab(nan(s.w_gate_EDF), nan(s.w_up_EDF), nan(s.w_down_EFD), start=s.start) for s in slabs)
+    return tuple(s.with_arrays([nan(a) for a in s.arrays()]) for s in slabs)
 
 
 class Transport(abc.ABC):

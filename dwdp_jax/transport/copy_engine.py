@@ -38,7 +38,6 @@ from jax.experimental.buffer_callback import buffer_callback
 from dwdp_jax.transport.base import Transport, TransportOptions, slice_bounds
 from models.experts import ExpertSlab
 
-WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,9 +323,8 @@ class CopyEngineTransport(Transport):
             per_slot = []
             for _ in range(2):
                 per_slot.append(tuple(
-                    ExpertSlab(*(jax.device_put(jnp.zeros((stop - start,) + getattr(example, w).shape[1:],
-                                                          getattr(example, w).dtype), device) for w in WEIGHTS),
-                               start=start)
+                    example.with_arrays([jax.device_put(jnp.zeros((stop - start,) + a.shape[1:], a.dtype), device)
+                                         for a in example.arrays()], start=start)
                     for start, stop in remote_ranges(placement, rank)))
             self.buffers.append(per_slot)
         self._requested = [[] for _ in devices]  # pulls requested since the last seal
@@ -376,10 +374,9 @@ class CopyEngineTransport(Transport):
             a, b = slice_bounds(count, self.options.slices)[i]
             pull = pulls[(owner, offset)]
             dst = next(s for s in buffers if s.start <= pull.global_start < s.start + s.count)
-            for w in WEIGHTS:
-                copies.append(Copy(getattr(self.local_slabs[owner][layer], w), owner, offset + a, getattr(dst, w),
-                                   pull.global_start - dst.start + a, b - a))
-        targets = tuple(getattr(s, w) for s in buffers for w in WEIGHTS)
+            for src_array, dst_array in zip(self.local_slabs[owner][layer].arrays(), dst.arrays(), strict=True):
+                copies.append(Copy(src_array, owner, offset + a, dst_array, pull.global_start - dst.start + a, b - a))
+        targets = tuple(a for s in buffers for a in s.arrays())
         return PullBatch.plan(layer, slot, copies, targets, self.options.slice_bytes)
 
     def _wait(self, rank: int, slot: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:

@@ -38,8 +38,7 @@ class DevicePutTransport(Transport):
         slabs = []
         for owner, offset, count, i in self.pull_order(rank):
             src = self.exports[owner][layer][(offset, count)][i]
-            gate, up, down = jax.device_put((src.w_gate_EDF, src.w_up_EDF, src.w_down_EFD), device)
-            slabs.append(ExpertSlab(gate, up, down, start=src.start))
+            slabs.append(jax.device_put(src, device))
         return tuple(sorted(slabs, key=lambda s: s.start))
 
     def _wait(self, rank: int, slot: int, slabs: tuple[ExpertSlab, ...]) -> tuple[ExpertSlab, ...]:
