@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 
 from configs.context_bench import get_config as preset_config
-from dwdp_jax.kernels import attention, grouped_gemm
+from dwdp_jax.kernels import attention, attention_tokamax, grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.placement import Placement
 from dwdp_jax.prefetch import PULL_ISSUES
@@ -211,6 +211,11 @@ def validate(c) -> Plan:
     placement = _checked_placement(c, cfg)
     requests, variants = _checked_workload(c, cfg.vocab_size)
     _check_verification(requests, c)
+    if c.attention_impl.startswith("tokamax"):
+        try:
+            attention_tokamax.check_head_dims(cfg.qk_head_dim, cfg.v_head_dim)
+        except ValueError as e:
+            raise ValueError(f"config.attention_impl={c.attention_impl!r}: {e}") from e
     if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
         raise ValueError(f"config.max_batch_size={c.max_batch_size}: at most {MAX_SEGMENTS} with cuDNN attention "
                          f"(config.attention_impl={c.attention_impl!r}: its segment table)")
@@ -298,6 +303,11 @@ def plan(c) -> Plan:
         raise ValueError(f"config.num_ranks={c.num_ranks} ({wanted}) needs as many devices, and {have}")
     for name in p.strategies:
         strategy_lib.get(name).check_platform(p, platform)
+    if p.weights.attention_impl.startswith("tokamax"):
+        try:
+            attention_tokamax.check_device(devices[0])
+        except ValueError as e:
+            raise ValueError(f"config.attention_impl={p.weights.attention_impl!r}: {e}") from e
     cfg = p.cfg
     if not c.model.num_hidden_layers:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * p.measure.memory_fraction)

@@ -63,6 +63,8 @@ def test_every_field_check_refuses_a_value_of_no_type(field):
     ({"gemm_backend": "palas_split"}, "config.gemm_backend='palas_split': unknown grouped GEMM backend "
                                       "'palas_split'; available: ["),  # the registry: tests may add backends
     ({"attention_impl": "flash"}, "config.attention_impl='flash': unknown attention backend 'flash'; available: "),
+    ({"attention_impl": "tokamax"}, "config.attention_impl='tokamax': tokamax attention: q/k head_dim=48 is not "
+                                    "supported: a multiple of 64"),
     ({"dwdp.transport": "nccl"}, "config.dwdp.transport='nccl': unknown transport 'nccl'; available: "),
     ({"model.weights": "zeros"}, "config.model.weights='zeros': one of ('random', 'synthetic'); default 'random'"),
     ({"model.preset": "r1"}, "config.model.preset='r1': one of ("),
