@@ -1,0 +1,111 @@
+"""A process's share of a DWDP group and of a DEP mesh, on the multi-controller runtime.
+
+`ProcessDwdpEngine` is `DwdpEngine` restricted to the ranks whose devices this process drives: it places only
+their weights, and its transport maps the other processes' slabs (shared memory on CPU, CUDA VMM on GPU). The
+step is `DwdpEngine.step` unchanged, so a rank's programs are the single-process ones: no collective.
+
+`ProcessDepRuntime` is `DepRuntime` over the global mesh: each process produces only its own devices' expert
+shards, and the outputs are gathered across processes (every process calls `step` with the same batches).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from dwdp_jax import memory
+from dwdp_jax.placement import Placement
+from dwdp_jax.runtime import stages
+from dwdp_jax.runtime.dep import DepRuntime
+from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
+from dwdp_jax.transport.shared_memory import SharedMemoryTransport, slab_arrays, slab_of
+from models.deepseek_v3 import Params
+
+
+def transport_for(platform: str):
+    if platform == "gpu":
+        from dwdp_jax.transport.vmm import VmmTransport
+
+        return VmmTransport
+    return SharedMemoryTransport
+
+
+class ProcessDwdpEngine(DwdpEngine):
+    """The ranks `local_ranks` ({global rank: device}) of a DWDP group whose other ranks run in other processes."""
+
+    def __init__(self, params: Params, placement: Placement, local_ranks: dict[int, jax.Device],
+                 options: DwdpOptions = DwdpOptions(), exchange=None, tag: str | None = None):
+        cfg = params.model.cfg
+        if placement.num_experts != cfg.n_routed_experts:
+            raise ValueError(f"placement.num_experts ({placement.num_experts}) must equal the model's "
+                             f"n_routed_experts ({cfg.n_routed_experts})")
+        bad = [r for r in local_ranks if not 0 <= r < placement.num_ranks]
+        if not local_ranks or bad:
+            raise ValueError(f"local_ranks must be a non-empty subset of [0, {placement.num_ranks - 1}], got "
+                             f"{sorted(local_ranks)}")
+        self.cfg, self.placement, self.options = cfg, placement, options
+        model = params.model
+        k = cfg.first_k_dense_replace
+        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
+        self._moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
+        self._norm_graph, norm_state = nnx.split(model.norm)
+        self.devices = [local_ranks.get(r) for r in range(placement.num_ranks)]
+        self.ranks = {r: self._place_rank(r, params, dense_states, moe_states, norm_state)
+                      for r in sorted(local_ranks)}
+        cls = transport_for(next(iter(local_ranks.values())).platform)
+        self.transport = cls(placement, [list(self.ranks[r].local) if r in self.ranks else None
+                                         for r in range(placement.num_ranks)],
+                             self.devices, options.transport_options(), exchange=exchange, tag=tag)
+
+    @property
+    def local_ranks(self) -> list[int]:
+        return sorted(self.ranks)
+
+
+class LocalRanks:
+    """The engine's local ranks numbered 0..n-1, for `serving.workers.RankWorkers`."""
+
+    def __init__(self, engine: ProcessDwdpEngine):
+        self.engine, self.global_ranks = engine, engine.local_ranks
+        self.num_ranks = len(self.global_ranks)
+
+    def step(self, rank: int, batch):
+        return self.engine.step(self.global_ranks[rank], batch)
+
+
+class ProcessDepRuntime(DepRuntime):
+    """DEP over every process's devices (`jax.devices()` order: processes in turn)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Only this process's devices can report their memory; each process checks its own before any collective.
+        if any(memory.largest_free_block(d) is not None for d in jax.local_devices()):
+            self.check_memory()
+        self._memory_checked = True
+
+    def check_memory(self, available_bytes=None) -> int:
+        if available_bytes is None:
+            here = jax.process_index()
+            available_bytes = [memory.largest_free_block(d) if d.process_index == here else None
+                               for d in self.mesh.devices.flat]
+        return super().check_memory(available_bytes)
+
+    def _shard_layer(self, source, layer: int):
+        per_rank = self.cfg.n_routed_experts // self.num_ranks
+        here = jax.process_index()
+        shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d)
+                  for r, d in enumerate(self.mesh.devices) if d.process_index == here]
+        stacked = []
+        for parts in zip(*(slab_arrays(s) for s in shards)):
+            shape = (self.cfg.n_routed_experts,) + parts[0].shape[1:]
+            stacked.append(jax.make_array_from_single_device_arrays(shape, self._by_rank, list(parts)))
+        return slab_of(shards[0], stacked, 0)
+
+    def _outputs(self, batches, hidden_TD, logits_TV, expert_ids):
+        def gathered(x):
+            return None if x is None else np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        hidden = None if self.last_token_logits else gathered(hidden_TD)
+        return super()._outputs(batches, hidden, gathered(logits_TV), [gathered(i) for i in expert_ids])

@@ -1,0 +1,128 @@
+"""DWDP and DEP on the multi-controller runtime, CPU processes: logits against the single-process reference,
+no collective in DWDP's programs, bytes pulled as planned, groups behind the router with one rank killed, and
+launches that cannot work failing fast on every process."""
+
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from dwdp_jax.distributed import launch
+from dwdp_jax.distributed.spec import Spec, verify_batches
+from dwdp_jax.runtime.reference import prefill
+from models import deepseek_v3 as M
+from models.deepseek_v3 import Params
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def outcome_text(result):
+    return json.dumps(result["processes"], indent=1)
+
+
+@pytest.mark.parametrize("processes,devices_per_process", [(2, 2), (4, 1)])
+def test_dwdp_and_dep_across_processes_equal_the_reference(tmp_path, processes, devices_per_process):
+    spec = Spec.of(group_size=processes * devices_per_process, devices_per_process=devices_per_process)
+    result = launch.run(spec, str(tmp_path), timeout_s=240)
+    assert result["finished"] and all(p["exit"] == 0 for p in result["processes"]), outcome_text(result)
+    params = Params(*M.init_model(spec.model_config(), seed=spec.seed))
+    outputs = {}
+    for path in glob.glob(str(tmp_path / "outputs_p*.npz")):
+        outputs.update(np.load(path))
+    reports = [json.load(open(p)) for p in sorted(glob.glob(str(tmp_path / "report_p*.json")))]
+    assert len(reports) == processes
+    assert sorted(r for rep in reports for r in rep["ranks"]) == list(range(spec.group_size))
+    n_moe = spec.model_config().num_moe_layers
+    for rank in range(spec.group_size):
+        for i, batch in enumerate(verify_batches(spec, rank)):
+            ref = prefill(params, batch)
+            for strategy in ("dwdp", "dep"):
+                logits = outputs[f"{strategy}/{rank}/{i}/logits"]
+                assert np.isfinite(logits).all()
+                assert rel_err(logits, ref.logits_TV) <= 1e-6, (strategy, rank, i)
+                for m in range(n_moe):
+                    ids = outputs[f"{strategy}/{rank}/{i}/ids{m}"]
+                    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(ref.expert_ids[m], 1))
+    placement = spec.placement()
+    row_bytes = 3 * spec.model_config().hidden_size * spec.model_config().moe_intermediate_size * 4  # fp32
+    for rep in reports:
+        assert len(rep["devices"]) == devices_per_process
+        for rank, count in rep["dwdp"]["collectives"].items():
+            assert count == 0, f"DWDP rank {rank}'s programs hold {count} collectives"
+        for rank, pulled in rep["dwdp"]["bytes_pulled"].items():
+            remote = sum(p.count for p in placement.pulls(int(rank)))
+            assert pulled == rep["dwdp"]["bytes_planned"][rank] == 2 * n_moe * remote * row_bytes > 0
+        assert rep["dep"]["mesh_devices"] == spec.group_size and rep["dep"]["all_to_all"] == 3 * n_moe
+    assert not glob.glob(f"/dev/shm/dwdp_*"), "a run left shared segments behind"
+
+
+def test_two_groups_one_rank_killed_every_request_served_once(tmp_path):
+    spec = Spec.of(mode="serve", num_groups=2, group_size=2, devices_per_process=1, num_requests=24, max_batch_size=2,
+                   model_changes=dict(num_hidden_layers=3, first_k_dense_replace=1),
+                   fault=dict(group=0, rank=1, after_batches=0, kind="kill"), barrier_timeout_s=5.0)
+    start = time.time()
+    result = launch.run(spec, str(tmp_path), timeout_s=150)
+    assert time.time() - start < 150 and result["finished"], outcome_text(result)
+    serving = result["serving"]
+    assert serving["completed"] == serving["requests"] == 24 and not serving["lost"] and not serving["served_twice"]
+    [failure] = serving["failures"]
+    assert failure["group"] == 0 and failure["rank"] == 1 and "died" in failure["reason"]
+    assert failure["requeued"], "the killed rank held a batch: its requests must be re-run"
+    assert all(result["completed"][r]["group"] == 1 for r in failure["requeued"])
+    assert serving["per_group"][1]["live"] and not serving["per_group"][0]["live"]
+    assert serving["per_group"][1]["requests"] + serving["per_group"][0].get("requests", 0) == 24
+    by_process = {(p["group"], p["process"]): p for p in result["processes"]}
+    assert by_process[(0, 1)]["signal"] == "SIGKILL"
+    assert by_process[(1, 0)]["exit"] == by_process[(1, 1)]["exit"] == 0
+    # the dead rank's surviving peer ends by itself, naming the process it lost
+    peer = by_process[(0, 0)]
+    assert peer["exit"] == 4 and any("process(es) [1]" in s for s in peer["said"]), peer
+    # the served logits are the reference's, re-runs included
+    params = Params(*M.init_model(spec.model_config(), seed=spec.seed))
+    from dwdp_jax.packing import pack
+    for rid, tokens in spec.requests():
+        ref = prefill(params, pack([tokens], budget=spec.token_budget)).logits_TV[-1]
+        assert rel_err(result["completed"][rid]["logits"], ref) <= 1e-6, rid
+
+
+def _failed_fast(result, seconds):
+    assert result["finished"] and result["wall_s"] < seconds, outcome_text(result)
+    return {(p["group"], p["process"]): p for p in result["processes"]}
+
+
+def test_a_missing_process_fails_the_others_within_the_start_timeout(tmp_path):
+    spec = Spec.of(group_size=2, start_timeout_s=4.0)
+    result = launch.run(spec, str(tmp_path), timeout_s=60, skip=((0, 1),))
+    [present] = _failed_fast(result, 30).values()
+    assert present["exit"] == 2 and any("did not assemble" in s and "2 processes" in s for s in present["said"])
+
+
+def test_mismatched_configurations_fail_every_process_naming_the_field(tmp_path):
+    spec = Spec.of(group_size=2, start_timeout_s=10.0)
+    other = Spec.of(group_size=2, start_timeout_s=10.0, seed=4)
+    result = launch.run(spec, str(tmp_path), timeout_s=60, spec_of=lambda g, p: other if p == 1 else spec)
+    for p in _failed_fast(result, 30).values():
+        assert p["exit"] == 2 and any("seed = 3 on process 0, 4 on process 1" in s for s in p["said"]), p
+
+
+def test_a_handle_that_cannot_be_mapped_fails_every_process_naming_the_owner(tmp_path):
+    spec = Spec.of(group_size=2, start_timeout_s=10.0, fault=dict(group=0, rank=1, after_batches=0,
+                                                                  kind="bad_handle"))
+    result = launch.run(spec, str(tmp_path), timeout_s=60)
+    for p in _failed_fast(result, 30).values():
+        assert p["exit"] == 2 and any("owner 1's slab segment /dev/shm/dwdp_missing_segment cannot be opened" in s
+                                      for s in p["said"]), p
+
+
+def test_bad_launch_fields_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="group_size=3.*multiple of devices_per_process"):
+        Spec.of(group_size=3, devices_per_process=2)
+    with pytest.raises(ValueError, match="unknown launch field"):
+        Spec.of(groups=2)
+    with pytest.raises(ValueError, match="fault="):
+        Spec.of(mode="serve", fault=dict(group=5, rank=0, after_batches=0, kind="kill"))
