@@ -126,3 +126,48 @@ def test_bad_launch_fields_are_refused_naming_the_field():
         Spec.of(groups=2)
     with pytest.raises(ValueError, match="fault="):
         Spec.of(mode="serve", fault=dict(group=5, rank=0, after_batches=0, kind="kill"))
+
+
+def test_router_isolates_a_stalled_group_and_discards_its_late_result():
+    """The router alone, ranks played by threads: group 0's rank keeps its batch past the deadline."""
+    import threading
+    from multiprocessing.connection import Client
+
+    from dwdp_jax.distributed.router import Router
+
+    requests = [(i, [1] * (2 + i % 3)) for i in range(8)]
+    router = Router(requests, num_groups=2, group_size=1, token_budget=8, max_batch_size=2, step_deadline_s=0.5,
+                    authkey=b"k")
+    host, port = router.address.rsplit(":", 1)
+    late = threading.Event()
+
+    def rank(group):
+        conn = Client((host, int(port)), authkey=b"k")
+        conn.send(("hello", group, 0, 0))
+        while True:
+            conn.send(("next", group, 0))
+            item = conn.recv()
+            if item is None:
+                conn.send(("bye", group, 0))
+                return
+            batch_id, reqs = item
+            if group == 0:
+                time.sleep(1.5)  # stalled past the deadline; its result then arrives late
+                conn.send(("done", group, 0, batch_id, 0.0, 0.0, {r: np.zeros(1) for r, _ in reqs}))
+                late.set()
+                continue
+            conn.send(("done", group, 0, batch_id, time.time(), time.time(), {r: np.ones(1) for r, _ in reqs}))
+
+    threads = [threading.Thread(target=rank, args=(g,), daemon=True) for g in (0, 1)]
+    for t in threads:
+        t.start()
+    assert router.wait(20)
+    late.wait(5)
+    time.sleep(0.2)
+    summary = router.summary()
+    router.close()
+    assert summary["completed"] == 8 and not summary["lost"] and not summary["served_twice"]
+    [failure] = summary["failures"]
+    assert failure["group"] == 0 and "stalled" in failure["reason"] and failure["requeued"]
+    assert all(router.completed[r]["group"] == 1 for r in range(8))
+    assert summary["discarded"] and summary["discarded"][0]["group"] == 0

@@ -60,6 +60,7 @@ def spawn(spec: Spec, out_dir: str, router: str = "", skip: tuple[tuple[int, int
     if platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    gpus = gpu_count() if platform == "gpu" else 0
     procs = []
     for g in range(spec.num_groups):
         coordinator = f"127.0.0.1:{free_port()}"
@@ -68,6 +69,9 @@ def spawn(spec: Spec, out_dir: str, router: str = "", skip: tuple[tuple[int, int
                 continue
             fields = (spec_of(g, p) if spec_of else spec).fields
             log = os.path.join(out_dir, f"log_g{g}_p{p}.txt")
+            first = (g * spec.processes_per_group + p) * spec.devices_per_process
+            if platform == "gpu" and gpus >= spec.num_groups * spec.group_size:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(first, first + spec.devices_per_process)))
             cmd = [sys.executable, "-m", "dwdp_jax.distributed.worker", "--spec", json.dumps(fields), "--group",
                    str(g), "--process", str(p), "--coordinator", coordinator, "--router", router, "--tag", tag,
                    "--out", out_dir]
@@ -75,6 +79,16 @@ def spawn(spec: Spec, out_dir: str, router: str = "", skip: tuple[tuple[int, int
                 procs.append(Process(g, p, subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                                             cwd=ROOT), log))
     return procs
+
+
+def gpu_count() -> int:
+    """GPUs on this machine. Fewer than the run's ranks: every process shares them (two processes on one GPU, each
+    with its XLA_PYTHON_CLIENT_MEM_FRACTION, is how the VMM transport is tested on a single card)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def wait_all(procs: list[Process], timeout_s: float) -> bool:
