@@ -89,5 +89,12 @@ class SyntheticExperts:
                           _expert_weights(keys[2], ids, (f, d), dt, q), start=start)
 
 
+def slabs_of(source: ExpertSource, layer: int, start: int, stop: int, device: jax.Device, max_experts: int
+             ) -> tuple[ExpertSlab, ...]:
+    """Experts [start, stop) of MoE layer `layer` on `device` as consecutive slabs of at most `max_experts` each
+    (`split_gemm.max_slab_experts`: a kernel's addressing limit)."""
+    return tuple(source.rows(layer, a, min(a + max_experts, stop), device) for a in range(start, stop, max_experts))
+
+
 def as_source(experts: ExpertSource | Sequence[ExpertSlab]) -> ExpertSource:
     return experts if hasattr(experts, "rows") else SlabExperts(tuple(experts))

@@ -275,3 +275,22 @@ def test_the_scaled_split_kernel_runs_fp8_slabs_through_the_view():
     assert rel_err(np.asarray(ours, np.float32), np.asarray(want, np.float32)) <= 1e-3  # bf16 output: 7.7e-5 seen
     with pytest.raises(ValueError, match="grouped GEMM backend 'pallas_mgpu' has no FP8 path"):
         ExpertView(slabs, cfg.n_routed_experts, "pallas_mgpu")(x, ids, weights)
+
+
+def test_slabs_stay_within_what_the_triton_kernel_addresses():
+    """A weight of all 256 R1 experts has 3.76e9 elements, past Triton's int32 offsets (an illegal address on H200):
+    the kernel refuses it before launch, and the single-device reference places a layer as slabs it can address."""
+    from dwdp_jax.expert_source import SlabExperts, slabs_of
+    from dwdp_jax.kernels import split_gemm
+
+    assert split_gemm.max_slab_experts(7168, 2048) == 146
+    spec = jax.ShapeDtypeStruct
+    x = spec((1024, 7168), fp8.E4M3)
+    weights = (fp8.BlockScaled(spec((256, 2048, 7168), fp8.E4M3), spec((256, 16, 56), np.float32)),)
+    with pytest.raises(ValueError, match=r"slab 0 weight \(256, 2048, 7168\) has 3758096384 elements, more than the "
+                                         r"2147483647 Triton addresses .* at most 146"):
+        jax.eval_shape(lambda x, sizes, w, scales: split_gemm.split_ragged_dot(x, sizes, w, x_scale_SM=scales), x,
+                       spec((256,), np.int32), weights, spec((56, 1024), np.float32))
+    slab = deepseek_v3.init_expert_slab(tiny(fp8_experts=True), jax.random.key(0))
+    parts = slabs_of(SlabExperts((slab,)), 0, 0, 8, jax.devices()[0], max_experts=3)
+    assert [(s.start, s.count) for s in parts] == [(0, 3), (3, 3), (6, 2)]

@@ -120,6 +120,17 @@ def _windows(t, group_first_tile, group_tiles, group, count, num_tiles: int, gro
     return jnp.where(dead, count, first), jnp.where(dead, num_tiles - count, size)
 
 
+# Triton addresses a weight array with int32 element offsets: an FP8 slab of all 256 R1 experts (3.76e9 elements per
+# weight) read out of bounds on H200 (CUDA_ERROR_ILLEGAL_ADDRESS). Larger expert ranges are placed as several slabs
+# (`max_slab_experts`), which the split kernels consume in one call anyway.
+MAX_WEIGHT_ELEMENTS = 2**31 - 1
+
+
+def max_slab_experts(hidden_size: int, moe_intermediate_size: int) -> int:
+    """The most experts one slab may hold for the split kernels (`MAX_WEIGHT_ELEMENTS`)."""
+    return MAX_WEIGHT_ELEMENTS // (hidden_size * moe_intermediate_size)
+
+
 def slab_weights(x_MK: jax.Array, weights: tuple, fused: bool, kernel: str,
                  scaled: bool = False) -> tuple[tuple[tuple, ...], int]:
     """(per-slab weight tuples, N): the kernels' `weights` argument checked against x (every weight [G_s, K, N]
@@ -232,6 +243,12 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     """
     scaled = x_scale_SM is not None
     slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot", scaled)
+    for i, ws in enumerate(slabs):
+        q = ws[0][0] if scaled else ws[0]
+        if q.size > MAX_WEIGHT_ELEMENTS:
+            raise ValueError(f"split_ragged_dot: slab {i} weight {q.shape} has {q.size} elements, more than the "
+                             f"{MAX_WEIGHT_ELEMENTS} Triton addresses (int32 offsets); place its experts as slabs "
+                             f"of at most {MAX_WEIGHT_ELEMENTS // (q.shape[1] * q.shape[2])} (max_slab_experts)")
     m, k = x_MK.shape
     kernel_name = "split_triton_fp8" if scaled else "split_triton"
     b = blocks or tuning.lookup(kernel_name, Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (

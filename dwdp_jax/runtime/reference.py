@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dwdp_jax.expert_source import as_source
+from dwdp_jax.expert_source import as_source, slabs_of
+from dwdp_jax.kernels.split_gemm import max_slab_experts
 from dwdp_jax.packing import PackedBatch, pack
 from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.step import PrefillOutput, StageClock, StepResult
@@ -40,9 +41,10 @@ def prefill(params: Params, batch: PackedBatch, backend: str = "xla") -> Prefill
 def prefill_streaming(model: DeepseekV3, experts, batch: PackedBatch, device: jax.Device,
                       backend: str = "xla") -> PrefillOutput:
     """The reference for models too large for one device: the same single-device math, every MoE layer run with
-    all E of its experts in one slab, but each layer's slab materialized on `device` only while that layer runs
+    all E of its experts on the device, but each layer's slab materialized on `device` only while that layer runs
     (`experts`: an ExpertSource or the full slabs). Only peak memory differs from `prefill`."""
     cfg, source = model.cfg, as_source(experts)
+    per_slab = max_slab_experts(cfg.hidden_size, cfg.moe_intermediate_size)
     k = cfg.first_k_dense_replace
     dense_graph, dense_states = stages.split_stack(model.layers[:k])
     moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
@@ -52,7 +54,8 @@ def prefill_streaming(model: DeepseekV3, experts, batch: PackedBatch, device: ja
     x = stages.front(dense_graph, put(dense_states), put(model.embed_tokens[...]), tokens, segs, pos)
     ids = []
     for m in range(cfg.num_moe_layers):
-        view = ExpertView.single(source.rows(m, 0, cfg.n_routed_experts, device), backend)
+        view = ExpertView(slabs_of(source, m, 0, cfg.n_routed_experts, device, per_slab), cfg.n_routed_experts,
+                          backend)
         x, layer_ids = stages.moe_layer(moe_graph, put(moe_states[m]), x, segs, pos, view)
         ids.append(layer_ids)
         jax.block_until_ready(x)  # frees this layer's slab before the next one is generated
@@ -64,7 +67,7 @@ def prefill_streaming(model: DeepseekV3, experts, batch: PackedBatch, device: ja
 
 class ReferenceRuntime:
     """The reference as a serving runtime: every weight on one device, run stage by stage as a DWDP rank runs it
-    (the front, one program per MoE layer with all E experts in one slab, the head), with nothing to pull and no
+    (the front, one program per MoE layer with all E experts on the device, the head), with nothing to pull and no
     peer. With `last_token_logits` > 0, logits only at each sequence's last token (serving)."""
 
     num_ranks = 1
@@ -79,9 +82,10 @@ class ReferenceRuntime:
         self._norm_graph, norm_state = nnx.split(model.norm)
         self._dense_states, self._moe_states, self._norm_state, self._embed_VD, self._lm_head_DV = jax.device_put(
             (dense_states, moe_states, norm_state, model.embed_tokens[...], model.lm_head[...]), device)
-        source = as_source(params.experts)
-        self._views = [ExpertView.single(source.rows(m, 0, cfg.n_routed_experts, device), gemm_backend)
-                       for m in range(cfg.num_moe_layers)]
+        source, per_slab = as_source(params.experts), max_slab_experts(cfg.hidden_size, cfg.moe_intermediate_size)
+        # all E experts of a layer, as slabs the split kernels can address
+        self._views = [ExpertView(slabs_of(source, m, 0, cfg.n_routed_experts, device, per_slab),
+                                  cfg.n_routed_experts, gemm_backend) for m in range(cfg.num_moe_layers)]
 
     def _inputs(self, batch: PackedBatch):
         return jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), self.device)
