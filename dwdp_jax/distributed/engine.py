@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from dwdp_jax import memory
 from dwdp_jax.placement import Placement
-from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.dep import DepRuntime
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
-from dwdp_jax.transport.shared_memory import SharedMemoryTransport, slab_arrays, slab_of
+from dwdp_jax.transport.shared_memory import SharedMemoryTransport
 from models.deepseek_v3 import Params
 
 
@@ -46,14 +44,9 @@ class ProcessDwdpEngine(DwdpEngine):
             raise ValueError(f"local_ranks must be a non-empty subset of [0, {placement.num_ranks - 1}], got "
                              f"{sorted(local_ranks)}")
         self.cfg, self.placement, self.options = cfg, placement, options
-        model = params.model
-        k = cfg.first_k_dense_replace
-        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
-        self._moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
-        self._norm_graph, norm_state = nnx.split(model.norm)
         self.devices = [local_ranks.get(r) for r in range(placement.num_ranks)]
-        self.ranks = {r: self._place_rank(r, params, dense_states, moe_states, norm_state)
-                      for r in sorted(local_ranks)}
+        states = self._split_model(params.model)
+        self.ranks = {r: self._place_rank(r, params, *states) for r in sorted(local_ranks)}
         cls = transport_for(next(iter(local_ranks.values())).platform)
         self.transport = cls(placement, [list(self.ranks[r].local) if r in self.ranks else None
                                          for r in range(placement.num_ranks)],
@@ -98,10 +91,10 @@ class ProcessDepRuntime(DepRuntime):
         shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d)
                   for r, d in enumerate(self.mesh.devices) if d.process_index == here]
         stacked = []
-        for parts in zip(*(slab_arrays(s) for s in shards)):
+        for parts in zip(*(s.arrays() for s in shards)):
             shape = (self.cfg.n_routed_experts,) + parts[0].shape[1:]
             stacked.append(jax.make_array_from_single_device_arrays(shape, self._by_rank, list(parts)))
-        return slab_of(shards[0], stacked, 0)
+        return shards[0].with_arrays(stacked, start=0)
 
     def _outputs(self, batches, hidden_TD, logits_TV, expert_ids):
         def gathered(x):

@@ -114,13 +114,8 @@ class DwdpEngine:
                              row_align=grouped_gemm.row_alignment(options.gemm_backend))
         self.devices = list(available)[:placement.num_ranks]
         self.cfg, self.placement, self.options = cfg, placement, options
-        model = params.model
-        k = cfg.first_k_dense_replace
-        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
-        self._moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
-        self._norm_graph, norm_state = nnx.split(model.norm)
-        self.ranks = [self._place_rank(r, params, dense_states, moe_states, norm_state)
-                      for r in range(len(self.devices))]
+        states = self._split_model(params.model)
+        self.ranks = [self._place_rank(r, params, *states) for r in range(len(self.devices))]
         self.transport = make_transport(options.transport, placement, [list(w.local) for w in self.ranks],
                                         self.devices, options.transport_options())
 
@@ -132,6 +127,14 @@ class DwdpEngine:
         checkpoint is the expert source; its sliced reads are those of `checkpoint.restore_rank`)."""
         ckpt = checkpoint.ModelCheckpoint(path)
         return cls(Params(ckpt.replicated(np.asarray), ckpt), placement, devices, options)
+
+    def _split_model(self, model) -> tuple:
+        """The stage programs' graphs (kept) and the states every rank places: (dense, MoE layers, final norm)."""
+        k = self.cfg.first_k_dense_replace
+        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
+        self._moe_graph, moe_states = stages.split_stack(model.layers[k:self.cfg.num_hidden_layers])
+        self._norm_graph, norm_state = nnx.split(model.norm)
+        return dense_states, moe_states, norm_state
 
     def _place_rank(self, rank, params, dense_states, moe_states, norm_state) -> RankWeights:
         device = self.devices[rank]

@@ -35,22 +35,11 @@ class HandleError(RuntimeError):
     """A published slab segment that cannot be mapped here (gone, wrong size, wrong layout, refused handle)."""
 
 
-def slab_arrays(slab: ExpertSlab) -> list:
-    """Every array of a slab, expert on axis 0 (values and scales of FP8 slabs alike)."""
-    return list(slab.arrays()) if hasattr(slab, "arrays") else [slab.w_gate_EDF, slab.w_up_EDF, slab.w_down_EFD]
-
-
-def slab_of(template: ExpertSlab, arrays: list, start: int) -> ExpertSlab:
-    if hasattr(template, "with_arrays"):
-        return template.with_arrays(list(arrays), start=start)
-    return ExpertSlab(*arrays, start=start)
-
-
 def layout_of(slabs: list[ExpertSlab]) -> list[dict]:
     """Where each (layer, array) of an owner's slabs sits in its segment: byte offset, shape, dtype."""
     entries, offset = [], 0
     for layer, slab in enumerate(slabs):
-        for index, a in enumerate(slab_arrays(slab)):
+        for index, a in enumerate(slab.arrays()):
             nbytes = int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
             entries.append(dict(layer=layer, index=index, offset=offset, shape=list(a.shape),
                                 dtype=jnp.dtype(a.dtype).name))
@@ -141,7 +130,7 @@ class MappedSlabsTransport(Transport):
         slabs = []
         for owner, lo, hi, start in self._pieces(rank):
             arrays = [jax.ShapeDtypeStruct((hi - lo,) + tuple(a.shape[1:]), a.dtype) for a in self.sources[owner][0]]
-            slabs.append(slab_of(self._template, arrays, start))
+            slabs.append(self._template.with_arrays(list(arrays), start=start))
         return tuple(sorted(slabs, key=lambda s: s.start))
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
@@ -150,7 +139,7 @@ class MappedSlabsTransport(Transport):
         for owner, lo, hi, start in self._pieces(rank):
             arrays = [self._take(a, lo, hi, device) for a in self.sources[owner][layer]]
             self.bytes_pulled[rank] += sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
-            slabs.append(slab_of(self._template, arrays, start))
+            slabs.append(self._template.with_arrays(list(arrays), start=start))
         self.pulls_done[rank] += 1
         return tuple(sorted(slabs, key=lambda s: s.start))
 
@@ -192,7 +181,7 @@ class SharedMemoryTransport(MappedSlabsTransport):
             region = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        for entry, a in zip(layout, (a for slab in slabs for a in slab_arrays(slab))):
+        for entry, a in zip(layout, (a for slab in slabs for a in slab.arrays())):
             view = np.ndarray(entry["shape"], jnp.dtype(entry["dtype"]), region, entry["offset"])
             view[...] = np.asarray(a)
         self._owned[owner] = (path, region)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwdp_jax.transport.shared_memory import HandleError, MappedSlabsTransport, layout_of, segment_bytes, slab_arrays
+from dwdp_jax.transport.shared_memory import HandleError, MappedSlabsTransport, layout_of, segment_bytes
 
 POSIX_FD, FABRIC = 1, 8
 HANDLE_TYPES = {"posix_fd": POSIX_FD, "fabric": FABRIC}
@@ -231,7 +231,7 @@ class VmmTransport(MappedSlabsTransport):
         layout = layout_of(slabs)
         device = self.devices[owner]
         alloc = Allocation.create(segment_bytes(layout), device.local_hardware_id, self.handle_kind)
-        for entry, a in zip(layout, (a for slab in slabs for a in slab_arrays(slab))):
+        for entry, a in zip(layout, (a for slab in slabs for a in slab.arrays())):
             a.block_until_ready()
             cupy.cuda.runtime.memcpy(alloc.ptr + entry["offset"], a.unsafe_buffer_pointer(),
                                      int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize,
