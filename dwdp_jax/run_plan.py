@@ -151,7 +151,7 @@ class Plan:
     requests: list[workload.Request]
     batching: Batching
     strategies: tuple[str, ...]
-    placement: Placement
+    placement: Placement | None  # DWDP's expert placement; None when no planned strategy places experts that way
     devices: list
     weights: Weights
     dwdp: DwdpPlan

@@ -33,6 +33,8 @@ class Strategy(abc.ABC):
     runtime_class: Callable
     # every rank runs every iteration (one SPMD program), so a rank's iterations are the run's
     lock_step: bool
+    # it places experts as the plan's DWDP `Placement` says (a group of config.num_ranks >= 2)
+    needs_placement = False
 
     def __init__(self, runtime_class: Callable | None = None):
         if runtime_class is not None:
@@ -133,6 +135,7 @@ class Dwdp(_RankByRank):
 
     name = "dwdp"
     runtime_class = DwdpEngine
+    needs_placement = True
 
     def ranks(self, p):
         return p.dwdp.num_ranks

@@ -208,7 +208,8 @@ def validate(c) -> Plan:
             raise ValueError(f"config.{field}={value!r}: {allowed}; default {field_default(c, field)!r}")
     strategies = strategies_from(c)
     cfg = _checked_model(c)
-    placement = _checked_placement(c, cfg)
+    needs_placement = any(strategy_lib.get(name).needs_placement for name in strategies)
+    placement = _checked_placement(c, cfg) if needs_placement else None
     requests, variants = _checked_workload(c, cfg.vocab_size)
     _check_verification(requests, c)
     if c.attention_impl.startswith("tokamax"):

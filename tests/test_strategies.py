@@ -48,6 +48,16 @@ def test_reference_dwdp_and_dep_served_side_by_side(tmp_path):
     assert not any(doc["hlo_collectives"]["dwdp"].values()) and doc["hlo_collectives"]["dep"]["step"] > 0
 
 
+def test_the_reference_alone_runs_on_one_device(tmp_path):
+    """No DWDP group to place: one rank is a valid run of the single-device baseline."""
+    doc = bench.run(small_config(tmp_path, strategies="reference", num_ranks=1, breakdown=False,
+                                 **{"verify.num_requests": 4}))
+    assert list(doc["metrics"]) == ["reference"] and doc["verification"]["reference"]["passed"]
+    with pytest.raises(ValueError, match="config.num_ranks=1, config.dwdp.local_experts=0: Placement.num_ranks must "
+                                         "be >= 2"):
+        validation.validate(small_config(tmp_path, strategies="reference,dwdp", num_ranks=1))
+
+
 def test_the_depth_fits_every_planned_strategy(tmp_path):
     """With the reference in the run, the depth is the one at which all of the model sits on one device."""
     p = validation.validate(small_config(tmp_path, **{"model.num_hidden_layers": 12}))
