@@ -45,10 +45,11 @@ def time_s(fn: Callable, *args, repeats: int = 5, warmup: int = 2, before: Calla
 
 
 def lowered_for_cuda(split_kernel: Callable, fused: bool, blocks, num_rows: int = 131072,
-                     slab_counts: tuple[int, ...] = (64, 192)) -> str:
+                     slab_counts: tuple[int, ...] = (64, 64, 128)) -> str:
     """The StableHLO text of a split-weight kernel at R1's K and N (gate/up fused: K 7168, N 2048; down: K 2048,
-    N 7168) over skewed groups, lowered for CUDA on any host: a configuration that cannot lower fails here, before
-    any GPU time (shared memory, the lowering's type rules)."""
+    N 7168) over skewed groups in slabs of `slab_counts` experts (each within `split_gemm.max_slab_experts`),
+    lowered for CUDA on any host: a configuration that cannot lower fails here, before any GPU time (shared
+    memory, the lowering's type rules)."""
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = jnp.asarray(skewed_group_sizes(num_rows, sum(slab_counts), 6.0))
     x = jax.ShapeDtypeStruct((num_rows, k), jnp.bfloat16)
