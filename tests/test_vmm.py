@@ -22,6 +22,8 @@ def _gpu():
 
 
 def test_vmm_pull_moves_the_right_bytes_and_reports_bandwidth(tmp_path, monkeypatch):
+    if not _gpu():
+        pytest.skip("needs a GPU")
     # The suite's own process holds its JAX pool on the GPU (75% by default): the two benchmark processes get 0.1 each
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")
     out = tmp_path / "vmm.json"
