@@ -90,6 +90,24 @@ def test_two_groups_one_rank_killed_every_request_served_once(tmp_path):
         assert rel_err(result["completed"][rid]["logits"], ref) <= 1e-6, rid
 
 
+def test_a_rank_stalled_past_the_deadline_takes_only_its_group_down(tmp_path):
+    """A real rank process holding its batch past step_deadline_s: its group is failed and its processes ended, the
+    batch re-runs on the other group, every request completed once, nothing hangs."""
+    spec = Spec.of(mode="serve", num_groups=2, group_size=2, devices_per_process=1, num_requests=16, max_batch_size=2,
+                   model_changes=dict(num_hidden_layers=3, first_k_dense_replace=1), step_deadline_s=8.0,
+                   fault=dict(group=0, rank=1, after_batches=0, kind="stall"), barrier_timeout_s=5.0)
+    start = time.time()
+    result = launch.run(spec, str(tmp_path), timeout_s=150)
+    assert time.time() - start < 150 and result["finished"], outcome_text(result)
+    serving = result["serving"]
+    assert serving["completed"] == serving["requests"] == 16 and not serving["lost"] and not serving["served_twice"]
+    [failure] = serving["failures"]
+    assert failure["group"] == 0 and failure["rank"] == 1 and "stalled" in failure["reason"] and failure["requeued"]
+    assert all(result["completed"][r]["group"] == 1 for r in failure["requeued"])
+    by_process = {(p["group"], p["process"]): p for p in result["processes"]}
+    assert by_process[(1, 0)]["exit"] == by_process[(1, 1)]["exit"] == 0
+
+
 def _failed_fast(result, seconds):
     assert result["finished"] and result["wall_s"] < seconds, outcome_text(result)
     return {(p["group"], p["process"]): p for p in result["processes"]}
