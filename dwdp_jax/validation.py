@@ -242,6 +242,12 @@ def _checked_model(c) -> model_config.ModelConfig:
     if cfg.num_moe_layers < 1:
         raise ValueError(f"config.model.num_hidden_layers={c.model.num_hidden_layers}: the model needs a MoE layer, "
                          f"more than its {cfg.first_k_dense_replace} dense ones")
+    if cfg.fp8_experts:
+        try:
+            grouped_gemm.check_fp8(c.gemm_backend)
+        except ValueError as e:
+            raise ValueError(f"config.gemm_backend={c.gemm_backend!r} with FP8 experts (config.model.preset="
+                             f"{c.model.preset!r}): {e}") from e
     return cfg
 
 
@@ -304,6 +310,10 @@ def plan(c) -> Plan:
         raise ValueError(f"config.num_ranks={c.num_ranks} ({wanted}) needs as many devices, and {have}")
     for name in p.strategies:
         strategy_lib.get(name).check_platform(p, platform)
+    if p.cfg.fp8_experts and platform == "gpu" and not _has_fp8_tensor_cores(devices[0]):
+        raise ValueError(f"config.model.preset={c.model.preset!r} (FP8 experts) needs FP8 tensor cores (compute "
+                         f"capability >= 8.9: Ada, Hopper, Blackwell), found {devices[0].device_kind} (compute "
+                         f"capability {getattr(devices[0], 'compute_capability', None)}); use a bf16 preset")
     if p.weights.attention_impl.startswith("tokamax"):
         try:
             attention_tokamax.check_device(devices[0])
@@ -314,6 +324,11 @@ def plan(c) -> Plan:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * p.measure.memory_fraction)
         cfg = model_config_from(c, depth_that_fits(p, device_bytes))
     return dataclasses.replace(p, cfg=cfg, devices=devices[:max(needs.values())])
+
+
+def _has_fp8_tensor_cores(device) -> bool:
+    major, minor = (int(x) for x in str(getattr(device, "compute_capability", "0.0")).split(".")[:2])
+    return (major, minor) >= (8, 9)
 
 
 def depth_that_fits(p: Plan, device_bytes: int) -> int:

@@ -63,6 +63,9 @@ def test_every_field_check_refuses_a_value_of_no_type(field):
     ({"gemm_backend": "palas_split"}, "config.gemm_backend='palas_split': unknown grouped GEMM backend "
                                       "'palas_split'; available: ["),  # the registry: tests may add backends
     ({"attention_impl": "flash"}, "config.attention_impl='flash': unknown attention backend 'flash'; available: "),
+    ({"model.preset": "deepseek_r1_fp8", "model.checkpoint": "", "gemm_backend": "pallas_mgpu"},
+     "config.gemm_backend='pallas_mgpu' with FP8 experts (config.model.preset='deepseek_r1_fp8'): grouped GEMM "
+     "backend 'pallas_mgpu' has no FP8 path"),
     ({"attention_impl": "tokamax"}, "config.attention_impl='tokamax': tokamax attention: q/k head_dim=48 is not "
                                     "supported: a multiple of 64"),
     ({"dwdp.transport": "nccl"}, "config.dwdp.transport='nccl': unknown transport 'nccl'; available: "),
@@ -212,3 +215,11 @@ def test_progress_shows_in_the_first_seconds(tmp_path):
         proc.kill()
         proc.wait()
     assert any(re.match(r"\[\s*\d+\.\d s\] plan: ", line) for line in seen)
+
+
+def test_fp8_experts_need_fp8_tensor_cores():
+    from types import SimpleNamespace
+
+    cards = {"8.0": False, "8.6": False, "8.9": True, "9.0": True, "10.0": True}
+    for cc, has in cards.items():
+        assert validation._has_fp8_tensor_cores(SimpleNamespace(compute_capability=cc)) is has, cc
