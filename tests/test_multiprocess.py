@@ -4,7 +4,6 @@ launches that cannot work failing fast on every process."""
 
 import glob
 import json
-import os
 import time
 
 import numpy as np
@@ -58,27 +57,37 @@ def test_dwdp_and_dep_across_processes_equal_the_reference(tmp_path, processes, 
             remote = sum(p.count for p in placement.pulls(int(rank)))
             assert pulled == rep["dwdp"]["bytes_planned"][rank] == 2 * n_moe * remote * row_bytes > 0
         assert rep["dep"]["mesh_devices"] == spec.group_size and rep["dep"]["all_to_all"] == 3 * n_moe
-    assert not glob.glob(f"/dev/shm/dwdp_*"), "a run left shared segments behind"
+    assert not glob.glob("/dev/shm/dwdp_*"), "a run left shared segments behind"
 
 
-def test_two_groups_one_rank_killed_every_request_served_once(tmp_path):
-    spec = Spec.of(mode="serve", num_groups=2, group_size=2, devices_per_process=1, num_requests=24, max_batch_size=2,
-                   model_changes=dict(num_hidden_layers=3, first_k_dense_replace=1),
-                   fault=dict(group=0, rank=1, after_batches=0, kind="kill"), barrier_timeout_s=5.0)
+def _served_despite_a_fault(tmp_path, kind: str, num_requests: int, reason: str, **fields):
+    """2 groups x 2 ranks, rank 1 of group 0 faulted (`kind`) with its first batch in hand: the run ends in time,
+    every request completed once, the failure recorded with `reason` and its batch re-run on group 1, whose
+    processes exit 0. Returns (spec, result, failure, processes by (group, process))."""
+    spec = Spec.of(mode="serve", num_groups=2, group_size=2, devices_per_process=1, num_requests=num_requests,
+                   max_batch_size=2, model_changes=dict(num_hidden_layers=3, first_k_dense_replace=1),
+                   fault=dict(group=0, rank=1, after_batches=0, kind=kind), barrier_timeout_s=5.0, **fields)
     start = time.time()
     result = launch.run(spec, str(tmp_path), timeout_s=150)
     assert time.time() - start < 150 and result["finished"], outcome_text(result)
     serving = result["serving"]
-    assert serving["completed"] == serving["requests"] == 24 and not serving["lost"] and not serving["served_twice"]
+    assert serving["completed"] == serving["requests"] == num_requests
+    assert not serving["lost"] and not serving["served_twice"]
     [failure] = serving["failures"]
-    assert failure["group"] == 0 and failure["rank"] == 1 and "died" in failure["reason"]
-    assert failure["requeued"], "the killed rank held a batch: its requests must be re-run"
+    assert failure["group"] == 0 and failure["rank"] == 1 and reason in failure["reason"]
+    assert failure["requeued"], "the faulted rank held a batch: its requests must be re-run"
     assert all(result["completed"][r]["group"] == 1 for r in failure["requeued"])
+    by_process = {(p["group"], p["process"]): p for p in result["processes"]}
+    assert by_process[(1, 0)]["exit"] == by_process[(1, 1)]["exit"] == 0
+    return spec, result, by_process
+
+
+def test_two_groups_one_rank_killed_every_request_served_once(tmp_path):
+    spec, result, by_process = _served_despite_a_fault(tmp_path, "kill", 24, "died")
+    serving = result["serving"]
     assert serving["per_group"][1]["live"] and not serving["per_group"][0]["live"]
     assert serving["per_group"][1]["requests"] + serving["per_group"][0].get("requests", 0) == 24
-    by_process = {(p["group"], p["process"]): p for p in result["processes"]}
     assert by_process[(0, 1)]["signal"] == "SIGKILL"
-    assert by_process[(1, 0)]["exit"] == by_process[(1, 1)]["exit"] == 0
     # the dead rank's surviving peer ends by itself, naming the process it lost
     peer = by_process[(0, 0)]
     assert peer["exit"] == 4 and any("process(es) [1]" in s for s in peer["said"]), peer
@@ -93,19 +102,7 @@ def test_two_groups_one_rank_killed_every_request_served_once(tmp_path):
 def test_a_rank_stalled_past_the_deadline_takes_only_its_group_down(tmp_path):
     """A real rank process holding its batch past step_deadline_s: its group is failed and its processes ended, the
     batch re-runs on the other group, every request completed once, nothing hangs."""
-    spec = Spec.of(mode="serve", num_groups=2, group_size=2, devices_per_process=1, num_requests=16, max_batch_size=2,
-                   model_changes=dict(num_hidden_layers=3, first_k_dense_replace=1), step_deadline_s=8.0,
-                   fault=dict(group=0, rank=1, after_batches=0, kind="stall"), barrier_timeout_s=5.0)
-    start = time.time()
-    result = launch.run(spec, str(tmp_path), timeout_s=150)
-    assert time.time() - start < 150 and result["finished"], outcome_text(result)
-    serving = result["serving"]
-    assert serving["completed"] == serving["requests"] == 16 and not serving["lost"] and not serving["served_twice"]
-    [failure] = serving["failures"]
-    assert failure["group"] == 0 and failure["rank"] == 1 and "stalled" in failure["reason"] and failure["requeued"]
-    assert all(result["completed"][r]["group"] == 1 for r in failure["requeued"])
-    by_process = {(p["group"], p["process"]): p for p in result["processes"]}
-    assert by_process[(1, 0)]["exit"] == by_process[(1, 1)]["exit"] == 0
+    _served_despite_a_fault(tmp_path, "stall", 16, "stalled", step_deadline_s=8.0)
 
 
 def _failed_fast(result, seconds):
