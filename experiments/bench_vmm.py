@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def owner(args) -> None:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -27,13 +28,14 @@ def owner(args) -> None:
 
     n = args.mib * (1 << 20) // 4
     alloc = vmm.Allocation.create(n * 4, 0)
-    view = alloc.array(0, (n,), np.float32)
+    view = alloc.array(0, (n,), np.float32, jax.devices()[0])
     assert view.unsafe_buffer_pointer() == alloc.ptr, "DLPack import copied"
     pattern = jnp.arange(n, dtype=jnp.float32) % 65521.0
     import cupy
 
     pattern.block_until_ready()
     cupy.cuda.runtime.memcpy(alloc.ptr, pattern.unsafe_buffer_pointer(), n * 4, cupy.cuda.runtime.memcpyDeviceToDevice)
+    cupy.cuda.runtime.deviceSynchronize()
     server = vmm.FdServer()
     server.fds["slab"] = alloc.export_fd()
     try:
@@ -63,7 +65,7 @@ def peer(args) -> dict:
     handoff = json.load(open(args.handoff))
     n = args.mib * (1 << 20) // 4
     alloc = vmm.Allocation.import_fd(vmm.fetch_fd(handoff["socket"], "slab"), handoff["bytes"], 0)
-    view = alloc.array(0, (n,), np.float32)
+    view = alloc.array(0, (n,), np.float32, jax.devices()[0])
     zero_copy = view.unsafe_buffer_pointer() == alloc.ptr
     expected = jnp.arange(n, dtype=jnp.float32) % 65521.0
     rt = cupy.cuda.runtime

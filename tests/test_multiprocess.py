@@ -24,9 +24,10 @@ def outcome_text(result):
     return json.dumps(result["processes"], indent=1)
 
 
-@pytest.mark.parametrize("processes,devices_per_process", [(2, 2), (4, 1)])
-def test_dwdp_and_dep_across_processes_equal_the_reference(tmp_path, processes, devices_per_process):
-    spec = Spec.of(group_size=processes * devices_per_process, devices_per_process=devices_per_process)
+@pytest.mark.parametrize("processes,devices_per_process,transport", [(2, 2, "copy_engine"), (4, 1, "device_put")])
+def test_dwdp_and_dep_across_processes_equal_the_reference(tmp_path, processes, devices_per_process, transport):
+    spec = Spec.of(group_size=processes * devices_per_process, devices_per_process=devices_per_process,
+                   transport=transport)
     result = launch.run(spec, str(tmp_path), timeout_s=240)
     assert result["finished"] and all(p["exit"] == 0 for p in result["processes"]), outcome_text(result)
     params = Params(*M.init_model(spec.model_config(), seed=spec.seed))
@@ -53,6 +54,9 @@ def test_dwdp_and_dep_across_processes_equal_the_reference(tmp_path, processes, 
         assert len(rep["devices"]) == devices_per_process
         for rank, count in rep["dwdp"]["collectives"].items():
             assert count == 0, f"DWDP rank {rank}'s programs hold {count} collectives"
+        assert rep["dwdp"]["transport"] == transport
+        # the owner's programs read its slabs in the shared segment: the weights are held once
+        assert rep["dwdp"]["slabs_in_shared_segment"] and all(rep["dwdp"]["slabs_in_shared_segment"].values())
         for rank, pulled in rep["dwdp"]["bytes_pulled"].items():
             remote = sum(p.count for p in placement.pulls(int(rank)))
             assert pulled == rep["dwdp"]["bytes_planned"][rank] == 2 * n_moe * remote * row_bytes > 0

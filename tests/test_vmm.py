@@ -1,6 +1,6 @@
 """CUDA VMM across two processes sharing one GPU: the bytes a peer pulls from an owner's exported allocation
-(poisoned destinations), zero-copy import into JAX, and a two-process DWDP group on the VMM transport against the
-reference. GPU only."""
+(poisoned destinations), zero-copy import into JAX, and a two-process DWDP group whose slabs live in VMM memory,
+pulled by the copy engine and by XLA slices, against the reference. GPU only."""
 
 import json
 import os
@@ -37,7 +37,8 @@ def test_vmm_pull_moves_the_right_bytes_and_reports_bandwidth(tmp_path, monkeypa
     assert results["fabric"] == "created" or "fabric" in results["fabric"]
 
 
-def test_dwdp_group_of_two_processes_on_vmm_equals_the_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport", ["copy_engine", "device_put"])
+def test_dwdp_group_of_two_processes_on_vmm_equals_the_reference(tmp_path, monkeypatch, transport):
     if not _gpu():
         pytest.skip("needs a GPU")
     from dwdp_jax.distributed import launch
@@ -47,7 +48,8 @@ def test_dwdp_group_of_two_processes_on_vmm_equals_the_reference(tmp_path, monke
     from models.deepseek_v3 import Params
 
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
-    spec = Spec.of(group_size=2, strategies=["dwdp"], start_timeout_s=120.0, step_deadline_s=120.0)
+    spec = Spec.of(group_size=2, strategies=["dwdp"], start_timeout_s=120.0, step_deadline_s=120.0,
+                   transport=transport)
     result = launch.run(spec, str(tmp_path), timeout_s=400, platform="gpu")
     logs = "\n".join(open(p).read()[-2000:] for p in tmp_path.glob("log_*.txt"))
     assert result["finished"] and all(p["exit"] == 0 for p in result["processes"]), logs
@@ -67,4 +69,6 @@ def test_dwdp_group_of_two_processes_on_vmm_equals_the_reference(tmp_path, monke
         rep = json.loads(p.read_text())
         assert all(v == 0 for v in rep["dwdp"]["collectives"].values())
         assert rep["dwdp"]["bytes_pulled"] == rep["dwdp"]["bytes_planned"]
+        # the owner's programs read its slabs from its VMM allocation: one copy of the weights
+        assert rep["dwdp"]["slabs_in_shared_segment"] and all(rep["dwdp"]["slabs_in_shared_segment"].values())
         print(p.name, rep["dwdp"])

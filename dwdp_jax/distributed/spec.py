@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = dict(
     token_budget=32, max_batch_size=4,
     num_requests=16, min_len=3, max_len=12, request_seed=0,
     start_timeout_s=30.0, barrier_timeout_s=10.0, step_deadline_s=60.0, heartbeat_s=5,
+    transport="copy_engine",  # DWDP's pulls from the peers' mapped slabs: copy_engine | device_put (XLA slices)
     poison=True,
     fault=None,  # serve: dict(group, rank, after_batches, kind in FAULT_KINDS)
 )
@@ -64,6 +65,7 @@ class Spec:
              and self.group_size % self.devices_per_process == 0, "group_size",
              f"a positive multiple of devices_per_process ({self.devices_per_process})")
         need(self.mode == "serve" or self.num_groups == 1, "num_groups", "1 in verify mode")
+        need(self.transport in ("copy_engine", "device_put"), "transport", "'copy_engine' or 'device_put'")
         need(isinstance(self.token_budget, int) and self.token_budget >= self.max_len, "token_budget",
              f"an integer >= max_len ({self.max_len})")
         need(isinstance(self.min_len, int) and 1 <= self.min_len <= self.max_len, "min_len", "[1, max_len]")

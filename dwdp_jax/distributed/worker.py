@@ -40,7 +40,7 @@ def build(spec: Spec, coord: Coordination, group: int, process: int, tag: str):
     params = Params(*M.init_model(spec.model_config(), seed=spec.seed))
     ranks = spec.ranks_of(process)
     local = dict(zip(ranks, jax.local_devices()[:len(ranks)]))
-    options = DwdpOptions(transport="shared_memory", poison=spec.poison,
+    options = DwdpOptions(transport=spec.transport, poison=spec.poison,
                           last_token_logits=spec.max_batch_size if spec.mode == "serve" else 0)
     fault = spec.fault if spec.fault and spec.fault["group"] == group else None
     exchange = _BadHandle(coord, fault["rank"]) if fault and fault["kind"] == "bad_handle" else coord
@@ -71,7 +71,7 @@ def verify(spec: Spec, coord: Coordination, process: int, tag: str, out_dir: str
     report = {"process": process, "ranks": engine.local_ranks, "devices": [str(d) for d in jax.local_devices()]}
     outputs = {}
     if "dwdp" in spec.strategies:
-        collectives, pulled, planned = {}, {}, {}
+        collectives, pulled, planned, held_once = {}, {}, {}, {}
         for rank in engine.local_ranks:
             batches = verify_batches(spec, rank)
             for i, batch in enumerate(batches):
@@ -81,9 +81,11 @@ def verify(spec: Spec, coord: Coordination, process: int, tag: str, out_dir: str
                     outputs[f"dwdp/{rank}/{i}/ids{m}"] = ids
             collectives[rank] = sum(count_collectives(t) for t in engine.compiled_hlo(batches[0], rank).values())
             pulled[rank] = engine.transport.bytes_pulled[rank]
+            held_once[rank] = all(engine.share.holds(rank, a) for slab in engine.ranks[rank].local for a in slab.arrays())
             planned[rank] = (len(batches) * spec.model_config().num_moe_layers
                              * engine.transport.planned_bytes_per_layer(rank))
-        report["dwdp"] = {"collectives": collectives, "bytes_pulled": pulled, "bytes_planned": planned}
+        report["dwdp"] = {"collectives": collectives, "bytes_pulled": pulled, "bytes_planned": planned,
+                          "transport": spec.transport, "slabs_in_shared_segment": held_once}
     coord.barrier("dwdp verified", spec.barrier_timeout_s + spec.step_deadline_s)
     if "dep" in spec.strategies:
         n = spec.group_size

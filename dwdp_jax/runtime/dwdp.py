@@ -136,15 +136,17 @@ class DwdpEngine:
         self._norm_graph, norm_state = nnx.split(model.norm)
         return dense_states, moe_states, norm_state
 
-    def _place_rank(self, rank, params, dense_states, moe_states, norm_state) -> RankWeights:
+    def _place_rank(self, rank, params, dense_states, moe_states, norm_state, local=None) -> RankWeights:
+        """The rank's weights on its device; its expert slabs from `params.experts` unless given (`local`)."""
         device = self.devices[rank]
         start, stop = self.placement.local_range(rank)
 
         def put(tree):
             return jax.device_put(tree, device)
 
-        source = as_source(params.experts)
-        local = tuple(source.rows(m, start, stop, device) for m in range(self.cfg.num_moe_layers))
+        if local is None:
+            source = as_source(params.experts)
+            local = tuple(source.rows(m, start, stop, device) for m in range(self.cfg.num_moe_layers))
         return RankWeights(device, put(params.model.embed_tokens[...]), put(dense_states), put(moe_states),
                            put(norm_state), put(params.model.lm_head[...]), local)
 

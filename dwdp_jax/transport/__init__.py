@@ -3,10 +3,8 @@
 from dwdp_jax.transport.base import Transport, TransportOptions, export_pieces
 from dwdp_jax.transport.copy_engine import CopyEngineTransport
 from dwdp_jax.transport.device_put import DevicePutTransport
-from dwdp_jax.transport.shared_memory import SharedMemoryTransport
 
-_BACKENDS = {"device_put": DevicePutTransport, "copy_engine": CopyEngineTransport,
-             "shared_memory": SharedMemoryTransport}
+_BACKENDS = {"device_put": DevicePutTransport, "copy_engine": CopyEngineTransport}
 
 
 def register_backend(name: str, cls: type[Transport]) -> None:

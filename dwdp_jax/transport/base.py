@@ -155,6 +155,14 @@ class Transport(abc.ABC):
                     order.append((p.owner, p.src_offset, p.count, i))
         return order
 
+    def planned_bytes_per_layer(self, rank: int) -> int:
+        """The bytes one layer's pulls move to `rank` (its remote experts' values and scales)."""
+        pulls = self.placement.pulls(rank)
+        if not pulls:
+            return 0
+        per_expert = sum(a.nbytes // a.shape[0] for a in self.local_slabs[pulls[0].owner][0].arrays())
+        return self.placement.bytes_pulled_per_layer(rank, per_expert)
+
     @abc.abstractmethod
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
         """Start (or request) the copies of `layer`'s remote experts to `rank`; returns the destination slabs."""

@@ -112,7 +112,10 @@ def remote_ranges(placement, rank: int) -> tuple[tuple[int, int], ...]:
 
 class HostCopier:
     """CPU devices: the copy runs synchronously in the issuing callback, into the slot buffers in place (host
-    memory: the planned device addresses are host addresses)."""
+    memory: the planned device addresses are host addresses). `moved[rank]`: bytes copied to the rank so far."""
+
+    def __init__(self, num_ranks: int):
+        self.moved = [0] * num_ranks
 
     @staticmethod
     def _writable(a: jax.Array) -> np.ndarray:
@@ -121,13 +124,14 @@ class HostCopier:
         return np.frombuffer(raw, dtype=a.dtype).reshape(a.shape)
 
     def issue(self, rank, ctx, batches, poison):
-        del rank, ctx
+        del ctx
         for b in batches:
             if poison:
                 for t in b.targets:
                     self._writable(t)[...] = np.nan
             for (_, _, n), (dst, src) in zip(b.pieces, b.addresses):  # the addresses the GPU copier uses
                 ctypes.memmove(dst, src, n)
+                self.moved[rank] += n
 
     def wait(self, rank, ctx, slot):
         del rank, ctx, slot
@@ -142,7 +146,8 @@ class HostCopier:
 
 
 class CudaCopier:
-    """GPU: peer copies on one non-blocking side stream per destination rank, fenced by CUDA events."""
+    """GPU: peer copies on one non-blocking side stream per destination rank, fenced by CUDA events; ranks whose
+    device is None run in another process. `moved[rank]`: bytes issued to the rank so far."""
 
     def __init__(self, devices, timeline: bool = False, cupy=None):
         if cupy is None:  # tests pass a stand-in runtime
@@ -150,12 +155,18 @@ class CudaCopier:
 
         self.cp = cupy
         self.rt = cupy.cuda.runtime
-        self.ordinals = [d.local_hardware_id for d in devices]
+        self.ordinals = [None if d is None else d.local_hardware_id for d in devices]
+        self.moved = [0] * len(devices)
         self.record_timeline = timeline
         self.side, self.fence, self.done, self.events, self.marks = [], [], [], [], []
         self.anchor, self.intervals, self.harvested = [], [], []
         no_timing = self.rt.eventDisableTiming
         for ordinal in self.ordinals:
+            if ordinal is None:
+                for pool in (self.side, self.fence, self.done, self.anchor, self.events, self.marks, self.intervals,
+                             self.harvested):
+                    pool.append(None)
+                continue
             with cupy.cuda.Device(ordinal):
                 self.side.append(self.rt.streamCreateWithFlags(self.rt.streamNonBlocking))
                 self.fence.append(self.rt.eventCreateWithFlags(no_timing))
@@ -169,6 +180,8 @@ class CudaCopier:
     def __del__(self):
         try:
             for r, ordinal in enumerate(self.ordinals):
+                if ordinal is None:
+                    continue
                 with self.cp.cuda.Device(ordinal):
                     for ev in [self.fence[r], *self.done[r], *self.events[r]] + (
                             [self.anchor[r]] if self.anchor[r] is not None else []):
@@ -209,6 +222,7 @@ class CudaCopier:
                     # with this, same host issue times (R1 width, depth 8, 4x H200): iterations 1.12 s
                     # against 0.74 s. Presumably the peer call orders against the owner's work; not measured why.
                     rt.memcpyAsync(dst, src, n, rt.memcpyDefault, side)
+                    self.moved[rank] += n
                     if i == last:
                         self._mark(rank, "source_end", b.layer, side, c.src_rank)
                 self._mark(rank, "copy_end", b.layer, side)
@@ -313,13 +327,17 @@ class CopyEngineTransport(Transport):
 
     def __init__(self, placement, local_slabs, devices, options=TransportOptions()):
         super().__init__(placement, local_slabs, devices, options)
-        on_gpu = devices[0].platform == "gpu"
+        on_gpu = next(d for d in devices if d is not None).platform == "gpu"
         if self.options.timeline and not on_gpu:
             raise ValueError("TransportOptions.timeline needs GPU devices (the copy-engine timeline uses CUDA events)")
-        self.copier = CudaCopier(devices, self.options.timeline) if on_gpu else HostCopier()
-        example = local_slabs[0][0]
-        self.buffers = []  # buffers[rank][slot]: one ExpertSlab per remote range, allocated once
+        self.copier = CudaCopier(devices, self.options.timeline) if on_gpu else HostCopier(len(devices))
+        held = [slabs for slabs in local_slabs if slabs is not None]
+        example, num_layers = held[0][0], len(held[0])
+        self.buffers = []  # buffers[rank][slot]: one ExpertSlab per remote range, allocated once (None: elsewhere)
         for rank, device in enumerate(devices):
+            if device is None:
+                self.buffers.append(None)
+                continue
             per_slot = []
             for _ in range(2):
                 per_slot.append(tuple(
@@ -333,8 +351,13 @@ class CopyEngineTransport(Transport):
         self._hooks = [ProgramHook(self, r) for r in range(len(devices))]
         # (rank, layer, slot) -> its PullBatch, planned here while no program runs: sources and slots are
         # persistent, so the issuing callback (on XLA's stream thread) only walks the pieces and their addresses
-        self._plans = {(rank, layer, slot): self._plan(rank, layer, slot) for rank in range(len(devices))
-                       for layer in range(len(local_slabs[rank])) for slot in range(2)}
+        self._plans = {(rank, layer, slot): self._plan(rank, layer, slot) for rank, d in enumerate(devices)
+                       if d is not None for layer in range(num_layers) for slot in range(2)}
+
+    @property
+    def bytes_pulled(self) -> list[int]:
+        """Per rank, the bytes its pulls have copied (GPU: issued) so far."""
+        return list(self.copier.moved)
 
     def hook(self, rank: int) -> ProgramHook:
         return self._hooks[rank]
@@ -356,11 +379,12 @@ class CopyEngineTransport(Transport):
     def source_intervals(self) -> list[tuple[int, int, int, float, float]]:
         """(destination, source, layer, start s, end s): every rank's pull spans per source since
         `clear_source_intervals`, host clock (GPU with `timeline`); the input of the measured contention."""
-        return [(r, *iv) for r in range(len(self.devices)) for iv in self.copier.source_intervals(r)]
+        return [(r, *iv) for r, d in enumerate(self.devices) if d is not None for iv in self.copier.source_intervals(r)]
 
     def clear_source_intervals(self) -> None:
-        for r in range(len(self.devices)):
-            self.copier.clear_intervals(r)
+        for r, d in enumerate(self.devices):
+            if d is not None:
+                self.copier.clear_intervals(r)
 
     def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
         self._requested[rank].append(self._plans[(rank, layer, slot)])

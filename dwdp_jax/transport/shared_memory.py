@@ -1,21 +1,26 @@
-"""Pulls across processes: each owner's local slabs live in memory its peers map, and a pull copies the remote
-rows out of the owner's mapping into the puller's own buffers.
+"""Expert slabs shared across processes: each owner's local slabs live in memory its peers map, and a pull copies
+the remote rows out of the owner's memory into the puller's own.
 
-Start-up, per owner rank this process holds: lay out every MoE layer's slab arrays in one segment, write them,
-publish the segment's descriptor (where it is, the layout) through the `exchange` (the coordination service's
-key-value store across processes; a dict in one process). Every process then maps the segments of the owners its
-ranks pull from, checks each layout against its own slabs, and reports the outcome; if any process failed to map
-a segment, every process raises, naming the owner and the segment.
+`SlabShare` is the start-up protocol. Per owner rank this process holds: lay out every MoE layer's slab arrays in
+one segment, write them layer by layer, and publish the segment's descriptor (where it is, the layout) through the
+`exchange` (the coordination service's key-value store across processes; a dict in one process). The owner's
+programs then read its slabs from the segment itself (`slabs[owner]`: JAX arrays over it, zero copy), so the
+weights are held once. Every process maps the segments of the owners its ranks pull from, checks each layout
+against its own, and reports the outcome; if any process failed to map a segment, every process raises, naming
+the owner and the segment. The memory is the subclass's: `SharedMemoryShare` (CPU: POSIX shared memory, /dev/shm
+files mapped read-only by the peers) and `vmm.VmmShare` (GPU: CUDA VMM allocations).
 
-`SharedMemoryTransport` (CPU) keeps the segments in POSIX shared memory (/dev/shm files, mapped read-only by the
-peers); `vmm.VmmTransport` (GPU) in CUDA VMM allocations. Like `device_put`, a pull lands in fresh buffers, so
-write-after-read is automatic and three slot buffers can be alive at once (live_slots = 3). An owner's weights
-never change after start-up, so a pull needs nothing from the owner's process, which may even have exited.
+Two transports pull from a share. `SliceTransport` slices the rows out of the owner's arrays onto the rank's device
+(a fresh buffer per pull, like `device_put`: write-after-read is automatic and three slot buffers can be alive at
+once). `copy_engine.CopyEngineTransport`, given the share's slabs, copies them into persistent slots from inside
+the rank's programs exactly as within one process. An owner's weights never change after start-up, so a pull needs
+nothing from the owner's process.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import mmap
 import os
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dwdp_jax.transport import zero_copy
 from dwdp_jax.transport.base import Transport, TransportOptions, slice_bounds
 from models.experts import ExpertSlab
 
@@ -35,21 +41,21 @@ class HandleError(RuntimeError):
     """A published slab segment that cannot be mapped here (gone, wrong size, wrong layout, refused handle)."""
 
 
-def layout_of(slabs: list[ExpertSlab]) -> list[dict]:
-    """Where each (layer, array) of an owner's slabs sits in its segment: byte offset, shape, dtype."""
+def layout_of(template: ExpertSlab, num_layers: int) -> list[dict]:
+    """Where each (layer, array) of an owner's slabs sits in its segment: byte offset, shape, dtype (every MoE
+    layer's slab has the template's shapes)."""
     entries, offset = [], 0
-    for layer, slab in enumerate(slabs):
-        for index, a in enumerate(slab.arrays()):
-            nbytes = int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+    for layer in range(num_layers):
+        for index, a in enumerate(template.arrays()):
             entries.append(dict(layer=layer, index=index, offset=offset, shape=list(a.shape),
                                 dtype=jnp.dtype(a.dtype).name))
-            offset += -(-nbytes // ALIGN) * ALIGN
+            offset += -(-zero_copy.size_of(a.shape, a.dtype) // ALIGN) * ALIGN
     return entries
 
 
 def segment_bytes(layout: list[dict]) -> int:
     last = layout[-1]
-    return last["offset"] + int(np.prod(last["shape"])) * jnp.dtype(last["dtype"]).itemsize
+    return last["offset"] + zero_copy.size_of(last["shape"], last["dtype"])
 
 
 class LocalExchange:
@@ -71,44 +77,54 @@ class LocalExchange:
             raise HandleError(f"{name} failed: {error}")
 
 
-class MappedSlabsTransport(Transport):
-    """The start-up protocol and the pulls; subclasses own the memory (`_create`, `_attach`, `_take`)."""
+class SlabShare:
+    """The start-up protocol (module docstring); subclasses own the memory (`_create`, `_attach`, `close`).
 
-    live_slots = 3
+    `slabs[owner]`: per MoE layer, the owner's slab as JAX arrays over its segment, for the owners this process
+    holds (on the owner's device) and those its ranks pull from (on this process's first device). `segments[owner]`:
+    the (address, bytes) of the owner's segment in this process."""
 
-    def __init__(self, placement, local_slabs, devices, options=TransportOptions(), exchange=None,
-                 tag: str | None = None):
-        """local_slabs[owner]: that owner's slabs per MoE layer, or None for an owner in another process;
-        devices[rank]: None for a rank in another process. `tag` names this group's segments (every process of
-        the group passes the same one)."""
+    def __init__(self, placement, local_slabs, devices, exchange=None, tag: str | None = None):
+        """local_slabs[owner]: a sequence of that owner's slabs per MoE layer, read once each in layer order (they
+        may be produced on demand), or None for an owner in another process; devices[rank]: None for a rank in
+        another process. `tag` names this group's segments (every process of the group passes the same one)."""
         if len(local_slabs) != placement.num_ranks or len(devices) != placement.num_ranks:
             raise ValueError(f"local_slabs and devices need one entry per rank ({placement.num_ranks}), got "
                              f"{len(local_slabs)} and {len(devices)}")
-        super().__init__(placement, local_slabs, devices, options)
+        self.placement, self.devices = placement, devices
         self.exchange = LocalExchange() if exchange is None else exchange
         self.tag = tag or f"dwdp_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.local_ranks = [r for r, d in enumerate(devices) if d is not None]
-        self.bytes_pulled = [0] * placement.num_ranks
-        self.pulls_done = [0] * placement.num_ranks
-        held = [r for r, s in enumerate(local_slabs) if s is not None]
-        self._template = local_slabs[held[0]][0]
-        self._expected = layout_of(local_slabs[held[0]])
+        self.slabs: dict[int, list[ExpertSlab]] = {}
+        self.segments: dict[int, tuple[int, int]] = {}
         self._owned: dict[int, object] = {}
-        for owner in held:
-            descriptor = self._create(owner, local_slabs[owner])
+        self._expected = None
+        for owner, slabs in enumerate(local_slabs):
+            if slabs is None:
+                continue
+            template = slabs[0]
+            self._template, self._expected = template, layout_of(template, len(slabs))
+            descriptor, arrays = self._create(owner, self._expected, iter(slabs), devices[owner])
+            self.slabs[owner] = self._as_slabs(arrays, template.start)
             self.exchange.set(f"{self.tag}/slabs/{owner}", json.dumps(descriptor))
-        self.sources: dict[int, list[list]] = {}  # owner -> layer -> arrays (row-sliceable views of its segment)
         error = None
-        owners = sorted({p.owner for r in self.local_ranks for p in placement.pulls(r)})
+        owners = sorted({p.owner for r in self.local_ranks for p in placement.pulls(r)} - set(self.slabs))
+        device = devices[self.local_ranks[0]]
         try:
             for owner in owners:
                 descriptor = json.loads(self.exchange.get(f"{self.tag}/slabs/{owner}", owner))
                 self._check_layout(owner, descriptor["layout"])
-                self.sources[owner] = self._attach(owner, descriptor)
+                arrays = self._attach(owner, descriptor, device)
+                self.slabs[owner] = self._as_slabs(arrays, placement.local_range(owner)[0])
         except HandleError as e:
             error = str(e)
         self.exchange.all_ok("mapping the peers' expert slabs", error)
         atexit.register(self.close)
+
+    def _as_slabs(self, arrays: list[jax.Array], start: int) -> list[ExpertSlab]:
+        per_layer = len(self._template.arrays())
+        return [self._template.with_arrays(arrays[i:i + per_layer], start=start)
+                for i in range(0, len(arrays), per_layer)]
 
     def _check_layout(self, owner: int, layout: list[dict]) -> None:
         for mine, theirs in zip(self._expected, layout):
@@ -120,59 +136,36 @@ class MappedSlabsTransport(Transport):
             raise HandleError(f"owner {owner} published {len(layout)} slab arrays, this process expects "
                               f"{len(self._expected)}")
 
-    def _pieces(self, rank: int):
-        for owner, offset, count, i in self.pull_order(rank):
-            a, b = slice_bounds(count, self.options.slices)[i]
-            start = next(p.global_start for p in self.placement.pulls(rank) if (p.owner, p.src_offset) == (owner, offset))
-            yield owner, offset + a, offset + b, start + a
+    def local_slabs(self) -> list[list[ExpertSlab] | None]:
+        """Per rank: its slabs in this process (held or mapped), else None; the transports' `local_slabs`."""
+        return [self.slabs.get(r) for r in range(self.placement.num_ranks)]
 
-    def _slot_layout(self, rank: int) -> tuple[ExpertSlab, ...]:
-        slabs = []
-        for owner, lo, hi, start in self._pieces(rank):
-            arrays = [jax.ShapeDtypeStruct((hi - lo,) + tuple(a.shape[1:]), a.dtype) for a in self.sources[owner][0]]
-            slabs.append(self._template.with_arrays(list(arrays), start=start))
-        return tuple(sorted(slabs, key=lambda s: s.start))
-
-    def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
-        device = self.devices[rank]
-        slabs = []
-        for owner, lo, hi, start in self._pieces(rank):
-            arrays = [self._take(a, lo, hi, device) for a in self.sources[owner][layer]]
-            self.bytes_pulled[rank] += sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
-            slabs.append(self._template.with_arrays(list(arrays), start=start))
-        self.pulls_done[rank] += 1
-        return tuple(sorted(slabs, key=lambda s: s.start))
-
-    def _wait(self, rank, slot, slabs):
-        return slabs  # the reading program waits on the copies' definition events
-
-    def planned_bytes_per_layer(self, rank: int) -> int:
-        per_expert = sum(int(np.prod(a.shape[1:])) * jnp.dtype(a.dtype).itemsize
-                         for a in self.sources[self.placement.pulls(rank)[0].owner][0]) if self.placement.pulls(rank) else 0
-        return self.placement.bytes_pulled_per_layer(rank, per_expert)
-
-    def close(self) -> None:
-        """Unmaps the peers' segments and frees this process's own."""
+    def holds(self, owner: int, a: jax.Array) -> bool:
+        """Whether array `a` lies in `owner`'s segment (the check that the weights are held once)."""
+        start, size = self.segments[owner]
+        return start <= a.unsafe_buffer_pointer() < start + size
 
     # -- the memory ---------------------------------------------------------------------------------------------
 
-    def _create(self, owner: int, slabs: list[ExpertSlab]) -> dict:
+    def _create(self, owner: int, layout: list[dict], slabs, device) -> tuple[dict, list[jax.Array]]:
+        """A segment for `owner` with `slabs` written into it: (its descriptor, the arrays over it in layout
+        order, on `device`)."""
         raise NotImplementedError
 
-    def _attach(self, owner: int, descriptor: dict) -> list[list]:
+    def _attach(self, owner: int, descriptor: dict, device) -> list[jax.Array]:
+        """The arrays of a peer's segment (layout order) mapped into this process, on `device`."""
         raise NotImplementedError
 
-    def _take(self, array, lo: int, hi: int, device):
-        raise NotImplementedError
+    def close(self) -> None:
+        """Frees this process's own segments (peers' mappings go with the arrays over them)."""
 
 
-class SharedMemoryTransport(MappedSlabsTransport):
+class SharedMemoryShare(SlabShare):
     """POSIX shared memory (CPU devices): one /dev/shm file per owner, written once, mapped read-only by peers."""
 
     root = "/dev/shm"
 
-    def _create(self, owner, slabs):
-        layout = layout_of(slabs)
+    def _create(self, owner, layout, slabs, device):
         path = os.path.join(self.root, f"{self.tag}_r{owner}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
@@ -181,13 +174,14 @@ class SharedMemoryTransport(MappedSlabsTransport):
             region = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        for entry, a in zip(layout, (a for slab in slabs for a in slab.arrays())):
-            view = np.ndarray(entry["shape"], jnp.dtype(entry["dtype"]), region, entry["offset"])
-            view[...] = np.asarray(a)
-        self._owned[owner] = (path, region)
-        return dict(kind="posix_shm", path=path, bytes=size, layout=layout)
+        self._owned[owner] = path
+        per_layer = len(self._template.arrays())
+        for i, slab in enumerate(slabs):
+            for entry, a in zip(layout[i * per_layer:(i + 1) * per_layer], slab.arrays()):
+                np.ndarray(entry["shape"], jnp.dtype(entry["dtype"]), region, entry["offset"])[...] = np.asarray(a)
+        return dict(kind="posix_shm", path=path, bytes=size, layout=layout), self._arrays(owner, region, layout, device)
 
-    def _attach(self, owner, descriptor):
+    def _attach(self, owner, descriptor, device):
         path = descriptor["path"]
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -201,18 +195,61 @@ class SharedMemoryTransport(MappedSlabsTransport):
             region = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        layers: list[list] = [[] for _ in range(1 + max(e["layer"] for e in descriptor["layout"]))]
-        for e in descriptor["layout"]:
-            layers[e["layer"]].append(np.ndarray(e["shape"], jnp.dtype(e["dtype"]), region, e["offset"]))
-        return layers
+        return self._arrays(owner, region, descriptor["layout"], device)
 
-    def _take(self, array, lo, hi, device):
-        return jax.device_put(np.array(array[lo:hi]), device)  # np.array: the bytes leave the owner's segment here
+    def _arrays(self, owner, region, layout, device):
+        base = np.frombuffer(region, np.uint8).ctypes.data  # mmap regions are page aligned
+        self.segments[owner] = (base, len(region))
+        return [zero_copy.array_at(base + e["offset"], e["shape"], e["dtype"], device, region) for e in layout]
 
     def close(self):
-        for path, region in self._owned.values():
+        for path in self._owned.values():
             try:
-                os.unlink(path)
+                os.unlink(path)  # the mappings stay valid until the last array over them is gone
             except FileNotFoundError:
                 pass
         self._owned.clear()
+
+
+class SliceTransport(Transport):
+    """Pulls that slice the remote rows out of a share's arrays onto the rank's device, in fresh buffers (XLA's
+    copy, on the puller's stream)."""
+
+    live_slots = 3
+
+    def __init__(self, placement, share: SlabShare, devices, options=TransportOptions()):
+        super().__init__(placement, share.local_slabs(), devices, options)
+        self.share = share
+        self.bytes_pulled = [0] * placement.num_ranks
+
+    def _pieces(self, rank: int):
+        for owner, offset, count, i in self.pull_order(rank):
+            a, b = slice_bounds(count, self.options.slices)[i]
+            start = next(p.global_start for p in self.placement.pulls(rank) if (p.owner, p.src_offset) == (owner, offset))
+            yield owner, offset + a, offset + b, start + a
+
+    def _slot_layout(self, rank: int) -> tuple[ExpertSlab, ...]:
+        slabs = []
+        for owner, lo, hi, start in self._pieces(rank):
+            source = self.local_slabs[owner][0]
+            arrays = [jax.ShapeDtypeStruct((hi - lo,) + a.shape[1:], a.dtype) for a in source.arrays()]
+            slabs.append(source.with_arrays(arrays, start=start))
+        return tuple(sorted(slabs, key=lambda s: s.start))
+
+    def _copy(self, rank: int, layer: int, slot: int) -> tuple[ExpertSlab, ...]:
+        device = self.devices[rank]
+        slabs = []
+        for owner, lo, hi, start in self._pieces(rank):
+            source = self.local_slabs[owner][layer]
+            arrays = [jax.device_put(_rows(a, lo, hi), device) for a in source.arrays()]
+            self.bytes_pulled[rank] += sum(a.nbytes for a in arrays)
+            slabs.append(source.with_arrays(arrays, start=start))
+        return tuple(sorted(slabs, key=lambda s: s.start))
+
+    def _wait(self, rank, slot, slabs):
+        return slabs  # the reading program waits on the copies' definition events
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rows(a, lo, hi):
+    return a[lo:hi]

@@ -7,27 +7,26 @@ writes its slabs into it and exports a shareable handle:
             Unix socket (SCM_RIGHTS) that the owner's process serves; the socket's path goes through the exchange.
   fabric    across the hosts of a multi-node NVLink domain: a 64-byte handle that travels through the exchange
             itself. Refused, with the reason, where the driver or the system does not provide it.
-A peer imports the handle, maps it into its address space with read access, and sees every layer's arrays as JAX
-arrays over the mapping, zero copy (DLPack through CuPy). A pull slices the rows it needs out of those arrays:
-the slice is the copy, by XLA on the puller's stream, into a fresh buffer (as in `shared_memory`).
+The owner's own programs read its slabs from the allocation (JAX arrays over the mapping, zero copy: `zero_copy`),
+so the weights are held once. A peer imports the handle, maps it into its address space with read access, and sees
+every layer's arrays the same way; the transports of `shared_memory` pull from them (XLA slices, or the copy engine
+from inside the rank's programs).
 
-The driver is called through ctypes on libcuda, so nothing beyond CuPy (DLPack wrapping) is needed.
+The driver is called through ctypes on libcuda; CuPy sets the current device and copies the slabs in.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import socket
 import tempfile
 import threading
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from dwdp_jax.transport.shared_memory import HandleError, MappedSlabsTransport, layout_of, segment_bytes
+from dwdp_jax.transport import zero_copy
+from dwdp_jax.transport.shared_memory import HandleError, SlabShare, segment_bytes
 
 POSIX_FD, FABRIC = 1, 8
 HANDLE_TYPES = {"posix_fd": POSIX_FD, "fabric": FABRIC}
@@ -161,19 +160,12 @@ class Allocation:
         os.close(fd)  # the imported handle keeps the memory alive
         return cls(handle.value, _map(handle.value, size, ordinal), size, ordinal, False)
 
-    def array(self, offset: int, shape, dtype) -> jax.Array:
-        """A JAX array over [offset, offset + its bytes) of the mapping, zero copy."""
-        import cupy
-
-        dtype = jnp.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+    def array(self, offset: int, shape, dtype, device: jax.Device) -> jax.Array:
+        """A JAX array on `device` over [offset, offset + its bytes) of the mapping, zero copy."""
+        nbytes = zero_copy.size_of(shape, dtype)
         if offset + nbytes > self.size:
             raise ValueError(f"an array of {nbytes} bytes at offset {offset} overruns the {self.size}-byte mapping")
-        # CuPy has no bfloat16: 2-byte types travel as uint16 and are reinterpreted by the consumer (`_take`)
-        carrier = dtype if dtype.kind in "fiub" and dtype.name != "bfloat16" else np.dtype(f"uint{8 * dtype.itemsize}")
-        memory = cupy.cuda.UnownedMemory(self.ptr + offset, nbytes, self, self.ordinal)
-        view = cupy.ndarray(tuple(shape), carrier, cupy.cuda.MemoryPointer(memory, 0))
-        return jax.dlpack.from_dlpack(view)
+        return zero_copy.array_at(self.ptr + offset, shape, dtype, device, self)
 
     def close(self) -> None:
         lib = driver()
@@ -219,61 +211,42 @@ def fetch_fd(path: str, key: str, timeout_s: float = 10.0) -> int:
         return fds[0]
 
 
-class VmmTransport(MappedSlabsTransport):
+class VmmShare(SlabShare):
     """CUDA VMM within a host (posix_fd handles); see the module docstring."""
 
     handle_kind = "posix_fd"
     _server: FdServer | None = None
 
-    def _create(self, owner, slabs):
+    def _create(self, owner, layout, slabs, device):
         import cupy
 
-        layout = layout_of(slabs)
-        device = self.devices[owner]
         alloc = Allocation.create(segment_bytes(layout), device.local_hardware_id, self.handle_kind)
-        for entry, a in zip(layout, (a for slab in slabs for a in slab.arrays())):
-            a.block_until_ready()
-            cupy.cuda.runtime.memcpy(alloc.ptr + entry["offset"], a.unsafe_buffer_pointer(),
-                                     int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize,
-                                     cupy.cuda.runtime.memcpyDeviceToDevice)
-        if VmmTransport._server is None:
-            VmmTransport._server = FdServer()
+        per_layer = len(self._template.arrays())
+        for i, slab in enumerate(slabs):
+            for entry, a in zip(layout[i * per_layer:(i + 1) * per_layer], slab.arrays()):
+                a.block_until_ready()
+                cupy.cuda.runtime.memcpy(alloc.ptr + entry["offset"], a.unsafe_buffer_pointer(), a.nbytes,
+                                         cupy.cuda.runtime.memcpyDeviceToDevice)
+            cupy.cuda.runtime.deviceSynchronize()  # device-to-device memcpy returns before the copy ends
+        if VmmShare._server is None:
+            VmmShare._server = FdServer()
         key = f"{self.tag}/{owner}"
-        VmmTransport._server.fds[key] = alloc.export_fd()
+        VmmShare._server.fds[key] = alloc.export_fd()
         self._owned[owner] = alloc
-        return dict(kind="cuda_vmm_posix_fd", socket=VmmTransport._server.path, key=key, bytes=alloc.size,
-                    host=socket.gethostname(), layout=layout)
+        self.segments[owner] = (alloc.ptr, alloc.size)
+        descriptor = dict(kind="cuda_vmm_posix_fd", socket=VmmShare._server.path, key=key, bytes=alloc.size,
+                          host=socket.gethostname(), layout=layout)
+        return descriptor, [alloc.array(e["offset"], e["shape"], e["dtype"], device) for e in layout]
 
-    def _attach(self, owner, descriptor):
+    def _attach(self, owner, descriptor, device):
         if descriptor.get("host") != socket.gethostname():
             raise HandleError(f"owner {owner}'s posix_fd handle is on host {descriptor.get('host')}, this process "
                               f"on {socket.gethostname()}: across hosts use fabric handles")
-        ordinal = next(d for d in self.devices if d is not None).local_hardware_id
         try:
             fd = fetch_fd(descriptor["socket"], descriptor["key"])
-            alloc = Allocation.import_fd(fd, descriptor["bytes"], ordinal)
+            alloc = Allocation.import_fd(fd, descriptor["bytes"], device.local_hardware_id)
         except (OSError, VmmError) as e:
             raise HandleError(f"owner {owner}'s VMM handle {descriptor['key']} at {descriptor['socket']} cannot be "
                               f"imported: {e}") from e
-        self._imported = getattr(self, "_imported", []) + [alloc]
-        layers = [[] for _ in range(1 + max(e["layer"] for e in descriptor["layout"]))]
-        for e in descriptor["layout"]:
-            layers[e["layer"]].append((alloc.array(e["offset"], e["shape"], e["dtype"]), jnp.dtype(e["dtype"])))
-        return [[_Typed(a, d) for a, d in layer] for layer in layers]
-
-    def _take(self, array, lo, hi, device):
-        return _rows(array.carrier, lo, hi, array.dtype)
-
-
-class _Typed:
-    """A zero-copy view and the dtype its bits hold (bf16 travels as uint16)."""
-
-    def __init__(self, carrier: jax.Array, dtype):
-        self.carrier, self.dtype = carrier, dtype
-        self.shape = carrier.shape
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _rows(a, lo, hi, dtype):
-    rows = a[lo:hi]
-    return rows if rows.dtype == dtype else jax.lax.bitcast_convert_type(rows, dtype)
+        self.segments[owner] = (alloc.ptr, alloc.size)
+        return [alloc.array(e["offset"], e["shape"], e["dtype"], device) for e in descriptor["layout"]]
