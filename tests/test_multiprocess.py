@@ -64,13 +64,13 @@ def test_dwdp_and_dep_across_processes_equal_the_reference(tmp_path, processes, 
     assert not glob.glob("/dev/shm/dwdp_*"), "a run left shared segments behind"
 
 
-def _served_despite_a_fault(tmp_path, kind: str, num_requests: int, reason: str, **fields):
-    """2 groups x 2 ranks, rank 1 of group 0 faulted (`kind`) with its first batch in hand: the run ends in time,
+def _served_despite_a_fault(tmp_path, kind: str, num_requests: int, reason: str, rank: int = 1, **fields):
+    """2 groups x 2 ranks, `rank` of group 0 faulted (`kind`) with its first batch in hand: the run ends in time,
     every request completed once, the failure recorded with `reason` and its batch re-run on group 1, whose
     processes exit 0. Returns (spec, result, failure, processes by (group, process))."""
     spec = Spec.of(mode="serve", num_groups=2, group_size=2, devices_per_process=1, num_requests=num_requests,
                    max_batch_size=2, model_changes=dict(num_hidden_layers=3, first_k_dense_replace=1),
-                   fault=dict(group=0, rank=1, after_batches=0, kind=kind), barrier_timeout_s=5.0, **fields)
+                   fault=dict(group=0, rank=rank, after_batches=0, kind=kind), barrier_timeout_s=5.0, **fields)
     start = time.time()
     result = launch.run(spec, str(tmp_path), timeout_s=150)
     assert time.time() - start < 150 and result["finished"], outcome_text(result)
@@ -78,7 +78,7 @@ def _served_despite_a_fault(tmp_path, kind: str, num_requests: int, reason: str,
     assert serving["completed"] == serving["requests"] == num_requests
     assert not serving["lost"] and not serving["served_twice"]
     [failure] = serving["failures"]
-    assert failure["group"] == 0 and failure["rank"] == 1 and reason in failure["reason"]
+    assert failure["group"] == 0 and failure["rank"] == rank and reason in failure["reason"]
     assert failure["requeued"], "the faulted rank held a batch: its requests must be re-run"
     assert all(result["completed"][r]["group"] == 1 for r in failure["requeued"])
     by_process = {(p["group"], p["process"]): p for p in result["processes"]}
@@ -96,6 +96,20 @@ def test_two_groups_one_rank_killed_every_request_served_once(tmp_path):
     peer = by_process[(0, 0)]
     assert peer["exit"] == 4 and any("process(es) [1]" in s for s in peer["said"]), peer
     # the served logits are the reference's, re-runs included
+    params = Params(*M.init_model(spec.model_config(), seed=spec.seed))
+    from dwdp_jax.packing import pack
+    for rid, tokens in spec.requests():
+        ref = prefill(params, pack([tokens], budget=spec.token_budget)).logits_TV[-1]
+        assert rel_err(result["completed"][rid]["logits"], ref) <= 1e-6, rid
+
+
+def test_the_process_hosting_the_coordination_service_killed_takes_only_its_group_down(tmp_path):
+    """Rank 0's process also runs its group's coordination service: with it gone, the runtime ends its peer at once
+    (SIGABRT, saying the leader died; no hang), and the other group serves every request once."""
+    spec, result, by_process = _served_despite_a_fault(tmp_path, "kill", 16, "died", rank=0)
+    assert by_process[(0, 0)]["signal"] == "SIGKILL"
+    assert by_process[(0, 1)]["signal"] == "SIGABRT", by_process[(0, 1)]
+    assert "leader task was preempted/died" in (tmp_path / "log_g0_p1.txt").read_text()
     params = Params(*M.init_model(spec.model_config(), seed=spec.seed))
     from dwdp_jax.packing import pack
     for rid, tokens in spec.requests():
