@@ -3,7 +3,9 @@ barriers, and the start-up agreement checks that make a bad launch fail fast on 
 
 Every wait has a deadline and its error names what is missing: a process that never joined, a key a peer never
 wrote, the processes that did not reach a barrier. Recoverability is on, so a peer that dies does not abort the
-survivors from inside the runtime: their next wait times out and says which process it was.
+survivors from inside the runtime: their next wait times out and says which process it was. The exception is
+process 0, which hosts the service: when it dies, the runtime aborts the others at once (SIGABRT, "the leader task
+was preempted/died"); they still end without hanging, and the router re-runs the group's requests elsewhere.
 """
 
 from __future__ import annotations
