@@ -375,8 +375,9 @@ def test_copy_engine_fences_order_the_moe_program(params):
     batch = pack([[1, 2, 3]], budget=BUDGET)
     w = engine.ranks[0]
     args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
-    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
-    text = stages.moe_layer.lower(engine._moe_graph, w.moe_states[0], x, *args[1:],
+    embed = w.weights.embed_VD
+    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), embed.dtype, sharding=embed.sharding)
+    text = stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
                                   engine._view(0, 0, engine.transport.remote_specs(0)),
                                   hook=engine.transport.hook(0)).as_text()
     calls = re.findall(r"(%\d+) = stablehlo.custom_call @\w*callback\w*\((%\w+)\)", text)
@@ -396,6 +397,6 @@ def test_copy_engine_fences_order_the_moe_program(params):
     # the issue fence takes the layer output, and the program returns that output through the fence's barrier
     assert issued_after in final and final.split("=")[0].strip().split(":")[0] + "#0" in returned
     with pytest.raises(ValueError, match=r"issue_after must be one of \('moe', 'attention'\), got 'early'"):
-        stages.moe_layer.lower(engine._moe_graph, w.moe_states[0], x, *args[1:],
+        stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
                                engine._view(0, 0, engine.transport.remote_specs(0)),
                                hook=engine.transport.hook(0), issue_after="early")

@@ -24,6 +24,7 @@ from dwdp_jax import memory
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.placement import Placement
 from dwdp_jax.runtime.dep import DepRuntime
+from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
 from dwdp_jax.transport.copy_engine import CopyEngineTransport
 from dwdp_jax.transport.shared_memory import SharedMemoryShare, SliceTransport, SlabShare
@@ -74,8 +75,8 @@ class ProcessDwdpEngine(DwdpEngine):
             raise ValueError(f"DwdpOptions.transport={options.transport!r} across processes; allowed: {TRANSPORTS}")
         self.cfg, self.placement, self.options = cfg, placement, options
         self.devices = [local_ranks.get(r) for r in range(placement.num_ranks)]
-        states = self._split_model(params.model)
-        self.ranks = {r: self._place_rank(r, params, *states, local=()) for r in sorted(local_ranks)}
+        self.graphs, weights = stages.split_model(params.model)
+        self.ranks = {r: self._place_rank(r, params, weights, local=()) for r in sorted(local_ranks)}
         source = as_source(params.experts)
         slabs = [_LayerSlabs(source, *placement.local_range(r), d, cfg.num_moe_layers) if d is not None else None
                  for r, d in enumerate(self.devices)]

@@ -15,11 +15,9 @@ Nothing here ever waits for another rank: owners' weights are immutable and pull
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dwdp_jax import checkpoint, memory
 from dwdp_jax.expert_source import as_source
@@ -82,11 +80,7 @@ class RankWeights:
     """Everything one rank keeps on its device."""
 
     device: jax.Device
-    embed_VD: jax.Array
-    dense_states: tuple
-    moe_states: tuple
-    norm_state: Any
-    lm_head_DV: jax.Array
+    weights: stages.Weights  # what the stage programs take
     local: tuple[ExpertSlab, ...]  # per MoE layer: this rank's experts [rP, rP + L)
 
 
@@ -114,8 +108,8 @@ class DwdpEngine:
                              row_align=grouped_gemm.row_alignment(options.gemm_backend))
         self.devices = list(available)[:placement.num_ranks]
         self.cfg, self.placement, self.options = cfg, placement, options
-        states = self._split_model(params.model)
-        self.ranks = [self._place_rank(r, params, *states) for r in range(len(self.devices))]
+        self.graphs, weights = stages.split_model(params.model)
+        self.ranks = [self._place_rank(r, params, weights) for r in range(len(self.devices))]
         self.transport = make_transport(options.transport, placement, [list(w.local) for w in self.ranks],
                                         self.devices, options.transport_options())
 
@@ -128,27 +122,14 @@ class DwdpEngine:
         ckpt = checkpoint.ModelCheckpoint(path)
         return cls(Params(ckpt.replicated(np.asarray), ckpt), placement, devices, options)
 
-    def _split_model(self, model) -> tuple:
-        """The stage programs' graphs (kept) and the states every rank places: (dense, MoE layers, final norm)."""
-        k = self.cfg.first_k_dense_replace
-        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
-        self._moe_graph, moe_states = stages.split_stack(model.layers[k:self.cfg.num_hidden_layers])
-        self._norm_graph, norm_state = nnx.split(model.norm)
-        return dense_states, moe_states, norm_state
-
-    def _place_rank(self, rank, params, dense_states, moe_states, norm_state, local=None) -> RankWeights:
+    def _place_rank(self, rank, params, weights: stages.Weights, local=None) -> RankWeights:
         """The rank's weights on its device; its expert slabs from `params.experts` unless given (`local`)."""
         device = self.devices[rank]
         start, stop = self.placement.local_range(rank)
-
-        def put(tree):
-            return jax.device_put(tree, device)
-
         if local is None:
             source = as_source(params.experts)
             local = tuple(source.rows(m, start, stop, device) for m in range(self.cfg.num_moe_layers))
-        return RankWeights(device, put(params.model.embed_tokens[...]), put(dense_states), put(moe_states),
-                           put(norm_state), put(params.model.lm_head[...]), local)
+        return RankWeights(device, jax.device_put(weights, device), local)
 
     @property
     def num_ranks(self) -> int:
@@ -179,7 +160,8 @@ class DwdpEngine:
             for m in range(min(ahead, n_moe)):
                 t.pull(rank, m, m % 2)
         t.seal(rank)
-        x = stages.run_front(self._dense_graph, w.dense_states, w.embed_VD, tokens, segs, pos, clock, hook=hook)
+        g, ww = self.graphs, w.weights
+        x = stages.run_front(g.dense, ww.dense_states, ww.embed_VD, tokens, segs, pos, clock, hook=hook)
         expert_ids = []
         for m in range(n_moe):
             slot = m % 2
@@ -195,31 +177,20 @@ class DwdpEngine:
             if opts.prefetch and m + ahead < n_moe:
                 t.pull(rank, m + ahead, (m + ahead) % 2)
             t.seal(rank)
-            x, ids = stages.run_moe_layer(self._moe_graph, w.moe_states[m], x, segs, pos, view, clock,
+            x, ids = stages.run_moe_layer(g.moe, ww.moe_states[m], x, segs, pos, view, clock,
                                           merge=opts.merge_experts, hook=hook, issue_after=issue_after)
             expert_ids.append(ids)
         rows = None if last_rows is None else jax.device_put(last_rows, w.device)
-        logits = stages.head(self._norm_graph, w.norm_state, w.lm_head_DV, x, rows)
+        logits = stages.head(g.norm, ww.norm_state, ww.lm_head_DV, x, rows)
         clock.lap("head", logits)
         return clock.result(stages.host_output(logits, x, expert_ids, batch, last_token=rows is not None))
 
     def compiled_hlo(self, batch: PackedBatch, rank: int = 0) -> dict[str, str]:
         """Optimized HLO text of the rank's programs (front, one MoE layer, head) for `batch`'s shapes."""
-        w = self.ranks[rank]
-        args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
-        x = jax.ShapeDtypeStruct((batch.budget, self.cfg.hidden_size), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
-        hook = self.transport.hook(rank)
-        texts = {
-            "front": stages.front.lower(self._dense_graph, w.dense_states, w.embed_VD, *args,
-                                        hook=hook).compile().as_text(),
-            "head": stages.head.lower(self._norm_graph, w.norm_state, w.lm_head_DV, x).compile().as_text(),
-        }
-        texts["moe_layer"] = stages.moe_layer.lower(self._moe_graph, w.moe_states[0], x, *args[1:],
-                                                    self._view(rank, 0, self.transport.remote_specs(rank)),
-                                                    merge=self.options.merge_experts, hook=hook,
-                                                    issue_after=self.options.pull_issue.removeprefix("after_")
-                                                    ).compile().as_text()
-        return texts
+        return stages.compiled_hlo(self.graphs, self.ranks[rank].weights, batch,
+                                   self._view(rank, 0, self.transport.remote_specs(rank)), self.transport.hook(rank),
+                                   merge=self.options.merge_experts,
+                                   issue_after=self.options.pull_issue.removeprefix("after_"))
 
 
 def count_collectives(hlo_text: str) -> int:

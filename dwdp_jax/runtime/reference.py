@@ -45,22 +45,19 @@ def prefill_streaming(model: DeepseekV3, experts, batch: PackedBatch, device: ja
     (`experts`: an ExpertSource or the full slabs). Only peak memory differs from `prefill`."""
     cfg, source = model.cfg, as_source(experts)
     per_slab = max_slab_experts(cfg.hidden_size, cfg.moe_intermediate_size)
-    k = cfg.first_k_dense_replace
-    dense_graph, dense_states = stages.split_stack(model.layers[:k])
-    moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
-    norm_graph, norm_state = nnx.split(model.norm)
-    put = functools.partial(jax.device_put, device=device)
-    tokens, segs, pos = put((batch.tokens_T, batch.segment_ids_T, batch.positions_T))
-    x = stages.front(dense_graph, put(dense_states), put(model.embed_tokens[...]), tokens, segs, pos)
+    g, w = stages.split_model(model)
+    w = jax.device_put(w, device)
+    tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), device)
+    x = stages.front(g.dense, w.dense_states, w.embed_VD, tokens, segs, pos)
     ids = []
     for m in range(cfg.num_moe_layers):
         view = ExpertView(slabs_of(source, m, 0, cfg.n_routed_experts, device, per_slab), cfg.n_routed_experts,
                           backend)
-        x, layer_ids = stages.moe_layer(moe_graph, put(moe_states[m]), x, segs, pos, view)
+        x, layer_ids = stages.moe_layer(g.moe, w.moe_states[m], x, segs, pos, view)
         ids.append(layer_ids)
         jax.block_until_ready(x)  # frees this layer's slab before the next one is generated
         del view
-    logits = stages.head(norm_graph, put(norm_state), put(model.lm_head[...]), x)
+    logits = stages.head(g.norm, w.norm_state, w.lm_head_DV, x)
     n = batch.num_tokens
     return PrefillOutput(np.asarray(logits, np.float32)[:n], [np.asarray(i)[:n] for i in ids], np.asarray(x)[:n])
 
@@ -76,12 +73,8 @@ class ReferenceRuntime:
         model = params.model
         cfg = self.cfg = model.cfg
         self.device, self.last_token_logits = device, last_token_logits
-        k = cfg.first_k_dense_replace
-        self._dense_graph, dense_states = stages.split_stack(model.layers[:k])
-        self._moe_graph, moe_states = stages.split_stack(model.layers[k:cfg.num_hidden_layers])
-        self._norm_graph, norm_state = nnx.split(model.norm)
-        self._dense_states, self._moe_states, self._norm_state, self._embed_VD, self._lm_head_DV = jax.device_put(
-            (dense_states, moe_states, norm_state, model.embed_tokens[...], model.lm_head[...]), device)
+        self.graphs, weights = stages.split_model(model)
+        self.weights = jax.device_put(weights, device)
         source, per_slab = as_source(params.experts), max_slab_experts(cfg.hidden_size, cfg.moe_intermediate_size)
         # all E experts of a layer, as slabs the split kernels can address
         self._views = [ExpertView(slabs_of(source, m, 0, cfg.n_routed_experts, device, per_slab),
@@ -97,28 +90,20 @@ class ReferenceRuntime:
         clock = StageClock(profile)
         rows = stages.last_token_rows(batch, self.last_token_logits) if self.last_token_logits else None
         tokens, segs, pos = self._inputs(batch)
-        x = stages.run_front(self._dense_graph, self._dense_states, self._embed_VD, tokens, segs, pos, clock)
+        g, w = self.graphs, self.weights
+        x = stages.run_front(g.dense, w.dense_states, w.embed_VD, tokens, segs, pos, clock)
         expert_ids = []
-        for state, view in zip(self._moe_states, self._views):
-            x, ids = stages.run_moe_layer(self._moe_graph, state, x, segs, pos, view, clock)
+        for state, view in zip(w.moe_states, self._views):
+            x, ids = stages.run_moe_layer(g.moe, state, x, segs, pos, view, clock)
             expert_ids.append(ids)
-        logits = stages.head(self._norm_graph, self._norm_state, self._lm_head_DV, x,
+        logits = stages.head(g.norm, w.norm_state, w.lm_head_DV, x,
                              None if rows is None else jax.device_put(rows, self.device))
         clock.lap("head", logits)
         return clock.result(stages.host_output(logits, x, expert_ids, batch, last_token=rows is not None))
 
     def compiled_hlo(self, batch: PackedBatch) -> dict[str, str]:
         """Optimized HLO text of its programs (front, one MoE layer, head) for `batch`'s shapes."""
-        tokens, segs, pos = self._inputs(batch)
-        x = jax.ShapeDtypeStruct((batch.budget, self.cfg.hidden_size), self._embed_VD.dtype,
-                                 sharding=self._embed_VD.sharding)
-        return {
-            "front": stages.front.lower(self._dense_graph, self._dense_states, self._embed_VD, tokens, segs,
-                                        pos).compile().as_text(),
-            "moe_layer": stages.moe_layer.lower(self._moe_graph, self._moe_states[0], x, segs, pos,
-                                                self._views[0]).compile().as_text(),
-            "head": stages.head.lower(self._norm_graph, self._norm_state, self._lm_head_DV, x).compile().as_text(),
-        }
+        return stages.compiled_hlo(self.graphs, self.weights, batch, self._views[0])
 
 
 def prefill_logits(config: ModelConfig, params: Params, sequences: Sequence[Sequence[int]]) -> np.ndarray:

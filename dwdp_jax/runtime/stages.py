@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +139,50 @@ def last_token_rows(batch: PackedBatch, max_sequences: int) -> np.ndarray:
 def split_stack(modules):
     splits = [nnx.split(m) for m in modules]
     return (splits[0][0] if splits else None), tuple(s for _, s in splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+    """The stage programs' static graphs: the dense layers', a MoE layer's (all alike), the final norm's."""
+
+    dense: Any
+    moe: Any
+    norm: Any
+
+
+class Weights(NamedTuple):
+    """The states and arrays the stage programs of one device take (a pytree: placed with one device_put)."""
+
+    dense_states: tuple
+    moe_states: tuple
+    norm_state: Any
+    embed_VD: jax.Array
+    lm_head_DV: jax.Array
+
+
+def split_model(model) -> tuple[Graphs, Weights]:
+    """The model as the stage programs take it: graphs (kept by a runtime) and weights (placed on each device)."""
+    k, n = model.cfg.first_k_dense_replace, model.cfg.num_hidden_layers
+    dense_graph, dense_states = split_stack(model.layers[:k])
+    moe_graph, moe_states = split_stack(model.layers[k:n])
+    norm_graph, norm_state = nnx.split(model.norm)
+    return (Graphs(dense_graph, moe_graph, norm_graph),
+            Weights(dense_states, moe_states, norm_state, model.embed_tokens[...], model.lm_head[...]))
+
+
+def compiled_hlo(graphs: Graphs, w: Weights, batch: PackedBatch, view, hook=None, **moe_options) -> dict[str, str]:
+    """Optimized HLO text of one device's programs (front, one MoE layer over `view`, head) for `batch`'s shapes;
+    `w` on that device, `moe_options` as `moe_layer` takes them."""
+    device = next(iter(w.embed_VD.devices()))
+    tokens, segs, pos = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), device)
+    x = jax.ShapeDtypeStruct((batch.budget, w.embed_VD.shape[1]), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
+    fenced = {} if hook is None else {"hook": hook}
+    return {
+        "front": front.lower(graphs.dense, w.dense_states, w.embed_VD, tokens, segs, pos, **fenced).compile().as_text(),
+        "moe_layer": moe_layer.lower(graphs.moe, w.moe_states[0], x, segs, pos, view, **fenced,
+                                     **moe_options).compile().as_text(),
+        "head": head.lower(graphs.norm, w.norm_state, w.lm_head_DV, x).compile().as_text(),
+    }
 
 
 def with_attention_impl(model, attention_impl: str):
