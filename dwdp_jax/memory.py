@@ -126,10 +126,13 @@ def _plan(cfg: ModelConfig, weight_bytes_per_param: float | None, device_bytes: 
     param_bytes = _weight_bytes_per_param(cfg, weight_bytes_per_param)
     expert_bytes = (cfg.expert_bytes() if weight_bytes_per_param is None
                     else cfg.expert_params() * weight_bytes_per_param)
-    experts_format = "FP8 experts, " if cfg.fp8_experts and weight_bytes_per_param is None else ""
+    stored = weight_bytes_per_param is None
+    experts_format = ("FP8 experts, " if cfg.fp8_experts and stored else "") + (
+        "FP8 projections, " if cfg.fp8_dense and stored else "")
     plan = MemoryPlan(
         description=f"{description}, {experts_format}{param_bytes} B/param",
-        replicated_weight_bytes=math.ceil(replicated_params(cfg) * param_bytes),
+        replicated_weight_bytes=(replicated_bytes(cfg) if weight_bytes_per_param is None
+                                 else math.ceil(replicated_params(cfg) * param_bytes)),
         local_expert_bytes=math.ceil(experts * expert_bytes),
         prefetch_slot_bytes=math.ceil(slot_experts * expert_bytes),
         all_to_all_bytes=all_to_all_bytes,
@@ -166,16 +169,36 @@ def replicated_params(cfg: ModelConfig) -> int:
     return embeddings + sum(cfg.layer_params(layer)["replicated"] for layer in range(cfg.num_hidden_layers))
 
 
-def replicated_bytes_fp8_projections(cfg: ModelConfig) -> int:
-    """The replicated weights' bytes if every projection (attention, dense MLP, shared experts) were FP8 with
-    128 x 128 fp32 block scales, as the released checkpoint stores them, and the rest (embedding, lm_head, norms,
-    routers) in `dtype`: a projection of dense FP8 layers, which the model does not build."""
-    d = cfg.hidden_size
-    projections = sum(cfg.layer_params(layer)["replicated"] - 2 * d for layer in range(cfg.num_hidden_layers))
-    projections -= cfg.num_moe_layers * (d * cfg.n_routed_experts + cfg.n_routed_experts)  # routers stay
-    projections -= cfg.num_hidden_layers * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank)  # the LoRA norms stay
-    rest = replicated_params(cfg) - projections
-    return math.ceil(projections * (1 + 4 / (FP8_BLOCK * FP8_BLOCK)) + rest * _DTYPE_BYTES[cfg.dtype])
+def projection_shapes(cfg: ModelConfig, layer: int) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer of decoder layer `layer` that the checkpoint stores in FP8: the attention
+    projections, the dense MLP or the shared experts (not the router, not the norms)."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    q = ([(h * cfg.qk_head_dim, d)] if cfg.q_lora_rank is None
+         else [(cfg.q_lora_rank, d), (h * cfg.qk_head_dim, cfg.q_lora_rank)])
+    attention = q + [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d),
+                     (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), (d, h * cfg.v_head_dim)]
+    f = cfg.moe_intermediate_size * cfg.n_shared_experts if cfg.is_moe_layer(layer) else cfg.intermediate_size
+    return attention + ([(f, d), (f, d), (d, f)] if f else [])
+
+
+def fp8_matrix_bytes(n: int, k: int) -> int:
+    """An [n, k] e4m3 matrix with one fp32 scale per 128 x 128 block (partial edge blocks included)."""
+    return n * k + 4 * -(-n // FP8_BLOCK) * -(-k // FP8_BLOCK)
+
+
+def replicated_bytes(cfg: ModelConfig, fp8_dense: bool | None = None) -> int:
+    """Bytes of the weights every rank holds (`replicated_params`) as the model stores them: `dtype`, the routers
+    (weight and correction bias) fp32, and every `projection_shapes` matrix FP8 when `fp8_dense` (default:
+    `cfg.fp8_dense`, the model's own choice)."""
+    fp8_dense = cfg.fp8_dense if fp8_dense is None else fp8_dense
+    router = cfg.hidden_size * cfg.n_routed_experts + cfg.n_routed_experts
+    total = (replicated_params(cfg) * _DTYPE_BYTES[cfg.dtype]
+             + cfg.num_moe_layers * router * (4 - _DTYPE_BYTES[cfg.dtype]))
+    if fp8_dense:
+        for layer in range(cfg.num_hidden_layers):
+            for n, k in projection_shapes(cfg, layer):
+                total += fp8_matrix_bytes(n, k) - n * k * _DTYPE_BYTES[cfg.dtype]
+    return math.ceil(total)
 
 
 def routed_params(cfg: ModelConfig) -> int:

@@ -199,12 +199,12 @@ def table(study: str, doc: dict) -> str:
                       ("replicated_weight_bytes", 11), ("local_expert_bytes", 9), ("prefetch_slot_bytes", 7),
                       ("all_to_all_bytes", 6), ("activation_bytes", 8), ("total_bytes", 9)))
                   + "  " + " ".join(("yes" if r["fits"][card] else "no").rjust(len(card)) for card in cards)
-                  + f"  | {r['projected_total_bytes_fp8_projections'] / 1e9:.1f} "
-                  + " ".join(("yes" if r["projected_fits_fp8_projections"][card] else "no") for card in cards)
+                  + f"  | {r['total_bytes_fp8_dense'] / 1e9:.1f} "
+                  + " ".join(("yes" if r["fits_fp8_dense"][card] else "no") for card in cards)
                   for r in doc["raw"]["rows"]]
         return "\n".join(lines + [f"fits: at most {doc['config']['memory_fraction']:.0%} of the card's memory; dense "
-                                  "FP8: the replicated projections FP8 as the checkpoint stores them (projected: "
-                                  "the model keeps them in bf16)"])
+                                  "FP8: the replicated projections FP8 as the checkpoint stores them "
+                                  "(ModelConfig.fp8_dense)"])
     if study == "grid":
         lines = [f"DWDP{doc['config']['group_size']} / DEP{doc['config']['group_size']} predicted (calibrated, setup "
                  f"of {doc['config']['base_run']})", f"{'r':>5}{'MNT':>7}{'mitigation':>12}{'DWDP/DEP':>10}  "

@@ -61,6 +61,9 @@ class ModelConfig:
     # Routed experts stored FP8 e4m3 with one fp32 scale per 128 x 128 block, as the released checkpoint stores
     # them; each expert GEMM quantizes its input in 1 x 128 groups (DeepSeek-V3's inference). False: `dtype`.
     fp8_experts: bool = False
+    # Every other linear layer the checkpoint stores in FP8 (the attention projections, dense and shared MLPs) kept so: e4m3 [out, in] with 128 x 128 block scales, inputs quantized in 1 x 128 groups.
+    # Embedding, lm_head, router and norms stay `dtype` (as in the checkpoint). False: `dtype`.
+    fp8_dense: bool = False
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -98,8 +101,9 @@ class ModelConfig:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"ModelConfig.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
-        if not isinstance(self.fp8_experts, bool):
-            raise ValueError(f"ModelConfig.fp8_experts must be True or False, got {self.fp8_experts!r}")
+        for name in ("fp8_experts", "fp8_dense"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -199,8 +203,13 @@ def deepseek_r1_fp8() -> ModelConfig:
     return deepseek_r1().replace(fp8_experts=True)
 
 
-PRESETS = {"deepseek_r1": deepseek_r1, "deepseek_r1_fp8": deepseek_r1_fp8, "deepseek_v3_lite": deepseek_v3_lite,
-           "tiny": tiny}
+def deepseek_r1_released() -> ModelConfig:
+    """DeepSeek-R1 laid out as the released checkpoint: routed experts and every other linear layer FP8."""
+    return deepseek_r1().replace(fp8_experts=True, fp8_dense=True)
+
+
+PRESETS = {"deepseek_r1": deepseek_r1, "deepseek_r1_fp8": deepseek_r1_fp8, "deepseek_r1_released": deepseek_r1_released,
+           "deepseek_v3_lite": deepseek_v3_lite, "tiny": tiny}
 
 
 def get_preset(name: str, **changes: Any) -> ModelConfig:

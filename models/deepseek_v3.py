@@ -10,6 +10,7 @@ same modules run the reference, DEP and DWDP. Nothing here knows about devices o
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -27,6 +28,25 @@ INIT_STD = 0.02  # HF initializer_range
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
     return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
+
+
+def _projection(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, fp8_blocks: bool, in_axes: int = 1) -> nnx.Param:
+    """A linear layer's weight [*in, *out] (`in_axes` input axes) in `dtype`, or (`fp8_blocks`) as the checkpoint
+    stores it: an FP8 `BlockScaled` of the [prod(out), prod(in)] matrix (e4m3, one fp32 scale per 128 x 128
+    block)."""
+    if not fp8_blocks:
+        return _param(rngs, shape, dtype)
+    w = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    q = fp8.quantize_weights(w.reshape(math.prod(shape[:in_axes]), -1).T[None])
+    return nnx.Param(fp8.BlockScaled(q.values_GNK[0], q.scales_GRS[0]))
+
+
+def project(x_TK: jax.Array, w: nnx.Param) -> jax.Array:
+    """x [T, in] through a `_projection` weight: [T, prod(out)] (an FP8 weight through `fp8.linear`)."""
+    value = w.get_value()
+    if isinstance(value, fp8.BlockScaled):
+        return fp8.linear(x_TK, value)
+    return x_TK @ value.reshape(x_TK.shape[-1], -1)
 
 
 # The q/kv LoRA norms keep RMSNorm's default eps whatever rms_norm_eps says: DeepSeek's own inference code
@@ -96,30 +116,32 @@ class MLA(nnx.Module):
         d, h = cfg.hidden_size, cfg.num_attention_heads
         self.cfg = cfg
         self.attention_impl = attention_impl
+        proj = functools.partial(_projection, rngs, dtype=dt, fp8_blocks=cfg.fp8_dense)
         if cfg.q_lora_rank is None:
-            self.q_proj = _param(rngs, (d, h, cfg.qk_head_dim), dt)
+            self.q_proj = proj((d, h, cfg.qk_head_dim))
         else:
-            self.q_a_proj = _param(rngs, (d, cfg.q_lora_rank), dt)
+            self.q_a_proj = proj((d, cfg.q_lora_rank))
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, dt)
-            self.q_b_proj = _param(rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), dt)
-        self.kv_a_proj_with_mqa = _param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), dt)
+            self.q_b_proj = proj((cfg.q_lora_rank, h, cfg.qk_head_dim))
+        self.kv_a_proj_with_mqa = proj((d, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LORA_NORM_EPS, dt)
-        self.kv_b_proj = _param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim), dt)
-        self.o_proj = _param(rngs, (h, cfg.v_head_dim, d), dt)
+        self.kv_b_proj = proj((cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = proj((h, cfg.v_head_dim, d), in_axes=2)
 
     def __call__(self, x_TD, segment_ids_T, positions_T):
         cfg = self.cfg
+        t, h = x_TD.shape[0], cfg.num_attention_heads
         with jax.named_scope("mla_proj"):
             if cfg.q_lora_rank is None:
-                q_THK = jnp.einsum("td,dhk->thk", x_TD, self.q_proj[...])
+                q_THK = project(x_TD, self.q_proj).reshape(t, h, cfg.qk_head_dim)
             else:
-                q_TQ = self.q_a_layernorm(x_TD @ self.q_a_proj[...])
-                q_THK = jnp.einsum("tq,qhk->thk", q_TQ, self.q_b_proj[...])
+                q_TQ = self.q_a_layernorm(project(x_TD, self.q_a_proj))
+                q_THK = project(q_TQ, self.q_b_proj).reshape(t, h, cfg.qk_head_dim)
             q_nope_THN, q_pe_THR = jnp.split(q_THK, [cfg.qk_nope_head_dim], axis=-1)
-            kv_a = x_TD @ self.kv_a_proj_with_mqa[...]
+            kv_a = project(x_TD, self.kv_a_proj_with_mqa)
             c_TC = self.kv_a_layernorm(kv_a[:, :cfg.kv_lora_rank])
             k_pe_T1R = kv_a[:, None, cfg.kv_lora_rank:]  # one rope key shared by all heads
-            kv_THX = jnp.einsum("tc,chx->thx", c_TC, self.kv_b_proj[...])
+            kv_THX = project(c_TC, self.kv_b_proj).reshape(t, h, -1)
             k_nope_THN, v_THV = jnp.split(kv_THX, [cfg.qk_nope_head_dim], axis=-1)
         with jax.named_scope("rope"):
             inv_freq, factor = rope_inv_freq(cfg)
@@ -131,20 +153,20 @@ class MLA(nnx.Module):
             attend = attention_kernels.get_backend(self.attention_impl)
             o_THV = attend(q_THK, k_THK, v_THV, segment_ids_T, positions_T, scale=cfg.softmax_scale)
         with jax.named_scope("mla_out"):
-            return jnp.einsum("thv,hvd->td", o_THV, self.o_proj[...])
+            return project(o_THV.reshape(t, -1), self.o_proj)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
 
-    def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs):
-        self.gate_proj = _param(rngs, (d, f), dtype)
-        self.up_proj = _param(rngs, (d, f), dtype)
-        self.down_proj = _param(rngs, (f, d), dtype)
+    def __init__(self, d: int, f: int, dtype, rngs: nnx.Rngs, fp8_blocks: bool = False):
+        self.gate_proj = _projection(rngs, (d, f), dtype, fp8_blocks)
+        self.up_proj = _projection(rngs, (d, f), dtype, fp8_blocks)
+        self.down_proj = _projection(rngs, (f, d), dtype, fp8_blocks)
 
     def __call__(self, x_TD):
-        h_TF = jax.nn.silu(x_TD @ self.gate_proj[...]) * (x_TD @ self.up_proj[...])
-        return h_TF @ self.down_proj[...]
+        h_TF = jax.nn.silu(project(x_TD, self.gate_proj)) * project(x_TD, self.up_proj)
+        return project(h_TF, self.down_proj)
 
 
 class Router(nnx.Module):
@@ -183,7 +205,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.gate = Router(cfg, rngs)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
-                                  jnp.dtype(cfg.dtype), rngs) if cfg.n_shared_experts else None
+                                  jnp.dtype(cfg.dtype), rngs, cfg.fp8_dense) if cfg.n_shared_experts else None
 
     def __call__(self, x_TD, experts: RoutedExperts, valid_T=None):
         with jax.named_scope("router"):
@@ -204,7 +226,7 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.self_attn = MLA(cfg, rngs, attention_impl)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
-        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dt, rngs)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dt, rngs, cfg.fp8_dense)
 
     def attention(self, x_TD, segment_ids_T, positions_T):
         return x_TD + self.self_attn(self.input_layernorm(x_TD), segment_ids_T, positions_T)
@@ -229,7 +251,7 @@ class MTP(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
-        self.eh_proj = _param(rngs, (2 * cfg.hidden_size, cfg.hidden_size), dt)
+        self.eh_proj = _param(rngs, (2 * cfg.hidden_size, cfg.hidden_size), dt)  # bf16 in the checkpoint
         self.layer = DecoderLayer(cfg, moe=True, rngs=rngs, attention_impl=attention_impl)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)  # checkpoint name: shared_head.norm
 
@@ -277,7 +299,7 @@ class DeepseekV3(nnx.Module):
         serving engines feed it) and the embeddings of the next tokens."""
         mtp = self.mtp[depth]
         e_TD = mtp.enorm(self.embed(next_tokens_T))
-        x_TD = jnp.concatenate([e_TD, mtp.hnorm(self.norm(h_TD))], axis=-1) @ mtp.eh_proj[...]
+        x_TD = project(jnp.concatenate([e_TD, mtp.hnorm(self.norm(h_TD))], axis=-1), mtp.eh_proj)
         x_TD, ids_TK = mtp.layer(x_TD, segment_ids_T, positions_T, experts, segment_ids_T >= 0)
         return jnp.einsum("td,dv->tv", mtp.norm(x_TD), self.lm_head[...], preferred_element_type=jnp.float32), ids_TK
 

@@ -16,10 +16,12 @@ def test_replicated_plus_all_local_experts_is_the_whole_model():
     cfg = deepseek_r1()
     placement = Placement.uniform(cfg.n_routed_experts, 4)
     plan = memory.plan_dwdp(cfg, placement, max_num_tokens=8192)
-    assert plan.replicated_weight_bytes + placement.num_ranks * plan.local_expert_bytes == 2 * cfg.param_count()
+    routers_fp32 = 2 * cfg.num_moe_layers * (cfg.hidden_size + 1) * cfg.n_routed_experts  # 4 bytes, not 2
+    whole = 2 * cfg.param_count() + routers_fp32
+    assert plan.replicated_weight_bytes + placement.num_ranks * plan.local_expert_bytes == whole
     assert plan.prefetch_slot_bytes == 2 * 192 * cfg.expert_params() * 2
     reference = memory.plan_reference(cfg, 8192)
-    assert reference.replicated_weight_bytes + reference.local_expert_bytes == 2 * cfg.param_count()
+    assert reference.replicated_weight_bytes + reference.local_expert_bytes == whole
 
 
 def test_tile_aligned_rows_are_counted():

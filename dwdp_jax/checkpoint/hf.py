@@ -6,7 +6,9 @@ Two expert layouts exist in the wild: DeepSeek's original per-expert tensors
 `save_pretrained` write) and transformers 5.x's fused in-memory layout (`experts.gate_up_proj` [E, 2I, H], gate
 rows first, and `experts.down_proj` [E, H, I]). Both load. FP8 e4m3 tensors are dequantized on the way in:
 W = fp8 * weight_scale_inv, one scale per block (128x128 for R1; edge blocks partial), computed in fp32; with
-`fp8="keep"` the routed experts stay FP8 (`ModelConfig.fp8_experts`: values and scales as stored).
+`fp8="keep"` the routed experts stay FP8 (`ModelConfig.fp8_experts`: values and scales as stored), and so do the
+other projections when the checkpoint stores every one of them FP8 (`ModelConfig.fp8_dense`); `fp8="keep_experts"`
+keeps the routed experts only (for GPUs without a block-scaled dense FP8 GEMM).
 
 With `experts="lazy"` no expert is read at load time: `Params.experts` is an `HfExperts` source whose `rows` reads
 only the experts asked for, straight onto a device, so a DWDP rank holds its own slab and never the checkpoint's.
@@ -49,7 +51,7 @@ _SUPPORTED_DTYPES = {"F32", "BF16", "F16", *_RAW_DTYPES}
 _FP8 = "F8_E4M3"
 
 Read = Callable[[str], np.ndarray]  # a checkpoint tensor by name, dequantized, in its stored layout
-FP8_MODES = ("dequantize", "keep")
+FP8_MODES = ("dequantize", "keep", "keep_experts")
 EXPERT_LOADING = ("load", "lazy")
 
 
@@ -78,18 +80,24 @@ def load_hf_checkpoint(path: str, dtype: Any = None, fp8: str = "dequantize", ex
     with contextlib.ExitStack() as stack:
         shards = _Shards(path, stack)
         config = config.replace(num_nextn_predict_layers=_present_mtp_layers(config, shards),
-                                fp8_experts=fp8 == "keep")
-        if fp8 == "keep":
-            _check_fp8_experts(shards, config, fp8_block)
+                                fp8_experts=fp8 != "dequantize", fp8_dense=fp8 == "keep")
+        if fp8 != "dequantize":
+            _check_fp8_experts(shards, config, fp8_block, fp8)
         model, expert_targets = abstract_model(config)
         graphdef, abstract_state = nnx.split(model)
         flat = list(nnx.to_flat_state(abstract_state))
+        projections = [_hf_name(config, p) for p, v in flat if isinstance(v.get_value(), fp8_kernels.BlockScaled)]
+        if config.fp8_dense and not all(n in shards.names and shards.dtype(n) == _FP8 for n in projections):
+            config = config.replace(fp8_dense=False)  # projections stored in bf16 are loaded as stored
+            model, expert_targets = abstract_model(config)
+            graphdef, abstract_state = nnx.split(model)
+            flat = list(nnx.to_flat_state(abstract_state))
         param_entries = [_param_entry(_hf_name(config, p), p, v) for p, v in flat]
         expert_entries = [_experts_entry(prefix, slab, fused=prefix + "gate_up_proj" in shards.names)
                           for prefix, slab in zip(_expert_prefixes(config), expert_targets)]
         _validate(shards, param_entries + expert_entries, _mtp_copies(config, shards), fp8_block)
         read = shards.reader(fp8_block)
-        state = nnx.from_flat_state([(p, v.replace(jnp.asarray(e.build(read)))) for (p, v), e in
+        state = nnx.from_flat_state([(p, v.replace(jax.tree.map(jnp.asarray, e.build(read)))) for (p, v), e in
                                      zip(flat, param_entries)])
         if experts == "lazy":
             source = HfExperts(path, config, expert_entries, fp8_block)
@@ -269,10 +277,14 @@ def _hf_name(config: ModelConfig, path: tuple) -> str:
     return name if path[-1] in ("weight", "e_score_correction_bias") else name + ".weight"
 
 
-def _param_entry(name: str, path: tuple, target: jax.ShapeDtypeStruct) -> _Entry:
-    """Vectors and the embedding load as stored; every other weight is a linear stored [out, in] by HF and
-    [in..., out...] here (o_proj is the one with two input axes: heads, v)."""
-    shape, dtype = target.shape, target.dtype
+def _param_entry(name: str, path: tuple, target: nnx.Param) -> _Entry:
+    """Vectors and the embedding load as stored; an FP8 projection (`fp8.BlockScaled`) keeps HF's [out, in] values
+    and block scales as stored; every other weight is a linear stored [out, in] by HF and [in..., out...] here
+    (o_proj is the one with two input axes: heads, v)."""
+    value = target.get_value()
+    if isinstance(value, fp8_kernels.BlockScaled):
+        return _Entry({name: value.values_GNK.shape}, lambda read: fp8_kernels.BlockScaled(*read.fp8(name)))
+    shape, dtype = value.shape, value.dtype
     if len(shape) == 1 or path[-1] == "embed_tokens":
         return _Entry({name: shape}, lambda read: np.asarray(read(name), dtype))
     n_in = 2 if path[-1] == "o_proj" else 1
@@ -330,15 +342,15 @@ def _experts_entry(prefix: str, target: ExpertSlab, fused: bool) -> _Entry:
     return _Entry(expected, build_per_expert)
 
 
-def _check_fp8_experts(shards: "_Shards", config: ModelConfig, fp8_block: tuple[int, int]) -> None:
-    """fp8="keep" needs the routed experts stored FP8 in the model's 128 x 128 blocks."""
+def _check_fp8_experts(shards: "_Shards", config: ModelConfig, fp8_block: tuple[int, int], mode: str) -> None:
+    """fp8="keep" / "keep_experts" needs the routed experts stored FP8 in the model's 128 x 128 blocks."""
     if fp8_block != (fp8_kernels.BLOCK, fp8_kernels.BLOCK):
-        raise ValueError(f"fp8='keep': the checkpoint's weight_block_size is {list(fp8_block)}; FP8 experts are "
+        raise ValueError(f"fp8={mode!r}: the checkpoint's weight_block_size is {list(fp8_block)}; FP8 weights are "
                          f"kept in {fp8_kernels.BLOCK} x {fp8_kernels.BLOCK} blocks only")
     prefix = _expert_prefixes(config)[0]
     name = next((n for n in (f"{prefix}0.gate_proj.weight", prefix + "gate_up_proj") if n in shards.names), None)
     if name is not None and shards.dtype(name) != _FP8:
-        raise ValueError(f"fp8='keep': the routed experts are {shards.dtype(name)} ({name}), not FP8 e4m3; load "
+        raise ValueError(f"fp8={mode!r}: the routed experts are {shards.dtype(name)} ({name}), not FP8 e4m3; load "
                          f"with fp8='dequantize'")
 
 

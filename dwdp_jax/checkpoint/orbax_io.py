@@ -31,6 +31,7 @@ from etils import epath
 from flax import nnx
 
 from dwdp_jax.checkpoint.common import CheckpointError, json_object
+from dwdp_jax.kernels.fp8 import BlockScaled
 from dwdp_jax.placement import Placement
 from models.config import ModelConfig, YarnConfig
 from models.deepseek_v3 import DeepseekV3, Params, abstract_model, num_expert_layers
@@ -113,7 +114,8 @@ class ModelCheckpoint:
                 raise CheckpointError(f"{self.path}: array model/{name} fails its CRC32 check: the checkpoint is "
                                       "corrupt")
         graphdef, abstract = nnx.split(abstract_model(self.config)[0])
-        return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(put(arrays[_path_name(p)])))
+        return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(_rebuild(v.get_value(), _path_name(p), arrays,
+                                                                               put)))
                                                          for p, v in nnx.to_flat_state(abstract)]))
 
     def rows(self, layer: int, start: int, stop: int, device: jax.Device) -> ExpertSlab:
@@ -205,8 +207,21 @@ def _path_name(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
+def _leaves(name: str, value) -> dict[str, Any]:
+    """A parameter's arrays by manifest name: itself, or an FP8 projection's values and scales under it."""
+    if isinstance(value, BlockScaled):
+        return {f"{name}/{field}": a for field, a in value._asdict().items()}
+    return {name: value}
+
+
+def _rebuild(template, name: str, arrays: dict[str, np.ndarray], put: Callable[[np.ndarray], jax.Array]):
+    if isinstance(template, BlockScaled):
+        return BlockScaled(*(put(arrays[f"{name}/{field}"]) for field in BlockScaled._fields))
+    return put(arrays[name])
+
+
 def _model_arrays(model: DeepseekV3) -> dict[str, jax.Array]:
-    return {_path_name(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    return {k: a for p, v in nnx.to_flat_state(nnx.state(model)) for k, a in _leaves(_path_name(p), v.get_value()).items()}
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -268,8 +283,8 @@ def _read_header(path: str) -> tuple[ModelConfig, dict]:
 def _expected_arrays(config: ModelConfig) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
     """Shape and dtype of every array the config implies, named as in the manifest."""
     model, slabs = abstract_model(config)
-    expected_model = {_path_name(p): (tuple(v.get_value().shape), jnp.dtype(v.get_value().dtype).name)
-                      for p, v in nnx.to_flat_state(nnx.state(model))}
+    expected_model = {k: (tuple(a.shape), jnp.dtype(a.dtype).name) for p, v in nnx.to_flat_state(nnx.state(model))
+                      for k, a in _leaves(_path_name(p), v.get_value()).items()}
     expected_experts = {f"{m}/{n}": (tuple(a.shape), jnp.dtype(a.dtype).name)
                         for m, s in enumerate(slabs) for n, a in s.named_arrays().items()}
     return {"model": expected_model, "experts": expected_experts}

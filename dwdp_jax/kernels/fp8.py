@@ -135,3 +135,12 @@ def reference_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate: BlockScaled
 
     h_MF = (jax.nn.silu(dot(x_MD, w_gate)) * dot(x_MD, w_up)).astype(x_MD.dtype)
     return dot(h_MF, w_down).astype(x_MD.dtype)
+
+
+def linear(x_TK: jax.Array, w: BlockScaled) -> jax.Array:
+    """x @ W^T for a dense FP8 weight W [N, K] (a projection as the checkpoint stores it: e4m3 [out, in] and one
+    fp32 scale per 128 x 128 block) exactly as a block-scaled FP8 GEMM defines it: x quantized per row and 128
+    columns, the fp32 product with the block-dequantized weight; [T, N] in x's dtype."""
+    w_KN = dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0].T
+    return jnp.dot(as_fp8_rows(x_TK), w_KN, preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST).astype(x_TK.dtype)

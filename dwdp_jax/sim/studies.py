@@ -69,15 +69,15 @@ def memory_study(cfgs: Sequence[ModelConfig], cards: Sequence[HardwareSpec], gro
                  max_num_tokens: Sequence[int], fraction: float) -> dict:
     """Per model (FP8 experts or not), group size and MNT: one DWDP rank's and one DEP rank's memory plan, term by
     term (`memory.plan_dwdp` / `plan_dep`, FlashAttention activations, two prefetch slots), and whether it fits
-    `fraction` of each card's memory; beside it, projected, the same with every replicated projection FP8 as the
-    checkpoint stores them (`memory.replicated_bytes_fp8_projections`; the model keeps them in `dtype`)."""
+    `fraction` of each card's memory; beside it, the same with every replicated projection FP8 as the checkpoint
+    stores them (`ModelConfig.fp8_dense`, `memory.replicated_bytes`)."""
     require_positive("group_sizes", group_sizes)
     require_positive("max_num_tokens", max_num_tokens)
     if not 0 < fraction <= 1:
         raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
     rows = []
     for cfg in cfgs:
-        fp8_projections = memory.replicated_bytes_fp8_projections(cfg)
+        fp8_projections = memory.replicated_bytes(cfg, fp8_dense=True)
         for n in group_sizes:
             placement = Placement.for_group(cfg.n_routed_experts, n)
             for mnt in max_num_tokens:
@@ -89,8 +89,8 @@ def memory_study(cfgs: Sequence[ModelConfig], cards: Sequence[HardwareSpec], gro
                     rows.append({"fp8_experts": cfg.fp8_experts, "strategy": strategy, "group_size": n,
                                  "max_num_tokens": mnt, **dataclasses.asdict(plan), "total_bytes": plan.total_bytes,
                                  "fits": {hw.name: plan.total_bytes <= fraction * hw.memory_bytes for hw in cards},
-                                 "projected_total_bytes_fp8_projections": fp8_dense,
-                                 "projected_fits_fp8_projections": {hw.name: fp8_dense <= fraction * hw.memory_bytes
+                                 "total_bytes_fp8_dense": fp8_dense,
+                                 "fits_fp8_dense": {hw.name: fp8_dense <= fraction * hw.memory_bytes
                                                                     for hw in cards}})
     return {"config": {"models": list(cfgs), "cards": {hw.name: hw.memory_bytes for hw in cards},
                        "group_sizes": list(group_sizes), "max_num_tokens": list(max_num_tokens),
