@@ -209,6 +209,21 @@ def test_reference_ffn_against_a_numpy_oracle():
     assert rel_err(ours, want) <= 1e-5 and not np.asarray(ours)[row:].any()
 
 
+def test_dense_fp8_linear_against_a_numpy_oracle():
+    """A projection [N, K] = [200, 300] (partial blocks both ways): x quantized per row and 128 columns times the
+    block-dequantized weight; exact in fp32, within bf16 operand rounding in bf16."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 300)).astype(np.float32)
+    q = fp8.quantize_weights(jax.numpy.asarray(0.1 * rng.standard_normal((1, 200, 300)), np.float32))
+    w = fp8.BlockScaled(q.values_GNK[0], q.scales_GRS[0]).check("w")
+    want = _np_fp8_rows(x).astype(np.float64) @ np.asarray(fp8.dequantize_weights(*q))[0].T.astype(np.float64)
+    assert rel_err(fp8.linear(jax.numpy.asarray(x), w), want) <= 1e-6
+    x16 = x.astype(ml_dtypes.bfloat16)
+    want16 = _np_fp8_rows(x16.astype(np.float32)).astype(np.float64) @ np.asarray(fp8.dequantize_weights(*q))[0].T
+    bf16 = fp8.linear(jax.numpy.asarray(x16), w)
+    assert bf16.dtype == jax.numpy.bfloat16 and rel_err(np.asarray(bf16, np.float32), want16) <= 5e-3
+
+
 def test_pulls_move_half_the_bf16_bytes():
     """Per MoE layer and rank, the copy engine's copies of FP8 experts (values and scales) against bf16's."""
     moved = {}

@@ -139,8 +139,13 @@ def reference_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate: BlockScaled
 
 def linear(x_TK: jax.Array, w: BlockScaled) -> jax.Array:
     """x @ W^T for a dense FP8 weight W [N, K] (a projection as the checkpoint stores it: e4m3 [out, in] and one
-    fp32 scale per 128 x 128 block) exactly as a block-scaled FP8 GEMM defines it: x quantized per row and 128
-    columns, the fp32 product with the block-dequantized weight; [T, N] in x's dtype."""
-    w_KN = dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0].T
-    return jnp.dot(as_fp8_rows(x_TK), w_KN, preferred_element_type=jnp.float32,
-                   precision=jax.lax.Precision.HIGHEST).astype(x_TK.dtype)
+    fp32 scale per 128 x 128 block), as a block-scaled FP8 GEMM defines it: x quantized per row and 128 columns,
+    the product with the block-dequantized weight accumulated in fp32; [T, N] in x's dtype.
+
+    fp32 activations: both operands exact in fp32 (the reference). bf16 activations: both dequantized operands
+    rounded to bf16 (2^-9 relative, far below e4m3's 2^-4 step) for a bf16 GEMM at tensor-core rate."""
+    compute = jnp.bfloat16 if x_TK.dtype == jnp.bfloat16 else jnp.float32
+    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
+    w_KN = dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0].T.astype(compute)
+    return jnp.dot(as_fp8_rows(x_TK).astype(compute), w_KN, preferred_element_type=jnp.float32,
+                   precision=precision).astype(x_TK.dtype)
