@@ -1,0 +1,153 @@
+"""One R1-width decoder layer (MLA + MoE, every routed expert on the device) on one device, FP8 as the checkpoint
+ships against bf16, side by side in one run: tokens/s of the packed prefill step and the time of each stage.
+
+The layer is the model's own first MoE layer (the config with num_hidden_layers=1, first_k_dense_replace=0) run by
+the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
+and shared experts), head. The presets alternate round by round; a step's time is the median of its rounds, after
+warm-up. Each stage's time comes from a separate profiled step (every stage waits for its outputs).
+
+Logits are computed at each sequence's last token, as serving does. Before any time is taken, each preset's step is
+checked: logits finite, and at fp32 (`--tiny`, CPU) equal to the model's one-program prefill (`reference.prefill`)
+within 1e-5. Across presets, the FP8 logits' relative distance to bf16's and the share of tokens whose expert sets
+agree are recorded (quantization, not a defect).
+
+  python -m experiments.bench_layer                 # on a GPU: R1 width, 32768 tokens in 4 sequences
+  python -m experiments.bench_layer --tiny          # CPU functional check (timings are no speed claim)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from dwdp_jax.expert_source import SyntheticExperts
+from dwdp_jax.packing import pack
+from dwdp_jax.progress import progress_bar
+from dwdp_jax.results import write_measurements
+from dwdp_jax.runtime import reference, stages
+from models import config as C
+from models.deepseek_v3 import DeepseekV3
+
+_PRESETS = flags.DEFINE_list("presets", ["deepseek_r1", "deepseek_r1_released"], "model presets, the first the base "
+                             "of the ratios")
+_TOKENS = flags.DEFINE_integer("tokens", 32768, "tokens of the packed batch", lower_bound=2)
+_SEQUENCES = flags.DEFINE_integer("sequences", 4, "sequences of equal length in the batch", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "timed steps per preset, presets alternating", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per preset first", lower_bound=0)
+_GEMM = flags.DEFINE_string("gemm_backend", "", "grouped GEMM backend (default: pallas_split on GPU, xla on CPU)")
+_ATTENTION = flags.DEFINE_string("attention_impl", "", "attention backend (default: tokamax on GPU, xla on CPU)")
+_TINY = flags.DEFINE_bool("tiny", False, "the tiny preset's widths at fp32 (a CPU functional check)")
+_SEED = flags.DEFINE_integer("seed", 0, "weights and tokens")
+_RESULTS = flags.DEFINE_string("results", "results", "results root")
+
+EXACT = 1e-5  # fp32: the staged step against the one-program prefill
+
+
+def layer_config(preset: str, tiny: bool) -> C.ModelConfig:
+    """The preset's layer widths with one MoE layer and no MTP; `tiny`: the tiny preset's widths, fp32, with the
+    preset's FP8 choices."""
+    cfg = C.get_preset(preset)
+    if tiny:
+        cfg = C.tiny(fp8_experts=cfg.fp8_experts, fp8_dense=cfg.fp8_dense, hidden_size=256, intermediate_size=256,
+                     moe_intermediate_size=128)
+    return cfg.replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
+
+
+def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int):
+    with jax.default_device(device):
+        params = reference.Params(DeepseekV3(cfg, nnx.Rngs(seed)), SyntheticExperts(cfg, seed))
+    params = params._replace(model=stages.with_attention_impl(params.model, attention_impl))
+    # logits of each sequence's last token only, as serving computes them (the whole [T, V] would dominate)
+    return params, reference.ReferenceRuntime(params, device, gemm_backend, last_token_logits=_SEQUENCES.value)
+
+
+def main(argv):
+    del argv
+    device = jax.devices()[0]
+    gpu = device.platform == "gpu"
+    if not gpu and not _TINY.value:
+        print("bench_layer: R1 width needs a GPU; --tiny runs the functional check on CPU", file=sys.stderr)
+        sys.exit(2)
+    if _TOKENS.value % _SEQUENCES.value:
+        raise app.UsageError(f"--tokens={_TOKENS.value} must be a multiple of --sequences={_SEQUENCES.value}")
+    gemm = _GEMM.value or ("pallas_split" if gpu else "xla")
+    attention_impl = _ATTENTION.value or ("tokamax" if gpu else "xla")
+    cfgs = {p: layer_config(p, _TINY.value) for p in _PRESETS.value}
+    rng = np.random.default_rng(_SEED.value)
+    length = _TOKENS.value // _SEQUENCES.value
+    batch = pack([rng.integers(0, cfgs[_PRESETS.value[0]].vocab_size, length).tolist()
+                  for _ in range(_SEQUENCES.value)], budget=_TOKENS.value)
+    runtimes, outputs, metrics, failed = {}, {}, {}, []
+    for preset, cfg in progress_bar(list(cfgs.items()), "build + check", "preset"):
+        params, runtimes[preset] = build(cfg, device, gemm, attention_impl, _SEED.value)
+        out = runtimes[preset].step(0, batch).output
+        outputs[preset] = out
+        if not np.isfinite(out.logits_TV).all():
+            failed.append(f"{preset}: non-finite logits")
+        if not gpu:  # fp32 on CPU: the staged step is the one-program prefill
+            slabs = tuple(params.experts.rows(m, 0, cfg.n_routed_experts, device) for m in range(cfg.num_moe_layers))
+            want = reference.prefill(params._replace(experts=slabs), batch).logits_TV[batch.last_token_index()]
+            err = float(np.linalg.norm(out.logits_TV - want) / np.linalg.norm(want))
+            metrics[f"{preset}_rel_err_vs_prefill"] = err
+            if not err <= EXACT:
+                failed.append(f"{preset}: staged step vs prefill rel err {err:.2e} > {EXACT}")
+    base = _PRESETS.value[0]
+    for preset in _PRESETS.value[1:]:
+        a, b = outputs[preset], outputs[base]
+        metrics[f"{preset}_logits_rel_to_{base}"] = float(np.linalg.norm(a.logits_TV - b.logits_TV)
+                                                          / np.linalg.norm(b.logits_TV))
+        metrics[f"{preset}_expert_sets_equal_{base}"] = float(
+            (np.sort(a.expert_ids[0], 1) == np.sort(b.expert_ids[0], 1)).all(1).mean())
+    if failed:
+        write_measurements("bench_layer", config=_config(gemm, attention_impl), raw={"failed": failed},
+                           metrics=metrics, root=_RESULTS.value)
+        print("bench_layer: failed its checks (no time reported): " + "; ".join(failed), file=sys.stderr)
+        sys.exit(1)
+    seconds = {p: [] for p in cfgs}
+    for i in progress_bar(list(range(_WARMUP.value + _ROUNDS.value)), "rounds", "round"):
+        for preset, runtime in runtimes.items():
+            result = runtime.step(0, batch)
+            if i >= _WARMUP.value:
+                seconds[preset].append(result.end_s - result.start_s)
+    for preset, runtime in runtimes.items():
+        step = statistics.median(seconds[preset])
+        metrics[f"{preset}_step_ms"] = step * 1e3
+        metrics[f"{preset}_step_ms_min"], metrics[f"{preset}_step_ms_max"] = (min(seconds[preset]) * 1e3,
+                                                                              max(seconds[preset]) * 1e3)
+        metrics[f"{preset}_tokens_per_s"] = _TOKENS.value / step
+        runtime.step(0, batch, profile=True)  # compiles the per-stage programs
+        for stage, s in runtime.step(0, batch, profile=True).stages_s.items():
+            metrics[f"{preset}_{stage}_ms"] = s * 1e3
+    for preset in _PRESETS.value[1:]:
+        metrics[f"{preset}_over_{base}_tokens_per_s"] = (metrics[f"{preset}_tokens_per_s"]
+                                                         / metrics[f"{base}_tokens_per_s"])
+    write_measurements("bench_layer", config=_config(gemm, attention_impl), raw={"seconds": seconds},
+                       metrics=metrics, root=_RESULTS.value)
+    _table(metrics, gpu)
+
+
+def _config(gemm: str, attention_impl: str) -> dict:
+    return {"presets": _PRESETS.value, "tokens": _TOKENS.value, "sequences": _SEQUENCES.value,
+            "rounds": _ROUNDS.value, "warmup": _WARMUP.value, "gemm_backend": gemm, "attention_impl": attention_impl,
+            "tiny": _TINY.value, "seed": _SEED.value}
+
+
+def _table(metrics: dict, gpu: bool) -> None:
+    if not gpu:
+        print("CPU: FUNCTIONAL CHECK, no speed claim")
+    stages_ = ("attention", "moe", "embed", "head")
+    print(f"{'preset':<24}{'tokens/s':>12}{'step ms':>10}" + "".join(f"{s + ' ms':>14}" for s in stages_))
+    for preset in _PRESETS.value:
+        print(f"{preset:<24}{metrics[f'{preset}_tokens_per_s']:>12.0f}{metrics[f'{preset}_step_ms']:>10.1f}"
+              + "".join(f"{metrics.get(f'{preset}_{s}_ms', 0.0):>14.1f}" for s in stages_))
+    for key in (k for k in metrics if "_over_" in k or "_rel_to_" in k or "_equal_" in k):
+        print(f"{key}: {metrics[key]:.4g}")
+
+
+if __name__ == "__main__":
+    app.run(main)

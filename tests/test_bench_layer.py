@@ -1,0 +1,38 @@
+"""experiments.bench_layer on CPU: the tiny layer's staged step equals the one-program prefill at fp32 for bf16-
+and FP8-laid-out presets, the results carry every preset's time and stages and the FP8/bf16 ratio; bad input is
+refused before any work."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "experiments.bench_layer", *args, f"--results={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_tiny_layer_fp8_against_bf16(tmp_path):
+    done = _run("--tiny", "--tokens=128", "--sequences=2", "--rounds=1", "--warmup=0", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FUNCTIONAL CHECK, no speed claim" in done.stdout
+    [path] = (tmp_path / "bench_layer").glob("*.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    for preset in ("deepseek_r1", "deepseek_r1_released"):
+        assert metrics[f"{preset}_rel_err_vs_prefill"] <= 1e-5
+        assert metrics[f"{preset}_step_ms"] > 0 and metrics[f"{preset}_attention_ms"] > 0
+        assert metrics[f"{preset}_moe_ms"] > 0
+    assert metrics["deepseek_r1_released_over_deepseek_r1_tokens_per_s"] > 0
+    assert 0 < metrics["deepseek_r1_released_logits_rel_to_deepseek_r1"] < 0.5
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path):
+    done = _run("--tokens=128", tmp_path=tmp_path)
+    assert done.returncode == 2 and "R1 width needs a GPU; --tiny" in done.stderr
+    done = _run("--tiny", "--tokens=130", "--sequences=4", tmp_path=tmp_path)
+    assert done.returncode != 0 and "--tokens=130 must be a multiple of --sequences=4" in done.stderr
+    assert not (tmp_path / "bench_layer").exists()
