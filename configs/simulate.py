@@ -3,7 +3,10 @@
 STUDY: `contention` (default; paper Table 2), `sync_cv` (DEP sync overhead vs CV, paper Fig. 1), `roofline` (blog
 Table 1), `pareto` (e2e TPS/GPU vs TPS/user, Tables 5-6), `planner` (context GPUs per TTFT target), `calibration`
 (predicted vs measured DWDP/DEP, needs results/gpu_calibration and context_bench runs), `grid` (Table 4's grid at N
-GPUs, calibrated), `memory` (which DWDP and DEP groups hold full-depth R1, FP8 experts or bf16, on which card). Override any field with `--config.field=value`; lists are comma-separated strings. Every field is
+GPUs, calibrated), `memory` (which DWDP and DEP groups hold full-depth R1, FP8 experts or bf16, on which card),
+`projection` (full-depth R1 as released, DWDP8 against DEP8 on the calibrated card, context only).
+Every study that takes `hardware` also takes measured rates that replace the spec's (`fp8_gemm_tflops`,
+`fp8_grouped_gemm_tflops`, `fp8_grouped_gemm_down_tflops`, `attention_tflops`: unset keeps the spec's). Override any field with `--config.field=value`; lists are comma-separated strings. Every field is
 checked before any simulation runs: a bad one exits 2 naming it.
 """
 
@@ -12,7 +15,7 @@ from ml_collections import config_dict
 from dwdp_jax.prefetch import SLICE_BYTES
 from dwdp_jax.sim.studies import paper_bands
 
-STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibration", "grid", "memory")
+STUDIES = ("contention", "sync_cv", "roofline", "pareto", "planner", "calibration", "grid", "memory", "projection")
 
 
 def _context(c: config_dict.ConfigDict) -> None:
@@ -48,6 +51,12 @@ def get_config(name: str = "contention") -> config_dict.ConfigDict:
     c.moe_precision = "nvfp4"  # routed/shared experts: bf16 | fp8 | nvfp4
     c.dense_precision = "bf16"  # MLA projections, dense MLP, LM head
     c.attention_precision = "bf16"  # attention core
+    # measured rates replacing the hardware spec's, TFLOP/s (None: the spec's): dense FP8 GEMM, the FP8 grouped GEMM
+    # (gate/up, down), the attention kernel
+    c.fp8_gemm_tflops = config_dict.placeholder(float)
+    c.fp8_grouped_gemm_tflops = config_dict.placeholder(float)
+    c.fp8_grouped_gemm_down_tflops = config_dict.placeholder(float)
+    c.attention_tflops = config_dict.placeholder(float)
     if name == "roofline":
         c.isls = "1024,2048,4096,8192,16384,32768,65536"
         c.batches = "1,2,4,8"  # sequences per rank
@@ -81,6 +90,17 @@ def get_config(name: str = "contention") -> config_dict.ConfigDict:
         c.group_sizes = "4,8,16,32"
         c.max_num_tokens = "16384,32768"
         c.memory_fraction = 0.9  # of each card's memory a rank may plan for (the runtime and allocator keep the rest)
+    elif name == "projection":
+        c.hardware, c.model = "calibrated", "deepseek_r1_released"
+        c.moe_precision = c.dense_precision = "fp8"
+        c.group_size = 8
+        c.max_num_tokens = 16384  # what a DWDP8 rank of the released model holds (the memory study)
+        c.max_batch_size = 64
+        c.num_requests = 256
+        c.isl = 8192
+        c.workloads = "uniform_r0.8,std4096"  # ISL uniform in [0.8 ISL, ISL]; normal(ISL, 4096), clipped
+        c.memory_fraction = 0.9
+        _context(c)
     elif name == "calibration":
         c.tolerance = 0.10  # allowed relative error of the predicted DWDP/DEP ratio
         c.projection_requests = "256"  # request counts each measured run is also projected at

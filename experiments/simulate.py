@@ -7,6 +7,7 @@
   python -m experiments.simulate --config=configs/simulate.py:planner --config.ttft_targets=1,2,4
   python -m experiments.simulate --config=configs/simulate.py:calibration  # needs gpu_calibration + context_bench
   python -m experiments.simulate --config=configs/simulate.py:grid --config.group_size=8  # Table 4 at N GPUs
+  python -m experiments.simulate --study=projection --config.fp8_grouped_gemm_tflops=...  # full R1 FP8, DWDP8/DEP8
 
 `--study=NAME` is short for `--config=configs/simulate.py:NAME`. Writes results/<experiment>/<run>.json (experiments
 roofline, sim_contention, sim_sync_cv, sim_pareto, sim_planner, sim_calibration, sim_grid) and prints a short table.
@@ -16,6 +17,7 @@ study exactly as this main does with `produce(options(STUDY))` (the figures comm
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
@@ -32,12 +34,14 @@ from dwdp_jax.results import write_results
 from dwdp_jax.sim import calibration, hardware, studies
 from dwdp_jax.sim.config import ContextConfig
 from dwdp_jax.sim.roofline import Precision
+from dwdp_jax.sim.workload import Workload
 from models.config import get_preset
 
 CONFIG_FILE = os.path.join(os.path.dirname(configs.__file__), "simulate.py")
 EXPERIMENTS = {"roofline": "roofline", "contention": "sim_contention", "sync_cv": "sim_sync_cv",
                "pareto": "sim_pareto", "planner": "sim_planner", "calibration": "sim_calibration", "grid": "sim_grid",
-               "memory": "sim_memory"}
+               "memory": "sim_memory", "projection": "sim_projection"}
+WORKLOADS = ("uniform_r0.8", "std4096")
 
 
 def options(study: str, **overrides: Any) -> config_dict.ConfigDict:
@@ -82,6 +86,27 @@ def _context(c: config_dict.ConfigDict, strategy: str, max_num_tokens: int, max_
                          pull_issue=c.pull_issue, precision=_precision(c), seed=c.seed)
 
 
+def _measured(c: config_dict.ConfigDict, hw: hardware.HardwareSpec) -> hardware.HardwareSpec:
+    """`hw` with the measured rates the config sets (TFLOP/s) in place of the spec's."""
+    fields = {"fp8_gemm_tflops": "fp8_flops_per_s", "fp8_grouped_gemm_tflops": "grouped_gemm_fp8_flops_per_s",
+              "fp8_grouped_gemm_down_tflops": "grouped_gemm_fp8_down_flops_per_s",
+              "attention_tflops": "attention_flops_per_s"}
+    changes = {field: c[key] * hardware.TERA for key, field in fields.items() if c.get(key) is not None}
+    for key in (k for k in fields if c.get(k) is not None and not c[k] > 0):
+        raise ValueError(f"config.{key} must be > 0 TFLOP/s, got {c[key]}")
+    if not changes:
+        return hw
+    return dataclasses.replace(hw, **changes, name=f"{hw.name}+measured", source=f"{hw.source}; set: "
+                               + ", ".join(f"{k}={c[k]}" for k in fields if c.get(k) is not None))
+
+
+def _workload(c: config_dict.ConfigDict, name: str) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"config.workloads: unknown {name!r}; choose from {WORKLOADS}")
+    shape = {"uniform_r0.8": dict(input_ratio=0.8), "std4096": dict(isl_std=4096.0)}[name]
+    return Workload(c.num_requests, c.isl, seed=c.seed, **shape)
+
+
 def _band(c: config_dict.ConfigDict, name: str) -> studies.Band:
     bands = {b.name: b for b in studies.paper_bands(c.mtp_acceptance)}
     if name not in bands:
@@ -99,8 +124,12 @@ def run_study(c: config_dict.ConfigDict, progress: studies.Progress = tqdm) -> d
         return studies.memory_study([get_preset(m) for m in _items(c, "models")],
                                     [hardware.get(h) for h in _items(c, "cards")], _ints(c, "group_sizes"),
                                     _ints(c, "max_num_tokens"), c.memory_fraction)
-    cfg, hw, prec = get_preset(c.model), hardware.get(c.hardware, c.results_root), _precision(c)
+    cfg, hw, prec = get_preset(c.model), _measured(c, hardware.get(c.hardware, c.results_root)), _precision(c)
     hw.peak_flops_per_s(prec.moe)
+    if c.study == "projection":
+        return studies.projection_study(cfg, hw, {name: _workload(c, name) for name in _items(c, "workloads")},
+                                        _context(c, "dwdp", c.max_num_tokens, c.max_batch_size),
+                                        _context(c, "dep", c.max_num_tokens, c.max_batch_size), c.memory_fraction)
     if c.study == "roofline":
         return studies.roofline_study(cfg, hw, _ints(c, "isls"), _ints(c, "batches"), c.group_size, prec,
                                       c.local_experts or None)
@@ -189,6 +218,14 @@ def table(study: str, doc: dict) -> str:
                     f"TTFT {p['ttft_p50_s']:.2f} s")
         lines = [f"TTFT <= {r['ttft_target_s']} s: DWDP {pick(r['dwdp'])}; DEP {pick(r['dep'])}" for r in m["choices"]]
         return "\n".join(lines + [f"infeasible group sizes (memory): {m['infeasible_group_sizes']}"])
+    if study == "projection":
+        fits = {True: "fits", False: "does not fit", None: "card memory unknown"}
+        mem = ", ".join(f"{k} {v:.1f} GB ({fits[m['fits'][k]]} at {doc['config']['memory_fraction']:.0%})"
+                        for k, v in m["memory_gb_per_rank"].items())
+        lines = [f"{'workload':<14}{'DWDP TPS/GPU':>14}{'DEP TPS/GPU':>13}{'DWDP/DEP':>10}"]
+        lines += [f"{w:<14}{v['dwdp_tps_per_gpu']:>14.0f}{v['dep_tps_per_gpu']:>13.0f}{v['dwdp_over_dep']:>10.3f}"
+                  for w, v in m["workloads"].items()]
+        return "\n".join(lines + [f"per rank: {mem}; hardware {doc['config']['hardware'].name}"])
     if study == "memory":
         cards = list(doc["config"]["cards"])
         lines = [f"{'experts':>8}{'strategy':>9}{'N':>4}{'MNT':>7}{'replicated':>11}{'experts':>9}{'slots':>7}"

@@ -507,3 +507,36 @@ def test_contention_figure_shows_gpu_measurements_beside_the_model(tmp_path):
     paths = fig_contention.main(results, figures)
     table = next(p for p in paths if p.suffix == ".md").read_text()
     assert "| 4 | 1 | 44.44 |" in table and "75 (gpu4)" in table and "25 (gpu4)" in table
+
+
+def test_an_achieved_grouped_gemm_rate_applies_to_its_own_precision_only():
+    hw = dataclasses.replace(hardware.H200, grouped_gemm_flops_per_s=100e12, grouped_gemm_fp8_flops_per_s=300e12,
+                             grouped_gemm_fp8_down_flops_per_s=250e12)
+    flops = 1e15
+    for kind, precision, rate in (("grouped_gemm", "bf16", 100e12), ("grouped_gemm_down", "bf16", 100e12),
+                                  ("grouped_gemm", "fp8", 300e12), ("grouped_gemm_down", "fp8", 250e12)):
+        assert roofline.op_time_s(roofline.OpCost("x", kind, flops, 0.0, precision), hw) == pytest.approx(flops / rate)
+    bare = dataclasses.replace(hardware.H200, grouped_gemm_flops_per_s=100e12)  # no FP8 rate measured: the FP8 peak
+    op = roofline.OpCost("x", "grouped_gemm", flops, 0.0, "fp8")
+    assert roofline.op_time_s(op, bare) == pytest.approx(flops / hardware.H200.fp8_flops_per_s)
+
+
+def test_projection_study_of_full_r1_on_eight_gpus():
+    from experiments import simulate as main
+
+    slow = main.run_study(main.options("projection", hardware="h200", num_requests=16, fp8_grouped_gemm_tflops=200.0,
+                                       fp8_grouped_gemm_down_tflops=200.0), progress=lambda x: x)
+    fast = main.run_study(main.options("projection", hardware="h200", num_requests=16, fp8_grouped_gemm_tflops=900.0,
+                                       fp8_grouped_gemm_down_tflops=900.0), progress=lambda x: x)
+    assert slow["config"]["hardware"].name == "h200+measured"
+    assert set(slow["metrics"]["workloads"]) == {"uniform_r0.8", "std4096"}
+    for w, v in slow["metrics"]["workloads"].items():
+        faster = fast["metrics"]["workloads"][w]
+        assert faster["dep_tps_per_gpu"] > v["dep_tps_per_gpu"] > 0 and faster["dwdp_tps_per_gpu"] > 0
+        assert v["dwdp_over_dep"] == pytest.approx(v["dwdp_tps_per_gpu"] / v["dep_tps_per_gpu"])
+    gb = slow["metrics"]["memory_gb_per_rank"]
+    assert slow["metrics"]["fits"] == {k: gb[k] * 1e9 <= 0.9 * hardware.H200.memory_bytes for k in gb}
+    with pytest.raises(ValueError, match="config.fp8_grouped_gemm_tflops must be > 0 TFLOP/s, got -1"):
+        main.run_study(main.options("projection", hardware="h200", fp8_grouped_gemm_tflops=-1.0))
+    with pytest.raises(ValueError, match="config.workloads: unknown 'r0.5'"):
+        main.run_study(main.options("projection", hardware="h200", workloads="r0.5"))

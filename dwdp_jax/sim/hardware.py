@@ -18,6 +18,8 @@ Its `metrics` object holds measured *achieved* rates on one GPU (or one pair of 
   optional  fp8_gemm_tflops    dense FP8 GEMM, TFLOP/s (absent: the calibrated spec has no FP8 peak)
             grouped_gemm_tflops  the MoE grouped GEMM with the project's kernel, TFLOP/s (absent: gemm_tflops)
             grouped_gemm_down_tflops  the same for the down projection (absent: grouped_gemm_tflops)
+            grouped_gemm_fp8_tflops, grouped_gemm_fp8_down_tflops  the same kernels with FP8 block-scaled experts
+                               (absent: the FP8 peak); the bf16 rates above apply to bf16 experts only
             attention_tflops   the causal prefill attention kernel, TFLOP/s (absent: gemm_tflops)
             p2p_fanin_gbps     total into one GPU while all peers copy to it, GB/s (absent: p2p_gbps)
             p2p_fanout_gbps    total out of one GPU while it serves all peers, GB/s (absent: p2p_gbps)
@@ -58,6 +60,8 @@ class HardwareSpec:
     attention_flops_per_s: float | None = None  # achieved attention kernel rate; None: the precision's peak
     grouped_gemm_flops_per_s: float | None = None  # achieved MoE grouped-GEMM rate; None: the precision's peak
     grouped_gemm_down_flops_per_s: float | None = None  # its down projection (K = intermediate); None: the above
+    grouped_gemm_fp8_flops_per_s: float | None = None  # the same with FP8 block-scaled experts; None: the FP8 peak
+    grouped_gemm_fp8_down_flops_per_s: float | None = None  # its down projection; None: the above
     egress_bytes_per_s: float | None = None  # total a source serves to all peers; None: nvlink_bytes_per_s
     ingress_bytes_per_s: float | None = None  # total a destination receives; None: nvlink_bytes_per_s
     all_to_all_bytes_per_s: float | None = None  # per-rank DEP all-to-all; None: egress
@@ -67,7 +71,8 @@ class HardwareSpec:
             if not getattr(self, name) > 0:
                 raise ValueError(f"HardwareSpec {self.name}: {name} must be > 0, got {getattr(self, name)!r}")
         for name in ("fp8_flops_per_s", "fp4_flops_per_s", "attention_flops_per_s", "grouped_gemm_flops_per_s",
-                     "grouped_gemm_down_flops_per_s", "egress_bytes_per_s", "ingress_bytes_per_s",
+                     "grouped_gemm_down_flops_per_s", "grouped_gemm_fp8_flops_per_s",
+                     "grouped_gemm_fp8_down_flops_per_s", "egress_bytes_per_s", "ingress_bytes_per_s",
                      "all_to_all_bytes_per_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -187,5 +192,7 @@ def calibrated(results_root: str | Path | None = None) -> HardwareSpec:
         attention_flops_per_s=rate("attention_tflops", TERA),
         grouped_gemm_flops_per_s=rate("grouped_gemm_tflops", TERA),
         grouped_gemm_down_flops_per_s=rate("grouped_gemm_down_tflops", TERA),
+        grouped_gemm_fp8_flops_per_s=rate("grouped_gemm_fp8_tflops", TERA),
+        grouped_gemm_fp8_down_flops_per_s=rate("grouped_gemm_fp8_down_tflops", TERA),
         egress_bytes_per_s=fanout or p2p, ingress_bytes_per_s=fanin or p2p,
         all_to_all_bytes_per_s=rate("all2all_gbps", GIGA))

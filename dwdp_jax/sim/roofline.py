@@ -78,10 +78,12 @@ def op_time_s(op: OpCost, hw: HardwareSpec) -> float:
     peak = hw.peak_flops_per_s(op.precision)
     if op.kind == "attention" and hw.attention_flops_per_s:
         peak = hw.attention_flops_per_s
-    if op.kind in ("grouped_gemm", "grouped_gemm_down") and hw.grouped_gemm_flops_per_s:
-        peak = hw.grouped_gemm_flops_per_s
-    if op.kind == "grouped_gemm_down" and hw.grouped_gemm_down_flops_per_s:
-        peak = hw.grouped_gemm_down_flops_per_s
+    if op.kind in ("grouped_gemm", "grouped_gemm_down"):
+        # an achieved kernel rate belongs to the experts' precision it was measured in
+        rates = {"bf16": (hw.grouped_gemm_flops_per_s, hw.grouped_gemm_down_flops_per_s),
+                 "fp8": (hw.grouped_gemm_fp8_flops_per_s, hw.grouped_gemm_fp8_down_flops_per_s)}
+        rate, down = rates.get(op.precision, (None, None))
+        peak = (down if op.kind == "grouped_gemm_down" and down else rate) or peak
     return max(op.flops / peak, op.bytes / hw.hbm_bytes_per_s)
 
 

@@ -104,6 +104,37 @@ def memory_study(cfgs: Sequence[ModelConfig], cards: Sequence[HardwareSpec], gro
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Projection: context-only DWDP-N against DEP-N where no machine of ours runs it (full-depth R1 on 8 GPUs).
+
+
+def projection_study(cfg: ModelConfig, hw: HardwareSpec, workloads: dict[str, Workload], dwdp: ContextConfig,
+                     dep: ContextConfig, memory_fraction: float = 0.9) -> dict:
+    """Per workload, context-only serving by DWDP and DEP groups (`simulate.simulate_context`): TPS/GPU, TTFT, the
+    ratio, and beside them each rank's memory plan (`memory.plan_dwdp` / `plan_dep`, FlashAttention activations)
+    and whether it fits `memory_fraction` of the card (unknown when the spec has no memory)."""
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+    placement = Placement.for_group(cfg.n_routed_experts, dwdp.group_size, dwdp.local_experts)
+    plans = {"dwdp": memory.plan_dwdp(cfg, placement, dwdp.max_num_tokens, attention_impl="flash"),
+             "dep": memory.plan_dep(cfg, dep.group_size, dep.max_num_tokens, attention_impl="flash")}
+    fits = {k: None if not hw.memory_bytes else p.total_bytes <= memory_fraction * hw.memory_bytes
+            for k, p in plans.items()}
+    rows, metrics = [], {}
+    for name, w in workloads.items():
+        results = {"dwdp": simulate.simulate_context(cfg, hw, dwdp, w), "dep": simulate.simulate_context(cfg, hw, dep, w)}
+        ratio = results["dwdp"].tps_per_gpu / results["dep"].tps_per_gpu
+        rows.append({"workload": name, **{k: r.summary() for k, r in results.items()}, "dwdp_over_dep": ratio})
+        metrics[name] = {"dwdp_tps_per_gpu": results["dwdp"].tps_per_gpu, "dep_tps_per_gpu": results["dep"].tps_per_gpu,
+                         "dwdp_over_dep": ratio}
+    return {"config": {"model": cfg, "hardware": hw, "workloads": workloads, "dwdp": dwdp, "dep": dep,
+                       "memory_fraction": memory_fraction},
+            "raw": {"rows": rows, "memory": {k: dataclasses.asdict(p) | {"total_bytes": p.total_bytes}
+                                             for k, p in plans.items()}},
+            "metrics": {"workloads": metrics, "memory_gb_per_rank": {k: p.total_bytes / 1e9 for k, p in plans.items()},
+                        "fits": fits}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Contention (paper Table 2).
 
 
