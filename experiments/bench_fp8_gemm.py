@@ -1,16 +1,20 @@
-"""FP8 expert GEMMs on one GPU, side by side: the split-weight kernel's FP8 path (e4m3 weights in 128 x 128 blocks,
-rows in 1 x 128 groups, DeepSeek-V3's scheme; `dwdp_jax.kernels.fp8`) against the dense FP8 GEMM (cuBLAS, one
-scale per tensor: the ceiling), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds, over the
-model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales").
+"""FP8 expert GEMMs on one GPU, side by side: the split-weight kernels' FP8 paths (e4m3 weights in 128 x 128
+blocks, rows in 1 x 128 groups, DeepSeek-V3's scheme; `dwdp_jax.kernels.fp8`): the Mosaic GPU kernel
+(`split_gemm_fp8_mgpu`, DeepGEMM's structure) and the Triton kernel's scaled path, against the dense FP8 GEMM
+(cuBLAS, one scale per tensor: the ceiling), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds,
+over the model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales", issue 26).
 
   python -m experiments.bench_fp8_gemm                  # on a GPU; results/bench_fp8_gemm/<run>.json
-  python -m experiments.bench_fp8_gemm --tune           # also records the fastest FP8 blocks (kernels.tuning)
+  python -m experiments.bench_fp8_gemm --tune           # also records each kernel's fastest blocks (kernels.tuning)
   python -m experiments.bench_fp8_gemm --rows=262144 --skew=1.5 --tune   # serving's shape
+  python -m experiments.bench_fp8_gemm --kernel=mgpu    # one FP8 kernel only
 """
 
+import dataclasses
 import datetime
 import functools
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +22,10 @@ from absl import app, flags
 
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.kernels import tuning
-from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES as CANDIDATES
-from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
+from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks, split_ragged_dot
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, NAME_TUNED, Fp8Blocks,
+                                                  split_ragged_dot_fp8_mgpu)
+from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)", lower_bound=1)
@@ -31,11 +37,33 @@ _PROBLEMS = flags.DEFINE_multi_enum("problem", ["gate_up", "down"], ["gate_up", 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "burst rounds of every case against the dense bf16 GEMM", lower_bound=1)
 _SUSTAINED_ROUNDS = flags.DEFINE_integer("sustained_rounds", 1, "rounds under sustained load (3 s a case, clocks "
                                          "and power sampled); 0 skips them", lower_bound=0)
-_SWEEP = flags.DEFINE_bool("sweep", True, "time every FP8 candidate (--nosweep: the cached winner, else the default)")
-_TUNE = flags.DEFINE_bool("tune", False, "record the fastest FP8 blocks in the kernel block cache")
+_KERNELS = flags.DEFINE_multi_enum("kernel", ["mgpu", "triton"], ["mgpu", "triton"], "the FP8 split kernels to time")
+_SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate of each FP8 kernel (--nosweep: the cached winner, "
+                           "else the default)")
+_TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Kernel:
+    """An FP8 split kernel as the benchmark sweeps it: `split_ragged_dot`'s signature, its name in the block cache,
+    its blocks type, the candidates and defaults per fused."""
+
+    fn: Callable
+    tuned_name: str
+    blocks_type: type
+    candidates: dict
+    defaults: dict
+
+
+KERNELS = {
+    "mgpu": Fp8Kernel(split_ragged_dot_fp8_mgpu, NAME_TUNED, Fp8Blocks, FP8_MGPU_CANDIDATES,
+                      {True: FUSED_FP8_BLOCKS, False: DEFAULT_FP8_BLOCKS}),
+    "triton": Fp8Kernel(split_ragged_dot, "split_triton_fp8", Blocks, {f: FP8_CANDIDATES for f in (True, False)},
+                        {f: FP8_BLOCKS for f in (True, False)}),
+}
 
 
 def _bf16_split(x, gs, ws, fused, blocks):
@@ -46,41 +74,53 @@ def _bf16_split(x, gs, ws, fused, blocks):
     return gpu.fastest_split_ragged_dot(x, gs, ws, fused=fused)
 
 
+def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: bool) -> tuple[dict, object]:
+    """(TFLOP/s or the error of every candidate of one FP8 kernel, the fastest candidate)."""
+    spec = KERNELS[kernel]
+    tuned = tuning.lookup(spec.tuned_name, spec.blocks_type, jax.devices()[0].device_kind, k, n, fused, real)
+    sweep = {}
+    for b in spec.candidates[fused] if _SWEEP.value else [tuned or spec.defaults[fused]]:
+        try:
+            sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn))
+        except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
+            sweep[b] = repr(e)[:200]
+        print(name, kernel, b, sweep[b], flush=True)
+    timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
+    return sweep, max(timed, key=timed.get)
+
+
 def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]:
     kind = jax.devices()[0].device_kind
     real, cols = int(sizes.sum()), 2 * n if fused else n
     padded = -(-sizes // _ALIGN.value) * _ALIGN.value
-    tuned = tuning.lookup("split_triton_fp8", Blocks, kind, k, n, fused, real)
-    sweep = {}
-    for b in CANDIDATES if _SWEEP.value else [tuned or FP8_BLOCKS]:
-        try:
-            sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real))
-        except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
-            sweep[b] = repr(e)[:200]
-        print(name, b, sweep[b], flush=True)
-    timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
-    best = max(timed, key=timed.get)
-    metrics = {f"{name}_fp8_split_best_tflops": timed[best]}
-    errors = gb.fp8_grouped_gemm_error(sizes, k, n, best)
-    metrics.update({f"{name}_fp8_rel_err_{what}": v for what, v in errors.items()})
-    case = functools.partial(gb.fp8_split_case, padded, k, n, fused, best, counted_rows=real)
-    cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), "fp8_split": case(),
-             "fp8_split_with_row_quant": case(quantize_rows=True),
+    metrics, raw, best = {}, {}, {}
+    for kernel in _KERNELS.value:
+        sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused)
+        metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
+        errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
+        metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
+        raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
+                    f"{name}_{kernel}_best_blocks": str(best[kernel])})
+    case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
+                                      kernel=KERNELS[kernel].fn) for kernel in _KERNELS.value}
+    fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
+    split = {f"fp8_split_{kernel}": case[kernel]() for kernel in _KERNELS.value}
+    cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), **split,
+             f"fp8_split_{fastest}_with_row_quant": case[fastest](quantize_rows=True),
              "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real)}
     dense = gb.dense_gemm_case(real, k, cols)
     runs = {"rounds": gb.round_robin_over_dense(cases, dense, rounds=_ROUNDS.value)}
     if _SUSTAINED_ROUNDS.value:
-        loaded = {c: cases[c] for c in ("dense_fp8", "fp8_split", "bf16_split")}
+        loaded = {c: cases[c] for c in ("dense_fp8", *split, "bf16_split")}
         runs["sustained"] = gb.round_robin_over_dense(loaded, dense, rounds=_SUSTAINED_ROUNDS.value,
                                                       measure=gb.clocks_under_load)
     for run, got in runs.items():
         for c, stats in got.items():
             metrics.update({f"{name}_{run}_{c}_{key}": v for key, v in stats.items()})
-        # ratios within the run: the FP8 kernel over the FP8 ceiling and over the bf16 kernel it would replace
-        metrics[f"{name}_{run}_fp8_split_over_dense_fp8"] = (got["fp8_split"]["over_dense"]
-                                                             / got["dense_fp8"]["over_dense"])
-        metrics[f"{name}_{run}_fp8_split_over_bf16_split"] = (got["fp8_split"]["over_dense"]
-                                                              / got["bf16_split"]["over_dense"])
+        # ratios within the run: each FP8 kernel over the FP8 ceiling and over the bf16 kernel it would replace
+        for c in split:
+            metrics[f"{name}_{run}_{c}_over_dense_fp8"] = got[c]["over_dense"] / got["dense_fp8"]["over_dense"]
+            metrics[f"{name}_{run}_{c}_over_bf16_split"] = got[c]["over_dense"] / got["bf16_split"]["over_dense"]
     # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)
     metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
         sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,
@@ -88,8 +128,10 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
     if _TUNE.value and _SWEEP.value:
         how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}, "
                f"groups aligned to {_ALIGN.value} rows")
-        tuning.record("split_triton_fp8", kind, k, n, fused, real, best, timed[best], how)
-    return metrics, {f"{name}_sweep": {str(b): v for b, v in sweep.items()}, f"{name}_best_blocks": str(best)}
+        for kernel in _KERNELS.value:
+            tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, best[kernel],
+                          metrics[f"{name}_fp8_{kernel}_best_tflops"], how)
+    return metrics, raw
 
 
 def main(argv):
@@ -103,13 +145,14 @@ def main(argv):
         got, got_raw = _problem(name, sizes, k, n, fused)
         metrics.update(got)
         raw.update(got_raw)
-    print(f"{'':10} {'TFLOP/s FP8 kernel':>18} {'/ dense FP8':>11} {'/ bf16 kernel':>13} {'roofline':>9}")
+    print(f"{'':18} {'TFLOP/s':>8} {'/ dense FP8':>11} {'/ bf16 kernel':>13} {'roofline':>9}")
     for name, *_ in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
-        print(f"{name:10} {metrics[f'{name}_rounds_fp8_split_tflops']:18.1f} "
-              f"{metrics[f'{name}_rounds_fp8_split_over_dense_fp8']:11.3f} "
-              f"{metrics[f'{name}_rounds_fp8_split_over_bf16_split']:13.3f} "
-              f"{metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
+        for kernel in _KERNELS.value:
+            c = f"{name}_rounds_fp8_split_{kernel}"
+            print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
+                  f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
     config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value, "align": _ALIGN.value,
+              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)

@@ -1,5 +1,6 @@
 """The Hopper grouped GEMMs behind the GPU backends of `grouped_gemm`: Mosaic GPU's ragged GEMM, and the split
-kernels (Pallas Triton and Mosaic GPU) with the faster of the two chosen per projection from the tuning cache.
+kernels (Pallas Triton and Mosaic GPU, bf16 and block-scaled FP8) with the faster of the two chosen per projection
+from the tuning cache.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import split_gemm, split_gemm_mgpu, tuning
+from dwdp_jax.kernels import split_gemm, split_gemm_fp8_mgpu, split_gemm_mgpu, tuning
 
 # Best of the configurations measured on H200 for K=7168/N=4096 (DESIGN.md GPU facts): 128x128x64.
 MGPU_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
@@ -46,6 +47,27 @@ def fastest_split_ragged_dot(x_MK, group_sizes_G, weights, *, fused: bool = Fals
     m, k = x_MK.shape
     kernel = SPLIT_KERNELS[fastest_split_kernel(k, n, fused, m)]
     return kernel(x_MK, group_sizes_G, weights, fused=fused, interpret=interpret)
+
+
+FP8_SPLIT_KERNELS = {"split_triton_fp8": split_gemm.split_ragged_dot,
+                     split_gemm_fp8_mgpu.NAME_TUNED: split_gemm_fp8_mgpu.split_ragged_dot_fp8_mgpu}
+
+
+def fastest_fp8_split_kernel(k: int, n: int, fused: bool, rows: int) -> str:
+    """Whichever FP8 split kernel timed faster at its tuned blocks for this problem and card (`tuning.fastest`),
+    the Mosaic GPU one without entries (experiments.bench_fp8_gemm times both)."""
+    return tuning.fastest(tuple(FP8_SPLIT_KERNELS), jax.devices()[0].device_kind, k, n, fused, rows) or (
+        split_gemm_fp8_mgpu.NAME_TUNED)
+
+
+def fastest_fp8_split_ragged_dot(x_MK, group_sizes_G, weights, *, x_scale_SM, fused: bool = False,
+                                 interpret: bool = False, out_dtype=None):
+    """`split_gemm.split_ragged_dot`'s FP8 path on the faster kernel of this projection (`fastest_fp8_split_kernel`)."""
+    _, n = split_gemm.slab_weights(x_MK, weights, fused, "fastest_fp8_split_ragged_dot", scaled=True)
+    m, k = x_MK.shape
+    kernel = FP8_SPLIT_KERNELS[fastest_fp8_split_kernel(k, n, fused, m)]
+    return kernel(x_MK, group_sizes_G, weights, x_scale_SM=x_scale_SM, fused=fused, interpret=interpret,
+                  out_dtype=out_dtype)
 
 
 # The split kernels' row tiles are 128 rows (every benchmarked block_m / tile_m but the 64-row Triton candidate):

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import fp8, gpu, split_gemm, split_gemm_mgpu
+from dwdp_jax.kernels import fp8, gpu, split_gemm, split_gemm_fp8_mgpu, split_gemm_mgpu
 
 GroupedFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -33,10 +33,11 @@ def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.A
 
 
 _BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn, "pallas_mgpu": gpu.pallas_grouped_ffn}
-# Per-slab backends with an FP8 path (every split backend has one: split_gemm.split_grouped_ffn's scaled kernel)
+# Per-slab backends with an FP8 path (every split backend has one: split_gemm.split_grouped_ffn's fp8_ragged_dot)
 _FP8_BACKENDS = {"xla"}
 
-_fastest_ffn = functools.partial(split_gemm.split_grouped_ffn, ragged_dot=gpu.fastest_split_ragged_dot)
+_fastest_ffn = functools.partial(split_gemm.split_grouped_ffn, ragged_dot=gpu.fastest_split_ragged_dot,
+                                 fp8_ragged_dot=gpu.fastest_fp8_split_ragged_dot)
 _TILED = gpu.SPLIT_ROW_ALIGN
 # Backends that take every slab at once: name -> (fn(x_MD, group_sizes_E, slabs) -> y_MD, row alignment). One
 # kernel, weights unmerged; a kernel that computes whole row tiles wants each group's rows to start at a multiple
@@ -45,11 +46,12 @@ _SPLIT_BACKENDS: dict[str, tuple[Callable, int]] = {
     "pallas_split": (_fastest_ffn, _TILED),
     # The ablation of the alignment: the same kernels over groups packed back to back.
     "pallas_split_unaligned": (_fastest_ffn, 1),
-    # One kernel for both projections (the ablations of the choice): Triton, and the same schedule on Mosaic GPU
-    # (TMA + warp-specialized wgmma).
+    # One kernel for both projections (the ablations of the choice): Triton (with FP8 experts its scaled path), and
+    # the same schedule on Mosaic GPU (TMA + warp-specialized wgmma; FP8: block-scaled, DeepGEMM's promotion).
     "pallas_split_triton": (split_gemm.split_grouped_ffn, _TILED),
     "pallas_split_mgpu": (functools.partial(split_gemm.split_grouped_ffn,
-                                            ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu), _TILED),
+                                            ragged_dot=split_gemm_mgpu.split_ragged_dot_mgpu,
+                                            fp8_ragged_dot=split_gemm_fp8_mgpu.split_ragged_dot_fp8_mgpu), _TILED),
     # The same kernel in Pallas interpret mode: CPU tests of the split-weight path through the model.
     "pallas_split_interpret": (functools.partial(split_gemm.split_grouped_ffn, interpret=True), _TILED),
 }

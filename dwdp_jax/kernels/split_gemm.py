@@ -276,22 +276,23 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
 
 
 def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, interpret: bool = False,
-                      ragged_dot=split_ragged_dot) -> jax.Array:
+                      ragged_dot=split_ragged_dot, fp8_ragged_dot=split_ragged_dot) -> jax.Array:
     """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection
     (`ragged_dot`: this module's Triton kernel or `split_gemm_mgpu`'s Mosaic GPU one).
 
-    FP8 experts (each slab weight an e4m3 (values [E, out, in], scales) pair of `fp8.quantize_weights`) run this
-    module's scaled kernel whatever `ragged_dot` is, x and the SwiGLU output quantized per row and 128 columns on
-    the way in, as DeepSeek-V3's inference does. Rows past sum(group_sizes) come back zeroed (the backend contract)."""
+    FP8 experts (each slab weight an e4m3 (values [E, out, in], scales) pair of `fp8.quantize_weights`) run
+    `fp8_ragged_dot` (this module's scaled kernel, or `split_gemm_fp8_mgpu`'s; `split_ragged_dot`'s arguments with
+    x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in, as DeepSeek-V3's
+    inference does. Rows past sum(group_sizes) come back zeroed (the backend contract)."""
     gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
     down = tuple(s.w_down_EFD for s in slabs)
     if isinstance(down[0], tuple):
         x_q, x_scale = fp8.quantize_rows(x_MD)
-        h_MF = split_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale, interpret=interpret,
-                                out_dtype=x_MD.dtype)
+        h_MF = fp8_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale, interpret=interpret,
+                              out_dtype=x_MD.dtype)
         h_q, h_scale = fp8.quantize_rows(h_MF)
-        y_MD = split_ragged_dot(h_q, group_sizes_E, down, x_scale_SM=h_scale, interpret=interpret,
-                                out_dtype=x_MD.dtype)
+        y_MD = fp8_ragged_dot(h_q, group_sizes_E, down, x_scale_SM=h_scale, interpret=interpret,
+                              out_dtype=x_MD.dtype)
     else:
         h_MF = ragged_dot(x_MD, group_sizes_E, gate_up, fused=True, interpret=interpret)
         y_MD = ragged_dot(h_MF, group_sizes_E, down, interpret=interpret)

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
@@ -109,7 +110,7 @@ def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: 
         size //= 2
 
 
-def _store(block, plain, swizzled, out_gmem, lo, hi, row0, col0, tile_n: int):
+def store_block(block, plain, swizzled, out_gmem, lo, hi, row0, col0, tile_n: int):
     """Rows [lo, hi) of `block` (a tile's output or half of it) to rows row0 + lo.. of out_gmem: a full block in
     one TMA store through the swizzled view when there is one (its register-to-shared writes free of bank
     conflicts), else power-of-two row runs through the plain view."""
@@ -193,9 +194,9 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         h_lo = jnp.clip(lo - h * out_rows, 0, out_rows)
                         h_hi = jnp.clip(hi - h * out_rows, 0, out_rows)
-                        _store(out[h * out_rows:(h + 1) * out_rows].astype(dtype), out_smem.at[wg],
-                               None if out_swz is None else out_swz.at[wg], out_gmem, h_lo, h_hi,
-                               row0 + h * out_rows, col0, b.tile_n)
+                        store_block(out[h * out_rows:(h + 1) * out_rows].astype(dtype), out_smem.at[wg],
+                                    None if out_swz is None else out_swz.at[wg], out_gmem, h_lo, h_hi,
+                                    row0 + h * out_rows, col0, b.tile_n)
 
             def mma(_, x_smem, *w_and_accs):
                 w_smems, accs = w_and_accs[:per_slab], w_and_accs[per_slab]
@@ -249,12 +250,55 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
         grid=(b.num_sms // 2 if b.cluster_n else b.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
         **(dict(cluster=(2,), cluster_names=("cluster",)) if b.cluster_n else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params() if interpret else None)
+        interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, *(w for ws in slabs for w in ws))
     return out[:m] if pad else out
 
 
-def _interpret_params():
+def interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: the only entry point
 
+    _interpret_transposed_wgmma_operands()
     return InterpretGPUParams()
+
+
+def _interpret_transposed_wgmma_operands() -> None:
+    """Mosaic GPU's interpreter reads wgmma operands through index transforms only, and fails on a transposed view
+    (`plgpu.transpose_ref`), which a K-major B operand is (FP8 wgmma needs one: `split_gemm_fp8_mgpu`). Its wgmma
+    callback is replaced, once, by the same product with such operands read transposed."""
+    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as cb
+    from jax._src.state.types import TransposeTransform
+
+    if getattr(cb.wgmma, "reads_transposed_operands", False):
+        return
+
+    def read(key_array, transforms, thread, info):
+        transforms = cb._remove_noop_transforms(transforms)
+        perm = None
+        if transforms and isinstance(transforms[-1], TransposeTransform):
+            transforms, perm = transforms[:-1], transforms[-1].permutation
+        content, _, _ = cb._get_shared_memory().get_buffer_content(
+            cb.HostAllocationKey.from_array(key_array), interpret_utils.to_range(jax.tree.map(int, transforms)),
+            thread, logging_info=info)
+        return content if perm is None else np.transpose(content, perm)
+
+    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array, acc_transforms,
+              acc_dtype, a_allocation_key_as_array, a_transforms, b_allocation_key_as_array, b_transforms,
+              source_info=None):
+        device_id, thread_id = int(device_id), int(thread_id)
+        info = interpret_utils.GPULoggingInfo(device_id=device_id, thread_id=thread_id, source_info=source_info,
+                                              grid_point_coords=tuple(int(c) for c in grid_point_coords))
+        memory = cb._get_shared_memory()
+        thread = memory.get_global_thread_id(device_id, thread_id)
+        a = read(a_allocation_key_as_array, a_transforms, thread, info)
+        b = read(b_allocation_key_as_array, b_transforms, thread, info)
+        acc_key = cb.HostAllocationKey.from_array(acc_allocation_key_as_array)
+        acc_range = interpret_utils.to_range(jax.tree.map(int, cb._remove_noop_transforms(acc_transforms)))
+        acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
+        memory.store_buffer_content(acc_key, acc_range, acc + np.matmul(a, b, dtype=acc_dtype), thread,
+                                    logging_info=info)
+        return token
+
+    wgmma.reads_transposed_operands = True
+    cb.wgmma = wgmma

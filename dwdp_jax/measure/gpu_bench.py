@@ -243,10 +243,12 @@ def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bo
 
 
 def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, counted_rows: int | None = None,
-                   quantize_rows: bool = False) -> tuple[Callable, tuple, float]:
+                   quantize_rows: bool = False, kernel: Callable | None = None) -> tuple[Callable, tuple, float]:
     """The split-weight kernel's FP8 path over these groups (one slab): `split_gemm_case`'s weights quantized in
     128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
-    the kernel (the pass the FFN adds before each projection)."""
+    the kernel (the pass the FFN adds before each projection). `kernel`: an FP8 split kernel with
+    `split_ragged_dot`'s signature (default the Triton one's scaled path)."""
+    split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
     ws = _fp8_slab_weights(g, k, n, (g,), fused)
@@ -260,9 +262,12 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
             2 * rows * k * n * (2 if fused else 1))
 
 
-def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None) -> dict[str, float]:
-    """The FP8 kernel (two slabs, unfused) against fp32 per-group products: `kernel` of the dequantized operands
-    (the kernel's own error: summation order, bf16 output) and `quantization` of the bf16 ones (e4m3's rounding)."""
+def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None,
+                           kernel: Callable | None = None) -> dict[str, float]:
+    """The FP8 kernel (two slabs, unfused; `kernel` as in `fp8_split_case`) against fp32 per-group products:
+    `kernel` of the dequantized operands (the kernel's own error: summation order, bf16 output) and `quantization`
+    of the bf16 ones (e4m3's rounding)."""
+    split_ragged_dot = _split_kernel(kernel)
     key = jax.random.key(2)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16)

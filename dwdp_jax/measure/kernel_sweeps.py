@@ -5,6 +5,7 @@ their defaults or the cached winners (`kernels.tuning`), never this list."""
 import dataclasses
 
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, Fp8Blocks
 from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks
 
 # Launch orders: group_m 0 is column-block-major (every column block re-reads all
@@ -61,3 +62,10 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
                   Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
                   Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
                   Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
+# The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`, the first three also under --nosweep without cached blocks):
+# its defaults, a CTA's tiles chained into one pipeline (K / 128 divisible by the stages: down 16, gate/up 56), and
+# the most stages shared memory holds (33 KiB each, beside the output buffer).
+FP8_MGPU_CANDIDATES = {
+    fused: [default, dataclasses.replace(default, chain=True), dataclasses.replace(default, max_concurrent_steps=most)]
+    for fused, default, most in ((True, FUSED_FP8_BLOCKS, 6), (False, DEFAULT_FP8_BLOCKS, 5))
+}

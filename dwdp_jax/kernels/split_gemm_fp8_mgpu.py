@@ -1,0 +1,236 @@
+"""Block-scaled FP8 split-weight grouped GEMM on Mosaic GPU (Hopper), DeepGEMM's way.
+
+The FP8 experts (`fp8.BlockScaled`: e4m3 values [G, N, K], one fp32 scale per 128 x 128 block) ran through the
+Triton split kernel's scaled path at 0.23 of the dense FP8 GEMM on H200: Triton scales every K step's product in
+the loop that also feeds the tensor cores. This kernel is the structure of DeepSeek's DeepGEMM on the schedule of
+the bf16 Mosaic GPU split kernel (`split_gemm_mgpu`): a memory warpgroup streams, with TMA, the x tile
+(fp8 [tile_m, 128]), the slab's weight block (fp8 [tile_n, 128]; fused: the gate's and the up's) and the tile's
+row scales (fp32 [tile_m] of x's [K/128, M]) into shared memory, both fp8 operands K-major as e4m3 wgmma needs
+them (the checkpoint's [out, in] layout is K-major already).
+
+Two compute warpgroups each own half of the tile's rows. Per 128-wide K block (one scale block), a warpgroup's
+wgmma fills a fresh fp32 accumulator, and it then promotes it into its running sum in registers,
+sum += partial * x_scale[row] * w_scale[n block, k block]: the fp32 promotion DeepGEMM found necessary because
+the tensor cores' fp8 accumulation keeps about 14 mantissa bits. While one warpgroup promotes on the CUDA cores,
+the other's wgmma runs on the tensor cores. tile_n <= 128 dividing 128 keeps one weight scale per tile and K block,
+read by each warpgroup straight from global memory (one scalar per K block: TMA moves nothing under 16 bytes).
+
+The registers bound the tile: per warpgroup thread, a partial and a running fp32 sum per weight, each
+(tile_m / 2) x tile_n / 128 registers. The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
+kernel. Rows past sum(group_sizes) are not written.
+
+Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
+for CUDA there; its GPU speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
+
+from dwdp_jax.kernels import fp8, tuning
+from dwdp_jax.kernels.split_gemm import require_positive, slab_weights, tile_schedule
+from dwdp_jax.kernels.split_gemm_mgpu import interpret_params, store_block
+
+KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the widest TMA swizzle
+COMPUTE_WGS = 2
+# Per compute-warpgroup thread, fp32 accumulator registers (partials and running sums) a tile may take: the
+# warpgroup gets 232 of the 255 (the memory warpgroup keeps 40), the rest hold addresses, scales and the epilogue.
+MAX_ACC_REGISTERS = 128
+# A vector of one value per accumulator row, in the registers of the threads holding that row.
+ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
+# The kernel addresses every operand through TMA descriptors over whole arrays: a tile's position is an int32
+# coordinate per dimension, and the descriptor's strides must stay under 2^40 bytes. A slab of all 256 R1 experts
+# (3.8e9 elements per weight, past the Triton kernel's int32 element offsets) is well within both.
+MAX_TMA_COORD = 2**31 - 1
+MAX_TMA_STRIDE_BYTES = 2**40
+NAME = "split_ragged_dot_fp8_mgpu"
+NAME_TUNED = "split_mgpu_fp8"  # its entries in the block cache (`tuning`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Blocks:
+    """Tile sizes: a CTA computes tile_m rows (tile_m / 2 per compute warpgroup) x tile_n columns of each weight."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    max_concurrent_steps: int = 4
+    num_sms: int = 132  # H100 / H200 SXM
+    # A CTA's tiles run as one pipeline (`pipeline_state`): the memory warpgroup loads the next tile while the
+    # compute warpgroups finish the current one and store it. Needs K / 128 divisible by max_concurrent_steps.
+    chain: bool = False
+
+    def __post_init__(self):
+        require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
+        if self.tile_m % (64 * COMPUTE_WGS):
+            raise ValueError(f"Fp8Blocks.tile_m must be a multiple of {64 * COMPUTE_WGS} (64 wgmma rows per compute "
+                             f"warpgroup), got {self.tile_m}")
+        if KSTEP % self.tile_n or self.tile_n % 8:
+            raise ValueError(f"Fp8Blocks.tile_n must divide {KSTEP} (one weight scale per tile and K block) and be "
+                             f"a multiple of 8 (wgmma's N), got {self.tile_n}")
+
+    def acc_registers(self, fused: bool) -> int:
+        """fp32 registers per compute-warpgroup thread of the partials and running sums."""
+        return 2 * (2 if fused else 1) * (self.tile_m // COMPUTE_WGS) * self.tile_n // 128
+
+
+DEFAULT_FP8_BLOCKS = Fp8Blocks()
+FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64)
+
+
+def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: Fp8Blocks, k_dim: int,
+            n_dim: int, interpret: bool):
+    """refs: per slab (values, scales) per weight (fused: gate then up), then the output."""
+    # Register layouts are hints to Mosaic GPU's layout inference, which its interpreter does not take.
+    layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+    w_gmems, out_gmem = refs[:-1], refs[-1]
+    per_slab = 2 if fused else 1
+    half = b.tile_m // COMPUTE_WGS  # a warpgroup's rows
+    n_iters, k_iters = n_dim // b.tile_n, k_dim // KSTEP
+    swizzle = plgpu.find_swizzle(KSTEP * 8)  # e4m3: 128 bytes per K step
+    transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+    # K-major tiles of x and of each weight, and the tile's row scales of this K block
+    in_specs = [plgpu.BlockSpec((b.tile_m, KSTEP), lambda k: (0, k), transforms=transforms,
+                                memory_space=plgpu.SMEM)]
+    in_specs += [plgpu.BlockSpec((b.tile_n, KSTEP), lambda k: (0, k), transforms=transforms,
+                                 memory_space=plgpu.SMEM)] * per_slab
+    in_specs += [plgpu.BlockSpec((1, b.tile_m), lambda k: (k, 0), memory_space=plgpu.SMEM)]
+
+    def pipeline(body, context, state=None):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+            num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=b.max_concurrent_steps, compute_context=context,
+            pipeline_state=state)
+
+    ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
+    example = ((x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, pl.ds(0, b.tile_n)] for w in w_gmems[:2 * per_slab:2])
+               + (xs_gmem.at[:, pl.ds(0, b.tile_m)],))
+    out_views = plgpu.SMEM((COMPUTE_WGS, half, b.tile_n), out_gmem.dtype)
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out_smem=out_views,
+                       collective_axes="wg")
+    def _scope(allocs, out_smem):
+        wg = jax.lax.axis_index("wg")
+        rows = pl.ds(wg * half, half)
+
+        @plgpu.nd_loop((sched_gmem[5, 0] * n_iters,), collective_axes="sm")  # the real tiles only
+        def _loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            ti, ni = lin // n_iters, lin % n_iters
+            slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
+            row0 = block * b.tile_m
+            scale_block = ni * b.tile_n // fp8.BLOCK
+
+            def context(run):
+                zeros = layout(jnp.zeros((half, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
+                sums = run(tuple(zeros for _ in range(per_slab)))
+                out = jax.nn.silu(sums[0]) * sums[1] if fused else sums[0]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left the buffer
+                own_lo = jnp.clip(lo - wg * half, 0, half)
+                own_hi = jnp.clip(hi - wg * half, 0, half)
+                store_block(out.astype(out_gmem.dtype), out_smem.at[wg], None, out_gmem, own_lo, own_hi,
+                            row0 + wg * half, ni * b.tile_n, b.tile_n)
+
+            def body_for(w_scales):
+                def mma(idx, x_smem, *refs):
+                    w_smems, xs_smem, sums = refs[:per_slab], refs[per_slab], refs[per_slab + 1]
+                    (k,) = idx
+                    # issued before the wgmma, used after it: the loads' latency hides behind the tensor cores
+                    w_scale = [s[group, scale_block, k] for s in w_scales]
+                    x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
+
+                    def partials(accs):
+                        for w_smem, acc in zip(w_smems, accs):
+                            plgpu.wgmma(acc, x_smem.at[rows], plgpu.transpose_ref(w_smem, (1, 0)))
+                        plgpu.wgmma_wait(0)
+                        return tuple(acc[...] for acc in accs)
+
+                    parts = pl.run_scoped(partials, tuple(plgpu.ACC((half, b.tile_n)) for _ in range(per_slab)))
+                    return tuple(total + part * jax.lax.broadcast_in_dim(x_scale * ws, part.shape, (0,))
+                                 for total, part, ws in zip(sums, parts, w_scale))
+                return mma
+
+            state, alone = None, True
+            if b.chain:  # the CTA's first tile starts the chain, its last drains it; a lone tile is its own
+                first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+                state = jnp.where(first, int(PipelinePipeline.START),
+                                  jnp.where(last, int(PipelinePipeline.STOP), int(PipelinePipeline.STEADY)))
+                alone = info.num_local_steps == 1
+            for s in range(num_slabs):  # the tile's slab: one branch runs
+                slab_refs = w_gmems[2 * per_slab * s: 2 * per_slab * (s + 1)]
+                values, scales = slab_refs[0::2], slab_refs[1::2]
+                refs = ((x_gmem.at[pl.ds(row0, b.tile_m)],)
+                        + tuple(w.at[group, pl.ds(ni * b.tile_n, b.tile_n)] for w in values)
+                        + (xs_gmem.at[:, pl.ds(row0, b.tile_m)],))
+                mma = body_for(scales)
+                pl.when((slab == s) & alone)(
+                    lambda refs=refs, mma=mma: pipeline(mma, context)(*refs, allocations=allocs))
+                if b.chain:
+                    pl.when((slab == s) & ~alone)(
+                        lambda refs=refs, mma=mma: pipeline(mma, context, state)(*refs, allocations=allocs))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret", "out_dtype"))
+def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, x_scale_SM: jax.Array,
+                              fused: bool = False, blocks: Fp8Blocks | None = None, interpret: bool = False,
+                              out_dtype=None) -> jax.Array:
+    """`split_gemm.split_ragged_dot`'s FP8 path on Mosaic GPU, same arguments: x (e4m3 [M, K] with
+    `fp8.quantize_rows` scales x_scale_SM [K/128, M]) rows sorted by group times each group's block-scaled weights,
+    the groups spread over slabs (weights: per slab one e4m3 (values [G_s, N, K], scales [G_s, N/128, K/128]) pair
+    of `fp8.quantize_weights`; fused: a (gate, up) pair of them per slab, and the result silu(x @ gate) *
+    (x @ up)), `out_dtype` out (default bf16). K and N multiples of 128. Rows past sum(group_sizes) are not
+    written. blocks: None takes the tuned ones for this shape and card (`tuning`), else the defaults."""
+    m, k = x_MK.shape
+    n = jax.tree.leaves(weights)[0].shape[1]  # the first values [G, N, K]
+    if k % fp8.BLOCK or n % fp8.BLOCK:  # before the scales' shapes, which follow from K and N
+        raise ValueError(f"{NAME}: K={k} and N={n} must be multiples of {fp8.BLOCK} (the FP8 scale block)")
+    slabs, n = slab_weights(x_MK, weights, fused, NAME, scaled=True)
+    b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
+        FUSED_FP8_BLOCKS if fused else DEFAULT_FP8_BLOCKS)
+    check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
+    pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
+    x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
+    xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
+    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, interpret=interpret),
+        out_type=jax.ShapeDtypeStruct((m + pad, n), out_dtype or jnp.bfloat16),
+        grid=(b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None)
+    out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))
+    return out[:m] if pad else out
+
+
+def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: bool) -> None:
+    """ValueError before launch for what the kernel cannot compute (beyond `slab_weights`' shape checks)."""
+    m, k = x_MK.shape
+    device = jax.devices()[0]
+    if not interpret and device.platform == "gpu" and not str(device.compute_capability).startswith("9."):
+        raise ValueError(f"{NAME}: needs a Hopper GPU (e4m3 wgmma, compute capability 9.x); {device.device_kind} "
+                         f"has {device.compute_capability}")
+    if x_scale_SM.shape != (k // fp8.BLOCK, m) or x_scale_SM.dtype != jnp.float32:
+        raise ValueError(f"{NAME}: x_scale_SM {x_scale_SM.shape} {x_scale_SM.dtype} must be float32 "
+                         f"{(k // fp8.BLOCK, m)} (fp8.quantize_rows)")
+    for i, ws in enumerate(slabs):
+        for values, scales in ws:
+            fp8.BlockScaled(values, scales).check(f"{NAME} slab {i}")
+            if max(values.shape) > MAX_TMA_COORD or values.shape[1] * values.shape[2] >= MAX_TMA_STRIDE_BYTES:
+                raise ValueError(f"{NAME}: slab {i} weight {values.shape} is past what TMA addresses (int32 "
+                                 f"coordinates per dimension, strides under 2^40 bytes)")
+    if m + b.tile_m > MAX_TMA_COORD:
+        raise ValueError(f"{NAME}: {m} rows are past TMA's int32 row coordinates")
+    if b.acc_registers(fused) > MAX_ACC_REGISTERS:
+        raise ValueError(f"{NAME}: {b} needs {b.acc_registers(fused)} accumulator registers per thread "
+                         f"(more than {MAX_ACC_REGISTERS}: the tile would spill)")
+    if b.chain and (k // KSTEP) % b.max_concurrent_steps:
+        raise ValueError(f"{NAME}: chained tiles need K / {KSTEP} = {k // KSTEP} divisible by "
+                         f"max_concurrent_steps={b.max_concurrent_steps}")
