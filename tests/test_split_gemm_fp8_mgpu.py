@@ -74,11 +74,11 @@ def _run(blocks, fused: bool, out_dtype=jnp.bfloat16, seed: int = 0, k: int = 25
     return np.asarray(out[:used], np.float32), _exact(x_q, x_s, weights, fused)
 
 
-@pytest.mark.parametrize("blocks", [SMALL, dataclasses.replace(SMALL, chain=True, num_sms=3)],
-                         ids=["alone", "chained"])
+@pytest.mark.parametrize("blocks", [SMALL, dataclasses.replace(SMALL, chain=True, per_group=True, num_sms=3)],
+                         ids=["alone", "chained_per_group_windows"])
 def test_three_slabs_match_the_exact_product(blocks):
     """Each CTA's tiles one pipeline each, or chained into one (4 tiles on 3 CTAs: a chain of two beside lone
-    tiles); the bf16 output's rounding is the error (the issue's bound: 2e-3)."""
+    tiles) in per-group windows; the bf16 output's rounding is the error (the issue's bound: 2e-3)."""
     ours, exact = _run(blocks, fused=False)
     assert np.isfinite(ours).all()
     assert _rel(ours, exact) < 2e-3
@@ -86,13 +86,15 @@ def test_three_slabs_match_the_exact_product(blocks):
 
 def test_fp32_output_is_the_exact_product_up_to_summation_order():
     """With an fp32 output, what is left is fp32 summation: the scales are applied to the right rows, columns
-    and K blocks."""
-    ours, exact = _run(dataclasses.replace(SMALL, tile_n=64), fused=False, out_dtype=jnp.float32, seed=1)
+    and K blocks (two column blocks, swept per group: row tiles fastest)."""
+    ours, exact = _run(dataclasses.replace(SMALL, tile_n=64, per_group=True), fused=False, out_dtype=jnp.float32,
+                       seed=1)
     assert _rel(ours, exact) < 1e-5
 
 
 def test_fused_gate_up_matches_the_exact_swiglu():
-    ours, exact = _run(SMALL_FUSED, fused=True, seed=2)
+    """Windows of one row tile: each sweeps both column blocks before the next."""
+    ours, exact = _run(dataclasses.replace(SMALL_FUSED, group_m=1, per_group=True), fused=True, seed=2)
     assert np.isfinite(ours).all()
     assert _rel(ours, exact) < 2e-3
 
@@ -152,6 +154,16 @@ def test_bad_inputs_are_refused_before_launch():
         Fp8Blocks(tile_m=64)
     with pytest.raises(ValueError, match="tile_n must divide 128"):
         Fp8Blocks(tile_n=256)
+    with pytest.raises(ValueError, match="group_m must be >= 0 and needs per_group"):
+        Fp8Blocks(group_m=-1, per_group=True)
+    with pytest.raises(ValueError, match="group_m must be >= 0 and needs per_group"):
+        Fp8Blocks(group_m=4)
+    with pytest.raises(ValueError, match="cluster_n needs an even num_sms"):
+        Fp8Blocks(cluster_n=True, num_sms=131)
+    with pytest.raises(ValueError, match="and no chain"):
+        Fp8Blocks(cluster_n=True, chain=True)
+    with pytest.raises(ValueError, match=r"N=128 must be a multiple of 256 \(tile_n \* 2 CTAs with cluster_n\)"):
+        run(x_q, (w,), blocks=Fp8Blocks(cluster_n=True, num_sms=2))
 
 
 def test_non_hopper_gpus_are_refused(monkeypatch):

@@ -35,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
 from dwdp_jax.kernels import fp8, tuning
-from dwdp_jax.kernels.split_gemm import require_positive, slab_weights, tile_schedule
+from dwdp_jax.kernels.split_gemm import launch_order, require_positive, slab_weights, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import interpret_params, store_block
 
 KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the widest TMA swizzle
@@ -65,9 +65,26 @@ class Fp8Blocks:
     # A CTA's tiles run as one pipeline (`pipeline_state`): the memory warpgroup loads the next tile while the
     # compute warpgroups finish the current one and store it. Needs K / 128 divisible by max_concurrent_steps.
     chain: bool = False
+    # Launch order. Default: a row tile takes all column blocks before the next, so every row tile of a group
+    # re-reads the group's weights (down: 14 MiB a group at R1's width, about 8 row tiles a group at 262144 rows).
+    # per_group: windows of a group's row tiles (group_m of them, 0: all) sweep every column block with row tiles
+    # fastest (`split_gemm.launch_order`), reading the weights once per window and re-reading its x rows instead
+    # (down: 2 MiB a group). Windows stay within a group: the persistent loop visits the real tiles only, and a
+    # window across the last one would reach past them.
+    group_m: int = 0
+    per_group: bool = False
+    # Two CTAs per cluster take adjacent column blocks of one row tile, and its x tile is loaded once for both
+    # (TMA multicast): a quarter less traffic from L2 per CTA and K step. The column blocks must be even.
+    cluster_n: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
+        if self.group_m < 0 or (self.group_m and not self.per_group):
+            raise ValueError(f"Fp8Blocks.group_m must be >= 0 and needs per_group (windows within a group), got "
+                             f"group_m={self.group_m}, per_group={self.per_group}")
+        if self.cluster_n and (self.chain or self.num_sms % 2):
+            raise ValueError(f"Fp8Blocks.cluster_n needs an even num_sms (clusters of 2, got {self.num_sms}) and no "
+                             f"chain (a chained CTA's tiles would need the same pipeline phase in both CTAs)")
         if self.tile_m % (64 * COMPUTE_WGS):
             raise ValueError(f"Fp8Blocks.tile_m must be a multiple of {64 * COMPUTE_WGS} (64 wgmma rows per compute "
                              f"warpgroup), got {self.tile_m}")
@@ -97,7 +114,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
     # K-major tiles of x and of each weight, and the tile's row scales of this K block
     in_specs = [plgpu.BlockSpec((b.tile_m, KSTEP), lambda k: (0, k), transforms=transforms,
-                                memory_space=plgpu.SMEM)]
+                                memory_space=plgpu.SMEM, collective_axes=("cluster",) if b.cluster_n else ())]
     in_specs += [plgpu.BlockSpec((b.tile_n, KSTEP), lambda k: (0, k), transforms=transforms,
                                  memory_space=plgpu.SMEM)] * per_slab
     in_specs += [plgpu.BlockSpec((1, b.tile_m), lambda k: (k, 0), memory_space=plgpu.SMEM)]
@@ -119,10 +136,14 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
         wg = jax.lax.axis_index("wg")
         rows = pl.ds(wg * half, half)
 
-        @plgpu.nd_loop((sched_gmem[5, 0] * n_iters,), collective_axes="sm")  # the real tiles only
+        per_cta = n_iters // 2 if b.cluster_n else n_iters  # column blocks a CTA (or cluster) takes per row tile
+
+        @plgpu.nd_loop((sched_gmem[5, 0] * per_cta,), collective_axes="sm")  # the real tiles only
         def _loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
-            ti, ni = lin // n_iters, lin % n_iters
+            ti, ni = launch_order(lin, sched_gmem, per_cta) if b.per_group else (lin // per_cta, lin % per_cta)
+            if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
+                ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
             row0 = block * b.tile_m
             scale_block = ni * b.tile_n // fp8.BLOCK
@@ -199,11 +220,13 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
-    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad)
+    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad, b.group_m,
+                          b.per_group)
     kernel = plgpu.kernel(
         functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, n), out_dtype or jnp.bfloat16),
-        grid=(b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        grid=(b.num_sms // 2 if b.cluster_n else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
+        thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.cluster_n else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))
@@ -213,6 +236,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
 def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: bool) -> None:
     """ValueError before launch for what the kernel cannot compute (beyond `slab_weights`' shape checks)."""
     m, k = x_MK.shape
+    n = slabs[0][0][0].shape[1]
     device = jax.devices()[0]
     if not interpret and device.platform == "gpu" and not str(device.compute_capability).startswith("9."):
         raise ValueError(f"{NAME}: needs a Hopper GPU (e4m3 wgmma, compute capability 9.x); {device.device_kind} "
@@ -231,6 +255,9 @@ def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: 
     if b.acc_registers(fused) > MAX_ACC_REGISTERS:
         raise ValueError(f"{NAME}: {b} needs {b.acc_registers(fused)} accumulator registers per thread "
                          f"(more than {MAX_ACC_REGISTERS}: the tile would spill)")
+    if n % (b.tile_n * (2 if b.cluster_n else 1)):
+        raise ValueError(f"{NAME}: N={n} must be a multiple of {b.tile_n * (2 if b.cluster_n else 1)} (tile_n"
+                         f"{' * 2 CTAs with cluster_n' if b.cluster_n else ''})")
     if b.chain and (k // KSTEP) % b.max_concurrent_steps:
         raise ValueError(f"{NAME}: chained tiles need K / {KSTEP} = {k // KSTEP} divisible by "
                          f"max_concurrent_steps={b.max_concurrent_steps}")

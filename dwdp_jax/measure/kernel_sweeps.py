@@ -62,10 +62,12 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
                   Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
                   Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
                   Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
-# The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`, the first three also under --nosweep without cached blocks):
-# its defaults, a CTA's tiles chained into one pipeline (K / 128 divisible by the stages: down 16, gate/up 56), and
-# the most stages shared memory holds (33 KiB each, beside the output buffer).
+# The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`; the first also under --nosweep without cached blocks): its
+# defaults; per-group windows (each group's weights read once, its rows re-read), alone, chained into one pipeline
+# per CTA (K / 128 divisible by the stages: down 16, gate/up 56), with the most stages shared memory holds (33 KiB
+# each beside the output buffer), and in clusters of two CTAs sharing their x tile.
 FP8_MGPU_CANDIDATES = {
-    fused: [default, dataclasses.replace(default, chain=True), dataclasses.replace(default, max_concurrent_steps=most)]
+    fused: [default] + [dataclasses.replace(default, per_group=True, **kw)
+                        for kw in (dict(), dict(chain=True), dict(max_concurrent_steps=most), dict(cluster_n=True))]
     for fused, default, most in ((True, FUSED_FP8_BLOCKS, 6), (False, DEFAULT_FP8_BLOCKS, 5))
 }
