@@ -5,7 +5,7 @@ their defaults or the cached winners (`kernels.tuning`), never this list."""
 import dataclasses
 
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, Fp8Blocks
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS
 from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks
 
 # Launch orders: group_m 0 is column-block-major (every column block re-reads all
