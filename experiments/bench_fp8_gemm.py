@@ -40,6 +40,8 @@ _SUSTAINED_ROUNDS = flags.DEFINE_integer("sustained_rounds", 1, "rounds under su
 _KERNELS = flags.DEFINE_multi_enum("kernel", ["mgpu", "triton"], ["mgpu", "triton"], "the FP8 split kernels to time")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate of each FP8 kernel (--nosweep: the cached winner, "
                            "else the default)")
+_ERROR = flags.DEFINE_bool("error", True, "each FP8 kernel's relative error against per-group fp32 products "
+                           "(--noerror skips it: compiling the reference takes minutes at 256 groups)")
 _TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
@@ -97,8 +99,9 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
     for kernel in _KERNELS.value:
         sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused)
         metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
-        errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
-        metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
+        if _ERROR.value:
+            errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
+            metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
     case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
@@ -152,7 +155,7 @@ def main(argv):
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
     config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value, "align": _ALIGN.value,
-              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value,
+              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "error": _ERROR.value,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
