@@ -1,11 +1,12 @@
 """FP8 (e4m3) block quantization, DeepSeek-V3's scheme: weights in 128 x 128 blocks, activations in 1 x 128 row
 groups, each block with one fp32 scale that multiplies it back (the checkpoint's `weight_scale_inv`).
 
-The FP8 expert path of the split-weight grouped GEMM (`split_gemm.split_ragged_dot` with scales) computes, per
-128-wide K block, an fp8 x fp8 product accumulated in fp32 and scaled by the row's and the weight block's scales:
-what DeepSeek's own inference kernels do, and half the weight bytes of bf16 for the HBM stream and for DWDP's pull.
-Measured on H200 it is correct but slow (0.23-0.25 of the dense FP8 GEMM, 0.53-0.60 of the bf16 split kernel:
-experiments.bench_grouped_gemm). The model builds FP8 experts with `ModelConfig.fp8_experts`: each weight a
+The FP8 expert paths of the split-weight grouped GEMM (`split_gemm_fp8_mgpu.split_ragged_dot_fp8_mgpu` on Mosaic
+GPU, and `split_gemm.split_ragged_dot` with scales on Triton) compute, per 128-wide K block, an fp8 x fp8 product
+accumulated in fp32 and scaled by the row's and the weight block's scales: what DeepSeek's own inference kernels
+do, and half the weight bytes of bf16 for the HBM stream and for DWDP's pull. Measured on H200 the Triton path is
+correct but slow (0.23-0.25 of the dense FP8 GEMM, 0.53-0.60 of the bf16 split kernel), the Mosaic GPU kernel 2.9
+times as fast (experiments.bench_fp8_gemm). The model builds FP8 experts with `ModelConfig.fp8_experts`: each weight a
 `BlockScaled` pair, which the CPU reference path (`reference_ffn`) and the scaled split kernel consume.
 
 Layouts: FP8 weights are stored as the checkpoint stores them, [G, N, K] ([out, in]: K contiguous, which Hopper's

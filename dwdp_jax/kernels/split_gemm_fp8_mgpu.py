@@ -20,7 +20,11 @@ The registers bound the tile: per warpgroup thread, a partial and a running fp32
 kernel. Rows past sum(group_sizes) are not written.
 
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
-for CUDA there; its GPU speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM.
+for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
+speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM. First readings on H200, the kernel
+alone (256 groups aligned to 128 rows, default blocks): down 845 TFLOP/s at 131072 rows, skew 6 (the Triton path:
+293), 843-877 at 262144 rows, skew 1.5; fused gate/up 796-813 there. The same run's dense FP8 GEMM is still to be
+read beside them (an earlier run's: 1329 TFLOP/s, down at 131072 rows).
 """
 
 from __future__ import annotations
