@@ -41,7 +41,7 @@ _KERNELS = flags.DEFINE_multi_enum("kernel", ["mgpu", "triton"], ["mgpu", "trito
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate of each FP8 kernel (--nosweep: the cached winner, "
                            "else the default)")
 _ERROR = flags.DEFINE_bool("error", True, "each FP8 kernel's relative error against per-group fp32 products "
-                           "(--noerror skips it: compiling the reference takes minutes at 256 groups)")
+                           "(--noerror skips it and its reference, one compiled product per group)")
 _TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
