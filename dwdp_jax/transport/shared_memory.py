@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import json
 import mmap
 import os
@@ -102,9 +103,11 @@ class SlabShare:
         for owner, slabs in enumerate(local_slabs):
             if slabs is None:
                 continue
-            template = slabs[0]
+            layers = iter(slabs)
+            template = next(layers)  # layer 0 lays out the segment and is written first: each layer is read once
             self._template, self._expected = template, layout_of(template, len(slabs))
-            descriptor, arrays = self._create(owner, self._expected, iter(slabs), devices[owner])
+            descriptor, arrays = self._create(owner, self._expected, itertools.chain([template], layers),
+                                              devices[owner])
             self.slabs[owner] = self._as_slabs(arrays, template.start)
             self.exchange.set(f"{self.tag}/slabs/{owner}", json.dumps(descriptor))
         error = None
