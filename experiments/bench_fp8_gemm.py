@@ -33,6 +33,9 @@ _EXPERTS = flags.DEFINE_integer("experts", 256, "groups", lower_bound=1)
 _SKEW = flags.DEFINE_float("skew", 6.0, "max/mean group size of the skewed routing", lower_bound=1.0)
 _ALIGN = flags.DEFINE_integer("align", 128, "groups padded to a multiple of this many rows (the model's layout); "
                               "FLOPs counted over the real rows", lower_bound=1)
+_SLABS = flags.DEFINE_integer("slabs", 2, "slabs the experts are split into, equal but for the last (a DWDP rank's "
+                              "local and pulled experts; the Triton kernels address at most 2^31 weight elements a "
+                              "slab: 146 of R1's experts)", lower_bound=1)
 _PROBLEMS = flags.DEFINE_multi_enum("problem", ["gate_up", "down"], ["gate_up", "down"], "the projections to time")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "burst rounds of every case against the dense bf16 GEMM", lower_bound=1)
 _SUSTAINED_ROUNDS = flags.DEFINE_integer("sustained_rounds", 1, "rounds under sustained load (3 s a case, clocks "
@@ -76,6 +79,11 @@ def _bf16_split(x, gs, ws, fused, blocks):
     return gpu.fastest_split_ragged_dot(x, gs, ws, fused=fused)
 
 
+def slab_counts(experts: int, slabs: int) -> tuple[int, ...]:
+    each = -(-experts // slabs)
+    return tuple(min(each, experts - i * each) for i in range(slabs) if experts > i * each)
+
+
 def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: bool) -> tuple[dict, object]:
     """(TFLOP/s or the error of every candidate of one FP8 kernel, the fastest candidate)."""
     spec = KERNELS[kernel]
@@ -83,7 +91,8 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
     sweep = {}
     for b in spec.candidates[fused] if _SWEEP.value else [tuned or spec.defaults[fused]]:
         try:
-            sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn))
+            sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn,
+                                                   slab_counts=slab_counts(len(padded), _SLABS.value)))
         except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
             sweep[b] = repr(e)[:200]
         print(name, kernel, b, sweep[b], flush=True)
@@ -104,13 +113,15 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
             metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
+    slabs = slab_counts(len(padded), _SLABS.value)
     case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
-                                      kernel=KERNELS[kernel].fn) for kernel in _KERNELS.value}
+                                      kernel=KERNELS[kernel].fn, slab_counts=slabs) for kernel in _KERNELS.value}
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
     split = {f"fp8_split_{kernel}": case[kernel]() for kernel in _KERNELS.value}
     cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), **split,
              f"fp8_split_{fastest}_with_row_quant": case[fastest](quantize_rows=True),
-             "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real)}
+             "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real,
+                                              slab_counts=slabs)}
     dense = gb.dense_gemm_case(real, k, cols)
     runs = {"rounds": gb.round_robin_over_dense(cases, dense, rounds=_ROUNDS.value)}
     if _SUSTAINED_ROUNDS.value:
@@ -154,7 +165,7 @@ def main(argv):
             c = f"{name}_rounds_fp8_split_{kernel}"
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
-    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "skew": _SKEW.value, "align": _ALIGN.value,
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value, "align": _ALIGN.value,
               "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "error": _ERROR.value,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}

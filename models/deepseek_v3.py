@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dwdp_jax.kernels import attention as attention_kernels
-from dwdp_jax.kernels import fp8
+from dwdp_jax.kernels import dense_fp8, fp8
 from models.config import ModelConfig
 from models.experts import WEIGHTS, ExpertSlab, RoutedExperts
 
@@ -42,10 +42,11 @@ def _projection(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, fp8_blocks: bool,
 
 
 def project(x_TK: jax.Array, w: nnx.Param) -> jax.Array:
-    """x [T, in] through a `_projection` weight: [T, prod(out)] (an FP8 weight through `fp8.linear`)."""
+    """x [T, in] through a `_projection` weight: [T, prod(out)] (an FP8 weight through `dense_fp8.linear`: the
+    block-scaled kernel on Hopper)."""
     value = w.get_value()
     if isinstance(value, fp8.BlockScaled):
-        return fp8.linear(x_TK, value)
+        return dense_fp8.linear(x_TK, value)
     return x_TK @ value.reshape(x_TK.shape[-1], -1)
 
 

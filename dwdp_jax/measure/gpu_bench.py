@@ -19,6 +19,7 @@ import numpy as np
 from dwdp_jax.kernels import attention as attention_kernels
 from dwdp_jax.kernels import fp8, gpu
 from dwdp_jax.kernels.split_gemm import split_ragged_dot
+from dwdp_jax.progress import progress_bar
 from dwdp_jax.runtime.dep_dispatch import shard_map
 
 
@@ -173,7 +174,7 @@ def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dens
     rounds of each reading and of the ratio to the round's dense rate (with its extremes); with clocks, also the
     ratio at equal clocks (over_dense_per_clock)."""
     samples: dict[str, dict[str, list]] = {name: {} for name in ("dense", *cases)}
-    for _ in range(rounds):
+    for _ in progress_bar(list(range(rounds)), f"rounds of {len(cases) + 1} cases", "round"):
         ref = None
         for name, case in (("dense", dense), *cases.items()):
             got = dict(measure(case))
@@ -243,15 +244,17 @@ def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bo
 
 
 def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, counted_rows: int | None = None,
-                   quantize_rows: bool = False, kernel: Callable | None = None) -> tuple[Callable, tuple, float]:
-    """The split-weight kernel's FP8 path over these groups (one slab): `split_gemm_case`'s weights quantized in
+                   quantize_rows: bool = False, kernel: Callable | None = None,
+                   slab_counts: tuple[int, ...] | None = None) -> tuple[Callable, tuple, float]:
+    """The split-weight kernel's FP8 path over these groups (over `slab_counts` slabs, default one):
+    `split_gemm_case`'s weights quantized in
     128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
     the kernel (the pass the FFN adds before each projection). `kernel`: an FP8 split kernel with
     `split_ragged_dot`'s signature (default the Triton one's scaled path)."""
     split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
-    ws = _fp8_slab_weights(g, k, n, (g,), fused)
+    ws = _fp8_slab_weights(g, k, n, tuple(slab_counts or (g,)), fused)
 
     def run(x, gs, ws):
         x_q, x_scale = fp8.quantize_rows(x) if quantize_rows else x

@@ -1,0 +1,68 @@
+"""Block-scaled dense FP8 GEMM: DeepSeek-R1's projections as the checkpoint stores them (e4m3 [out, in], one fp32
+scale per 128 x 128 block; `fp8.BlockScaled`) times activations quantized in 1 x 128 groups.
+
+On Hopper the product runs on the Mosaic GPU FP8 split kernel (`split_gemm_fp8_mgpu`) as one group of one slab:
+the same fp32 promotion per 128-wide K block, no dequantized copy of the weight. Its launch windows of `group_m`
+row tiles sweep every column block with row tiles fastest, so a window's activations stay in L2 while the weight
+streams once per window (one window over all of a 32K-token batch would read the activations from HBM once per
+column block). Elsewhere (CPU, bf16 off Hopper, fp32 activations, K not a multiple of 128) `fp8.linear` computes
+the same product from the dequantized operands.
+
+An output width that is not a multiple of 128 (kv_a_proj_with_mqa: 576) is padded to whole blocks with zero rows,
+which the partial block's scale leaves zero, and cut after the kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dwdp_jax.kernels import fp8, tuning
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, split_ragged_dot_fp8_mgpu
+
+NAME_TUNED = "dense_mgpu_fp8"  # its entries in the block cache (`tuning`; `experiments.bench_fp8_dense --tune`)
+# 16 row tiles (2048 rows) a window: their activations (2048 x K e4m3, at most 36 MiB at R1's widest K) stay in
+# the 60 MiB L2 while the weight streams past them.
+DEFAULT_DENSE_BLOCKS = Fp8Blocks(chain=True, per_group=True, group_m=16)
+
+
+def default_blocks(k: int) -> Fp8Blocks:
+    """The defaults with the deepest pipeline (of 4, 2, 1 stages) dividing K's scale blocks, as chaining needs."""
+    steps = next(s for s in (4, 2, 1) if (k // fp8.BLOCK) % s == 0)
+    return dataclasses.replace(DEFAULT_DENSE_BLOCKS, max_concurrent_steps=steps)
+
+
+def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = None) -> bool:
+    """Whether `linear` takes the kernel: bf16 activations, K whole scale blocks, a Hopper GPU."""
+    device = device or jax.devices()[0]
+    hopper = device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+    return hopper and x_TK.dtype == jnp.bfloat16 and w.values_GNK.shape[1] % fp8.BLOCK == 0
+
+
+def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled, *, blocks: Fp8Blocks | None = None,
+                      out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
+    """x @ W^T for e4m3 x [T, K] with `fp8.quantize_rows` scales [K/128, T] and an FP8 weight W [N, K]: [T, N] in
+    out_dtype. blocks: None takes the tuned ones for this shape and card (`tuning`), else the defaults."""
+    w.check("block_scaled_gemm weight")
+    if w.values_GNK.ndim != 2:
+        raise ValueError(f"block_scaled_gemm: the weight must be one [N, K] matrix, got {w.values_GNK.shape}")
+    n, k = w.values_GNK.shape
+    if k % fp8.BLOCK:
+        raise ValueError(f"block_scaled_gemm: K={k} must be a multiple of {fp8.BLOCK} (the FP8 scale block)")
+    t = x_TK.shape[0]
+    b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, False, t) or (
+        default_blocks(k))
+    values = jnp.pad(w.values_GNK, ((0, -n % fp8.BLOCK), (0, 0)))
+    out = split_ragged_dot_fp8_mgpu(x_TK, jnp.full((1,), t, jnp.int32), ((values[None], w.scales_GRS[None]),),
+                                    x_scale_SM=x_scale_ST, blocks=b, interpret=interpret, out_dtype=out_dtype)
+    return out[:, :n]
+
+
+def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
+    """`fp8.linear` (x quantized per row and 128 columns, times the block-scaled weight, fp32 accumulation), on the
+    block-scaled kernel where `on_kernel`; [T, N] in x's dtype."""
+    if not on_kernel(x_TK, w):
+        return fp8.linear(x_TK, w)
+    return block_scaled_gemm(*fp8.quantize_rows(x_TK), w, out_dtype=x_TK.dtype)

@@ -1,0 +1,143 @@
+"""Dense FP8 GEMMs at DeepSeek-R1's projection shapes on one GPU, side by side (issue 26): the block-scaled kernel
+the model runs for FP8 projections (`dwdp_jax.kernels.dense_fp8`: e4m3 weights with a scale per 128 x 128 block,
+rows in 1 x 128 groups, fp32 promotion per K block) against cuBLAS's FP8 GEMM with one scale per tensor (the
+ceiling), the path it replaced (the weight dequantized, then a bf16 GEMM), and the dense bf16 GEMM.
+
+Each shape's kernel output is checked first against the fp32 product of the same quantized operands (sampled
+rows); a shape that fails gets no rate and the run exits 1. Cases run in rounds, cuBLAS FP8 first in each, so all
+see the same clocks; ratios are medians over the rounds.
+
+  python -m experiments.bench_fp8_dense                 # on a Hopper GPU; results/bench_fp8_dense/<run>.json
+  python -m experiments.bench_fp8_dense --tune          # also sweeps the kernel's launch windows per shape and
+                                                        # records the fastest in the kernel block cache
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from dwdp_jax.kernels import dense_fp8, fp8, tuning
+from dwdp_jax.measure import gpu_bench as gb
+from dwdp_jax.progress import progress_bar
+from dwdp_jax.results import write_measurements
+
+# R1's FP8 projections [in, out]: attention (q_a, q_b, kv_a with its partial block, kv_b, o), the dense layers'
+# MLP (gate and up, down), the shared expert (gate and up, down)
+SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b": (512, 32768), "o": (16384, 7168),
+          "mlp_gate_up": (7168, 18432), "mlp_down": (18432, 7168), "shared_gate_up": (7168, 2048),
+          "shared_down": (2048, 7168)}
+
+_TOKENS = flags.DEFINE_integer("tokens", 32768, "rows (tokens of the prefill step)", lower_bound=128)
+_SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "rounds of every case", lower_bound=1)
+_TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and pipeline depth per shape and record "
+                          "the fastest in the kernel block cache")
+_TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
+_ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against the fp32 product")
+_RESULTS = flags.DEFINE_string("results", "results", "results root")
+
+
+def candidates(k: int) -> list:
+    base = dense_fp8.default_blocks(k)
+    return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
+        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False)]
+
+
+def _weight(k: int, n: int) -> fp8.BlockScaled:
+    w = fp8.quantize_weights(0.02 * jax.random.normal(jax.random.key(1), (1, n, k), jnp.float32))
+    return fp8.BlockScaled(w.values_GNK[0], w.scales_GRS[0])
+
+
+def kernel_error(x_q, x_s, w: fp8.BlockScaled, blocks) -> float:
+    """The kernel against the fp32 product of the dequantized operands on the first rows."""
+    rows = _ROWS_CHECKED.value
+    out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks)[:rows].astype(jnp.float32)
+    x = fp8.dequantize_rows(x_q[:rows], x_s[:, :rows])
+    w_NK = fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]
+    ref = jnp.dot(x, w_NK.T, precision=jax.lax.Precision.HIGHEST)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def cases(t: int, k: int, n: int, blocks) -> dict:
+    """(fn, args, FLOPs) per path of one projection, all on the same bf16 activations and weights."""
+    x = jax.random.normal(jax.random.key(0), (t, k), jnp.float32).astype(jnp.bfloat16)
+    w = _weight(k, n)
+    x_q, x_s = fp8.quantize_rows(x)
+    flops = 2 * t * k * n
+    kernel = jax.jit(lambda x_q, x_s, w: dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks))
+    with_quant = jax.jit(lambda x, w: dense_fp8.block_scaled_gemm(*fp8.quantize_rows(x), w, blocks=blocks))
+    return {"block_scaled": (kernel, (x_q, x_s, w), flops),
+            "block_scaled_with_row_quant": (with_quant, (x, w), flops),
+            "dequant_bf16": (jax.jit(fp8.linear), (x, w), flops),
+            "bf16": gb.dense_gemm_case(t, k, n)}
+
+
+def tune(name: str, t: int, k: int, n: int) -> tuple:
+    """(fastest blocks, their TFLOP/s, the sweep): every candidate timed alone."""
+    sweep = {}
+    for b in candidates(k):
+        try:
+            sweep[b] = gb.tflops(cases(t, k, n, b)["block_scaled"])
+        except Exception as e:  # a schedule that cannot compile is skipped
+            sweep[b] = repr(e)[:200]
+        print(name, b, sweep[b], file=sys.stderr, flush=True)
+    timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
+    best = max(timed, key=timed.get)
+    return best, timed[best], sweep
+
+
+def main(argv):
+    del argv
+    device = jax.devices()[0]
+    if not dense_fp8.on_kernel(jnp.zeros((1, 128), jnp.bfloat16), _weight(128, 128), device):
+        print(f"bench_fp8_dense: needs a Hopper GPU (found {device.device_kind})", file=sys.stderr)
+        sys.exit(2)
+    t = _TOKENS.value
+    metrics, raw, failed = {}, {}, []
+    hbm = gb.hbm_gbps() * 1e9
+    for name in progress_bar(list(_SHAPES.value), "shapes", "shape"):
+        k, n = SHAPES[name]
+        blocks = None
+        if _TUNE.value:
+            blocks, rate, sweep = tune(name, t, k, n)
+            raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
+            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, n, False, t, blocks, rate,
+                          f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
+        shape_cases = cases(t, k, n, blocks)
+        err = kernel_error(*shape_cases["block_scaled"][1], blocks)
+        metrics[f"{name}_rel_err"] = err
+        if not err <= _TOL.value:
+            failed.append(f"{name}: relative error {err:.3g} > {_TOL.value}")
+            continue
+        dense = gb.dense_gemm_case(t, k, n, jnp.float8_e4m3fn)
+        got = gb.round_robin_over_dense(shape_cases, dense, rounds=_ROUNDS.value)
+        for case, stats in got.items():
+            metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
+        # the roofline at FP8: cuBLAS's rate, the bytes of x, the weight and the bf16 output once each
+        secs = max(2 * t * k * n / (got["dense"]["tflops"] * 1e12), (t * k + k * n + 2 * t * n) / hbm)
+        metrics[f"{name}_roofline_over_cublas_fp8"] = 2 * t * k * n / secs / (got["dense"]["tflops"] * 1e12)
+    print(f"\n{t} rows; rates over cuBLAS FP8 (per-tensor scale), medians of {_ROUNDS.value} rounds")
+    print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6}")
+    for name in _SHAPES.value:
+        if f"{name}_dense_tflops" in metrics:
+            print(f"{name:15} {metrics[f'{name}_dense_tflops']:10.1f} "
+                  + " ".join(f"{metrics[f'{name}_{c}_over_dense']:{w}.3f}" for c, w in (
+                      ("block_scaled", 12), ("block_scaled_with_row_quant", 11), ("dequant_bf16", 12), ("bf16", 6))))
+    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value}, "rounds": _ROUNDS.value,
+              "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
+              "jax": jax.__version__, "failed": failed}
+    write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
+    if failed:
+        print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

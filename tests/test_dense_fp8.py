@@ -1,0 +1,95 @@
+"""The block-scaled dense FP8 GEMM (`dense_fp8`): on CPU, the Mosaic GPU kernel in interpret mode against the fp64
+product of the same quantized operands (an output width of partial blocks, as kv_a's 576, and rows not a multiple
+of the tile), the dispatch of `linear` and its refusals; on a GPU (`-m gpu`), the compiled kernel at R1's
+projection shapes and the model's `project` on it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dwdp_jax.kernels import dense_fp8, fp8
+
+# one CTA, two-row-tile windows: several windows, column blocks and K steps in the interpreter's reach
+SMALL = dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, max_concurrent_steps=2, num_sms=1, group_m=2)
+
+
+def _operands(seed: int, t: int, k: int, n: int):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((t, k)) * rng.uniform(0.1, 10, (t, 1)), jnp.float32)
+    w = fp8.quantize_weights(jnp.asarray(rng.standard_normal((1, n, k)) * rng.uniform(0.01, 1, (1, n, 1))
+                                         / np.sqrt(k), jnp.float32))
+    return x, fp8.BlockScaled(w.values_GNK[0], w.scales_GRS[0])
+
+
+def _exact(x_q, x_s, w: fp8.BlockScaled) -> np.ndarray:
+    x = np.asarray(fp8.dequantize_rows(x_q, x_s), np.float64)
+    return x @ np.asarray(fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0], np.float64).T
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("t,k,n", [(300, 256, 192), (128, 256, 256)], ids=["partial_block_n", "whole_blocks"])
+def test_kernel_matches_the_exact_product(t, k, n):
+    """300 rows (3 row tiles, the last cut) x N=192 (a 128 block and a partial one padded with zero rows), and
+    whole blocks; bf16 output against the fp64 product: within bf16 rounding."""
+    x, w = _operands(0, t, k, n)
+    x_q, x_s = fp8.quantize_rows(x)
+    out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=SMALL, interpret=True)
+    assert out.shape == (t, n) and out.dtype == jnp.bfloat16
+    assert _rel(out, _exact(x_q, x_s, w)) < 4e-3
+
+
+def test_linear_off_hopper_is_the_reference_path():
+    """On CPU `linear` is `fp8.linear` itself (the kernel is Hopper's), at fp32 and at bf16."""
+    x, w = _operands(1, 64, 256, 128)
+    assert not dense_fp8.on_kernel(x.astype(jnp.bfloat16), w)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        np.testing.assert_array_equal(np.asarray(dense_fp8.linear(x.astype(dtype), w), np.float32),
+                                      np.asarray(fp8.linear(x.astype(dtype), w), np.float32))
+
+
+def test_refusals_name_the_cause():
+    x, w = _operands(2, 128, 256, 128)
+    x_q, x_s = fp8.quantize_rows(x)
+    with pytest.raises(ValueError, match="scales"):
+        dense_fp8.block_scaled_gemm(x_q, x_s, fp8.BlockScaled(w.values_GNK, w.scales_GRS[:, :1]), interpret=True)
+    with pytest.raises(ValueError, match="one \\[N, K\\] matrix"):
+        dense_fp8.block_scaled_gemm(x_q, x_s, fp8.BlockScaled(w.values_GNK[None], w.scales_GRS[None]),
+                                    interpret=True)
+    with pytest.raises(ValueError, match="x_scale_SM"):
+        dense_fp8.block_scaled_gemm(x_q, x_s[:, :64], w, interpret=True)
+
+
+# R1's FP8 projections at 4096 tokens: q_a, q_b, kv_a (576: a partial block), kv_b, o, dense MLP down, shared expert
+R1_SHAPES = [(7168, 1536), (1536, 24576), (7168, 576), (512, 32768), (16384, 7168), (18432, 7168), (7168, 2048)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", R1_SHAPES, ids=[f"{k}x{n}" for k, n in R1_SHAPES])
+def test_gpu_kernel_at_r1_shapes(k, n):
+    """The compiled kernel (its tuned or default blocks) against the fp64 product: relative error < 2e-3."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs a GPU")
+    x, w = _operands(3, 4096 + 77, k, n)
+    x_q, x_s = fp8.quantize_rows(x)
+    out = dense_fp8.block_scaled_gemm(x_q, x_s, w)
+    assert _rel(out, _exact(x_q, x_s, w)) < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_linear_takes_the_kernel():
+    """bf16 activations on Hopper go through the kernel, and agree with the dequantized reference path."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs a GPU")
+    x, w = _operands(4, 1000, 7168, 576)
+    xb = x.astype(jnp.bfloat16)
+    assert dense_fp8.on_kernel(xb, w)
+    hlo = jax.jit(dense_fp8.linear).lower(xb, w).as_text()
+    assert "mosaic_gpu" in hlo
+    assert _rel(dense_fp8.linear(xb, w).astype(jnp.float32), fp8.linear(xb, w).astype(jnp.float32)) < 1e-2
