@@ -46,7 +46,7 @@ KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the wid
 COMPUTE_WGS = 2
 # Per compute-warpgroup thread, fp32 accumulator registers (partials and running sums) a tile may take: the
 # warpgroup gets 232 of the 255 (the memory warpgroup keeps 40), the rest hold addresses, scales and the epilogue.
-MAX_ACC_REGISTERS = 192
+MAX_ACC_REGISTERS = 128
 # A vector of one value per accumulator row, in the registers of the threads holding that row.
 ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
 # The kernel addresses every operand through TMA descriptors over whole arrays: a tile's position is an int32
@@ -80,10 +80,6 @@ class Fp8Blocks:
     # Two CTAs per cluster take adjacent column blocks of one row tile, and its x tile is loaded once for both
     # (TMA multicast): a quarter less traffic from L2 per CTA and K step. The column blocks must be even.
     cluster_n: bool = False
-    # Each compute warpgroup promotes K block k-1's partial while its wgmma of block k runs (the partial and its
-    # scales carried to the next step), instead of waiting for the wgmma and then promoting: the tensor cores and
-    # the CUDA cores of one warpgroup overlap, at a third more accumulator registers.
-    overlap: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
@@ -101,8 +97,8 @@ class Fp8Blocks:
                              f"a multiple of 8 (wgmma's N), got {self.tile_n}")
 
     def acc_registers(self, fused: bool) -> int:
-        """fp32 registers per compute-warpgroup thread of the partials (two with overlap) and running sums."""
-        return (3 if self.overlap else 2) * (2 if fused else 1) * (self.tile_m // COMPUTE_WGS) * self.tile_n // 128
+        """fp32 registers per compute-warpgroup thread of the partials and running sums."""
+        return 2 * (2 if fused else 1) * (self.tile_m // COMPUTE_WGS) * self.tile_n // 128
 
 
 # Chained per-group windows: on H200 (experiments.bench_fp8_gemm, down, 131072 rows over 256 groups, skew 6) 845
@@ -111,12 +107,6 @@ class Fp8Blocks:
 # of gate and up make the same 128 weight rows per stage.
 DEFAULT_FP8_BLOCKS = Fp8Blocks(chain=True, per_group=True)
 FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64, chain=True, per_group=True)
-
-
-def promote(sums, parts, scales):
-    """sum += partial * (x_scale x w_scale) per row: a K block's fp32 promotion, per weight."""
-    return tuple(total + part * jax.lax.broadcast_in_dim(scale, part.shape, (0,))
-                 for total, part, scale in zip(sums, parts, scales))
 
 
 def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: Fp8Blocks, k_dim: int,
@@ -168,13 +158,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
 
             def context(run):
                 zeros = layout(jnp.zeros((half, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                if b.overlap:  # (sums, the last K block's partials, their row scales): the first promotes zeros
-                    no_scale = layout(jnp.zeros((half,), jnp.float32), ROW_LAYOUT)
-                    sums, parts, scales = run(tuple((zeros,) * per_slab for _ in range(2))
-                                              + ((no_scale,) * per_slab,))
-                    sums = promote(sums, parts, scales)
-                else:
-                    sums = run(tuple(zeros for _ in range(per_slab)))
+                sums = run(tuple(zeros for _ in range(per_slab)))
                 out = jax.nn.silu(sums[0]) * sums[1] if fused else sums[0]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left the buffer
                 own_lo = jnp.clip(lo - wg * half, 0, half)
@@ -184,7 +168,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
 
             def body_for(w_scales):
                 def mma(idx, x_smem, *refs):
-                    w_smems, xs_smem, carry = refs[:per_slab], refs[per_slab], refs[per_slab + 1]
+                    w_smems, xs_smem, sums = refs[:per_slab], refs[per_slab], refs[per_slab + 1]
                     (k,) = idx
                     # issued before the wgmma, used after it: the loads' latency hides behind the tensor cores
                     w_scale = [s[group, scale_block, k] for s in w_scales]
@@ -193,14 +177,12 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     def partials(accs):
                         for w_smem, acc in zip(w_smems, accs):
                             plgpu.wgmma(acc, x_smem.at[rows], plgpu.transpose_ref(w_smem, (1, 0)))
-                        # overlap: the previous K block's promotion, on the CUDA cores while the wgmma runs
-                        sums = promote(*carry) if b.overlap else carry
                         plgpu.wgmma_wait(0)
-                        return sums, tuple(acc[...] for acc in accs)
+                        return tuple(acc[...] for acc in accs)
 
-                    sums, parts = pl.run_scoped(partials, tuple(plgpu.ACC((half, b.tile_n)) for _ in range(per_slab)))
-                    scales = tuple(x_scale * ws for ws in w_scale)
-                    return (sums, parts, scales) if b.overlap else promote(sums, parts, scales)
+                    parts = pl.run_scoped(partials, tuple(plgpu.ACC((half, b.tile_n)) for _ in range(per_slab)))
+                    return tuple(total + part * jax.lax.broadcast_in_dim(x_scale * ws, part.shape, (0,))
+                                 for total, part, ws in zip(sums, parts, w_scale))
                 return mma
 
             state, alone = None, True

@@ -63,12 +63,11 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
                   Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
                   Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
 # The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`; the first also under --nosweep without cached blocks): its
-# defaults (chained per-group windows), with each warpgroup's promotion overlapped with its next wgmma; a CTA's tiles one pipeline each in row-tile order, and per group; per
+# defaults (chained per-group windows); a CTA's tiles one pipeline each in row-tile order, and per group; per
 # group with the most stages shared memory holds (33 KiB each beside the output buffer), and in clusters of two
 # CTAs sharing their x tile.
 FP8_MGPU_CANDIDATES = {
-    fused: [default, dataclasses.replace(default, overlap=True)]
-    + [dataclasses.replace(default, chain=False, **kw)
-       for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
+    fused: [default] + [dataclasses.replace(default, chain=False, **kw)
+                        for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
     for fused, default, most in ((True, FUSED_FP8_BLOCKS, 6), (False, DEFAULT_FP8_BLOCKS, 5))
 }
