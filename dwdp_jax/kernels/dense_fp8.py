@@ -8,6 +8,10 @@ streams once per window (one window over all of a 32K-token batch would read the
 column block). Elsewhere (CPU, bf16 off Hopper, fp32 activations, K not a multiple of 128) `fp8.linear` computes
 the same product from the dequantized operands.
 
+Measured on H200 (`experiments.bench_fp8_dense`, 32768 rows, rounds against the same run's cuBLAS FP8 GEMM with
+one scale per tensor): 0.878 of it at the dense MLP's gate/up (7168 x 18432), 0.842 at o_proj, 0.801 at q_b, 0.694
+at kv_a (576 columns); the path it replaced (dequantize, then a bf16 GEMM) ran at 0.50-0.54.
+
 An output width that is not a multiple of 128 (kv_a_proj_with_mqa: 576) is padded to whole blocks with zero rows,
 which the partial block's scale leaves zero, and cut after the kernel.
 """

@@ -144,7 +144,8 @@ def linear(x_TK: jax.Array, w: BlockScaled) -> jax.Array:
     the product with the block-dequantized weight accumulated in fp32; [T, N] in x's dtype.
 
     fp32 activations: both operands exact in fp32 (the reference). bf16 activations: both dequantized operands
-    rounded to bf16 (2^-9 relative, far below e4m3's 2^-4 step) for a bf16 GEMM at tensor-core rate."""
+    rounded to bf16 (2^-9 relative, far below e4m3's 2^-4 step) for a bf16 GEMM at tensor-core rate, the path
+    off Hopper (`dense_fp8.linear` takes the block-scaled kernel there)."""
     compute = jnp.bfloat16 if x_TK.dtype == jnp.bfloat16 else jnp.float32
     precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
     w_KN = dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0].T.astype(compute)

@@ -21,10 +21,13 @@ kernel. Rows past sum(group_sizes) are not written.
 
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
 for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
-speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM. First readings on H200, the kernel
-alone (256 groups aligned to 128 rows, default blocks): down 845 TFLOP/s at 131072 rows, skew 6 (the Triton path:
-293), 843-877 at 262144 rows, skew 1.5; fused gate/up 796-813 there. The same run's dense FP8 GEMM is still to be
-read beside them (an earlier run's: 1329 TFLOP/s, down at 131072 rows).
+speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM. On H200, 262144 rows over 256 groups
+(skew 1.5, aligned to 128 rows) in two slabs, rounds against the same run's cuBLAS FP8 GEMM (one scale per
+tensor): down 859 TFLOP/s, 0.617 of it, and fused gate/up 864, 0.603 (1.45x and 1.41x the bf16 split kernel; the
+Triton path ran 293). The same kernel as a dense GEMM (`dense_fp8`) reaches 0.80-0.88 of cuBLAS at R1's long-K
+projections: what the grouped problems lose is short K (down: 16 K blocks a tile, the epilogue exposed) and, for
+gate/up, the 64-column halves the registers allow. Promoting a K block while the same warpgroup's next wgmma runs
+(a third more accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up).
 """
 
 from __future__ import annotations
