@@ -20,7 +20,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from dwdp_jax.kernels import dense_fp8, fp8, tuning

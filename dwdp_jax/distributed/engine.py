@@ -7,8 +7,8 @@ pulls from those mappings: `copy_engine` (persistent slots, copies issued from i
 one process) or `device_put` (XLA slices into fresh buffers). The step is `DwdpEngine.step` unchanged, so a rank's
 programs are the single-process ones: no collective.
 
-`ProcessDepRuntime` is `DepRuntime` over the global mesh: each process produces only its own devices' expert
-shards, and the outputs are gathered across processes (every process calls `step` with the same batches).
+DEP needs no counterpart: `DepRuntime` over the global mesh (`jax.devices()`) produces only this process's expert
+shards and gathers the outputs across processes (every process calls `step` with the same batches).
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
-from dwdp_jax import memory
 from dwdp_jax.expert_source import as_source
 from dwdp_jax.placement import Placement
-from dwdp_jax.runtime.dep import DepRuntime
 from dwdp_jax.runtime import stages
 from dwdp_jax.runtime.dwdp import DwdpEngine, DwdpOptions
 from dwdp_jax.transport.copy_engine import CopyEngineTransport
@@ -104,39 +100,3 @@ class LocalRanks:
 
     def step(self, rank: int, batch):
         return self.engine.step(self.global_ranks[rank], batch)
-
-
-class ProcessDepRuntime(DepRuntime):
-    """DEP over every process's devices (`jax.devices()` order: processes in turn)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Only this process's devices can report their memory; each process checks its own before any collective.
-        if any(memory.largest_free_block(d) is not None for d in jax.local_devices()):
-            self.check_memory()
-        self._memory_checked = True
-
-    def check_memory(self, available_bytes=None) -> int:
-        if available_bytes is None:
-            here = jax.process_index()
-            available_bytes = [memory.largest_free_block(d) if d.process_index == here else None
-                               for d in self.mesh.devices.flat]
-        return super().check_memory(available_bytes)
-
-    def _shard_layer(self, source, layer: int):
-        per_rank = self.cfg.n_routed_experts // self.num_ranks
-        here = jax.process_index()
-        shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d)
-                  for r, d in enumerate(self.mesh.devices) if d.process_index == here]
-        stacked = []
-        for parts in zip(*(s.arrays() for s in shards)):
-            shape = (self.cfg.n_routed_experts,) + parts[0].shape[1:]
-            stacked.append(jax.make_array_from_single_device_arrays(shape, self._by_rank, list(parts)))
-        return shards[0].with_arrays(stacked, start=0)
-
-    def _outputs(self, batches, hidden_TD, logits_TV, expert_ids):
-        def gathered(x):
-            return None if x is None else np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-        hidden = None if self.last_token_logits else gathered(hidden_TD)
-        return super()._outputs(batches, hidden, gathered(logits_TV), [gathered(i) for i in expert_ids])

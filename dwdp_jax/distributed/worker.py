@@ -64,7 +64,7 @@ class _BadHandle:
 
 
 def verify(spec: Spec, coord: Coordination, process: int, tag: str, out_dir: str) -> None:
-    from dwdp_jax.distributed.engine import ProcessDepRuntime
+    from dwdp_jax.runtime.dep import DepRuntime
     from dwdp_jax.runtime.dwdp import count_collectives
 
     params, engine = build(spec, coord, 0, process, tag)
@@ -89,7 +89,7 @@ def verify(spec: Spec, coord: Coordination, process: int, tag: str, out_dir: str
     coord.barrier("dwdp verified", spec.barrier_timeout_s + spec.step_deadline_s)
     if "dep" in spec.strategies:
         n = spec.group_size
-        runtime = ProcessDepRuntime(params, n, spec.token_budget, devices=jax.devices(), step_timeout_s=0)
+        runtime = DepRuntime(params, n, spec.token_budget, devices=jax.devices(), step_timeout_s=0)
         per_rank = [verify_batches(spec, r) for r in range(n)]
         for i in range(2):
             outs = runtime.step([per_rank[r][i] for r in range(n)])

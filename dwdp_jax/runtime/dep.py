@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -42,6 +43,17 @@ from dwdp_jax.runtime.dep_dispatch import (AXIS, DISPATCH_BACKENDS, DISPATCHERS,
 from dwdp_jax.runtime.reference import PrefillOutput
 from models.deepseek_v3 import Params
 from models.experts import ExpertSlab
+
+
+def _local(device: jax.Device) -> bool:
+    """Whether this process drives `device` (every device, in one process)."""
+    return device.process_index == jax.process_index()
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A per-rank output on the host whole: gathered from every process when some of its shards live elsewhere."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
 
 # The ragged backend's collective and fresh-buffer fill, read at each trace: module-level so a CPU test can
 # substitute an emulation of the collective and fill the buffers with NaN.
@@ -174,9 +186,11 @@ class DepRuntime:
         return DepExperts(slab, self.cfg.n_routed_experts, self.dispatch, self.gemm_backend, receive)
 
     def _shard_layer(self, source, layer: int) -> ExpertSlab:
-        """One MoE layer's experts sharded E/N per rank, each shard produced on its own device (never whole)."""
+        """One MoE layer's experts sharded E/N per rank, each shard produced on its own device (never whole); with
+        several processes, each produces its own devices' shards only."""
         per_rank = self.cfg.n_routed_experts // self.num_ranks
-        shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d) for r, d in enumerate(self.mesh.devices)]
+        shards = [source.rows(layer, r * per_rank, (r + 1) * per_rank, d) for r, d in enumerate(self.mesh.devices)
+                  if _local(d)]
 
         def stack(parts):
             shape = (self.cfg.n_routed_experts,) + parts[0].shape[1:]
@@ -233,9 +247,9 @@ class DepRuntime:
 
     def _outputs(self, batches, hidden_TD, logits_TV, expert_ids) -> list[PrefillOutput]:
         # Serving (last-token logits) leaves the hidden states on the devices: [N*T, D] is GBs at R1 width.
-        hidden = None if self.last_token_logits else np.asarray(hidden_TD)
-        logits = np.asarray(logits_TV, np.float32)
-        ids = [np.asarray(i) for i in expert_ids]
+        hidden = None if self.last_token_logits else _host(hidden_TD)
+        logits = _host(logits_TV).astype(np.float32)
+        ids = [_host(i) for i in expert_ids]
         b, per_rank_logits = self._step_budget(batches), self.last_token_logits
         outs = []
         for r, batch in enumerate(batches):
@@ -252,7 +266,7 @@ class DepRuntime:
         """One prefill step: batches[r] is rank r's packed batch (None: no sequences). Per-rank outputs, real
         tokens only, in input order."""
         if not self._memory_checked:  # GPU: refuse a step that cannot allocate before any rank enters a collective
-            if any(memory.largest_free_block(d) is not None for d in self.mesh.devices.flat):
+            if any(memory.largest_free_block(d) is not None for d in self.mesh.devices.flat if _local(d)):
                 self.check_memory()
             self._memory_checked = True
         with watchdog.Deadline(self.step_timeout_s, f"a DEP{self.num_ranks} step"):
@@ -280,11 +294,11 @@ class DepRuntime:
     def check_memory(self, available_bytes: Sequence[int | None] | None = None) -> int:
         """Bytes the full-budget step allocates per device beyond its inputs (XLA's buffer assignment);
         memory.DoesNotFit when that exceeds a device's largest free block (default: what each device's allocator
-        reports)."""
+        reports; another process's devices are that process's to check)."""
         analysis = self.memory_analysis()
         need = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
         if available_bytes is None:
-            available_bytes = [memory.largest_free_block(d) for d in self.mesh.devices.flat]
+            available_bytes = [memory.largest_free_block(d) if _local(d) else None for d in self.mesh.devices.flat]
         memory.check_program_fits(f"the DEP{self.num_ranks} step at {self.token_budget} tokens per rank", need,
                                   available_bytes)
         return need
