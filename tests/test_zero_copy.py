@@ -3,6 +3,7 @@ one process on CPU devices: the owner's programs read the segment itself, and th
 from it into poisoned slots, equal to the reference."""
 
 import gc
+import glob
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,8 @@ def test_a_group_on_shared_segments_reads_them_in_place_and_equals_the_reference
     for rank in (0, 1):
         for slab in engine.ranks[rank].local:
             assert all(engine.share.holds(rank, a) for a in slab.arrays())
+    # once every process holds its mappings the segments' names are gone: a killed run leaves nothing in /dev/shm
+    assert not glob.glob(f"/dev/shm/{engine.share.tag}*")
     batch = pack([list(range(3, 12)), list(range(20, 27))], budget=32)
     ref = prefill(params, batch)
     for rank in (0, 1):

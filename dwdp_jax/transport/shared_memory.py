@@ -121,8 +121,9 @@ class SlabShare:
                 self.slabs[owner] = self._as_slabs(arrays, placement.local_range(owner)[0])
         except HandleError as e:
             error = str(e)
+        atexit.register(self.close)  # before the check: a failed start-up frees its segments too
         self.exchange.all_ok("mapping the peers' expert slabs", error)
-        atexit.register(self.close)
+        self._all_mapped()
 
     def _as_slabs(self, arrays: list[jax.Array], start: int) -> list[ExpertSlab]:
         per_layer = len(self._template.arrays())
@@ -158,6 +159,9 @@ class SlabShare:
     def _attach(self, owner: int, descriptor: dict, device) -> list[jax.Array]:
         """The arrays of a peer's segment (layout order) mapped into this process, on `device`."""
         raise NotImplementedError
+
+    def _all_mapped(self) -> None:
+        """Every process has mapped the segments it reads (they passed the start-up check)."""
 
     def close(self) -> None:
         """Frees this process's own segments (peers' mappings go with the arrays over them)."""
@@ -204,6 +208,11 @@ class SharedMemoryShare(SlabShare):
         base = np.frombuffer(region, np.uint8).ctypes.data  # mmap regions are page aligned
         self.segments[owner] = (base, len(region))
         return [zero_copy.array_at(base + e["offset"], e["shape"], e["dtype"], device, region) for e in layout]
+
+    def _all_mapped(self):
+        # Every mapping outlives the segment's name: with the names gone, no exit, however abrupt, leaves a
+        # segment behind in /dev/shm.
+        self.close()
 
     def close(self):
         for path in self._owned.values():
