@@ -64,26 +64,36 @@ def kernel_error(x_q, x_s, w: fp8.BlockScaled, blocks) -> float:
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
-def cases(t: int, k: int, n: int, blocks) -> dict:
-    """(fn, args, FLOPs) per path of one projection, all on the same bf16 activations and weights."""
+def operands(t: int, k: int, n: int) -> tuple:
+    """(bf16 activations, their e4m3 rows and scales, the FP8 weight) of one projection."""
     x = jax.random.normal(jax.random.key(0), (t, k), jnp.float32).astype(jnp.bfloat16)
-    w = _weight(k, n)
-    x_q, x_s = fp8.quantize_rows(x)
-    flops = 2 * t * k * n
+    return (x, *fp8.quantize_rows(x), _weight(k, n))
+
+
+def kernel_case(ops: tuple, blocks) -> tuple:
+    x, x_q, x_s, w = ops
     kernel = jax.jit(lambda x_q, x_s, w: dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks))
+    return kernel, (x_q, x_s, w), 2 * x.shape[0] * x.shape[1] * w.values_GNK.shape[0]
+
+
+def cases(ops: tuple, blocks) -> dict:
+    """(fn, args, FLOPs) per path of one projection, all on the same bf16 activations and weights."""
+    x, _, _, w = ops
+    (t, k), n = x.shape, w.values_GNK.shape[0]
+    flops = 2 * t * k * n
     with_quant = jax.jit(lambda x, w: dense_fp8.block_scaled_gemm(*fp8.quantize_rows(x), w, blocks=blocks))
-    return {"block_scaled": (kernel, (x_q, x_s, w), flops),
+    return {"block_scaled": kernel_case(ops, blocks),
             "block_scaled_with_row_quant": (with_quant, (x, w), flops),
             "dequant_bf16": (jax.jit(fp8.linear), (x, w), flops),
             "bf16": gb.dense_gemm_case(t, k, n)}
 
 
-def tune(name: str, t: int, k: int, n: int) -> tuple:
+def tune(name: str, ops: tuple) -> tuple:
     """(fastest blocks, their TFLOP/s, the sweep): every candidate timed alone."""
     sweep = {}
-    for b in candidates(k):
+    for b in candidates(ops[0].shape[1]):
         try:
-            sweep[b] = gb.tflops(cases(t, k, n, b)["block_scaled"])
+            sweep[b] = gb.tflops(kernel_case(ops, b))
         except Exception as e:  # a schedule that cannot compile is skipped
             sweep[b] = repr(e)[:200]
         print(name, b, sweep[b], file=sys.stderr, flush=True)
@@ -103,14 +113,14 @@ def main(argv):
     hbm = gb.hbm_gbps() * 1e9
     for name in progress_bar(list(_SHAPES.value), "shapes", "shape"):
         k, n = SHAPES[name]
-        blocks = None
+        blocks, ops = None, operands(t, k, n)
         if _TUNE.value:
-            blocks, rate, sweep = tune(name, t, k, n)
+            blocks, rate, sweep = tune(name, ops)
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, n, False, t, blocks, rate,
                           f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
-        shape_cases = cases(t, k, n, blocks)
-        err = kernel_error(*shape_cases["block_scaled"][1], blocks)
+        shape_cases = cases(ops, blocks)
+        err = kernel_error(*ops[1:], blocks)
         metrics[f"{name}_rel_err"] = err
         if not err <= _TOL.value:
             failed.append(f"{name}: relative error {err:.3g} > {_TOL.value}")

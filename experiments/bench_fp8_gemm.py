@@ -80,11 +80,13 @@ def _bf16_split(x, gs, ws, fused, blocks):
 
 
 def slab_counts(experts: int, slabs: int) -> tuple[int, ...]:
+    """Experts per slab: `slabs` equal slabs, the last one short when they do not divide."""
     each = -(-experts // slabs)
     return tuple(min(each, experts - i * each) for i in range(slabs) if experts > i * each)
 
 
-def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: bool) -> tuple[dict, object]:
+def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: bool,
+           slabs: tuple[int, ...]) -> tuple[dict, object]:
     """(TFLOP/s or the error of every candidate of one FP8 kernel, the fastest candidate)."""
     spec = KERNELS[kernel]
     tuned = tuning.lookup(spec.tuned_name, spec.blocks_type, jax.devices()[0].device_kind, k, n, fused, real)
@@ -92,7 +94,7 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
     for b in spec.candidates[fused] if _SWEEP.value else [tuned or spec.defaults[fused]]:
         try:
             sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn,
-                                                   slab_counts=slab_counts(len(padded), _SLABS.value)))
+                                                   slab_counts=slabs))
         except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
             sweep[b] = repr(e)[:200]
         print(name, kernel, b, sweep[b], flush=True)
@@ -105,15 +107,15 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
     real, cols = int(sizes.sum()), 2 * n if fused else n
     padded = -(-sizes // _ALIGN.value) * _ALIGN.value
     metrics, raw, best = {}, {}, {}
+    slabs = slab_counts(len(padded), _SLABS.value)
     for kernel in _KERNELS.value:
-        sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused)
+        sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused, slabs)
         metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
         if _ERROR.value:
             errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
             metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
-    slabs = slab_counts(len(padded), _SLABS.value)
     case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
                                       kernel=KERNELS[kernel].fn, slab_counts=slabs) for kernel in _KERNELS.value}
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
@@ -165,7 +167,8 @@ def main(argv):
             c = f"{name}_rounds_fp8_split_{kernel}"
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
-    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value, "align": _ALIGN.value,
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value,
+              "align": _ALIGN.value,
               "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "error": _ERROR.value,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}

@@ -247,8 +247,7 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
                    quantize_rows: bool = False, kernel: Callable | None = None,
                    slab_counts: tuple[int, ...] | None = None) -> tuple[Callable, tuple, float]:
     """The split-weight kernel's FP8 path over these groups (over `slab_counts` slabs, default one):
-    `split_gemm_case`'s weights quantized in
-    128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
+    `split_gemm_case`'s weights quantized in 128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
     the kernel (the pass the FFN adds before each projection). `kernel`: an FP8 split kernel with
     `split_ragged_dot`'s signature (default the Triton one's scaled path)."""
     split_ragged_dot = _split_kernel(kernel)
