@@ -64,6 +64,9 @@ def test_refusals_name_the_cause():
                                     interpret=True)
     with pytest.raises(ValueError, match="x_scale_SM"):
         dense_fp8.block_scaled_gemm(x_q, x_s[:, :64], w, interpret=True)
+    _, w_192 = _operands(2, 128, 192, 128)
+    with pytest.raises(ValueError, match="K=192 must be a multiple of 128"):
+        dense_fp8.block_scaled_gemm(x_q[:, :192], x_s[:1], w_192, interpret=True)
 
 
 # R1's FP8 projections at 4096 tokens: q_a, q_b, kv_a (576: a partial block), kv_b, o, dense MLP down, shared expert
