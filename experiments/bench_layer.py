@@ -1,9 +1,11 @@
 """One R1-width decoder layer (MLA + MoE, every routed expert on the device) on one device, FP8 as the checkpoint
 ships against bf16, side by side in one run: tokens/s of the packed prefill step and the time of each stage.
+With several attention backends (`--attention_impls`), every preset runs on each: the attention stage before and
+after a backend change, in the same run.
 
 The layer is the model's own first MoE layer (the config with num_hidden_layers=1, first_k_dense_replace=0) run by
 the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
-and shared experts), head. The presets alternate round by round; a step's time is the median of its rounds, after
+and shared experts), head. The variants (preset x attention backend) alternate round by round; a step's time is the median of its rounds, after
 warm-up. Each stage's time comes from a separate profiled step (every stage waits for its outputs).
 
 Logits are computed at each sequence's last token, as serving does. Before any time is taken, each preset's step is
@@ -12,6 +14,7 @@ within 1e-5. Across presets, the FP8 logits' relative distance to bf16's and the
 agree are recorded (quantization, not a defect).
 
   python -m experiments.bench_layer                 # on a GPU: R1 width, 32768 tokens in 4 sequences
+  python -m experiments.bench_layer --attention_impls=tokamax,cudnn --presets=deepseek_r1
   python -m experiments.bench_layer --tiny          # CPU functional check (timings are no speed claim)
 """
 
@@ -26,6 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from dwdp_jax.expert_source import SyntheticExperts
+from dwdp_jax.kernels import attention
 from dwdp_jax.packing import pack
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import write_measurements
@@ -40,7 +44,8 @@ _SEQUENCES = flags.DEFINE_integer("sequences", 4, "sequences of equal length in 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed steps per preset, presets alternating", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per preset first", lower_bound=0)
 _GEMM = flags.DEFINE_string("gemm_backend", "", "grouped GEMM backend (default: pallas_split on GPU, xla on CPU)")
-_ATTENTION = flags.DEFINE_string("attention_impl", "", "attention backend (default: tokamax on GPU, xla on CPU)")
+_ATTENTION = flags.DEFINE_list("attention_impls", [], "attention backends, each run with every preset (default: "
+                                "tokamax on GPU, xla on CPU); variants are named preset@backend when several")
 _TINY = flags.DEFINE_bool("tiny", False, "the tiny preset's widths at fp32 (a CPU functional check)")
 _SEED = flags.DEFINE_integer("seed", 0, "weights and tokens")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -76,75 +81,81 @@ def main(argv):
     if _TOKENS.value % _SEQUENCES.value:
         raise app.UsageError(f"--tokens={_TOKENS.value} must be a multiple of --sequences={_SEQUENCES.value}")
     gemm = _GEMM.value or ("pallas_split" if gpu else "xla")
-    attention_impl = _ATTENTION.value or ("tokamax" if gpu else "xla")
+    impls = _ATTENTION.value or ["tokamax" if gpu else "xla"]
+    if len(set(impls)) < len(impls):
+        raise app.UsageError(f"--attention_impls={','.join(impls)} names a backend twice")
+    for impl in impls:
+        attention.get_backend(impl)  # an unknown name fails here, before any weights are built
     cfgs = {p: layer_config(p, _TINY.value) for p in _PRESETS.value}
+    variants = {(f"{p}@{impl}" if len(impls) > 1 else p): (p, impl) for p in _PRESETS.value for impl in impls}
     rng = np.random.default_rng(_SEED.value)
     length = _TOKENS.value // _SEQUENCES.value
     batch = pack([rng.integers(0, cfgs[_PRESETS.value[0]].vocab_size, length).tolist()
                   for _ in range(_SEQUENCES.value)], budget=_TOKENS.value)
     runtimes, outputs, metrics, failed = {}, {}, {}, []
-    for preset, cfg in progress_bar(list(cfgs.items()), "build + check", "preset"):
-        params, runtimes[preset] = build(cfg, device, gemm, attention_impl, _SEED.value)
-        out = runtimes[preset].step(0, batch).output
-        outputs[preset] = out
+    for name, (preset, impl) in progress_bar(list(variants.items()), "build + check", "variant"):
+        cfg = cfgs[preset]
+        params, runtimes[name] = build(cfg, device, gemm, impl, _SEED.value)
+        out = runtimes[name].step(0, batch).output
+        outputs[name] = out
         if not np.isfinite(out.logits_TV).all():
-            failed.append(f"{preset}: non-finite logits")
+            failed.append(f"{name}: non-finite logits")
         if not gpu:  # fp32 on CPU: the staged step is the one-program prefill
             slabs = tuple(params.experts.rows(m, 0, cfg.n_routed_experts, device) for m in range(cfg.num_moe_layers))
             want = reference.prefill(params._replace(experts=slabs), batch).logits_TV[batch.last_token_index()]
             err = float(np.linalg.norm(out.logits_TV - want) / np.linalg.norm(want))
-            metrics[f"{preset}_rel_err_vs_prefill"] = err
+            metrics[f"{name}_rel_err_vs_prefill"] = err
             if not err <= EXACT:
-                failed.append(f"{preset}: staged step vs prefill rel err {err:.2e} > {EXACT}")
-    base = _PRESETS.value[0]
-    for preset in _PRESETS.value[1:]:
-        a, b = outputs[preset], outputs[base]
-        metrics[f"{preset}_logits_rel_to_{base}"] = float(np.linalg.norm(a.logits_TV - b.logits_TV)
-                                                          / np.linalg.norm(b.logits_TV))
-        metrics[f"{preset}_expert_sets_equal_{base}"] = float(
+                failed.append(f"{name}: staged step vs prefill rel err {err:.2e} > {EXACT}")
+    base = next(iter(variants))
+    for name in list(variants)[1:]:
+        a, b = outputs[name], outputs[base]
+        metrics[f"{name}_logits_rel_to_{base}"] = float(np.linalg.norm(a.logits_TV - b.logits_TV)
+                                                        / np.linalg.norm(b.logits_TV))
+        metrics[f"{name}_expert_sets_equal_{base}"] = float(
             (np.sort(a.expert_ids[0], 1) == np.sort(b.expert_ids[0], 1)).all(1).mean())
     if failed:
-        write_measurements("bench_layer", config=_config(gemm, attention_impl), raw={"failed": failed},
+        write_measurements("bench_layer", config=_config(gemm, impls), raw={"failed": failed},
                            metrics=metrics, root=_RESULTS.value)
         print("bench_layer: failed its checks (no time reported): " + "; ".join(failed), file=sys.stderr)
         sys.exit(1)
-    seconds = {p: [] for p in cfgs}
+    seconds = {name: [] for name in variants}
     for i in progress_bar(list(range(_WARMUP.value + _ROUNDS.value)), "rounds", "round"):
-        for preset, runtime in runtimes.items():
+        for name, runtime in runtimes.items():
             result = runtime.step(0, batch)
             if i >= _WARMUP.value:
-                seconds[preset].append(result.end_s - result.start_s)
-    for preset, runtime in runtimes.items():
-        step = statistics.median(seconds[preset])
-        metrics[f"{preset}_step_ms"] = step * 1e3
-        metrics[f"{preset}_step_ms_min"], metrics[f"{preset}_step_ms_max"] = (min(seconds[preset]) * 1e3,
-                                                                              max(seconds[preset]) * 1e3)
-        metrics[f"{preset}_tokens_per_s"] = _TOKENS.value / step
+                seconds[name].append(result.end_s - result.start_s)
+    for name, runtime in runtimes.items():
+        step = statistics.median(seconds[name])
+        metrics[f"{name}_step_ms"] = step * 1e3
+        metrics[f"{name}_step_ms_min"], metrics[f"{name}_step_ms_max"] = (min(seconds[name]) * 1e3,
+                                                                          max(seconds[name]) * 1e3)
+        metrics[f"{name}_tokens_per_s"] = _TOKENS.value / step
         runtime.step(0, batch, profile=True)  # compiles the per-stage programs
         for stage, s in runtime.step(0, batch, profile=True).stages_s.items():
-            metrics[f"{preset}_{stage}_ms"] = s * 1e3
-    for preset in _PRESETS.value[1:]:
-        metrics[f"{preset}_over_{base}_tokens_per_s"] = (metrics[f"{preset}_tokens_per_s"]
-                                                         / metrics[f"{base}_tokens_per_s"])
-    write_measurements("bench_layer", config=_config(gemm, attention_impl), raw={"seconds": seconds},
+            metrics[f"{name}_{stage}_ms"] = s * 1e3
+    for name in list(variants)[1:]:
+        metrics[f"{name}_over_{base}_tokens_per_s"] = (metrics[f"{name}_tokens_per_s"]
+                                                       / metrics[f"{base}_tokens_per_s"])
+    write_measurements("bench_layer", config=_config(gemm, impls), raw={"seconds": seconds},
                        metrics=metrics, root=_RESULTS.value)
-    _table(metrics, gpu)
+    _table(list(variants), metrics, gpu)
 
 
-def _config(gemm: str, attention_impl: str) -> dict:
+def _config(gemm: str, attention_impls: list[str]) -> dict:
     return {"presets": _PRESETS.value, "tokens": _TOKENS.value, "sequences": _SEQUENCES.value,
-            "rounds": _ROUNDS.value, "warmup": _WARMUP.value, "gemm_backend": gemm, "attention_impl": attention_impl,
+            "rounds": _ROUNDS.value, "warmup": _WARMUP.value, "gemm_backend": gemm, "attention_impls": attention_impls,
             "tiny": _TINY.value, "seed": _SEED.value}
 
 
-def _table(metrics: dict, gpu: bool) -> None:
+def _table(variants: list[str], metrics: dict, gpu: bool) -> None:
     if not gpu:
         print("CPU: FUNCTIONAL CHECK, no speed claim")
     stages_ = ("attention", "moe", "embed", "head")
-    print(f"{'preset':<24}{'tokens/s':>12}{'step ms':>10}" + "".join(f"{s + ' ms':>14}" for s in stages_))
-    for preset in _PRESETS.value:
-        print(f"{preset:<24}{metrics[f'{preset}_tokens_per_s']:>12.0f}{metrics[f'{preset}_step_ms']:>10.1f}"
-              + "".join(f"{metrics.get(f'{preset}_{s}_ms', 0.0):>14.1f}" for s in stages_))
+    print(f"{'variant':<32}{'tokens/s':>12}{'step ms':>10}" + "".join(f"{s + ' ms':>14}" for s in stages_))
+    for name in variants:
+        print(f"{name:<32}{metrics[f'{name}_tokens_per_s']:>12.0f}{metrics[f'{name}_step_ms']:>10.1f}"
+              + "".join(f"{metrics.get(f'{name}_{s}_ms', 0.0):>14.1f}" for s in stages_))
     for key in (k for k in metrics if "_over_" in k or "_rel_to_" in k or "_equal_" in k):
         print(f"{key}: {metrics[key]:.4g}")
 

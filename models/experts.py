@@ -19,7 +19,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import fp8, grouped_gemm
+from dwdp_jax.kernels import fp8, fp8_rows, grouped_gemm
 
 WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 Weight = jax.Array | fp8.BlockScaled
@@ -109,14 +109,19 @@ def align_groups(group_sizes_E: jax.Array, num_rows: int, align: int):
 
 
 def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, slabs: tuple[ExpertSlab, ...],
-                           backend: str) -> jax.Array:
+                           backend: str, x_scale_SM: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """The grouped GEMMs over the slabs, the weights used where they lie: one kernel over all slabs for a split
-    backend, else one grouped GEMM per slab over the rows of the sorted buffer."""
+    backend, else one grouped GEMM per slab over the rows of the sorted buffer. `x_scale_SM`: the rows come
+    quantized (e4m3 with `fp8.quantize_rows` scales; FP8 experts on a split backend), the output in `out_dtype`."""
     split = grouped_gemm.get_split_backend(backend)
     if slabs[0].fp8:
         grouped_gemm.check_fp8(backend)
     if split is not None:
-        return split(x_sorted_MD, group_sizes_E, slabs)
+        if x_scale_SM is None:
+            return split(x_sorted_MD, group_sizes_E, slabs)
+        return split(x_sorted_MD, group_sizes_E, slabs, x_scale_SM=x_scale_SM, out_dtype=out_dtype)
+    if x_scale_SM is not None:
+        raise ValueError(f"grouped GEMM backend {backend!r} takes bf16 rows; quantized rows go to a split backend")
     ffn = grouped_gemm.get_backend(backend)
     m = x_sorted_MD.shape[0]
     starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
@@ -190,16 +195,32 @@ class ExpertView:
                  valid_T: jax.Array | None = None) -> jax.Array:
         k = ids_TK.shape[1]
         align = grouped_gemm.row_alignment(self.backend)
+        out_dtype = x_TD.dtype
+        scale_ST = None
+        if self.quantizes_tokens:
+            # Row quantization is per row, so quantizing each token once before the copy into expert order gives
+            # the kernel the bytes it would quantize there, and the copy moves e4m3 rows: 1/K of the quantization
+            # work and half the bytes of the copy.
+            with jax.named_scope("moe_quantize"):
+                x_TD, scale_ST = fp8_rows.quantize_rows(x_TD)
         with jax.named_scope("moe_permute"):
             order_M, group_sizes_E = sort_by_expert(ids_TK, self.num_experts, valid_T)
             aligned_M = None
             if align > 1:  # one gather straight into the aligned buffer; its padding rows read a zero row
                 aligned_M, group_sizes_E, num_aligned = align_groups(group_sizes_E, order_M.shape[0], align)
                 token_P = jnp.full((num_aligned,), x_TD.shape[0], order_M.dtype).at[aligned_M].set(order_M // k)
-                x_sorted_MD = jnp.take(x_TD, token_P, axis=0, mode="fill", fill_value=0)
             else:
-                x_sorted_MD = x_TD[order_M // k]
+                token_P = order_M // k
+            x_sorted_MD = jnp.take(x_TD, token_P, axis=0, mode="fill", fill_value=0)
+            scale_SM = None if scale_ST is None else jnp.take(scale_ST, token_P, axis=1, mode="fill", fill_value=0)
         with jax.named_scope("moe_gmm"):
-            y_sorted_MD = grouped_ffn_over_slabs(x_sorted_MD, group_sizes_E, self.slabs, self.backend)
+            y_sorted_MD = grouped_ffn_over_slabs(x_sorted_MD, group_sizes_E, self.slabs, self.backend,
+                                                 x_scale_SM=scale_SM, out_dtype=out_dtype)
         with jax.named_scope("moe_combine"):
             return combine(y_sorted_MD, order_M, weights_TK, aligned_M)
+
+    @property
+    def quantizes_tokens(self) -> bool:
+        """FP8 experts on a split backend with whole 128-wide groups: the tokens are quantized before dispatch."""
+        return (self.slabs[0].fp8 and grouped_gemm.get_split_backend(self.backend) is not None
+                and self.slabs[0].w_gate_EDF[0].shape[-1] % fp8.BLOCK == 0)

@@ -35,4 +35,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     assert done.returncode == 2 and "R1 width needs a GPU; --tiny" in done.stderr
     done = _run("--tiny", "--tokens=130", "--sequences=4", tmp_path=tmp_path)
     assert done.returncode != 0 and "--tokens=130 must be a multiple of --sequences=4" in done.stderr
+    done = _run("--tiny", "--tokens=128", "--attention_impls=xla,flash", tmp_path=tmp_path)
+    assert done.returncode != 0 and "unknown attention backend 'flash'" in done.stderr
+    done = _run("--tiny", "--tokens=128", "--attention_impls=xla,xla", tmp_path=tmp_path)
+    assert done.returncode != 0 and "names a backend twice" in done.stderr
     assert not (tmp_path / "bench_layer").exists()

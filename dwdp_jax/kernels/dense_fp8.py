@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import fp8, tuning
+from dwdp_jax.kernels import fp8, fp8_rows, tuning
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, split_ragged_dot_fp8_mgpu
 
 NAME_TUNED = "dense_mgpu_fp8"  # its entries in the block cache (`tuning`; `experiments.bench_fp8_dense --tune`)
@@ -69,4 +69,4 @@ def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
     block-scaled kernel where `on_kernel`; [T, N] in x's dtype."""
     if not on_kernel(x_TK, w):
         return fp8.linear(x_TK, w)
-    return block_scaled_gemm(*fp8.quantize_rows(x_TK), w, out_dtype=x_TK.dtype)
+    return block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), w, out_dtype=x_TK.dtype)

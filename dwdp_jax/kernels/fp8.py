@@ -28,7 +28,7 @@ BLOCK = 128  # DeepSeek-V3's weight_block_size and activation group
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 # A block of zeros gets this scale, not 0: its values quantize to 0 either way, and no division by zero occurs.
-_TINY = 1e-12
+TINY = 1e-12
 
 
 class BlockScaled(NamedTuple):
@@ -77,7 +77,7 @@ def quantize_weights(w_GNK: jax.Array) -> BlockScaled:
     g, n, k = w_GNK.shape
     r, c = blocks(n), blocks(k)
     w_GRBSC = _pad_to_blocks(w_GNK.astype(jnp.float32), (1, 2)).reshape(g, r, BLOCK, c, BLOCK)
-    scale_GRS = jnp.maximum(jnp.abs(w_GRBSC).max(axis=(2, 4)), _TINY) / E4M3_MAX
+    scale_GRS = jnp.maximum(jnp.abs(w_GRBSC).max(axis=(2, 4)), TINY) / E4M3_MAX
     q_GRBSC = (w_GRBSC / scale_GRS[:, :, None, :, None]).astype(E4M3)
     return BlockScaled(q_GRBSC.reshape(g, r * BLOCK, c * BLOCK)[:, :n, :k], scale_GRS)
 
@@ -105,7 +105,7 @@ def quantize_rows(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
     _require_blocks(x_MK.shape, (-1,), "quantize_rows")
     m, k = x_MK.shape
     x_MSB = x_MK.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
-    scale_MS = jnp.maximum(jnp.abs(x_MSB).max(axis=2), _TINY) / E4M3_MAX
+    scale_MS = jnp.maximum(jnp.abs(x_MSB).max(axis=2), TINY) / E4M3_MAX
     return (x_MSB / scale_MS[:, :, None]).astype(E4M3).reshape(m, k), scale_MS.T
 
 

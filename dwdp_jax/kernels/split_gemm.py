@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dwdp_jax.kernels import fp8, tuning
+from dwdp_jax.kernels import fp8, fp8_rows, tuning
 
 
 def require_positive(blocks, names: tuple[str, ...]) -> None:
@@ -275,26 +275,33 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     )(sched, x_MK, *((x_scale_SM,) if scaled else ()), *flat)
 
 
-def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, interpret: bool = False,
-                      ragged_dot=split_ragged_dot, fp8_ragged_dot=split_ragged_dot) -> jax.Array:
+def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_scale_SM: jax.Array | None = None,
+                      out_dtype=None, interpret: bool = False, ragged_dot=split_ragged_dot,
+                      fp8_ragged_dot=split_ragged_dot) -> jax.Array:
     """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection
     (`ragged_dot`: this module's Triton kernel or `split_gemm_mgpu`'s Mosaic GPU one).
 
     FP8 experts (each slab weight an e4m3 (values [E, out, in], scales) pair of `fp8.quantize_weights`) run
     `fp8_ragged_dot` (this module's scaled kernel, or `split_gemm_fp8_mgpu`'s; `split_ragged_dot`'s arguments with
-    x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in, as DeepSeek-V3's
-    inference does. Rows past sum(group_sizes) come back zeroed (the backend contract)."""
+    x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in (`fp8_rows`), as
+    DeepSeek-V3's inference does; x may come quantized already (e4m3 with its scales `x_scale_SM`, as the MoE
+    quantizes its tokens before they are copied into expert order). Rows past sum(group_sizes) come back zeroed
+    (the backend contract), in `out_dtype` (default: x's dtype)."""
     gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
     down = tuple(s.w_down_EFD for s in slabs)
-    if isinstance(down[0], tuple):
-        x_q, x_scale = fp8.quantize_rows(x_MD)
+    fp8_experts = isinstance(down[0], tuple)
+    if x_scale_SM is not None and not fp8_experts:
+        raise ValueError("split_grouped_ffn: x_scale_SM (quantized rows) given for bf16 experts; FP8 experts only")
+    out_dtype = out_dtype or x_MD.dtype
+    if fp8_experts:
+        x_q, x_scale = (x_MD, x_scale_SM) if x_scale_SM is not None else fp8_rows.quantize_rows(x_MD)
         h_MF = fp8_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale, interpret=interpret,
-                              out_dtype=x_MD.dtype)
-        h_q, h_scale = fp8.quantize_rows(h_MF)
+                              out_dtype=out_dtype)
+        h_q, h_scale = fp8_rows.quantize_rows(h_MF)
         y_MD = fp8_ragged_dot(h_q, group_sizes_E, down, x_scale_SM=h_scale, interpret=interpret,
-                              out_dtype=x_MD.dtype)
+                              out_dtype=out_dtype)
     else:
         h_MF = ragged_dot(x_MD, group_sizes_E, gate_up, fused=True, interpret=interpret)
         y_MD = ragged_dot(h_MF, group_sizes_E, down, interpret=interpret)
     valid_M1 = (jnp.arange(x_MD.shape[0]) < group_sizes_E.sum())[:, None]
-    return jnp.where(valid_M1, y_MD, 0).astype(x_MD.dtype)
+    return jnp.where(valid_M1, y_MD, 0).astype(out_dtype)
