@@ -106,6 +106,7 @@ def rel_error(out, refs, lengths, rows) -> float:
 def backends(lengths, qk: int, v: int):
     """name -> (attention fn, whether it takes the wide v, FLOPs counted at its own widths over 192/128's)."""
     out = {"tokamax": (attention.get_backend("tokamax"), False, 1.0),
+           "tokamax_eager_rescale": (attention.get_backend("tokamax_eager_rescale"), False, 1.0),
            "cudnn_padded_v": (attention.get_backend("cudnn"), False, 1.0),
            "cudnn_192_192": (attention.cudnn_attention, True, 2 * qk / (qk + v))}
     if len(lengths) == 1:  # the single-sequence-only variants: native cuDNN, tokamax without the packed key range

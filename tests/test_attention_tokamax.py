@@ -74,6 +74,14 @@ def test_unsupported_head_dims_are_refused(qk, v):
         tk.check_head_dims(qk, v)
 
 
+def test_a_rescale_threshold_out_of_range_is_refused():
+    seg, pos, b = packed((5, 3), budget=8)
+    q, k, v = qkv(b.budget, 2)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"rescale_threshold must be in \(0, 1\], got"):
+            tk.tokamax_attention(q, k, v, seg, pos, scale=SCALE, rescale_threshold=bad)
+
+
 def test_dtype_and_shape_mismatches_are_refused():
     q, k, v = qkv(16, 2, dtype=jnp.float32)
     seg, pos = jnp.zeros((16,), jnp.int32), jnp.arange(16)
@@ -211,6 +219,21 @@ def test_other_supported_head_dims_match_xla(qk, v):
     ours = jax.jit(lambda *a: tk.tokamax_attention(*a, scale=qk ** -0.5))(q, k, vv, seg, pos)
     ref = attention.xla_attention(*(a.astype(jnp.float32) for a in (q, k, vv)), seg, pos, scale=qk ** -0.5)
     assert max(_per_sequence_rel(ours, ref, lengths)) < 1e-2
+
+
+@hopper
+@pytest.mark.parametrize("threshold", [tk.RESCALE_THRESHOLD, 1.0], ids=["lazy", "eager"])
+def test_growing_row_maxima_match_xla(threshold):
+    """Keys grow in magnitude along each sequence, so a row's maximum rises block after block, past the lazy
+    threshold's factor 2^8 and below it: both rescaling policies against the fp32 reference."""
+    lengths = (700, 300)
+    seg, pos, b = packed(lengths, budget=1024)
+    q, k, v = qkv(b.budget, 4, seed=3)
+    growth = jnp.asarray(np.concatenate([np.linspace(0.5, 6.0, n) for n in lengths] + [np.ones(24)]), jnp.float32)
+    k = (k.astype(jnp.float32) * growth[:, None, None]).astype(jnp.bfloat16)
+    f = jax.jit(lambda *a: tk.tokamax_attention(*a, scale=SCALE, rescale_threshold=threshold))
+    ref = attention.xla_attention(*(a.astype(jnp.float32) for a in (q, k, v)), seg, pos, scale=SCALE)
+    assert max(_per_sequence_rel(f(q, k, v, seg, pos), ref, lengths)) < 1e-2
 
 
 @hopper

@@ -88,6 +88,8 @@ _BACKENDS: dict[str, Attention] = {
     "cudnn_mla_1seq": functools.partial(cudnn_attention, max_segments=1),
     # Hopper only: native 192/128 over packed sequences, no segment table (tokamax's Mosaic GPU flash attention).
     "tokamax": tokamax_attention,
+    # The same, rescaling the accumulator at every change of a row's maximum: what the lazy rescaling gains.
+    "tokamax_eager_rescale": functools.partial(tokamax_attention, rescale_threshold=1.0),
     # Causal over the whole axis, correct for one sequence per batch only: what the packed key range costs.
     "tokamax_1seq": functools.partial(tokamax_attention, packed=False),
 }

