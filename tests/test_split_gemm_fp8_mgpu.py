@@ -12,7 +12,7 @@ import pytest
 
 from dwdp_jax.kernels import fp8
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, split_ragged_dot_fp8_mgpu
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import DEFAULT_FP8_BLOCKS, Fp8Blocks, chained_steps, split_ragged_dot_fp8_mgpu
 from models.experts import ExpertSlab
 
 # One CTA (the interpreter's time grows with the threads): several row tiles, column blocks and K steps in it.
@@ -192,6 +192,19 @@ def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_sizes(fused):
 
     for blocks in FP8_MGPU_CANDIDATES[fused]:
         assert "mosaic_gpu" in lowered_for_cuda(run, fused, blocks, num_rows=8192, slab_counts=(128, 128)), blocks
+
+
+def test_default_blocks_chain_any_whole_number_of_k_blocks():
+    """The defaults' pipeline depth divides K's scale blocks (chaining needs it): R1's 4 stages, fewer for a narrow
+    model's down projection (K 256: 2 blocks), and a K of 256 lowers for CUDA with blocks=None."""
+    for k, steps in ((2048, 4), (7168, 4), (256, 2), (384, 1)):
+        assert chained_steps(DEFAULT_FP8_BLOCKS, k).max_concurrent_steps == steps
+    assert chained_steps(dataclasses.replace(DEFAULT_FP8_BLOCKS, chain=False), 384).max_concurrent_steps == 4
+    x_q, x_scale = fp8.quantize_rows(jnp.ones((256, 256), jnp.float32))
+    w = fp8.quantize_weights_kn(jnp.ones((2, 256, 128), jnp.float32))
+    f = jax.jit(lambda x, s, gs, w: split_ragged_dot_fp8_mgpu(x, gs, (w,), x_scale_SM=s))
+    text = f.trace(x_q, x_scale, jnp.asarray([128, 128], jnp.int32), w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu

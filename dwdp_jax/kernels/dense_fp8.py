@@ -18,13 +18,12 @@ which the partial block's scale leaves zero, and cut after the kernel.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from dwdp_jax.kernels import fp8, fp8_rows, tuning
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, split_ragged_dot_fp8_mgpu
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, chained_steps, split_ragged_dot_fp8_mgpu
 
 NAME_TUNED = "dense_mgpu_fp8"  # its entries in the block cache (`tuning`; `experiments.bench_fp8_dense --tune`)
 # 16 row tiles (2048 rows) a window: their activations (2048 x K e4m3, at most 36 MiB at R1's widest K) stay in
@@ -34,8 +33,7 @@ DEFAULT_DENSE_BLOCKS = Fp8Blocks(chain=True, per_group=True, group_m=16)
 
 def default_blocks(k: int) -> Fp8Blocks:
     """The defaults with the deepest pipeline (of 4, 2, 1 stages) dividing K's scale blocks, as chaining needs."""
-    steps = next(s for s in (4, 2, 1) if (k // fp8.BLOCK) % s == 0)
-    return dataclasses.replace(DEFAULT_DENSE_BLOCKS, max_concurrent_steps=steps)
+    return chained_steps(DEFAULT_DENSE_BLOCKS, k)
 
 
 def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = None) -> bool:

@@ -112,6 +112,15 @@ DEFAULT_FP8_BLOCKS = Fp8Blocks(chain=True, per_group=True)
 FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64, chain=True, per_group=True)
 
 
+def chained_steps(blocks: Fp8Blocks, k: int) -> Fp8Blocks:
+    """`blocks` with the deepest pipeline of (its own, 2, 1) stages dividing K's scale blocks, as chaining needs
+    (R1's K steps: down 16, gate/up 56; a narrow model's down projection may have 2)."""
+    if not blocks.chain:
+        return blocks
+    steps = next(s for s in (blocks.max_concurrent_steps, 2, 1) if (k // KSTEP) % s == 0)
+    return dataclasses.replace(blocks, max_concurrent_steps=steps)
+
+
 def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: Fp8Blocks, k_dim: int,
             n_dim: int, interpret: bool):
     """refs: per slab (values, scales) per weight (fused: gate then up), then the output."""
@@ -226,7 +235,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
         raise ValueError(f"{NAME}: K={k} and N={n} must be multiples of {fp8.BLOCK} (the FP8 scale block)")
     slabs, n = slab_weights(x_MK, weights, fused, NAME, scaled=True)
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
-        FUSED_FP8_BLOCKS if fused else DEFAULT_FP8_BLOCKS)
+        chained_steps(FUSED_FP8_BLOCKS if fused else DEFAULT_FP8_BLOCKS, k))
     check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
     pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
