@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwdp_jax.kernels import attention as attention_kernels
-from dwdp_jax.kernels import fp8, gpu
+from dwdp_jax.kernels import fp8, fp8_rows, gpu
 from dwdp_jax.kernels.split_gemm import split_ragged_dot
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.runtime.dep_dispatch import shard_map
@@ -247,8 +247,9 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
                    quantize_rows: bool = False, kernel: Callable | None = None,
                    slab_counts: tuple[int, ...] | None = None) -> tuple[Callable, tuple, float]:
     """The split-weight kernel's FP8 path over these groups (over `slab_counts` slabs, default one):
-    `split_gemm_case`'s weights quantized in 128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16 rows in, their quantization timed with
-    the kernel (the pass the FFN adds before each projection). `kernel`: an FP8 split kernel with
+    `split_gemm_case`'s weights quantized in 128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16
+    rows in, their quantization (`fp8_rows`, the model's) timed with the kernel (the pass the FFN adds before the
+    down projection; the MoE quantizes gate/up's input per token before dispatch). `kernel`: an FP8 split kernel with
     `split_ragged_dot`'s signature (default the Triton one's scaled path)."""
     split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
@@ -256,7 +257,7 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
     ws = _fp8_slab_weights(g, k, n, tuple(slab_counts or (g,)), fused)
 
     def run(x, gs, ws):
-        x_q, x_scale = fp8.quantize_rows(x) if quantize_rows else x
+        x_q, x_scale = fp8_rows.quantize_rows(x) if quantize_rows else x
         return split_ragged_dot(x_q, gs, ws, fused=fused, blocks=blocks, x_scale_SM=x_scale)
 
     rows = m if counted_rows is None else counted_rows
