@@ -28,10 +28,12 @@ from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import write_measurements
 
 # R1's FP8 projections [in, out]: attention (q_a, q_b, kv_a with its partial block, kv_b, o), the dense layers'
-# MLP (gate and up, down), the shared expert (gate and up, down)
+# MLP (gate and up, down), the shared expert (gate and up, down); and the stacks the model runs
 SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b": (512, 32768), "o": (16384, 7168),
           "mlp_gate_up": (7168, 18432), "mlp_down": (18432, 7168), "shared_gate_up": (7168, 2048),
-          "shared_down": (2048, 7168)}
+          "shared_down": (2048, 7168),
+          # stacked as the model runs them (`dense_fp8.linear_stacked`): q_a with kv_a, gate with up
+          "q_a_kv_a": (7168, 2112), "mlp_gate_up_stacked": (7168, 36864), "shared_gate_up_stacked": (7168, 4096)}
 
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "rows (tokens of the prefill step)", lower_bound=128)
 _SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time")
@@ -117,8 +119,8 @@ def main(argv):
         if _TUNE.value:
             blocks, rate, sweep = tune(name, ops)
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
-            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, n, False, t, blocks, rate,
-                          f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
+            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
+                          rate, f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
         shape_cases = cases(ops, blocks)
         err = kernel_error(*ops[1:], blocks)
         metrics[f"{name}_rel_err"] = err

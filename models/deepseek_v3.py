@@ -50,6 +50,15 @@ def project(x_TK: jax.Array, w: nnx.Param) -> jax.Array:
     return x_TK @ value.reshape(x_TK.shape[-1], -1)
 
 
+def project_stacked(x_TK: jax.Array, ws: Sequence[nnx.Param]) -> list[jax.Array]:
+    """x through several `_projection` weights that share it: FP8 weights as one block-scaled GEMM over the
+    weights stacked along their outputs (`dense_fp8.linear_stacked`), else one projection each."""
+    values = [w.get_value() for w in ws]
+    if all(isinstance(v, fp8.BlockScaled) for v in values):
+        return dense_fp8.linear_stacked(x_TK, values)
+    return [project(x_TK, w) for w in ws]
+
+
 # The q/kv LoRA norms keep RMSNorm's default eps whatever rms_norm_eps says: DeepSeek's own inference code
 # (`RMSNorm(self.kv_lora_rank)`) and HF's DeepseekV3Attention both build them without the config's eps, so a
 # checkpoint with rms_norm_eps != 1e-6 is computed with 1e-6 there and with rms_norm_eps everywhere else.
@@ -135,11 +144,11 @@ class MLA(nnx.Module):
         with jax.named_scope("mla_proj"):
             if cfg.q_lora_rank is None:
                 q_THK = project(x_TD, self.q_proj).reshape(t, h, cfg.qk_head_dim)
+                kv_a = project(x_TD, self.kv_a_proj_with_mqa)
             else:
-                q_TQ = self.q_a_layernorm(project(x_TD, self.q_a_proj))
-                q_THK = project(q_TQ, self.q_b_proj).reshape(t, h, cfg.qk_head_dim)
+                q_a, kv_a = project_stacked(x_TD, (self.q_a_proj, self.kv_a_proj_with_mqa))
+                q_THK = project(self.q_a_layernorm(q_a), self.q_b_proj).reshape(t, h, cfg.qk_head_dim)
             q_nope_THN, q_pe_THR = jnp.split(q_THK, [cfg.qk_nope_head_dim], axis=-1)
-            kv_a = project(x_TD, self.kv_a_proj_with_mqa)
             c_TC = self.kv_a_layernorm(kv_a[:, :cfg.kv_lora_rank])
             k_pe_T1R = kv_a[:, None, cfg.kv_lora_rank:]  # one rope key shared by all heads
             kv_THX = project(c_TC, self.kv_b_proj).reshape(t, h, -1)
@@ -166,7 +175,8 @@ class MLP(nnx.Module):
         self.down_proj = _projection(rngs, (f, d), dtype, fp8_blocks)
 
     def __call__(self, x_TD):
-        h_TF = jax.nn.silu(project(x_TD, self.gate_proj)) * project(x_TD, self.up_proj)
+        gate_TF, up_TF = project_stacked(x_TD, (self.gate_proj, self.up_proj))
+        h_TF = jax.nn.silu(gate_TF) * up_TF
         return project(h_TF, self.down_proj)
 
 

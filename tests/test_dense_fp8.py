@@ -54,6 +54,27 @@ def test_linear_off_hopper_is_the_reference_path():
                                       np.asarray(fp8.linear(x.astype(dtype), w), np.float32))
 
 
+def test_stacked_weights_give_each_weights_product(monkeypatch):
+    """`linear_stacked` on the kernel path (forced on CPU, the kernel interpreted): q_a-like (256 columns) and
+    kv_a-like (200: a partial block padded inside the stack) weights of one input, each output against its own
+    fp64 product; off the kernel, `fp8.linear` per weight exactly."""
+    x, w_q = _operands(5, 300, 256, 256)
+    _, w_kv = _operands(6, 300, 256, 200)
+    off = dense_fp8.linear_stacked(x.astype(jnp.bfloat16), (w_q, w_kv))
+    for got, w in zip(off, (w_q, w_kv)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(fp8.linear(x.astype(jnp.bfloat16), w), np.float32))
+    interpreted = dense_fp8.block_scaled_gemm
+    monkeypatch.setattr(dense_fp8, "on_kernel", lambda x, w: True)
+    monkeypatch.setattr(dense_fp8, "block_scaled_gemm",
+                        lambda *a, **kw: interpreted(*a, **kw, blocks=SMALL, interpret=True))
+    outs = dense_fp8.linear_stacked(x.astype(jnp.bfloat16), (w_q, w_kv))
+    x_q, x_s = fp8.quantize_rows(x.astype(jnp.bfloat16))
+    for got, w in zip(outs, (w_q, w_kv)):
+        assert got.shape == (300, w.values_GNK.shape[0]) and got.dtype == jnp.bfloat16
+        assert _rel(got, _exact(x_q, x_s, w)) < 4e-3
+
+
 def test_refusals_name_the_cause():
     x, w = _operands(2, 128, 256, 128)
     x_q, x_s = fp8.quantize_rows(x)
@@ -96,3 +117,16 @@ def test_gpu_linear_takes_the_kernel():
     hlo = jax.jit(dense_fp8.linear).lower(xb, w).as_text()
     assert "mosaic_gpu" in hlo
     assert _rel(dense_fp8.linear(xb, w).astype(jnp.float32), fp8.linear(xb, w).astype(jnp.float32)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_stacked_q_a_and_kv_a():
+    """R1's q_a (1536) and kv_a (576) over one input as one stacked GEMM: each output against its fp64 product."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs a GPU")
+    x, w_q = _operands(7, 4096 + 77, 7168, 1536)
+    _, w_kv = _operands(8, 4096 + 77, 7168, 576)
+    xb = x.astype(jnp.bfloat16)
+    x_q, x_s = fp8.quantize_rows(xb)
+    for got, w in zip(jax.jit(dense_fp8.linear_stacked)(xb, (w_q, w_kv)), (w_q, w_kv)):
+        assert _rel(got, _exact(x_q, x_s, w)) < 2e-3

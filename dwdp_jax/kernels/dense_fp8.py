@@ -19,6 +19,8 @@ which the partial block's scale leaves zero, and cut after the kernel.
 from __future__ import annotations
 
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -34,6 +36,11 @@ DEFAULT_DENSE_BLOCKS = Fp8Blocks(chain=True, per_group=True, group_m=16)
 def default_blocks(k: int) -> Fp8Blocks:
     """The defaults with the deepest pipeline (of 4, 2, 1 stages) dividing K's scale blocks, as chaining needs."""
     return chained_steps(DEFAULT_DENSE_BLOCKS, k)
+
+
+def padded_width(n: int) -> int:
+    """Output columns the kernel computes for n: whole 128-wide weight blocks."""
+    return fp8.blocks(n) * fp8.BLOCK
 
 
 def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = None) -> bool:
@@ -54,9 +61,10 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
     if k % fp8.BLOCK:
         raise ValueError(f"block_scaled_gemm: K={k} must be a multiple of {fp8.BLOCK} (the FP8 scale block)")
     t = x_TK.shape[0]
-    b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, False, t) or (
-        default_blocks(k))
-    values = jnp.pad(w.values_GNK, ((0, -n % fp8.BLOCK), (0, 0)))
+    # cached under the padded width: the kernel's problem (a stack of weights is padded per weight)
+    b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, padded_width(n), False,
+                                t) or default_blocks(k)
+    values = jnp.pad(w.values_GNK, ((0, padded_width(n) - n), (0, 0)))
     out = split_ragged_dot_fp8_mgpu(x_TK, jnp.full((1,), t, jnp.int32), ((values[None], w.scales_GRS[None]),),
                                     x_scale_SM=x_scale_ST, blocks=b, interpret=interpret, out_dtype=out_dtype)
     return out[:, :n]
@@ -68,3 +76,21 @@ def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
     if not on_kernel(x_TK, w):
         return fp8.linear(x_TK, w)
     return block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), w, out_dtype=x_TK.dtype)
+
+
+def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
+    """x through several FP8 weights that share it (MLA's q_a and kv_a, an MLP's gate and up): [T, N_i] each. On the
+    kernel, one GEMM over the weights stacked along N (each padded to whole 128-row blocks, so every scale block
+    stays its own), x quantized once: kv_a's 576 columns alone make 5 column tiles, about 10 waves of a 32K-token
+    batch over 132 SMs with one tile of padding in five; stacked under q_a's 1536 they are 17 tiles, 33 waves.
+    Elsewhere `fp8.linear` per weight. Each output column is the same product either way."""
+    if not all(on_kernel(x_TK, w) for w in ws):
+        return [fp8.linear(x_TK, w) for w in ws]
+    widths = [w.values_GNK.shape[0] for w in ws]
+    values = jnp.concatenate([jnp.pad(w.values_GNK, ((0, padded_width(n) - n), (0, 0)))
+                              for w, n in zip(ws, widths)])
+    stacked = fp8.BlockScaled(values, jnp.concatenate([w.scales_GRS for w in ws]))
+    out = block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), stacked.check("linear_stacked"), out_dtype=x_TK.dtype)
+    starts = [sum(padded_width(n) for n in widths[:i]) for i in range(len(ws))]
+    return [out[:, a:a + n] for a, n in zip(starts, widths)]
+
