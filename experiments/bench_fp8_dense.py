@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import sys
 
 import jax
@@ -38,6 +39,9 @@ SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b"
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "rows (tokens of the prefill step)", lower_bound=128)
 _SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "rounds of every case", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls of a case per round (a 32K-row GEMM of a narrow "
+                                "projection takes 0.3 ms: three calls from idle spread 0.27-0.74 of cuBLAS)",
+                                lower_bound=1)
 _TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and pipeline depth per shape and record "
                           "the fastest in the kernel block cache")
 _TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
@@ -128,7 +132,8 @@ def main(argv):
             failed.append(f"{name}: relative error {err:.3g} > {_TOL.value}")
             continue
         dense = gb.dense_gemm_case(t, k, n, jnp.float8_e4m3fn)
-        got = gb.round_robin_over_dense(shape_cases, dense, rounds=_ROUNDS.value)
+        got = gb.round_robin_over_dense(shape_cases, dense, rounds=_ROUNDS.value,
+                                        measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
         # the roofline at FP8: cuBLAS's rate, the bytes of x, the weight and the bf16 output once each
@@ -142,6 +147,7 @@ def main(argv):
                   + " ".join(f"{metrics[f'{name}_{c}_over_dense']:{w}.3f}" for c, w in (
                       ("block_scaled", 12), ("block_scaled_with_row_quant", 11), ("dequant_bf16", 12), ("bf16", 6))))
     config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value}, "rounds": _ROUNDS.value,
+              "repeats": _REPEATS.value,
               "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
               "jax": jax.__version__, "failed": failed}
     write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
