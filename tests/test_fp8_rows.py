@@ -91,3 +91,18 @@ def test_compiled_kernel_at_r1_shapes(m, k):
     assert (np.abs(qf - rqf)[differ] <= step[differ]).all()
     assert fp8_rows.on_kernel(x)
     assert "quantize_rows_fp8" in jax.jit(fp8_rows.quantize_rows).lower(x).as_text()
+
+
+@pytest.mark.parametrize("module,needs", [("experiments.bench_fp8_rows", "an NVIDIA GPU with FP8"),
+                                          ("experiments.bench_fp8_dense", "a Hopper GPU")])
+def test_fp8_benchmarks_refuse_a_cpu_before_any_work(module, needs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-m", module, f"--results={tmp_path}"], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 2 and f"needs {needs}" in done.stderr, done.stderr[-2000:]
+    assert not any(tmp_path.iterdir())
