@@ -15,11 +15,14 @@ agree are recorded (quantization, not a defect).
 
   python -m experiments.bench_layer                 # on a GPU: R1 width, 32768 tokens in 4 sequences
   python -m experiments.bench_layer --attention_impls=tokamax,cudnn --presets=deepseek_r1
+  python -m experiments.bench_layer --presets=deepseek_r1_released,deepseek_r1_released:fp8_attention_qkv=True
   python -m experiments.bench_layer --tiny          # CPU functional check (timings are no speed claim)
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import statistics
 import sys
 
@@ -37,8 +40,8 @@ from dwdp_jax.runtime import reference, stages
 from models import config as C
 from models.deepseek_v3 import DeepseekV3
 
-_PRESETS = flags.DEFINE_list("presets", ["deepseek_r1", "deepseek_r1_released"], "model presets, the first the base "
-                             "of the ratios")
+_PRESETS = flags.DEFINE_list("presets", ["deepseek_r1", "deepseek_r1_released"], "model presets (an ablation: "
+                             "preset:field=value), the first the base of the ratios")
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "tokens of the packed batch", lower_bound=2)
 _SEQUENCES = flags.DEFINE_integer("sequences", 4, "sequences of equal length in the batch", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed steps per preset, presets alternating", lower_bound=1)
@@ -53,14 +56,32 @@ _RESULTS = flags.DEFINE_string("results", "results", "results root")
 EXACT = 1e-5  # fp32: the staged step against the one-program prefill
 
 
-def layer_config(preset: str, tiny: bool) -> C.ModelConfig:
-    """The preset's layer widths with one MoE layer and no MTP; `tiny`: the tiny preset's widths, fp32, with the
-    preset's FP8 choices."""
-    cfg = C.get_preset(preset)
+def parse_preset(spec: str) -> tuple[str, dict]:
+    """`preset[:field=value...]` -> (preset, ModelConfig changes): an ablation of a preset, e.g.
+    `deepseek_r1_released:fp8_attention_qkv=True`. Values are Python literals, else strings."""
+    name, *overrides = spec.split(":")
+    fields = {f.name for f in dataclasses.fields(C.ModelConfig)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise app.UsageError(f"--presets: {item!r} in {spec!r} is not field=value of a ModelConfig field")
+        try:
+            changes[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            changes[key] = value
+    return name, changes
+
+
+def layer_config(spec: str, tiny: bool) -> C.ModelConfig:
+    """The preset's layer widths with one MoE layer and no MTP, with the spec's changes (`parse_preset`); `tiny`:
+    the tiny preset's widths, fp32, with the preset's FP8 choices."""
+    name, changes = parse_preset(spec)
+    cfg = C.get_preset(name)
     if tiny:
         cfg = C.tiny(fp8_experts=cfg.fp8_experts, fp8_dense=cfg.fp8_dense, hidden_size=256, intermediate_size=256,
                      moe_intermediate_size=128)
-    return cfg.replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
+    return cfg.replace(**changes, num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
 
 
 def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int):

@@ -64,6 +64,10 @@ class ModelConfig:
     # Every other linear layer the checkpoint stores in FP8 (the attention projections, dense and shared MLPs) kept so: e4m3 [out, in] with 128 x 128 block scales, inputs quantized in 1 x 128 groups.
     # Embedding, lm_head, router and norms stay `dtype` (as in the checkpoint). False: `dtype`.
     fp8_dense: bool = False
+    # Ablation (no checkpoint's behaviour): Q, K and V rounded to e4m3 with one fp32 scale per 128 tokens of one
+    # head before attention, the inputs an FP8 attention kernel (FlashAttention-3's FP8 path) would read; the
+    # attention itself runs on the configured backend in `dtype`, so this measures the accuracy, not the speed.
+    fp8_attention_qkv: bool = False
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -101,7 +105,7 @@ class ModelConfig:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"ModelConfig.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
-        for name in ("fp8_experts", "fp8_dense"):
+        for name in ("fp8_experts", "fp8_dense", "fp8_attention_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -159,6 +159,9 @@ class MLA(nnx.Module):
             k_pe_T1R = apply_rope(k_pe_T1R, positions_T, inv_freq, factor)
         q_THK = jnp.concatenate([q_nope_THN, q_pe_THR], axis=-1)
         k_THK = jnp.concatenate([k_nope_THN, jnp.broadcast_to(k_pe_T1R, q_pe_THR.shape)], axis=-1)
+        if cfg.fp8_attention_qkv:
+            with jax.named_scope("attention_fp8_inputs"):
+                q_THK, k_THK, v_THV = map(fp8.as_fp8_token_blocks, (q_THK, k_THK, v_THV))
         with jax.named_scope("attention"):
             attend = attention_kernels.get_backend(self.attention_impl)
             o_THV = attend(q_THK, k_THK, v_THV, segment_ids_T, positions_T, scale=cfg.softmax_scale)

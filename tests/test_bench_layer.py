@@ -30,6 +30,19 @@ def test_tiny_layer_fp8_against_bf16(tmp_path):
     assert 0 < metrics["deepseek_r1_released_logits_rel_to_deepseek_r1"] < 0.5
 
 
+def test_an_ablation_of_a_preset_is_a_variant(tmp_path):
+    """FP8 Q/K/V (rounded inputs of attention) against the same preset: the staged step still equals the
+    one-program prefill, and the logits move by the rounding only."""
+    ablated = "deepseek_r1_released:fp8_attention_qkv=True"
+    done = _run("--tiny", "--tokens=128", "--sequences=2", "--rounds=1", "--warmup=0",
+                f"--presets=deepseek_r1_released,{ablated}", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = (tmp_path / "bench_layer").glob("*.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert metrics[f"{ablated}_rel_err_vs_prefill"] <= 1e-5
+    assert 0 < metrics[f"{ablated}_logits_rel_to_deepseek_r1_released"] < 0.1
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path):
     done = _run("--tokens=128", tmp_path=tmp_path)
     assert done.returncode == 2 and "R1 width needs a GPU; --tiny" in done.stderr
@@ -39,4 +52,6 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     assert done.returncode != 0 and "unknown attention backend 'flash'" in done.stderr
     done = _run("--tiny", "--tokens=128", "--attention_impls=xla,xla", tmp_path=tmp_path)
     assert done.returncode != 0 and "names a backend twice" in done.stderr
+    done = _run("--tiny", "--tokens=128", "--presets=deepseek_r1:fp8_attention=True", tmp_path=tmp_path)
+    assert done.returncode != 0 and "'fp8_attention=True' in 'deepseek_r1:fp8_attention=True' is not" in done.stderr
     assert not (tmp_path / "bench_layer").exists()

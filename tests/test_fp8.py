@@ -151,3 +151,20 @@ def test_every_fp8_candidate_lowers_for_cuda_at_r1_sizes(fused):
 
     for blocks in CANDIDATES:
         assert "__gpu$xla.gpu.triton" in lowered_for_cuda(run, fused, blocks, num_rows=8192), blocks
+
+
+def test_attention_inputs_round_per_128_tokens_of_one_head():
+    """`as_fp8_token_blocks`: within e4m3's half step of each (128 tokens, head) block's scale; a block's scale is
+    its own (a head of magnitude 1e4 leaves the other head's rounding alone); the partial last block included."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 2, 64)).astype(np.float32)
+    x[:, 1] *= 1e4
+    got = np.asarray(fp8.as_fp8_token_blocks(jnp.asarray(x)))
+    assert got.shape == x.shape and got.dtype == np.float32
+    for b in range(3):
+        for h in range(2):
+            blk, out = x[128 * b:128 * (b + 1), h], got[128 * b:128 * (b + 1), h]
+            scale = np.abs(blk).max() / 448.0
+            # e4m3 keeps 3 mantissa bits: half a step is 2^-4 relative, and 2^-10 of the scale near zero
+            assert (np.abs(out - blk) <= np.maximum(np.abs(blk) * 2.0**-4, scale * 2.0**-9) + 1e-30).all()
+    np.testing.assert_array_equal(np.asarray(fp8.as_fp8_token_blocks(jnp.asarray(x[:, :1]))), got[:, :1])

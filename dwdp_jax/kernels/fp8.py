@@ -122,6 +122,16 @@ def as_fp8_rows(x_MK: jax.Array) -> jax.Array:
     return dequantize_rows(*quantize_rows(padded))[:, :k]
 
 
+def as_fp8_token_blocks(x_THD: jax.Array) -> jax.Array:
+    """x [tokens, heads, dim] as an FP8 attention kernel reads it: e4m3 with one fp32 scale per 128 tokens of one
+    head (the last block partial), multiplied back; in x's dtype."""
+    t, h, d = x_THD.shape
+    x_BTHD = _pad_to_blocks(x_THD.astype(jnp.float32), (0,)).reshape(-1, BLOCK, h, d)
+    scale_BH = jnp.maximum(jnp.abs(x_BTHD).max(axis=(1, 3)), TINY) / E4M3_MAX
+    q_BTHD = (x_BTHD / scale_BH[:, None, :, None]).astype(E4M3)
+    return (q_BTHD.astype(jnp.float32) * scale_BH[:, None, :, None]).reshape(-1, h, d)[:t].astype(x_THD.dtype)
+
+
 def reference_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate: BlockScaled, w_up: BlockScaled,
                   w_down: BlockScaled) -> jax.Array:
     """The SwiGLU expert FFN on FP8 experts exactly as the scaled kernels define it: x quantized per row and 128
