@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 
 from configs.context_bench import get_config as preset_config
-from dwdp_jax.kernels import attention, attention_tokamax, grouped_gemm
+from dwdp_jax.kernels import attention, attention_tokamax, fp8, grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.placement import Placement
 from dwdp_jax.prefetch import PULL_ISSUES
@@ -310,7 +310,7 @@ def plan(c) -> Plan:
         raise ValueError(f"config.num_ranks={c.num_ranks} ({wanted}) needs as many devices, and {have}")
     for name in p.strategies:
         strategy_lib.get(name).check_platform(p, platform)
-    if p.cfg.fp8_experts and platform == "gpu" and not _has_fp8_tensor_cores(devices[0]):
+    if p.cfg.fp8_experts and platform == "gpu" and not fp8.has_fp8_tensor_cores(devices[0]):
         raise ValueError(f"config.model.preset={c.model.preset!r} (FP8 experts) needs FP8 tensor cores (compute "
                          f"capability >= 8.9: Ada, Hopper, Blackwell), found {devices[0].device_kind} (compute "
                          f"capability {getattr(devices[0], 'compute_capability', None)}); use a bf16 preset")
@@ -324,11 +324,6 @@ def plan(c) -> Plan:
         device_bytes = int(devices[0].memory_stats()["bytes_limit"] * p.measure.memory_fraction)
         cfg = model_config_from(c, depth_that_fits(p, device_bytes))
     return dataclasses.replace(p, cfg=cfg, devices=devices[:max(needs.values())])
-
-
-def _has_fp8_tensor_cores(device) -> bool:
-    major, minor = (int(x) for x in str(getattr(device, "compute_capability", "0.0")).split(".")[:2])
-    return (major, minor) >= (8, 9)
 
 
 def depth_that_fits(p: Plan, device_bytes: int) -> int:

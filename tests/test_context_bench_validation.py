@@ -220,6 +220,8 @@ def test_progress_shows_in_the_first_seconds(tmp_path):
 def test_fp8_experts_need_fp8_tensor_cores():
     from types import SimpleNamespace
 
+    from dwdp_jax.kernels import fp8
+
     cards = {"8.0": False, "8.6": False, "8.9": True, "9.0": True, "10.0": True}
     for cc, has in cards.items():
-        assert validation._has_fp8_tensor_cores(SimpleNamespace(compute_capability=cc)) is has, cc
+        assert fp8.has_fp8_tensor_cores(SimpleNamespace(platform="gpu", compute_capability=cc)) is has, cc

@@ -53,6 +53,20 @@ def test_dispatch_off_gpu_is_the_reference_and_the_kernel_lowers_for_cuda():
     assert "__gpu$xla.gpu.triton" in text and "quantize_rows_fp8" in text
 
 
+def test_fp8_tensor_cores_by_compute_capability():
+    """The kernel needs FP8 conversions (compute capability >= 8.9, `fp8.has_fp8_tensor_cores`, whose card table
+    `test_context_bench_validation` checks); CPUs, GPUs of unknown capability and older ones go to XLA."""
+    from types import SimpleNamespace
+
+    x = jnp.zeros((8, 128), jnp.bfloat16)
+    for platform, cc, ok in (("gpu", "9.0", True), ("gpu", "8.9", True), ("gpu", "10.0", True), ("gpu", "8.0", False),
+                             ("gpu", None, False), ("cpu", None, False)):
+        device = SimpleNamespace(platform=platform, compute_capability=cc)
+        assert fp8.has_fp8_tensor_cores(device) is ok and fp8_rows.on_kernel(x, device) is ok
+    assert not fp8_rows.on_kernel(jnp.zeros((8, 200), jnp.bfloat16), SimpleNamespace(platform="gpu",
+                                                                                       compute_capability="9.0"))
+
+
 def test_the_moe_copies_quantized_tokens_into_expert_order():
     """FP8 experts on a split backend: each token quantized once, the copy into expert order moves e4m3 rows (the
     gather into the aligned buffer is f8; the only bf16 gather is the combine's), and the result is the reference path's."""

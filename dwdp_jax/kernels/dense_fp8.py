@@ -18,7 +18,6 @@ which the partial block's scale leaves zero, and cut after the kernel.
 
 from __future__ import annotations
 
-
 from typing import Sequence
 
 import jax
@@ -73,9 +72,7 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
 def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
     """`fp8.linear` (x quantized per row and 128 columns, times the block-scaled weight, fp32 accumulation), on the
     block-scaled kernel where `on_kernel`; [T, N] in x's dtype."""
-    if not on_kernel(x_TK, w):
-        return fp8.linear(x_TK, w)
-    return block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), w, out_dtype=x_TK.dtype)
+    return linear_stacked(x_TK, (w,))[0]
 
 
 def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
@@ -93,4 +90,3 @@ def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.A
     out = block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), stacked.check("linear_stacked"), out_dtype=x_TK.dtype)
     starts = [sum(padded_width(n) for n in widths[:i]) for i in range(len(ws))]
     return [out[:, a:a + n] for a, n in zip(starts, widths)]
-

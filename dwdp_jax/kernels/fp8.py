@@ -31,6 +31,16 @@ E4M3_MAX = 448.0
 TINY = 1e-12
 
 
+def has_fp8_tensor_cores(device: jax.Device) -> bool:
+    """Whether `device` is an NVIDIA GPU with FP8 tensor cores and conversions (compute capability >= 8.9: Ada,
+    Hopper, Blackwell)."""
+    cc = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or cc is None:
+        return False
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return (major, minor) >= (8, 9)
+
+
 class BlockScaled(NamedTuple):
     """An FP8 weight as DeepSeek's checkpoint stores it: e4m3 values [G, N, K] ([out, in]: K contiguous) and fp32
     scales [G, ceil(N/128), ceil(K/128)], one per 128 x 128 block, multiplying it back."""

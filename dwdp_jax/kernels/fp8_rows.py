@@ -31,10 +31,7 @@ BLOCK_M, NUM_WARPS = 64, 4
 def on_kernel(x_MK: jax.Array, device: jax.Device | None = None) -> bool:
     """Whether `quantize_rows` takes the kernel: 16- or 32-bit float rows of whole 128-wide groups on an NVIDIA GPU
     with FP8 conversion (compute capability 8.9 or later)."""
-    device = device or jax.devices()[0]
-    cc = str(getattr(device, "compute_capability", "0.0"))
-    major, minor = (int(p) for p in cc.split(".")[:2])
-    return (device.platform == "gpu" and (major, minor) >= (8, 9) and x_MK.ndim == 2
+    return (fp8.has_fp8_tensor_cores(device or jax.devices()[0]) and x_MK.ndim == 2
             and x_MK.shape[1] % fp8.BLOCK == 0 and x_MK.dtype in (jnp.bfloat16, jnp.float16, jnp.float32))
 
 
