@@ -5,8 +5,9 @@ after a backend change, in the same run.
 
 The layer is the model's own first MoE layer (the config with num_hidden_layers=1, first_k_dense_replace=0) run by
 the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
-and shared experts), head. The variants (preset x attention backend) alternate round by round; a step's time is the median of its rounds, after
-warm-up. Each stage's time comes from a separate profiled step (every stage waits for its outputs).
+and shared experts), head. The variants (preset x attention backend) alternate round by round; a step's time is the
+median of its rounds, after warm-up. Each stage's time comes from a separate profiled step (every stage waits for
+its outputs).
 
 Logits are computed at each sequence's last token, as serving does. Before any time is taken, each preset's step is
 checked: logits finite, and at fp32 (`--tiny`, CPU) equal to the model's one-program prefill (`reference.prefill`)

@@ -61,7 +61,8 @@ class ModelConfig:
     # Routed experts stored FP8 e4m3 with one fp32 scale per 128 x 128 block, as the released checkpoint stores
     # them; each expert GEMM quantizes its input in 1 x 128 groups (DeepSeek-V3's inference). False: `dtype`.
     fp8_experts: bool = False
-    # Every other linear layer the checkpoint stores in FP8 (the attention projections, dense and shared MLPs) kept so: e4m3 [out, in] with 128 x 128 block scales, inputs quantized in 1 x 128 groups.
+    # Every other linear layer the checkpoint stores in FP8 (the attention projections, dense and shared MLPs) kept
+    # so: e4m3 [out, in] with 128 x 128 block scales, inputs quantized in 1 x 128 groups.
     # Embedding, lm_head, router and norms stay `dtype` (as in the checkpoint). False: `dtype`.
     fp8_dense: bool = False
     # Ablation (no checkpoint's behaviour): Q, K and V rounded to e4m3 with one fp32 scale per 128 tokens of one

@@ -79,8 +79,9 @@ def test_experts_stay_fp8_as_stored(shipped):
     np.testing.assert_array_equal(np.asarray(dense.values_GNK).view(np.uint8), tensors[name].view(np.uint8))
     np.testing.assert_array_equal(np.asarray(dense.scales_GRS), tensors[name + "_scale_inv"])
     _, dequantized = checkpoint.load_hf_checkpoint(path)
-    np.testing.assert_array_equal(np.asarray(fp8.dequantize_weights(dense.values_GNK[None], dense.scales_GRS[None])[0].T),
-                                  np.asarray(dequantized.model.layers[0].mlp.gate_proj[...]))
+    np.testing.assert_array_equal(
+        np.asarray(fp8.dequantize_weights(dense.values_GNK[None], dense.scales_GRS[None])[0].T),
+        np.asarray(dequantized.model.layers[0].mlp.gate_proj[...]))
 
 
 def test_lazy_experts_read_only_the_rows_asked_for(shipped):

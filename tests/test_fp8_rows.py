@@ -69,7 +69,8 @@ def test_fp8_tensor_cores_by_compute_capability():
 
 def test_the_moe_copies_quantized_tokens_into_expert_order():
     """FP8 experts on a split backend: each token quantized once, the copy into expert order moves e4m3 rows (the
-    gather into the aligned buffer is f8; the only bf16 gather is the combine's), and the result is the reference path's."""
+    gather into the aligned buffer is f8; the only bf16 gather is the combine's), and the result is the reference
+    path's."""
     cfg = tiny(hidden_size=256, moe_intermediate_size=128, fp8_experts=True, dtype="bfloat16")
     slab = deepseek_v3.init_expert_slab(cfg, jax.random.key(0))
     slabs = (slab.rows(0, 3), slab.rows(3, cfg.n_routed_experts))

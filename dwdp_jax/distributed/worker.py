@@ -81,7 +81,8 @@ def verify(spec: Spec, coord: Coordination, process: int, tag: str, out_dir: str
                     outputs[f"dwdp/{rank}/{i}/ids{m}"] = ids
             collectives[rank] = sum(count_collectives(t) for t in engine.compiled_hlo(batches[0], rank).values())
             pulled[rank] = engine.transport.bytes_pulled[rank]
-            held_once[rank] = all(engine.share.holds(rank, a) for slab in engine.ranks[rank].local for a in slab.arrays())
+            held_once[rank] = all(engine.share.holds(rank, a)
+                                  for slab in engine.ranks[rank].local for a in slab.arrays())
             planned[rank] = (len(batches) * spec.model_config().num_moe_layers
                              * engine.transport.planned_bytes_per_layer(rank))
         report["dwdp"] = {"collectives": collectives, "bytes_pulled": pulled, "bytes_planned": planned,

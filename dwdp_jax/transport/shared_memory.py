@@ -237,7 +237,8 @@ class SliceTransport(Transport):
     def _pieces(self, rank: int):
         for owner, offset, count, i in self.pull_order(rank):
             a, b = slice_bounds(count, self.options.slices)[i]
-            start = next(p.global_start for p in self.placement.pulls(rank) if (p.owner, p.src_offset) == (owner, offset))
+            start = next(p.global_start for p in self.placement.pulls(rank)
+                         if (p.owner, p.src_offset) == (owner, offset))
             yield owner, offset + a, offset + b, start + a
 
     def _slot_layout(self, rank: int) -> tuple[ExpertSlab, ...]:
