@@ -1,6 +1,6 @@
 """experiments.bench_layer on CPU: the tiny layer's staged step equals the one-program prefill at fp32 for bf16-
-and FP8-laid-out presets, the results carry every variant's time and stages, the FP8/bf16 ratio and an ablation's effect; bad input is
-refused before any work."""
+and FP8-laid-out presets and an ablation; the results carry every variant's time and stages, the FP8/bf16 ratio and
+the ablation's effect; bad input is refused before any work."""
 
 import json
 import os
