@@ -49,10 +49,15 @@ _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 
-def candidates(k: int) -> list:
+def candidates(k: int, n: int) -> list:
+    """Launch windows, unchained, row-tile order; and where the padded width takes 256-column CTA tiles, the
+    warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared memory)."""
     base = dense_fp8.default_blocks(k)
+    cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
+                                                       max_concurrent_steps=2), k)
     return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
-        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False)]
+        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False)] + (
+        [cols] if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
 
 
 def _weight(k: int, n: int) -> fp8.BlockScaled:
@@ -97,7 +102,7 @@ def cases(ops: tuple, blocks) -> dict:
 def tune(name: str, ops: tuple) -> tuple:
     """(fastest blocks, their TFLOP/s, the sweep): every candidate timed alone."""
     sweep = {}
-    for b in candidates(ops[0].shape[1]):
+    for b in candidates(ops[0].shape[1], ops[3].values_GNK.shape[0]):
         try:
             sweep[b] = gb.tflops(kernel_case(ops, b))
         except Exception as e:  # a schedule that cannot compile is skipped

@@ -100,6 +100,25 @@ def test_fused_gate_up_matches_the_exact_swiglu():
     assert _rel(ours, exact) < 2e-3
 
 
+# the warpgroups on column halves: one CTA computes 128 rows x 2 x 64 columns, two 64-row blocks per warpgroup
+SMALL_COLS = Fp8Blocks(tile_m=128, tile_n=64, max_concurrent_steps=2, num_sms=1, wg_cols=True)
+
+
+def test_column_halves_are_the_exact_product_up_to_summation_order():
+    """`wg_cols`: each warpgroup promotes its two 64-row blocks one at a time into running sums of all 128 rows;
+    every row block gets its own rows' scales and every warpgroup its column block's weight scales."""
+    ours, exact = _run(SMALL_COLS, fused=False, out_dtype=jnp.float32, seed=1)
+    assert _rel(ours, exact) < 1e-5
+
+
+def test_column_halves_fused_and_chained_match_the_exact_swiglu():
+    """Two CTAs chaining per-group windows over two 128-column blocks of gate and up."""
+    ours, exact = _run(dataclasses.replace(SMALL_COLS, chain=True, per_group=True, num_sms=2), fused=True, seed=2,
+                       n=256)
+    assert np.isfinite(ours).all()
+    assert _rel(ours, exact) < 2e-3
+
+
 def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
     """`split_grouped_ffn` on FP8 slabs with this kernel for both projections (quantizing x and the SwiGLU output
     on the way in) against `fp8.reference_ffn`; rows past the groups come back zero."""
@@ -165,6 +184,12 @@ def test_bad_inputs_are_refused_before_launch():
         Fp8Blocks(cluster_n=True, chain=True)
     with pytest.raises(ValueError, match=r"N=128 must be a multiple of 256 \(tile_n \* 2 CTAs with cluster_n\)"):
         run(x_q, (w,), blocks=Fp8Blocks(cluster_n=True, num_sms=2))
+    with pytest.raises(ValueError, match=r"N=128 must be a multiple of 256 \(tile_n \* 2 warpgroups with wg_cols\)"):
+        run(x_q, (w,), blocks=Fp8Blocks(wg_cols=True, num_sms=2))
+    with pytest.raises(ValueError, match="needs 320 accumulator registers per thread"):
+        run(x_q, (w,), blocks=Fp8Blocks(tile_m=256, tile_n=128, wg_cols=True))
+    with pytest.raises(ValueError, match=r"tile_m must be a multiple of 64 \(64 wgmma rows per compute warpgroup\)"):
+        Fp8Blocks(tile_m=96, wg_cols=True)
 
 
 def test_non_hopper_gpus_are_refused(monkeypatch):

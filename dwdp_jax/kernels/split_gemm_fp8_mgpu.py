@@ -49,7 +49,7 @@ KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the wid
 COMPUTE_WGS = 2
 # Per compute-warpgroup thread, fp32 accumulator registers (partials and running sums) a tile may take: the
 # warpgroup gets 232 of the 255 (the memory warpgroup keeps 40), the rest hold addresses, scales and the epilogue.
-MAX_ACC_REGISTERS = 128
+MAX_ACC_REGISTERS = 192
 # A vector of one value per accumulator row, in the registers of the threads holding that row.
 ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
 # The kernel addresses every operand through TMA descriptors over whole arrays: a tile's position is an int32
@@ -63,7 +63,8 @@ NAME_TUNED = "split_mgpu_fp8"  # its entries in the block cache (`tuning`)
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Blocks:
-    """Tile sizes: a CTA computes tile_m rows (tile_m / 2 per compute warpgroup) x tile_n columns of each weight."""
+    """Tile sizes: a CTA computes tile_m rows (tile_m / 2 per compute warpgroup) x tile_n columns of each weight;
+    with wg_cols, tile_m rows x 2 tile_n columns (tile_n per compute warpgroup)."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -83,6 +84,13 @@ class Fp8Blocks:
     # Two CTAs per cluster take adjacent column blocks of one row tile, and its x tile is loaded once for both
     # (TMA multicast): a quarter less traffic from L2 per CTA and K step. The column blocks must be even.
     cluster_n: bool = False
+    # The compute warpgroups split the CTA's columns instead of its rows: each takes all tile_m rows of its tile_n
+    # columns as tile_m / 64 wgmma row blocks, promoting one while the other warpgroup's wgmma runs, so one fresh
+    # partial serves a tile twice the area of the row split's (down at tile_m = tile_n = 128: 128 x 256, 48 KiB
+    # from L2 per K step for 8.4 MFLOP against 32 KiB for 4.2). At 128 x 128 the row split's CTA reads as much
+    # from L2 per K step as it computes tiles: on H200 (ncu, down at the serving shape) the tensor pipe was 63%
+    # busy while L2 ran at 69% of its peak, against cuBLAS FP8's 192 x 192 tiles at 95% and 52%.
+    wg_cols: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
@@ -92,16 +100,25 @@ class Fp8Blocks:
         if self.cluster_n and (self.chain or self.num_sms % 2):
             raise ValueError(f"Fp8Blocks.cluster_n needs an even num_sms (clusters of 2, got {self.num_sms}) and no "
                              f"chain (a chained CTA's tiles would need the same pipeline phase in both CTAs)")
-        if self.tile_m % (64 * COMPUTE_WGS):
-            raise ValueError(f"Fp8Blocks.tile_m must be a multiple of {64 * COMPUTE_WGS} (64 wgmma rows per compute "
-                             f"warpgroup), got {self.tile_m}")
+        if self.tile_m % (64 if self.wg_cols else 64 * COMPUTE_WGS):
+            raise ValueError(f"Fp8Blocks.tile_m must be a multiple of {64 if self.wg_cols else 64 * COMPUTE_WGS} "
+                             f"(64 wgmma rows per compute warpgroup{'' if self.wg_cols else ', 2 of them'}), got "
+                             f"{self.tile_m}")
         if KSTEP % self.tile_n or self.tile_n % 8:
             raise ValueError(f"Fp8Blocks.tile_n must divide {KSTEP} (one weight scale per tile and K block) and be "
                              f"a multiple of 8 (wgmma's N), got {self.tile_n}")
 
+    @property
+    def cta_n(self) -> int:
+        """Columns of each weight a CTA computes."""
+        return self.tile_n * (COMPUTE_WGS if self.wg_cols else 1)
+
     def acc_registers(self, fused: bool) -> int:
         """fp32 registers per compute-warpgroup thread of the partials and running sums."""
-        return 2 * (2 if fused else 1) * (self.tile_m // COMPUTE_WGS) * self.tile_n // 128
+        weights = 2 if fused else 1
+        if self.wg_cols:  # running sums of all tile_m rows, a partial of one 64-row block
+            return weights * (self.tile_m + 64) * self.tile_n // 128
+        return 2 * weights * (self.tile_m // COMPUTE_WGS) * self.tile_n // 128
 
 
 # Chained per-group windows: on H200 (experiments.bench_fp8_gemm, down, 131072 rows over 256 groups, skew 6) 845
@@ -128,14 +145,16 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
     w_gmems, out_gmem = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
-    half = b.tile_m // COMPUTE_WGS  # a warpgroup's rows
-    n_iters, k_iters = n_dim // b.tile_n, k_dim // KSTEP
+    wg_rows = b.tile_m if b.wg_cols else b.tile_m // COMPUTE_WGS  # a warpgroup's rows
+    # the wgmma row blocks a warpgroup promotes one at a time: (first row within its rows, rows)
+    row_blocks = [(r, 64) for r in range(0, wg_rows, 64)] if b.wg_cols else [(0, wg_rows)]
+    n_iters, k_iters = n_dim // b.cta_n, k_dim // KSTEP
     swizzle = plgpu.find_swizzle(KSTEP * 8)  # e4m3: 128 bytes per K step
     transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
     # K-major tiles of x and of each weight, and the tile's row scales of this K block
     in_specs = [plgpu.BlockSpec((b.tile_m, KSTEP), lambda k: (0, k), transforms=transforms,
                                 memory_space=plgpu.SMEM, collective_axes=("cluster",) if b.cluster_n else ())]
-    in_specs += [plgpu.BlockSpec((b.tile_n, KSTEP), lambda k: (0, k), transforms=transforms,
+    in_specs += [plgpu.BlockSpec((b.cta_n, KSTEP), lambda k: (0, k), transforms=transforms,
                                  memory_space=plgpu.SMEM)] * per_slab
     in_specs += [plgpu.BlockSpec((1, b.tile_m), lambda k: (k, 0), memory_space=plgpu.SMEM)]
 
@@ -146,15 +165,16 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             pipeline_state=state)
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
-    example = ((x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, pl.ds(0, b.tile_n)] for w in w_gmems[:2 * per_slab:2])
+    example = ((x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, pl.ds(0, b.cta_n)] for w in w_gmems[:2 * per_slab:2])
                + (xs_gmem.at[:, pl.ds(0, b.tile_m)],))
-    out_views = plgpu.SMEM((COMPUTE_WGS, half, b.tile_n), out_gmem.dtype)
+    out_views = plgpu.SMEM((COMPUTE_WGS, wg_rows, b.tile_n), out_gmem.dtype)
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out_smem=out_views,
                        collective_axes="wg")
     def _scope(allocs, out_smem):
         wg = jax.lax.axis_index("wg")
-        rows = pl.ds(wg * half, half)
+        wg_row0 = 0 if b.wg_cols else wg * wg_rows  # within the tile
+        wg_col0 = wg * b.tile_n if b.wg_cols else 0  # within the CTA's columns
 
         per_cta = n_iters // 2 if b.cluster_n else n_iters  # column blocks a CTA (or cluster) takes per row tile
 
@@ -166,17 +186,20 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                 ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
             row0 = block * b.tile_m
-            scale_block = ni * b.tile_n // fp8.BLOCK
+            col0 = ni * b.cta_n + wg_col0
+            scale_block = col0 // fp8.BLOCK
 
             def context(run):
-                zeros = layout(jnp.zeros((half, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                sums = run(tuple(zeros for _ in range(per_slab)))
-                out = jax.nn.silu(sums[0]) * sums[1] if fused else sums[0]
+                # running sums per row block and weight, row blocks outermost
+                sums = run(tuple(layout(jnp.zeros((n, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
+                                 for _, n in row_blocks for _ in range(per_slab)))
+                outs = [(jax.nn.silu(g) * u if fused else g).astype(out_gmem.dtype)
+                        for g, u in zip(sums[::per_slab], sums[per_slab - 1::per_slab])]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left the buffer
-                own_lo = jnp.clip(lo - wg * half, 0, half)
-                own_hi = jnp.clip(hi - wg * half, 0, half)
-                store_block(out.astype(out_gmem.dtype), out_smem.at[wg], None, out_gmem, own_lo, own_hi,
-                            row0 + wg * half, ni * b.tile_n, b.tile_n)
+                own_lo = jnp.clip(lo - wg_row0, 0, wg_rows)
+                own_hi = jnp.clip(hi - wg_row0, 0, wg_rows)
+                store_block(outs if b.wg_cols else outs[0], out_smem.at[wg], None, out_gmem, own_lo, own_hi,
+                            row0 + wg_row0, col0, b.tile_n)
 
             def body_for(w_scales):
                 def mma(idx, x_smem, *refs):
@@ -184,17 +207,23 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     (k,) = idx
                     # issued before the wgmma, used after it: the loads' latency hides behind the tensor cores
                     w_scale = [s[group, scale_block, k] for s in w_scales]
-                    x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
+                    w_views = [plgpu.transpose_ref(w.at[pl.ds(wg_col0, b.tile_n)] if b.wg_cols else w, (1, 0))
+                               for w in w_smems]
+                    new = []
+                    for i, (r, n) in enumerate(row_blocks):
+                        rows = pl.ds(wg_row0 + r, n)
+                        x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
 
-                    def partials(accs):
-                        for w_smem, acc in zip(w_smems, accs):
-                            plgpu.wgmma(acc, x_smem.at[rows], plgpu.transpose_ref(w_smem, (1, 0)))
-                        plgpu.wgmma_wait(0)
-                        return tuple(acc[...] for acc in accs)
+                        def partials(accs, rows=rows):
+                            for w_view, acc in zip(w_views, accs):
+                                plgpu.wgmma(acc, x_smem.at[rows], w_view)
+                            plgpu.wgmma_wait(0)
+                            return tuple(acc[...] for acc in accs)
 
-                    parts = pl.run_scoped(partials, tuple(plgpu.ACC((half, b.tile_n)) for _ in range(per_slab)))
-                    return tuple(total + part * jax.lax.broadcast_in_dim(x_scale * ws, part.shape, (0,))
-                                 for total, part, ws in zip(sums, parts, w_scale))
+                        parts = pl.run_scoped(partials, tuple(plgpu.ACC((n, b.tile_n)) for _ in range(per_slab)))
+                        new += [total + part * jax.lax.broadcast_in_dim(x_scale * ws, part.shape, (0,))
+                                for total, part, ws in zip(sums[i * per_slab:(i + 1) * per_slab], parts, w_scale)]
+                    return tuple(new)
                 return mma
 
             state, alone = None, True
@@ -207,7 +236,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                 slab_refs = w_gmems[2 * per_slab * s: 2 * per_slab * (s + 1)]
                 values, scales = slab_refs[0::2], slab_refs[1::2]
                 refs = ((x_gmem.at[pl.ds(row0, b.tile_m)],)
-                        + tuple(w.at[group, pl.ds(ni * b.tile_n, b.tile_n)] for w in values)
+                        + tuple(w.at[group, pl.ds(ni * b.cta_n, b.cta_n)] for w in values)
                         + (xs_gmem.at[:, pl.ds(row0, b.tile_m)],))
                 mma = body_for(scales)
                 pl.when((slab == s) & alone)(
@@ -275,8 +304,9 @@ def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: 
     if b.acc_registers(fused) > MAX_ACC_REGISTERS:
         raise ValueError(f"{NAME}: {b} needs {b.acc_registers(fused)} accumulator registers per thread "
                          f"(more than {MAX_ACC_REGISTERS}: the tile would spill)")
-    if n % (b.tile_n * (2 if b.cluster_n else 1)):
-        raise ValueError(f"{NAME}: N={n} must be a multiple of {b.tile_n * (2 if b.cluster_n else 1)} (tile_n"
+    if n % (b.cta_n * (2 if b.cluster_n else 1)):
+        raise ValueError(f"{NAME}: N={n} must be a multiple of {b.cta_n * (2 if b.cluster_n else 1)} (tile_n"
+                         f"{' * 2 warpgroups with wg_cols' if b.wg_cols else ''}"
                          f"{' * 2 CTAs with cluster_n' if b.cluster_n else ''})")
     if b.chain and (k // KSTEP) % b.max_concurrent_steps:
         raise ValueError(f"{NAME}: chained tiles need K / {KSTEP} = {k // KSTEP} divisible by "

@@ -111,9 +111,18 @@ def _store_rows(out_smem, out_gmem, lo, count, row0, col0, tile_m: int, tile_n: 
 
 
 def store_block(block, plain, swizzled, out_gmem, lo, hi, row0, col0, tile_n: int):
-    """Rows [lo, hi) of `block` (a tile's output or half of it) to rows row0 + lo.. of out_gmem: a full block in
-    one TMA store through the swizzled view when there is one (its register-to-shared writes free of bank
-    conflicts), else power-of-two row runs through the plain view."""
+    """Rows [lo, hi) of `block` (a tile's output or half of it; or a sequence of row blocks, stacked) to rows
+    row0 + lo.. of out_gmem: a full block in one TMA store through the swizzled view when there is one (its
+    register-to-shared writes free of bank conflicts), else power-of-two row runs through the plain view."""
+    if isinstance(block, (tuple, list)):  # row blocks: through the plain view only
+        if swizzled is not None:
+            raise ValueError("store_block: row blocks go through the plain view (swizzled must be None)")
+        at = 0
+        for part in block:
+            plain.at[pl.ds(at, part.shape[0])][...] = part
+            at += part.shape[0]
+        plgpu.commit_smem()
+        return _store_rows(plain, out_gmem, lo, hi - lo, row0, col0, at, tile_n)
     rows = block.shape[0]
 
     def runs():

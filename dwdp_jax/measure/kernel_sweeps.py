@@ -69,5 +69,8 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
 FP8_MGPU_CANDIDATES = {
     fused: [default] + [dataclasses.replace(default, chain=False, **kw)
                         for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
-    for fused, default, most in ((True, FUSED_FP8_BLOCKS, 6), (False, DEFAULT_FP8_BLOCKS, 5))
+    # the warpgroups on column halves: tiles of twice the area, fewer stages in shared memory
+    + [dataclasses.replace(default, wg_cols=True, max_concurrent_steps=s, chain=s in (2, 4)) for s in wg_cols_steps]
+    for fused, default, most, wg_cols_steps in ((True, FUSED_FP8_BLOCKS, 6, (4, 2)),
+                                                (False, DEFAULT_FP8_BLOCKS, 5, (2, 3)))
 }
