@@ -23,7 +23,7 @@ from absl import app, flags
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks, split_ragged_dot
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, NAME_TUNED, Fp8Blocks,
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import (WG_COLS_FP8_BLOCKS, WG_COLS_FUSED_FP8_BLOCKS, NAME_TUNED, Fp8Blocks,
                                                   split_ragged_dot_fp8_mgpu)
 from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES
 from dwdp_jax.results import write_measurements
@@ -65,7 +65,7 @@ class Fp8Kernel:
 
 KERNELS = {
     "mgpu": Fp8Kernel(split_ragged_dot_fp8_mgpu, NAME_TUNED, Fp8Blocks, FP8_MGPU_CANDIDATES,
-                      {True: FUSED_FP8_BLOCKS, False: DEFAULT_FP8_BLOCKS}),
+                      {True: WG_COLS_FUSED_FP8_BLOCKS, False: WG_COLS_FP8_BLOCKS}),
     "triton": Fp8Kernel(split_ragged_dot, "split_triton_fp8", Blocks, {f: FP8_CANDIDATES for f in (True, False)},
                         {f: FP8_BLOCKS for f in (True, False)}),
 }

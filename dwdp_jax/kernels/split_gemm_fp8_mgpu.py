@@ -8,25 +8,29 @@ the bf16 Mosaic GPU split kernel (`split_gemm_mgpu`): a memory warpgroup streams
 row scales (fp32 [tile_m] of x's [K/128, M]) into shared memory, both fp8 operands K-major as e4m3 wgmma needs
 them (the checkpoint's [out, in] layout is K-major already).
 
-Two compute warpgroups each own half of the tile's rows. Per 128-wide K block (one scale block), a warpgroup's
-wgmma fills a fresh fp32 accumulator, and it then promotes it into its running sum in registers,
+Two compute warpgroups each own half of the tile's rows, or with `Fp8Blocks.wg_cols` (the default at R1's widths)
+half of its columns, all rows, as 64-row blocks. Per 128-wide K block (one scale block), a warpgroup's wgmma (per
+row block) fills a fresh fp32 accumulator, and it then promotes it into its running sum in registers,
 sum += partial * x_scale[row] * w_scale[n block, k block]: the fp32 promotion DeepGEMM found necessary because
 the tensor cores' fp8 accumulation keeps about 14 mantissa bits. While one warpgroup promotes on the CUDA cores,
-the other's wgmma runs on the tensor cores. tile_n <= 128 dividing 128 keeps one weight scale per tile and K block,
-read by each warpgroup straight from global memory (one scalar per K block: TMA moves nothing under 16 bytes).
+the other's wgmma runs on the tensor cores. tile_n <= 128 dividing 128 keeps one weight scale per warpgroup and K
+block, read by each warpgroup straight from global memory a K block ahead (one scalar per K block: TMA moves
+nothing under 16 bytes).
 
-The registers bound the tile: per warpgroup thread, a partial and a running fp32 sum per weight, each
-(tile_m / 2) x tile_n / 128 registers. The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
+The registers bound the tile: per warpgroup thread, a running fp32 sum per weight over its rows and a partial of
+one row block (`Fp8Blocks.acc_registers`). The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
 kernel. Rows past sum(group_sizes) are not written.
 
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
 for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
 speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM. On H200, 262144 rows over 256 groups
 (skew 1.5, aligned to 128 rows) in two slabs, rounds against the same run's cuBLAS FP8 GEMM (one scale per
-tensor): down 859 TFLOP/s, 0.617 of it, and fused gate/up 864, 0.603 (1.45x and 1.41x the bf16 split kernel; the
-Triton path ran 293). The same kernel as a dense GEMM (`dense_fp8`) reaches 0.80-0.88 of cuBLAS at R1's long-K
-projections: what the grouped problems lose is short K (down: 16 K blocks a tile, the epilogue exposed) and, for
-gate/up, the 64-column halves the registers allow. Promoting a K block while the same warpgroup's next wgmma runs
+tensor): down 937 TFLOP/s, 0.734 of it, and fused gate/up 945, 0.649, with the warpgroups on column halves (the
+row split with the scales loaded in their own step: 871 and 815, 0.671 and 0.546; the Triton path ran 293). The
+same kernel as a dense GEMM (`dense_fp8`) reaches 0.80-0.88 of cuBLAS at R1's long-K projections. Nsight Compute
+on the row split (down, the serving shape): the tensor pipe 63% busy with L2 at 69% of its throughput, where
+cuBLAS's 192 x 192 tiles in clusters of two run it 95% busy at 52%: the 128 x 128 tile reads twice the bytes per
+FLOP from L2. Promoting a K block while the same warpgroup's next wgmma runs
 (a third more accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up).
 """
 
@@ -127,6 +131,19 @@ class Fp8Blocks:
 # of gate and up make the same 128 weight rows per stage.
 DEFAULT_FP8_BLOCKS = Fp8Blocks(chain=True, per_group=True)
 FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64, chain=True, per_group=True)
+# The warpgroups on column halves, where N takes 256-column CTA tiles: on H200 (262144 rows over 256 groups, skew
+# 1.5, two slabs, side by side with cuBLAS FP8) down 936.9 TFLOP/s against 871.0 for the row split, fused gate/up
+# 944.6 against 916.6 (both with the weight scales loaded a K block ahead; 814.5 before that). 2 stages fill shared
+# memory beside down's 64 KiB output buffer; fused, 4 stages of 48 KiB fit beside its 32 KiB.
+WG_COLS_FP8_BLOCKS = Fp8Blocks(max_concurrent_steps=2, chain=True, per_group=True, wg_cols=True)
+WG_COLS_FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64, chain=True, per_group=True, wg_cols=True)
+
+
+def default_blocks(k: int, n: int, fused: bool) -> Fp8Blocks:
+    """The blocks without a tuned entry: the warpgroups on column halves where N takes their CTA tiles, else the
+    row split; with the deepest chain dividing K's scale blocks."""
+    wide = WG_COLS_FUSED_FP8_BLOCKS if fused else WG_COLS_FP8_BLOCKS
+    return chained_steps(wide if n % wide.cta_n == 0 else FUSED_FP8_BLOCKS if fused else DEFAULT_FP8_BLOCKS, k)
 
 
 def chained_steps(blocks: Fp8Blocks, k: int) -> Fp8Blocks:
@@ -276,7 +293,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
         raise ValueError(f"{NAME}: K={k} and N={n} must be multiples of {fp8.BLOCK} (the FP8 scale block)")
     slabs, n = slab_weights(x_MK, weights, fused, NAME, scaled=True)
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
-        chained_steps(FUSED_FP8_BLOCKS if fused else DEFAULT_FP8_BLOCKS, k))
+        default_blocks(k, n, fused))
     check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
     pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK

@@ -5,7 +5,8 @@ their defaults or the cached winners (`kernels.tuning`), never this list."""
 import dataclasses
 
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
+                                                  WG_COLS_FUSED_FP8_BLOCKS)
 from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks
 
 # Launch orders: group_m 0 is column-block-major (every column block re-reads all
@@ -63,14 +64,14 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
                   Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
                   Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
 # The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`; the first also under --nosweep without cached blocks): its
-# defaults (chained per-group windows); a CTA's tiles one pipeline each in row-tile order, and per group; per
-# group with the most stages shared memory holds (33 KiB each beside the output buffer), and in clusters of two
-# CTAs sharing their x tile.
+# defaults at R1's widths (the warpgroups on column halves, chained per-group windows), the same at the other depth
+# shared memory holds; the row split's chained per-group windows, its tiles one pipeline each in row-tile order and
+# per group, per group with the most stages (33 KiB each beside the output buffer), and in clusters of two CTAs
+# sharing their x tile.
 FP8_MGPU_CANDIDATES = {
-    fused: [default] + [dataclasses.replace(default, chain=False, **kw)
-                        for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
-    # the warpgroups on column halves: tiles of twice the area, fewer stages in shared memory
-    + [dataclasses.replace(default, wg_cols=True, max_concurrent_steps=s, chain=s in (2, 4)) for s in wg_cols_steps]
-    for fused, default, most, wg_cols_steps in ((True, FUSED_FP8_BLOCKS, 6, (4, 2)),
-                                                (False, DEFAULT_FP8_BLOCKS, 5, (2, 3)))
+    fused: [wide, dataclasses.replace(wide, max_concurrent_steps=other, chain=other in (2, 4)), narrow]
+    + [dataclasses.replace(narrow, chain=False, **kw)
+       for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
+    for fused, wide, narrow, other, most in ((True, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
+                                             (False, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
 }
