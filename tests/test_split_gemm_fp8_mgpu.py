@@ -121,6 +121,15 @@ def test_column_halves_fused_and_chained_match_the_exact_swiglu():
     assert _rel(ours, exact) < 2e-3
 
 
+def test_one_partial_at_a_time_is_the_exact_swiglu_up_to_summation_order():
+    """`one_partial`: the gate's wgmma promoted before the up's is issued, 128 columns of each, chained."""
+    blocks = Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=2, chain=True, per_group=True,
+                       one_partial=True)
+    assert blocks.acc_registers(fused=True) == 192
+    ours, exact = _run(blocks, fused=True, out_dtype=jnp.float32, seed=2, n=256)
+    assert _rel(ours, exact) < 1e-5
+
+
 def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
     """`split_grouped_ffn` on FP8 slabs with this kernel for both projections (quantizing x and the SwiGLU output
     on the way in) against `fp8.reference_ffn`; rows past the groups come back zero."""

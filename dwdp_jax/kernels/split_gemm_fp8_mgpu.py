@@ -95,6 +95,10 @@ class Fp8Blocks:
     # from L2 per K step as it computes tiles: on H200 (ncu, down at the serving shape) the tensor pipe was 63%
     # busy while L2 ran at 69% of its peak, against cuBLAS FP8's 192 x 192 tiles at 95% and 52%.
     wg_cols: bool = False
+    # Fused: one fresh partial at a time, the gate's wgmma promoted before the up's is issued, so that 128-column
+    # tiles of both weights fit the registers (192 a thread at tile_m = tile_n = 128 on row halves): wgmmas of 128
+    # columns, whose A operand (the x rows) is read from shared memory once per 128 columns instead of per 64.
+    one_partial: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
@@ -118,11 +122,13 @@ class Fp8Blocks:
         return self.tile_n * (COMPUTE_WGS if self.wg_cols else 1)
 
     def acc_registers(self, fused: bool) -> int:
-        """fp32 registers per compute-warpgroup thread of the partials and running sums."""
+        """fp32 registers per compute-warpgroup thread of the partials and running sums: sums over the warpgroup's
+        rows per weight, partials of one row block (all of its rows on row halves, 64 with wg_cols) per weight, or
+        of one weight with one_partial."""
         weights = 2 if fused else 1
-        if self.wg_cols:  # running sums of all tile_m rows, a partial of one 64-row block
-            return weights * (self.tile_m + 64) * self.tile_n // 128
-        return 2 * weights * (self.tile_m // COMPUTE_WGS) * self.tile_n // 128
+        rows = self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
+        partial_rows = 64 if self.wg_cols else rows
+        return (weights * rows + (1 if self.one_partial else weights) * partial_rows) * self.tile_n // 128
 
 
 # Chained per-group windows: on H200 (experiments.bench_fp8_gemm, down, 131072 rows over 256 groups, skew 6) 845
@@ -238,20 +244,23 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     w_scale_next = weight_scales(w_scales, jnp.minimum(k + 1, k_iters - 1))
                     w_views = [plgpu.transpose_ref(w.at[pl.ds(wg_col0, b.tile_n)] if b.wg_cols else w, (1, 0))
                                for w in w_smems]
-                    new = []
+                    new = list(sums)  # row blocks outermost, then weights
                     for i, (r, n) in enumerate(row_blocks):
                         rows = pl.ds(wg_row0 + r, n)
                         x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
+                        # the weights whose wgmmas run before one wait: all of them, or one at a time
+                        for ws in ([[j] for j in range(per_slab)] if b.one_partial else [range(per_slab)]):
 
-                        def partials(accs, rows=rows):
-                            for w_view, acc in zip(w_views, accs):
-                                plgpu.wgmma(acc, x_smem.at[rows], w_view)
-                            plgpu.wgmma_wait(0)
-                            return tuple(acc[...] for acc in accs)
+                            def partials(accs, rows=rows, ws=ws):
+                                for j, acc in zip(ws, accs):
+                                    plgpu.wgmma(acc, x_smem.at[rows], w_views[j])
+                                plgpu.wgmma_wait(0)
+                                return tuple(acc[...] for acc in accs)
 
-                        parts = pl.run_scoped(partials, tuple(plgpu.ACC((n, b.tile_n)) for _ in range(per_slab)))
-                        new += [total + part * jax.lax.broadcast_in_dim(x_scale * ws, part.shape, (0,))
-                                for total, part, ws in zip(sums[i * per_slab:(i + 1) * per_slab], parts, w_scale)]
+                            parts = pl.run_scoped(partials, tuple(plgpu.ACC((n, b.tile_n)) for _ in ws))
+                            for j, part in zip(ws, parts):
+                                scale = jax.lax.broadcast_in_dim(x_scale * w_scale[j], part.shape, (0,))
+                                new[i * per_slab + j] = new[i * per_slab + j] + part * scale
                     return w_scale_next, tuple(new)
                 return mma
 
