@@ -222,5 +222,12 @@ class ExpertView:
     @property
     def quantizes_tokens(self) -> bool:
         """FP8 experts on a split backend with whole 128-wide groups: the tokens are quantized before dispatch."""
-        return (self.slabs[0].fp8 and grouped_gemm.get_split_backend(self.backend) is not None
-                and self.slabs[0].w_gate_EDF[0].shape[-1] % fp8.BLOCK == 0)
+        return quantizes_tokens(self.slabs[0], self.backend)
+
+
+def quantizes_tokens(slab: ExpertSlab, backend: str) -> bool:
+    """Whether the tokens reach these experts quantized (e4m3 rows, `fp8.quantize_rows` scales), each once before
+    it is copied or sent to its experts: FP8 experts on a split backend (whose kernel takes quantized rows) with
+    whole 128-wide groups."""
+    return (slab.fp8 and grouped_gemm.get_split_backend(backend) is not None
+            and slab.w_gate_EDF[0].shape[-1] % fp8.BLOCK == 0)

@@ -71,6 +71,16 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return output.at[target_GR.reshape(-1)].set(recv_GRD.reshape(-1, operand.shape[1]), mode="drop")
 
 
+def _all_to_all_operands(hlo: str) -> list[tuple[str, int, int]]:
+    """(dtype, elements, last dimension) of each all-to-all's result in compiled HLO, a tuple's elements summed."""
+    out = []
+    for result in re.findall(r"%all-to-all[.\d]* = (.*?) all-to-all\(", hlo):
+        shapes = re.findall(r"(\w+)\[([\d,]*)\]", result)
+        dims = [[int(x) for x in d.split(",")] for _, d in shapes]
+        out.append((shapes[0][0], sum(int(np.prod(d)) for d in dims), dims[0][-1]))
+    return out
+
+
 def _count(op, hlo):
     """Instructions of an HLO op (sync or async start), not counting longer op names that end with it."""
     return len(re.findall(rf"(?<![\w-]){op}(?:-start)?\(", hlo))
@@ -288,3 +298,32 @@ def test_dep_buckets_last_token_logits_and_synthetic_experts():
         assert err <= 1e-6
         for a, b in zip(out.expert_ids, ref.expert_ids):
             np.testing.assert_array_equal(np.sort(a, 1), np.sort(b, 1))
+
+
+def test_fp8_experts_get_their_tokens_sent_quantized():
+    """FP8 experts on a split backend: each token is quantized once before the dispatch, which moves its e4m3 bytes
+    and fp32 scales (0.52 of the bf16 rows' bytes at hidden 256) where the combine moves bf16; the logits are those
+    of the same model with the rows quantized after the dispatch (XLA's grouped GEMM), the experts chosen equal."""
+    cfg = tiny(n_routed_experts=8, hidden_size=256, moe_intermediate_size=128, fp8_experts=True, dtype="bfloat16")
+    params = Params(*init_model(cfg))
+    batches = _rank_batches(4, cfg.vocab_size)
+    split = dep.DepRuntime(params, 4, BUDGET, dispatch="dense", gemm_backend="pallas_split_interpret")
+    moved = _all_to_all_operands(split.compiled_hlo())
+    rows = [(dtype, size) for dtype, size, last in moved if last == cfg.hidden_size]
+    scales = [(dtype, size) for dtype, size, last in moved if last == cfg.hidden_size // 128 and dtype != "s32"]
+    # per MoE layer: the e4m3 rows as bytes and their scales going out, the rows coming back (f32 on XLA:CPU; the
+    # counts are s32)
+    assert [d for d, _ in rows] == ["u8", "f32"] * cfg.num_moe_layers, moved
+    assert [d for d, _ in scales] == ["f32"] * cfg.num_moe_layers, moved
+    sent = rows[0][1] + 4 * scales[0][1]
+    assert sent / (2 * rows[0][1]) == pytest.approx((1 + 4 * 2 / 256) / 2)  # against bf16 rows: 0.516
+    xla = dep.DepRuntime(params, 4, BUDGET, dispatch="dense", gemm_backend="xla")
+    # the fast path, and the profiled path's programs (whose bf16 results differ from the fast path's by their
+    # program boundaries alone: compared with the XLA backend's profiled path)
+    for outs, refs in ((split.step(batches), xla.step(batches)),
+                       (split.profile(batches, repeats=1).outputs, xla.profile(batches, repeats=1).outputs)):
+        outs, refs = [o for o in outs if o is not None], [r for r in refs if r is not None]
+        for out, ref in zip(outs, refs, strict=True):
+            assert all((a == b).all() for a, b in zip(out.expert_ids, ref.expert_ids, strict=True))
+        err = _rel_err(outs, refs)
+        assert err <= 1e-3, err  # bf16 outputs of the same quantized operands (measured: 0 and 1e-4)

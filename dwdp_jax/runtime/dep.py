@@ -42,7 +42,7 @@ from dwdp_jax.runtime.dep_dispatch import (AXIS, DISPATCH_BACKENDS, DISPATCHERS,
                                            expert_ffn, shard_map)
 from dwdp_jax.runtime.reference import PrefillOutput
 from models.deepseek_v3 import Params
-from models.experts import ExpertSlab
+from models.experts import ExpertSlab, quantizes_tokens
 
 
 def _local(device: jax.Device) -> bool:
@@ -79,8 +79,9 @@ class DepExperts:
 
     def __call__(self, x_TD, ids_TK, weights_TK, valid_T=None):
         dispatcher = get_dispatcher(self.dispatch)
-        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher, self.receive)
-        y_grouped_RD = expert_ffn(x_grouped_RD, plan, self.slab, self.backend, dispatcher)
+        x_grouped_RD, plan = dispatch_tokens(x_TD, ids_TK, valid_T, self.num_experts, dispatcher, self.receive,
+                                             quantizes_tokens(self.slab, self.backend))
+        y_grouped_RD = expert_ffn(x_grouped_RD, plan, self.slab, self.backend, dispatcher, x_TD.dtype)
         return combine_tokens(y_grouped_RD, plan, weights_TK, dispatcher, valid_T, self.receive)
 
 
@@ -360,6 +361,7 @@ class DepRuntime:
         the post-attention norm, a few elementwise ops, rather than take it as an input)."""
         rep, split = P(), P(AXIS)
         dispatcher = get_dispatcher(self.dispatch)
+        quantize = bool(self._slabs) and quantizes_tokens(self._slabs[0], self.gemm_backend)
         tokens_T, segment_ids_T, positions_T, *rows = inputs
 
         def run(key, program, *args):
@@ -382,10 +384,10 @@ class DepRuntime:
                                            state, x_TD)
             x_grouped_RD, plan = run(
                 (i, "dispatch"),
-                self._program("dispatch", _dispatch_rank, (split,) * 3, self.cfg.n_routed_experts, dispatcher),
-                h_TD, ids_TK, segment_ids_T)
-            y_grouped_RD = run((i, "moe_gmm"),
-                               self._program("moe_gmm", _gmm_rank, (split,) * 3, self.gemm_backend, dispatcher),
+                self._program("dispatch", _dispatch_rank, (split,) * 3, self.cfg.n_routed_experts, dispatcher,
+                              quantize), h_TD, ids_TK, segment_ids_T)
+            y_grouped_RD = run((i, "moe_gmm"), self._program("moe_gmm", _gmm_rank, (split,) * 3, self.gemm_backend,
+                                                             dispatcher, h_TD.dtype),
                                self._slabs[len(expert_ids)], x_grouped_RD, plan)
             y_TD = run((i, "combine"), self._program("combine", _combine_rank, (split,) * 3, dispatcher),
                        y_grouped_RD, plan, weights_TK)
@@ -443,12 +445,12 @@ def _router_rank(graphdef, state, x_TD):
     return routed.h_TD, routed.weights_TK, routed.ids_TK
 
 
-def _dispatch_rank(num_experts, dispatcher, h_TD, ids_TK, segment_ids_T):
-    return dispatch_tokens(h_TD, ids_TK, segment_ids_T >= 0, num_experts, dispatcher)
+def _dispatch_rank(num_experts, dispatcher, quantize, h_TD, ids_TK, segment_ids_T):
+    return dispatch_tokens(h_TD, ids_TK, segment_ids_T >= 0, num_experts, dispatcher, quantize=quantize)
 
 
-def _gmm_rank(backend, dispatcher, slab, x_grouped_RD, plan):
-    return expert_ffn(x_grouped_RD, plan, slab, backend, dispatcher)
+def _gmm_rank(backend, dispatcher, out_dtype, slab, x_grouped_RD, plan):
+    return expert_ffn(x_grouped_RD, plan, slab, backend, dispatcher, out_dtype)
 
 
 def _combine_rank(dispatcher, y_grouped_RD, plan, weights_TK):

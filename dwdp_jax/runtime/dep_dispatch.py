@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from dwdp_jax.kernels import fp8_rows
 from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
 
 AXIS = "ep"
@@ -82,11 +83,13 @@ class DispatchPlan:
     order_M: the (token, choice) rows sorted by global expert (padding last); row m is token order_M[m] // K.
     counts_NL: rows this rank sends to rank j's local expert l (its sorted rows are in this order).
     peer_counts: the counts exchanged with the peers, layout per backend (dense [S, L], ragged [S, N, L]).
+    x_scale_SR: the received rows' `fp8.quantize_rows` scales when they were sent quantized (FP8 experts), else None.
     """
 
     order_M: jax.Array
     counts_NL: jax.Array
     peer_counts: jax.Array
+    x_scale_SR: jax.Array | None = None
 
 
 class DenseAllToAll:
@@ -209,27 +212,45 @@ DISPATCHERS = {"dense": DenseAllToAll(), "ragged": RaggedAllToAll()}
 
 
 def dispatch_tokens(x_TD: jax.Array, ids_TK: jax.Array, valid_T: jax.Array | None, num_experts: int,
-                    dispatcher, receive: ReceiveBuffer | None = None) -> tuple[jax.Array, DispatchPlan]:
+                    dispatcher, receive: ReceiveBuffer | None = None,
+                    quantize: bool = False) -> tuple[jax.Array, DispatchPlan]:
     """Sorts the rows by expert and sends each to its owner; returns the owner-side expert-major buffer
     [N*M, D] (rows past the received total are not read: zero, or with `receive` its earlier rows, the buffer
-    it then holds) and the plan."""
+    it then holds) and the plan. `quantize` (FP8 experts on a split backend, `experts.quantizes_tokens`): each
+    token is quantized once before it is sent, as DeepEP's FP8 dispatch does: the rows travel as e4m3 (as bytes:
+    collectives take no float8 type everywhere) with their fp32 scales (D/128 per row), about half of bf16's
+    bytes, and the owner's kernel takes them as they come."""
     n = jax.lax.axis_size(AXIS)
     k = ids_TK.shape[1]
     with jax.named_scope("dispatch"):
         order_M, group_sizes_E = sort_by_expert(ids_TK, num_experts, valid_T)
         counts_NL = group_sizes_E.reshape(n, num_experts // n)
         peer_counts = dispatcher.exchange_counts(counts_NL)
-        x_grouped_RD = dispatcher.dispatch(x_TD[order_M // k], counts_NL, peer_counts,
-                                           receive.rows_RD if receive else None)
+        scale_SR = None
+        if quantize:
+            x_TD, scale_ST = fp8_rows.quantize_rows(x_TD)
+            scale_RS = dispatcher.dispatch(scale_ST.T[order_M // k], counts_NL, peer_counts,
+                                           receive.scales_RS if receive else None)
+            if receive is not None:
+                receive.scales_RS = scale_RS
+            scale_SR = scale_RS.T
+        rows_MD = x_TD[order_M // k]
+        sent_MD = jax.lax.bitcast_convert_type(rows_MD, jnp.uint8) if quantize else rows_MD
+        x_grouped_RD = dispatcher.dispatch(sent_MD, counts_NL, peer_counts, receive.rows_RD if receive else None)
         if receive is not None:
             receive.rows_RD = x_grouped_RD
-    return x_grouped_RD, DispatchPlan(order_M, counts_NL, peer_counts)
+        if quantize:
+            x_grouped_RD = jax.lax.bitcast_convert_type(x_grouped_RD, rows_MD.dtype)
+    return x_grouped_RD, DispatchPlan(order_M, counts_NL, peer_counts, scale_SR)
 
 
-def expert_ffn(x_grouped_RD: jax.Array, plan: DispatchPlan, slab: ExpertSlab, backend: str, dispatcher) -> jax.Array:
-    """The grouped GEMM over this rank's own experts, ids local to the slab (its start is 0)."""
+def expert_ffn(x_grouped_RD: jax.Array, plan: DispatchPlan, slab: ExpertSlab, backend: str, dispatcher,
+               out_dtype=None) -> jax.Array:
+    """The grouped GEMM over this rank's own experts, ids local to the slab (its start is 0); rows sent quantized
+    (`plan.x_scale_SR`) give their output in `out_dtype` (the model's)."""
     with jax.named_scope("moe_gmm"):
-        return grouped_ffn_over_slabs(x_grouped_RD, dispatcher.local_group_sizes(plan.peer_counts), (slab,), backend)
+        return grouped_ffn_over_slabs(x_grouped_RD, dispatcher.local_group_sizes(plan.peer_counts), (slab,), backend,
+                                      x_scale_SM=plan.x_scale_SR, out_dtype=out_dtype)
 
 
 def combine_tokens(y_grouped_RD: jax.Array, plan: DispatchPlan, weights_TK: jax.Array, dispatcher,
@@ -260,5 +281,6 @@ class ReceiveBuffer:
 
     def __init__(self):
         self.rows_RD: jax.Array | None = None
+        self.scales_RS: jax.Array | None = None  # the rows' scales, when they are sent quantized
         self.combined_MD: jax.Array | None = None
 
