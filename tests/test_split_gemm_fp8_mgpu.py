@@ -106,10 +106,13 @@ def test_fused_gate_up_matches_the_exact_swiglu():
 SMALL_COLS = Fp8Blocks(tile_m=128, tile_n=64, max_concurrent_steps=2, num_sms=1, wg_cols=True)
 
 
-def test_column_halves_are_the_exact_product_up_to_summation_order():
+@pytest.mark.parametrize("by_block", [False, True], ids=["tile_at_once", "out_by_row_block"])
+def test_column_halves_are_the_exact_product_up_to_summation_order(by_block):
     """`wg_cols`: each warpgroup promotes its two 64-row blocks one at a time into running sums of all 128 rows;
-    every row block gets its own rows' scales and every warpgroup its column block's weight scales."""
-    ours, exact = _run(SMALL_COLS, fused=False, out_dtype=jnp.float32, seed=1)
+    every row block gets its own rows' scales and every warpgroup its column block's weight scales. The output
+    leaves in one store or a row block at a time (a tile cut at row 70 splits the second block)."""
+    blocks = dataclasses.replace(SMALL_COLS, out_by_row_block=by_block)
+    ours, exact = _run(blocks, fused=False, out_dtype=jnp.float32, seed=1)
     assert _rel(ours, exact) < 1e-5
 
 
@@ -201,6 +204,8 @@ def test_bad_inputs_are_refused_before_launch():
         run(x_q, (w,), blocks=Fp8Blocks(tile_m=256, tile_n=128, wg_cols=True))
     with pytest.raises(ValueError, match=r"tile_m must be a multiple of 64 \(64 wgmma rows per compute warpgroup\)"):
         Fp8Blocks(tile_m=96, wg_cols=True)
+    with pytest.raises(ValueError, match="out_by_row_block needs wg_cols"):
+        Fp8Blocks(out_by_row_block=True)
 
 
 def test_non_hopper_gpus_are_refused(monkeypatch):

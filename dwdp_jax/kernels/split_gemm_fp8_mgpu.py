@@ -99,6 +99,10 @@ class Fp8Blocks:
     # tiles of both weights fit the registers (192 a thread at tile_m = tile_n = 128 on row halves): wgmmas of 128
     # columns, whose A operand (the x rows) is read from shared memory once per 128 columns instead of per 64.
     one_partial: bool = False
+    # With wg_cols: the output leaves one 64-row block at a time through a 64-row buffer per warpgroup (each block's
+    # store read out of shared memory before the next is written), which frees shared memory for pipeline stages:
+    # down at 128 x 256 holds 4 stages of 48 KiB beside 32 KiB of output instead of 2 beside 64.
+    out_by_row_block: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
@@ -112,6 +116,8 @@ class Fp8Blocks:
             raise ValueError(f"Fp8Blocks.tile_m must be a multiple of {64 if self.wg_cols else 64 * COMPUTE_WGS} "
                              f"(64 wgmma rows per compute warpgroup{'' if self.wg_cols else ', 2 of them'}), got "
                              f"{self.tile_m}")
+        if self.out_by_row_block and not self.wg_cols:
+            raise ValueError("Fp8Blocks.out_by_row_block needs wg_cols (the row halves store one block already)")
         if KSTEP % self.tile_n or self.tile_n % 8:
             raise ValueError(f"Fp8Blocks.tile_n must divide {KSTEP} (one weight scale per tile and K block) and be "
                              f"a multiple of 8 (wgmma's N), got {self.tile_n}")
@@ -190,7 +196,8 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
     example = ((x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, pl.ds(0, b.cta_n)] for w in w_gmems[:2 * per_slab:2])
                + (xs_gmem.at[:, pl.ds(0, b.tile_m)],))
-    out_views = plgpu.SMEM((COMPUTE_WGS, wg_rows, b.tile_n), out_gmem.dtype)
+    out_rows = 64 if b.out_by_row_block else wg_rows
+    out_views = plgpu.SMEM((COMPUTE_WGS, out_rows, b.tile_n), out_gmem.dtype)
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out_smem=out_views,
                        collective_axes="wg")
@@ -228,11 +235,15 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             def epilogue(sums):
                 outs = [(jax.nn.silu(g) * u if fused else g).astype(out_gmem.dtype)
                         for g, u in zip(sums[::per_slab], sums[per_slab - 1::per_slab])]
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store has left the buffer
-                own_lo = jnp.clip(lo - wg_row0, 0, wg_rows)
-                own_hi = jnp.clip(hi - wg_row0, 0, wg_rows)
-                store_block(outs if b.wg_cols else outs[0], out_smem.at[wg], None, out_gmem, own_lo, own_hi,
-                            row0 + wg_row0, col0, b.tile_n)
+                # (first row within the warpgroup's rows, the blocks stored together) per store through the buffer
+                stores = ([(r, [out]) for (r, _), out in zip(row_blocks, outs)] if b.out_by_row_block
+                          else [(0, outs if b.wg_cols else outs[0])])
+                for r, block in stores:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has left the buffer
+                    own_lo = jnp.clip(lo - wg_row0 - r, 0, out_rows)
+                    own_hi = jnp.clip(hi - wg_row0 - r, 0, out_rows)
+                    store_block(block, out_smem.at[wg], None, out_gmem, own_lo, own_hi, row0 + wg_row0 + r, col0,
+                                b.tile_n)
 
             def body_for(w_scales):
                 def mma(idx, x_smem, *refs):
