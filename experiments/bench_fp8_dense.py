@@ -50,13 +50,15 @@ _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 
 def candidates(k: int, n: int) -> list:
-    """Launch windows, unchained, row-tile order; and where the padded width takes 256-column CTA tiles, the
-    warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared memory)."""
+    """Launch windows, unchained, row-tile order, full tiles stored through a swizzled view; and where the padded
+    width takes 256-column CTA tiles, the warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared
+    memory)."""
     base = dense_fp8.default_blocks(k)
     cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
                                                        max_concurrent_steps=2), k)
     return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
-        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False)] + (
+        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
+        dataclasses.replace(base, swizzled_store=True)] + (
         [cols] if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
 
 

@@ -20,6 +20,8 @@ from models.experts import ExpertSlab
 # One CTA (the interpreter's time grows with the threads): several row tiles, column blocks and K steps in it.
 SMALL = Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=1)
 SMALL_FUSED = Fp8Blocks(tile_m=128, tile_n=64, max_concurrent_steps=2, num_sms=1)
+# the warpgroups on column halves: one CTA computes 128 rows x 2 x 64 columns, two 64-row blocks per warpgroup
+SMALL_COLS = Fp8Blocks(tile_m=128, tile_n=64, max_concurrent_steps=2, num_sms=1, wg_cols=True)
 # an empty group, a tile cut at a group boundary (rows 0-69 span both warpgroups' halves, 70-127 the second's
 # only), a group spanning two tiles, full tiles (rows 128-255, 256-383), rows not a multiple of tile_m (padded)
 SIZES = np.array([70, 0, 186, 128], np.int32)
@@ -87,6 +89,15 @@ def test_three_slabs_match_the_exact_product(blocks):
     assert _rel(ours, exact) < 2e-3
 
 
+@pytest.mark.parametrize("blocks", [dataclasses.replace(SMALL, swizzled_store=True),
+                                    dataclasses.replace(SMALL_COLS, out_by_row_block=True, swizzled_store=True)],
+                         ids=["row_halves", "column_halves_by_row_block"])
+def test_full_tiles_stored_through_the_swizzled_view(blocks):
+    """Full tiles (rows 128-383) leave through the swizzled view, cut ones (rows 0-127) through the plain one."""
+    ours, exact = _run(blocks, fused=False, out_dtype=jnp.float32, seed=1, n=256 if blocks.wg_cols else 128)
+    assert _rel(ours, exact) < 1e-5
+
+
 def test_fp32_output_is_the_exact_product_up_to_summation_order():
     """With an fp32 output, what is left is fp32 summation: the scales are applied to the right rows, columns
     and K blocks (two column blocks, swept per group: row tiles fastest)."""
@@ -100,10 +111,6 @@ def test_fused_gate_up_matches_the_exact_swiglu():
     ours, exact = _run(dataclasses.replace(SMALL_FUSED, group_m=1, per_group=True), fused=True, seed=2)
     assert np.isfinite(ours).all()
     assert _rel(ours, exact) < 2e-3
-
-
-# the warpgroups on column halves: one CTA computes 128 rows x 2 x 64 columns, two 64-row blocks per warpgroup
-SMALL_COLS = Fp8Blocks(tile_m=128, tile_n=64, max_concurrent_steps=2, num_sms=1, wg_cols=True)
 
 
 @pytest.mark.parametrize("by_block", [False, True], ids=["tile_at_once", "out_by_row_block"])
@@ -206,6 +213,8 @@ def test_bad_inputs_are_refused_before_launch():
         Fp8Blocks(tile_m=96, wg_cols=True)
     with pytest.raises(ValueError, match="out_by_row_block needs wg_cols"):
         Fp8Blocks(out_by_row_block=True)
+    with pytest.raises(ValueError, match="swizzled_store with wg_cols needs out_by_row_block"):
+        Fp8Blocks(wg_cols=True, swizzled_store=True)
 
 
 def test_non_hopper_gpus_are_refused(monkeypatch):

@@ -103,6 +103,11 @@ class Fp8Blocks:
     # store read out of shared memory before the next is written), which frees shared memory for pipeline stages:
     # down at 128 x 256 holds 4 stages of 48 KiB beside 32 KiB of output instead of 2 beside 64.
     out_by_row_block: bool = False
+    # Full tiles leave through a swizzled shared-memory view in one TMA store (`split_gemm_mgpu.MgpuBlocks`): the
+    # plain view's rows are 128 or 256 bytes apart, so a warp's register-to-shared writes fall several to a bank,
+    # an epilogue cost a short K (kv_b: 4 K blocks a tile) does not amortize. One array per store: with wg_cols,
+    # needs out_by_row_block.
+    swizzled_store: bool = False
 
     def __post_init__(self):
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
@@ -118,6 +123,8 @@ class Fp8Blocks:
                              f"{self.tile_m}")
         if self.out_by_row_block and not self.wg_cols:
             raise ValueError("Fp8Blocks.out_by_row_block needs wg_cols (the row halves store one block already)")
+        if self.swizzled_store and self.wg_cols and not self.out_by_row_block:
+            raise ValueError("Fp8Blocks.swizzled_store with wg_cols needs out_by_row_block (one array per store)")
         if KSTEP % self.tile_n or self.tile_n % 8:
             raise ValueError(f"Fp8Blocks.tile_n must divide {KSTEP} (one weight scale per tile and K block) and be "
                              f"a multiple of 8 (wgmma's N), got {self.tile_n}")
@@ -197,11 +204,19 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     example = ((x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, pl.ds(0, b.cta_n)] for w in w_gmems[:2 * per_slab:2])
                + (xs_gmem.at[:, pl.ds(0, b.tile_m)],))
     out_rows = 64 if b.out_by_row_block else wg_rows
-    out_views = plgpu.SMEM((COMPUTE_WGS, out_rows, b.tile_n), out_gmem.dtype)
+    plain = plgpu.SMEM((COMPUTE_WGS, out_rows, b.tile_n), out_gmem.dtype)
+    out_views = plain
+    if b.swizzled_store:  # one buffer, two views (Mosaic GPU's interpreter cannot alias: a buffer each there)
+        itemsize = jnp.dtype(out_gmem.dtype).itemsize
+        out_swizzle = plgpu.find_swizzle(b.tile_n * itemsize * 8)
+        swizzled = plgpu.SMEM((COMPUTE_WGS, out_rows, b.tile_n), out_gmem.dtype, transforms=(
+            plgpu.TilingTransform((8, out_swizzle // itemsize)), plgpu.SwizzleTransform(out_swizzle)))
+        out_views = (plain, swizzled) if interpret else plgpu.RefUnion(plain, swizzled)
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out_smem=out_views,
                        collective_axes="wg")
     def _scope(allocs, out_smem):
+        out_smem, out_swz = out_smem if b.swizzled_store else (out_smem, None)
         wg = jax.lax.axis_index("wg")
         wg_row0 = 0 if b.wg_cols else wg * wg_rows  # within the tile
         wg_col0 = wg * b.tile_n if b.wg_cols else 0  # within the CTA's columns
@@ -236,14 +251,14 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                 outs = [(jax.nn.silu(g) * u if fused else g).astype(out_gmem.dtype)
                         for g, u in zip(sums[::per_slab], sums[per_slab - 1::per_slab])]
                 # (first row within the warpgroup's rows, the blocks stored together) per store through the buffer
-                stores = ([(r, [out]) for (r, _), out in zip(row_blocks, outs)] if b.out_by_row_block
+                stores = ([(r, out) for (r, _), out in zip(row_blocks, outs)] if b.out_by_row_block
                           else [(0, outs if b.wg_cols else outs[0])])
                 for r, block in stores:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has left the buffer
                     own_lo = jnp.clip(lo - wg_row0 - r, 0, out_rows)
                     own_hi = jnp.clip(hi - wg_row0 - r, 0, out_rows)
-                    store_block(block, out_smem.at[wg], None, out_gmem, own_lo, own_hi, row0 + wg_row0 + r, col0,
-                                b.tile_n)
+                    store_block(block, out_smem.at[wg], None if out_swz is None else out_swz.at[wg], out_gmem, own_lo,
+                                own_hi, row0 + wg_row0 + r, col0, b.tile_n)
 
             def body_for(w_scales):
                 def mma(idx, x_smem, *refs):
