@@ -271,6 +271,7 @@ def test_compiled_kernel_matches_the_exact_product_on_gpu(fused):
     fp32 product of the same quantized operands."""
     from dwdp_jax.measure.gpu_bench import skewed_group_sizes
     from dwdp_jax.measure.kernel_sweeps import FP8_MGPU_CANDIDATES
+    from test_gpu import run_each  # every candidate compiled at once
 
     k, n = (7168, 2048) if fused else (2048, 7168)
     sizes = skewed_group_sizes(8192, 32, 6.0)
@@ -283,8 +284,9 @@ def test_compiled_kernel_matches_the_exact_product_on_gpu(fused):
     ref = np.asarray(jax.nn.silu(refs[0]) * refs[1] if fused else refs[0])
     cut = lambda w, a, b: fp8.BlockScaled(w[0][a:b], w[1][a:b])  # noqa: E731
     slabs = tuple(tuple(cut(w, a, b) for w in ws) if fused else cut(ws[0], a, b) for a, b in ((0, 8), (8, 32)))
-    for blocks in FP8_MGPU_CANDIDATES[fused]:
-        out = split_ragged_dot_fp8_mgpu(x_q, gs, slabs, x_scale_SM=x_s, fused=fused, blocks=blocks)
+    candidates = FP8_MGPU_CANDIDATES[fused]
+    outs = run_each(split_ragged_dot_fp8_mgpu, candidates, (x_q, gs, slabs), {"fused": fused}, {"x_scale_SM": x_s})
+    for blocks, out in zip(candidates, outs):
         assert _rel(np.asarray(out, np.float32), ref) < 2e-3, blocks
 
 
