@@ -85,12 +85,21 @@ def layer_config(spec: str, tiny: bool) -> C.ModelConfig:
     return cfg.replace(**changes, num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
 
 
-def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int):
+def experts_key(cfg: C.ModelConfig) -> tuple:
+    """What a variant's synthetic experts depend on (with the seed): variants equal in it share one copy."""
+    return (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_moe_layers, cfg.fp8_experts,
+            cfg.dtype)
+
+
+def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int,
+          expert_views=None):
+    """(params, runtime) of one variant; `expert_views`: an earlier variant's, when `experts_key` is the same."""
     with jax.default_device(device):
         params = reference.Params(DeepseekV3(cfg, nnx.Rngs(seed)), SyntheticExperts(cfg, seed))
     params = params._replace(model=stages.with_attention_impl(params.model, attention_impl))
     # logits of each sequence's last token only, as serving computes them (the whole [T, V] would dominate)
-    return params, reference.ReferenceRuntime(params, device, gemm_backend, last_token_logits=_SEQUENCES.value)
+    return params, reference.ReferenceRuntime(params, device, gemm_backend, last_token_logits=_SEQUENCES.value,
+                                              expert_views=expert_views)
 
 
 def main(argv):
@@ -115,9 +124,11 @@ def main(argv):
     batch = pack([rng.integers(0, cfgs[_PRESETS.value[0]].vocab_size, length).tolist()
                   for _ in range(_SEQUENCES.value)], budget=_TOKENS.value)
     runtimes, outputs, metrics, failed = {}, {}, {}, []
+    views = {}  # experts_key -> the first such variant's expert views: the others hold no copy of their own
     for name, (preset, impl) in progress_bar(list(variants.items()), "build + check", "variant"):
         cfg = cfgs[preset]
-        params, runtimes[name] = build(cfg, device, gemm, impl, _SEED.value)
+        params, runtimes[name] = build(cfg, device, gemm, impl, _SEED.value, views.get(experts_key(cfg)))
+        views.setdefault(experts_key(cfg), runtimes[name].expert_views)
         out = runtimes[name].step(0, batch).output
         outputs[name] = out
         if not np.isfinite(out.logits_TV).all():

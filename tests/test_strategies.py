@@ -29,6 +29,12 @@ def test_reference_runtime_steps_like_the_one_program_prefill():
     assert all((a == b).all() for a, b in zip(ours.expert_ids, want.expert_ids, strict=True))
     last = reference.ReferenceRuntime(params, p.devices[0], last_token_logits=4).step(0, batch).output
     np.testing.assert_allclose(last.logits_TV, want.logits_TV[batch.last_token_index()], rtol=1e-5, atol=1e-5)
+    # a second runtime over the first's experts holds no copy of its own and computes the same step
+    shared = reference.ReferenceRuntime(params, p.devices[0], expert_views=runtime.expert_views)
+    assert all(a is b for a, b in zip(shared.expert_views, runtime.expert_views, strict=True))
+    np.testing.assert_array_equal(shared.step(0, batch).output.logits_TV, ours.logits_TV)
+    with pytest.raises(ValueError, match="expert_views must hold"):
+        reference.ReferenceRuntime(params, p.devices[0], expert_views=runtime.expert_views[:-1])
     profiled = runtime.step(0, batch, profile=True)
     assert profiled.stages_s["moe"] > 0 and profiled.stages_s["attention"] > 0
     with pytest.raises(ValueError, match="the reference runs on one rank"):

@@ -69,16 +69,27 @@ class ReferenceRuntime:
 
     num_ranks = 1
 
-    def __init__(self, params: Params, device: jax.Device, gemm_backend: str = "xla", last_token_logits: int = 0):
+    def __init__(self, params: Params, device: jax.Device, gemm_backend: str = "xla", last_token_logits: int = 0,
+                 expert_views: Sequence[ExpertView] | None = None):
+        """`expert_views`: the MoE layers' experts as another runtime on `device` holds them (`expert_views`), for
+        runtimes that differ elsewhere (attention, projections) to hold one copy; params.experts is then unread."""
         model = params.model
         cfg = self.cfg = model.cfg
         self.device, self.last_token_logits = device, last_token_logits
         self.graphs, weights = stages.split_model(model)
         self.weights = jax.device_put(weights, device)
+        if expert_views is not None:
+            if len(expert_views) != cfg.num_moe_layers or any(v.num_experts != cfg.n_routed_experts
+                                                               for v in expert_views):
+                raise ValueError(f"expert_views must hold {cfg.num_moe_layers} MoE layers of "
+                                 f"{cfg.n_routed_experts} experts, got {len(expert_views)} layers of "
+                                 f"{sorted({v.num_experts for v in expert_views})}")
+            self.expert_views = list(expert_views)
+            return
         source, per_slab = as_source(params.experts), max_slab_experts(cfg.hidden_size, cfg.moe_intermediate_size)
         # all E experts of a layer, as slabs the split kernels can address
-        self._views = [ExpertView(slabs_of(source, m, 0, cfg.n_routed_experts, device, per_slab),
-                                  cfg.n_routed_experts, gemm_backend) for m in range(cfg.num_moe_layers)]
+        self.expert_views = [ExpertView(slabs_of(source, m, 0, cfg.n_routed_experts, device, per_slab),
+                                        cfg.n_routed_experts, gemm_backend) for m in range(cfg.num_moe_layers)]
 
     def _inputs(self, batch: PackedBatch):
         return jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), self.device)
@@ -93,7 +104,7 @@ class ReferenceRuntime:
         g, w = self.graphs, self.weights
         x = stages.run_front(g.dense, w.dense_states, w.embed_VD, tokens, segs, pos, clock)
         expert_ids = []
-        for state, view in zip(w.moe_states, self._views):
+        for state, view in zip(w.moe_states, self.expert_views):
             x, ids = stages.run_moe_layer(g.moe, state, x, segs, pos, view, clock)
             expert_ids.append(ids)
         logits = stages.head(g.norm, w.norm_state, w.lm_head_DV, x,
@@ -103,7 +114,7 @@ class ReferenceRuntime:
 
     def compiled_hlo(self, batch: PackedBatch) -> dict[str, str]:
         """Optimized HLO text of its programs (front, one MoE layer, head) for `batch`'s shapes."""
-        return stages.compiled_hlo(self.graphs, self.weights, batch, self._views[0])
+        return stages.compiled_hlo(self.graphs, self.weights, batch, self.expert_views[0])
 
 
 def prefill_logits(config: ModelConfig, params: Params, sequences: Sequence[Sequence[int]]) -> np.ndarray:
