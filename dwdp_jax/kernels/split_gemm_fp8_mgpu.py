@@ -91,9 +91,9 @@ class Fp8Blocks:
     # The compute warpgroups split the CTA's columns instead of its rows: each takes all tile_m rows of its tile_n
     # columns as tile_m / 64 wgmma row blocks, promoting one while the other warpgroup's wgmma runs, so one fresh
     # partial serves a tile twice the area of the row split's (down at tile_m = tile_n = 128: 128 x 256, 48 KiB
-    # from L2 per K step for 8.4 MFLOP against 32 KiB for 4.2). At 128 x 128 the row split's CTA reads as much
-    # from L2 per K step as it computes tiles: on H200 (ncu, down at the serving shape) the tensor pipe was 63%
-    # busy while L2 ran at 69% of its peak, against cuBLAS FP8's 192 x 192 tiles at 95% and 52%.
+    # from L2 per K step for 8.4 MFLOP against 32 KiB for 4.2). The row split's 128 x 128 tiles read twice the L2
+    # bytes per FLOP of cuBLAS FP8's 192 x 192 tiles in clusters of two: on H200 (ncu, down at the serving shape)
+    # its tensor pipe was 63% busy with L2 at 69% of its peak, cuBLAS's 95% at 52%.
     wg_cols: bool = False
     # Fused: one fresh partial at a time, the gate's wgmma promoted before the up's is issued, so that 128-column
     # tiles of both weights fit the registers (192 a thread at tile_m = tile_n = 128 on row halves): wgmmas of 128
