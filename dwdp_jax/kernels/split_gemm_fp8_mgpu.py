@@ -46,8 +46,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
 from dwdp_jax.kernels import fp8, tuning
-from dwdp_jax.kernels.split_gemm import launch_order, require_positive, slab_weights, tile_schedule
-from dwdp_jax.kernels.split_gemm_mgpu import interpret_params, store_block
+from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
+from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, interpret_params, store_block
 
 KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the widest TMA swizzle
 COMPUTE_WGS = 2
@@ -66,17 +66,12 @@ NAME_TUNED = "split_mgpu_fp8"  # its entries in the block cache (`tuning`)
 
 
 @dataclasses.dataclass(frozen=True)
-class Fp8Blocks:
+class Fp8Blocks(PipelinedTiles):
     """Tile sizes: a CTA computes tile_m rows (tile_m / 2 per compute warpgroup) x tile_n columns of each weight;
-    with wg_cols, tile_m rows x 2 tile_n columns (tile_n per compute warpgroup)."""
+    with wg_cols, tile_m rows x 2 tile_n columns (tile_n per compute warpgroup); 128 of K per stage (one scale
+    block). Cluster_n: a quarter less traffic from L2 per CTA and K step. Swizzled_store: an epilogue cost a short
+    K (kv_b: 4 K blocks a tile) does not amortize; one array per store, so with wg_cols it needs out_by_row_block."""
 
-    tile_m: int = 128
-    tile_n: int = 128
-    max_concurrent_steps: int = 4
-    num_sms: int = 132  # H100 / H200 SXM
-    # A CTA's tiles run as one pipeline (`pipeline_state`): the memory warpgroup loads the next tile while the
-    # compute warpgroups finish the current one and store it. Needs K / 128 divisible by max_concurrent_steps.
-    chain: bool = False
     # Launch order. Default: a row tile takes all column blocks before the next, so every row tile of a group
     # re-reads the group's weights (down: 14 MiB a group at R1's width, about 8 row tiles a group at 262144 rows).
     # per_group: windows of a group's row tiles (group_m of them, 0: all) sweep every column block with row tiles
@@ -85,9 +80,6 @@ class Fp8Blocks:
     # window across the last one would reach past them.
     group_m: int = 0
     per_group: bool = False
-    # Two CTAs per cluster take adjacent column blocks of one row tile, and its x tile is loaded once for both
-    # (TMA multicast): a quarter less traffic from L2 per CTA and K step. The column blocks must be even.
-    cluster_n: bool = False
     # The compute warpgroups split the CTA's columns instead of its rows: each takes all tile_m rows of its tile_n
     # columns as tile_m / 64 wgmma row blocks, promoting one while the other warpgroup's wgmma runs, so one fresh
     # partial serves a tile twice the area of the row split's (down at tile_m = tile_n = 128: 128 x 256, 48 KiB
@@ -103,20 +95,12 @@ class Fp8Blocks:
     # store read out of shared memory before the next is written), which frees shared memory for pipeline stages:
     # down at 128 x 256 holds 4 stages of 48 KiB beside 32 KiB of output instead of 2 beside 64.
     out_by_row_block: bool = False
-    # Full tiles leave through a swizzled shared-memory view in one TMA store (`split_gemm_mgpu.MgpuBlocks`): the
-    # plain view's rows are 128 or 256 bytes apart, so a warp's register-to-shared writes fall several to a bank,
-    # an epilogue cost a short K (kv_b: 4 K blocks a tile) does not amortize. One array per store: with wg_cols,
-    # needs out_by_row_block.
-    swizzled_store: bool = False
 
     def __post_init__(self):
-        require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
+        super().__post_init__()
         if self.group_m < 0 or (self.group_m and not self.per_group):
             raise ValueError(f"Fp8Blocks.group_m must be >= 0 and needs per_group (windows within a group), got "
                              f"group_m={self.group_m}, per_group={self.per_group}")
-        if self.cluster_n and (self.chain or self.num_sms % 2):
-            raise ValueError(f"Fp8Blocks.cluster_n needs an even num_sms (clusters of 2, got {self.num_sms}) and no "
-                             f"chain (a chained CTA's tiles would need the same pipeline phase in both CTAs)")
         if self.tile_m % (64 if self.wg_cols else 64 * COMPUTE_WGS):
             raise ValueError(f"Fp8Blocks.tile_m must be a multiple of {64 if self.wg_cols else 64 * COMPUTE_WGS} "
                              f"(64 wgmma rows per compute warpgroup{'' if self.wg_cols else ', 2 of them'}), got "

@@ -34,32 +34,49 @@ from dwdp_jax.kernels.split_gemm import require_positive, slab_weights, tile_sch
 
 
 @dataclasses.dataclass(frozen=True)
-class MgpuBlocks:
-    """Tile sizes: a CTA computes tile_m rows x (2 * tile_n) columns, one tile_n half per compute warpgroup."""
+class PipelinedTiles:
+    """The tiling both Mosaic GPU split kernels share (this one and the FP8 `split_gemm_fp8_mgpu`): persistent CTAs
+    over (row tile, column block) pairs, a memory warpgroup streaming stages of tiles into shared memory, two
+    compute warpgroups on them."""
 
     tile_m: int = 128
     tile_n: int = 128
-    tile_k: int = 64
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 4  # pipeline stages in shared memory
     num_sms: int = 132  # H100 / H200 SXM
     # A CTA's tiles run as one pipeline (`pipeline_state`): the memory warpgroup loads the next tile while the
-    # compute warpgroups finish the current one and store it, instead of a fill and a drain per tile. Needs
-    # K / tile_k divisible by max_concurrent_steps.
+    # compute warpgroups finish the current one and store it, instead of a fill and a drain per tile. Needs the K
+    # steps divisible by max_concurrent_steps.
     chain: bool = False
+    # Two CTAs per cluster take adjacent column blocks of one row tile, and the x tile they share is loaded once
+    # for both (TMA multicast), the structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu
+    # `cluster_dimension`). The column blocks per row tile must be even.
+    cluster_n: bool = False
+    # Full tiles (a group's rows fill all tile_m; every tile in the model's tile-aligned layout) go out through a
+    # swizzled shared-memory view in one TMA store: the plain view's rows are 128 or 256 bytes apart, so a warp's
+    # writes of the wgmma accumulator fall several to a bank. Cut tiles keep the plain view and the row runs.
+    swizzled_store: bool = False
+
+    def __post_init__(self):
+        name = type(self).__name__
+        require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
+        if self.cluster_n and self.chain:
+            raise ValueError(f"{name}: cluster_n and chain cannot be combined (a chained CTA's tiles would need the "
+                             f"same pipeline phase in both CTAs of its cluster)")
+        if self.cluster_n and self.num_sms % 2:
+            raise ValueError(f"{name}.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBlocks(PipelinedTiles):
+    """Tile sizes: a CTA computes tile_m rows x (2 * tile_n) columns, one tile_n half per compute warpgroup, tile_k
+    of K per stage. Cluster_n: per CTA and k step 40 of the 48 KiB come from L2 (x is 16 KiB of them).
+    Swizzled_store, measured on H200 over aligned groups: within 0.3% of the plain view
+    (experiments.bench_grouped_gemm); with half_store, per half."""
+
+    tile_k: int = 64
     # wgmma groups left in flight per k step (jax's Hopper matmul and ragged_dot keep one): a stage's shared memory
     # is released that many steps later, so the tensor cores never wait for the last wgmma before the next issue.
     delay_release: int = 0
-    # Full tiles (a group's rows fill all tile_m; every tile in the model's tile-aligned layout) go out through a
-    # swizzled shared-memory view in one TMA store: the plain view's rows are 256 bytes apart, so a warp's writes
-    # of the wgmma accumulator fall 8 to a bank. Cut tiles keep the plain view and the row runs. With half_store,
-    # per half. Measured on H200 over aligned groups: within 0.3% of the plain view
-    # (experiments.bench_grouped_gemm).
-    swizzled_store: bool = False
-    # Two CTAs per cluster take adjacent column blocks of one row tile, and the x tile they share is loaded once
-    # for both (TMA multicast): per CTA and k step 40 of the 48 KiB come from L2 (x is 16 KiB of them), the
-    # structure of Hopper's fastest dense GEMMs (jax's hopper_matmul_mgpu `cluster_dimension`). The column blocks
-    # per row tile must be even.
-    cluster_n: bool = False
     # The output leaves through a staging buffer of half the tile's rows, one half after the other: 32 of the down
     # kernel's 64 KiB, which buys the fourth 48 KiB stage (and with it delay_release=1), the pipeline of the
     # fused kernel's winner, whose 64-column halves need only 32 KiB. Combines with swizzled_store (one 32 KiB
@@ -67,15 +84,11 @@ class MgpuBlocks:
     half_store: bool = False
 
     def __post_init__(self):
-        require_positive(self, ("tile_m", "tile_n", "tile_k", "max_concurrent_steps", "num_sms"))
-        if self.cluster_n and self.chain:
-            raise ValueError("MgpuBlocks: cluster_n and chain cannot be combined (a chained CTA's tiles would need "
-                             "the same pipeline phase in both CTAs of its cluster)")
+        super().__post_init__()
+        require_positive(self, ("tile_k",))
         if self.half_store and self.tile_m % 128:
             raise ValueError(f"MgpuBlocks.half_store needs tile_m a multiple of 128 (halves of whole 64-row wgmma "
                              f"blocks), got {self.tile_m}")
-        if self.cluster_n and self.num_sms % 2:
-            raise ValueError(f"MgpuBlocks.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
         if self.tile_m % 64:
             raise ValueError(f"MgpuBlocks.tile_m must be a multiple of 64 (wgmma rows), got {self.tile_m}")
         if self.chain and self.delay_release:
