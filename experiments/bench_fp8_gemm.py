@@ -23,8 +23,7 @@ from absl import app, flags
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks, split_ragged_dot
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import (WG_COLS_FP8_BLOCKS, WG_COLS_FUSED_FP8_BLOCKS, NAME_TUNED, Fp8Blocks,
-                                                  split_ragged_dot_fp8_mgpu)
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import NAME_TUNED, Fp8Blocks, default_blocks, split_ragged_dot_fp8_mgpu
 from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES
 from dwdp_jax.results import write_measurements
 
@@ -54,20 +53,19 @@ PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
 @dataclasses.dataclass(frozen=True)
 class Fp8Kernel:
     """An FP8 split kernel as the benchmark sweeps it: `split_ragged_dot`'s signature, its name in the block cache,
-    its blocks type, the candidates and defaults per fused."""
+    its blocks type, the candidates per fused, and its blocks without a cached entry (k, n, fused -> blocks)."""
 
     fn: Callable
     tuned_name: str
     blocks_type: type
     candidates: dict
-    defaults: dict
+    defaults: Callable
 
 
 KERNELS = {
-    "mgpu": Fp8Kernel(split_ragged_dot_fp8_mgpu, NAME_TUNED, Fp8Blocks, FP8_MGPU_CANDIDATES,
-                      {True: WG_COLS_FUSED_FP8_BLOCKS, False: WG_COLS_FP8_BLOCKS}),
+    "mgpu": Fp8Kernel(split_ragged_dot_fp8_mgpu, NAME_TUNED, Fp8Blocks, FP8_MGPU_CANDIDATES, default_blocks),
     "triton": Fp8Kernel(split_ragged_dot, "split_triton_fp8", Blocks, {f: FP8_CANDIDATES for f in (True, False)},
-                        {f: FP8_BLOCKS for f in (True, False)}),
+                        lambda k, n, fused: FP8_BLOCKS),
 }
 
 
@@ -91,7 +89,7 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
     spec = KERNELS[kernel]
     tuned = tuning.lookup(spec.tuned_name, spec.blocks_type, jax.devices()[0].device_kind, k, n, fused, real)
     sweep = {}
-    for b in spec.candidates[fused] if _SWEEP.value else [tuned or spec.defaults[fused]]:
+    for b in spec.candidates[fused] if _SWEEP.value else [tuned or spec.defaults(k, n, fused)]:
         try:
             sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn,
                                                    slab_counts=slabs))

@@ -226,15 +226,16 @@ def dispatch_tokens(x_TD: jax.Array, ids_TK: jax.Array, valid_T: jax.Array | Non
         order_M, group_sizes_E = sort_by_expert(ids_TK, num_experts, valid_T)
         counts_NL = group_sizes_E.reshape(n, num_experts // n)
         peer_counts = dispatcher.exchange_counts(counts_NL)
+        token_M = order_M // k
         scale_SR = None
         if quantize:
             x_TD, scale_ST = fp8_rows.quantize_rows(x_TD)
-            scale_RS = dispatcher.dispatch(scale_ST.T[order_M // k], counts_NL, peer_counts,
+            scale_RS = dispatcher.dispatch(scale_ST.T[token_M], counts_NL, peer_counts,
                                            receive.scales_RS if receive else None)
             if receive is not None:
                 receive.scales_RS = scale_RS
             scale_SR = scale_RS.T
-        rows_MD = x_TD[order_M // k]
+        rows_MD = x_TD[token_M]
         sent_MD = jax.lax.bitcast_convert_type(rows_MD, jnp.uint8) if quantize else rows_MD
         x_grouped_RD = dispatcher.dispatch(sent_MD, counts_NL, peer_counts, receive.rows_RD if receive else None)
         if receive is not None:
