@@ -11,7 +11,7 @@ import pytest
 
 from dwdp_jax.kernels.grouped_gemm import xla_grouped_ffn
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_mgpu import MgpuBlocks, split_ragged_dot_mgpu
+from dwdp_jax.kernels.split_gemm_mgpu import MgpuBlocks, split_ragged_dot_mgpu, store_block
 from models.experts import ExpertSlab
 
 # Two CTAs of 64 rows x 2 x 32 columns: several row tiles and column blocks per CTA, interpreted in seconds.
@@ -141,3 +141,10 @@ def test_clusters_refuse_what_they_cannot_run():
     with pytest.raises(ValueError, match=r"N=384 of 256 \(2 \* tile_n \* 2 CTAs with cluster_n\)"):
         split_ragged_dot_mgpu(x, jnp.array([32, 32]), (w,),
                               blocks=dataclasses.replace(SMALL, num_sms=2, cluster_n=True))
+
+
+def test_row_blocks_are_stored_through_the_plain_view_only():
+    """`store_block` takes a sequence of row blocks through the plain view; a swizzled view with them is refused
+    before any store is issued."""
+    with pytest.raises(ValueError, match="row blocks go through the plain view"):
+        store_block([jnp.zeros((64, 128))], None, object(), None, 0, 64, 0, 0, 128)
