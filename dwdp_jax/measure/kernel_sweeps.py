@@ -69,14 +69,17 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
 # per group, per group with the most stages (33 KiB each beside the output buffer), and in clusters of two CTAs
 # sharing their x tile; fused, also the row halves at 128 columns of gate and of up, one partial at a time; down,
 # also the column halves at 4 stages with the output stored a 64-row block at a time (through the plain and the
-# swizzled view); the row halves' full tiles stored through a swizzled view.
+# swizzled view); both, the column halves in clusters of two (unchained: a third less L2 traffic per CTA and K
+# step); the row halves' full tiles stored through a swizzled view.
 FP8_MGPU_CANDIDATES = {
     fused: [wide, dataclasses.replace(wide, max_concurrent_steps=other, chain=other in (2, 4)), narrow]
     + [dataclasses.replace(narrow, chain=False, **kw)
        for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
-    + ([dataclasses.replace(narrow, tile_n=128, one_partial=True)] if fused
+    + ([dataclasses.replace(narrow, tile_n=128, one_partial=True),
+        dataclasses.replace(wide, chain=False, cluster_n=True)] if fused
        else [dataclasses.replace(wide, max_concurrent_steps=4, out_by_row_block=True, swizzled_store=s)
-             for s in (False, True)])
+             for s in (False, True)]
+       + [dataclasses.replace(wide, max_concurrent_steps=4, out_by_row_block=True, chain=False, cluster_n=True)])
     + [dataclasses.replace(narrow, swizzled_store=True)]
     for fused, wide, narrow, other, most in ((True, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
                                              (False, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
