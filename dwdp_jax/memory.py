@@ -82,7 +82,8 @@ def plan_dwdp(cfg: ModelConfig, placement: Placement, max_num_tokens: int, *,
 
 
 def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,
-             attention_impl: str = "naive", device_bytes: int | None = None) -> MemoryPlan:
+             attention_impl: str = "naive", device_bytes: int | None = None,
+             fp8_dispatch: bool = False) -> MemoryPlan:
     """One DEP rank: replicated non-expert weights, E/N experts per MoE layer, all-to-all buffers, activations.
 
     Dropless expert parallelism must size for the worst case, every row of the group routed to this rank:
@@ -93,7 +94,12 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
     Measured at T 32768 on 4x H200 (`experiments.dep_step_memory`): DEP4 50.4 GiB of
     temporaries at both 4 and 5 MoE layers (before the threading: 56.9 / 70.9 / 102.6 GiB at 2 / 3 / 5); this plan
     says 54.7 GiB for all-to-all buffers and activations there.
+    fp8_dispatch: the tokens travel quantized (FP8 experts on a split backend, `experts.quantizes_tokens`): the
+    receive buffer holds e4m3 rows and their fp32 scales (D + 4 D/128 bytes a row, 0.52 of bf16's); the combine's
+    rows stay in the model dtype.
     """
+    if fp8_dispatch and not cfg.fp8_experts:
+        raise ValueError("plan_dep fp8_dispatch needs FP8 experts (cfg.fp8_experts): bf16 experts take bf16 rows")
     if num_ranks < 1 or cfg.n_routed_experts % num_ranks:
         raise ValueError(f"plan_dep num_ranks must divide n_routed_experts={cfg.n_routed_experts}, got {num_ranks}")
     rows_per_rank = max_num_tokens * cfg.num_experts_per_tok
@@ -102,9 +108,15 @@ def plan_dep(cfg: ModelConfig, num_ranks: int, max_num_tokens: int, *, weight_by
                  f"dep N={num_ranks} E/N={local_experts}, {cfg.num_moe_layers} MoE layers, T={max_num_tokens}, "
                  f"{attention_impl} attention",
                  experts=local_experts * cfg.num_moe_layers,
-                 all_to_all_bytes=(num_ranks + 1) * rows_per_rank * cfg.hidden_size
-                 * _DTYPE_BYTES[cfg.dtype],
+                 all_to_all_bytes=num_ranks * rows_per_rank * dispatch_row_bytes(cfg, fp8_dispatch)
+                 + rows_per_rank * cfg.hidden_size * _DTYPE_BYTES[cfg.dtype],
                  activations=activation_bytes(cfg, max_num_tokens, num_ranks * rows_per_rank, attention_impl))
+
+
+def dispatch_row_bytes(cfg: ModelConfig, fp8: bool) -> int:
+    """Bytes of one token row as DEP's dispatch sends it: e4m3 values with an fp32 scale per 128, or the dtype."""
+    d = cfg.hidden_size
+    return d + 4 * -(-d // FP8_BLOCK) if fp8 else d * _DTYPE_BYTES[cfg.dtype]
 
 
 def plan_reference(cfg: ModelConfig, max_num_tokens: int, *, weight_bytes_per_param: float | None = None,

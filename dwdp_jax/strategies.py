@@ -23,6 +23,7 @@ from dwdp_jax.serving import loop
 from dwdp_jax.transport import transport_class
 from dwdp_jax.verification import last_token_only
 from models import config as model_config
+from models.experts import tokens_quantized
 
 
 class Strategy(abc.ABC):
@@ -188,7 +189,8 @@ class Dep(Strategy):
 
     def plan_memory(self, p, cfg, device_bytes=None):
         return memory.plan_dep(cfg, p.dep.num_ranks, p.batching.max_num_tokens, attention_impl="flash",
-                               device_bytes=device_bytes)
+                               device_bytes=device_bytes, fp8_dispatch=tokens_quantized(
+                                   cfg.fp8_experts, p.weights.gemm_backend, cfg.hidden_size))
 
     def build(self, params, p):
         return self.runtime_class(

@@ -229,5 +229,10 @@ def quantizes_tokens(slab: ExpertSlab, backend: str) -> bool:
     """Whether the tokens reach these experts quantized (e4m3 rows, `fp8.quantize_rows` scales), each once before
     it is copied or sent to its experts: FP8 experts on a split backend (whose kernel takes quantized rows) with
     whole 128-wide groups."""
-    return (slab.fp8 and grouped_gemm.get_split_backend(backend) is not None
-            and slab.w_gate_EDF[0].shape[-1] % fp8.BLOCK == 0)
+    return tokens_quantized(slab.fp8, backend, slab.w_gate_EDF[0].shape[-1])
+
+
+def tokens_quantized(fp8_experts: bool, backend: str, hidden_size: int) -> bool:
+    """`quantizes_tokens` from the config alone (the memory planner's question): FP8 experts, a split backend,
+    and a hidden size of whole 128-wide groups."""
+    return fp8_experts and grouped_gemm.get_split_backend(backend) is not None and hidden_size % fp8.BLOCK == 0

@@ -1,6 +1,7 @@
 """Memory planner: exact weight accounting, refusal with the numbers before any allocation, monotone depth search."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -91,6 +92,30 @@ def test_dep_sizes_for_the_worst_case_all_to_all():
     assert dep.activation_bytes > dwdp.activation_bytes
     with pytest.raises(ValueError, match="num_ranks"):
         memory.plan_dep(cfg, 3, 8192)
+
+
+def test_dep_receives_fp8_experts_tokens_quantized():
+    """FP8 experts on a split backend take their tokens as e4m3 rows with an fp32 scale per 128 values (what
+    `dep_dispatch.dispatch_tokens(quantize=True)` sends): the receive buffer shrinks to D + 4 D/128 bytes a row;
+    the combine's rows stay bf16. Strategies ask the backend."""
+    from dwdp_jax import strategies
+
+    cfg = deepseek_r1().replace(fp8_experts=True)
+    rows, d = 8192 * 8, cfg.hidden_size
+    quantized = memory.plan_dep(cfg, 8, 8192, attention_impl="flash", fp8_dispatch=True)
+    bf16_rows = memory.plan_dep(cfg, 8, 8192, attention_impl="flash")
+    assert quantized.all_to_all_bytes == 8 * rows * (d + 4 * d // 128) + rows * d * 2
+    assert bf16_rows.all_to_all_bytes == 9 * rows * d * 2
+    assert bf16_rows.total_bytes - quantized.total_bytes == 8 * rows * (d - 4 * d // 128)  # 7.1 GB at R1's width
+    with pytest.raises(ValueError, match="fp8_dispatch needs FP8 experts"):
+        memory.plan_dep(deepseek_r1(), 8, 8192, fp8_dispatch=True)
+
+    p = SimpleNamespace(dep=SimpleNamespace(num_ranks=8), batching=SimpleNamespace(max_num_tokens=8192),
+                        weights=SimpleNamespace())
+    for backend, quantizes in (("pallas_split_mgpu", True), ("xla", False)):
+        p.weights.gemm_backend = backend
+        plan = strategies.get("dep").plan_memory(p, cfg)
+        assert plan.all_to_all_bytes == (quantized if quantizes else bf16_rows).all_to_all_bytes, backend
 
 
 def test_max_layers_that_fit_is_monotone_and_fits():

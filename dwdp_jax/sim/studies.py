@@ -68,7 +68,8 @@ def roofline_study(cfg: ModelConfig, hw: HardwareSpec, isls: Sequence[int], batc
 def memory_study(cfgs: Sequence[ModelConfig], cards: Sequence[HardwareSpec], group_sizes: Sequence[int],
                  max_num_tokens: Sequence[int], fraction: float) -> dict:
     """Per model (FP8 experts or not), group size and MNT: one DWDP rank's and one DEP rank's memory plan, term by
-    term (`memory.plan_dwdp` / `plan_dep`, FlashAttention activations, two prefetch slots), and whether it fits
+    term (`memory.plan_dwdp` / `plan_dep`, FlashAttention activations, two prefetch slots; DEP's FP8 experts take
+    their tokens quantized, as the GPU's split kernels do), and whether it fits
     `fraction` of each card's memory; beside it, the same with every replicated projection FP8 as the checkpoint
     stores them (`ModelConfig.fp8_dense`, `memory.replicated_bytes`)."""
     require_positive("group_sizes", group_sizes)
@@ -83,7 +84,7 @@ def memory_study(cfgs: Sequence[ModelConfig], cards: Sequence[HardwareSpec], gro
             for mnt in max_num_tokens:
                 plans = {"dwdp": memory.plan_dwdp(cfg, placement, mnt, attention_impl="flash")}
                 if cfg.n_routed_experts % n == 0:
-                    plans["dep"] = memory.plan_dep(cfg, n, mnt, attention_impl="flash")
+                    plans["dep"] = memory.plan_dep(cfg, n, mnt, attention_impl="flash", fp8_dispatch=cfg.fp8_experts)
                 for strategy, plan in plans.items():
                     fp8_dense = plan.total_bytes - plan.replicated_weight_bytes + fp8_projections
                     rows.append({"fp8_experts": cfg.fp8_experts, "strategy": strategy, "group_size": n,
@@ -116,7 +117,8 @@ def projection_study(cfg: ModelConfig, hw: HardwareSpec, workloads: dict[str, Wo
         raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     placement = Placement.for_group(cfg.n_routed_experts, dwdp.group_size, dwdp.local_experts)
     plans = {"dwdp": memory.plan_dwdp(cfg, placement, dwdp.max_num_tokens, attention_impl="flash"),
-             "dep": memory.plan_dep(cfg, dep.group_size, dep.max_num_tokens, attention_impl="flash")}
+             "dep": memory.plan_dep(cfg, dep.group_size, dep.max_num_tokens, attention_impl="flash",
+                                    fp8_dispatch=cfg.fp8_experts)}
     fits = {k: None if not hw.memory_bytes else p.total_bytes <= memory_fraction * hw.memory_bytes
             for k, p in plans.items()}
     rows, metrics = [], {}
