@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 
 from configs.context_bench import get_config as preset_config
-from dwdp_jax.kernels import attention, attention_tokamax, fp8, grouped_gemm
+from dwdp_jax.kernels import attention, attention_mgpu, attention_tokamax, fp8, grouped_gemm
 from dwdp_jax.kernels.attention import MAX_SEGMENTS
 from dwdp_jax.placement import Placement
 from dwdp_jax.prefetch import PULL_ISSUES
@@ -212,9 +212,10 @@ def validate(c) -> Plan:
     placement = _checked_placement(c, cfg) if needs_placement else None
     requests, variants = _checked_workload(c, cfg.vocab_size)
     _check_verification(requests, c)
-    if c.attention_impl.startswith("tokamax"):
+    if c.attention_impl.startswith(("tokamax", "mgpu")):
+        check = attention_mgpu.check_head_dims if c.attention_impl == "mgpu" else attention_tokamax.check_head_dims
         try:
-            attention_tokamax.check_head_dims(cfg.qk_head_dim, cfg.v_head_dim)
+            check(cfg.qk_head_dim, cfg.v_head_dim)
         except ValueError as e:
             raise ValueError(f"config.attention_impl={c.attention_impl!r}: {e}") from e
     if c.attention_impl.startswith("cudnn") and c.max_batch_size > MAX_SEGMENTS:
@@ -314,9 +315,9 @@ def plan(c) -> Plan:
         raise ValueError(f"config.model.preset={c.model.preset!r} (FP8 experts) needs FP8 tensor cores (compute "
                          f"capability >= 8.9: Ada, Hopper, Blackwell), found {devices[0].device_kind} (compute "
                          f"capability {getattr(devices[0], 'compute_capability', None)}); use a bf16 preset")
-    if p.weights.attention_impl.startswith("tokamax"):
+    if p.weights.attention_impl.startswith(("tokamax", "mgpu")):
         try:
-            attention_tokamax.check_device(devices[0])
+            attention_tokamax.check_device(devices[0], p.weights.attention_impl)
         except ValueError as e:
             raise ValueError(f"config.attention_impl={p.weights.attention_impl!r}: {e}") from e
     cfg = p.cfg

@@ -4,8 +4,8 @@ Tokens of many sequences share one flat axis T. `segment_ids_T` names each token
 and `positions_T` its position inside it: token q attends to token k iff both are in the same sequence and
 pos[k] <= pos[q]. Padding rows attend nowhere; they get finite garbage that callers discard.
 
-Backends by name (`get_backend`): `xla` everywhere, cuDNN's flash attention on GPU, and tokamax's Mosaic GPU flash
-attention on Hopper (`attention_tokamax`).
+Backends by name (`get_backend`): `xla` everywhere, cuDNN's flash attention on GPU, and on Hopper tokamax's Mosaic
+GPU flash attention (`attention_tokamax`) and this project's in FlashAttention-3's schedule (`attention_mgpu`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dwdp_jax.kernels.attention_mgpu import mgpu_attention
 from dwdp_jax.kernels.attention_tokamax import tokamax_attention
 
 Attention = Callable[..., jax.Array]
@@ -92,6 +93,8 @@ _BACKENDS: dict[str, Attention] = {
     "tokamax_eager_rescale": functools.partial(tokamax_attention, rescale_threshold=1.0),
     # Causal over the whole axis, correct for one sequence per batch only: what the packed key range costs.
     "tokamax_1seq": functools.partial(tokamax_attention, packed=False),
+    # Hopper only: native 192/128 over packed sequences with FlashAttention-3's overlap within each warpgroup.
+    "mgpu": mgpu_attention,
 }
 
 

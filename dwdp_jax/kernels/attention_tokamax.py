@@ -112,12 +112,12 @@ def check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T) -> None:
                          f"{positions_T.shape}")
 
 
-def check_device(device: jax.Device) -> None:
+def check_device(device: jax.Device, impl: str = "tokamax") -> None:
     """ValueError unless `device` is a Hopper GPU (compute capability 9.x): the kernel is SM90's (wgmma, TMA)."""
     cc = getattr(device, "compute_capability", None)
     if device.platform != "gpu" or cc is None or not str(cc).startswith("9."):
         found = f"{device.device_kind} (compute capability {cc})" if cc else f"{device.platform} ({device.device_kind})"
-        raise ValueError(f"attention_impl='tokamax' needs an NVIDIA Hopper GPU (compute capability 9.0: H100, H200), "
+        raise ValueError(f"attention_impl={impl!r} needs an NVIDIA Hopper GPU (compute capability 9.0: H100, H200), "
                          f"found {found}; use attention_impl 'xla' (any device) or 'cudnn' (other NVIDIA GPUs)")
 
 

@@ -1,0 +1,190 @@
+"""The FlashAttention-3-schedule MLA prefill kernel (`attention_mgpu`): on CPU its tile schedule against the packed
+causal mask, its lowering for CUDA at every swept schedule and its input checks; on a Hopper GPU (`pytest -m gpu`)
+its output against the XLA reference on packed variable-length batches, with poisoned neighbours."""
+
+import functools
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dwdp_jax.kernels import attention, attention_mgpu as am, attention_tokamax as tk, tuning
+from test_attention_tokamax import LENGTHS, SCALE, _per_sequence_rel, _reference, packed, qkv
+
+HOPPER = SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0")
+
+
+def _hopper() -> bool:
+    d = jax.devices()[0]
+    return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9.")
+
+
+def hopper(fn):
+    for mark in (pytest.mark.gpu, pytest.mark.skipif(not _hopper(), reason="needs an NVIDIA Hopper GPU")):
+        fn = mark(fn)
+    return fn
+
+
+# ---- CPU ----
+
+def test_registered_under_its_name():
+    assert attention.get_backend("mgpu") is am.mgpu_attention
+
+
+@pytest.mark.parametrize("block_kv", [64, 128])
+def test_tile_ranges_cover_every_attended_key_and_skip_the_mask_only_where_it_is_all_true(block_kv):
+    """Per 128-row query tile: the keys of [first, end) blocks hold every key a row attends; a block the kernel
+    leaves unmasked for a warpgroup (at or past its rows' latest sequence start, wholly at or before its first row)
+    is attended by all of the warpgroup's rows."""
+    lengths = (5, 300, 1, 77, 129, 128, 300)  # 940 tokens, padded to 1024 with its own run
+    seg, pos, _ = packed(lengths, budget=1024)
+    starts = np.asarray(tk.sequence_starts(seg))
+    ranges = np.asarray(am.tile_ranges(jnp.asarray(starts), block_kv))
+    assert ranges.shape == (4, 1024 // am.TILE_Q)
+    idx = np.arange(1024)
+    mask = (idx[None, :] >= starts[:, None]) & (idx[None, :] <= idx[:, None])  # as attention.packed_causal_mask
+    for t in range(ranges.shape[1]):
+        first, end = ranges[0, t], ranges[1, t]
+        rows = slice(t * am.TILE_Q, (t + 1) * am.TILE_Q)
+        keys = np.flatnonzero(mask[rows].any(axis=0))
+        assert first * block_kv <= keys.min() and keys.max() < end * block_kv
+        assert mask[rows, first * block_kv:(first + 1) * block_kv].any()  # the first block is needed
+        for wg in range(am.COMPUTE_WGS):
+            q_base = t * am.TILE_Q + wg * am.BLOCK_Q
+            wg_mask = mask[q_base:q_base + am.BLOCK_Q]
+            for j in range(first, end):
+                k_base = j * block_kv
+                if not (k_base < ranges[2 + wg, t] or k_base + block_kv > q_base):
+                    assert wg_mask[:, k_base:k_base + block_kv].all(), (t, wg, j)
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, (8192,)], ids=["packed", "one_8k"])
+def test_every_candidate_lowers_for_cuda_at_mla_widths(lengths):
+    """Mosaic GPU's layout inference and the 227 KiB shared-memory bound run when lowering, on any host."""
+    t = sum(lengths)
+    q = jax.ShapeDtypeStruct((t, 8, 192), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((t, 8, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((t,), jnp.int32)
+    cands = am.candidate_blocks(192, 128)
+    assert am.DEFAULT_BLOCKS in cands and len(cands) >= 6
+    for b in cands:
+        f = jax.jit(functools.partial(am.mgpu_attention, scale=SCALE, blocks=b, device=HOPPER))
+        assert "mosaic_gpu" in f.trace(q, q, v, ids, ids).lower(lowering_platforms=("cuda",)).as_text(), b
+
+
+def test_blocks_shared_memory_and_registers():
+    assert am.DEFAULT_BLOCKS.smem_bytes(192, 128) == (128 * 192 + 2 * 128 * 320) * 2  # 208 KiB
+    assert am.DEFAULT_BLOCKS.fits(192, 128)
+    assert not am.Blocks(block_kv=128, num_stages=3).fits(192, 128)  # 288 KiB
+    assert am.Blocks(block_kv=64, num_stages=4).fits(192, 128)
+    assert not am.Blocks(block_kv=256, num_stages=2).fits(128, 128)  # 256 + 64 tile registers a thread
+
+
+def test_blocks_come_from_the_cache_nearest_in_tokens(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(tmp_path / "blocks.json"))
+    assert am.blocks_for(32768, 192, 128, "NVIDIA H200") == am.DEFAULT_BLOCKS
+    tuning.record(am.KERNEL, "NVIDIA H200", 192, 128, False, 32768, am.Blocks(64, 4, False), 700.0, "test")
+    assert am.blocks_for(30000, 192, 128, "NVIDIA H200") == am.Blocks(64, 4, False)
+    assert am.blocks_for(30000, 192, 128, "NVIDIA H100 80GB HBM3") == am.DEFAULT_BLOCKS
+
+
+def test_bad_inputs_are_refused_before_launch():
+    seg = jnp.zeros((256,), jnp.int32)
+
+    def run(qk=192, v=128, dtype=jnp.bfloat16, device=HOPPER, **kw):
+        q, k, vv = qkv(256, 2, qk, v, dtype=dtype)
+        return jax.eval_shape(functools.partial(am.mgpu_attention, scale=SCALE, device=device, **kw),
+                              q, k, vv, seg, seg)
+
+    assert run().shape == (256, 2, 128)
+    with pytest.raises(ValueError, match="q/k head_dim=96 is not supported: a multiple of 64"):
+        run(qk=96)
+    with pytest.raises(ValueError, match="v head_dim=256 must be <= q/k head_dim=192"):
+        run(v=256)
+    with pytest.raises(ValueError, match="v head_dim=192 must be <= q/k head_dim=256 and divide 64 \\* 256"):
+        run(qk=256, v=192)
+    with pytest.raises(ValueError, match="needs 294912 bytes of shared memory"):
+        run(blocks=am.Blocks(num_stages=3))
+    with pytest.raises(ValueError, match="must share one dtype of \\['bfloat16', 'float16'\\]"):
+        run(dtype=jnp.float32)
+    with pytest.raises(ValueError, match="rescale_threshold must be in \\(0, 1\\]"):
+        run(rescale_threshold=0.0)
+    with pytest.raises(ValueError, match="attention_impl='mgpu' needs an NVIDIA Hopper GPU"):
+        run(device=SimpleNamespace(platform="gpu", device_kind="NVIDIA A100", compute_capability="8.0"))
+    with pytest.raises(ValueError, match="block_kv must be 64, 128, 192 or 256"):
+        am.Blocks(block_kv=96)
+    with pytest.raises(ValueError, match="num_stages must be >= 2"):
+        am.Blocks(num_stages=1)
+
+
+def test_the_config_refuses_head_dims_it_does_not_take(tmp_path):
+    """The tiny preset's heads (q/k 48, v 32) are refused when the config is checked, before any model is built."""
+    from dwdp_jax import validation
+    from test_context_bench_validation import config_with
+
+    c = config_with(tmp_path, attention_impl="mgpu")
+    with pytest.raises(ValueError, match="config.attention_impl='mgpu': attention_mgpu: q/k head_dim=.* is not "
+                                         "supported"):
+        validation.validate(c)
+
+
+# ---- GPU: against the XLA reference ----
+
+@hopper
+@pytest.mark.parametrize("blocks", [am.DEFAULT_BLOCKS, am.Blocks(64, 4, False), am.Blocks(64, 3, True)],
+                         ids=["default", "kv64_4stages_no_ping_pong", "kv64_3stages"])
+def test_packed_batch_matches_xla(blocks):
+    seg, pos, b = packed(LENGTHS, budget=1000)
+    q, k, v = qkv(b.budget, 8)
+    ours = jax.jit(functools.partial(am.mgpu_attention, scale=SCALE, blocks=blocks))(q, k, v, seg, pos)
+    assert ours.shape == (1000, 8, 128) and ours.dtype == jnp.bfloat16
+    rels = _per_sequence_rel(ours, _reference(q, k, v, seg, pos), LENGTHS)
+    assert max(rels) < 1e-2, rels
+    one = sum(LENGTHS[:2])  # the 1-token sequence sees only itself: softmax 1, its own value row exactly
+    np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
+    assert np.isfinite(np.asarray(ours[b.num_tokens:], np.float32)).all()
+
+
+@hopper
+def test_no_attention_across_sequences():
+    """Every other sequence (and the padding) gets keys and values of magnitude 1e3: a key of another sequence in
+    any softmax would dominate it. The clean sequences' outputs must not move by one bit."""
+    seg, pos, b = packed(LENGTHS, budget=1000)
+    q, k, v = qkv(b.budget, 8, seed=1)
+    f = jax.jit(functools.partial(am.mgpu_attention, scale=SCALE))
+    clean = np.asarray(f(q, k, v, seg, pos), np.float32)
+    seg_np = np.asarray(seg)
+    for parity in (0, 1):
+        poisoned_T = (seg_np < 0) | (seg_np % 2 == parity)
+        bad = jnp.asarray(poisoned_T)[:, None, None]
+        k2 = jnp.where(bad, 1e3 * jnp.sign(k.astype(jnp.float32)), k).astype(k.dtype)
+        v2 = jnp.where(bad, 1e3, v).astype(v.dtype)
+        got = np.asarray(f(q, k2, v2, seg, pos), np.float32)
+        np.testing.assert_array_equal(got[~poisoned_T], clean[~poisoned_T])
+        assert np.abs(got[poisoned_T & (seg_np >= 0)]).max() > 100
+
+
+@hopper
+@pytest.mark.parametrize("threshold", [tk.RESCALE_THRESHOLD, 1.0], ids=["lazy", "eager"])
+def test_growing_row_maxima_match_xla(threshold):
+    """A row's maximum rises block after block, past the lazy threshold's 2^8 and below it."""
+    lengths = (700, 300)
+    seg, pos, b = packed(lengths, budget=1024)
+    q, k, v = qkv(b.budget, 4, seed=3)
+    growth = jnp.asarray(np.concatenate([np.linspace(0.5, 6.0, n) for n in lengths] + [np.ones(24)]), jnp.float32)
+    k = (k.astype(jnp.float32) * growth[:, None, None]).astype(jnp.bfloat16)
+    f = jax.jit(functools.partial(am.mgpu_attention, scale=SCALE, rescale_threshold=threshold))
+    assert max(_per_sequence_rel(f(q, k, v, seg, pos), _reference(q, k, v, seg, pos), lengths)) < 1e-2
+
+
+@hopper
+@pytest.mark.parametrize("qk,v,blocks", [(128, 128, None), (192, 64, None), (256, 128, am.Blocks(64, 2))])
+def test_other_supported_head_dims_match_xla(qk, v, blocks):
+    lengths = (200, 57)
+    seg, pos, b = packed(lengths, budget=264)
+    q, k, vv = qkv(b.budget, 4, qk, v, seed=2)
+    ours = jax.jit(functools.partial(am.mgpu_attention, scale=qk ** -0.5, blocks=blocks))(q, k, vv, seg, pos)
+    ref = attention.xla_attention(*(a.astype(jnp.float32) for a in (q, k, vv)), seg, pos, scale=qk ** -0.5)
+    assert max(_per_sequence_rel(ours, ref, lengths)) < 1e-2
