@@ -1,5 +1,6 @@
-"""MLA prefill attention on one GPU, side by side (issue 28): tokamax's Mosaic GPU flash attention at q/k 192, v 128
-over packed sequences, against cuDNN with V padded to 192 (the model's `cudnn` path), cuDNN at 192/192, cuDNN's
+"""MLA prefill attention on one GPU, side by side (issue 28): this project's Mosaic GPU kernel in FlashAttention-3's
+schedule (`attention_mgpu`) and tokamax's Mosaic GPU flash attention at q/k 192, v 128 over packed sequences, against
+cuDNN with V padded to 192 (the model's `cudnn` path), cuDNN at 192/192, cuDNN's
 native 192/128 where the case is one sequence (its only correct use), the dense bf16 GEMM and the datasheet roofline.
 
 Every rate is counted at 192/128 FLOPs, causal: sum over sequences of 2 * L^2/2 * H * (192 + 128). Each backend's
@@ -7,8 +8,8 @@ output is checked first against an fp32 reference on sampled query rows of every
 the check gets no rate and the run exits 1.
 
   python -m experiments.bench_attention           # on a GPU; writes results/bench_attention/<run>.json
-  python -m experiments.bench_attention --tune    # also sweeps tokamax's blocks per token count and records the
-                                                  # fastest in the kernel block cache (dwdp_jax.kernels.tuning)
+  python -m experiments.bench_attention --tune    # also sweeps both Mosaic GPU kernels' blocks per token count and
+                                                  # records the fastest in the kernel block cache (kernels.tuning)
 """
 
 import concurrent.futures
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dwdp_jax.kernels import attention, attention_tokamax as tk, tuning
+from dwdp_jax.kernels import attention, attention_mgpu as am, attention_tokamax as tk, tuning
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import write_measurements
@@ -41,8 +42,8 @@ _SUSTAIN = flags.DEFINE_float("sustain_s", 1.0, "warm-up goes on this long, so e
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 64, "query rows per sequence checked against fp32")
 _TOL = flags.DEFINE_float("rel_tol", 1e-2, "relative norm error allowed on the checked rows (bf16)")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "dense bf16 peak of the card (H200/H100 SXM datasheet)")
-_TUNE = flags.DEFINE_bool("tune", False, "sweep tokamax's blocks (attention_tokamax.candidate_blocks) at each case's "
-                          "token count and record the fastest in the kernel block cache")
+_TUNE = flags.DEFINE_bool("tune", False, "sweep the Mosaic GPU kernels' blocks (their candidate_blocks) at each case's "
+                          "token count and record each one's fastest in the kernel block cache")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 
@@ -105,7 +106,8 @@ def rel_error(out, refs, lengths, rows) -> float:
 
 def backends(lengths, qk: int, v: int):
     """name -> (attention fn, whether it takes the wide v, FLOPs counted at its own widths over 192/128's)."""
-    out = {"tokamax": (attention.get_backend("tokamax"), False, 1.0),
+    out = {"mgpu": (attention.get_backend("mgpu"), False, 1.0),
+           "tokamax": (attention.get_backend("tokamax"), False, 1.0),
            "tokamax_eager_rescale": (attention.get_backend("tokamax_eager_rescale"), False, 1.0),
            "cudnn_padded_v": (attention.get_backend("cudnn"), False, 1.0),
            "cudnn_192_192": (attention.cudnn_attention, True, 2 * qk / (qk + v))}
@@ -115,11 +117,18 @@ def backends(lengths, qk: int, v: int):
     return out
 
 
-def tune(name, lengths, q, k, v, seg, pos, refs, rows, flops, kind, timing) -> dict:
-    """Every candidate schedule compiled (concurrently), checked, timed; the fastest correct one recorded."""
+# The kernels --tune sweeps: backend -> (the attention fn taking blocks=, candidates per head widths, cache name,
+# cached-or-default blocks per (tokens, qk, v, device kind)).
+SWEPT = {"mgpu": (am.mgpu_attention, am.candidate_blocks, am.KERNEL, am.blocks_for),
+         "tokamax": (tk.tokamax_attention, tk.candidate_blocks, tk.KERNEL, tk.blocks_for)}
+
+
+def tune(name, kernel, lengths, q, k, v, seg, pos, refs, rows, flops, kind, timing) -> dict:
+    """Every candidate schedule of `kernel` (a SWEPT key) compiled (concurrently), checked, timed; the fastest
+    correct one recorded."""
+    fn, candidates, cache_name, _ = SWEPT[kernel]
     qk, vd = q.shape[-1], v.shape[-1]
-    jitted = {b: jax.jit(functools.partial(tk.tokamax_attention, scale=qk ** -0.5, blocks=b))
-              for b in tk.candidate_blocks(qk, vd)}
+    jitted = {b: jax.jit(functools.partial(fn, scale=qk ** -0.5, blocks=b)) for b in candidates(qk, vd)}
 
     def compile_one(b):
         try:
@@ -130,7 +139,7 @@ def tune(name, lengths, q, k, v, seg, pos, refs, rows, flops, kind, timing) -> d
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         compiled = dict(zip(jitted, pool.map(compile_one, jitted)))
     sweep = {}
-    for b in progress_bar(list(compiled), f"{name}: tokamax blocks", "config"):
+    for b in progress_bar(list(compiled), f"{name}: {kernel} blocks", "config"):
         c = compiled[b]
         if isinstance(c, str):
             sweep[b] = {"error": c}
@@ -144,7 +153,7 @@ def tune(name, lengths, q, k, v, seg, pos, refs, rows, flops, kind, timing) -> d
     if ok:
         best = max(ok, key=ok.get)
         how = f"experiments.bench_attention {datetime.date.today()}, {len(lengths)} sequences, {q.shape[1]} heads"
-        tuning.record(tk.KERNEL, kind, qk, vd, False, sum(lengths), best, ok[best], how)
+        tuning.record(cache_name, kind, qk, vd, False, sum(lengths), best, ok[best], how)
     return {str(dataclasses.astuple(b)): r for b, r in sweep.items()}
 
 
@@ -186,9 +195,11 @@ def main(argv):
         flops = causal_flops(lengths, heads, qk, vd)
         if _TUNE.value and sum(lengths) not in tuned_tokens:  # the cache keys on the token count
             tuned_tokens.add(sum(lengths))
-            raw[f"{name}_tokamax_sweep"] = tune(name, lengths, q, k, v, seg, pos, refs, rows, flops,
-                                                device.device_kind, timing)
-        raw[f"{name}_tokamax_blocks"] = dataclasses.astuple(tk.blocks_for(sum(lengths), qk, vd, device.device_kind))
+            for kernel in SWEPT:
+                raw[f"{name}_{kernel}_sweep"] = tune(name, kernel, lengths, q, k, v, seg, pos, refs, rows, flops,
+                                                     device.device_kind, timing)
+        for kernel, (*_, blocks_for) in SWEPT.items():
+            raw[f"{name}_{kernel}_blocks"] = dataclasses.astuple(blocks_for(sum(lengths), qk, vd, device.device_kind))
         for backend, (fn, wide, own) in progress_bar(list(backends(lengths, qk, vd).items()), name, "backend"):
             f = jax.jit(functools.partial(fn, scale=qk ** -0.5))
             args = (q, k, v_wide if wide else v, seg, pos)
@@ -207,9 +218,9 @@ def main(argv):
                 metrics[f"{name}_{backend}_tflops_own_widths"] = own * flops / seconds / 1e12
             print(f"{name:<10}{backend:<20}{flops / seconds / 1e12:8.1f} TFLOP/s {seconds * 1e3:8.2f} ms  "
                   f"rel err {err:.2e}", flush=True)
-        if f"{name}_tokamax_tflops" in metrics and f"{name}_cudnn_padded_v_tflops" in metrics:
-            metrics[f"{name}_tokamax_over_cudnn_padded_v"] = (metrics[f"{name}_tokamax_tflops"]
-                                                              / metrics[f"{name}_cudnn_padded_v_tflops"])
+        for a, b in (("tokamax", "cudnn_padded_v"), ("mgpu", "tokamax")):
+            if f"{name}_{a}_tflops" in metrics and f"{name}_{b}_tflops" in metrics:
+                metrics[f"{name}_{a}_over_{b}"] = metrics[f"{name}_{a}_tflops"] / metrics[f"{name}_{b}_tflops"]
     metrics["dense_gemm_tflops_after"] = gb.dense_gemm_tflops(8192, 8192, 8192, **timing)
     config = {"cases": cases, "heads": heads, "qk_dim": qk, "v_dim": vd, "repeats": _REPEATS.value,
               "warmup": _WARMUP.value, "sustain_s": _SUSTAIN.value, "rows_checked": _ROWS_CHECKED.value,
