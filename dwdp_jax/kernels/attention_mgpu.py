@@ -55,12 +55,14 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Key rows per stage, stages in flight, and whether the two compute warpgroups take turns issuing their GEMMs
-    (FlashAttention-3's ping-pong, on top of the overlap within each)."""
+    """Key rows per stage, stages in flight, whether the two compute warpgroups take turns issuing their GEMMs
+    (FlashAttention-3's ping-pong), and whether a block's softmax runs under the previous block's PV (the overlap
+    within a warpgroup; False waits for both GEMMs first: FlashAttention-3's ablation of it)."""
 
     block_kv: int = 128
     num_stages: int = 2
     ping_pong: bool = True
+    overlap: bool = True
 
     def __post_init__(self):
         if self.block_kv not in (64, 128, 192, 256):
@@ -87,10 +89,10 @@ DEFAULT_BLOCKS = Blocks()
 
 
 def candidate_blocks(qk_dim: int, v_dim: int) -> list[Blocks]:
-    """The schedules a sweep times: every one that fits."""
+    """The schedules a sweep times: every one that fits, and the default without the overlap (its ablation)."""
     out = [Blocks(block_kv=bkv, num_stages=st, ping_pong=pp)
            for bkv in (64, 128) for st in (2, 3, 4) for pp in (True, False)]
-    return [b for b in out if b.fits(qk_dim, v_dim)]
+    return [b for b in out + [dataclasses.replace(DEFAULT_BLOCKS, overlap=False)] if b.fits(qk_dim, v_dim)]
 
 
 def blocks_for(tokens: int, qk_dim: int, v_dim: int, device_kind: str) -> Blocks:
@@ -206,7 +208,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
                 if then is not None:
                     then()
                 take_turn()
-                return plgpu.wgmma_accumulator_load(s_acc, wait_n=0 if then is None else 1)
+                return plgpu.wgmma_accumulator_load(s_acc, wait_n=1 if then is not None and b.overlap else 0)
 
             plgpu.barrier_wait(k_full.at[stage(j)])
             s = pl.run_scoped(issue, plgpu.ACC((BLOCK_Q, b.block_kv), jnp.float32))
