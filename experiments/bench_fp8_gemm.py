@@ -95,7 +95,9 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
                                                    slab_counts=slabs))
         except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
             sweep[b] = repr(e)[:200]
-        print(name, kernel, b, sweep[b], flush=True)
+        ceiling = getattr(b, "smem_ceiling", None)
+        print(name, kernel, b, sweep[b], "" if ceiling is None else f"shared-memory ceiling {ceiling(fused):.3f} of "
+              f"the FP8 peak", flush=True)
     timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
     return sweep, max(timed, key=timed.get)
 
@@ -114,6 +116,8 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
             metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
+        if hasattr(best[kernel], "smem_ceiling"):
+            raw[f"{name}_{kernel}_smem_ceiling"] = {str(b): b.smem_ceiling(fused) for b in sweep}
     case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
                                       kernel=KERNELS[kernel].fn, slab_counts=slabs) for kernel in _KERNELS.value}
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])

@@ -12,7 +12,7 @@ import pytest
 
 from dwdp_jax.kernels import fp8
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
                                                   WG_COLS_FUSED_FP8_BLOCKS, Fp8Blocks, chained_steps, default_blocks,
                                                   split_ragged_dot_fp8_mgpu)
 from models.experts import ExpertSlab
@@ -304,3 +304,20 @@ def test_split_backends_take_this_kernel_for_fp8_and_keep_triton_as_the_ablation
     tuning.record("split_triton_fp8", kind, 2048, 7168, False, 131072, split_gemm.FP8_BLOCKS, 900.0, "t")
     tuning.record("split_mgpu_fp8", kind, 2048, 7168, False, 131072, SMALL, 800.0, "t")
     assert gpu.fastest_fp8_split_kernel(2048, 7168, False, 131072) == "split_triton_fp8"
+
+
+def test_shared_memory_ceiling_counts_tma_writes_and_wgmma_reads():
+    """Per CTA K step (128): down's row halves (128 x 128) write 32 KiB and read 2 x (64 + 128) x 128 bytes for
+    4.2 MFLOP; the fused column halves at 64 columns read every x row once per 64 weight columns, which caps them at
+    0.727 of the FP8 peak; one partial at a time at 128 columns, 0.889 (Hopper: 128 bytes and 8192 FLOPs an SM and
+    clock)."""
+    row_halves = Fp8Blocks()
+    assert row_halves.smem_bytes_per_flop(False) == (2 * 128 * 128 + 2 * 192 * 128) / (2 * 128 * 128 * 128)
+    assert row_halves.smem_ceiling(False) == pytest.approx(0.8)
+    assert WG_COLS_FP8_BLOCKS.smem_ceiling(False) == pytest.approx(128 / (8192 * 147456 / 8388608))
+    assert WG_COLS_FUSED_FP8_BLOCKS.smem_ceiling(True) == pytest.approx(128 / (8192 * (49152 + 131072) / 8388608))
+    assert round(WG_COLS_FUSED_FP8_BLOCKS.smem_ceiling(True), 3) == 0.727
+    one_partial = Fp8Blocks(tile_n=128, one_partial=True)
+    assert round(one_partial.smem_ceiling(True), 3) == 0.889 > round(FUSED_FP8_BLOCKS.smem_ceiling(True), 3) == 0.667
+    # 256 x 128 on row halves reads and writes what 128 x 256 on column halves does
+    assert Fp8Blocks(tile_m=256).smem_ceiling(False) == WG_COLS_FP8_BLOCKS.smem_ceiling(False)

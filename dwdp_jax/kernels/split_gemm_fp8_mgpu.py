@@ -61,6 +61,10 @@ ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
 # (3.8e9 elements per weight, past the Triton kernel's int32 element offsets) is well within both.
 MAX_TMA_COORD = 2**31 - 1
 MAX_TMA_STRIDE_BYTES = 2**40
+# Per Hopper SM and clock: dense e4m3 tensor-core FLOPs (1979 TFLOP/s over 132 SMs at 1.83 GHz) and shared-memory
+# bytes, the two rates `Fp8Blocks.smem_ceiling` sets against each other.
+FP8_FLOP_PER_CLOCK = 8192
+SMEM_BYTES_PER_CLOCK = 128
 NAME = "split_ragged_dot_fp8_mgpu"
 NAME_TUNED = "split_mgpu_fp8"  # its entries in the block cache (`tuning`)
 
@@ -117,6 +121,21 @@ class Fp8Blocks(PipelinedTiles):
     def cta_n(self) -> int:
         """Columns of each weight a CTA computes."""
         return self.tile_n * (COMPUTE_WGS if self.wg_cols else 1)
+
+    def smem_bytes_per_flop(self, fused: bool) -> float:
+        """Shared-memory traffic of a CTA's K step over its FLOPs: the TMA writes of the x tile and the weight tiles,
+        and the wgmma reads, where every 64-row wgmma reads its 64 x rows and all its weight columns (a 64-column
+        wgmma reads 2 bytes per 64 FLOPs, a 128-column one 1.5)."""
+        weights = 2 if fused else 1
+        flops = 2 * self.tile_m * self.cta_n * weights * KSTEP
+        writes = (self.tile_m + weights * self.cta_n) * KSTEP
+        wg_rows = self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
+        reads = COMPUTE_WGS * (wg_rows // 64) * weights * KSTEP * (64 + self.tile_n)
+        return (writes + reads) / flops
+
+    def smem_ceiling(self, fused: bool) -> float:
+        """The fraction of the FP8 tensor peak shared memory lets these tiles reach (1.0: not the bound)."""
+        return min(1.0, SMEM_BYTES_PER_CLOCK / (self.smem_bytes_per_flop(fused) * FP8_FLOP_PER_CLOCK))
 
     def acc_registers(self, fused: bool) -> int:
         """fp32 registers per compute-warpgroup thread of the partials and running sums: sums over the warpgroup's
