@@ -1,6 +1,7 @@
 """The FlashAttention-3-schedule MLA prefill kernel (`attention_mgpu`): on CPU its tile schedule against the packed
-causal mask, its lowering for CUDA at every swept schedule and its input checks; on a Hopper GPU (`pytest -m gpu`)
-its output against the XLA reference on packed variable-length batches, with poisoned neighbours."""
+causal mask, its lowering for CUDA at every swept schedule, its input checks, and its output in Mosaic GPU's
+interpreter against the XLA reference; on a Hopper GPU (`pytest -m gpu`) the compiled kernel's output against the
+XLA reference on packed variable-length batches, with poisoned neighbours."""
 
 import functools
 from types import SimpleNamespace
@@ -130,7 +131,55 @@ def test_the_config_refuses_head_dims_it_does_not_take(tmp_path):
         validation.validate(c)
 
 
-# ---- GPU: against the XLA reference ----
+# ---- CPU, Mosaic GPU's interpreter: against the XLA reference ----
+
+INTERPRET_LENGTHS = (100, 1, 70, 60)  # 231 tokens padded to 256: two query tiles, a 1-token sequence
+
+
+@pytest.mark.parametrize("blocks", [am.DEFAULT_BLOCKS, am.Blocks(64, 3, ping_pong=False),
+                                    am.Blocks(64, 2, overlap=False)], ids=["default", "kv64_3stages", "no_overlap"])
+def test_interpreted_kernel_matches_xla_on_a_packed_batch(blocks):
+    """The kernel's schedule (stages, barriers, the sequence and causal masks, the lazy maximum, the overlapped
+    issue order) in Mosaic GPU's interpreter, whose wgmma is synchronous: the fp32 reference per sequence."""
+    seg, pos, b = packed(INTERPRET_LENGTHS, budget=256)
+    q, k, v = qkv(b.budget, 2, seed=4)
+    ours = am.mgpu_attention(q, k, v, seg, pos, scale=SCALE, blocks=blocks, interpret=True)
+    assert ours.shape == (256, 2, 128) and ours.dtype == jnp.bfloat16
+    assert max(_per_sequence_rel(ours, _reference(q, k, v, seg, pos), INTERPRET_LENGTHS)) < 1e-2
+    one = INTERPRET_LENGTHS[0]
+    np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
+    assert np.isfinite(np.asarray(ours[b.num_tokens:], np.float32)).all()
+
+
+def test_interpreted_kernel_attends_within_sequences_only():
+    """Keys and values of magnitude 1e3 in every other sequence and the padding: the clean sequences' outputs must
+    not move by one bit, and the poisoned ones must show it."""
+    seg, pos, b = packed(INTERPRET_LENGTHS, budget=256)
+    q, k, v = qkv(b.budget, 1, seed=5)
+    f = functools.partial(am.mgpu_attention, scale=SCALE, blocks=am.Blocks(64, 2), interpret=True)
+    clean = np.asarray(f(q, k, v, seg, pos), np.float32)
+    seg_np = np.asarray(seg)
+    poisoned_T = (seg_np < 0) | (seg_np % 2 == 1)
+    bad = jnp.asarray(poisoned_T)[:, None, None]
+    k2 = jnp.where(bad, 1e3 * jnp.sign(k.astype(jnp.float32)), k).astype(k.dtype)
+    got = np.asarray(f(q, k2, jnp.where(bad, 1e3, v).astype(v.dtype), seg, pos), np.float32)
+    np.testing.assert_array_equal(got[~poisoned_T], clean[~poisoned_T])
+    assert np.abs(got[poisoned_T & (seg_np >= 0)]).max() > 100
+
+
+@pytest.mark.parametrize("threshold", [tk.RESCALE_THRESHOLD, 1.0], ids=["lazy", "eager"])
+def test_interpreted_kernel_follows_growing_row_maxima(threshold):
+    """Keys grow along the sequence, so rows' maxima rise block after block, past 2^8 and below it."""
+    lengths = (256,)
+    seg, pos, b = packed(lengths, budget=256)
+    q, k, v = qkv(b.budget, 1, seed=3)
+    k = (k.astype(jnp.float32) * jnp.linspace(0.5, 12.0, 256)[:, None, None]).astype(jnp.bfloat16)
+    ours = am.mgpu_attention(q, k, v, seg, pos, scale=SCALE, blocks=am.Blocks(64, 2), rescale_threshold=threshold,
+                             interpret=True)
+    assert max(_per_sequence_rel(ours, _reference(q, k, v, seg, pos), lengths)) < 1e-2
+
+
+# ---- GPU: compiled, against the XLA reference ----
 
 @hopper
 @pytest.mark.parametrize("blocks", [am.DEFAULT_BLOCKS, am.Blocks(64, 4, False), am.Blocks(64, 3, True)],

@@ -22,9 +22,10 @@ softmax, and there is no bound on sequences per batch. Padding rows attend withi
 that callers discard). The output leaves through the warpgroup's own Q rows in shared memory (Q is read by no one
 after the warpgroup's last QK^T), which keeps two stages of 128-key blocks within Hopper's 227 KiB.
 
-Checked on CPU by lowering for CUDA at MLA's widths (Mosaic GPU's layout inference and shared-memory bound); its
-output against the XLA reference is a `pytest -m gpu` test (Mosaic GPU's interpreter runs neither register A
-operands nor accumulator state across `run_state`).
+Checked on CPU by lowering for CUDA at MLA's widths (Mosaic GPU's layout inference and shared-memory bound) and
+in Mosaic GPU's interpreter against the XLA reference on packed batches (its wgmma synchronous, and O accumulated
+through a fresh accumulator: it has no `run_state`); the compiled kernel against the same reference is a
+`pytest -m gpu` test. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dwdp_jax.kernels import attention_tokamax as tk, tuning
+from dwdp_jax.kernels.split_gemm_mgpu import interpret_params
 
 NAME = "attention_mgpu"
 KERNEL = NAME  # its entries in the kernel block cache (`tuning`: k = q/k head width, n = v head width, rows = tokens)
@@ -129,9 +131,34 @@ def tile_ranges(starts_T: jax.Array, block_kv: int) -> jax.Array:
     return jnp.concatenate([first[None], end[None], latest]).astype(jnp.int32)
 
 
+def _accumulate(o, body, others, interpret: bool):
+    """(o plus what `body(acc)`'s wgmmas add into the accumulator acc, body's other results: arrays shaped as
+    `others`). On GPU the accumulator starts at o (`pl.run_state`, which waits for every wgmma before it returns);
+    Mosaic GPU's interpreter has no run_state, so there it starts at zero and o is added after (the same sum up to
+    fp32 rounding)."""
+    if interpret:
+        def scoped(acc):
+            rest = body(acc)
+            return acc[...], rest
+
+        add, rest = pl.run_scoped(scoped, plgpu.ACC(o.shape, jnp.float32))
+        return o + add, rest
+
+    def step(refs):
+        acc, rest_refs = refs
+        for ref, value in zip(rest_refs, body(acc)):
+            ref[...] = value
+
+    return pl.run_state(step)((plgpu.ACC.init(o), others))
+
+
 def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem, starts_smem, k_smem, v_smem,
             q_full, k_full, v_full, k_free, v_free, turn, *, b: Blocks, scale: float, threshold: float,
-            num_tiles: int):
+            num_tiles: int, interpret: bool):
+    # Register layouts are hints to Mosaic GPU's layout inference, which its interpreter does not take.
+    layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+    iota = ((lambda dtype, shape, dim, layout: jax.lax.broadcasted_iota(dtype, shape, dim)) if interpret
+            else plgpu.broadcasted_iota)
     v_dim = v_gmem.shape[-1]
     q_smem, o_smem = qo_smem
     h = jax.lax.axis_index("heads")
@@ -159,6 +186,11 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
             pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[s]))
             plgpu.copy_gmem_to_smem(v_gmem.at[pl.ds(j * b.block_kv, b.block_kv), h], v_smem.at[s], v_full.at[s])
 
+        @pl.loop(jnp.maximum(first, end - b.num_stages), end)
+        def _drain(j):  # the last stages' releases: every phase of a barrier is observed before the CTA ends
+            plgpu.barrier_wait(k_free.at[stage(j)])
+            plgpu.barrier_wait(v_free.at[stage(j)])
+
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
@@ -168,7 +200,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
         q_rows = q_smem.at[wg]
         c = scale * math.log2(math.e)
         plgpu.barrier_wait(q_full)
-        starts = plgpu.layout_cast(starts_smem[0, rows], ROW)
+        starts = layout(starts_smem[0, rows], ROW)
 
         def take_turn():  # ping-pong: the warpgroups alternate between their GEMM issues
             if b.ping_pong:
@@ -185,8 +217,8 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
 
             def masked():
                 shape = (BLOCK_Q, b.block_kv)
-                q_pos = q_base + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-                k_pos = k_base + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                q_pos = q_base + iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                k_pos = k_base + iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
                 keep = (k_pos <= q_pos) & (k_pos >= jax.lax.broadcast_in_dim(starts, shape, (0,)))
                 return jnp.where(keep, s, -jnp.inf)
 
@@ -216,26 +248,22 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
             return s
 
         pl.when(wg == 1)(take_turn)
-        neg_inf = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), ROW)
+        neg_inf = layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), ROW)
         p, m_scale, m, l, _ = softmax(scores(first), first, neg_inf, neg_inf,
-                                      plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), ROW))
-        o = plgpu.layout_cast(jnp.zeros((BLOCK_Q, v_dim), jnp.float32), plgpu.Layout.WGMMA)
+                                      layout(jnp.zeros((BLOCK_Q,), jnp.float32), ROW))
+        o = layout(jnp.zeros((BLOCK_Q, v_dim), jnp.float32), plgpu.Layout.WGMMA)
 
         def block(j, carry):
             o, p, m_scale, m, l = carry
 
-            def step(refs):
-                o_acc, p_ref, m_scale_ref, m_ref, l_ref, alpha_ref = refs
-
+            def step(o_acc):
                 def pv():
                     plgpu.barrier_wait(v_full.at[stage(j - 1)])
                     plgpu.wgmma(o_acc, p, v_smem.at[stage(j - 1)])
 
-                new = softmax(scores(j, then=pv), j, m_scale_ref[...], m_ref[...], l_ref[...])
-                for ref, value in zip((p_ref, m_scale_ref, m_ref, l_ref, alpha_ref), new):
-                    ref[...] = value
+                return softmax(scores(j, then=pv), j, m_scale, m, l)
 
-            o, p, m_scale, m, l, alpha = pl.run_state(step)((plgpu.ACC.init(o), p, m_scale, m, l, m))
+            o, (p, m_scale, m, l, alpha) = _accumulate(o, step, (p, m_scale, m, l, m), interpret)
             plgpu.barrier_arrive(v_free.at[stage(j - 1)])
             return o * jax.lax.broadcast_in_dim(alpha, o.shape, (0,)), p, m_scale, m, l
 
@@ -245,8 +273,9 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
             plgpu.barrier_wait(v_full.at[stage(end - 1)])
             plgpu.wgmma(o_acc, p, v_smem.at[stage(end - 1)])
             take_turn()
+            return ()
 
-        o = pl.run_state(last_pv)(plgpu.ACC.init(o))
+        o, _ = _accumulate(o, last_pv, (), interpret)
         plgpu.barrier_arrive(v_free.at[stage(end - 1)])
         pl.when(wg == 0)(take_turn)  # wg 1 took one turn more, first
         out = o / jax.lax.broadcast_in_dim(l, o.shape, (0,))
@@ -282,10 +311,12 @@ def check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T, blocks: Blocks
 
 
 def mgpu_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float, blocks: Blocks | None = None,
-                   device: jax.Device | None = None, rescale_threshold: float = tk.RESCALE_THRESHOLD) -> jax.Array:
+                   device: jax.Device | None = None, rescale_threshold: float = tk.RESCALE_THRESHOLD,
+                   interpret: bool = False) -> jax.Array:
     """Causal attention within each packed sequence (`attention` module's contract); [T, H, V] in v's dtype.
     Shapes, dtypes, blocks and the device are checked when traced, before anything launches. `blocks` overrides
-    the cached schedule (a sweep's); `rescale_threshold` 1.0 rescales at every change of a row's maximum."""
+    the cached schedule (a sweep's); `rescale_threshold` 1.0 rescales at every change of a row's maximum;
+    `interpret` runs it in Mosaic GPU's interpreter on any device (the CPU tests)."""
     device = device or jax.devices()[0]
     t, heads, qk_dim = q_THK.shape
     v_dim = v_THV.shape[2]
@@ -293,15 +324,17 @@ def mgpu_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: fl
     check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T, b)
     if not 0.0 < rescale_threshold <= 1.0:
         raise ValueError(f"{NAME}: rescale_threshold must be in (0, 1], got {rescale_threshold}")
-    tk.check_device(device, "mgpu")
+    if not interpret:
+        tk.check_device(device, "mgpu")
     del positions_T  # contiguous sequences: index order is position order within each
     pad = -t % math.lcm(TILE_Q, b.block_kv)  # whole query tiles and key blocks; the pad is one more sequence
     starts_T = tk.sequence_starts(jnp.pad(segment_ids_T, (0, pad), constant_values=-2) if pad else segment_ids_T)
     q, k, v = (jnp.pad(a, ((0, pad), (0, 0), (0, 0))) if pad else a for a in (q_THK, k_THK, v_THV))
     num_tiles = (t + pad) // TILE_Q
     dtype = q.dtype
-    scratch = (plgpu.RefUnion(_smem((COMPUTE_WGS, BLOCK_Q, qk_dim), dtype),
-                              _smem((COMPUTE_WGS, BLOCK_Q * qk_dim // v_dim, v_dim), dtype)),
+    q_and_out = (_smem((COMPUTE_WGS, BLOCK_Q, qk_dim), dtype), _smem((COMPUTE_WGS, BLOCK_Q * qk_dim // v_dim, v_dim),
+                                                                     dtype))
+    scratch = (q_and_out if interpret else plgpu.RefUnion(*q_and_out),  # the interpreter cannot alias
                plgpu.SMEM((1, TILE_Q), jnp.int32),
                _smem((b.num_stages, b.block_kv, qk_dim), dtype), _smem((b.num_stages, b.block_kv, v_dim), dtype),
                plgpu.Barrier(num_arrivals=COMPUTE_WGS + 1), plgpu.Barrier(num_barriers=b.num_stages),
@@ -310,10 +343,12 @@ def mgpu_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: fl
                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=b.num_stages),
                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     kernel = plgpu.kernel(
-        functools.partial(_kernel, b=b, scale=scale, threshold=rescale_threshold, num_tiles=num_tiles),
+        functools.partial(_kernel, b=b, scale=scale, threshold=rescale_threshold, num_tiles=num_tiles,
+                          interpret=interpret),
         out_type=jax.ShapeDtypeStruct((t + pad, heads, v_dim), dtype), scratch_types=scratch,
         grid=(num_tiles, heads), grid_names=("tiles", "heads"), num_threads=COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True,
-                                             lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+                                             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None)
     out = kernel(q, k, v, starts_T[None], tile_ranges(starts_T, b.block_kv))
     return out[:t] if pad else out

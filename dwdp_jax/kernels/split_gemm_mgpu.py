@@ -286,8 +286,9 @@ def interpret_params():
 
 def _interpret_transposed_wgmma_operands() -> None:
     """Mosaic GPU's interpreter reads wgmma operands through index transforms only, and fails on a transposed view
-    (`plgpu.transpose_ref`), which a K-major B operand is (FP8 wgmma needs one: `split_gemm_fp8_mgpu`). Its wgmma
-    callback is replaced, once, by the same product with such operands read transposed."""
+    (`plgpu.transpose_ref`), which a K-major B operand is (FP8 wgmma needs one: `split_gemm_fp8_mgpu`), and on an A
+    operand held in registers (attention's probabilities: `attention_mgpu`). Its wgmma callback is replaced, once,
+    by the same product with such operands read transposed, and register operands taken as they come."""
     from jax._src.pallas.mosaic.interpret import utils as interpret_utils
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as cb
     from jax._src.state.types import TransposeTransform
@@ -296,6 +297,8 @@ def _interpret_transposed_wgmma_operands() -> None:
         return
 
     def read(key_array, transforms, thread, info):
+        if jnp.issubdtype(key_array.dtype, jnp.floating):  # the operand's values (registers), not a buffer's key
+            return np.asarray(key_array)
         transforms = cb._remove_noop_transforms(transforms)
         perm = None
         if transforms and isinstance(transforms[-1], TransposeTransform):
