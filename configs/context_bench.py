@@ -129,9 +129,10 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
         c.max_num_tokens = 32768
         c.max_batch_size = 64
         c.gemm_backend = "pallas_split"
-        # tokamax's Mosaic GPU flash attention, native 192/128 over packed sequences: 1.29-1.31x cuDNN's padded-V
-        # path at 32K packed tokens on one H200 (experiments.bench_attention); needs tokamax (the gpu extra)
-        c.attention_impl = "tokamax"
+        # Native 192/128 over packed sequences on the faster of the Hopper kernels as cached by
+        # `experiments.bench_attention --tune` (tokamax's without entries: 1.29-1.31x cuDNN's padded-V path at 32K
+        # packed tokens on one H200); tokamax needs the gpu extra
+        c.attention_impl = "hopper"
         c.dwdp.transport = "copy_engine"
         c.dwdp.timeline = True
         # DEP first, on a fresh allocator pool: after DWDP2 at R1 width DEP2's 35 GiB of temporaries did not fit on

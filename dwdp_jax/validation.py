@@ -212,7 +212,7 @@ def validate(c) -> Plan:
     placement = _checked_placement(c, cfg) if needs_placement else None
     requests, variants = _checked_workload(c, cfg.vocab_size)
     _check_verification(requests, c)
-    if c.attention_impl.startswith(("tokamax", "mgpu")):
+    if c.attention_impl.startswith(("tokamax", "mgpu", "hopper")):
         check = attention_mgpu.check_head_dims if c.attention_impl == "mgpu" else attention_tokamax.check_head_dims
         try:
             check(cfg.qk_head_dim, cfg.v_head_dim)
@@ -315,7 +315,7 @@ def plan(c) -> Plan:
         raise ValueError(f"config.model.preset={c.model.preset!r} (FP8 experts) needs FP8 tensor cores (compute "
                          f"capability >= 8.9: Ada, Hopper, Blackwell), found {devices[0].device_kind} (compute "
                          f"capability {getattr(devices[0], 'compute_capability', None)}); use a bf16 preset")
-    if p.weights.attention_impl.startswith(("tokamax", "mgpu")):
+    if p.weights.attention_impl.startswith(("tokamax", "mgpu", "hopper")):
         try:
             attention_tokamax.check_device(devices[0], p.weights.attention_impl)
         except ValueError as e:

@@ -49,7 +49,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed steps per preset, presets alt
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per preset first", lower_bound=0)
 _GEMM = flags.DEFINE_string("gemm_backend", "", "grouped GEMM backend (default: pallas_split on GPU, xla on CPU)")
 _ATTENTION = flags.DEFINE_list("attention_impls", [], "attention backends, each run with every preset (default: "
-                                "tokamax on GPU, xla on CPU); variants are named preset@backend when several")
+                                "hopper on GPU, xla on CPU); variants are named preset@backend when several")
 _TINY = flags.DEFINE_bool("tiny", False, "the tiny preset's widths at fp32 (a CPU functional check)")
 _SEED = flags.DEFINE_integer("seed", 0, "weights and tokens")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -112,7 +112,7 @@ def main(argv):
     if _TOKENS.value % _SEQUENCES.value:
         raise app.UsageError(f"--tokens={_TOKENS.value} must be a multiple of --sequences={_SEQUENCES.value}")
     gemm = _GEMM.value or ("pallas_split" if gpu else "xla")
-    impls = _ATTENTION.value or ["tokamax" if gpu else "xla"]
+    impls = _ATTENTION.value or ["hopper" if gpu else "xla"]
     if len(set(impls)) < len(impls):
         raise app.UsageError(f"--attention_impls={','.join(impls)} names a backend twice")
     for impl in impls:

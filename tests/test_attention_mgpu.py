@@ -91,6 +91,29 @@ def test_blocks_come_from_the_cache_nearest_in_tokens(tmp_path, monkeypatch):
     assert am.blocks_for(30000, 192, 128, "NVIDIA H100 80GB HBM3") == am.DEFAULT_BLOCKS
 
 
+def test_hopper_backend_takes_the_kernel_cached_faster(tmp_path, monkeypatch):
+    """`hopper` (the GPU presets' attention): tokamax without entries; the higher cached rate of the two kernels
+    when both have one (bench_attention --tune times them in one run); tokamax where mgpu cannot take the widths."""
+    monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(tmp_path / "blocks.json"))
+    fastest = attention.fastest_hopper_kernel
+    assert fastest(32768, 192, 128, "NVIDIA H200") == tk.KERNEL
+    tuning.record(tk.KERNEL, "NVIDIA H200", 192, 128, False, 32768, tk.Blocks(), 585.0, "test")
+    tuning.record(am.KERNEL, "NVIDIA H200", 192, 128, False, 32768, am.Blocks(), 560.0, "test")
+    assert fastest(32768, 192, 128, "NVIDIA H200") == tk.KERNEL
+    tuning.record(am.KERNEL, "NVIDIA H200", 192, 128, False, 32768, am.Blocks(64, 4), 640.0, "test")
+    assert fastest(30000, 192, 128, "NVIDIA H200") == am.KERNEL
+    tuning.record(am.KERNEL, "NVIDIA H200", 128, 192, False, 32768, am.Blocks(), 900.0, "test")
+    assert fastest(32768, 128, 192, "NVIDIA H200") == tk.KERNEL  # v wider than q/k: not mgpu's
+    q, k, v = qkv(256, 2)
+    seg = jnp.zeros((256,), jnp.int32)
+    calls = []
+    monkeypatch.setitem(attention.HOPPER_KERNELS, am.KERNEL, lambda *a, **kw: calls.append(kw) or am.mgpu_attention(
+        *a, **kw))
+    out = jax.eval_shape(functools.partial(attention.get_backend("hopper"), scale=SCALE, device=HOPPER), q, k, v, seg,
+                         seg)
+    assert out.shape == (256, 2, 128) and calls and calls[0]["device"] is HOPPER
+
+
 def test_bad_inputs_are_refused_before_launch():
     seg = jnp.zeros((256,), jnp.int32)
 
@@ -237,3 +260,23 @@ def test_other_supported_head_dims_match_xla(qk, v, blocks):
     ours = jax.jit(functools.partial(am.mgpu_attention, scale=qk ** -0.5, blocks=blocks))(q, k, vv, seg, pos)
     ref = attention.xla_attention(*(a.astype(jnp.float32) for a in (q, k, vv)), seg, pos, scale=qk ** -0.5)
     assert max(_per_sequence_rel(ours, ref, lengths)) < 1e-2
+
+
+@hopper
+def test_mla_module_with_mgpu_matches_xla():
+    """The model's attention layer at R1's head widths (few heads), mgpu against XLA, both in bf16."""
+    from flax import nnx
+
+    from models.config import tiny
+    from models.deepseek_v3 import MLA
+
+    cfg = tiny(hidden_size=256, num_attention_heads=8, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+               dtype="bfloat16")
+    seg, pos, b = packed((130, 1, 250), budget=384)
+    x = jax.random.normal(jax.random.key(5), (b.budget, cfg.hidden_size), jnp.float32).astype(jnp.bfloat16)
+    outs = {}
+    for impl in ("xla", "mgpu"):
+        mla = MLA(cfg, nnx.Rngs(0), attention_impl=impl)
+        outs[impl] = np.asarray(nnx.jit(lambda m, x: m(x, seg, pos))(mla, x), np.float32)[:b.num_tokens]
+    rel = np.linalg.norm(outs["mgpu"] - outs["xla"]) / np.linalg.norm(outs["xla"])
+    assert rel < 2e-2, rel

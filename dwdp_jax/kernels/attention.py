@@ -5,7 +5,8 @@ and `positions_T` its position inside it: token q attends to token k iff both ar
 pos[k] <= pos[q]. Padding rows attend nowhere; they get finite garbage that callers discard.
 
 Backends by name (`get_backend`): `xla` everywhere, cuDNN's flash attention on GPU, and on Hopper tokamax's Mosaic
-GPU flash attention (`attention_tokamax`) and this project's in FlashAttention-3's schedule (`attention_mgpu`).
+GPU flash attention (`attention_tokamax`), this project's in FlashAttention-3's schedule (`attention_mgpu`), and
+`hopper`, whichever of the two timed faster (the GPU presets' default).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dwdp_jax.kernels import attention_mgpu, attention_tokamax, tuning
 from dwdp_jax.kernels.attention_mgpu import mgpu_attention
 from dwdp_jax.kernels.attention_tokamax import tokamax_attention
 
@@ -80,6 +82,28 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
                            max_segments=max_segments)[..., :v_THV.shape[-1]]
 
 
+# The Hopper kernels by their names in the block cache, where `bench_attention --tune` records each one's rate.
+HOPPER_KERNELS: dict[str, Attention] = {attention_mgpu.KERNEL: mgpu_attention, attention_tokamax.KERNEL: tokamax_attention}
+
+
+def fastest_hopper_kernel(tokens: int, qk_dim: int, v_dim: int, device_kind: str) -> str:
+    """Of the Hopper kernels, the one whose cached rate at these head widths (the entry nearest in tokens) is the
+    higher; tokamax's without entries, or where the widths are not `attention_mgpu`'s."""
+    try:
+        attention_mgpu.check_head_dims(qk_dim, v_dim)
+    except ValueError:
+        return attention_tokamax.KERNEL
+    return tuning.fastest(tuple(HOPPER_KERNELS), device_kind, qk_dim, v_dim, False, tokens) or attention_tokamax.KERNEL
+
+
+def hopper_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
+                     device: jax.Device | None = None) -> jax.Array:
+    """Causal attention within each packed sequence on the faster Hopper kernel (`fastest_hopper_kernel`)."""
+    device = device or jax.devices()[0]
+    name = fastest_hopper_kernel(q_THK.shape[0], q_THK.shape[2], v_THV.shape[2], device.device_kind)
+    return HOPPER_KERNELS[name](q_THK, k_THK, v_THV, segment_ids_T, positions_T, scale=scale, device=device)
+
+
 _BACKENDS: dict[str, Attention] = {
     "xla": xla_attention,
     # jax 0.11.2's packed-segment path scales the V offsets by the Q/K head size (192), so MLA's 128-wide V reads
@@ -95,6 +119,8 @@ _BACKENDS: dict[str, Attention] = {
     "tokamax_1seq": functools.partial(tokamax_attention, packed=False),
     # Hopper only: native 192/128 over packed sequences with FlashAttention-3's overlap within each warpgroup.
     "mgpu": mgpu_attention,
+    # Hopper only: whichever of mgpu and tokamax timed faster at these widths on this card (tokamax without entries).
+    "hopper": hopper_attention,
 }
 
 
