@@ -83,7 +83,8 @@ def cudnn_attention_padded_v(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *,
 
 
 # The Hopper kernels by their names in the block cache, where `bench_attention --tune` records each one's rate.
-HOPPER_KERNELS: dict[str, Attention] = {attention_mgpu.KERNEL: mgpu_attention, attention_tokamax.KERNEL: tokamax_attention}
+HOPPER_KERNELS: dict[str, Attention] = {attention_mgpu.KERNEL: mgpu_attention,
+                                         attention_tokamax.KERNEL: tokamax_attention}
 
 
 def fastest_hopper_kernel(tokens: int, qk_dim: int, v_dim: int, device_kind: str) -> str:
