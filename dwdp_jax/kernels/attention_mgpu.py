@@ -3,11 +3,11 @@
 tokamax's SM90 kernel (`attention_tokamax`) runs 585 TFLOP/s on 32K packed tokens on H200 (issue 28 asks 650). It
 ping-pongs its two compute warpgroups, so one warpgroup's softmax runs while the other's GEMMs hold the tensor
 cores, but within a warpgroup every step waits: QK^T, then the softmax, then PV. At 192/128 a warpgroup's softmax
-of a 64 x 128 block (8192 exp2 on 16 MUFU lanes an SM, plus the max, sum and rescale) takes about as long as the
-other warpgroup's two GEMMs (5.2 MFLOP, 1280 tensor-core cycles an SM), so any delay in one leaves the tensor cores
-idle. FlashAttention-3's second overlap is within the warpgroup: the QK^T of block j+1 and the PV of block j are
-issued together, and block j+1's softmax runs while PV(j) is still on the tensor cores (its ablation on H100: 661
-TFLOP/s with it, about 580 without, head dim 128).
+of a 64 x 128 block (8192 exp2 at 16 an SM and clock, and the scale, max, sum and conversion on the FP32 lanes)
+takes most of the time of the other warpgroup's two GEMMs (5.2 MFLOP, 1280 tensor-core cycles an SM), so any
+delay in one leaves the tensor cores idle. FlashAttention-3's second overlap is within the warpgroup: the QK^T of
+block j+1 and the PV of block j are issued together, and block j+1's softmax runs while PV(j) is still on the
+tensor cores (the paper's ablation on H100, head dim 128: 661 TFLOP/s with it, 582 without).
 
 Per CTA: 128 query rows of one head (64 per compute warpgroup), the key/value blocks from the first sequence start
 among those rows to the causal diagonal; a memory warpgroup streams K and V blocks into `num_stages` shared-memory
