@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from dwdp_jax.kernels import attention, attention_mgpu as am, attention_tokamax as tk, tuning
-from test_attention_tokamax import LENGTHS, SCALE, _per_sequence_rel, _reference, packed, qkv
+from test_attention_tokamax import (LENGTHS, SCALE, _per_sequence_rel, _reference, check_no_leak, check_packed_batch,
+                                    mla_rel_to_xla, packed, qkv)
 
 HOPPER = SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0")
 
@@ -164,30 +165,13 @@ INTERPRET_LENGTHS = (100, 1, 70, 60)  # 231 tokens padded to 256: two query tile
 def test_interpreted_kernel_matches_xla_on_a_packed_batch(blocks):
     """The kernel's schedule (stages, barriers, the sequence and causal masks, the lazy maximum, the overlapped
     issue order) in Mosaic GPU's interpreter, whose wgmma is synchronous: the fp32 reference per sequence."""
-    seg, pos, b = packed(INTERPRET_LENGTHS, budget=256)
-    q, k, v = qkv(b.budget, 2, seed=4)
-    ours = am.mgpu_attention(q, k, v, seg, pos, scale=SCALE, blocks=blocks, interpret=True)
-    assert ours.shape == (256, 2, 128) and ours.dtype == jnp.bfloat16
-    assert max(_per_sequence_rel(ours, _reference(q, k, v, seg, pos), INTERPRET_LENGTHS)) < 1e-2
-    one = INTERPRET_LENGTHS[0]
-    np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
-    assert np.isfinite(np.asarray(ours[b.num_tokens:], np.float32)).all()
+    check_packed_batch(functools.partial(am.mgpu_attention, scale=SCALE, blocks=blocks, interpret=True),
+                       INTERPRET_LENGTHS, 256, 2, seed=4)
 
 
 def test_interpreted_kernel_attends_within_sequences_only():
-    """Keys and values of magnitude 1e3 in every other sequence and the padding: the clean sequences' outputs must
-    not move by one bit, and the poisoned ones must show it."""
-    seg, pos, b = packed(INTERPRET_LENGTHS, budget=256)
-    q, k, v = qkv(b.budget, 1, seed=5)
-    f = functools.partial(am.mgpu_attention, scale=SCALE, blocks=am.Blocks(64, 2), interpret=True)
-    clean = np.asarray(f(q, k, v, seg, pos), np.float32)
-    seg_np = np.asarray(seg)
-    poisoned_T = (seg_np < 0) | (seg_np % 2 == 1)
-    bad = jnp.asarray(poisoned_T)[:, None, None]
-    k2 = jnp.where(bad, 1e3 * jnp.sign(k.astype(jnp.float32)), k).astype(k.dtype)
-    got = np.asarray(f(q, k2, jnp.where(bad, 1e3, v).astype(v.dtype), seg, pos), np.float32)
-    np.testing.assert_array_equal(got[~poisoned_T], clean[~poisoned_T])
-    assert np.abs(got[poisoned_T & (seg_np >= 0)]).max() > 100
+    check_no_leak(functools.partial(am.mgpu_attention, scale=SCALE, blocks=am.Blocks(64, 2), interpret=True),
+                  INTERPRET_LENGTHS, 256, 1, parities=(1,), seed=5)
 
 
 @pytest.mark.parametrize("threshold", [tk.RESCALE_THRESHOLD, 1.0], ids=["lazy", "eager"])
@@ -208,34 +192,12 @@ def test_interpreted_kernel_follows_growing_row_maxima(threshold):
 @pytest.mark.parametrize("blocks", [am.DEFAULT_BLOCKS, am.Blocks(64, 4, False), am.Blocks(64, 3, True)],
                          ids=["default", "kv64_4stages_no_ping_pong", "kv64_3stages"])
 def test_packed_batch_matches_xla(blocks):
-    seg, pos, b = packed(LENGTHS, budget=1000)
-    q, k, v = qkv(b.budget, 8)
-    ours = jax.jit(functools.partial(am.mgpu_attention, scale=SCALE, blocks=blocks))(q, k, v, seg, pos)
-    assert ours.shape == (1000, 8, 128) and ours.dtype == jnp.bfloat16
-    rels = _per_sequence_rel(ours, _reference(q, k, v, seg, pos), LENGTHS)
-    assert max(rels) < 1e-2, rels
-    one = sum(LENGTHS[:2])  # the 1-token sequence sees only itself: softmax 1, its own value row exactly
-    np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
-    assert np.isfinite(np.asarray(ours[b.num_tokens:], np.float32)).all()
+    check_packed_batch(jax.jit(functools.partial(am.mgpu_attention, scale=SCALE, blocks=blocks)), LENGTHS, 1000, 8)
 
 
 @hopper
 def test_no_attention_across_sequences():
-    """Every other sequence (and the padding) gets keys and values of magnitude 1e3: a key of another sequence in
-    any softmax would dominate it. The clean sequences' outputs must not move by one bit."""
-    seg, pos, b = packed(LENGTHS, budget=1000)
-    q, k, v = qkv(b.budget, 8, seed=1)
-    f = jax.jit(functools.partial(am.mgpu_attention, scale=SCALE))
-    clean = np.asarray(f(q, k, v, seg, pos), np.float32)
-    seg_np = np.asarray(seg)
-    for parity in (0, 1):
-        poisoned_T = (seg_np < 0) | (seg_np % 2 == parity)
-        bad = jnp.asarray(poisoned_T)[:, None, None]
-        k2 = jnp.where(bad, 1e3 * jnp.sign(k.astype(jnp.float32)), k).astype(k.dtype)
-        v2 = jnp.where(bad, 1e3, v).astype(v.dtype)
-        got = np.asarray(f(q, k2, v2, seg, pos), np.float32)
-        np.testing.assert_array_equal(got[~poisoned_T], clean[~poisoned_T])
-        assert np.abs(got[poisoned_T & (seg_np >= 0)]).max() > 100
+    check_no_leak(jax.jit(functools.partial(am.mgpu_attention, scale=SCALE)), LENGTHS, 1000, 8)
 
 
 @hopper
@@ -264,19 +226,4 @@ def test_other_supported_head_dims_match_xla(qk, v, blocks):
 
 @hopper
 def test_mla_module_with_mgpu_matches_xla():
-    """The model's attention layer at R1's head widths (few heads), mgpu against XLA, both in bf16."""
-    from flax import nnx
-
-    from models.config import tiny
-    from models.deepseek_v3 import MLA
-
-    cfg = tiny(hidden_size=256, num_attention_heads=8, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-               dtype="bfloat16")
-    seg, pos, b = packed((130, 1, 250), budget=384)
-    x = jax.random.normal(jax.random.key(5), (b.budget, cfg.hidden_size), jnp.float32).astype(jnp.bfloat16)
-    outs = {}
-    for impl in ("xla", "mgpu"):
-        mla = MLA(cfg, nnx.Rngs(0), attention_impl=impl)
-        outs[impl] = np.asarray(nnx.jit(lambda m, x: m(x, seg, pos))(mla, x), np.float32)[:b.num_tokens]
-    rel = np.linalg.norm(outs["mgpu"] - outs["xla"]) / np.linalg.norm(outs["xla"])
-    assert rel < 2e-2, rel
+    assert mla_rel_to_xla("mgpu") < 2e-2

@@ -1,6 +1,7 @@
 """The tokamax MLA prefill backend: its checks and import hygiene on CPU; on a Hopper GPU (`pytest -m gpu`) its
 output against the XLA reference on packed variable-length batches, with poisoned neighbours."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -174,40 +175,49 @@ def _per_sequence_rel(ours, ref, lengths):
     return out
 
 
-@hopper
-@pytest.mark.parametrize("blocks", [None, tk.Blocks(128, 64, 2, True), tk.Blocks(64, 64, 3, False)],
-                         ids=["cached", "q128_persistent", "kv64_3stages"])
-def test_packed_batch_matches_xla(blocks):
-    seg, pos, b = packed(LENGTHS, budget=1000)
-    q, k, v = qkv(b.budget, 8)
-    f = jax.jit(lambda q, k, v, s, p: tk.tokamax_attention(q, k, v, s, p, scale=SCALE, blocks=blocks))
+def check_packed_batch(f, lengths, budget: int, heads: int, seed: int = 0) -> None:
+    """f (q, k, v, segment ids, positions -> out) on a packed batch against the fp32 reference per sequence (bf16
+    bounds); a 1-token sequence's output is its own value row exactly; the padding's rows are finite."""
+    seg, pos, b = packed(lengths, budget=budget)
+    q, k, v = qkv(b.budget, heads, seed=seed)
     ours = f(q, k, v, seg, pos)
-    assert ours.shape == (1000, 8, 128) and ours.dtype == jnp.bfloat16
-    ref = _reference(q, k, v, seg, pos)
-    rels = _per_sequence_rel(ours, ref, LENGTHS)
+    assert ours.shape == (budget, heads, 128) and ours.dtype == jnp.bfloat16
+    rels = _per_sequence_rel(ours, _reference(q, k, v, seg, pos), lengths)
     assert max(rels) < 1e-2, rels
-    one = sum(LENGTHS[:2])  # the 1-token sequence sees only itself: softmax 1, its own value row exactly
-    np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
+    for i in (i for i, n in enumerate(lengths) if n == 1):  # it sees only itself: softmax 1
+        one = sum(lengths[:i])
+        np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
     assert np.isfinite(np.asarray(ours[b.num_tokens:], np.float32)).all()
 
 
-@hopper
-def test_no_attention_across_sequences():
+def check_no_leak(f, lengths, budget: int, heads: int, parities=(0, 1), seed: int = 1) -> None:
     """Every other sequence (and the padding) gets keys and values of magnitude 1e3: a key of another sequence in
-    any softmax would dominate it. The clean sequences' outputs must not move by one bit."""
-    seg, pos, b = packed(LENGTHS, budget=1000)
-    q, k, v = qkv(b.budget, 8, seed=1)
-    f = jax.jit(lambda q, k, v, s, p: tk.tokamax_attention(q, k, v, s, p, scale=SCALE))
+    any softmax would dominate it. The clean sequences' outputs must not move by one bit; the poisoned ones must
+    show the poison."""
+    seg, pos, b = packed(lengths, budget=budget)
+    q, k, v = qkv(b.budget, heads, seed=seed)
     clean = np.asarray(f(q, k, v, seg, pos), np.float32)
     seg_np = np.asarray(seg)
-    for parity in (0, 1):
+    for parity in parities:
         poisoned_T = (seg_np < 0) | (seg_np % 2 == parity)
         bad = jnp.asarray(poisoned_T)[:, None, None]
         k2 = jnp.where(bad, 1e3 * jnp.sign(k.astype(jnp.float32)), k).astype(k.dtype)
         v2 = jnp.where(bad, 1e3, v).astype(v.dtype)
         got = np.asarray(f(q, k2, v2, seg, pos), np.float32)
         np.testing.assert_array_equal(got[~poisoned_T], clean[~poisoned_T])
-        assert np.abs(got[poisoned_T & (seg_np >= 0)]).max() > 100  # the poison did reach its own sequences
+        assert np.abs(got[poisoned_T & (seg_np >= 0)]).max() > 100
+
+
+@hopper
+@pytest.mark.parametrize("blocks", [None, tk.Blocks(128, 64, 2, True), tk.Blocks(64, 64, 3, False)],
+                         ids=["cached", "q128_persistent", "kv64_3stages"])
+def test_packed_batch_matches_xla(blocks):
+    check_packed_batch(jax.jit(functools.partial(tk.tokamax_attention, scale=SCALE, blocks=blocks)), LENGTHS, 1000, 8)
+
+
+@hopper
+def test_no_attention_across_sequences():
+    check_no_leak(jax.jit(functools.partial(tk.tokamax_attention, scale=SCALE)), LENGTHS, 1000, 8)
 
 
 @hopper
@@ -236,9 +246,9 @@ def test_growing_row_maxima_match_xla(threshold):
     assert max(_per_sequence_rel(f(q, k, v, seg, pos), ref, lengths)) < 1e-2
 
 
-@hopper
-def test_mla_module_with_tokamax_matches_xla():
-    """The model's attention layer at R1's head widths (few heads), tokamax against XLA, both in bf16."""
+def mla_rel_to_xla(impl: str) -> float:
+    """The model's attention layer at R1's head widths (few heads) on `impl` against XLA, both in bf16, over a packed
+    batch with a 1-token sequence: the relative distance of their outputs."""
     from flax import nnx
 
     from models.config import tiny
@@ -249,8 +259,12 @@ def test_mla_module_with_tokamax_matches_xla():
     seg, pos, b = packed((130, 1, 250), budget=384)
     x = jax.random.normal(jax.random.key(5), (b.budget, cfg.hidden_size), jnp.float32).astype(jnp.bfloat16)
     outs = {}
-    for impl in ("xla", "tokamax"):
-        mla = MLA(cfg, nnx.Rngs(0), attention_impl=impl)
-        outs[impl] = np.asarray(nnx.jit(lambda m, x: m(x, seg, pos))(mla, x), np.float32)[:b.num_tokens]
-    rel = np.linalg.norm(outs["tokamax"] - outs["xla"]) / np.linalg.norm(outs["xla"])
-    assert rel < 2e-2, rel
+    for name in ("xla", impl):
+        mla = MLA(cfg, nnx.Rngs(0), attention_impl=name)
+        outs[name] = np.asarray(nnx.jit(lambda m, x: m(x, seg, pos))(mla, x), np.float32)[:b.num_tokens]
+    return float(np.linalg.norm(outs[impl] - outs["xla"]) / np.linalg.norm(outs["xla"]))
+
+
+@hopper
+def test_mla_module_with_tokamax_matches_xla():
+    assert mla_rel_to_xla("tokamax") < 2e-2
