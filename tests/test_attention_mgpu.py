@@ -13,7 +13,7 @@ import pytest
 
 from dwdp_jax.kernels import attention, attention_mgpu as am, attention_tokamax as tk, tuning
 from test_attention_tokamax import (LENGTHS, SCALE, _per_sequence_rel, _reference, check_no_leak, check_packed_batch,
-                                    mla_rel_to_xla, packed, qkv)
+                                    check_packed_output, mla_rel_to_xla, packed, packed_inputs, qkv)
 
 HOPPER = SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0")
 
@@ -189,10 +189,20 @@ def test_interpreted_kernel_follows_growing_row_maxima(threshold):
 # ---- GPU: compiled, against the XLA reference ----
 
 @hopper
-@pytest.mark.parametrize("blocks", [am.DEFAULT_BLOCKS, am.Blocks(64, 4, False), am.Blocks(64, 3, True)],
-                         ids=["default", "kv64_4stages_no_ping_pong", "kv64_3stages"])
-def test_packed_batch_matches_xla(blocks):
-    check_packed_batch(jax.jit(functools.partial(am.mgpu_attention, scale=SCALE, blocks=blocks)), LENGTHS, 1000, 8)
+def test_packed_batch_matches_xla_with_every_swept_option():
+    """The defaults and the fewest candidates that between them take every option the sweep times (and the cached
+    blocks), compiled at once, each against the fp32 reference."""
+    from test_gpu import covering, run_each
+
+    candidates = list(dict.fromkeys([am.DEFAULT_BLOCKS]
+                                    + covering(am.candidate_blocks(192, 128), am.KERNEL, 192, 128, False)))
+    inputs = packed_inputs(LENGTHS, 1000, 8)
+    kernel = jax.jit(am.mgpu_attention, static_argnames=("scale", "blocks"))
+    for blocks, out in zip(candidates, run_each(kernel, candidates, inputs, {"scale": SCALE})):
+        try:
+            check_packed_output(out, inputs, LENGTHS)
+        except AssertionError as e:
+            raise AssertionError(f"{blocks}: {e}") from e
 
 
 @hopper

@@ -176,18 +176,29 @@ def _per_sequence_rel(ours, ref, lengths):
 
 
 def check_packed_batch(f, lengths, budget: int, heads: int, seed: int = 0) -> None:
-    """f (q, k, v, segment ids, positions -> out) on a packed batch against the fp32 reference per sequence (bf16
-    bounds); a 1-token sequence's output is its own value row exactly; the padding's rows are finite."""
-    seg, pos, b = packed(lengths, budget=budget)
-    q, k, v = qkv(b.budget, heads, seed=seed)
-    ours = f(q, k, v, seg, pos)
-    assert ours.shape == (budget, heads, 128) and ours.dtype == jnp.bfloat16
-    rels = _per_sequence_rel(ours, _reference(q, k, v, seg, pos), lengths)
+    """f (q, k, v, segment ids, positions -> out) on a packed batch against the fp32 reference
+    (`check_packed_output`)."""
+    inputs = packed_inputs(lengths, budget, heads, seed)
+    check_packed_output(f(*inputs), inputs, lengths)
+
+
+def packed_inputs(lengths, budget: int, heads: int, seed: int = 0) -> tuple:
+    """q, k, v (192/128, bf16), segment ids and positions of the sequences packed into `budget` tokens."""
+    seg, pos, _ = packed(lengths, budget=budget)
+    return (*qkv(budget, heads, seed=seed), seg, pos)
+
+
+def check_packed_output(out, inputs, lengths) -> None:
+    """Against the fp32 reference per sequence (bf16 bounds); a 1-token sequence's output is its own value row
+    exactly; the padding's rows are finite."""
+    q, k, v, seg, pos = inputs
+    assert out.shape == v.shape and out.dtype == jnp.bfloat16
+    rels = _per_sequence_rel(out, _reference(q, k, v, seg, pos), lengths)
     assert max(rels) < 1e-2, rels
     for i in (i for i, n in enumerate(lengths) if n == 1):  # it sees only itself: softmax 1
         one = sum(lengths[:i])
-        np.testing.assert_array_equal(np.asarray(ours[one], np.float32), np.asarray(v[one], np.float32))
-    assert np.isfinite(np.asarray(ours[b.num_tokens:], np.float32)).all()
+        np.testing.assert_array_equal(np.asarray(out[one], np.float32), np.asarray(v[one], np.float32))
+    assert np.isfinite(np.asarray(out[sum(lengths):], np.float32)).all()
 
 
 def check_no_leak(f, lengths, budget: int, heads: int, parities=(0, 1), seed: int = 1) -> None:
