@@ -140,6 +140,17 @@ def test_one_partial_at_a_time_is_the_exact_swiglu_up_to_summation_order():
     assert _rel(ours, exact) < 1e-5
 
 
+@pytest.mark.parametrize("blocks", [
+    Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=2, chain=True, per_group=True,
+              one_partial=True, x_in_registers=True),
+    dataclasses.replace(SMALL_COLS, x_in_registers=True)], ids=["one_partial", "column_halves"])
+def test_x_fragments_in_registers_give_the_exact_swiglu_up_to_summation_order(blocks):
+    """`x_in_registers`: each 64-row x block read once per K step into registers (wgmma's A from registers) for
+    both the gate's and the up's wgmma."""
+    ours, exact = _run(blocks, fused=True, out_dtype=jnp.float32, seed=2, n=256)
+    assert _rel(ours, exact) < 1e-5
+
+
 def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
     """`split_grouped_ffn` on FP8 slabs with this kernel for both projections (quantizing x and the SwiGLU output
     on the way in) against `fp8.reference_ffn`; rows past the groups come back zero."""
@@ -215,6 +226,8 @@ def test_bad_inputs_are_refused_before_launch():
         Fp8Blocks(out_by_row_block=True)
     with pytest.raises(ValueError, match="swizzled_store with wg_cols needs out_by_row_block"):
         Fp8Blocks(wg_cols=True, swizzled_store=True)
+    with pytest.raises(ValueError, match="x_in_registers is for the fused gate/up"):
+        run(x_q, (w,), blocks=Fp8Blocks(x_in_registers=True, num_sms=2))
 
 
 def test_non_hopper_gpus_are_refused(monkeypatch):
@@ -319,5 +332,9 @@ def test_shared_memory_ceiling_counts_tma_writes_and_wgmma_reads():
     assert round(WG_COLS_FUSED_FP8_BLOCKS.smem_ceiling(True), 3) == 0.727
     one_partial = Fp8Blocks(tile_n=128, one_partial=True)
     assert round(one_partial.smem_ceiling(True), 3) == 0.889 > round(FUSED_FP8_BLOCKS.smem_ceiling(True), 3) == 0.667
+    # x fragments read once for both weights: no longer the bound at 128 columns, 0.889 at 64
+    assert dataclasses.replace(one_partial, x_in_registers=True).smem_ceiling(True) == 1.0
+    assert dataclasses.replace(WG_COLS_FUSED_FP8_BLOCKS, x_in_registers=True).smem_ceiling(True) == pytest.approx(
+        128 / (8192 * (49152 + 2 * 2 * 128 * (64 + 2 * 64)) / 8388608))
     # 256 x 128 on row halves reads and writes what 128 x 256 on column halves does
     assert Fp8Blocks(tile_m=256).smem_ceiling(False) == WG_COLS_FP8_BLOCKS.smem_ceiling(False)

@@ -99,6 +99,10 @@ class Fp8Blocks(PipelinedTiles):
     # store read out of shared memory before the next is written), which frees shared memory for pipeline stages:
     # down at 128 x 256 holds 4 stages of 48 KiB beside 32 KiB of output instead of 2 beside 64.
     out_by_row_block: bool = False
+    # Fused: each 64-row block of x is read from shared memory once per K step, into registers, and both the gate's
+    # and the up's wgmma take it from there; in shared memory each wgmma reads it again, which at 64 columns a
+    # weight makes shared memory the bound (`smem_ceiling`). 16 more registers a thread (64 x 128 e4m3 over 128).
+    x_in_registers: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -130,7 +134,8 @@ class Fp8Blocks(PipelinedTiles):
         flops = 2 * self.tile_m * self.cta_n * weights * KSTEP
         writes = (self.tile_m + weights * self.cta_n) * KSTEP
         wg_rows = self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
-        reads = COMPUTE_WGS * (wg_rows // 64) * weights * KSTEP * (64 + self.tile_n)
+        x_reads = 1 if self.x_in_registers else weights  # per 64-row block
+        reads = COMPUTE_WGS * (wg_rows // 64) * KSTEP * (64 * x_reads + weights * self.tile_n)
         return (writes + reads) / flops
 
     def smem_ceiling(self, fused: bool) -> float:
@@ -277,12 +282,14 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     for i, (r, n) in enumerate(row_blocks):
                         rows = pl.ds(wg_row0 + r, n)
                         x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
+                        x_op = (layout(x_smem[rows], plgpu.Layout.WGMMA_8BIT) if b.x_in_registers
+                                else x_smem.at[rows])
                         # the weights whose wgmmas run before one wait: all of them, or one at a time
                         for ws in ([[j] for j in range(per_slab)] if b.one_partial else [range(per_slab)]):
 
-                            def partials(accs, rows=rows, ws=ws):
+                            def partials(accs, x_op=x_op, ws=ws):
                                 for j, acc in zip(ws, accs):
-                                    plgpu.wgmma(acc, x_smem.at[rows], w_views[j])
+                                    plgpu.wgmma(acc, x_op, w_views[j])
                                 plgpu.wgmma_wait(0)
                                 return tuple(acc[...] for acc in accs)
 
@@ -371,6 +378,9 @@ def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: 
     if b.acc_registers(fused) > MAX_ACC_REGISTERS:
         raise ValueError(f"{NAME}: {b} needs {b.acc_registers(fused)} accumulator registers per thread "
                          f"(more than {MAX_ACC_REGISTERS}: the tile would spill)")
+    if b.x_in_registers and not fused:
+        raise ValueError(f"{NAME}: Fp8Blocks.x_in_registers is for the fused gate/up (two weights sharing each x "
+                         f"fragment); one weight reads each x row once from shared memory already")
     if n % (b.cta_n * (2 if b.cluster_n else 1)):
         raise ValueError(f"{NAME}: N={n} must be a multiple of {b.cta_n * (2 if b.cluster_n else 1)} (tile_n"
                          f"{' * 2 warpgroups with wg_cols' if b.wg_cols else ''}"
