@@ -52,14 +52,18 @@ _RESULTS = flags.DEFINE_string("results", "results", "results root")
 def candidates(k: int, n: int) -> list:
     """Launch windows, unchained, row-tile order, full tiles stored through a swizzled view; and where the padded
     width takes 256-column CTA tiles, the warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared
-    memory)."""
+    memory beside the whole tile's output; 4 with the output leaving a 64-row block at a time, through the plain or
+    the swizzled view: the short-K projections' outputs, kv_b's 2 GB at 32768 rows, are most of their bytes)."""
     base = dense_fp8.default_blocks(k)
     cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
                                                        max_concurrent_steps=2), k)
+    by_block = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
+                                                           out_by_row_block=True), k)
     return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
         dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
         dataclasses.replace(base, swizzled_store=True)] + (
-        [cols] if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
+        [cols, by_block, dataclasses.replace(by_block, swizzled_store=True)]
+        if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
 
 
 def _weight(k: int, n: int) -> fp8.BlockScaled:

@@ -75,6 +75,25 @@ def test_stacked_weights_give_each_weights_product(monkeypatch):
         assert _rel(got, _exact(x_q, x_s, w)) < 4e-3
 
 
+@pytest.mark.parametrize("shape", ["q_b", "kv_a", "kv_b", "o"])
+def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(shape):
+    """Each schedule `bench_fp8_dense --tune` times lowers for CUDA on CPU (Mosaic GPU's layout inference and the
+    227 KiB bound) at R1's projections of distinct K and width: 1536, 7168 (576 wide, no 256-column tiles), 512
+    (the column halves' 4-stage store by row blocks among them) and 16384."""
+    from experiments.bench_fp8_dense import SHAPES, candidates
+
+    k, n = SHAPES[shape]
+    x = jax.ShapeDtypeStruct((4096, k), fp8.E4M3)
+    x_s = jax.ShapeDtypeStruct((k // fp8.BLOCK, 4096), jnp.float32)
+    w = fp8.BlockScaled(jax.ShapeDtypeStruct((n, k), fp8.E4M3),
+                        jax.ShapeDtypeStruct((fp8.blocks(n), k // fp8.BLOCK), jnp.float32))
+    blocks = candidates(k, n)
+    assert any(b.out_by_row_block for b in blocks) == (dense_fp8.padded_width(n) % 256 == 0)
+    for b in blocks:
+        f = jax.jit(lambda x, s, w, b=b: dense_fp8.block_scaled_gemm(x, s, w, blocks=b))
+        assert "mosaic_gpu" in f.trace(x, x_s, w).lower(lowering_platforms=("cuda",)).as_text(), b
+
+
 def test_refusals_name_the_cause():
     x, w = _operands(2, 128, 256, 128)
     x_q, x_s = fp8.quantize_rows(x)
