@@ -113,7 +113,8 @@ def tune(name: str, ops: tuple) -> tuple:
             sweep[b] = gb.tflops(kernel_case(ops, b))
         except Exception as e:  # a schedule that cannot compile is skipped
             sweep[b] = repr(e)[:200]
-        print(name, b, sweep[b], file=sys.stderr, flush=True)
+        print(name, b, sweep[b], f"shared-memory ceiling {b.smem_ceiling(False):.3f} of the FP8 peak", file=sys.stderr,
+              flush=True)
     timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
     best = max(timed, key=timed.get)
     return best, timed[best], sweep
@@ -134,6 +135,7 @@ def main(argv):
         if _TUNE.value:
             blocks, rate, sweep = tune(name, ops)
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
+            raw[f"{name}_smem_ceiling"] = {str(b): b.smem_ceiling(False) for b in sweep}
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
                           rate, f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
         shape_cases = cases(ops, blocks)
