@@ -67,8 +67,8 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
 # defaults at R1's widths (the warpgroups on column halves, chained per-group windows), the same at the other depth
 # shared memory holds; the row split's chained per-group windows, its tiles one pipeline each in row-tile order and
 # per group, per group with the most stages (33 KiB each beside the output buffer), and in clusters of two CTAs
-# sharing their x tile; fused, also the row halves at 128 columns of gate and of up, one partial at a time, that and
-# the column halves with each x fragment read once into registers for both weights; down,
+# sharing their x tile; fused, also the row halves at 128 columns of gate and of up, one partial at a time, that,
+# the column halves and the row halves with each x fragment read once into registers for both weights; down,
 # also the column halves at 4 stages with the output stored a 64-row block at a time (through the plain and the
 # swizzled view); both, the column halves in clusters of two (unchained: a third less L2 traffic per CTA and K
 # step); the row halves' full tiles stored through a swizzled view.
@@ -78,7 +78,7 @@ FP8_MGPU_CANDIDATES = {
        for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
     + ([dataclasses.replace(narrow, tile_n=128, one_partial=True),
         dataclasses.replace(narrow, tile_n=128, one_partial=True, x_in_registers=True),
-        dataclasses.replace(wide, x_in_registers=True),
+        dataclasses.replace(wide, x_in_registers=True), dataclasses.replace(narrow, x_in_registers=True),
         dataclasses.replace(wide, chain=False, cluster_n=True)] if fused
        else [dataclasses.replace(wide, max_concurrent_steps=4, out_by_row_block=True, swizzled_store=s)
              for s in (False, True)]
