@@ -143,7 +143,8 @@ def test_one_partial_at_a_time_is_the_exact_swiglu_up_to_summation_order():
 @pytest.mark.parametrize("blocks", [
     Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=2, chain=True, per_group=True,
               one_partial=True, x_in_registers=True),
-    dataclasses.replace(SMALL_COLS, x_in_registers=True)], ids=["one_partial", "column_halves"])
+    dataclasses.replace(SMALL_COLS, x_in_registers=True), dataclasses.replace(SMALL_FUSED, x_in_registers=True)],
+    ids=["one_partial", "column_halves", "row_halves"])
 def test_x_fragments_in_registers_give_the_exact_swiglu_up_to_summation_order(blocks):
     """`x_in_registers`: each 64-row x block read once per K step into registers (wgmma's A from registers) for
     both the gate's and the up's wgmma."""
