@@ -14,7 +14,6 @@ see the same clocks; ratios are medians over the rounds.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import sys
@@ -25,6 +24,7 @@ from absl import app, flags
 
 from dwdp_jax.kernels import dense_fp8, fp8, tuning
 from dwdp_jax.measure import gpu_bench as gb
+from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import write_measurements
 
@@ -47,23 +47,6 @@ _TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and 
 _TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against the fp32 product")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
-
-
-def candidates(k: int, n: int) -> list:
-    """Launch windows, unchained, row-tile order, full tiles stored through a swizzled view; and where the padded
-    width takes 256-column CTA tiles, the warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared
-    memory beside the whole tile's output; 4 with the output leaving a 64-row block at a time, through the plain or
-    the swizzled view: the short-K projections' outputs, kv_b's 2 GB at 32768 rows, are most of their bytes)."""
-    base = dense_fp8.default_blocks(k)
-    cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
-                                                       max_concurrent_steps=2), k)
-    by_block = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
-                                                           out_by_row_block=True), k)
-    return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
-        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
-        dataclasses.replace(base, swizzled_store=True)] + (
-        [cols, by_block, dataclasses.replace(by_block, swizzled_store=True)]
-        if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
 
 
 def _weight(k: int, n: int) -> fp8.BlockScaled:
@@ -108,7 +91,7 @@ def cases(ops: tuple, blocks) -> dict:
 def tune(name: str, ops: tuple) -> tuple:
     """(fastest blocks, their TFLOP/s, the sweep): every candidate timed alone."""
     sweep = {}
-    for b in candidates(ops[0].shape[1], ops[3].values_GNK.shape[0]):
+    for b in dense_fp8_candidates(ops[0].shape[1], ops[3].values_GNK.shape[0]):
         try:
             sweep[b] = gb.tflops(kernel_case(ops, b))
         except Exception as e:  # a schedule that cannot compile is skipped

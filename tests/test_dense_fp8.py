@@ -75,14 +75,14 @@ def test_stacked_weights_give_each_weights_product(monkeypatch):
         assert _rel(got, _exact(x_q, x_s, w)) < 4e-3
 
 
-@pytest.mark.parametrize("shape", ["q_b", "kv_a", "kv_b", "o"])
-def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(shape):
+@pytest.mark.parametrize("k,n", [(1536, 24576), (7168, 576), (512, 32768), (16384, 7168)],
+                         ids=["q_b", "kv_a", "kv_b", "o"])
+def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(k, n):
     """Each schedule `bench_fp8_dense --tune` times lowers for CUDA on CPU (Mosaic GPU's layout inference and the
     227 KiB bound) at R1's projections of distinct K and width: 1536, 7168 (576 wide, no 256-column tiles), 512
     (the column halves' 4-stage store by row blocks among them) and 16384."""
-    from experiments.bench_fp8_dense import SHAPES, candidates
+    from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates as candidates
 
-    k, n = SHAPES[shape]
     x = jax.ShapeDtypeStruct((4096, k), fp8.E4M3)
     x_s = jax.ShapeDtypeStruct((k // fp8.BLOCK, 4096), jnp.float32)
     w = fp8.BlockScaled(jax.ShapeDtypeStruct((n, k), fp8.E4M3),

@@ -4,6 +4,7 @@ their defaults or the cached winners (`kernels.tuning`), never this list."""
 
 import dataclasses
 
+from dwdp_jax.kernels import dense_fp8
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
                                                   WG_COLS_FUSED_FP8_BLOCKS)
@@ -87,3 +88,21 @@ FP8_MGPU_CANDIDATES = {
     for fused, wide, narrow, other, most in ((True, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
                                              (False, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
 }
+
+
+def dense_fp8_candidates(k: int, n: int) -> list:
+    """The block-scaled dense GEMM's (`dense_fp8`; `experiments.bench_fp8_dense --tune`): launch windows,
+    unchained, row-tile order, full tiles stored through a swizzled view; and where the padded width takes 256-column
+    CTA tiles, the warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared memory beside the whole
+    tile's output; 4 with the output leaving a 64-row block at a time, through the plain or the swizzled view: the
+    short-K projections' outputs, kv_b's 2 GB at 32768 rows, are most of their bytes)."""
+    base = dense_fp8.default_blocks(k)
+    cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
+                                                       max_concurrent_steps=2), k)
+    by_block = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
+                                                           out_by_row_block=True), k)
+    return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
+        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
+        dataclasses.replace(base, swizzled_store=True)] + (
+        [cols, by_block, dataclasses.replace(by_block, swizzled_store=True)]
+        if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
