@@ -52,7 +52,6 @@ MAX_SMEM_BYTES = 227 * 1024
 # warpgroup gets (the memory warpgroup keeps 40); the rest hold addresses, row statistics and the mask.
 MAX_TILE_REGISTERS = 200
 ROW = plgpu.Layout.WGMMA.reduce(1)
-DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +105,9 @@ def blocks_for(tokens: int, qk_dim: int, v_dim: int, device_kind: str) -> Blocks
 def check_head_dims(qk_dim: int, v_dim: int, blocks: Blocks = DEFAULT_BLOCKS) -> None:
     """ValueError naming the head width the kernel does not take."""
     for name, dim in (("q/k head_dim", qk_dim), ("v head_dim", v_dim)):
-        if dim % 64 or not 64 <= dim <= 256:
-            raise ValueError(f"{NAME}: {name}={dim} is not supported: a multiple of 64 in [64, 256] (MLA: q/k 192, "
-                             f"v 128)")
+        if dim % tk.HEAD_DIM_MULTIPLE or not tk.MIN_HEAD_DIM <= dim <= tk.MAX_HEAD_DIM:
+            raise ValueError(f"{NAME}: {name}={dim} is not supported: a multiple of {tk.HEAD_DIM_MULTIPLE} in "
+                             f"[{tk.MIN_HEAD_DIM}, {tk.MAX_HEAD_DIM}] (MLA: q/k 192, v 128)")
     if v_dim > qk_dim or (BLOCK_Q * qk_dim) % v_dim:
         raise ValueError(f"{NAME}: v head_dim={v_dim} must be <= q/k head_dim={qk_dim} and divide 64 * {qk_dim} (the "
                          f"output leaves through the warpgroup's Q rows in shared memory)")
@@ -294,22 +293,6 @@ def _smem(shape, dtype):
                                                 plgpu.SwizzleTransform(swizzle)))
 
 
-def check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T, blocks: Blocks) -> None:
-    """ValueError naming the argument and what is allowed."""
-    if q_THK.ndim != 3 or k_THK.shape != q_THK.shape or v_THV.ndim != 3 or v_THV.shape[:2] != q_THK.shape[:2]:
-        raise ValueError(f"{NAME}: q and k must be [tokens, heads, qk_dim] and v [tokens, heads, v_dim], got q "
-                         f"{q_THK.shape}, k {k_THK.shape}, v {v_THV.shape}")
-    check_head_dims(q_THK.shape[2], v_THV.shape[2], blocks)
-    dtypes = {jnp.dtype(a.dtype) for a in (q_THK, k_THK, v_THV)}
-    if len(dtypes) != 1 or dtypes.pop() not in {jnp.dtype(d) for d in DTYPES}:
-        raise ValueError(f"{NAME}: q, k, v must share one dtype of {[jnp.dtype(d).name for d in DTYPES]}, got "
-                         f"{q_THK.dtype}, {k_THK.dtype}, {v_THV.dtype}")
-    t = q_THK.shape[0]
-    if segment_ids_T.shape != (t,) or positions_T.shape != (t,):
-        raise ValueError(f"{NAME}: segment_ids and positions must be [{t}], got {segment_ids_T.shape} and "
-                         f"{positions_T.shape}")
-
-
 def mgpu_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float, blocks: Blocks | None = None,
                    device: jax.Device | None = None, rescale_threshold: float = tk.RESCALE_THRESHOLD,
                    interpret: bool = False) -> jax.Array:
@@ -321,7 +304,8 @@ def mgpu_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: fl
     t, heads, qk_dim = q_THK.shape
     v_dim = v_THV.shape[2]
     b = blocks or blocks_for(t, qk_dim, v_dim, device.device_kind)
-    check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T, b)
+    tk.check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T, NAME,
+                    functools.partial(check_head_dims, blocks=b))
     if not 0.0 < rescale_threshold <= 1.0:
         raise ValueError(f"{NAME}: rescale_threshold must be in (0, 1], got {rescale_threshold}")
     if not interpret:

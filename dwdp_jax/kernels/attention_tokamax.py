@@ -92,23 +92,25 @@ def check_head_dims(qk_dim: int, v_dim: int) -> None:
                          f"{MAX_SMEM_BYTES} bytes of shared memory an SM90 block has")
 
 
-def check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T) -> None:
-    """ValueError naming the argument and what is allowed, for shapes and dtypes the kernel does not take."""
+def check_inputs(q_THK, k_THK, v_THV, segment_ids_T, positions_T, name: str = "tokamax attention",
+                 check_dims=check_head_dims) -> None:
+    """ValueError naming the argument and what is allowed, for shapes and dtypes a Hopper attention kernel does not
+    take (`name` in the message; `check_dims(qk, v)` the kernel's head widths, this one's by default)."""
     if q_THK.ndim != 3 or k_THK.ndim != 3 or v_THV.ndim != 3:
-        raise ValueError(f"tokamax attention: q, k, v must be [tokens, heads, head_dim], got q {q_THK.shape}, "
+        raise ValueError(f"{name}: q, k, v must be [tokens, heads, head_dim], got q {q_THK.shape}, "
                          f"k {k_THK.shape}, v {v_THV.shape}")
     t, h, qk = q_THK.shape
     if k_THK.shape != q_THK.shape:
-        raise ValueError(f"tokamax attention: k must have q's shape {q_THK.shape}, got {k_THK.shape}")
+        raise ValueError(f"{name}: k must have q's shape {q_THK.shape}, got {k_THK.shape}")
     if v_THV.shape[:2] != (t, h):
-        raise ValueError(f"tokamax attention: v must be [{t}, {h}, v_head_dim], got {v_THV.shape}")
-    check_head_dims(qk, v_THV.shape[2])
+        raise ValueError(f"{name}: v must be [{t}, {h}, v_head_dim], got {v_THV.shape}")
+    check_dims(qk, v_THV.shape[2])
     dtypes = {jnp.dtype(a.dtype) for a in (q_THK, k_THK, v_THV)}
     if len(dtypes) != 1 or dtypes.pop() not in {jnp.dtype(d) for d in DTYPES}:
-        raise ValueError(f"tokamax attention: q, k, v must share one dtype of {[jnp.dtype(d).name for d in DTYPES]}, "
+        raise ValueError(f"{name}: q, k, v must share one dtype of {[jnp.dtype(d).name for d in DTYPES]}, "
                          f"got {q_THK.dtype}, {k_THK.dtype}, {v_THV.dtype}")
     if segment_ids_T.shape != (t,) or positions_T.shape != (t,):
-        raise ValueError(f"tokamax attention: segment_ids and positions must be [{t}], got {segment_ids_T.shape} and "
+        raise ValueError(f"{name}: segment_ids and positions must be [{t}], got {segment_ids_T.shape} and "
                          f"{positions_T.shape}")
 
 

@@ -126,6 +126,11 @@ class Fp8Blocks(PipelinedTiles):
         """Columns of each weight a CTA computes."""
         return self.tile_n * (COMPUTE_WGS if self.wg_cols else 1)
 
+    @property
+    def wg_rows(self) -> int:
+        """Rows of the tile a compute warpgroup computes: all of them on column halves, half on row halves."""
+        return self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
+
     def smem_bytes_per_flop(self, fused: bool) -> float:
         """Shared-memory traffic of a CTA's K step over its FLOPs: the TMA writes of the x tile and the weight tiles,
         and the wgmma reads, where every 64-row wgmma reads its 64 x rows and all its weight columns (a 64-column
@@ -133,9 +138,8 @@ class Fp8Blocks(PipelinedTiles):
         weights = 2 if fused else 1
         flops = 2 * self.tile_m * self.cta_n * weights * KSTEP
         writes = (self.tile_m + weights * self.cta_n) * KSTEP
-        wg_rows = self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
         x_reads = 1 if self.x_in_registers else weights  # per 64-row block
-        reads = COMPUTE_WGS * (wg_rows // 64) * KSTEP * (64 * x_reads + weights * self.tile_n)
+        reads = COMPUTE_WGS * (self.wg_rows // 64) * KSTEP * (64 * x_reads + weights * self.tile_n)
         return (writes + reads) / flops
 
     def smem_ceiling(self, fused: bool) -> float:
@@ -147,9 +151,8 @@ class Fp8Blocks(PipelinedTiles):
         rows per weight, partials of one row block (all of its rows on row halves, 64 with wg_cols) per weight, or
         of one weight with one_partial."""
         weights = 2 if fused else 1
-        rows = self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
-        partial_rows = 64 if self.wg_cols else rows
-        return (weights * rows + (1 if self.one_partial else weights) * partial_rows) * self.tile_n // 128
+        partial_rows = 64 if self.wg_cols else self.wg_rows
+        return (weights * self.wg_rows + (1 if self.one_partial else weights) * partial_rows) * self.tile_n // 128
 
 
 # Chained per-group windows: on H200 (experiments.bench_fp8_gemm, down, 131072 rows over 256 groups, skew 6) 845
@@ -189,7 +192,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
     w_gmems, out_gmem = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
-    wg_rows = b.tile_m if b.wg_cols else b.tile_m // COMPUTE_WGS  # a warpgroup's rows
+    wg_rows = b.wg_rows
     # the wgmma row blocks a warpgroup promotes one at a time: (first row within its rows, rows)
     row_blocks = [(r, 64) for r in range(0, wg_rows, 64)] if b.wg_cols else [(0, wg_rows)]
     n_iters, k_iters = n_dim // b.cta_n, k_dim // KSTEP
