@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 # The named scopes of models/ and runtime/dep.py, innermost first where they nest (moe_gmm inside routed_experts).
-STAGES = ("attention", "mla_proj", "rope", "mla_out", "router", "shared_expert", "moe_permute", "moe_gmm",
-          "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head")
+STAGES = ("attention", "attention_fp8_inputs", "mla_proj", "rope", "mla_out", "router", "shared_expert", "moe_quantize",
+          "moe_permute", "moe_gmm", "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head")
 
 _MODULE_FILE = re.compile(r"^module_(\d+)\.([^.]+)\..*after_optimizations\.txt$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name=\"([^\"]*)\"")
@@ -115,6 +115,22 @@ def breakdown(kernels: dict[int, list], scopes: dict[int | str, dict[str, str]])
                        "stages_ms": {k: merged_ns(v) / 1e6 for k, v in sorted(by_stage.items())},
                        "kernels": len(events), "undumped_kernels": undumped}
     return out
+
+
+def top_kernels(events: list[tuple], scopes: dict[int | str, dict[str, str]], n: int) -> list[dict[str, Any]]:
+    """One device's `n` costliest instructions over a trace (`device_kernels`' events): each with its stage, HLO
+    instruction, op_name, kernel names, launches and summed milliseconds, costliest first."""
+    totals: dict[tuple, dict[str, Any]] = {}
+    for start, end, program, module, op, name in events:
+        op_name = (scopes.get(program, scopes.get(module)) or {}).get(op, "")
+        row = totals.setdefault((module, op), {"stage": "copy" if _is_copy(name) else stage_of(op_name),
+                                               "hlo_op": op, "op_name": op_name, "kernels": set(), "calls": 0,
+                                               "ms": 0.0})
+        row["kernels"].add(name)
+        row["calls"] += 1
+        row["ms"] += (end - start) / 1e6
+    rows = sorted(totals.values(), key=lambda r: -r["ms"])[:n]
+    return [{**r, "kernels": sorted(r["kernels"])} for r in rows]
 
 
 def newest_xplane(trace_dir: str | Path) -> Path:

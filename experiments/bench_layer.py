@@ -26,12 +26,14 @@ import ast
 import dataclasses
 import statistics
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from dwdp_jax import profiling, stage_trace
 from dwdp_jax.expert_source import SyntheticExperts
 from dwdp_jax.kernels import attention
 from dwdp_jax.packing import pack
@@ -52,7 +54,11 @@ _ATTENTION = flags.DEFINE_list("attention_impls", [], "attention backends, each 
                                 "hopper on GPU, xla on CPU); variants are named preset@backend when several")
 _TINY = flags.DEFINE_bool("tiny", False, "the tiny preset's widths at fp32 (a CPU functional check)")
 _SEED = flags.DEFINE_integer("seed", 0, "weights and tokens")
+_TRACE = flags.DEFINE_string("trace", "", "a new directory: after the timed rounds, one more step of each variant "
+                              "under the profiler, its device time by named scope and its costliest instructions "
+                              "(XLA's HLO dump goes there too)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
+TOP_KERNELS = 20  # instructions recorded per traced variant (12 printed)
 
 EXACT = 1e-5  # fp32: the staged step against the one-program prefill
 
@@ -104,6 +110,8 @@ def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_i
 
 def main(argv):
     del argv
+    if _TRACE.value:
+        profiling.start_trace_dump(_TRACE.value)  # before the backend starts
     device = jax.devices()[0]
     gpu = device.platform == "gpu"
     if not gpu and not _TINY.value:
@@ -147,6 +155,9 @@ def main(argv):
                                                         / np.linalg.norm(b.logits_TV))
         metrics[f"{name}_expert_sets_equal_{base}"] = float(
             (np.sort(a.expert_ids[0], 1) == np.sort(b.expert_ids[0], 1)).all(1).mean())
+    for name, out in outputs.items():  # the grouped GEMM's skew as this layer routes (the kernels' benches set theirs)
+        rows_E = np.bincount(np.asarray(out.expert_ids[0]).ravel(), minlength=cfgs[variants[name][0]].n_routed_experts)
+        metrics[f"{name}_routed_max_over_mean"] = float(rows_E.max() / rows_E.mean())
     if failed:
         write_measurements("bench_layer", config=_config(gemm, impls), raw={"failed": failed},
                            metrics=metrics, root=_RESULTS.value)
@@ -167,18 +178,41 @@ def main(argv):
         runtime.step(0, batch, profile=True)  # compiles the per-stage programs
         for stage, s in runtime.step(0, batch, profile=True).stages_s.items():
             metrics[f"{name}_{stage}_ms"] = s * 1e3
+    top = {name: traced_step(name, runtime, batch, device, metrics) for name, runtime in runtimes.items()
+           } if _TRACE.value else {}
     for name in list(variants)[1:]:
         metrics[f"{name}_over_{base}_tokens_per_s"] = (metrics[f"{name}_tokens_per_s"]
                                                        / metrics[f"{base}_tokens_per_s"])
-    write_measurements("bench_layer", config=_config(gemm, impls), raw={"seconds": seconds},
+    write_measurements("bench_layer", config=_config(gemm, impls), raw={"seconds": seconds, "top_kernels": top},
                        metrics=metrics, root=_RESULTS.value)
     _table(list(variants), metrics, gpu)
+    for name, rows in top.items():
+        print(f"{name}: costliest instructions of one traced step")
+        for r in rows[:12]:
+            print(f"  {r['ms']:9.3f} ms {r['calls']:4d}x  {r['stage']:<14} {r['hlo_op']:<28} {r['kernels'][0][:60]}")
+
+
+def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) -> list[dict]:
+    """One step of `runtime` under the profiler: its device's time by stage into `metrics` ({name}_trace_*_ms),
+    and its costliest instructions (`stage_trace.top_kernels`)."""
+    trace_dir = Path(_TRACE.value) / name.replace(":", "_").replace("=", "_").replace("@", "_")
+    with jax.profiler.trace(str(trace_dir)):
+        runtime.step(0, batch)
+    kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
+    events = kernels.get(device.id) or next(iter(kernels.values()))  # CPU thunks carry the device ordinal
+    scopes = stage_trace.hlo_scopes(Path(_TRACE.value) / "hlo")
+    t = stage_trace.breakdown({0: events}, scopes)[0]
+    for key in ("span_ms", "busy_ms", "idle_ms"):
+        metrics[f"{name}_trace_{key}"] = t[key]
+    for stage, ms in t["stages_ms"].items():
+        metrics[f"{name}_trace_{stage}_ms"] = ms
+    return stage_trace.top_kernels(events, scopes, TOP_KERNELS)
 
 
 def _config(gemm: str, attention_impls: list[str]) -> dict:
     return {"presets": _PRESETS.value, "tokens": _TOKENS.value, "sequences": _SEQUENCES.value,
             "rounds": _ROUNDS.value, "warmup": _WARMUP.value, "gemm_backend": gemm, "attention_impls": attention_impls,
-            "tiny": _TINY.value, "seed": _SEED.value}
+            "tiny": _TINY.value, "seed": _SEED.value, "trace": _TRACE.value}
 
 
 def _table(variants: list[str], metrics: dict, gpu: bool) -> None:

@@ -36,6 +36,32 @@ def test_tiny_layer_fp8_against_bf16_and_an_ablation(tmp_path):
     assert 0 < metrics[f"{ablated}_logits_rel_to_deepseek_r1_released"] < 0.1
 
 
+def test_traced_step_breaks_device_time_down_by_scope(tmp_path):
+    """--trace: one more step of each variant under the profiler, its kernels attributed to the model's named scopes
+    through XLA's HLO dump; the routing's skew is recorded; a used trace directory is refused."""
+    from dwdp_jax import stage_trace
+
+    trace = tmp_path / "trace"
+    done = _run("--tiny", "--tokens=128", "--sequences=2", "--rounds=1", "--warmup=0",
+                "--presets=deepseek_r1,deepseek_r1_released", f"--trace={trace}", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = (tmp_path / "bench_layer").glob("*.json")
+    doc = json.loads(path.read_text())
+    metrics, top = doc["metrics"], doc["raw"]["top_kernels"]
+    for preset in ("deepseek_r1", "deepseek_r1_released"):
+        assert 0 < metrics[f"{preset}_trace_busy_ms"] <= metrics[f"{preset}_trace_span_ms"]
+        for stage in ("attention", "mla_proj", "moe_gmm"):  # others may fuse into a neighbour
+            assert metrics[f"{preset}_trace_{stage}_ms"] > 0, stage
+        assert metrics[f"{preset}_routed_max_over_mean"] >= 1.0
+        rows = top[preset]
+        assert 0 < len(rows) <= 20 and [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+        assert {r["stage"] for r in rows} <= set(stage_trace.STAGES) | {"other", "copy"}
+        assert any(r["stage"] == "moe_gmm" for r in rows)
+    assert "costliest instructions of one traced step" in done.stdout
+    again = _run("--tiny", "--tokens=128", "--rounds=1", "--warmup=0", f"--trace={trace}", tmp_path=tmp_path / "x")
+    assert again.returncode != 0 and "is not empty; give a new directory" in again.stderr
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path):
     done = _run("--tokens=128", tmp_path=tmp_path)
     assert done.returncode == 2 and "R1 width needs a GPU; --tiny" in done.stderr

@@ -45,6 +45,18 @@ def test_breakdown_counts_span_busy_idle_and_stages_per_device():
     assert stage_trace.breakdown(kernels, by_name)[0]["stages_ms"] == {"attention": 4.0}
 
 
+def test_top_kernels_sum_each_instruction_and_sort_by_time():
+    scopes = {7: {"a": "jit(f)/attention/dot", "g": "jit(f)/moe_gmm/custom-call"}}
+    events = [(0, 4_000_000, 7, "jit_f", "a", "k_a"), (5_000_000, 6_000_000, 7, "jit_f", "g", "k_g"),
+              (6_000_000, 10_000_000, 7, "jit_f", "g", "k_g2"), (10_000_000, 10_500_000, None, None, None, "Memcpy"),
+              (11_000_000, 11_200_000, 9, "jit_h", "x", "k_x")]
+    rows = stage_trace.top_kernels(events, scopes, 3)
+    assert [(r["stage"], r["hlo_op"], r["calls"], r["ms"]) for r in rows] == [
+        ("moe_gmm", "g", 2, 5.0), ("attention", "a", 1, 4.0), ("copy", None, 1, 0.5)]
+    assert rows[0]["kernels"] == ["k_g", "k_g2"] and rows[0]["op_name"] == "jit(f)/moe_gmm/custom-call"
+    assert stage_trace.top_kernels(events, scopes, 10)[-1]["stage"] == "other"  # no dump names program 9
+
+
 def test_a_cpu_trace_names_each_kernel_by_its_scope(tmp_path):
     @jax.jit
     def f(x):
