@@ -93,11 +93,13 @@ def test_blocks_come_from_the_cache_nearest_in_tokens(tmp_path, monkeypatch):
 
 
 def test_hopper_backend_takes_the_kernel_cached_faster(tmp_path, monkeypatch):
-    """`hopper` (the GPU presets' attention): tokamax without entries; the higher cached rate of the two kernels
-    when both have one (bench_attention --tune times them in one run); tokamax where mgpu cannot take the widths."""
+    """`hopper` (the GPU presets' attention): tokamax unless both kernels have entries; then the higher cached rate
+    (bench_attention --tune times them in one run); tokamax where mgpu cannot take the widths."""
     monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(tmp_path / "blocks.json"))
     fastest = attention.fastest_hopper_kernel
     assert fastest(32768, 192, 128, "NVIDIA H200") == tk.KERNEL
+    tuning.record(am.KERNEL, "NVIDIA H200", 192, 128, False, 32768, am.Blocks(), 457.0, "test")
+    assert fastest(32768, 192, 128, "NVIDIA H200") == tk.KERNEL  # a lone mgpu rate was timed against nothing
     tuning.record(tk.KERNEL, "NVIDIA H200", 192, 128, False, 32768, tk.Blocks(), 585.0, "test")
     tuning.record(am.KERNEL, "NVIDIA H200", 192, 128, False, 32768, am.Blocks(), 560.0, "test")
     assert fastest(32768, 192, 128, "NVIDIA H200") == tk.KERNEL

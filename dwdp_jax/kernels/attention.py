@@ -89,12 +89,15 @@ HOPPER_KERNELS: dict[str, Attention] = {attention_mgpu.KERNEL: mgpu_attention,
 
 def fastest_hopper_kernel(tokens: int, qk_dim: int, v_dim: int, device_kind: str) -> str:
     """Of the Hopper kernels, the one whose cached rate at these head widths (the entry nearest in tokens) is the
-    higher; tokamax's without entries, or where the widths are not `attention_mgpu`'s."""
+    higher; tokamax's unless both have entries (a lone mgpu rate was timed against nothing), or where the widths are
+    not `attention_mgpu`'s."""
     try:
         attention_mgpu.check_head_dims(qk_dim, v_dim)
     except ValueError:
         return attention_tokamax.KERNEL
-    return tuning.fastest(tuple(HOPPER_KERNELS), device_kind, qk_dim, v_dim, False, tokens) or attention_tokamax.KERNEL
+    if tuning.fastest((attention_tokamax.KERNEL,), device_kind, qk_dim, v_dim, False, tokens) is None:
+        return attention_tokamax.KERNEL
+    return tuning.fastest(tuple(HOPPER_KERNELS), device_kind, qk_dim, v_dim, False, tokens)
 
 
 def hopper_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: float,
