@@ -201,10 +201,15 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
         plgpu.barrier_wait(q_full)
         starts = layout(starts_smem[0, rows], ROW)
 
-        def take_turn():  # ping-pong: the warpgroups alternate between their GEMM issues
+        # Ping-pong: a warpgroup issues its GEMMs only after the other has issued its own, then hands the turn
+        # back, so one's softmax runs under the other's GEMMs (turn[w] completes when warpgroup w may issue).
+        def my_turn():
             if b.ping_pong:
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(turn)
+                plgpu.barrier_wait(turn.at[wg])
+
+        def pass_turn():
+            if b.ping_pong:
+                plgpu.barrier_arrive(turn.at[1 - wg])
 
         def k_t(j):
             return plgpu.transpose_ref(k_smem.at[stage(j)], (1, 0))
@@ -235,10 +240,11 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
         def scores(j, then=None):
             """Issue S_j = Q K_j^T (and `then`, the previous block's PV), and return S_j once it alone is done."""
             def issue(s_acc):
+                my_turn()
                 plgpu.wgmma(s_acc, q_rows, k_t(j))
                 if then is not None:
                     then()
-                take_turn()
+                pass_turn()
                 return plgpu.wgmma_accumulator_load(s_acc, wait_n=1 if then is not None and b.overlap else 0)
 
             plgpu.barrier_wait(k_full.at[stage(j)])
@@ -246,7 +252,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
             plgpu.barrier_arrive(k_free.at[stage(j)])
             return s
 
-        pl.when(wg == 1)(take_turn)
+        pl.when(wg == 1)(pass_turn)  # warpgroup 0 issues first
         neg_inf = layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), ROW)
         p, m_scale, m, l, _ = softmax(scores(first), first, neg_inf, neg_inf,
                                       layout(jnp.zeros((BLOCK_Q,), jnp.float32), ROW))
@@ -270,13 +276,14 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
 
         def last_pv(o_acc):
             plgpu.barrier_wait(v_full.at[stage(end - 1)])
+            my_turn()
             plgpu.wgmma(o_acc, p, v_smem.at[stage(end - 1)])
-            take_turn()
+            pass_turn()
             return ()
 
         o, _ = _accumulate(o, last_pv, (), interpret)
         plgpu.barrier_arrive(v_free.at[stage(end - 1)])
-        pl.when(wg == 0)(take_turn)  # wg 1 took one turn more, first
+        pl.when(wg == 0)(my_turn)  # observes warpgroup 1's last hand-back: every barrier phase is waited for
         out = o / jax.lax.broadcast_in_dim(l, o.shape, (0,))
         out_rows = o_smem.at[wg, pl.ds(0, BLOCK_Q)]  # within this warpgroup's Q bytes
         out_rows[...] = out.astype(out_gmem.dtype)
@@ -325,7 +332,7 @@ def mgpu_attention(q_THK, k_THK, v_THV, segment_ids_T, positions_T, *, scale: fl
                plgpu.Barrier(num_barriers=b.num_stages),
                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=b.num_stages),
                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=b.num_stages),
-               plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+               plgpu.Barrier(num_barriers=COMPUTE_WGS))
     kernel = plgpu.kernel(
         functools.partial(_kernel, b=b, scale=scale, threshold=rescale_threshold, num_tiles=num_tiles,
                           interpret=interpret),
