@@ -2,8 +2,8 @@
 
 Input rows are sorted by expert; `group_sizes_G[g]` rows belong to expert g of the slab, starting at row 0.
 Rows past sum(group_sizes_G) produce zeros, which is what lets the split-weight MoE run one call per slab
-on a shared sorted buffer. The XLA backend is `jax.lax.ragged_dot`: exact and portable, but XLA:GPU expands
-it densely (G x the FLOPs), so it is the CPU/reference backend only; the Hopper kernels (`gpu`) plug in by name.
+on a shared sorted buffer. The XLA backend is one plain dot per group (`grouped_dot`): exact and portable, but G x
+the FLOPs, so it is the CPU/reference backend only; the Hopper kernels (`gpu`) plug in by name.
 """
 
 from __future__ import annotations
@@ -19,17 +19,32 @@ from dwdp_jax.kernels import fp8, gpu, split_gemm, split_gemm_fp8_mgpu, split_ge
 GroupedFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def grouped_dot(a_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
+    """`jax.lax.ragged_dot(a, w, group_sizes)` in fp32 (rows past sum(group_sizes_G) zero), as one [M, K] x [K, N]
+    dot per group, each row keeping its own group's: a row's value is its K-long dot with its expert alone, whatever
+    the number of groups G. Not `ragged_dot` itself: off TPU (jax 0.10.2) that is one dot over the rows masked per
+    group, contracting over G*K with the groups interleaved, and XLA:CPU sums that contraction in an order that
+    depends on G (AVX512-BF16/AMX), so DEP's slabs of E/N experts rounded their rows unlike the reference's slab of
+    E. The same FLOPs as that expansion, an [M, N] fp32 buffer instead of the [G, M, K] masked copy of `a`."""
+    m = a_MK.shape[0]
+    group_M = jnp.searchsorted(jnp.cumsum(group_sizes_G), jnp.arange(m, dtype=group_sizes_G.dtype), side="right")
+
+    def one_group(g, y_MN):
+        return jnp.where((group_M == g)[:, None], jnp.dot(a_MK, w_GKN[g], preferred_element_type=jnp.float32), y_MN)
+
+    return jax.lax.fori_loop(0, w_GKN.shape[0], one_group, jnp.zeros((m, w_GKN.shape[2]), jnp.float32))
+
+
 def xla_grouped_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate_GDF: jax.Array, w_up_GDF: jax.Array,
                     w_down_GFD: jax.Array) -> jax.Array:
     """down(silu(gate(x)) * up(x)) per expert group, accumulated in fp32, returned in x's dtype. FP8 experts
     (`fp8.BlockScaled` weights) take the exact reference of the scaled kernels (`fp8.reference_ffn`)."""
     if isinstance(w_gate_GDF, fp8.BlockScaled):
         return fp8.reference_ffn(x_MD, group_sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD)
-    acc = jnp.float32
-    gate_MF = jax.lax.ragged_dot(x_MD, w_gate_GDF, group_sizes_G, preferred_element_type=acc)
-    up_MF = jax.lax.ragged_dot(x_MD, w_up_GDF, group_sizes_G, preferred_element_type=acc)
+    gate_MF = grouped_dot(x_MD, w_gate_GDF, group_sizes_G)
+    up_MF = grouped_dot(x_MD, w_up_GDF, group_sizes_G)
     h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
-    return jax.lax.ragged_dot(h_MF, w_down_GFD, group_sizes_G, preferred_element_type=acc).astype(x_MD.dtype)
+    return grouped_dot(h_MF, w_down_GFD, group_sizes_G).astype(x_MD.dtype)
 
 
 _BACKENDS: dict[str, GroupedFFN] = {"xla": xla_grouped_ffn, "pallas_mgpu": gpu.pallas_grouped_ffn}
