@@ -80,6 +80,18 @@ class RoutedExperts(Protocol):
                  valid_T: jax.Array | None = None) -> jax.Array: ...
 
 
+def take_rows(x_RD: jax.Array, rows_Q: jax.Array) -> jax.Array:
+    """x_RD's rows at rows_Q ([Q, D]), zero rows where an index is out of range (R: padding rows). Rows of narrow
+    dtypes move as 32-bit words: XLA's GPU gather moves one element per thread step, so an e4m3 row of 7168 bytes
+    took 7168 of them (H100: 2.77 ms for R1's 262144 routed rows, 1.4 TB/s of the HBM's 3.35)."""
+    d, width = x_RD.shape[1], jnp.dtype(x_RD.dtype).itemsize
+    if width >= 4 or (d * width) % 4:
+        return jnp.take(x_RD, rows_Q, axis=0, mode="fill", fill_value=0)
+    words_RW = jax.lax.bitcast_convert_type(x_RD.reshape(x_RD.shape[0], -1, 4 // width), jnp.uint32)
+    out_QW = jnp.take(words_RW, rows_Q, axis=0, mode="fill", fill_value=0)
+    return jax.lax.bitcast_convert_type(out_QW, x_RD.dtype).reshape(rows_Q.shape[0], d)
+
+
 def sort_by_expert(ids_TK: jax.Array, num_experts: int, valid_T: jax.Array | None = None):
     """Stable order of the T*K (token, choice) rows by expert; padding tokens go last and count nowhere.
 
@@ -211,7 +223,7 @@ class ExpertView:
                 token_P = jnp.full((num_aligned,), x_TD.shape[0], order_M.dtype).at[aligned_M].set(order_M // k)
             else:
                 token_P = order_M // k
-            x_sorted_MD = jnp.take(x_TD, token_P, axis=0, mode="fill", fill_value=0)
+            x_sorted_MD = take_rows(x_TD, token_P)
             scale_SM = None if scale_ST is None else jnp.take(scale_ST, token_P, axis=1, mode="fill", fill_value=0)
         with jax.named_scope("moe_gmm"):
             y_sorted_MD = grouped_ffn_over_slabs(x_sorted_MD, group_sizes_E, self.slabs, self.backend,

@@ -359,3 +359,22 @@ def test_clocks_under_load_reads_the_second_half_of_nvidia_smis_samples(tmp_path
     smi.write_text("#!/bin/sh\nexec sleep 5\n")
     with pytest.raises(RuntimeError, match="no clock and power samples"):
         clocks_under_load(dense_gemm_case(64, 64, 64, jnp.float32), seconds=0.2)
+
+
+@pytest.mark.parametrize("dtype,d,words", [(jnp.float8_e4m3fn, 256, True), (jnp.bfloat16, 64, True),
+                                           (jnp.float32, 32, False), (jnp.float8_e4m3fn, 6, False)])
+def test_take_rows_moves_narrow_rows_as_words_bit_for_bit(dtype, d, words):
+    """The permute's gather: bit for bit `jnp.take` (NaN and -0 bytes included, out-of-range rows zero), and for
+    e4m3 / bf16 rows whose bytes divide into 32-bit words, a gather of u32 words in the compiled HLO."""
+    import re
+
+    from models.experts import take_rows
+
+    raw = jax.random.randint(jax.random.key(0), (9, d * jnp.dtype(dtype).itemsize), 0, 256, jnp.int32)
+    x = jax.lax.bitcast_convert_type(raw.astype(jnp.uint8).reshape(9, d, -1), dtype).reshape(9, d)
+    rows = jnp.array([3, 8, 0, 9, 100, 2, 2, -20], jnp.int32)  # 9, 100: past the rows; -20: negative
+    got, want = take_rows(x, rows), jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+    assert got.dtype == x.dtype and got.shape == (8, d)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+    hlo = jax.jit(take_rows).lower(x, rows).compile().as_text()
+    assert bool(re.search(r"u32\[[\d,]+\][^=]*? gather\(", hlo)) == words, hlo

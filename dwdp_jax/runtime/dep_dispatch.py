@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from dwdp_jax.kernels import fp8_rows
-from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert
+from models.experts import ExpertSlab, combine, grouped_ffn_over_slabs, sort_by_expert, take_rows
 
 AXIS = "ep"
 DISPATCH_BACKENDS = ("dense", "ragged")
@@ -72,7 +72,7 @@ def _move_segments(x_RD: jax.Array, sizes_G: jax.Array, src_start_G: jax.Array, 
     seg_Q = jnp.minimum(seg_Q, sizes_G.shape[0] - 1)
     inside_Q = (rows_Q >= dst_start_G[seg_Q]) & (rows_Q < dst_start_G[seg_Q] + sizes_G[seg_Q])
     src_Q = jnp.where(inside_Q, src_start_G[seg_Q] + rows_Q - dst_start_G[seg_Q], x_RD.shape[0])
-    return jnp.take(x_RD, src_Q, axis=0, mode="fill", fill_value=0)
+    return take_rows(x_RD, src_Q)
 
 
 @jax.tree_util.register_dataclass
