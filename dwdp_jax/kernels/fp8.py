@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dwdp_jax.kernels.grouped_dot import grouped_dot
+
 BLOCK = 128  # DeepSeek-V3's weight_block_size and activation group
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -147,12 +149,8 @@ def reference_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate: BlockScaled
     """The SwiGLU expert FFN on FP8 experts exactly as the scaled kernels define it: x quantized per row and 128
     columns, the fp32 product with the block-dequantized weights, the SwiGLU output rounded to x's dtype and
     quantized again before the down projection. Rows past sum(group_sizes) come back zero."""
-    acc = jnp.float32
-
     def dot(a_MK, w: BlockScaled):
-        w_GKN = jnp.swapaxes(dequantize_weights(*w), 1, 2)
-        return jax.lax.ragged_dot(as_fp8_rows(a_MK), w_GKN, group_sizes_G, preferred_element_type=acc,
-                                  precision=jax.lax.Precision.HIGHEST)
+        return grouped_dot(as_fp8_rows(a_MK), dequantize_weights_kn(*w), group_sizes_G, jax.lax.Precision.HIGHEST)
 
     h_MF = (jax.nn.silu(dot(x_MD, w_gate)) * dot(x_MD, w_up)).astype(x_MD.dtype)
     return dot(h_MF, w_down).astype(x_MD.dtype)
