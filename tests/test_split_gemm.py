@@ -188,8 +188,8 @@ def test_sustained_timing_warms_up_for_the_given_seconds():
         return jnp.zeros(())
 
     seconds = time_s(work, repeats=3, warmup=1, sustain_s=0.2)
-    # more warm-up calls than `warmup` (each sleeps 10 ms; a loaded machine fits fewer than 20 into 0.2 s)
-    assert calls[-3] - calls[0] >= 0.2 and len(calls) > 1 + 3 + 1
+    # the warm-up spans 0.2 s, so more calls than warmup + repeats (how many more depends on the host's load)
+    assert calls[-3] - calls[0] >= 0.2 and len(calls) > 1 + 3
     assert seconds >= 0.01  # each timed call sleeps 10 ms; no upper bound: a loaded machine sleeps longer
     calls.clear()
     time_s(work, repeats=3, warmup=1)
