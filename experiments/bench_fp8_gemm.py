@@ -24,7 +24,7 @@ from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks, split_ragged_dot
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import NAME_TUNED, Fp8Blocks, default_blocks, split_ragged_dot_fp8_mgpu
-from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES
+from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES, swept
 from dwdp_jax.results import write_measurements
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)", lower_bound=1)
@@ -42,6 +42,8 @@ _SUSTAINED_ROUNDS = flags.DEFINE_integer("sustained_rounds", 1, "rounds under su
 _KERNELS = flags.DEFINE_multi_enum("kernel", ["mgpu", "triton"], ["mgpu", "triton"], "the FP8 split kernels to time")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate of each FP8 kernel (--nosweep: the cached winner, "
                            "else the default)")
+_WITH_OPTION = flags.DEFINE_multi_string("with_option", [], "sweep only the first candidate (the defaults) and those "
+                                         "with any of these blocks options set (e.g. wg_weights)")
 _ERROR = flags.DEFINE_bool("error", True, "each FP8 kernel's relative error against per-group fp32 products "
                            "(--noerror skips it and its reference, one compiled product per group)")
 _TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache")
@@ -89,7 +91,9 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
     spec = KERNELS[kernel]
     tuned = tuning.lookup(spec.tuned_name, spec.blocks_type, jax.devices()[0].device_kind, k, n, fused, real)
     sweep = {}
-    for b in spec.candidates[fused] if _SWEEP.value else [tuned or spec.defaults(k, n, fused)]:
+    candidates = swept(spec.candidates[fused], _WITH_OPTION.value)
+    candidates += [tuned] if tuned is not None and tuned not in candidates else []  # what --tune would replace
+    for b in candidates if _SWEEP.value else [tuned or spec.defaults(k, n, fused)]:
         try:
             sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn,
                                                    slab_counts=slabs))
@@ -157,6 +161,8 @@ def main(argv):
     if jax.devices()[0].platform != "gpu":
         print("bench_fp8_gemm: needs a GPU", file=sys.stderr)
         sys.exit(2)
+    for kernel in _KERNELS.value:  # a misspelt option fails before any device work
+        swept(KERNELS[kernel].candidates[True], _WITH_OPTION.value)
     sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
     metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
     for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
@@ -171,7 +177,8 @@ def main(argv):
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
     config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value,
               "align": _ALIGN.value,
-              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "error": _ERROR.value,
+              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "with_option": list(_WITH_OPTION.value),
+              "error": _ERROR.value,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)

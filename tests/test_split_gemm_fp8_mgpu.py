@@ -152,6 +152,21 @@ def test_x_fragments_in_registers_give_the_exact_swiglu_up_to_summation_order(bl
     assert _rel(ours, exact) < 1e-5
 
 
+@pytest.mark.parametrize("blocks", [
+    Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=2, chain=True, per_group=True, wg_weights=True),
+    Fp8Blocks(tile_m=256, tile_n=64, max_concurrent_steps=2, num_sms=1, wg_weights=True)],
+    ids=["chained_128x128", "two_row_blocks_a_half"])
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_a_warpgroup_per_weight_gives_the_exact_swiglu(blocks, out_dtype):
+    """`wg_weights`: warpgroup 0 computes the gate, 1 the up, over all rows; the epilogue swaps half of the rows
+    through shared memory. Tiles cut at a group boundary (row 70: inside the gate's half) and rows past the groups
+    (NaN) check that each warpgroup stores its own half; chained tiles reuse the swap buffer and its barrier."""
+    assert blocks.acc_registers(fused=True) <= 192
+    ours, exact = _run(blocks, fused=True, out_dtype=out_dtype, seed=2, n=256 if blocks.tile_n == 128 else 128)
+    assert np.isfinite(ours).all()
+    assert _rel(ours, exact) < (1e-5 if out_dtype == jnp.float32 else 2e-3)
+
+
 def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
     """`split_grouped_ffn` on FP8 slabs with this kernel for both projections (quantizing x and the SwiGLU output
     on the way in) against `fp8.reference_ffn`; rows past the groups come back zero."""
@@ -229,6 +244,13 @@ def test_bad_inputs_are_refused_before_launch():
         Fp8Blocks(wg_cols=True, swizzled_store=True)
     with pytest.raises(ValueError, match="x_in_registers is for the fused gate/up"):
         run(x_q, (w,), blocks=Fp8Blocks(x_in_registers=True, num_sms=2))
+    with pytest.raises(ValueError, match="wg_weights is for the fused gate/up"):
+        run(x_q, (w,), blocks=Fp8Blocks(wg_weights=True, num_sms=2))
+    for other in ("wg_cols", "one_partial", "x_in_registers", "swizzled_store"):
+        with pytest.raises(ValueError, match="wg_weights takes none of wg_cols"):
+            Fp8Blocks(wg_weights=True, **{other: True})
+    with pytest.raises(ValueError, match="tile_m must be a multiple of 128"):
+        Fp8Blocks(tile_m=64, wg_weights=True)
 
 
 def test_non_hopper_gpus_are_refused(monkeypatch):
@@ -337,5 +359,23 @@ def test_shared_memory_ceiling_counts_tma_writes_and_wgmma_reads():
     assert dataclasses.replace(one_partial, x_in_registers=True).smem_ceiling(True) == 1.0
     assert dataclasses.replace(WG_COLS_FUSED_FP8_BLOCKS, x_in_registers=True).smem_ceiling(True) == pytest.approx(
         128 / (8192 * (49152 + 2 * 2 * 128 * (64 + 2 * 64)) / 8388608))
+    # a warpgroup per weight at 128 x 128: each reads its x row blocks once per K step, as down's column halves
+    wg_weights = Fp8Blocks(tile_n=128, max_concurrent_steps=2, wg_weights=True)
+    assert wg_weights.smem_ceiling(True) == WG_COLS_FP8_BLOCKS.smem_ceiling(False) == pytest.approx(0.889, abs=1e-3)
+    assert wg_weights.acc_registers(True) == 192
     # 256 x 128 on row halves reads and writes what 128 x 256 on column halves does
     assert Fp8Blocks(tile_m=256).smem_ceiling(False) == WG_COLS_FP8_BLOCKS.smem_ceiling(False)
+
+
+def test_a_sweep_narrowed_to_options_keeps_the_defaults_first():
+    """`bench_fp8_gemm --with_option=...`: the defaults and the candidates with any named option set; a name that is
+    not a field of the blocks is refused."""
+    from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES, swept
+
+    fused = FP8_MGPU_CANDIDATES[True]
+    assert swept(fused, []) == fused and swept(FP8_CANDIDATES, []) == list(FP8_CANDIDATES)
+    narrowed = swept(fused, ["wg_weights", "one_partial"])
+    assert narrowed[0] == fused[0] and len(narrowed) == 1 + sum(b.wg_weights or b.one_partial for b in fused[1:])
+    assert any(b.wg_weights for b in narrowed) and any(b.one_partial for b in narrowed)
+    with pytest.raises(ValueError, match=r"with_option \['wg_weights'\]: not fields of Blocks"):
+        swept(FP8_CANDIDATES, ["wg_weights"])

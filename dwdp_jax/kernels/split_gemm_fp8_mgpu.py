@@ -9,7 +9,8 @@ row scales (fp32 [tile_m] of x's [K/128, M]) into shared memory, both fp8 operan
 them (the checkpoint's [out, in] layout is K-major already).
 
 Two compute warpgroups each own half of the tile's rows, or with `Fp8Blocks.wg_cols` (the default at R1's widths)
-half of its columns, all rows, as 64-row blocks. Per 128-wide K block (one scale block), a warpgroup's wgmma (per
+half of its columns, all rows, as 64-row blocks, or fused with `Fp8Blocks.wg_weights` one weight each (gate, up),
+all rows, swapping half of them through shared memory for the SwiGLU. Per 128-wide K block (one scale block), a warpgroup's wgmma (per
 row block) fills a fresh fp32 accumulator, and it then promotes it into its running sum in registers,
 sum += partial * x_scale[row] * w_scale[n block, k block]: the fp32 promotion DeepGEMM found necessary because
 the tensor cores' fp8 accumulation keeps about 14 mantissa bits. While one warpgroup promotes on the CUDA cores,
@@ -103,6 +104,13 @@ class Fp8Blocks(PipelinedTiles):
     # and the up's wgmma take it from there; in shared memory each wgmma reads it again, which at 64 columns a
     # weight makes shared memory the bound (`smem_ceiling`). 16 more registers a thread (64 x 128 e4m3 over 128).
     x_in_registers: bool = False
+    # Fused: the compute warpgroups split the weights: one computes the gate's tile_n columns, the other the up's,
+    # each over all tile_m rows as 64-row blocks, the structure of down's column halves (wgmmas of tile_n columns,
+    # each x row block read once per K step and warpgroup) where the fused column halves read it once per 64
+    # columns of each weight (`smem_ceiling`: 0.889 of the FP8 peak at 128 x 128 against 0.727). The epilogue
+    # swaps half of the rows through shared memory in fp32 (the gate's second half to the up's warpgroup, the up's
+    # first half to the gate's), and each warpgroup stores silu(gate) * up of its half.
+    wg_weights: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +125,10 @@ class Fp8Blocks(PipelinedTiles):
             raise ValueError("Fp8Blocks.out_by_row_block needs wg_cols (the row halves store one block already)")
         if self.swizzled_store and self.wg_cols and not self.out_by_row_block:
             raise ValueError("Fp8Blocks.swizzled_store with wg_cols needs out_by_row_block (one array per store)")
+        if self.wg_weights and (self.wg_cols or self.one_partial or self.x_in_registers or self.swizzled_store):
+            raise ValueError("Fp8Blocks.wg_weights takes none of wg_cols, one_partial, x_in_registers, "
+                             "swizzled_store (a warpgroup computes one weight over all rows; halves are stored as "
+                             "64-row blocks)")
         if KSTEP % self.tile_n or self.tile_n % 8:
             raise ValueError(f"Fp8Blocks.tile_n must divide {KSTEP} (one weight scale per tile and K block) and be "
                              f"a multiple of 8 (wgmma's N), got {self.tile_n}")
@@ -129,7 +141,11 @@ class Fp8Blocks(PipelinedTiles):
     @property
     def wg_rows(self) -> int:
         """Rows of the tile a compute warpgroup computes: all of them on column halves, half on row halves."""
-        return self.tile_m if self.wg_cols else self.tile_m // COMPUTE_WGS
+        return self.tile_m if self.wg_cols or self.wg_weights else self.tile_m // COMPUTE_WGS
+
+    def wg_weight_count(self, fused: bool) -> int:
+        """Weights a compute warpgroup multiplies: both when fused, unless wg_weights splits them."""
+        return 1 if self.wg_weights or not fused else 2
 
     def smem_bytes_per_flop(self, fused: bool) -> float:
         """Shared-memory traffic of a CTA's K step over its FLOPs: the TMA writes of the x tile and the weight tiles,
@@ -138,8 +154,9 @@ class Fp8Blocks(PipelinedTiles):
         weights = 2 if fused else 1
         flops = 2 * self.tile_m * self.cta_n * weights * KSTEP
         writes = (self.tile_m + weights * self.cta_n) * KSTEP
-        x_reads = 1 if self.x_in_registers else weights  # per 64-row block
-        reads = COMPUTE_WGS * (self.wg_rows // 64) * KSTEP * (64 * x_reads + weights * self.tile_n)
+        own = self.wg_weight_count(fused)
+        x_reads = 1 if self.x_in_registers else own  # per 64-row block
+        reads = COMPUTE_WGS * (self.wg_rows // 64) * KSTEP * (64 * x_reads + own * self.tile_n)
         return (writes + reads) / flops
 
     def smem_ceiling(self, fused: bool) -> float:
@@ -148,10 +165,10 @@ class Fp8Blocks(PipelinedTiles):
 
     def acc_registers(self, fused: bool) -> int:
         """fp32 registers per compute-warpgroup thread of the partials and running sums: sums over the warpgroup's
-        rows per weight, partials of one row block (all of its rows on row halves, 64 with wg_cols) per weight, or
-        of one weight with one_partial."""
-        weights = 2 if fused else 1
-        partial_rows = 64 if self.wg_cols else self.wg_rows
+        rows per weight, partials of one row block (all of its rows on row halves, 64 with wg_cols or wg_weights)
+        per weight, or of one weight with one_partial."""
+        weights = self.wg_weight_count(fused)
+        partial_rows = 64 if self.wg_cols or self.wg_weights else self.wg_rows
         return (weights * self.wg_rows + (1 if self.one_partial else weights) * partial_rows) * self.tile_n // 128
 
 
@@ -192,9 +209,10 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
     w_gmems, out_gmem = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
+    own = b.wg_weight_count(fused)  # running sums per row block
     wg_rows = b.wg_rows
     # the wgmma row blocks a warpgroup promotes one at a time: (first row within its rows, rows)
-    row_blocks = [(r, 64) for r in range(0, wg_rows, 64)] if b.wg_cols else [(0, wg_rows)]
+    row_blocks = [(r, 64) for r in range(0, wg_rows, 64)] if b.wg_cols or b.wg_weights else [(0, wg_rows)]
     n_iters, k_iters = n_dim // b.cta_n, k_dim // KSTEP
     swizzle = plgpu.find_swizzle(KSTEP * 8)  # e4m3: 128 bytes per K step
     transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
@@ -214,7 +232,10 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     ignore = lambda *_, **__: None  # noqa: E731 (allocations do not depend on the body)
     example = ((x_gmem.at[pl.ds(0, b.tile_m)],) + tuple(w.at[0, pl.ds(0, b.cta_n)] for w in w_gmems[:2 * per_slab:2])
                + (xs_gmem.at[:, pl.ds(0, b.tile_m)],))
-    out_rows = 64 if b.out_by_row_block else wg_rows
+    out_rows = 64 if b.out_by_row_block else b.tile_m // 2 if b.wg_weights else wg_rows
+    # wg_weights: the half of the rows each warpgroup sends the other (fp32), and the rendezvous around the swap
+    swap = dict(swap=(plgpu.SMEM((COMPUTE_WGS, b.tile_m // 2, b.tile_n), jnp.float32),
+                      plgpu.Barrier(num_arrivals=COMPUTE_WGS))) if b.wg_weights else {}
     plain = plgpu.SMEM((COMPUTE_WGS, out_rows, b.tile_n), out_gmem.dtype)
     out_views = plain
     if b.swizzled_store:  # one buffer, two views (Mosaic GPU's interpreter cannot alias: a buffer each there)
@@ -225,11 +246,12 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
         out_views = (plain, swizzled) if interpret else plgpu.RefUnion(plain, swizzled)
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out_smem=out_views,
-                       collective_axes="wg")
-    def _scope(allocs, out_smem):
+                       collective_axes="wg", **swap)
+    def _scope(allocs, out_smem, swap=None):
         out_smem, out_swz = out_smem if b.swizzled_store else (out_smem, None)
         wg = jax.lax.axis_index("wg")
-        wg_row0 = 0 if b.wg_cols else wg * wg_rows  # within the tile
+        wg_row0 = 0 if b.wg_cols or b.wg_weights else wg * wg_rows  # within the tile
+        out_row0 = wg * out_rows if b.wg_weights else wg_row0  # the first row the warpgroup stores
         wg_col0 = wg * b.tile_n if b.wg_cols else 0  # within the CTA's columns
 
         per_cta = n_iters // 2 if b.cluster_n else n_iters  # column blocks a CTA (or cluster) takes per row tile
@@ -254,22 +276,40 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     # outermost)
                     _, sums = run((weight_scales(w_scales, 0),
                                    tuple(layout(jnp.zeros((n, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                                         for _, n in row_blocks for _ in range(per_slab))))
+                                         for _, n in row_blocks for _ in range(own))))
                     epilogue(sums)
                 return context
 
             def epilogue(sums):
-                outs = [(jax.nn.silu(g) * u if fused else g).astype(out_gmem.dtype)
-                        for g, u in zip(sums[::per_slab], sums[per_slab - 1::per_slab])]
+                pairs = swap_halves(sums) if b.wg_weights else zip(sums[::per_slab], sums[per_slab - 1::per_slab])
+                outs = [(jax.nn.silu(g) * u if fused else g).astype(out_gmem.dtype) for g, u in pairs]
                 # (first row within the warpgroup's rows, the blocks stored together) per store through the buffer
                 stores = ([(r, out) for (r, _), out in zip(row_blocks, outs)] if b.out_by_row_block
-                          else [(0, outs if b.wg_cols else outs[0])])
+                          else [(0, outs[0] if len(outs) == 1 else outs)])
                 for r, block in stores:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has left the buffer
-                    own_lo = jnp.clip(lo - wg_row0 - r, 0, out_rows)
-                    own_hi = jnp.clip(hi - wg_row0 - r, 0, out_rows)
+                    own_lo = jnp.clip(lo - out_row0 - r, 0, out_rows)
+                    own_hi = jnp.clip(hi - out_row0 - r, 0, out_rows)
                     store_block(block, out_smem.at[wg], None if out_swz is None else out_swz.at[wg], out_gmem, own_lo,
-                                own_hi, row0 + wg_row0 + r, col0, b.tile_n)
+                                own_hi, row0 + out_row0 + r, col0, b.tile_n)
+
+            def swap_halves(sums):
+                """(gate, up) per 64-row block of the warpgroup's half: the gate's warpgroup keeps the first half
+                and sends its second, the up's the reverse."""
+                half = len(sums) // 2
+                # (kept, sent) per block; a select of whole arrays (Mosaic GPU does not broadcast the predicate)
+                kept, sent = jax.lax.cond(wg == 0, lambda: (sums[:half], sums[half:]),
+                                          lambda: (sums[half:], sums[:half]))
+                buf, sync = swap
+                for i, block in enumerate(sent):
+                    buf[wg, pl.ds(64 * i, 64)] = block
+                plgpu.barrier_arrive(sync)
+                plgpu.barrier_wait(sync)
+                got = tuple(layout(buf[1 - wg, pl.ds(64 * i, 64)], plgpu.Layout.WGMMA) for i in range(half))
+                plgpu.barrier_arrive(sync)  # both have read: the next tile may write
+                plgpu.barrier_wait(sync)
+                gates, ups = jax.lax.cond(wg == 0, lambda: (kept, got), lambda: (got, kept))
+                return list(zip(gates, ups))
 
             def body_for(w_scales):
                 def mma(idx, x_smem, *refs):
@@ -287,6 +327,19 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                         x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
                         x_op = (layout(x_smem[rows], plgpu.Layout.WGMMA_8BIT) if b.x_in_registers
                                 else x_smem.at[rows])
+                        if b.wg_weights:  # this warpgroup's weight: the gate (warpgroup 0) or the up
+
+                            def partial_of(j, x_op=x_op, n=n):
+                                def run(acc):
+                                    plgpu.wgmma(acc, x_op, w_views[j])
+                                    plgpu.wgmma_wait(0)
+                                    return acc[...]
+                                return lambda: pl.run_scoped(run, plgpu.ACC((n, b.tile_n)))
+
+                            part = jax.lax.cond(wg == 0, partial_of(0), partial_of(1))
+                            scale = x_scale * jnp.where(wg == 0, w_scale[0], w_scale[1])
+                            new[i] = new[i] + part * jax.lax.broadcast_in_dim(scale, part.shape, (0,))
+                            continue
                         # the weights whose wgmmas run before one wait: all of them, or one at a time
                         for ws in ([[j] for j in range(per_slab)] if b.one_partial else [range(per_slab)]):
 
@@ -384,6 +437,8 @@ def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: 
     if b.x_in_registers and not fused:
         raise ValueError(f"{NAME}: Fp8Blocks.x_in_registers is for the fused gate/up (two weights sharing each x "
                          f"fragment); one weight reads each x row once from shared memory already")
+    if b.wg_weights and not fused:
+        raise ValueError(f"{NAME}: Fp8Blocks.wg_weights is for the fused gate/up (a warpgroup per weight)")
     if n % (b.cta_n * (2 if b.cluster_n else 1)):
         raise ValueError(f"{NAME}: N={n} must be a multiple of {b.cta_n * (2 if b.cluster_n else 1)} (tile_n"
                          f"{' * 2 warpgroups with wg_cols' if b.wg_cols else ''}"

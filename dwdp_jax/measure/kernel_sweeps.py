@@ -69,7 +69,8 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
 # shared memory holds; the row split's chained per-group windows, its tiles one pipeline each in row-tile order and
 # per group, per group with the most stages (33 KiB each beside the output buffer), and in clusters of two CTAs
 # sharing their x tile; fused, also the row halves at 128 columns of gate and of up, one partial at a time, that,
-# the column halves and the row halves with each x fragment read once into registers for both weights; down,
+# the column halves and the row halves with each x fragment read once into registers for both weights, a
+# warpgroup per weight at 128 columns (2 stages beside the 64 KiB swap buffer and the output); down,
 # also the column halves at 4 stages with the output stored a 64-row block at a time (through the plain and the
 # swizzled view); both, the column halves in clusters of two (unchained: a third less L2 traffic per CTA and K
 # step); the row halves' full tiles stored through a swizzled view.
@@ -80,6 +81,7 @@ FP8_MGPU_CANDIDATES = {
     + ([dataclasses.replace(narrow, tile_n=128, one_partial=True),
         dataclasses.replace(narrow, tile_n=128, one_partial=True, x_in_registers=True),
         dataclasses.replace(wide, x_in_registers=True), dataclasses.replace(narrow, x_in_registers=True),
+        dataclasses.replace(narrow, tile_n=128, max_concurrent_steps=2, wg_weights=True),
         dataclasses.replace(wide, chain=False, cluster_n=True)] if fused
        else [dataclasses.replace(wide, max_concurrent_steps=4, out_by_row_block=True, swizzled_store=s)
              for s in (False, True)]
@@ -106,3 +108,15 @@ def dense_fp8_candidates(k: int, n: int) -> list:
         dataclasses.replace(base, swizzled_store=True)] + (
         [cols, by_block, dataclasses.replace(by_block, swizzled_store=True)]
         if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
+
+
+def swept(candidates, options: list[str]) -> list:
+    """The candidates as a list, or with `options` the first and those with any of these fields set (ValueError
+    naming an option that is not a field of the blocks)."""
+    candidates = list(candidates)
+    unknown = [o for o in options if not all(hasattr(b, o) for b in candidates)]
+    if unknown:
+        raise ValueError(f"with_option {unknown}: not fields of {type(candidates[0]).__name__}")
+    if not options:
+        return candidates
+    return candidates[:1] + [b for b in candidates[1:] if any(getattr(b, o) for o in options)]
