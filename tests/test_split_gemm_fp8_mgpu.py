@@ -12,7 +12,8 @@ import pytest
 
 from dwdp_jax.kernels import fp8
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import (BY_ROW_BLOCK_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS,
+                                                  ONE_PARTIAL_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
                                                   WG_COLS_FUSED_FP8_BLOCKS, Fp8Blocks, chained_steps, default_blocks,
                                                   split_ragged_dot_fp8_mgpu)
 from models.experts import ExpertSlab
@@ -285,11 +286,11 @@ def test_default_blocks_chain_any_whole_number_of_k_blocks():
     model's down projection (K 256: 2 blocks), and a K of 256 lowers for CUDA with blocks=None."""
     for k, steps in ((2048, 4), (7168, 4), (256, 2), (384, 1)):
         assert chained_steps(DEFAULT_FP8_BLOCKS, k).max_concurrent_steps == steps
-    # without a tuned entry: column halves where N takes their CTA tiles (256 columns; fused 128 of gate and of
-    # up, so any N), else rows
-    assert default_blocks(2048, 7168, False) == WG_COLS_FP8_BLOCKS
-    assert default_blocks(7168, 2048, True) == WG_COLS_FUSED_FP8_BLOCKS
-    assert default_blocks(384, 128, True) == dataclasses.replace(WG_COLS_FUSED_FP8_BLOCKS, max_concurrent_steps=1)
+    # without a tuned entry: fused, one partial at a time at 128 columns (any N); down, column halves where N takes
+    # their CTA tiles (256 columns), else rows
+    assert default_blocks(2048, 7168, False) == BY_ROW_BLOCK_FP8_BLOCKS
+    assert default_blocks(7168, 2048, True) == ONE_PARTIAL_FP8_BLOCKS
+    assert default_blocks(384, 128, True) == dataclasses.replace(ONE_PARTIAL_FP8_BLOCKS, max_concurrent_steps=1)
     assert default_blocks(256, 384, False) == dataclasses.replace(DEFAULT_FP8_BLOCKS, max_concurrent_steps=2)
     assert chained_steps(dataclasses.replace(DEFAULT_FP8_BLOCKS, chain=False), 384).max_concurrent_steps == 4
     x_q, x_scale = fp8.quantize_rows(jnp.ones((256, 256), jnp.float32))

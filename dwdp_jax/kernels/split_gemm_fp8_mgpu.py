@@ -8,8 +8,8 @@ the bf16 Mosaic GPU split kernel (`split_gemm_mgpu`): a memory warpgroup streams
 row scales (fp32 [tile_m] of x's [K/128, M]) into shared memory, both fp8 operands K-major as e4m3 wgmma needs
 them (the checkpoint's [out, in] layout is K-major already).
 
-Two compute warpgroups each own half of the tile's rows, or with `Fp8Blocks.wg_cols` (the default at R1's widths)
-half of its columns, all rows, as 64-row blocks, or fused with `Fp8Blocks.wg_weights` one weight each (gate, up),
+Two compute warpgroups each own half of the tile's rows (the fused default, one weight's partial at a time), or
+with `Fp8Blocks.wg_cols` (down's default at R1's widths) half of its columns, all rows, as 64-row blocks, or fused with `Fp8Blocks.wg_weights` one weight each (gate, up),
 all rows, swapping half of them through shared memory for the SwiGLU. Per 128-wide K block (one scale block), a warpgroup's wgmma (per
 row block) fills a fresh fp32 accumulator, and it then promotes it into its running sum in registers,
 sum += partial * x_scale[row] * w_scale[n block, k block]: the fp32 promotion DeepGEMM found necessary because
@@ -27,7 +27,9 @@ for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf
 speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM. On H200, 262144 rows over 256 groups
 (skew 1.5, aligned to 128 rows) in two slabs, rounds against the same run's cuBLAS FP8 GEMM (one scale per
 tensor): down 937 TFLOP/s, 0.734 of it, and fused gate/up 945, 0.649, with the warpgroups on column halves (the
-row split with the scales loaded in their own step: 871 and 815, 0.671 and 0.546; the Triton path ran 293). The
+row split with the scales loaded in their own step: 871 and 815, 0.671 and 0.546; the Triton path ran 293). On
+H100 the defaults chosen from the sweep since (`default_blocks`) reach 0.738 (down) and 0.743 (gate/up) there, 0.685
+and 0.680 at 131072 rows, skew 6. The
 same kernel as a dense GEMM (`dense_fp8`) reaches 0.80-0.88 of cuBLAS at R1's long-K projections. Nsight Compute
 on the row split (down, the serving shape): the tensor pipe 63% busy with L2 at 69% of its throughput, where
 cuBLAS's 192 x 192 tiles in clusters of two run it 95% busy at 52%: the 128 x 128 tile reads twice the bytes per
@@ -184,13 +186,21 @@ FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64, chain=True, per_group=True)
 # memory beside down's 64 KiB output buffer; fused, 4 stages of 48 KiB fit beside its 32 KiB.
 WG_COLS_FP8_BLOCKS = Fp8Blocks(max_concurrent_steps=2, chain=True, per_group=True, wg_cols=True)
 WG_COLS_FUSED_FP8_BLOCKS = Fp8Blocks(tile_n=64, chain=True, per_group=True, wg_cols=True)
+# The defaults, the fastest of each projection's sweep on H100 at both of issue 26's shapes (side by side, 3 rounds;
+# WORKSPACE 2026-12-05 e): fused, the row halves at 128 columns of gate and of up, one partial at a time, 1046.3 and
+# 937.0 TFLOP/s against the fused column halves' 970.3 and 879.4 (262144 rows at skew 1.5, 131072 at skew 6); down,
+# the column halves at 4 stages storing a 64-row block at a time, 1016.7 and 857.3 against 2 stages' 973.3 and 789.3.
+ONE_PARTIAL_FP8_BLOCKS = Fp8Blocks(tile_n=128, chain=True, per_group=True, one_partial=True)
+BY_ROW_BLOCK_FP8_BLOCKS = Fp8Blocks(chain=True, per_group=True, wg_cols=True, out_by_row_block=True)
 
 
 def default_blocks(k: int, n: int, fused: bool) -> Fp8Blocks:
-    """The blocks without a tuned entry: the warpgroups on column halves where N takes their CTA tiles, else the
-    row split; with the deepest chain dividing K's scale blocks."""
-    wide = WG_COLS_FUSED_FP8_BLOCKS if fused else WG_COLS_FP8_BLOCKS
-    return chained_steps(wide if n % wide.cta_n == 0 else FUSED_FP8_BLOCKS if fused else DEFAULT_FP8_BLOCKS, k)
+    """The blocks without a tuned entry: fused, one partial at a time at 128 columns; down, the warpgroups on column
+    halves where N takes their CTA tiles, else the row split; with the deepest chain dividing K's scale blocks."""
+    if fused:
+        return chained_steps(ONE_PARTIAL_FP8_BLOCKS, k)
+    wide = BY_ROW_BLOCK_FP8_BLOCKS
+    return chained_steps(wide if n % wide.cta_n == 0 else DEFAULT_FP8_BLOCKS, k)
 
 
 def chained_steps(blocks: Fp8Blocks, k: int) -> Fp8Blocks:

@@ -6,7 +6,8 @@ import dataclasses
 
 from dwdp_jax.kernels import dense_fp8
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks
-from dwdp_jax.kernels.split_gemm_fp8_mgpu import (DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
+from dwdp_jax.kernels.split_gemm_fp8_mgpu import (BY_ROW_BLOCK_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS,
+                                                  ONE_PARTIAL_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
                                                   WG_COLS_FUSED_FP8_BLOCKS)
 from dwdp_jax.kernels.split_gemm_mgpu import CHAINED_R1, DEFAULT_MGPU_BLOCKS, FUSED_MGPU_BLOCKS, MgpuBlocks
 
@@ -64,31 +65,29 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
                   Blocks(block_k=64, num_stages=5, group_m=16, per_group=True),
                   Blocks(block_k=128, num_stages=3, group_m=16, per_group=True, half_tiles=True),
                   Blocks(block_m=64, block_k=128, num_warps=4, num_stages=4, per_group=True))
-# The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`; the first also under --nosweep without cached blocks): its
-# defaults at R1's widths (the warpgroups on column halves, chained per-group windows), the same at the other depth
-# shared memory holds; the row split's chained per-group windows, its tiles one pipeline each in row-tile order and
-# per group, per group with the most stages (33 KiB each beside the output buffer), and in clusters of two CTAs
-# sharing their x tile; fused, also the row halves at 128 columns of gate and of up, one partial at a time, that,
-# the column halves and the row halves with each x fragment read once into registers for both weights, a
-# warpgroup per weight at 128 columns (2 stages beside the 64 KiB swap buffer and the output); down,
-# also the column halves at 4 stages with the output stored a 64-row block at a time (through the plain and the
-# swizzled view); both, the column halves in clusters of two (unchained: a third less L2 traffic per CTA and K
-# step); the row halves' full tiles stored through a swizzled view.
+# The Mosaic GPU FP8 kernel (`split_gemm_fp8_mgpu`; the first, its default, also under --nosweep without cached
+# blocks): fused, one partial at a time at 128 columns of gate and of up; down, the column halves at 4 stages storing
+# a 64-row block at a time; then the column halves at both depths shared memory holds with the tile stored at once;
+# the row split's chained per-group windows, its tiles one pipeline each in row-tile order and per group, per group
+# with the most stages (33 KiB each beside the output buffer), and in clusters of two CTAs sharing their x tile;
+# fused, also one partial at a time with each x fragment read once into registers for both weights, that on the
+# column halves and the row halves, a warpgroup per weight at 128 columns (2 stages beside the 64 KiB swap buffer
+# and the output); down, the default's store through the swizzled view; both, the column halves in clusters of two
+# (unchained: a third less L2 traffic per CTA and K step); the row halves' full tiles stored through a swizzled view.
 FP8_MGPU_CANDIDATES = {
-    fused: [wide, dataclasses.replace(wide, max_concurrent_steps=other, chain=other in (2, 4)), narrow]
+    fused: [default, wide, dataclasses.replace(wide, max_concurrent_steps=other, chain=other in (2, 4)), narrow]
     + [dataclasses.replace(narrow, chain=False, **kw)
        for kw in (dict(per_group=False), dict(), dict(max_concurrent_steps=most), dict(cluster_n=True))]
-    + ([dataclasses.replace(narrow, tile_n=128, one_partial=True),
-        dataclasses.replace(narrow, tile_n=128, one_partial=True, x_in_registers=True),
+    + ([dataclasses.replace(default, x_in_registers=True),
         dataclasses.replace(wide, x_in_registers=True), dataclasses.replace(narrow, x_in_registers=True),
         dataclasses.replace(narrow, tile_n=128, max_concurrent_steps=2, wg_weights=True),
         dataclasses.replace(wide, chain=False, cluster_n=True)] if fused
-       else [dataclasses.replace(wide, max_concurrent_steps=4, out_by_row_block=True, swizzled_store=s)
-             for s in (False, True)]
-       + [dataclasses.replace(wide, max_concurrent_steps=4, out_by_row_block=True, chain=False, cluster_n=True)])
+       else [dataclasses.replace(default, swizzled_store=True),
+             dataclasses.replace(default, chain=False, cluster_n=True)])
     + [dataclasses.replace(narrow, swizzled_store=True)]
-    for fused, wide, narrow, other, most in ((True, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
-                                             (False, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
+    for fused, default, wide, narrow, other, most in (
+        (True, ONE_PARTIAL_FP8_BLOCKS, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
+        (False, BY_ROW_BLOCK_FP8_BLOCKS, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
 }
 
 
