@@ -8,15 +8,15 @@ the bf16 Mosaic GPU split kernel (`split_gemm_mgpu`): a memory warpgroup streams
 row scales (fp32 [tile_m] of x's [K/128, M]) into shared memory, both fp8 operands K-major as e4m3 wgmma needs
 them (the checkpoint's [out, in] layout is K-major already).
 
-Two compute warpgroups each own half of the tile's rows (the fused default, one weight's partial at a time), or
-with `Fp8Blocks.wg_cols` (down's default at R1's widths) half of its columns, all rows, as 64-row blocks, or fused with `Fp8Blocks.wg_weights` one weight each (gate, up),
-all rows, swapping half of them through shared memory for the SwiGLU. Per 128-wide K block (one scale block), a warpgroup's wgmma (per
-row block) fills a fresh fp32 accumulator, and it then promotes it into its running sum in registers,
-sum += partial * x_scale[row] * w_scale[n block, k block]: the fp32 promotion DeepGEMM found necessary because
-the tensor cores' fp8 accumulation keeps about 14 mantissa bits. While one warpgroup promotes on the CUDA cores,
-the other's wgmma runs on the tensor cores. tile_n <= 128 dividing 128 keeps one weight scale per warpgroup and K
-block, read by each warpgroup straight from global memory a K block ahead (one scalar per K block: TMA moves
-nothing under 16 bytes).
+Two compute warpgroups each own half of the tile's rows (the fused default, one weight's partial at a time), or with
+`Fp8Blocks.wg_cols` (down's default at R1's widths) half of its columns, all rows, as 64-row blocks, or fused with
+`Fp8Blocks.wg_weights` one weight each (gate, up), all rows, swapping half of them through shared memory for the
+SwiGLU. Per 128-wide K block (one scale block), a warpgroup's wgmma (per row block) fills a fresh fp32 accumulator,
+and it then promotes it into its running sum in registers, sum += partial * x_scale[row] * w_scale[n block, k
+block]: the fp32 promotion DeepGEMM found necessary because the tensor cores' fp8 accumulation keeps about 14
+mantissa bits. While one warpgroup promotes on the CUDA cores, the other's wgmma runs on the tensor cores. tile_n <=
+128 dividing 128 keeps one weight scale per warpgroup and K block, read by each warpgroup straight from global
+memory a K block ahead (one scalar per K block: TMA moves nothing under 16 bytes).
 
 The registers bound the tile: per warpgroup thread, a running fp32 sum per weight over its rows and a partial of
 one row block (`Fp8Blocks.acc_registers`). The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
