@@ -337,30 +337,24 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                         x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
                         x_op = (layout(x_smem[rows], plgpu.Layout.WGMMA_8BIT) if b.x_in_registers
                                 else x_smem.at[rows])
-                        if b.wg_weights:  # this warpgroup's weight: the gate (warpgroup 0) or the up
 
-                            def partial_of(j, x_op=x_op, n=n):
-                                def run(acc):
+                        def fresh(ws, x_op=x_op, n=n):
+                            """Fresh partials of the weights `ws`: their wgmmas issued, then one wait."""
+                            def run(accs):
+                                for j, acc in zip(ws, accs):
                                     plgpu.wgmma(acc, x_op, w_views[j])
-                                    plgpu.wgmma_wait(0)
-                                    return acc[...]
-                                return lambda: pl.run_scoped(run, plgpu.ACC((n, b.tile_n)))
+                                plgpu.wgmma_wait(0)
+                                return tuple(acc[...] for acc in accs)
+                            return pl.run_scoped(run, tuple(plgpu.ACC((n, b.tile_n)) for _ in ws))
 
-                            part = jax.lax.cond(wg == 0, partial_of(0), partial_of(1))
+                        if b.wg_weights:  # this warpgroup's weight: the gate (warpgroup 0) or the up
+                            (part,) = jax.lax.cond(wg == 0, lambda: fresh([0]), lambda: fresh([1]))
                             scale = x_scale * jnp.where(wg == 0, w_scale[0], w_scale[1])
                             new[i] = new[i] + part * jax.lax.broadcast_in_dim(scale, part.shape, (0,))
                             continue
                         # the weights whose wgmmas run before one wait: all of them, or one at a time
                         for ws in ([[j] for j in range(per_slab)] if b.one_partial else [range(per_slab)]):
-
-                            def partials(accs, x_op=x_op, ws=ws):
-                                for j, acc in zip(ws, accs):
-                                    plgpu.wgmma(acc, x_op, w_views[j])
-                                plgpu.wgmma_wait(0)
-                                return tuple(acc[...] for acc in accs)
-
-                            parts = pl.run_scoped(partials, tuple(plgpu.ACC((n, b.tile_n)) for _ in ws))
-                            for j, part in zip(ws, parts):
+                            for j, part in zip(ws, fresh(ws)):
                                 scale = jax.lax.broadcast_in_dim(x_scale * w_scale[j], part.shape, (0,))
                                 new[i * per_slab + j] = new[i * per_slab + j] + part * scale
                     return w_scale_next, tuple(new)
