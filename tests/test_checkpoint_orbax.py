@@ -253,7 +253,7 @@ def test_garbled_expert_file(copy):
 
 def test_failed_restore_drops_only_closed_loop_reports(copy, monkeypatch):
     """A failed Orbax restore leaves TensorStore reads in flight (how many depends on timing); each, completing,
-    finds Orbax's event loop closed and reports 'Event loop is closed' as an unraisable exception. From then on
+    finds Orbax's event loop closed and reports 'Event loop is closed' as an unraisable exception. From the restore on
     those are dropped, and every other unraisable exception still reaches the hook that was there."""
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)

@@ -328,11 +328,12 @@ def _open(path: str) -> tuple[ModelConfig, dict, dict[str, dict[str, Any]]]:
 
 
 def _restore_tree(path: str, item: str, restore_args: dict[str, Any]) -> dict[str, Any]:
+    # before the restore: reads that complete between a failure and this function's handler of it report too
+    _drop_closed_loop_reports()
     try:
         restored = _checkpointer().restore(path, args=ocp.args.Composite(**{
             item: ocp.args.PyTreeRestore(restore_args=_nest(restore_args))}))
     except Exception as e:  # tensorstore/orbax errors name the file; say what it means
-        _drop_closed_loop_reports()
         raise CheckpointError(f"{path}: reading the Orbax tree '{item}' failed, the checkpoint is partial or "
                               f"corrupt: {e}") from e
     return _flatten(restored[item])
@@ -353,7 +354,8 @@ class _DropClosedLoopReports:
 def _drop_closed_loop_reports() -> None:
     """A failed Orbax restore closes its event loop while TensorStore reads of the other arrays are still in
     flight; each of those, completing, finds the loop closed and Python prints a 'RuntimeError: Event loop is
-    closed' traceback for it, after and unrelated to the error that matters. From here on those are dropped."""
+    closed' traceback for it, after and unrelated to the error that matters. From the first restore on those
+    are dropped."""
     if not isinstance(sys.unraisablehook, _DropClosedLoopReports):
         sys.unraisablehook = _DropClosedLoopReports(sys.unraisablehook)
 
