@@ -115,6 +115,10 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
     for kernel in _KERNELS.value:
         sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused, slabs)
         metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
+        if _TUNE.value and _SWEEP.value:  # recorded at once: a run cut short later keeps its sweep
+            how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew "
+                   f"{_SKEW.value}, groups aligned to {_ALIGN.value} rows")
+            tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, best[kernel], sweep[best[kernel]], how)
         if _ERROR.value:
             errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
             metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
@@ -147,12 +151,6 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]
     metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
         sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,
         tile_rows=_ALIGN.value, itemsize=1)
-    if _TUNE.value and _SWEEP.value:
-        how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}, "
-               f"groups aligned to {_ALIGN.value} rows")
-        for kernel in _KERNELS.value:
-            tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, best[kernel],
-                          metrics[f"{name}_fp8_{kernel}_best_tflops"], how)
     return metrics, raw
 
 

@@ -17,7 +17,7 @@ agree are recorded (quantization, not a defect).
   python -m experiments.bench_layer                 # on a GPU: R1 width, 32768 tokens in 4 sequences
   python -m experiments.bench_layer --attention_impls=tokamax,cudnn --presets=deepseek_r1
   python -m experiments.bench_layer --presets=deepseek_r1_released,deepseek_r1_released:fp8_attention_qkv=True
-  python -m experiments.bench_layer --tiny          # CPU functional check (timings are no speed claim)
+  python -m experiments.bench_layer --tiny          # CPU functional check, 256 tokens (timings are no speed claim)
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ from dwdp_jax.runtime import reference, stages
 from models import config as C
 from models.deepseek_v3 import DeepseekV3
 
+TINY_TOKENS = 256
 _PRESETS = flags.DEFINE_list("presets", ["deepseek_r1", "deepseek_r1_released"], "model presets (an ablation: "
                              "preset:field=value), the first the base of the ratios")
-_TOKENS = flags.DEFINE_integer("tokens", 32768, "tokens of the packed batch", lower_bound=2)
+_TOKENS = flags.DEFINE_integer("tokens", 32768, f"tokens of the packed batch ({TINY_TOKENS} with --tiny unless given: "
+                               "the CPU's XLA attention holds a [heads, T, T] score array)", lower_bound=2)
 _SEQUENCES = flags.DEFINE_integer("sequences", 4, "sequences of equal length in the batch", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "timed steps per preset, presets alternating", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per preset first", lower_bound=0)
@@ -61,6 +63,10 @@ _RESULTS = flags.DEFINE_string("results", "results", "results root")
 TOP_KERNELS = 20  # instructions recorded per traced variant (12 printed)
 
 EXACT = 1e-5  # fp32: the staged step against the one-program prefill
+
+
+def tokens() -> int:
+    return TINY_TOKENS if _TINY.value and not flags.FLAGS["tokens"].present else _TOKENS.value
 
 
 def parse_preset(spec: str) -> tuple[str, dict]:
@@ -117,8 +123,8 @@ def main(argv):
     if not gpu and not _TINY.value:
         print("bench_layer: R1 width needs a GPU; --tiny runs the functional check on CPU", file=sys.stderr)
         sys.exit(2)
-    if _TOKENS.value % _SEQUENCES.value:
-        raise app.UsageError(f"--tokens={_TOKENS.value} must be a multiple of --sequences={_SEQUENCES.value}")
+    if tokens() % _SEQUENCES.value:
+        raise app.UsageError(f"--tokens={tokens()} must be a multiple of --sequences={_SEQUENCES.value}")
     gemm = _GEMM.value or ("pallas_split" if gpu else "xla")
     impls = _ATTENTION.value or ["hopper" if gpu else "xla"]
     if len(set(impls)) < len(impls):
@@ -128,9 +134,9 @@ def main(argv):
     cfgs = {p: layer_config(p, _TINY.value) for p in _PRESETS.value}
     variants = {(f"{p}@{impl}" if len(impls) > 1 else p): (p, impl) for p in _PRESETS.value for impl in impls}
     rng = np.random.default_rng(_SEED.value)
-    length = _TOKENS.value // _SEQUENCES.value
+    length = tokens() // _SEQUENCES.value
     batch = pack([rng.integers(0, cfgs[_PRESETS.value[0]].vocab_size, length).tolist()
-                  for _ in range(_SEQUENCES.value)], budget=_TOKENS.value)
+                  for _ in range(_SEQUENCES.value)], budget=tokens())
     runtimes, outputs, metrics, failed = {}, {}, {}, []
     views = {}  # experts_key -> the first such variant's expert views: the others hold no copy of their own
     for name, (preset, impl) in progress_bar(list(variants.items()), "build + check", "variant"):
@@ -174,7 +180,7 @@ def main(argv):
         metrics[f"{name}_step_ms"] = step * 1e3
         metrics[f"{name}_step_ms_min"], metrics[f"{name}_step_ms_max"] = (min(seconds[name]) * 1e3,
                                                                           max(seconds[name]) * 1e3)
-        metrics[f"{name}_tokens_per_s"] = _TOKENS.value / step
+        metrics[f"{name}_tokens_per_s"] = tokens() / step
         runtime.step(0, batch, profile=True)  # compiles the per-stage programs
         for stage, s in runtime.step(0, batch, profile=True).stages_s.items():
             metrics[f"{name}_{stage}_ms"] = s * 1e3
@@ -193,11 +199,12 @@ def main(argv):
 
 
 def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) -> list[dict]:
-    """One step of `runtime` under the profiler: its device's time by stage into `metrics` ({name}_trace_*_ms),
-    and its costliest instructions (`stage_trace.top_kernels`)."""
+    """One step of `runtime` under the profiler: its wall time and its device's time by stage into `metrics`
+    ({name}_trace_*_ms), and its costliest instructions (`stage_trace.top_kernels`)."""
     trace_dir = Path(_TRACE.value) / name.replace(":", "_").replace("=", "_").replace("@", "_")
     with jax.profiler.trace(str(trace_dir)):
-        runtime.step(0, batch)
+        result = runtime.step(0, batch)
+    metrics[f"{name}_trace_wall_ms"] = (result.end_s - result.start_s) * 1e3  # host time of the same step
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
     events = kernels.get(device.id) or next(iter(kernels.values()))  # CPU thunks carry the device ordinal
     scopes = stage_trace.hlo_scopes(Path(_TRACE.value) / "hlo")
@@ -210,7 +217,7 @@ def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) ->
 
 
 def _config(gemm: str, attention_impls: list[str]) -> dict:
-    return {"presets": _PRESETS.value, "tokens": _TOKENS.value, "sequences": _SEQUENCES.value,
+    return {"presets": _PRESETS.value, "tokens": tokens(), "sequences": _SEQUENCES.value,
             "rounds": _ROUNDS.value, "warmup": _WARMUP.value, "gemm_backend": gemm, "attention_impls": attention_impls,
             "tiny": _TINY.value, "seed": _SEED.value, "trace": _TRACE.value}
 

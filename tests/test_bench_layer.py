@@ -62,6 +62,16 @@ def test_traced_step_breaks_device_time_down_by_scope(tmp_path):
     assert again.returncode != 0 and "is not empty; give a new directory" in again.stderr
 
 
+def test_tiny_defaults_to_a_batch_the_cpu_holds(tmp_path):
+    """--tiny without --tokens: 256 tokens (with the GPU default of 32768 the CPU's XLA attention scores, [heads, T,
+    T] in fp32, took the process past 23 GB of memory)."""
+    done = _run("--tiny", "--rounds=1", "--warmup=0", "--presets=deepseek_r1", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = (tmp_path / "bench_layer").glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["config"]["tokens"] == 256 and doc["metrics"]["deepseek_r1_tokens_per_s"] > 0
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path):
     done = _run("--tokens=128", tmp_path=tmp_path)
     assert done.returncode == 2 and "R1 width needs a GPU; --tiny" in done.stderr
