@@ -148,17 +148,17 @@ class MLA(nnx.Module):
             else:
                 q_a, kv_a = project_stacked(x_TD, (self.q_a_proj, self.kv_a_proj_with_mqa))
                 q_THK = project(self.q_a_layernorm(q_a), self.q_b_proj).reshape(t, h, cfg.qk_head_dim)
-            q_nope_THN, q_pe_THR = jnp.split(q_THK, [cfg.qk_nope_head_dim], axis=-1)
             c_TC = self.kv_a_layernorm(kv_a[:, :cfg.kv_lora_rank])
             k_pe_T1R = kv_a[:, None, cfg.kv_lora_rank:]  # one rope key shared by all heads
             kv_THX = project(c_TC, self.kv_b_proj).reshape(t, h, -1)
             k_nope_THN, v_THV = jnp.split(kv_THX, [cfg.qk_nope_head_dim], axis=-1)
         with jax.named_scope("rope"):
             inv_freq, factor = rope_inv_freq(cfg)
-            q_pe_THR = apply_rope(q_pe_THR, positions_T, inv_freq, factor)
+            # q's rope dims rotated where they lie: one pass over them, not a copy of all of q
+            n = cfg.qk_nope_head_dim
+            q_THK = q_THK.at[..., n:].set(apply_rope(q_THK[..., n:], positions_T, inv_freq, factor))
             k_pe_T1R = apply_rope(k_pe_T1R, positions_T, inv_freq, factor)
-        q_THK = jnp.concatenate([q_nope_THN, q_pe_THR], axis=-1)
-        k_THK = jnp.concatenate([k_nope_THN, jnp.broadcast_to(k_pe_T1R, q_pe_THR.shape)], axis=-1)
+        k_THK = jnp.concatenate([k_nope_THN, jnp.broadcast_to(k_pe_T1R, (t, h, cfg.qk_rope_head_dim))], axis=-1)
         if cfg.fp8_attention_qkv:
             with jax.named_scope("attention_fp8_inputs"):
                 q_THK, k_THK, v_THV = map(fp8.as_fp8_token_blocks, (q_THK, k_THK, v_THV))
