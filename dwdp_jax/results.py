@@ -110,11 +110,18 @@ def write_results(experiment: str, run: str, *, config: Any, raw: Any, metrics: 
     return path
 
 
+def run_stamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def write_measurements(experiment: str, *, config: Any, raw: Any, metrics: dict[str, float],
-                       root: Path | str | None = None) -> Path:
-    """A timestamped run of a measurement script (flat float metrics): written, then printed as a two-column table."""
-    run = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = write_results(experiment, run, config=config, raw=raw, metrics=metrics, root=root)
+                       root: Path | str | None = None, run: str | None = None, echo: bool = True) -> Path:
+    """A timestamped run of a measurement script (flat float metrics): written, then printed as a two-column table.
+    Scripts with several long cases pass one `run` (`run_stamp()`) and rewrite it after each case, echoing at the
+    end only: a run cut short keeps the cases it finished."""
+    path = write_results(experiment, run or run_stamp(), config=config, raw=raw, metrics=metrics, root=root)
+    if not echo:
+        return path
     for key, value in metrics.items():
         print(f"{key:<36}{value:>12.4f}")
     print(f"results: {path}")

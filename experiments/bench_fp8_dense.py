@@ -26,7 +26,7 @@ from dwdp_jax.kernels import dense_fp8, fp8, tuning
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates
 from dwdp_jax.progress import progress_bar
-from dwdp_jax.results import write_measurements
+from dwdp_jax.results import run_stamp, write_measurements
 
 # R1's FP8 projections [in, out]: attention (q_a, q_b, kv_a with its partial block, kv_b, o), the dense layers'
 # MLP (gate and up, down), the shared expert (gate and up, down); and the stacks the model runs
@@ -112,6 +112,11 @@ def main(argv):
     t = _TOKENS.value
     metrics, raw, failed = {}, {}, []
     hbm = gb.hbm_gbps() * 1e9
+    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value}, "rounds": _ROUNDS.value,
+              "repeats": _REPEATS.value,
+              "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
+              "jax": jax.__version__, "failed": failed, "shapes_done": []}
+    run = run_stamp()
     for name in progress_bar(list(_SHAPES.value), "shapes", "shape"):
         k, n = SHAPES[name]
         blocks, ops = None, operands(t, k, n)
@@ -135,6 +140,9 @@ def main(argv):
         # the roofline at FP8: cuBLAS's rate, the bytes of x, the weight and the bf16 output once each
         secs = max(2 * t * k * n / (got["dense"]["tflops"] * 1e12), (t * k + k * n + 2 * t * n) / hbm)
         metrics[f"{name}_roofline_over_cublas_fp8"] = 2 * t * k * n / secs / (got["dense"]["tflops"] * 1e12)
+        config["shapes_done"].append(name)
+        write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value, run=run,
+                           echo=False)  # a run cut short keeps the shapes it finished
     print(f"\n{t} rows; rates over cuBLAS FP8 (per-tensor scale), medians of {_ROUNDS.value} rounds")
     print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6}")
     for name in _SHAPES.value:
@@ -142,11 +150,7 @@ def main(argv):
             print(f"{name:15} {metrics[f'{name}_dense_tflops']:10.1f} "
                   + " ".join(f"{metrics[f'{name}_{c}_over_dense']:{w}.3f}" for c, w in (
                       ("block_scaled", 12), ("block_scaled_with_row_quant", 11), ("dequant_bf16", 12), ("bf16", 6))))
-    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value}, "rounds": _ROUNDS.value,
-              "repeats": _REPEATS.value,
-              "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
-              "jax": jax.__version__, "failed": failed}
-    write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
+    write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value, run=run)
     if failed:
         print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
         sys.exit(1)

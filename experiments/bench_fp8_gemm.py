@@ -25,7 +25,7 @@ from dwdp_jax.kernels import tuning
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks, split_ragged_dot
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import NAME_TUNED, Fp8Blocks, default_blocks, split_ragged_dot_fp8_mgpu
 from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES, swept
-from dwdp_jax.results import write_measurements
+from dwdp_jax import results
 
 _ROWS = flags.DEFINE_integer("rows", 131072, "routed rows (tokens x top-k)", lower_bound=1)
 _EXPERTS = flags.DEFINE_integer("experts", 256, "groups", lower_bound=1)
@@ -163,23 +163,28 @@ def main(argv):
         swept(KERNELS[kernel].candidates[True], _WITH_OPTION.value)
     sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
     metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
+    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value,
+              "align": _ALIGN.value,
+              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "with_option": list(_WITH_OPTION.value),
+              "error": _ERROR.value,
+              "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
+              "tuned_into": str(tuning.cache_path()) if _TUNE.value else "", "problems_done": []}
+    run = results.run_stamp()
     for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         got, got_raw = _problem(name, sizes, k, n, fused)
         metrics.update(got)
         raw.update(got_raw)
+        config["problems_done"].append(name)
+        results.write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
+                                   run=run, echo=False)
     print(f"{'':18} {'TFLOP/s':>8} {'/ dense FP8':>11} {'/ bf16 kernel':>13} {'roofline':>9}")
     for name, *_ in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         for kernel in _KERNELS.value:
             c = f"{name}_rounds_fp8_split_{kernel}"
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
-    config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value,
-              "align": _ALIGN.value,
-              "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "with_option": list(_WITH_OPTION.value),
-              "error": _ERROR.value,
-              "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
-              "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
-    write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
+    results.write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
+                               run=run)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,18 @@ def test_cli_exits_1_after_every_point_when_one_fails_and_0_once_rerun(tmp_path)
     fixed = run_cli(tmp_path)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert "192: running: stored run failed verification" in fixed.stdout and "384: reused" in fixed.stdout
+
+
+def test_measurements_rewritten_under_one_run_keep_each_finished_case(tmp_path, capsys):
+    """A script with several cases rewrites one run file after each (quietly) and echoes the table at the end: a
+    run cut after its first case leaves that case on disk."""
+    run = results.run_stamp()
+    first = results.write_measurements("bench_x", config={"done": ["a"]}, raw={}, metrics={"a_tflops": 1.0},
+                                       root=tmp_path, run=run, echo=False)
+    assert capsys.readouterr().out == ""
+    assert json.loads(first.read_text())["metrics"] == {"a_tflops": 1.0}
+    last = results.write_measurements("bench_x", config={"done": ["a", "b"]}, raw={},
+                                      metrics={"a_tflops": 1.0, "b_tflops": 2.0}, root=tmp_path, run=run)
+    assert last == first and list((tmp_path / "bench_x").glob("*.json")) == [first]
+    assert json.loads(last.read_text())["config"]["done"] == ["a", "b"]
+    assert "b_tflops" in capsys.readouterr().out
