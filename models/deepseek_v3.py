@@ -59,6 +59,30 @@ def project_stacked(x_TK: jax.Array, ws: Sequence[nnx.Param]) -> list[jax.Array]
     return [project(x_TK, w) for w in ws]
 
 
+def project_heads(x_TK: jax.Array, w: nnx.Param, parts: Sequence[int]) -> list[jax.Array]:
+    """x through a per-head `_projection` weight [in, H, sum(parts)] as one [T, H, part] array per part of each
+    head's outputs (MLA's kv_b: k_nope, v), each from its own GEMM over the weight's columns of that part: no copy
+    of the outputs to split them. FP8 weights whose parts are whole 128-row scale blocks take their blocks' rows;
+    others are projected at once and split."""
+    value, t = w.get_value(), x_TK.shape[0]
+    bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
+    if not isinstance(value, fp8.BlockScaled):
+        h = value.shape[1]
+        return [(x_TK @ value[:, :, a:b].reshape(x_TK.shape[-1], -1)).reshape(t, h, b - a)
+                for a, b in zip(bounds, bounds[1:])]
+    width, block = bounds[-1], fp8.BLOCK
+    h = value.values_GNK.shape[0] // width
+    if any(p % block for p in parts):
+        out_THP = project(x_TK, w).reshape(t, h, width)
+        return [out_THP[..., a:b] for a, b in zip(bounds, bounds[1:])]
+    values_HPK = value.values_GNK.reshape(h, width, -1)
+    scales_HRS = value.scales_GRS.reshape(h, width // block, -1)
+    ws = [fp8.BlockScaled(values_HPK[:, a:b].reshape(h * (b - a), -1),
+                          scales_HRS[:, a // block:b // block].reshape(h * (b - a) // block, -1))
+          for a, b in zip(bounds, bounds[1:])]
+    return [out.reshape(t, h, -1) for out in dense_fp8.linear_each(x_TK, ws)]
+
+
 # The q/kv LoRA norms keep RMSNorm's default eps whatever rms_norm_eps says: DeepSeek's own inference code
 # (`RMSNorm(self.kv_lora_rank)`) and HF's DeepseekV3Attention both build them without the config's eps, so a
 # checkpoint with rms_norm_eps != 1e-6 is computed with 1e-6 there and with rms_norm_eps everywhere else.
@@ -150,8 +174,7 @@ class MLA(nnx.Module):
                 q_THK = project(self.q_a_layernorm(q_a), self.q_b_proj).reshape(t, h, cfg.qk_head_dim)
             c_TC = self.kv_a_layernorm(kv_a[:, :cfg.kv_lora_rank])
             k_pe_T1R = kv_a[:, None, cfg.kv_lora_rank:]  # one rope key shared by all heads
-            kv_THX = project(c_TC, self.kv_b_proj).reshape(t, h, -1)
-            k_nope_THN, v_THV = jnp.split(kv_THX, [cfg.qk_nope_head_dim], axis=-1)
+            k_nope_THN, v_THV = project_heads(c_TC, self.kv_b_proj, (cfg.qk_nope_head_dim, cfg.v_head_dim))
         with jax.named_scope("rope"):
             inv_freq, factor = rope_inv_freq(cfg)
             # q's rope dims rotated where they lie: one pass over them, not a copy of all of q

@@ -75,6 +75,26 @@ def test_stacked_weights_give_each_weights_product(monkeypatch):
         assert _rel(got, _exact(x_q, x_s, w)) < 4e-3
 
 
+def test_each_weight_its_own_gemm_on_one_quantization(monkeypatch):
+    """`linear_each` (MLA's kv_b as k_nope and v): on the kernel path (forced, interpreted) each output against its
+    fp64 product, x quantized once; off the kernel `fp8.linear` per weight exactly."""
+    x, w_k = _operands(9, 300, 256, 256)
+    _, w_v = _operands(10, 300, 256, 128)
+    xb = x.astype(jnp.bfloat16)
+    for got, w in zip(dense_fp8.linear_each(xb, (w_k, w_v)), (w_k, w_v)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(fp8.linear(xb, w), np.float32))
+    interpreted, quantized = dense_fp8.block_scaled_gemm, []
+    monkeypatch.setattr(dense_fp8, "on_kernel", lambda x, w: True)
+    monkeypatch.setattr(dense_fp8, "block_scaled_gemm", lambda *a, **kw: (
+        quantized.append(a[0]), interpreted(*a, **kw, blocks=SMALL, interpret=True))[1])
+    outs = dense_fp8.linear_each(xb, (w_k, w_v))
+    assert quantized[0] is quantized[1]
+    x_q, x_s = fp8.quantize_rows(xb)
+    for got, w in zip(outs, (w_k, w_v)):
+        assert got.shape == (300, w.values_GNK.shape[0]) and got.dtype == jnp.bfloat16
+        assert _rel(got, _exact(x_q, x_s, w)) < 4e-3
+
+
 @pytest.mark.parametrize("k,n", [(1536, 24576), (7168, 576), (512, 32768), (16384, 7168)],
                          ids=["q_b", "kv_a", "kv_b", "o"])
 def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(k, n):

@@ -90,3 +90,13 @@ def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.A
     out = block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), stacked.check("linear_stacked"), out_dtype=x_TK.dtype)
     starts = [sum(padded_width(n) for n in widths[:i]) for i in range(len(ws))]
     return [out[:, a:a + n] for a, n in zip(starts, widths)]
+
+
+def linear_each(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
+    """x through several FP8 weights that share it, each output its own array: on the kernel one GEMM per weight on
+    one quantization of x (`linear_stacked`'s single output would be sliced apart, a copy of every column), elsewhere
+    `fp8.linear` per weight."""
+    if not all(on_kernel(x_TK, w) for w in ws):
+        return [fp8.linear(x_TK, w) for w in ws]
+    x_q, x_scale = fp8_rows.quantize_rows(x_TK)
+    return [block_scaled_gemm(x_q, x_scale, w, out_dtype=x_TK.dtype) for w in ws]
