@@ -34,7 +34,9 @@ SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b"
           "mlp_gate_up": (7168, 18432), "mlp_down": (18432, 7168), "shared_gate_up": (7168, 2048),
           "shared_down": (2048, 7168),
           # stacked as the model runs them (`dense_fp8.linear_stacked`): q_a with kv_a, gate with up
-          "q_a_kv_a": (7168, 2112), "mlp_gate_up_stacked": (7168, 36864), "shared_gate_up_stacked": (7168, 4096)}
+          "q_a_kv_a": (7168, 2112), "mlp_gate_up_stacked": (7168, 36864), "shared_gate_up_stacked": (7168, 4096),
+          # kv_b as the model runs it (`dense_fp8.linear_each`): k_nope and v, 128 heads x 128 each
+          "kv_b_part": (512, 16384)}
 
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "rows (tokens of the prefill step)", lower_bound=128)
 _SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time")
