@@ -129,7 +129,8 @@ def test_refusals_name_the_cause():
         dense_fp8.block_scaled_gemm(x_q[:, :192], x_s[:1], w_192, interpret=True)
 
 
-# R1's FP8 projections at 4096 tokens: q_a, q_b, kv_a (576: a partial block), kv_b, o, dense MLP down, shared expert
+# R1's FP8 projections at 4096 tokens: q_a, q_b, kv_a (576: a partial block), kv_b whole and as its k_nope or v part,
+# o, dense MLP down, shared expert
 R1_SHAPES = [(7168, 1536), (1536, 24576), (7168, 576), (512, 32768), (512, 16384), (16384, 7168), (18432, 7168),
              (7168, 2048)]
 
