@@ -6,8 +6,9 @@ after a backend change, in the same run.
 The layer is the model's own first MoE layer (the config with num_hidden_layers=1, first_k_dense_replace=0) run by
 the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
 and shared experts), head. The variants (preset x attention backend) alternate round by round; a step's time is the
-median of its rounds, after warm-up. Each stage's time comes from a separate profiled step (every stage waits for
-its outputs).
+median of its rounds, after warm-up. The rounds run back to back, so on an H100 or H200 they reach the 700 W power
+cap within a second; nvidia-smi's SM clock and power samples over them are recorded (`rounds_sm_clock_mhz_*`,
+`rounds_power_w_max`). Each stage's time comes from a separate profiled step (every stage waits for its outputs).
 
 Logits are computed at each sequence's last token, as serving does. Before any time is taken, each preset's step is
 checked: logits finite, and at fp32 (`--tiny`, CPU) equal to the model's one-program prefill (`reference.prefill`)
@@ -36,6 +37,7 @@ from flax import nnx
 from dwdp_jax import profiling, stage_trace
 from dwdp_jax.expert_source import SyntheticExperts
 from dwdp_jax.kernels import attention
+from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.packing import pack
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import write_measurements
@@ -170,11 +172,16 @@ def main(argv):
         print("bench_layer: failed its checks (no time reported): " + "; ".join(failed), file=sys.stderr)
         sys.exit(1)
     seconds = {name: [] for name in variants}
-    for i in progress_bar(list(range(_WARMUP.value + _ROUNDS.value)), "rounds", "round"):
-        for name, runtime in runtimes.items():
-            result = runtime.step(0, batch)
-            if i >= _WARMUP.value:
-                seconds[name].append(result.end_s - result.start_s)
+    with gb.sampled_clocks() as clocks:  # the clocks the timed steps ran at (the power cap's, back to back)
+        for i in progress_bar(list(range(_WARMUP.value + _ROUNDS.value)), "rounds", "round"):
+            for name, runtime in runtimes.items():
+                result = runtime.step(0, batch)
+                if i >= _WARMUP.value:
+                    seconds[name].append(result.end_s - result.start_s)
+    if clocks:
+        metrics["rounds_sm_clock_mhz_median"] = statistics.median(c for c, _ in clocks)
+        metrics["rounds_sm_clock_mhz_min"] = min(c for c, _ in clocks)
+        metrics["rounds_power_w_max"] = max(p for _, p in clocks)
     for name, runtime in runtimes.items():
         step = statistics.median(seconds[name])
         metrics[f"{name}_step_ms"] = step * 1e3

@@ -4,6 +4,7 @@ the ablation's effect; bad input is refused before any work."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,6 +71,8 @@ def test_tiny_defaults_to_a_batch_the_cpu_holds(tmp_path):
     [path] = (tmp_path / "bench_layer").glob("*.json")
     doc = json.loads(path.read_text())
     assert doc["config"]["tokens"] == 256 and doc["metrics"]["deepseek_r1_tokens_per_s"] > 0
+    if shutil.which("nvidia-smi") is None:  # no clock claimed without samples
+        assert "rounds_sm_clock_mhz_median" not in doc["metrics"]
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path):
@@ -84,3 +87,21 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     done = _run("--tiny", "--tokens=128", "--presets=deepseek_r1:fp8_attention=True", tmp_path=tmp_path)
     assert done.returncode != 0 and "'fp8_attention=True' in 'deepseek_r1:fp8_attention=True' is not" in done.stderr
     assert not (tmp_path / "bench_layer").exists()
+
+
+def test_rounds_record_the_clocks_nvidia_smi_sampled(tmp_path):
+    """A stand-in nvidia-smi on the PATH: the timed rounds' SM clock (median, lowest) and highest power are recorded
+    from its samples (on a machine without nvidia-smi, none: `test_tiny_defaults_to_a_batch_the_cpu_holds`)."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\nprintf '1980, 150.0\\n1500, 700.5\\n[N/A], [N/A]\\n1320, 690.0\\n'\nexec sleep 30\n")
+    smi.chmod(0o755)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PATH=f"{smi.parent}:{os.environ['PATH']}")
+    done = subprocess.run([sys.executable, "-m", "experiments.bench_layer", "--tiny", "--rounds=1", "--warmup=0",
+                           "--presets=deepseek_r1", f"--results={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = (tmp_path / "bench_layer").glob("*.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert metrics["rounds_sm_clock_mhz_median"] == 1500 and metrics["rounds_sm_clock_mhz_min"] == 1320
+    assert metrics["rounds_power_w_max"] == 700.5

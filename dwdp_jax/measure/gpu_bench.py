@@ -6,6 +6,7 @@ Every number is a median over repeats after warm-up, with a device sync before r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import subprocess
@@ -321,6 +322,28 @@ def hbm_gbps(num_bytes: int = 4 * GIB, passes: int = 16) -> float:
     return passes * x.nbytes / time_s(read, x) / 1e9
 
 
+@contextlib.contextmanager
+def sampled_clocks(sample_ms: int = 100):
+    """nvidia-smi samples GPU 0's SM clock and power while the block runs: yields a list that holds the (MHz, W)
+    samples once the block ends, in order; empty where nvidia-smi is missing or reports neither ("[N/A]")."""
+    samples: list[tuple[float, float]] = []
+    try:
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                                "-i", "0", f"--loop-ms={sample_ms}"], stdout=subprocess.PIPE, text=True)
+    except OSError:  # no nvidia-smi (CPU machines)
+        smi = None
+    try:
+        yield samples
+    finally:
+        if smi is not None:
+            smi.terminate()
+            for line in smi.communicate()[0].splitlines():
+                try:
+                    samples.append(tuple(float(v) for v in line.split(",")))
+                except ValueError:  # "[N/A]" where the card does not report one
+                    continue
+
+
 def clocks_under_load(case: tuple[Callable, tuple, float], seconds: float = 3.0,
                       sample_ms: int = 100) -> dict[str, float]:
     """A case run back to back for `seconds` while nvidia-smi samples GPU 0's SM clock and power: TFLOP/s over
@@ -328,26 +351,18 @@ def clocks_under_load(case: tuple[Callable, tuple, float], seconds: float = 3.0,
     stream more bytes draw more power at the same tensor-core load, so under the cap they run at lower clocks."""
     fn, args, flops = case
     jax.block_until_ready(fn(*args))
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                            "-i", "0", f"--loop-ms={sample_ms}"], stdout=subprocess.PIPE, text=True)
-    start = time.perf_counter()
-    calls, half = 0, None
-    while True:  # until `seconds` have passed and at least one call ran in the second half
-        now = time.perf_counter()
-        if half is None and now - start >= seconds / 2:
-            half, calls = now, 0
-        if half is not None and calls and now - start >= seconds:
-            break
-        jax.block_until_ready(fn(*args))  # one call in flight: queued outputs would pile up in memory
-        calls += 1
-    rate = calls * flops / (time.perf_counter() - half) / 1e12
-    smi.terminate()
-    samples = []
-    for line in smi.communicate()[0].splitlines():
-        try:
-            samples.append(tuple(float(v) for v in line.split(",")))
-        except ValueError:  # "[N/A]" where the card does not report one
-            continue
+    with sampled_clocks(sample_ms) as samples:
+        start = time.perf_counter()
+        calls, half = 0, None
+        while True:  # until `seconds` have passed and at least one call ran in the second half
+            now = time.perf_counter()
+            if half is None and now - start >= seconds / 2:
+                half, calls = now, 0
+            if half is not None and calls and now - start >= seconds:
+                break
+            jax.block_until_ready(fn(*args))  # one call in flight: queued outputs would pile up in memory
+            calls += 1
+        rate = calls * flops / (time.perf_counter() - half) / 1e12
     samples = samples[len(samples) // 2:]
     if not samples:
         raise RuntimeError("clocks_under_load: nvidia-smi reported no clock and power samples")
