@@ -237,8 +237,8 @@ def main(argv):
                 metrics[f"{name}_{a}_over_{b}"] = metrics[f"{name}_{a}_tflops"] / metrics[f"{name}_{b}_tflops"]
     metrics["dense_gemm_tflops_after"] = gb.dense_gemm_tflops(8192, 8192, 8192, **timing)
     config = {"cases": cases, "heads": heads, "qk_dim": qk, "v_dim": vd, "repeats": _REPEATS.value,
-              "warmup": _WARMUP.value, "sustain_s": _SUSTAIN.value, "burst_idle_s": _BURST_IDLE.value, "rows_checked": _ROWS_CHECKED.value,
-              "rel_tol": _TOL.value, "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
+              "warmup": _WARMUP.value, "sustain_s": _SUSTAIN.value, "burst_idle_s": _BURST_IDLE.value,
+              "rows_checked": _ROWS_CHECKED.value, "rel_tol": _TOL.value, "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     raw["failed"] = failed
     write_measurements("bench_attention", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
     if failed:

@@ -25,16 +25,15 @@ kernel. Rows past sum(group_sizes) are not written.
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
 for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
 speed is measured by `experiments.bench_fp8_gemm` beside the dense FP8 GEMM. On H200, 262144 rows over 256 groups
-(skew 1.5, aligned to 128 rows) in two slabs, rounds against the same run's cuBLAS FP8 GEMM (one scale per
-tensor): down 937 TFLOP/s, 0.734 of it, and fused gate/up 945, 0.649, with the warpgroups on column halves (the
-row split with the scales loaded in their own step: 871 and 815, 0.671 and 0.546; the Triton path ran 293). On
-H100 the defaults chosen from the sweep since (`default_blocks`) reach 0.738 (down) and 0.743 (gate/up) there, 0.685
-and 0.680 at 131072 rows, skew 6. The
-same kernel as a dense GEMM (`dense_fp8`) reaches 0.80-0.88 of cuBLAS at R1's long-K projections. Nsight Compute
-on the row split (down, the serving shape): the tensor pipe 63% busy with L2 at 69% of its throughput, where
-cuBLAS's 192 x 192 tiles in clusters of two run it 95% busy at 52%: the 128 x 128 tile reads twice the bytes per
-FLOP from L2. Promoting a K block while the same warpgroup's next wgmma runs
-(a third more accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up).
+(skew 1.5, aligned to 128 rows) in two slabs, rounds against the same run's cuBLAS FP8 GEMM (one scale per tensor):
+down 937 TFLOP/s, 0.734 of it, and fused gate/up 945, 0.649, with the warpgroups on column halves (the row split
+with the scales loaded in their own step: 871 and 815, 0.671 and 0.546; the Triton path ran 293). On H100 the
+defaults chosen from the sweep since (`default_blocks`) reach 0.738 (down) and 0.743 (gate/up) there, 0.685 and
+0.680 at 131072 rows, skew 6. The same kernel as a dense GEMM (`dense_fp8`) reaches 0.80-0.88 of cuBLAS at R1's
+long-K projections. Nsight Compute on the row split (down, the serving shape): the tensor pipe 63% busy with L2 at
+69% of its throughput, where cuBLAS's 192 x 192 tiles in clusters of two run it 95% busy at 52%: the 128 x 128 tile
+reads twice the bytes per FLOP from L2. Promoting a K block while the same warpgroup's next wgmma runs (a third more
+accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up).
 """
 
 from __future__ import annotations
