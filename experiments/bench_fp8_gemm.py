@@ -45,7 +45,7 @@ _SWEEP = flags.DEFINE_bool("sweep", True, "time every candidate of each FP8 kern
 _WITH_OPTION = flags.DEFINE_multi_string("with_option", [], "sweep only the first candidate (the defaults) and those "
                                          "with any of these blocks options set (e.g. wg_weights)")
 _ERROR = flags.DEFINE_bool("error", True, "each FP8 kernel's relative error against per-group fp32 products "
-                           "(--noerror skips it and its reference, one compiled product per group)")
+                           "over sampled rows of every group (--noerror skips it)")
 _TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 

@@ -1,0 +1,59 @@
+"""The grouped GEMM benchmarks' oracle (`gpu_bench.grouped_rel_err`) on CPU: against a float64 numpy product of
+every row, it samples every group (first and last rows included), sees an error in a sampled row, and never reads
+past a group's rows."""
+
+import numpy as np
+import pytest
+
+from dwdp_jax.measure import gpu_bench
+
+SIZES = np.array([300, 0, 5, 1, 130, 64])  # an empty group, groups of 1 and of fewer rows than sampled
+
+
+def _operands(seed=0, k=256, n=128):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((int(SIZES.sum()), k)).astype(np.float32)
+    w = (0.05 * rng.standard_normal((len(SIZES), k, n))).astype(np.float32)
+    exact = np.concatenate([x[a:b].astype(np.float64) @ w[g] for g, a, b in gpu_bench.group_spans(SIZES)])
+    return x, w, exact
+
+
+def test_every_group_is_sampled_with_its_first_and_last_row():
+    idx = gpu_bench.sampled_group_rows(SIZES, per_group=16)
+    ends = np.cumsum(SIZES)
+    for g, (size, end) in enumerate(zip(SIZES, ends)):
+        rows = idx[g][idx[g] >= 0]
+        assert len(rows) == min(size, 16)
+        if size:
+            assert rows[0] == end - size and rows[-1] == end - 1
+            assert ((rows >= end - size) & (rows < end)).all() and len(set(rows)) == len(rows)
+    with pytest.raises(ValueError, match="per_group must be >= 2"):
+        gpu_bench.sampled_group_rows(SIZES, per_group=1)
+
+
+def test_the_exact_product_has_fp32_error_and_a_wrong_sampled_row_shows():
+    x, w, exact = _operands()
+    out = exact.astype(np.float32)
+    # fp32 products at precision HIGHEST: the float64 product within fp32 rounding over K = 256
+    assert gpu_bench.grouped_rel_err(out, x, w, SIZES, per_group=16) < 1e-6
+    idx = gpu_bench.sampled_group_rows(SIZES, per_group=16)
+    wrong = out.copy()
+    wrong[idx[0, 5]] += 1.0  # one sampled row of the first group, off by 1 in every column
+    err = gpu_bench.grouped_rel_err(wrong, x, w, SIZES, per_group=16)
+    sampled = np.concatenate([exact[r[r >= 0]] for r in idx])
+    assert err == pytest.approx(np.sqrt(exact.shape[1]) / np.linalg.norm(sampled), rel=1e-4)
+
+
+def test_rows_past_the_groups_are_never_compared():
+    x, w, exact = _operands(seed=1)
+    out = np.concatenate([exact, np.full((7, exact.shape[1]), np.nan, np.float32)]).astype(np.float32)
+    x_pad = np.concatenate([x, np.zeros((7, x.shape[1]), np.float32)])
+    assert gpu_bench.grouped_rel_err(out, x_pad, w, SIZES, per_group=16) < 1e-6
+
+
+def test_uniform_noise_reads_the_same_on_samples_as_on_every_row():
+    x, w, exact = _operands(seed=2)
+    noise = 1e-3 * np.random.default_rng(3).standard_normal(exact.shape) * np.abs(exact)
+    full = np.linalg.norm(noise) / np.linalg.norm(exact)
+    sampled = gpu_bench.grouped_rel_err((exact + noise).astype(np.float32), x, w, SIZES, per_group=32)
+    assert sampled == pytest.approx(full, rel=0.2)
