@@ -229,8 +229,6 @@ def test_bad_inputs_are_refused_before_launch():
         Fp8Blocks(group_m=4)
     with pytest.raises(ValueError, match="cluster_n needs an even num_sms"):
         Fp8Blocks(cluster_n=True, num_sms=131)
-    with pytest.raises(ValueError, match="Fp8Blocks: cluster_n and chain cannot be combined"):
-        Fp8Blocks(cluster_n=True, chain=True)
     with pytest.raises(ValueError, match=r"N=128 must be a multiple of 256 \(tile_n \* 2 CTAs with cluster_n\)"):
         run(x_q, (w,), blocks=Fp8Blocks(cluster_n=True, num_sms=2))
     with pytest.raises(ValueError, match=r"N=128 must be a multiple of 256 \(tile_n \* 2 warpgroups with wg_cols\)"):

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,10 @@ class Fp8Blocks(PipelinedTiles):
     # swaps half of the rows through shared memory in fp32 (the gate's second half to the up's warpgroup, the up's
     # first half to the gate's), and each warpgroup stores silu(gate) * up of its half.
     wg_weights: bool = False
+    # Chained tiles in clusters of two: the x tile's multicast (a sixth of a 128 x 256 tile's L2 bytes per K step)
+    # without a pipeline fill and drain per tile. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
+    # barriers: clusters are lowered on CPU and run on GPU only.
+    CHAINS_IN_CLUSTERS: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
