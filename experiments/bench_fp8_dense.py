@@ -4,8 +4,8 @@ rows in 1 x 128 groups, fp32 promotion per K block) against cuBLAS's FP8 GEMM wi
 ceiling), the path it replaced (the weight dequantized, then a bf16 GEMM), and the dense bf16 GEMM.
 
 Each shape's kernel output is checked first against the fp32 product of the same quantized operands (sampled
-rows); a shape that fails gets no rate and the run exits 1. Cases run in rounds, cuBLAS FP8 first in each, so all
-see the same clocks; ratios are medians over the rounds.
+rows); a shape that fails gets no rate, its swept blocks are not recorded, and the run exits 1. Cases run in rounds,
+cuBLAS FP8 first in each, so all see the same clocks; ratios are medians over the rounds.
 
   python -m experiments.bench_fp8_dense                 # on a Hopper GPU; results/bench_fp8_dense/<run>.json
   python -m experiments.bench_fp8_dense --tune          # also sweeps the kernel's launch windows per shape and
@@ -126,14 +126,17 @@ def main(argv):
             blocks, rate, sweep = tune(name, ops)
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
             raw[f"{name}_smem_ceiling"] = {str(b): b.smem_ceiling(False) for b in sweep}
-            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
-                          rate, f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
         shape_cases = cases(ops, blocks)
         err = kernel_error(*ops[1:], blocks)
         metrics[f"{name}_rel_err"] = err
         if not err <= _TOL.value:
             failed.append(f"{name}: relative error {err:.3g} > {_TOL.value}")
+            write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
+                               run=run, echo=False)
             continue
+        if _TUNE.value:  # only blocks whose output checked out
+            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
+                          rate, f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
         dense = gb.dense_gemm_case(t, k, n, jnp.float8_e4m3fn)
         got = gb.round_robin_over_dense(shape_cases, dense, rounds=_ROUNDS.value,
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))

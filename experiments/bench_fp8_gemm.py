@@ -2,7 +2,10 @@
 blocks, rows in 1 x 128 groups, DeepSeek-V3's scheme; `dwdp_jax.kernels.fp8`): the Mosaic GPU kernel
 (`split_gemm_fp8_mgpu`, DeepGEMM's structure) and the Triton kernel's scaled path, against the dense FP8 GEMM
 (cuBLAS, one scale per tensor: the ceiling), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds,
-over the model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales", issue 26).
+over the model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales", issue 26). Each
+kernel's fastest blocks are first checked against the fp32 product of the same quantized operands (sampled rows of
+every group, `gpu_bench.grouped_rel_err`): past --rel_tol, the projection gets no rate, nothing is recorded and the
+run exits 1.
 
   python -m experiments.bench_fp8_gemm                  # on a GPU; results/bench_fp8_gemm/<run>.json
   python -m experiments.bench_fp8_gemm --tune           # also records each kernel's fastest blocks (kernels.tuning)
@@ -46,7 +49,11 @@ _WITH_OPTION = flags.DEFINE_multi_string("with_option", [], "sweep only the firs
                                          "with any of these blocks options set (e.g. wg_weights)")
 _ERROR = flags.DEFINE_bool("error", True, "each FP8 kernel's relative error against per-group fp32 products "
                            "over sampled rows of every group (--noerror skips it)")
-_TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache")
+_TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product of the same quantized "
+                          "operands (issue 26); a kernel past it gets no rate and is not recorded, the run exits 1",
+                          lower_bound=0.0)
+_TUNE = flags.DEFINE_bool("tune", False, "record each FP8 kernel's fastest blocks in the kernel block cache, once "
+                          "its error is within --rel_tol (--noerror: unchecked)")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 PROBLEMS = [("gate_up", 7168, 2048, True), ("down", 2048, 7168, False)]
@@ -106,26 +113,36 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
     return sweep, max(timed, key=timed.get)
 
 
-def _problem(name: str, sizes, k: int, n: int, fused: bool) -> tuple[dict, dict]:
+def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -> tuple[dict, dict]:
+    """(metrics, raw) of one projection; a kernel whose error is past --rel_tol is appended to `failed`, and the
+    projection then gets no rounds."""
     kind = jax.devices()[0].device_kind
     real, cols = int(sizes.sum()), 2 * n if fused else n
     padded = -(-sizes // _ALIGN.value) * _ALIGN.value
     metrics, raw, best = {}, {}, {}
     slabs = slab_counts(len(padded), _SLABS.value)
+    verified = True
     for kernel in _KERNELS.value:
         sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused, slabs)
         metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
-        if _TUNE.value and _SWEEP.value:  # recorded at once: a run cut short later keeps its sweep
-            how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew "
-                   f"{_SKEW.value}, groups aligned to {_ALIGN.value} rows")
-            tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, best[kernel], sweep[best[kernel]], how)
-        if _ERROR.value:
-            errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
-            metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
         if hasattr(best[kernel], "smem_ceiling"):
             raw[f"{name}_{kernel}_smem_ceiling"] = {str(b): b.smem_ceiling(fused) for b in sweep}
+        if _ERROR.value:
+            errors = gb.fp8_grouped_gemm_error(sizes, k, n, best[kernel], kernel=KERNELS[kernel].fn)
+            metrics.update({f"{name}_fp8_{kernel}_rel_err_{what}": v for what, v in errors.items()})
+            if not errors["kernel"] <= _TOL.value:
+                failed.append(f"{name} {kernel} {best[kernel]}: relative error {errors['kernel']:.3g} > "
+                              f"{_TOL.value}")
+                verified = False
+                continue
+        if _TUNE.value and _SWEEP.value:  # recorded at once: a run cut short later keeps its sweep
+            how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew "
+                   f"{_SKEW.value}, groups aligned to {_ALIGN.value} rows")
+            tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, best[kernel], sweep[best[kernel]], how)
+    if not verified:
+        return metrics, raw
     case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
                                       kernel=KERNELS[kernel].fn, slab_counts=slabs) for kernel in _KERNELS.value}
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
@@ -162,16 +179,16 @@ def main(argv):
     for kernel in _KERNELS.value:  # a misspelt option fails before any device work
         swept(KERNELS[kernel].candidates[True], _WITH_OPTION.value)
     sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
-    metrics, raw = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}
+    metrics, raw, failed = {"group_max_over_mean": float(sizes.max() / sizes.mean())}, {}, []
     config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value,
               "align": _ALIGN.value,
               "kernels": list(_KERNELS.value), "sweep": _SWEEP.value, "with_option": list(_WITH_OPTION.value),
-              "error": _ERROR.value,
+              "error": _ERROR.value, "rel_tol": _TOL.value, "failed": failed,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else "", "problems_done": []}
     run = results.run_stamp()
     for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
-        got, got_raw = _problem(name, sizes, k, n, fused)
+        got, got_raw = _problem(name, sizes, k, n, fused, failed)
         metrics.update(got)
         raw.update(got_raw)
         config["problems_done"].append(name)
@@ -181,10 +198,15 @@ def main(argv):
     for name, *_ in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         for kernel in _KERNELS.value:
             c = f"{name}_rounds_fp8_split_{kernel}"
+            if c + "_tflops" not in metrics:  # failed its error check: no rate
+                continue
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
     results.write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
                                run=run)
+    if failed:
+        print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
