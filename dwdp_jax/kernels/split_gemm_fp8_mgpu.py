@@ -113,6 +113,10 @@ class Fp8Blocks(PipelinedTiles):
     # swaps half of the rows through shared memory in fp32 (the gate's second half to the up's warpgroup, the up's
     # first half to the gate's), and each warpgroup stores silu(gate) * up of its half.
     wg_weights: bool = False
+    # Clusters of two CTAs on adjacent row tiles of one column block, the weight tile loaded once for both (TMA
+    # multicast): at 128 x 256 a third less L2 traffic per CTA and K step (x 16 KiB + half the weight's 32),
+    # cuBLAS FP8's structure. A pair of row tiles must share its weights: one group (the dense GEMM, `dense_fp8`).
+    cluster_m: bool = False
     # Chained tiles in clusters of two: the x tile's multicast (a sixth of a 128 x 256 tile's L2 bytes per K step)
     # without a pipeline fill and drain per tile. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only.
@@ -135,9 +139,22 @@ class Fp8Blocks(PipelinedTiles):
             raise ValueError("Fp8Blocks.wg_weights takes none of wg_cols, one_partial, x_in_registers, "
                              "swizzled_store (a warpgroup computes one weight over all rows; halves are stored as "
                              "64-row blocks)")
+        if self.cluster_m and self.cluster_n:
+            raise ValueError("Fp8Blocks: cluster_m and cluster_n cannot be combined (clusters of two CTAs)")
+        if self.cluster_m and self.num_sms % 2:
+            raise ValueError(f"Fp8Blocks.cluster_m needs an even num_sms (clusters of 2), got {self.num_sms}")
         if KSTEP % self.tile_n or self.tile_n % 8:
             raise ValueError(f"Fp8Blocks.tile_n must divide {KSTEP} (one weight scale per tile and K block) and be "
                              f"a multiple of 8 (wgmma's N), got {self.tile_n}")
+
+    @property
+    def clustered(self) -> bool:
+        return self.cluster_m or self.cluster_n
+
+    @property
+    def rows_per_tile(self) -> int:
+        """Rows of one schedule tile: a cluster_m pair's two row tiles, else one."""
+        return self.tile_m * (2 if self.cluster_m else 1)
 
     @property
     def cta_n(self) -> int:
@@ -234,7 +251,8 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     in_specs = [plgpu.BlockSpec((b.tile_m, KSTEP), lambda k: (0, k), transforms=transforms,
                                 memory_space=plgpu.SMEM, collective_axes=("cluster",) if b.cluster_n else ())]
     in_specs += [plgpu.BlockSpec((b.cta_n, KSTEP), lambda k: (0, k), transforms=transforms,
-                                 memory_space=plgpu.SMEM)] * per_slab
+                                 memory_space=plgpu.SMEM, collective_axes=("cluster",) if b.cluster_m else ())
+                 ] * per_slab
     in_specs += [plgpu.BlockSpec((1, b.tile_m), lambda k: (k, 0), memory_space=plgpu.SMEM)]
 
     def pipeline(body, context, state=None):
@@ -277,6 +295,10 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
                 ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
+            if b.cluster_m:  # the pair's tile of this CTA: its rows of the pair's [lo, hi)
+                c = jax.lax.axis_index("cluster")
+                block = 2 * block + c
+                lo, hi = (jnp.clip(r - c * b.tile_m, 0, b.tile_m) for r in (lo, hi))
             row0 = block * b.tile_m
             col0 = ni * b.cta_n + wg_col0
             scale_block = col0 // fp8.BLOCK
@@ -404,16 +426,16 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
         default_blocks(k, n, fused))
     check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
-    pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
+    pad = -m % b.rows_per_tile  # whole row tiles (pairs with cluster_m): the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
-    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad, b.group_m,
-                          b.per_group)
+    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.rows_per_tile, m + pad,
+                          b.group_m, b.per_group)
     kernel = plgpu.kernel(
         functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, n), out_dtype or jnp.bfloat16),
-        grid=(b.num_sms // 2 if b.cluster_n else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
-        thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.cluster_n else {}),
+        grid=(b.num_sms // 2 if b.clustered else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
+        thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))
@@ -437,7 +459,10 @@ def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: 
             if max(values.shape) > MAX_TMA_COORD or values.shape[1] * values.shape[2] >= MAX_TMA_STRIDE_BYTES:
                 raise ValueError(f"{NAME}: slab {i} weight {values.shape} is past what TMA addresses (int32 "
                                  f"coordinates per dimension, strides under 2^40 bytes)")
-    if m + b.tile_m > MAX_TMA_COORD:
+    if b.cluster_m and (len(slabs) != 1 or slabs[0][0][0].shape[0] != 1):
+        raise ValueError(f"{NAME}: Fp8Blocks.cluster_m needs one group in one slab (a cluster's two row tiles share "
+                         f"their weight tile), got {[ws[0][0].shape[0] for ws in slabs]} groups per slab")
+    if m + b.rows_per_tile > MAX_TMA_COORD:
         raise ValueError(f"{NAME}: {m} rows are past TMA's int32 row coordinates")
     if b.acc_registers(fused) > MAX_ACC_REGISTERS:
         raise ValueError(f"{NAME}: {b} needs {b.acc_registers(fused)} accumulator registers per thread "

@@ -98,7 +98,8 @@ def dense_fp8_candidates(k: int, n: int) -> list:
     unchained, row-tile order, full tiles stored through a swizzled view; and where the padded width takes 256-column
     CTA tiles, the warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared memory beside the whole
     tile's output; 4 with the output leaving a 64-row block at a time, through the plain or the swizzled view: the
-    short-K projections' outputs, kv_b's 2 GB at 32768 rows, are most of their bytes)."""
+    short-K projections' outputs, kv_b's 2 GB at 32768 rows, are most of their bytes); the defaults and the
+    latter two in clusters of two on adjacent row tiles, the weight tile multicast (`Fp8Blocks.cluster_m`)."""
     base = dense_fp8.default_blocks(k)
     cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
                                                        max_concurrent_steps=2), k)
@@ -106,8 +107,9 @@ def dense_fp8_candidates(k: int, n: int) -> list:
                                                            out_by_row_block=True), k)
     return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
         dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
-        dataclasses.replace(base, swizzled_store=True)] + (
+        dataclasses.replace(base, swizzled_store=True), dataclasses.replace(base, cluster_m=True)] + (
         [cols, by_block, dataclasses.replace(by_block, swizzled_store=True)]
+        + [dataclasses.replace(by_block, cluster_m=True, swizzled_store=s) for s in (False, True)]
         if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
 
 
