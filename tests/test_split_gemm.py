@@ -55,6 +55,31 @@ def test_tile_schedule_matches_row_walk(seed):
     assert [tuple(int(v) for v in sched[:5, t]) for t in range(count)] == brute_force_tiles(sizes, counts, 16)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("group_m,per_group", [(0, False), (2, True), (0, True)])
+def test_pair_schedule_pairs_each_groups_consecutive_tiles(seed, group_m, per_group):
+    """Pairs (for two CTAs on one weight tile): a group's tiles 1-2, 3-4, ..., an odd last one with a rowless
+    partner on its own block; every tile in exactly one pair, no pair across groups; windows cover the pairs."""
+    rng = np.random.default_rng(seed)
+    counts = tuple(int(c) for c in rng.integers(1, 5, size=rng.integers(1, 4)))
+    sizes = rng.integers(0, 70, size=sum(counts)) * (rng.random(sum(counts)) < 0.7)
+    num_rows = int(sizes.sum()) + int(rng.integers(0, 20))
+    sched = np.asarray(tile_schedule(jnp.asarray(sizes, jnp.int32), counts, 16, num_rows, group_m, per_group,
+                                     pairs=True))
+    assert sched.shape[0] == 11
+    tiles = brute_force_tiles(sizes, counts, 16)
+    expected = []
+    for key in dict.fromkeys(t[:2] for t in tiles):  # (slab, group in slab), in order
+        own = [t for t in tiles if t[:2] == key]
+        for a, b in zip(own[::2], own[1::2] + [None]):
+            expected.append(a + ((b[2], b[3], b[4]) if b else (a[2], 0, 0)))
+    count = int(sched[5, 0])
+    assert count == len(expected)
+    assert [tuple(int(v) for v in (*sched[:5, p], *sched[8:, p])) for p in range(count)] == expected
+    first, size = sched[6, :count], sched[7, :count]
+    assert ((first <= np.arange(count)) & (np.arange(count) < first + size)).all()
+
+
 def test_tile_schedule_refuses_wrong_slab_counts():
     with pytest.raises(ValueError, match="must sum to the number of groups 4"):
         tile_schedule(jnp.ones((4,), jnp.int32), (2, 1), 16, 8)

@@ -75,12 +75,17 @@ FP8_BLOCKS = Blocks(block_k=128, num_stages=3, group_m=16, per_group=True)
 
 
 def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,
-                  group_m: int = 0, per_group: bool = False) -> jax.Array:
+                  group_m: int = 0, per_group: bool = False, pairs: bool = False) -> jax.Array:
     """int32 [8, T]: per row tile (slab, group within the slab, row block, first row, row stop), in row 5 the
     number of real tiles (rows [first, stop) of block b are rows 128 b + first .. of the sorted buffer), and in
     rows 6-7 the first tile and the size of the tile's launch window (`Blocks.group_m`, `Blocks.per_group`).
 
     Tiles are in group order; T = cdiv(num_rows, block_m) + G - 1 bounds their count. Empty groups get no tile.
+
+    pairs: int32 [11, T] over pairs of a group's consecutive tiles (its first and second, third and fourth, ...),
+    for two CTAs sharing one weight tile: rows 0-4 the first tile's, rows 8-10 the second's (row block, first row,
+    row stop), which a group with an odd number of tiles leaves without rows in its last pair (its first tile's
+    block, rows [0, 0)); rows 5-7 count and windows of pairs.
     """
     g = group_sizes_G.shape[0]
     if sum(slab_counts) != g:
@@ -100,9 +105,33 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     slab_starts = np.cumsum((0,) + tuple(slab_counts))[:-1]
     slab = (jnp.searchsorted(jnp.asarray(slab_starts[1:], jnp.int32), group, side="right")).astype(jnp.int32)
     in_slab = group - jnp.asarray(slab_starts, jnp.int32)[slab]
+    if pairs:
+        return _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, num_tiles, group_m,
+                              per_group)
     count = jnp.full((num_tiles,), tile_end[-1], jnp.int32)
     first, size = _windows(t, tile_end - tiles, tiles, group, count, num_tiles, group_m, per_group)
     return jnp.stack([slab, in_slab, block, lo, hi, count, first, size]).astype(jnp.int32)
+
+
+def _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, num_tiles: int, group_m: int,
+                   per_group: bool) -> jax.Array:
+    """`tile_schedule(..., pairs=True)` from the tiles' columns: pair p of group g holds its tiles 2j and 2j + 1."""
+    g = group_sizes_G.shape[0]
+    pairs = (tiles + 1) // 2
+    pair_end = jnp.cumsum(pairs)
+    p = jnp.arange(num_tiles, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(pair_end, p, side="right"), g - 1).astype(jnp.int32)
+    j = p - (pair_end - pairs)[group]
+    first_tile = jnp.minimum(tile_end[group] - tiles[group] + 2 * j, num_tiles - 1)
+    has_second = 2 * j + 1 < tiles[group]
+    second_tile = jnp.minimum(first_tile + 1, num_tiles - 1)
+    count = jnp.full((num_tiles,), pair_end[-1], jnp.int32)
+    first, size = _windows(p, pair_end - pairs, pairs, group, count, num_tiles, group_m, per_group)
+    return jnp.stack([slab[first_tile], in_slab[first_tile], block[first_tile], lo[first_tile], hi[first_tile],
+                      count, first, size,
+                      jnp.where(has_second, block[second_tile], block[first_tile]),
+                      jnp.where(has_second, lo[second_tile], 0), jnp.where(has_second, hi[second_tile], 0)]
+                     ).astype(jnp.int32)
 
 
 def _windows(t, group_first_tile, group_tiles, group, count, num_tiles: int, group_m: int, per_group: bool):

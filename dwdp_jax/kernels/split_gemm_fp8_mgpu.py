@@ -33,7 +33,10 @@ defaults chosen from the sweep since (`default_blocks`) reach 0.738 (down) and 0
 long-K projections. Nsight Compute on the row split (down, the serving shape): the tensor pipe 63% busy with L2 at
 69% of its throughput, where cuBLAS's 192 x 192 tiles in clusters of two run it 95% busy at 52%: the 128 x 128 tile
 reads twice the bytes per FLOP from L2. Promoting a K block while the same warpgroup's next wgmma runs (a third more
-accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up).
+accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up). Chained tiles in
+clusters of two CTAs sharing a tile by TMA multicast (`Fp8Blocks.cluster_n`: the x tile; `cluster_m`: the weight
+tile of a pair of a group's row tiles) cut that L2 traffic by a sixth and a third; they are swept candidates, not
+yet timed.
 """
 
 from __future__ import annotations
@@ -113,13 +116,14 @@ class Fp8Blocks(PipelinedTiles):
     # swaps half of the rows through shared memory in fp32 (the gate's second half to the up's warpgroup, the up's
     # first half to the gate's), and each warpgroup stores silu(gate) * up of its half.
     wg_weights: bool = False
-    # Clusters of two CTAs on adjacent row tiles of one column block, the weight tile loaded once for both (TMA
-    # multicast): at 128 x 256 a third less L2 traffic per CTA and K step (x 16 KiB + half the weight's 32),
-    # cuBLAS FP8's structure. A pair of row tiles must share its weights: one group (the dense GEMM, `dense_fp8`).
+    # Clusters of two CTAs on two row tiles of one group and one column block, the weight tile loaded once for both
+    # (TMA multicast): at 128 x 256 a third less L2 traffic per CTA and K step (x 16 KiB + half the weight's 32),
+    # cuBLAS FP8's structure. A group's tiles go in pairs (`tile_schedule(pairs=True)`): a group of an odd number of
+    # tiles leaves one CTA of its last pair computing without storing (half a tile a group on average).
     cluster_m: bool = False
-    # Chained tiles in clusters of two: the x tile's multicast (a sixth of a 128 x 256 tile's L2 bytes per K step)
-    # without a pipeline fill and drain per tile. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
-    # barriers: clusters are lowered on CPU and run on GPU only.
+    # Chained tiles in clusters of two (cluster_m, cluster_n): multicast without a pipeline fill and drain per
+    # tile. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster barriers: clusters are lowered on CPU and
+    # run on GPU only (`pytest -m gpu` runs every swept candidate).
     CHAINS_IN_CLUSTERS: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -150,11 +154,6 @@ class Fp8Blocks(PipelinedTiles):
     @property
     def clustered(self) -> bool:
         return self.cluster_m or self.cluster_n
-
-    @property
-    def rows_per_tile(self) -> int:
-        """Rows of one schedule tile: a cluster_m pair's two row tiles, else one."""
-        return self.tile_m * (2 if self.cluster_m else 1)
 
     @property
     def cta_n(self) -> int:
@@ -295,10 +294,9 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
                 ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
-            if b.cluster_m:  # the pair's tile of this CTA: its rows of the pair's [lo, hi)
-                c = jax.lax.axis_index("cluster")
-                block = 2 * block + c
-                lo, hi = (jnp.clip(r - c * b.tile_m, 0, b.tile_m) for r in (lo, hi))
+            if b.cluster_m:  # the pair's second tile is the second CTA's
+                second = jax.lax.axis_index("cluster") == 1
+                block, lo, hi = (jnp.where(second, sched_gmem[8 + i, ti], v) for i, v in enumerate((block, lo, hi)))
             row0 = block * b.tile_m
             col0 = ni * b.cta_n + wg_col0
             scale_block = col0 // fp8.BLOCK
@@ -426,11 +424,11 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
         default_blocks(k, n, fused))
     check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
-    pad = -m % b.rows_per_tile  # whole row tiles (pairs with cluster_m): the last one's TMA loads stay in bounds
+    pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
-    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.rows_per_tile, m + pad,
-                          b.group_m, b.per_group)
+    sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad, b.group_m,
+                          b.per_group, pairs=b.cluster_m)
     kernel = plgpu.kernel(
         functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, n), out_dtype or jnp.bfloat16),
@@ -459,10 +457,7 @@ def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: 
             if max(values.shape) > MAX_TMA_COORD or values.shape[1] * values.shape[2] >= MAX_TMA_STRIDE_BYTES:
                 raise ValueError(f"{NAME}: slab {i} weight {values.shape} is past what TMA addresses (int32 "
                                  f"coordinates per dimension, strides under 2^40 bytes)")
-    if b.cluster_m and (len(slabs) != 1 or slabs[0][0][0].shape[0] != 1):
-        raise ValueError(f"{NAME}: Fp8Blocks.cluster_m needs one group in one slab (a cluster's two row tiles share "
-                         f"their weight tile), got {[ws[0][0].shape[0] for ws in slabs]} groups per slab")
-    if m + b.rows_per_tile > MAX_TMA_COORD:
+    if m + b.tile_m > MAX_TMA_COORD:
         raise ValueError(f"{NAME}: {m} rows are past TMA's int32 row coordinates")
     if b.acc_registers(fused) > MAX_ACC_REGISTERS:
         raise ValueError(f"{NAME}: {b} needs {b.acc_registers(fused)} accumulator registers per thread "

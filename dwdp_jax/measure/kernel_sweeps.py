@@ -74,7 +74,8 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
 # column halves and the row halves, a warpgroup per weight at 128 columns (2 stages beside the 64 KiB swap buffer
 # and the output); down, the default's store through the swizzled view; both, the column halves in clusters of two
 # (unchained: a third less L2 traffic per CTA and K step); the row halves' full tiles stored through a swizzled view;
-# the default chained in clusters of two (down: also through the swizzled view), the x tile multicast.
+# the default chained in clusters of two (down: also through the swizzled view), on one row tile with the x tile
+# multicast (`cluster_n`) or on a pair of a group's row tiles with the weight tile multicast (`cluster_m`).
 FP8_MGPU_CANDIDATES = {
     fused: [default, wide, dataclasses.replace(wide, max_concurrent_steps=other, chain=other in (2, 4)), narrow]
     + [dataclasses.replace(narrow, chain=False, **kw)
@@ -85,8 +86,10 @@ FP8_MGPU_CANDIDATES = {
         dataclasses.replace(wide, chain=False, cluster_n=True)] if fused
        else [dataclasses.replace(default, swizzled_store=True),
              dataclasses.replace(default, chain=False, cluster_n=True),
-             dataclasses.replace(default, swizzled_store=True, cluster_n=True)])
-    + [dataclasses.replace(narrow, swizzled_store=True), dataclasses.replace(default, cluster_n=True)]
+             dataclasses.replace(default, swizzled_store=True, cluster_n=True),
+             dataclasses.replace(default, swizzled_store=True, cluster_m=True)])
+    + [dataclasses.replace(narrow, swizzled_store=True), dataclasses.replace(default, cluster_n=True),
+       dataclasses.replace(default, cluster_m=True)]
     for fused, default, wide, narrow, other, most in (
         (True, ONE_PARTIAL_FP8_BLOCKS, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
         (False, BY_ROW_BLOCK_FP8_BLOCKS, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
