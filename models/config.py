@@ -13,6 +13,7 @@ from typing import Any
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ROUTER_PRECISIONS = ("float32", "tensorfloat32")
 FP8_BLOCK = 128  # the checkpoint's weight_block_size
 
 
@@ -57,6 +58,7 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     num_nextn_predict_layers: int = 1
     # Storage dtype of parameters and the activation dtype. Norms, router and softmax always run in fp32.
+    # (The router's fp32 dot: see router_precision.)
     dtype: str = "bfloat16"
     # Routed experts stored FP8 e4m3 with one fp32 scale per 128 x 128 block, as the released checkpoint stores
     # them; each expert GEMM quantizes its input in 1 x 128 groups (DeepSeek-V3's inference). False: `dtype`.
@@ -69,6 +71,10 @@ class ModelConfig:
     # head before attention, the inputs an FP8 attention kernel (FlashAttention-3's FP8 path) would read; the
     # attention itself runs on the configured backend in `dtype`, so this measures the accuracy, not the speed.
     fp8_attention_qkv: bool = False
+    # The router's fp32 dot at this `jax.lax.Precision`: "float32", HF's (DeepseekV3TopkRouter runs the gate in
+    # fp32). Ablation "tensorfloat32": JAX's default for fp32 dots on NVIDIA GPUs (inputs rounded to a 10-bit
+    # mantissa), which can flip near-tie expert choices; CPUs compute fp32 either way.
+    router_precision: str = "float32"
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -106,6 +112,9 @@ class ModelConfig:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"ModelConfig.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if self.router_precision not in ROUTER_PRECISIONS:
+            raise ValueError(f"ModelConfig.router_precision must be one of {ROUTER_PRECISIONS}, "
+                             f"got {self.router_precision!r}")
         for name in ("fp8_experts", "fp8_dense", "fp8_attention_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")

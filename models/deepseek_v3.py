@@ -207,7 +207,8 @@ class MLP(nnx.Module):
 
 
 class Router(nnx.Module):
-    """Sigmoid router with group-limited top-k (DeepSeek `noaux_tc`), all in fp32.
+    """Sigmoid router with group-limited top-k (DeepSeek `noaux_tc`), all in fp32 (the dot at precision HIGHEST
+    unless the `router_precision` ablation says otherwise: JAX's default lets GPUs take TF32).
 
     The correction bias only chooses experts and scores groups (sum of each group's top-2); the weights are
     the unbiased sigmoid scores of the chosen experts, normalized, times routed_scaling_factor.
@@ -220,7 +221,8 @@ class Router(nnx.Module):
 
     def __call__(self, x_TD):
         cfg = self.cfg
-        logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                               precision=jax.lax.Precision(cfg.router_precision))
         scores_TE = jax.nn.sigmoid(logits_TE)
         choice_TE = scores_TE + self.e_score_correction_bias[...]
         t = x_TD.shape[0]
