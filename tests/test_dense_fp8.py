@@ -176,18 +176,19 @@ def test_gpu_stacked_q_a_and_kv_a():
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,k,n", [(4096 + 200, 16384, 7168), (4096 + 77, 7168, 576)], ids=["o", "kv_a"])
 def test_gpu_every_benchmarked_candidate(t, k, n):
-    """Every schedule `bench_fp8_dense --tune` times, compiled, against the fp64 product: among them the clusters
-    of two on adjacent row tiles (`cluster_m`), which Mosaic GPU's interpreter cannot run on CPU. Row counts leave
-    the last pair of row tiles with 72 rows in its second tile (o) or none (kv_a)."""
+    """The schedules `bench_fp8_dense --tune` times (the fewest that take every option's every value, and the
+    card's cached ones), compiled, against the fp64 product: among them the clusters of two on a pair of row tiles
+    (`cluster_m`), which Mosaic GPU's interpreter cannot run on CPU. Row counts leave the last pair of row tiles
+    with 72 rows in its second tile (o) or none (kv_a)."""
     if jax.devices()[0].platform != "gpu":
         pytest.skip("needs a GPU")
     from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates
-    from test_gpu import run_each  # every candidate compiled at once
+    from test_gpu import covering, run_each  # every candidate compiled at once
 
     x, w = _operands(9, t, k, n)
     x_q, x_s = fp8.quantize_rows(x)
     exact = _exact(x_q, x_s, w)
-    candidates = dense_fp8_candidates(k, n)
+    candidates = covering(dense_fp8_candidates(k, n), dense_fp8.NAME_TUNED, k, dense_fp8.padded_width(n), False)
     assert any(b.cluster_m for b in candidates)
     gemm = jax.jit(dense_fp8.block_scaled_gemm, static_argnames=("blocks",))
     for b, out in zip(candidates, run_each(gemm, candidates, (x_q, x_s, w), {})):
