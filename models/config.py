@@ -71,9 +71,9 @@ class ModelConfig:
     # head before attention, the inputs an FP8 attention kernel (FlashAttention-3's FP8 path) would read; the
     # attention itself runs on the configured backend in `dtype`, so this measures the accuracy, not the speed.
     fp8_attention_qkv: bool = False
-    # The router's fp32 dot at this `jax.lax.Precision`: "float32", HF's (DeepseekV3TopkRouter runs the gate in
-    # fp32). Ablation "tensorfloat32": JAX's default for fp32 dots on NVIDIA GPUs (inputs rounded to a 10-bit
-    # mantissa), which can flip near-tie expert choices; CPUs compute fp32 either way.
+    # The router's fp32 dot: "float32", HF's (DeepseekV3TopkRouter runs the gate in fp32; `fp32_dot.dot_f32`:
+    # exact products, fp32 sums). Ablation "tensorfloat32": JAX's default for fp32 dots on NVIDIA GPUs (inputs
+    # rounded to a 10-bit mantissa), which can flip near-tie expert choices; CPUs compute fp32 either way.
     router_precision: str = "float32"
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dwdp_jax.kernels import attention as attention_kernels
-from dwdp_jax.kernels import dense_fp8, fp8
+from dwdp_jax.kernels import dense_fp8, fp8, fp32_dot
 from models.config import ModelConfig
 from models.experts import WEIGHTS, ExpertSlab, RoutedExperts
 
@@ -207,8 +207,8 @@ class MLP(nnx.Module):
 
 
 class Router(nnx.Module):
-    """Sigmoid router with group-limited top-k (DeepSeek `noaux_tc`), all in fp32 (the dot at precision HIGHEST
-    unless the `router_precision` ablation says otherwise: JAX's default lets GPUs take TF32).
+    """Sigmoid router with group-limited top-k (DeepSeek `noaux_tc`), all in fp32 (the dot's products and sums in
+    fp32, `fp32_dot.dot_f32`, unless the `router_precision` ablation says otherwise).
 
     The correction bias only chooses experts and scores groups (sum of each group's top-2); the weights are
     the unbiased sigmoid scores of the chosen experts, normalized, times routed_scaling_factor.
@@ -221,8 +221,11 @@ class Router(nnx.Module):
 
     def __call__(self, x_TD):
         cfg = self.cfg
-        logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32),
-                               precision=jax.lax.Precision(cfg.router_precision))
+        if cfg.router_precision == "float32":
+            logits_TE = fp32_dot.dot_f32(x_TD, self.weight[...])
+        else:
+            logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                                   precision=jax.lax.Precision(cfg.router_precision))
         scores_TE = jax.nn.sigmoid(logits_TE)
         choice_TE = scores_TE + self.e_score_correction_bias[...]
         t = x_TD.shape[0]

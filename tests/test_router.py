@@ -1,31 +1,64 @@
-"""The router's fp32 dot asks for full fp32 (HF's gate), not JAX's default precision, which lets NVIDIA GPUs take
-TF32; `router_precision="tensorfloat32"` is the named ablation; anything else is refused naming the field."""
+"""The router's fp32 dot: fp32 products and sums (HF's gate), on bf16 tensor cores for bf16 activations
+(`fp32_dot`: the fp32 weight split exactly into three bf16 parts), never JAX's default precision, which lets NVIDIA
+GPUs take TF32; `router_precision="tensorfloat32"` is the named ablation; anything else is refused naming the
+field."""
 
 import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
+from dwdp_jax.kernels import fp32_dot
 from models import config as C
 from models.deepseek_v3 import Router
 
 
-def _dot_precisions(cfg) -> list[str]:
-    router = Router(cfg, nnx.Rngs(0))
-    graph, state = nnx.split(router)
-    x = jnp.ones((16, cfg.hidden_size), jnp.bfloat16)
+def _router_dots(cfg, dtype) -> list[str]:
+    """(operand types, precision) of each dot_general in the router's lowered program."""
+    graph, state = nnx.split(Router(cfg, nnx.Rngs(0)))
+    x = jnp.ones((16, cfg.hidden_size), dtype)
     text = jax.jit(lambda s, x: nnx.merge(graph, s)(x)).lower(state, x).as_text()
-    return re.findall(r"dot_general.*?precision = \[(\w+), (\w+)\]", text)
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    return [(re.search(r": \((tensor<[^)]*)\)", d).group(1),
+             (re.search(r"precision = \[(\w+),", d) or re.search("()", "")).group(1)) for d in dots]
 
 
-def test_the_router_dot_is_full_fp32_by_default_and_tf32_only_as_the_ablation():
+def test_the_weight_splits_exactly_into_three_bf16_parts():
+    rng = np.random.default_rng(0)
+    # magnitudes from 2^-100 up (below 2^-102 the third part would be an fp32 subnormal, which XLA flushes)
+    w = (rng.choice([-1.0, 1.0], (64, 32)) * rng.uniform(1, 2, (64, 32))
+         * 2.0 ** rng.integers(-100, 100, (64, 32))).astype(np.float32)
+    parts = fp32_dot.split_bf16(jnp.asarray(w))
+    assert all(p.dtype == jnp.bfloat16 for p in parts)
+    total = np.asarray(parts[0], np.float64) + np.asarray(parts[1], np.float64) + np.asarray(parts[2], np.float64)
+    np.testing.assert_array_equal(total, w.astype(np.float64))
+
+
+def test_bf16_activations_get_the_fp32_product():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((128, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((512, 64)) * 0.05, jnp.float32)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    got = np.asarray(fp32_dot.dot_f32(x, w), np.float64)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 1e-6
+    # a single bf16 pass (the weight rounded) is three orders of magnitude off
+    one = np.asarray(jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32), np.float64)
+    assert np.linalg.norm(one - exact) / np.linalg.norm(exact) > 1e-3
+
+
+def test_the_router_takes_tensor_cores_in_fp32_and_tf32_only_as_the_ablation():
     cfg = C.tiny()
     assert cfg.router_precision == "float32"
-    assert _dot_precisions(cfg) == [("HIGHEST", "HIGHEST")]
-    assert _dot_precisions(dataclasses.replace(cfg, router_precision="tensorfloat32")) == [("HIGH", "HIGH")]
+    [(types, precision)] = _router_dots(cfg, jnp.bfloat16)
+    assert types.count("bf16") == 2 and precision in ("", "DEFAULT")  # bf16 operands: the three-part split
+    [(types, precision)] = _router_dots(cfg, jnp.float32)
+    assert "bf16" not in types and precision == "HIGHEST"
+    [(types, precision)] = _router_dots(dataclasses.replace(cfg, router_precision="tensorfloat32"), jnp.bfloat16)
+    assert "bf16" not in types and precision == "HIGH"
 
 
 def test_an_unknown_router_precision_is_refused():
