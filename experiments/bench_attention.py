@@ -96,9 +96,10 @@ def reference_rows(q, k, v_wide, lengths, rows, scale: float) -> list[jax.Array]
     for n, r in zip(lengths, rows):
         q_r = q[start + r].astype(jnp.float32)
         k_s, v_s = (a[start:start + n].astype(jnp.float32) for a in (k, v_wide))
-        s = jnp.einsum("rhk,lhk->hrl", q_r, k_s) * scale
+        # precision HIGHEST: JAX's default lets GPUs take fp32 dots in TF32
+        s = jnp.einsum("rhk,lhk->hrl", q_r, k_s, precision=jax.lax.Precision.HIGHEST) * scale
         s = jnp.where(jnp.arange(n)[None, None, :] <= jnp.asarray(r)[None, :, None], s, -jnp.inf)
-        out.append(jnp.einsum("hrl,lhv->rhv", jax.nn.softmax(s, axis=-1), v_s))
+        out.append(jnp.einsum("hrl,lhv->rhv", jax.nn.softmax(s, axis=-1), v_s, precision=jax.lax.Precision.HIGHEST))
         start += n
     return out
 
@@ -238,7 +239,8 @@ def main(argv):
     metrics["dense_gemm_tflops_after"] = gb.dense_gemm_tflops(8192, 8192, 8192, **timing)
     config = {"cases": cases, "heads": heads, "qk_dim": qk, "v_dim": vd, "repeats": _REPEATS.value,
               "warmup": _WARMUP.value, "sustain_s": _SUSTAIN.value, "burst_idle_s": _BURST_IDLE.value,
-              "rows_checked": _ROWS_CHECKED.value, "rel_tol": _TOL.value, "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
+              "rows_checked": _ROWS_CHECKED.value, "rel_tol": _TOL.value,
+              "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     raw["failed"] = failed
     write_measurements("bench_attention", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
     if failed:

@@ -193,7 +193,6 @@ def test_cudnn_mla_attention_matches_xla(impl, lengths):
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
-@jax.default_matmul_precision("float32")
 def test_strategies_agree_on_gpus(num_ranks):
     from dwdp_jax.packing import pack
     from dwdp_jax.placement import Placement

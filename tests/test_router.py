@@ -64,3 +64,14 @@ def test_the_router_takes_tensor_cores_in_fp32_and_tf32_only_as_the_ablation():
 def test_an_unknown_router_precision_is_refused():
     with pytest.raises(ValueError, match=r"router_precision must be one of \('float32', 'tensorfloat32'\)"):
         dataclasses.replace(C.tiny(), router_precision="bfloat16")
+
+
+@pytest.mark.gpu
+def test_gpu_tests_compute_their_oracles_at_full_fp32():
+    """`conftest`: every GPU-marked test runs with fp32 dots at full precision (its XLA oracles), checked here on
+    any platform; CPU-only tests keep JAX's default."""
+    assert jax.config.jax_default_matmul_precision == "float32"
+
+
+def test_cpu_tests_keep_the_default_matmul_precision():
+    assert jax.config.jax_default_matmul_precision is None

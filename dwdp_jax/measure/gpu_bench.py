@@ -291,8 +291,8 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
 def fp8_grouped_gemm_error(sizes: np.ndarray, k: int, n: int, blocks=None,
                            kernel: Callable | None = None) -> dict[str, float]:
     """The FP8 kernel (two slabs, unfused; `kernel` as in `fp8_split_case`) against fp32 per-group products
-    (`grouped_rel_err`): `kernel` of the dequantized operands (the kernel's own error: summation order, bf16 output) and `quantization`
-    of the bf16 ones (e4m3's rounding)."""
+    (`grouped_rel_err`): `kernel` of the dequantized operands (the kernel's own error: summation order, bf16
+    output) and `quantization` of the bf16 ones (e4m3's rounding)."""
     split_ragged_dot = _split_kernel(kernel)
     key = jax.random.key(2)
     m, g = int(sizes.sum()), len(sizes)
