@@ -196,6 +196,10 @@ def main(argv):
     for name in list(variants)[1:]:
         metrics[f"{name}_over_{base}_tokens_per_s"] = (metrics[f"{name}_tokens_per_s"]
                                                        / metrics[f"{base}_tokens_per_s"])
+        for key in ("busy", "wall"):  # the speedup in the traced step, at the clocks one step alone runs at
+            if f"{name}_trace_{key}_ms" in metrics:
+                metrics[f"{name}_over_{base}_trace_{key}"] = (metrics[f"{base}_trace_{key}_ms"]
+                                                              / metrics[f"{name}_trace_{key}_ms"])
     write_measurements("bench_layer", config=_config(gemm, impls), raw={"seconds": seconds, "top_kernels": top},
                        metrics=metrics, root=_RESULTS.value)
     _table(list(variants), metrics, gpu)
