@@ -242,11 +242,11 @@ def test_dwdp_with_split_kernel_matches_reference():
         assert np.linalg.norm(out.logits_TV - ref.logits_TV) <= 1e-5 * np.linalg.norm(ref.logits_TV)
 
 
-def _visits(sizes, block_m, num_rows, cols, group_m, per_group):
+def _visits(sizes, block_m, num_rows, cols, group_m, per_group, pairs=False):
     from dwdp_jax.kernels.split_gemm import launch_order
 
     sched = np.asarray(tile_schedule(jnp.asarray(sizes, jnp.int32), (len(sizes),), block_m, num_rows, group_m,
-                                     per_group))
+                                     per_group, pairs=pairs))
     pairs = [tuple(int(v) for v in launch_order(p, sched, cols)) for p in range(sched.shape[1] * cols)]
     return sched, pairs
 
@@ -254,8 +254,10 @@ def _visits(sizes, block_m, num_rows, cols, group_m, per_group):
 @pytest.mark.parametrize("group_m,per_group", [(0, False), (2, False), (3, False), (1, False), (0, True), (2, True),
                                                (3, True)])
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 3, 0, 9], [40, 1, 1, 0], [0, 0, 0, 0], [7]])
-def test_launch_order_visits_every_tile_and_block_once(sizes, group_m, per_group):
-    sched, pairs = _visits(sizes, 4, sum(sizes) + 3, 3, group_m, per_group)
+@pytest.mark.parametrize("tile_pairs", [False, True], ids=["tiles", "pairs"])
+def test_launch_order_visits_every_tile_and_block_once(sizes, group_m, per_group, tile_pairs):
+    """Over tiles, and over pairs of a group's tiles (`tile_schedule(pairs=True)`, two CTAs on one weight tile)."""
+    sched, pairs = _visits(sizes, 4, sum(sizes) + 3, 3, group_m, per_group, tile_pairs)
     num_tiles, count = sched.shape[1], int(sched[5, 0])
     assert sorted(pairs) == [(t, n) for t in range(num_tiles) for n in range(3)]
     # programs come window by window; inside a window the row tiles change fastest (rows reused across blocks)
