@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -56,17 +55,10 @@ class PipelinedTiles:
     # swizzled shared-memory view in one TMA store: the plain view's rows are 128 or 256 bytes apart, so a warp's
     # writes of the wgmma accumulator fall several to a bank. Cut tiles keep the plain view and the row runs.
     swizzled_store: bool = False
-    # Whether a clustered CTA's tiles may be chained: both CTAs of a cluster walk the same tiles (one row tile,
-    # adjacent column blocks, the same K steps), so their chained pipelines stay in phase. Set by the kernel whose
-    # chained clusters are lowered in the tests and swept on GPU (the FP8 one).
-    CHAINS_IN_CLUSTERS: ClassVar[bool] = False
 
     def __post_init__(self):
         name = type(self).__name__
         require_positive(self, ("tile_m", "tile_n", "max_concurrent_steps", "num_sms"))
-        if self.cluster_n and self.chain and not self.CHAINS_IN_CLUSTERS:
-            raise ValueError(f"{name}: cluster_n and chain cannot be combined (a chained CTA's tiles would need the "
-                             f"same pipeline phase in both CTAs of its cluster)")
         if self.cluster_n and self.num_sms % 2:
             raise ValueError(f"{name}.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
 
@@ -91,6 +83,9 @@ class MgpuBlocks(PipelinedTiles):
     def __post_init__(self):
         super().__post_init__()
         require_positive(self, ("tile_k",))
+        if self.cluster_n and self.chain:
+            raise ValueError("MgpuBlocks: cluster_n and chain cannot be combined (this kernel's chained clusters are "
+                             "neither lowered in the tests nor swept; the FP8 kernel's are)")
         if self.half_store and self.tile_m % 128:
             raise ValueError(f"MgpuBlocks.half_store needs tile_m a multiple of 128 (halves of whole 64-row wgmma "
                              f"blocks), got {self.tile_m}")
