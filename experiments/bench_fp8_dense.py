@@ -118,7 +118,9 @@ def main(argv):
               "repeats": _REPEATS.value,
               "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
               "jax": jax.__version__, "failed": failed, "shapes_done": []}
-    run = run_stamp()
+    # rewritten after each shape: a run cut short keeps the shapes it finished
+    save = functools.partial(write_measurements, "bench_fp8_dense", config=config, raw=raw, metrics=metrics,
+                             root=_RESULTS.value, run=run_stamp())
     for name in progress_bar(list(_SHAPES.value), "shapes", "shape"):
         k, n = SHAPES[name]
         blocks, ops = None, operands(t, k, n)
@@ -131,8 +133,7 @@ def main(argv):
         metrics[f"{name}_rel_err"] = err
         if not err <= _TOL.value:
             failed.append(f"{name}: relative error {err:.3g} > {_TOL.value}")
-            write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
-                               run=run, echo=False)
+            save(echo=False)
             continue
         if _TUNE.value:  # only blocks whose output checked out
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
@@ -146,8 +147,7 @@ def main(argv):
         secs = max(2 * t * k * n / (got["dense"]["tflops"] * 1e12), (t * k + k * n + 2 * t * n) / hbm)
         metrics[f"{name}_roofline_over_cublas_fp8"] = 2 * t * k * n / secs / (got["dense"]["tflops"] * 1e12)
         config["shapes_done"].append(name)
-        write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value, run=run,
-                           echo=False)  # a run cut short keeps the shapes it finished
+        save(echo=False)
     print(f"\n{t} rows; rates over cuBLAS FP8 (per-tensor scale), medians of {_ROUNDS.value} rounds")
     print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6}")
     for name in _SHAPES.value:
@@ -155,7 +155,7 @@ def main(argv):
             print(f"{name:15} {metrics[f'{name}_dense_tflops']:10.1f} "
                   + " ".join(f"{metrics[f'{name}_{c}_over_dense']:{w}.3f}" for c, w in (
                       ("block_scaled", 12), ("block_scaled_with_row_quant", 11), ("dequant_bf16", 12), ("bf16", 6))))
-    write_measurements("bench_fp8_dense", config=config, raw=raw, metrics=metrics, root=_RESULTS.value, run=run)
+    save()
     if failed:
         print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
         sys.exit(1)

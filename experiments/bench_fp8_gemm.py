@@ -185,14 +185,15 @@ def main(argv):
               "error": _ERROR.value, "rel_tol": _TOL.value, "failed": failed,
               "rounds": _ROUNDS.value, "sustained_rounds": _SUSTAINED_ROUNDS.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else "", "problems_done": []}
-    run = results.run_stamp()
+    # rewritten after each problem: a run cut short keeps the problems it finished
+    save = functools.partial(results.write_measurements, "bench_fp8_gemm", config=config, raw=raw, metrics=metrics,
+                             root=_RESULTS.value, run=results.run_stamp())
     for name, k, n, fused in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         got, got_raw = _problem(name, sizes, k, n, fused, failed)
         metrics.update(got)
         raw.update(got_raw)
         config["problems_done"].append(name)
-        results.write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
-                                   run=run, echo=False)
+        save(echo=False)
     print(f"{'':18} {'TFLOP/s':>8} {'/ dense FP8':>11} {'/ bf16 kernel':>13} {'roofline':>9}")
     for name, *_ in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         for kernel in _KERNELS.value:
@@ -201,8 +202,7 @@ def main(argv):
                 continue
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
-    results.write_measurements("bench_fp8_gemm", config=config, raw=raw, metrics=metrics, root=_RESULTS.value,
-                               run=run)
+    save()
     if failed:
         print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
         sys.exit(1)
