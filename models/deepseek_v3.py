@@ -59,28 +59,44 @@ def project_stacked(x_TK: jax.Array, ws: Sequence[nnx.Param]) -> list[jax.Array]
     return [project(x_TK, w) for w in ws]
 
 
-def project_heads(x_TK: jax.Array, w: nnx.Param, parts: Sequence[int]) -> list[jax.Array]:
+def project_heads(x_TK: jax.Array, w: nnx.Param, parts: Sequence[int], tail_T1R: jax.Array) -> list[jax.Array]:
     """x through a per-head `_projection` weight [in, H, sum(parts)] as one [T, H, part] array per part of each
     head's outputs (MLA's kv_b: k_nope, v), each from its own GEMM over the weight's columns of that part: no copy
-    of the outputs to split them. FP8 weights whose parts are whole 128-row scale blocks take their blocks' rows;
-    others are projected at once and split."""
+    of the outputs to split them. The first part comes out with tail_T1R after it in every head (MLA's k: k_nope,
+    then the rope key all heads share). FP8 weights whose parts are whole 128-row scale blocks take their blocks'
+    rows, the first part's GEMM writing each head's columns where they lie in [T, H, part + tail], and the tail
+    written in place after it; others are projected at once, split and concatenated with the tail."""
     value, t = w.get_value(), x_TK.shape[0]
     bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
-    if not isinstance(value, fp8.BlockScaled):
+    if isinstance(value, fp8.BlockScaled) and not any(p % fp8.BLOCK for p in parts):
+        first, *rest = _fp8_head_parts(x_TK, value, bounds, tail_T1R.shape[-1])
+        h = first.shape[1]
+        tail = jnp.broadcast_to(tail_T1R, (t, h, tail_T1R.shape[-1])).astype(first.dtype)
+        return [jax.lax.dynamic_update_slice(first, tail, (0, 0, parts[0])), *rest]
+    if isinstance(value, fp8.BlockScaled):
+        h = value.values_GNK.shape[0] // bounds[-1]
+        out_THP = project(x_TK, w).reshape(t, h, bounds[-1])
+        outs = [out_THP[..., a:b] for a, b in zip(bounds, bounds[1:])]
+    else:
         h = value.shape[1]
-        return [(x_TK @ value[:, :, a:b].reshape(x_TK.shape[-1], -1)).reshape(t, h, b - a)
+        outs = [(x_TK @ value[:, :, a:b].reshape(x_TK.shape[-1], -1)).reshape(t, h, b - a)
                 for a, b in zip(bounds, bounds[1:])]
-    width, block = bounds[-1], fp8.BLOCK
+    tail = jnp.broadcast_to(tail_T1R, (t, h, tail_T1R.shape[-1])).astype(outs[0].dtype)
+    return [jnp.concatenate([outs[0], tail], axis=-1), *outs[1:]]
+
+
+def _fp8_head_parts(x_TK: jax.Array, value: fp8.BlockScaled, bounds: Sequence[int], tail: int) -> list[jax.Array]:
+    """`project_heads`' FP8 GEMMs, a weight of each part's block rows: [T, H, part] each, the first [T, H, part +
+    tail] with its last `tail` columns unspecified (`dense_fp8.linear_each`'s out_spread)."""
+    width, block, t = bounds[-1], fp8.BLOCK, x_TK.shape[0]
     h = value.values_GNK.shape[0] // width
-    if any(p % block for p in parts):
-        out_THP = project(x_TK, w).reshape(t, h, width)
-        return [out_THP[..., a:b] for a, b in zip(bounds, bounds[1:])]
     values_HPK = value.values_GNK.reshape(h, width, -1)
     scales_HRS = value.scales_GRS.reshape(h, width // block, -1)
     ws = [fp8.BlockScaled(values_HPK[:, a:b].reshape(h * (b - a), -1),
                           scales_HRS[:, a // block:b // block].reshape(h * (b - a) // block, -1))
           for a, b in zip(bounds, bounds[1:])]
-    return [out.reshape(t, h, -1) for out in dense_fp8.linear_each(x_TK, ws)]
+    spreads = [(bounds[1], bounds[1] + tail)] + [None] * (len(ws) - 1)
+    return [out.reshape(t, h, -1) for out in dense_fp8.linear_each(x_TK, ws, spreads)]
 
 
 # The q/kv LoRA norms keep RMSNorm's default eps whatever rms_norm_eps says: DeepSeek's own inference code
@@ -173,15 +189,16 @@ class MLA(nnx.Module):
                 q_a, kv_a = project_stacked(x_TD, (self.q_a_proj, self.kv_a_proj_with_mqa))
                 q_THK = project(self.q_a_layernorm(q_a), self.q_b_proj).reshape(t, h, cfg.qk_head_dim)
             c_TC = self.kv_a_layernorm(kv_a[:, :cfg.kv_lora_rank])
-            k_pe_T1R = kv_a[:, None, cfg.kv_lora_rank:]  # one rope key shared by all heads
-            k_nope_THN, v_THV = project_heads(c_TC, self.kv_b_proj, (cfg.qk_nope_head_dim, cfg.v_head_dim))
         with jax.named_scope("rope"):
             inv_freq, factor = rope_inv_freq(cfg)
             # q's rope dims rotated where they lie: one pass over them, not a copy of all of q
             n = cfg.qk_nope_head_dim
             q_THK = q_THK.at[..., n:].set(apply_rope(q_THK[..., n:], positions_T, inv_freq, factor))
-            k_pe_T1R = apply_rope(k_pe_T1R, positions_T, inv_freq, factor)
-        k_THK = jnp.concatenate([k_nope_THN, jnp.broadcast_to(k_pe_T1R, (t, h, cfg.qk_rope_head_dim))], axis=-1)
+            # one rope key shared by all heads
+            k_pe_T1R = apply_rope(kv_a[:, None, cfg.kv_lora_rank:], positions_T, inv_freq, factor)
+        with jax.named_scope("mla_proj"):
+            # each head's key: its k_nope, then the rope key
+            k_THK, v_THV = project_heads(c_TC, self.kv_b_proj, (n, cfg.v_head_dim), k_pe_T1R)
         if cfg.fp8_attention_qkv:
             with jax.named_scope("attention_fp8_inputs"):
                 q_THK, k_THK, v_THV = map(fp8.as_fp8_token_blocks, (q_THK, k_THK, v_THV))

@@ -95,6 +95,29 @@ def test_each_weight_its_own_gemm_on_one_quantization(monkeypatch):
         assert _rel(got, _exact(x_q, x_s, w)) < 4e-3
 
 
+def test_spread_output_puts_each_run_where_it_lies():
+    """out_spread (128, 200): each 128-column run of the product at the start of a 200-column run (the kernel
+    interpreted, its output poisoned by the interpreter or not: only the runs are compared); off the kernel the
+    gaps are zeros; spreads a store would cross, or TMA could not address, are refused naming the field."""
+    x, w = _operands(11, 300, 256, 384)
+    x_q, x_s = fp8.quantize_rows(x)
+    out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=SMALL, interpret=True, out_spread=(128, 200))
+    assert out.shape == (300, 3 * 200)
+    assert _rel(out.reshape(300, 3, 200)[..., :128].reshape(300, 384), _exact(x_q, x_s, w)) < 4e-3
+    off = dense_fp8.linear_each(x.astype(jnp.bfloat16), (w,), [(128, 200)])[0].reshape(300, 3, 200)
+    np.testing.assert_array_equal(np.asarray(off[..., :128].reshape(300, 384), np.float32),
+                                  np.asarray(fp8.linear(x.astype(jnp.bfloat16), w), np.float32))
+    assert not np.asarray(off[..., 128:], np.float32).any()
+    for spread, match in (((96, 200), "part=96 must be a positive multiple of tile_n=128"),
+                          ((128, 120), "width=120 must be at least part=128"),
+                          ((128, 196), "width=196 .* multiple of 16 bytes")):
+        with pytest.raises(ValueError, match=match):
+            dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=SMALL, interpret=True, out_spread=spread)
+    _, w_200 = _operands(12, 300, 256, 200)
+    with pytest.raises(ValueError, match="out_spread needs N=200 in whole 128-row blocks"):
+        dense_fp8.block_scaled_gemm(x_q, x_s, w_200, blocks=SMALL, interpret=True, out_spread=(128, 200))
+
+
 @pytest.mark.parametrize("k,n", [(1536, 24576), (7168, 576), (512, 32768), (16384, 7168)],
                          ids=["q_b", "kv_a", "kv_b", "o"])
 def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(k, n):
@@ -145,6 +168,20 @@ def test_gpu_kernel_at_r1_shapes(k, n):
     x_q, x_s = fp8.quantize_rows(x)
     out = dense_fp8.block_scaled_gemm(x_q, x_s, w)
     assert _rel(out, _exact(x_q, x_s, w)) < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_spread_output_at_kv_b_k_nope():
+    """MLA's k on the compiled kernel: kv_b's k_nope part (512 -> 128 heads x 128) written into [T, 128 x 192],
+    each head's run against the fp64 product."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs a GPU")
+    t = 4096 + 77
+    x, w = _operands(13, t, 512, 16384)
+    x_q, x_s = fp8.quantize_rows(x)
+    out = dense_fp8.block_scaled_gemm(x_q, x_s, w, out_spread=(128, 192))
+    assert out.shape == (t, 128 * 192)
+    assert _rel(out.reshape(t, 128, 192)[..., :128].reshape(t, -1), _exact(x_q, x_s, w)) < 2e-3
 
 
 @pytest.mark.gpu

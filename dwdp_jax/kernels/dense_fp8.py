@@ -50,23 +50,29 @@ def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = N
 
 
 def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled, *, blocks: Fp8Blocks | None = None,
-                      out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
+                      out_dtype=jnp.bfloat16, interpret: bool = False,
+                      out_spread: tuple[int, int] | None = None) -> jax.Array:
     """x @ W^T for e4m3 x [T, K] with `fp8.quantize_rows` scales [K/128, T] and an FP8 weight W [N, K]: [T, N] in
-    out_dtype. blocks: None takes the tuned ones for this shape and card (`tuning`), else the defaults."""
+    out_dtype, or with out_spread (part, width) [T, N / part * width], each run of part columns at the start of
+    a run of width, the rest unwritten (`split_ragged_dot_fp8_mgpu`; N whole blocks). blocks: None takes the tuned
+    ones for this shape and card (`tuning`), else the defaults."""
     w.check("block_scaled_gemm weight")
     if w.values_GNK.ndim != 2:
         raise ValueError(f"block_scaled_gemm: the weight must be one [N, K] matrix, got {w.values_GNK.shape}")
     n, k = w.values_GNK.shape
     if k % fp8.BLOCK:
         raise ValueError(f"block_scaled_gemm: K={k} must be a multiple of {fp8.BLOCK} (the FP8 scale block)")
+    if out_spread and n != padded_width(n):
+        raise ValueError(f"block_scaled_gemm: out_spread needs N={n} in whole {fp8.BLOCK}-row blocks")
     t = x_TK.shape[0]
     # cached under the padded width: the kernel's problem (a stack of weights is padded per weight)
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, padded_width(n), False,
                                 t) or default_blocks(k)
     values = jnp.pad(w.values_GNK, ((0, padded_width(n) - n), (0, 0)))
     out = split_ragged_dot_fp8_mgpu(x_TK, jnp.full((1,), t, jnp.int32), ((values[None], w.scales_GRS[None]),),
-                                    x_scale_SM=x_scale_ST, blocks=b, interpret=interpret, out_dtype=out_dtype)
-    return out[:, :n]
+                                    x_scale_SM=x_scale_ST, blocks=b, interpret=interpret, out_dtype=out_dtype,
+                                    out_spread=out_spread)
+    return out if out_spread else out[:, :n]
 
 
 def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
@@ -92,11 +98,21 @@ def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.A
     return [out[:, a:a + n] for a, n in zip(starts, widths)]
 
 
-def linear_each(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
+def linear_each(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled],
+                spreads: Sequence[tuple[int, int] | None] | None = None) -> list[jax.Array]:
     """x through several FP8 weights that share it, each output its own array: on the kernel one GEMM per weight on
     one quantization of x (`linear_stacked`'s single output would be sliced apart, a copy of every column), elsewhere
-    `fp8.linear` per weight."""
+    `fp8.linear` per weight. spreads: per weight None or the kernel's out_spread (part, width), its other columns
+    unspecified (zeros off the kernel)."""
+    spreads = spreads or [None] * len(ws)
     if not all(on_kernel(x_TK, w) for w in ws):
-        return [fp8.linear(x_TK, w) for w in ws]
+        return [fp8.linear(x_TK, w) if s is None else spread_columns(fp8.linear(x_TK, w), *s)
+                for w, s in zip(ws, spreads)]
     x_q, x_scale = fp8_rows.quantize_rows(x_TK)
-    return [block_scaled_gemm(x_q, x_scale, w, out_dtype=x_TK.dtype) for w in ws]
+    return [block_scaled_gemm(x_q, x_scale, w, out_dtype=x_TK.dtype, out_spread=s) for w, s in zip(ws, spreads)]
+
+
+def spread_columns(out_TN: jax.Array, part: int, width: int) -> jax.Array:
+    """[T, N] as the kernel's out_spread lays it out: each run of part columns followed by width - part zeros."""
+    t, n = out_TN.shape
+    return jnp.pad(out_TN.reshape(t, n // part, part), ((0, 0), (0, 0), (0, width - part))).reshape(t, -1)

@@ -231,7 +231,7 @@ def chained_steps(blocks: Fp8Blocks, k: int) -> Fp8Blocks:
 
 
 def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: Fp8Blocks, k_dim: int,
-            n_dim: int, interpret: bool):
+            n_dim: int, out_spread: tuple[int, int] | None, interpret: bool):
     """refs: per slab (values, scales) per weight (fused: gate then up), then the output."""
     # Register layouts are hints to Mosaic GPU's layout inference, which its interpreter does not take.
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
@@ -297,6 +297,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                 block, lo, hi = (jnp.where(second, sched_gmem[8 + i, ti], v) for i, v in enumerate((block, lo, hi)))
             row0 = block * b.tile_m
             col0 = ni * b.cta_n + wg_col0
+            out_col0 = col0 if out_spread is None else col0 // out_spread[0] * out_spread[1] + col0 % out_spread[0]
             scale_block = col0 // fp8.BLOCK
 
             def weight_scales(w_scales, k):
@@ -323,7 +324,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     own_lo = jnp.clip(lo - out_row0 - r, 0, out_rows)
                     own_hi = jnp.clip(hi - out_row0 - r, 0, out_rows)
                     store_block(block, out_smem.at[wg], None if out_swz is None else out_swz.at[wg], out_gmem, own_lo,
-                                own_hi, row0 + out_row0 + r, col0, b.tile_n)
+                                own_hi, row0 + out_row0 + r, out_col0, b.tile_n)
 
             def swap_halves(sums):
                 """(gate, up) per 64-row block of the warpgroup's half: the gate's warpgroup keeps the first half
@@ -404,16 +405,20 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret", "out_dtype"))
+@functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret", "out_dtype", "out_spread"))
 def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, x_scale_SM: jax.Array,
                               fused: bool = False, blocks: Fp8Blocks | None = None, interpret: bool = False,
-                              out_dtype=None) -> jax.Array:
+                              out_dtype=None, out_spread: tuple[int, int] | None = None) -> jax.Array:
     """`split_gemm.split_ragged_dot`'s FP8 path on Mosaic GPU, same arguments: x (e4m3 [M, K] with
     `fp8.quantize_rows` scales x_scale_SM [K/128, M]) rows sorted by group times each group's block-scaled weights,
     the groups spread over slabs (weights: per slab one e4m3 (values [G_s, N, K], scales [G_s, N/128, K/128]) pair
     of `fp8.quantize_weights`; fused: a (gate, up) pair of them per slab, and the result silu(x @ gate) *
     (x @ up)), `out_dtype` out (default bf16). K and N multiples of 128. Rows past sum(group_sizes) are not
-    written. blocks: None takes the tuned ones for this shape and card (`tuning`), else the defaults."""
+    written. blocks: None takes the tuned ones for this shape and card (`tuning`), else the defaults.
+
+    out_spread (part, width): each run of `part` output columns starts a run of `width` in an output of N / part *
+    width columns, the `width - part` after it left unwritten for the caller to fill in place (MLA's k: each
+    head's k_nope, then the rope key, without a concatenation that copies all of k)."""
     m, k = x_MK.shape
     n = jax.tree.leaves(weights)[0].shape[1]  # the first values [G, N, K]
     if k % fp8.BLOCK or n % fp8.BLOCK:  # before the scales' shapes, which follow from K and N
@@ -422,20 +427,36 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
         default_blocks(k, n, fused))
     check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
+    out_dtype = out_dtype or jnp.bfloat16
+    width = n if out_spread is None else spread_width(n, b, out_spread, out_dtype)
     pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
     sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad, b.group_m,
                           b.per_group, pairs=b.cluster_m)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((m + pad, n), out_dtype or jnp.bfloat16),
+        functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, out_spread=out_spread,
+                          interpret=interpret),
+        out_type=jax.ShapeDtypeStruct((m + pad, width), out_dtype),
         grid=(b.num_sms // 2 if b.clustered else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
         thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))
     return out[:m] if pad else out
+
+
+def spread_width(n: int, b: Fp8Blocks, out_spread: tuple[int, int], out_dtype) -> int:
+    """The output columns of `out_spread` (see `split_ragged_dot_fp8_mgpu`); ValueError for a spread whose runs a
+    tile's store would cross or whose rows TMA cannot address."""
+    part, width = out_spread
+    if part <= 0 or part % b.tile_n or n % part:
+        raise ValueError(f"{NAME}: out_spread part={part} must be a positive multiple of tile_n={b.tile_n} dividing "
+                         f"N={n} (a store stays within one run)")
+    if width < part or width * jnp.dtype(out_dtype).itemsize % 16:
+        raise ValueError(f"{NAME}: out_spread width={width} must be at least part={part} and a multiple of 16 bytes "
+                         f"of {jnp.dtype(out_dtype).name} (TMA's global alignment)")
+    return n // part * width
 
 
 def check_inputs(x_MK, x_scale_SM, slabs, fused: bool, b: Fp8Blocks, interpret: bool) -> None:
