@@ -7,8 +7,8 @@ side, then their sum.
 MoE routers use it: DeepSeek-V3's HF gate runs in fp32, which a GPU computes on its CUDA cores (67 TFLOP/s peak on
 an H100 SXM: at least 1.8 ms for R1's router at 32768 tokens, 1.2e11 FLOPs) or, JAX's default there, in TF32
 (10-bit inputs, which can flip near-tie expert choices); three bf16 passes run at the tensor cores' rate (989
-TFLOP/s peak: 0.37 ms at least). Not yet timed on a GPU.
-"""
+TFLOP/s peak: 0.37 ms at least). On H100 the router stage of R1's layer at 32768 tokens took 1.12 ms this way
+against 1.40 ms for TF32, which first copied x to fp32 (WORKSPACE 2026-12-06 a)."""
 
 from __future__ import annotations
 
