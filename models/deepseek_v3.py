@@ -68,28 +68,26 @@ def project_heads(x_TK: jax.Array, w: nnx.Param, parts: Sequence[int], tail_T1R:
     written in place after it; others are projected at once, split and concatenated with the tail."""
     value, t = w.get_value(), x_TK.shape[0]
     bounds = [sum(parts[:i]) for i in range(len(parts) + 1)]
-    if isinstance(value, fp8.BlockScaled) and not any(p % fp8.BLOCK for p in parts):
-        first, *rest = _fp8_head_parts(x_TK, value, bounds, tail_T1R.shape[-1])
-        h = first.shape[1]
-        tail = jnp.broadcast_to(tail_T1R, (t, h, tail_T1R.shape[-1])).astype(first.dtype)
-        return [jax.lax.dynamic_update_slice(first, tail, (0, 0, parts[0])), *rest]
-    if isinstance(value, fp8.BlockScaled):
-        h = value.values_GNK.shape[0] // bounds[-1]
+    scaled = isinstance(value, fp8.BlockScaled)
+    h = value.values_GNK.shape[0] // bounds[-1] if scaled else value.shape[1]
+    tail_THR = jnp.broadcast_to(tail_T1R, (t, h, tail_T1R.shape[-1]))
+    if scaled and not any(p % fp8.BLOCK for p in parts):
+        first, *rest = _fp8_head_parts(x_TK, value, bounds, h, tail_THR.shape[-1])
+        return [jax.lax.dynamic_update_slice(first, tail_THR.astype(first.dtype), (0, 0, parts[0])), *rest]
+    if scaled:
         out_THP = project(x_TK, w).reshape(t, h, bounds[-1])
         outs = [out_THP[..., a:b] for a, b in zip(bounds, bounds[1:])]
     else:
-        h = value.shape[1]
         outs = [(x_TK @ value[:, :, a:b].reshape(x_TK.shape[-1], -1)).reshape(t, h, b - a)
                 for a, b in zip(bounds, bounds[1:])]
-    tail = jnp.broadcast_to(tail_T1R, (t, h, tail_T1R.shape[-1])).astype(outs[0].dtype)
-    return [jnp.concatenate([outs[0], tail], axis=-1), *outs[1:]]
+    return [jnp.concatenate([outs[0], tail_THR], axis=-1), *outs[1:]]
 
 
-def _fp8_head_parts(x_TK: jax.Array, value: fp8.BlockScaled, bounds: Sequence[int], tail: int) -> list[jax.Array]:
+def _fp8_head_parts(x_TK: jax.Array, value: fp8.BlockScaled, bounds: Sequence[int], h: int,
+                    tail: int) -> list[jax.Array]:
     """`project_heads`' FP8 GEMMs, a weight of each part's block rows: [T, H, part] each, the first [T, H, part +
     tail] with its last `tail` columns unspecified (`dense_fp8.linear_each`'s out_spread)."""
     width, block, t = bounds[-1], fp8.BLOCK, x_TK.shape[0]
-    h = value.values_GNK.shape[0] // width
     values_HPK = value.values_GNK.reshape(h, width, -1)
     scales_HRS = value.scales_GRS.reshape(h, width // block, -1)
     ws = [fp8.BlockScaled(values_HPK[:, a:b].reshape(h * (b - a), -1),
