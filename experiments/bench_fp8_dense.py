@@ -33,7 +33,8 @@ from dwdp_jax.results import run_stamp, write_measurements
 SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b": (512, 32768), "o": (16384, 7168),
           "mlp_gate_up": (7168, 18432), "mlp_down": (18432, 7168), "shared_gate_up": (7168, 2048),
           "shared_down": (2048, 7168),
-          # stacked as the model runs them (`dense_fp8.linear_stacked`): q_a with kv_a, gate with up
+          # stacked (`dense_fp8.linear_stacked`): q_a with kv_a as the model runs them, gate with up as it ran its
+          # MLPs before their fused SwiGLU (`dense_fp8.swiglu`)
           "q_a_kv_a": (7168, 2112), "mlp_gate_up_stacked": (7168, 36864), "shared_gate_up_stacked": (7168, 4096),
           # kv_b as the model runs it (`dense_fp8.linear_each`): k_nope and v, 128 heads x 128 each
           "kv_b_part": (512, 16384)}

@@ -216,6 +216,9 @@ class MLP(nnx.Module):
         self.down_proj = _projection(rngs, (f, d), dtype, fp8_blocks)
 
     def __call__(self, x_TD):
+        weights = [w.get_value() for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        if all(isinstance(w, fp8.BlockScaled) for w in weights):
+            return dense_fp8.swiglu(x_TD, *weights)
         gate_TF, up_TF = project_stacked(x_TD, (self.gate_proj, self.up_proj))
         h_TF = jax.nn.silu(gate_TF) * up_TF
         return project(h_TF, self.down_proj)

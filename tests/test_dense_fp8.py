@@ -137,6 +137,33 @@ def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(k, n):
         assert "mosaic_gpu" in f.trace(x, x_s, w).lower(lowering_platforms=("cuda",)).as_text(), b
 
 
+def _exact_swiglu(x, gate, up, down) -> np.ndarray:
+    """The FP8 MLP as `dense_fp8.swiglu` defines it, in fp64 over the dequantized operands: x quantized per row and
+    128 columns, the SwiGLU rounded to x's dtype and quantized again before down."""
+    g, u = (_exact(*fp8.quantize_rows(x), w) for w in (gate, up))
+    h = jnp.asarray(g / (1 + np.exp(-g)) * u, jnp.float32).astype(x.dtype)
+    return _exact(*fp8.quantize_rows(h), down)
+
+
+def test_swiglu_on_the_kernel_is_the_exact_mlp_and_off_it_the_reference_path():
+    """`swiglu` on the kernel (interpreted): one fused gate/up GEMM quantizing its SwiGLU output in the epilogue,
+    then down, over 300 rows (a cut row tile), against the fp64 MLP; off the kernel (CPU), fp8.linear per
+    projection with the SwiGLU in fp32, at fp32 against the same fp64 MLP (whose SwiGLU output stays fp32)."""
+    x, gate = _operands(5, 300, 256, 256)
+    _, up = _operands(6, 300, 256, 256)
+    _, down = _operands(7, 300, 256, 384)
+    x = x.astype(jnp.bfloat16)
+    blocks = (dataclasses.replace(dense_fp8.DEFAULT_SWIGLU_BLOCKS, max_concurrent_steps=2, num_sms=1, group_m=2),
+              SMALL)
+    exact = _exact_swiglu(x, gate, up, fp8.BlockScaled(down.values_GNK, down.scales_GRS))
+    ours = dense_fp8.swiglu(x, gate, up, down, blocks=blocks, interpret=True)
+    assert ours.shape == (300, 384) and ours.dtype == jnp.bfloat16
+    assert _rel(ours, exact) < 4e-3
+    assert not dense_fp8.on_kernel(x, gate)
+    x32 = x.astype(jnp.float32)
+    assert _rel(dense_fp8.swiglu(x32, gate, up, down), _exact_swiglu(x32, gate, up, down)) < 1e-4
+
+
 def test_refusals_name_the_cause():
     x, w = _operands(2, 128, 256, 128)
     x_q, x_s = fp8.quantize_rows(x)
@@ -230,3 +257,18 @@ def test_gpu_every_benchmarked_candidate(t, k, n):
     gemm = jax.jit(dense_fp8.block_scaled_gemm, static_argnames=("blocks",))
     for b, out in zip(candidates, run_each(gemm, candidates, (x_q, x_s, w), {})):
         assert _rel(out, exact) < 2e-3, b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,f", [(7168, 2048), (7168, 18432)], ids=["shared_expert", "dense_mlp"])
+def test_gpu_swiglu_at_r1_shapes(d, f):
+    """The FP8 MLP on the compiled kernels (fused gate/up quantizing its output, then down) against the fp64 MLP."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs a GPU")
+    x, gate = _operands(8, 4096 + 77, d, f)
+    _, up = _operands(9, 8, d, f)
+    _, down = _operands(10, 8, f, d)
+    x = x.astype(jnp.bfloat16)
+    assert dense_fp8.on_kernel(x, gate)
+    assert "mosaic_gpu" in jax.jit(dense_fp8.swiglu).lower(x, gate, up, down).as_text()
+    assert _rel(dense_fp8.swiglu(x, gate, up, down), _exact_swiglu(x, gate, up, down)) < 4e-3

@@ -13,7 +13,9 @@ one scale per tensor): 0.878 of it at the dense MLP's gate/up (7168 x 18432), 0.
 at kv_a (576 columns); the path it replaced (dequantize, then a bf16 GEMM) ran at 0.50-0.54.
 
 An output width that is not a multiple of 128 (kv_a_proj_with_mqa: 576) is padded to whole blocks with zero rows,
-which the partial block's scale leaves zero, and cut after the kernel.
+which the partial block's scale leaves zero, and cut after the kernel. An MLP (`swiglu`) runs gate and up as the
+kernel's fused pair, its epilogue computing the SwiGLU and quantizing it for down: no [T, 2F] output, no separate
+pass for the SwiGLU or for the quantization.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ NAME_TUNED = "dense_mgpu_fp8"  # its entries in the block cache (`tuning`; `expe
 # 16 row tiles (2048 rows) a window: their activations (2048 x K e4m3, at most 36 MiB at R1's widest K) stay in
 # the 60 MiB L2 while the weight streams past them.
 DEFAULT_DENSE_BLOCKS = Fp8Blocks(chain=True, per_group=True, group_m=16)
+# The SwiGLU's gate and up in one fused GEMM: the grouped kernel's gate/up tiling (128 columns of each weight, one
+# partial at a time, a warpgroup's columns one scale block so its epilogue quantizes the down projection's input)
+# in the same windows.
+DEFAULT_SWIGLU_BLOCKS = Fp8Blocks(tile_n=128, chain=True, per_group=True, group_m=16, one_partial=True)
 
 
-def default_blocks(k: int) -> Fp8Blocks:
-    """The defaults with the deepest pipeline (of 4, 2, 1 stages) dividing K's scale blocks, as chaining needs."""
-    return chained_steps(DEFAULT_DENSE_BLOCKS, k)
+def default_blocks(k: int, fused: bool = False) -> Fp8Blocks:
+    """The defaults (fused: the SwiGLU's gate/up) with the deepest pipeline (of 4, 2, 1 stages) dividing K's scale
+    blocks, as chaining needs."""
+    return chained_steps(DEFAULT_SWIGLU_BLOCKS if fused else DEFAULT_DENSE_BLOCKS, k)
 
 
 def padded_width(n: int) -> int:
@@ -75,6 +82,30 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
     return out if out_spread else out[:, :n]
 
 
+def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp8.BlockScaled, *,
+           blocks: tuple[Fp8Blocks, Fp8Blocks] | None = None, interpret: bool = False) -> jax.Array:
+    """down(silu(x @ gate^T) * (x @ up^T)) for FP8 weights (an MLP as the checkpoint stores it): the products in
+    fp32, the SwiGLU in fp32 rounded to x's dtype, quantized per row and 128 columns for the down projection; [T,
+    D] in x's dtype. On the kernel (`on_kernel`, the intermediate width whole blocks) x is quantized once, gate and
+    up run as one fused GEMM whose epilogue computes the SwiGLU and quantizes it (no [T, 2F] output, no pass over
+    it; `split_ragged_dot_fp8_mgpu`'s e4m3 output), then down on those bytes. Elsewhere `fp8.linear` computes each
+    product. blocks: (the fused GEMM's, down's), None the tuned ones for these shapes and this card, else the
+    defaults."""
+    f = gate.values_GNK.shape[0]
+    if not (interpret or all(on_kernel(x_TK, w) for w in (gate, up, down))) or f % fp8.BLOCK:
+        g_TF, u_TF = (fp8.linear(x_TK, w, out_dtype=jnp.float32) for w in (gate, up))
+        return fp8.linear((jax.nn.silu(g_TF) * u_TF).astype(x_TK.dtype), down)
+    t, k = x_TK.shape
+    b, down_blocks = blocks or (tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, f, True, t)
+                                or default_blocks(k, fused=True), None)
+    x_q, x_scale = fp8_rows.quantize_rows(x_TK)
+    weights = ((fp8.BlockScaled(gate.values_GNK[None], gate.scales_GRS[None]).check("swiglu gate"),
+                fp8.BlockScaled(up.values_GNK[None], up.scales_GRS[None]).check("swiglu up")),)
+    h_q, h_scale = split_ragged_dot_fp8_mgpu(x_q, jnp.full((1,), t, jnp.int32), weights, x_scale_SM=x_scale,
+                                             fused=True, blocks=b, interpret=interpret, out_dtype=fp8.E4M3)
+    return block_scaled_gemm(h_q, h_scale, down, blocks=down_blocks, out_dtype=x_TK.dtype, interpret=interpret)
+
+
 def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
     """`fp8.linear` (x quantized per row and 128 columns, times the block-scaled weight, fp32 accumulation), on the
     block-scaled kernel where `on_kernel`; [T, N] in x's dtype."""
@@ -82,9 +113,9 @@ def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
 
 
 def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
-    """x through several FP8 weights that share it (MLA's q_a and kv_a, an MLP's gate and up): [T, N_i] each. On the
-    kernel, one GEMM over the weights stacked along N (each padded to whole 128-row blocks, so every scale block
-    stays its own), x quantized once: kv_a's 576 columns alone make 5 column tiles, about 10 waves of a 32K-token
+    """x through several FP8 weights that share it (MLA's q_a and kv_a): [T, N_i] each. On the kernel, one GEMM
+    over the weights stacked along N (each padded to whole 128-row blocks, so every scale block stays its own), x
+    quantized once: kv_a's 576 columns alone make 5 column tiles, about 10 waves of a 32K-token
     batch over 132 SMs with one tile of padding in five; stacked under q_a's 1536 they are 17 tiles, 33 waves.
     Elsewhere `fp8.linear` per weight. Each output column is the same product either way."""
     if not all(on_kernel(x_TK, w) for w in ws):

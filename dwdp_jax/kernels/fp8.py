@@ -156,10 +156,10 @@ def reference_ffn(x_MD: jax.Array, group_sizes_G: jax.Array, w_gate: BlockScaled
     return dot(h_MF, w_down).astype(x_MD.dtype)
 
 
-def linear(x_TK: jax.Array, w: BlockScaled) -> jax.Array:
+def linear(x_TK: jax.Array, w: BlockScaled, out_dtype=None) -> jax.Array:
     """x @ W^T for a dense FP8 weight W [N, K] (a projection as the checkpoint stores it: e4m3 [out, in] and one
     fp32 scale per 128 x 128 block), as a block-scaled FP8 GEMM defines it: x quantized per row and 128 columns,
-    the product with the block-dequantized weight accumulated in fp32; [T, N] in x's dtype.
+    the product with the block-dequantized weight accumulated in fp32; [T, N] in out_dtype (default x's dtype).
 
     fp32 activations: both operands exact in fp32 (the reference). bf16 activations: both dequantized operands
     rounded to bf16 (2^-9 relative, far below e4m3's 2^-4 step) for a bf16 GEMM at tensor-core rate, the path
@@ -168,4 +168,4 @@ def linear(x_TK: jax.Array, w: BlockScaled) -> jax.Array:
     precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
     w_KN = dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0].T.astype(compute)
     return jnp.dot(as_fp8_rows(x_TK).astype(compute), w_KN, preferred_element_type=jnp.float32,
-                   precision=precision).astype(x_TK.dtype)
+                   precision=precision).astype(out_dtype or x_TK.dtype)
