@@ -39,21 +39,30 @@ SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b"
           # kv_b as the model runs it (`dense_fp8.linear_each`): k_nope and v, 128 heads x 128 each
           "kv_b_part": (512, 16384)}
 
+# R1's FP8 MLPs [hidden, intermediate]: the shared expert's and the dense layers'
+MLPS = {"shared_mlp": (7168, 2048), "dense_mlp": (7168, 18432)}
+
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "rows (tokens of the prefill step)", lower_bound=128)
 _SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "rounds of every case", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls of a case per round (a 32K-row GEMM of a narrow "
                                 "projection takes 0.3 ms: three calls from idle spread 0.27-0.74 of cuBLAS)",
                                 lower_bound=1)
+_MLPS = flags.DEFINE_multi_enum("mlp", [], list(MLPS), "MLPs to time whole: the fused SwiGLU the model runs "
+                                 "(`dense_fp8.swiglu`) against gate and up stacked, the SwiGLU in XLA, its "
+                                 "quantization, then down (the path before it)")
 _TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and pipeline depth per shape and record "
                           "the fastest in the kernel block cache")
 _TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against the fp32 product")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
+# The MLP's error against fp32 products of the same quantized operands: its SwiGLU output is quantized again, and a
+# product that lands on the other side of an e4m3 rounding step moves that value by up to 1/16 (bf16 output aside)
+_MLP_TOL = 1e-2
 
 
-def _weight(k: int, n: int) -> fp8.BlockScaled:
-    w = fp8.quantize_weights(0.02 * jax.random.normal(jax.random.key(1), (1, n, k), jnp.float32))
+def _weight(k: int, n: int, seed: int = 1) -> fp8.BlockScaled:
+    w = fp8.quantize_weights(0.02 * jax.random.normal(jax.random.key(seed), (1, n, k), jnp.float32))
     return fp8.BlockScaled(w.values_GNK[0], w.scales_GRS[0])
 
 
@@ -91,6 +100,34 @@ def cases(ops: tuple, blocks) -> dict:
             "bf16": gb.dense_gemm_case(t, k, n)}
 
 
+def stacked_mlp(x_TD, gate, up, down):
+    """The FP8 MLP as the model ran it before `dense_fp8.swiglu`: gate and up as one stacked GEMM, the SwiGLU in
+    XLA, then down (quantizing its input)."""
+    g_TF, u_TF = dense_fp8.linear_stacked(x_TD, (gate, up))
+    return dense_fp8.linear(jax.nn.silu(g_TF) * u_TF, down)
+
+
+def mlp_cases(t: int, d: int, f: int) -> tuple[dict, tuple, float]:
+    """((fn, args, FLOPs) of the fused and the stacked MLP, cuBLAS FP8 at the same FLOPs, the fused MLP's relative
+    error against the fp32 MLP of the same quantized operands on the first rows_checked rows."""
+    x = operands(t, d, f)[0]
+    gate, up, down = _weight(d, f, 1), _weight(d, f, 2), _weight(f, d, 3)
+    flops = 2 * t * d * f * 3
+    fused = jax.jit(dense_fp8.swiglu)
+    rows = _ROWS_CHECKED.value
+    x_q, x_s = fp8.quantize_rows(x[:rows])
+    deq = lambda w: fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]  # noqa: E731
+    hi = jax.lax.Precision.HIGHEST
+    g, u = (jnp.dot(fp8.dequantize_rows(x_q, x_s), deq(w).T, precision=hi) for w in (gate, up))
+    h_q, h_s = fp8.quantize_rows((jax.nn.silu(g) * u).astype(jnp.bfloat16))
+    ref = jnp.dot(fp8.dequantize_rows(h_q, h_s), deq(down).T, precision=hi)
+    out = fused(x, gate, up, down)[:rows].astype(jnp.float32)
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    return ({"fused_swiglu": (fused, (x, gate, up, down), flops),
+             "stacked": (jax.jit(stacked_mlp), (x, gate, up, down), flops)},
+            gb.dense_gemm_case(t, d, 3 * f, jnp.float8_e4m3fn), err)
+
+
 def tune(name: str, ops: tuple) -> tuple:
     """(fastest blocks, their TFLOP/s, the sweep): every candidate timed alone."""
     sweep = {}
@@ -115,7 +152,8 @@ def main(argv):
     t = _TOKENS.value
     metrics, raw, failed = {}, {}, []
     hbm = gb.hbm_gbps() * 1e9
-    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value}, "rounds": _ROUNDS.value,
+    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value},
+              "mlps": {m: MLPS[m] for m in _MLPS.value}, "rounds": _ROUNDS.value,
               "repeats": _REPEATS.value,
               "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
               "jax": jax.__version__, "failed": failed, "shapes_done": []}
@@ -148,6 +186,20 @@ def main(argv):
         secs = max(2 * t * k * n / (got["dense"]["tflops"] * 1e12), (t * k + k * n + 2 * t * n) / hbm)
         metrics[f"{name}_roofline_over_cublas_fp8"] = 2 * t * k * n / secs / (got["dense"]["tflops"] * 1e12)
         config["shapes_done"].append(name)
+        save(echo=False)
+    for name in progress_bar(list(_MLPS.value), "MLPs", "MLP"):
+        mlp, dense, err = mlp_cases(t, *MLPS[name])
+        metrics[f"{name}_fused_swiglu_rel_err"] = err
+        if not err <= _MLP_TOL:
+            failed.append(f"{name}: fused SwiGLU relative error {err:.3g} > {_MLP_TOL}")
+            continue
+        got = gb.round_robin_over_dense(mlp, dense, rounds=_ROUNDS.value,
+                                        measure=functools.partial(gb.burst, repeats=_REPEATS.value))
+        for case, stats in got.items():
+            metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
+        metrics[f"{name}_fused_over_stacked"] = got["fused_swiglu"]["over_dense"] / got["stacked"]["over_dense"]
+        print(f"{name}: fused SwiGLU {got['fused_swiglu']['over_dense']:.3f} of cuBLAS FP8 at its FLOPs, stacked "
+              f"{got['stacked']['over_dense']:.3f}: {metrics[f'{name}_fused_over_stacked']:.3f}x")
         save(echo=False)
     print(f"\n{t} rows; rates over cuBLAS FP8 (per-tensor scale), medians of {_ROUNDS.value} rounds")
     print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6}")
