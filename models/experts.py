@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dwdp_jax.kernels import fp8, fp8_rows, grouped_gemm
+from dwdp_jax.kernels.split_gemm import count_at_or_below
 
 WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 Weight = jax.Array | fp8.BlockScaled
@@ -115,7 +116,7 @@ def align_groups(group_sizes_E: jax.Array, num_rows: int, align: int):
     extra_E = padded_E - group_sizes_E
     shift_E = jnp.cumsum(extra_E) - extra_E  # padding rows before group e
     rows_M = jnp.arange(num_rows, dtype=group_sizes_E.dtype)
-    expert_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), rows_M, side="right")
+    expert_M = count_at_or_below(jnp.cumsum(group_sizes_E), rows_M)
     shift_M = jnp.where(expert_M < num_experts, shift_E[jnp.minimum(expert_M, num_experts - 1)], extra_E.sum())
     return rows_M + shift_M, padded_E, num_rows + num_experts * (align - 1)
 

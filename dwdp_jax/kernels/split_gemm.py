@@ -74,6 +74,13 @@ FUSED_BLOCKS = Blocks(group_m=16, per_group=True)
 FP8_BLOCKS = Blocks(block_k=128, num_stages=3, group_m=16, per_group=True)
 
 
+def count_at_or_below(sorted_N: jax.Array, query_Q: jax.Array) -> jax.Array:
+    """int32 [Q]: how many of sorted_N are <= each query (`jnp.searchsorted(..., side="right")`), every pair
+    compared: a loop-free program (the default method is a while loop of log2(N) steps), cheap at the schedules'
+    sizes (256 groups against at most a few hundred thousand rows)."""
+    return jnp.searchsorted(sorted_N, query_Q, side="right", method="compare_all").astype(jnp.int32)
+
+
 def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,
                   group_m: int = 0, per_group: bool = False, pairs: bool = False) -> jax.Array:
     """int32 [8, T]: per row tile (slab, group within the slab, row block, first row, row stop), in row 5 the
@@ -93,12 +100,12 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     starts, ends, first_block, tiles, tile_end = _group_tiles(group_sizes_G, block_m)
     num_tiles = -(-num_rows // block_m) + g - 1
     t = jnp.arange(num_tiles, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), g - 1).astype(jnp.int32)
+    group = jnp.minimum(count_at_or_below(tile_end, t), g - 1).astype(jnp.int32)
     block = first_block[group] + t - (tile_end - tiles)[group]
     lo = jnp.maximum(starts[group] - block * block_m, 0)
     hi = jnp.minimum(ends[group] - block * block_m, block_m)
     slab_starts = np.cumsum((0,) + tuple(slab_counts))[:-1]
-    slab = (jnp.searchsorted(jnp.asarray(slab_starts[1:], jnp.int32), group, side="right")).astype(jnp.int32)
+    slab = count_at_or_below(jnp.asarray(slab_starts[1:], jnp.int32), group)
     in_slab = group - jnp.asarray(slab_starts, jnp.int32)[slab]
     if pairs:
         return _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, num_tiles, group_m,
@@ -127,7 +134,7 @@ def row_slots(group_sizes_G: jax.Array, block_m: int, num_rows: int, pairs: bool
     g = group_sizes_G.shape[0]
     _, ends, first_block, tiles, tile_end = _group_tiles(group_sizes_G, block_m)
     m = jnp.arange(num_rows, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(ends, m, side="right"), g - 1)
+    group = jnp.minimum(count_at_or_below(ends, m), g - 1)
     k = m // block_m - first_block[group]  # the row's tile within its group
     if pairs:
         pairs_G = (tiles + 1) // 2
@@ -144,7 +151,7 @@ def _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi,
     pairs = (tiles + 1) // 2
     pair_end = jnp.cumsum(pairs)
     p = jnp.arange(num_tiles, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(pair_end, p, side="right"), g - 1).astype(jnp.int32)
+    group = jnp.minimum(count_at_or_below(pair_end, p), g - 1).astype(jnp.int32)
     j = p - (pair_end - pairs)[group]
     first_tile = jnp.minimum(tile_end[group] - tiles[group] + 2 * j, num_tiles - 1)
     has_second = 2 * j + 1 < tiles[group]
