@@ -146,11 +146,8 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
                                       kernel=KERNELS[kernel].fn, slab_counts=slabs) for kernel in _KERNELS.value}
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
     split = {f"fp8_split_{kernel}": case[kernel]() for kernel in _KERNELS.value}
-    # fused: the output quantized for the down projection by the kernel's epilogue or by fp8_rows after it
-    quantized_outputs = {f"fp8_split_{fastest}_quantized_{where}": case[fastest](quantize_output=where)
-                         for where in ("kernel", "after")} if fused else {}
     cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), **split,
-             f"fp8_split_{fastest}_with_row_quant": case[fastest](quantize_rows=True), **quantized_outputs,
+             f"fp8_split_{fastest}_with_row_quant": case[fastest](quantize_rows=True),
              "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real,
                                               slab_counts=slabs)}
     dense = gb.dense_gemm_case(real, k, cols)
@@ -166,9 +163,6 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
         for c in split:
             metrics[f"{name}_{run}_{c}_over_dense_fp8"] = got[c]["over_dense"] / got["dense_fp8"]["over_dense"]
             metrics[f"{name}_{run}_{c}_over_bf16_split"] = got[c]["over_dense"] / got["bf16_split"]["over_dense"]
-        if quantized_outputs and all(c in got for c in quantized_outputs):  # the epilogue's quantization's speedup
-            kernel_q, after_q = (got[c]["over_dense"] for c in quantized_outputs)
-            metrics[f"{name}_{run}_quantized_in_kernel_over_after"] = kernel_q / after_q
     # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)
     metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
         sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,

@@ -11,7 +11,7 @@ import pytest
 
 from dwdp_jax.measure.gpu_bench import dense_gemm_case, lowered_for_cuda, round_robin_over_dense, time_s
 from dwdp_jax.kernels import grouped_gemm
-from dwdp_jax.kernels.split_gemm import Blocks, row_slots, split_ragged_dot, tile_schedule
+from dwdp_jax.kernels.split_gemm import Blocks, split_ragged_dot, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
 from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
@@ -78,26 +78,6 @@ def test_pair_schedule_pairs_each_groups_consecutive_tiles(seed, group_m, per_gr
     assert [tuple(int(v) for v in (*sched[:5, p], *sched[8:, p])) for p in range(count)] == expected
     first, size = sched[6, :count], sched[7, :count]
     assert ((first <= np.arange(count)) & (np.arange(count) < first + size)).all()
-
-
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("pairs", [False, True], ids=["tiles", "pairs"])
-def test_row_slots_find_each_row_in_the_slot_of_the_tile_that_holds_it(seed, pairs):
-    """`row_slots`: row r of the sorted buffer lies at slot * 16 + r % 16, where slot is the schedule column of the
-    tile whose [lo, hi) holds it (pairs: 2 * column, + 1 for the pair's second tile); rows past the groups at 0."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(0, 70, size=int(rng.integers(1, 9)))
-    sizes = sizes * (rng.random(len(sizes)) < 0.7)
-    num_rows = int(sizes.sum()) + int(rng.integers(0, 20))
-    sched = np.asarray(tile_schedule(jnp.asarray(sizes, jnp.int32), (len(sizes),), 16, num_rows, pairs=pairs))
-    want = np.zeros(num_rows, np.int64)
-    for t in range(int(sched[5, 0])):
-        halves = [(2 * t, *sched[2:5, t]), (2 * t + 1, *sched[8:, t])] if pairs else [(t, *sched[2:5, t])]
-        for slot, block, lo, hi in halves:
-            rows = np.arange(block * 16 + lo, block * 16 + hi)
-            want[rows] = slot * 16 + rows % 16
-    got = np.asarray(row_slots(jnp.asarray(sizes, jnp.int32), 16, num_rows, pairs))
-    np.testing.assert_array_equal(got, want)
 
 
 def test_tile_schedule_refuses_wrong_slab_counts():

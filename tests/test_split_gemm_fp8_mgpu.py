@@ -4,15 +4,13 @@ lowering for CUDA at DeepSeek-R1 sizes (shared memory and the TMA/wgmma lowering
 compiled kernel against the same reference at R1's K and N."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
-from dwdp_jax.kernels import fp8, fp8_rows
+from dwdp_jax.kernels import fp8
 from dwdp_jax.kernels.split_gemm import split_grouped_ffn
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import (BY_ROW_BLOCK_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, FUSED_FP8_BLOCKS,
                                                   ONE_PARTIAL_FP8_BLOCKS, WG_COLS_FP8_BLOCKS,
@@ -168,52 +166,6 @@ def test_a_warpgroup_per_weight_gives_the_exact_swiglu(blocks, out_dtype):
     ours, exact = _run(blocks, fused=True, out_dtype=out_dtype, seed=2, n=256 if blocks.tile_n == 128 else 128)
     assert np.isfinite(ours).all()
     assert _rel(ours, exact) < (1e-5 if out_dtype == jnp.float32 else 2e-3)
-
-
-def _check_quantized(run, used: int):
-    """run(out_dtype) -> the kernel's output: its e4m3 output is its bf16 output h quantized in 1 x 128 groups.
-    Scales: each group's amax / 448 within one fp32 ulp (XLA on CPU divides by a constant as a product with its
-    reciprocal); values: h over the kernel's own scales in IEEE fp32 rounded to e4m3, bit for bit."""
-    q, s = run(fp8.E4M3)
-    h = run(jnp.bfloat16)
-    assert q.dtype == fp8.E4M3 and s.dtype == jnp.float32 and s.shape == (h.shape[1] // fp8.BLOCK, h.shape[0])
-    m, n = used, h.shape[1]
-    h = np.asarray(h[:used], np.float32).reshape(m, n // fp8.BLOCK, fp8.BLOCK)
-    got_s = np.asarray(s)[:, :used].T
-    want_s = np.maximum(np.abs(h).max(2), np.float32(fp8.TINY)) / np.float32(fp8.E4M3_MAX)
-    assert (np.abs(got_s - want_s) <= np.spacing(want_s)).all()
-    want_q = (h / got_s[:, :, None]).astype(ml_dtypes.float8_e4m3fn).reshape(m, n).view(np.uint8)
-    got_q = np.asarray(q[:used]).view(np.uint8)
-    assert (got_q == want_q).all(), f"{int((got_q != want_q).sum())} of {got_q.size} e4m3 values differ"
-
-
-@pytest.mark.parametrize("fused,blocks", [
-    (True, Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=2, chain=True, per_group=True,
-                     one_partial=True)),
-    (False, Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=1, wg_cols=True,
-                      out_by_row_block=True))], ids=["one_partial_chained", "column_halves_by_row_block"])
-def test_e4m3_output_is_the_bf16_output_quantized_bit_for_bit(fused, blocks):
-    """out_dtype e4m3: the epilogue quantizes each warpgroup's 128 columns (one scale block) and writes each tile's
-    row scales into its own slot; tiles cut at group boundaries (rows 70, 256) share row blocks, rows past the
-    groups are NaN."""
-    x_q, x_s, weights = _operands(4, 256, 256, fused)
-    slabs = _slabs(weights, fused, SLAB_CUTS)
-    _check_quantized(lambda dtype: split_ragged_dot_fp8_mgpu(x_q, jnp.asarray(SIZES), slabs, x_scale_SM=x_s,
-                                                             fused=fused, blocks=blocks, interpret=True,
-                                                             out_dtype=dtype), int(SIZES.sum()))
-
-
-def test_e4m3_output_of_64_column_tiles_is_quantized_after_the_kernel():
-    """Tiles of 64 columns hold half a scale block a warpgroup: the bf16 output goes through `fp8_rows`."""
-    x_q, x_s, weights = _operands(4, 256, 256, True)
-    run = functools.partial(split_ragged_dot_fp8_mgpu, x_q, jnp.asarray(SIZES), _slabs(weights, True, SLAB_CUTS),
-                            x_scale_SM=x_s, fused=True, blocks=SMALL_FUSED, interpret=True)
-    q, s = run(out_dtype=fp8.E4M3)
-    want_q, want_s = fp8_rows.quantize_rows(run())
-    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(want_q).view(np.uint8))
-    np.testing.assert_array_equal(s, want_s)
-    with pytest.raises(ValueError, match="out_spread takes a bf16 or fp32 output, not e4m3"):
-        run(out_dtype=fp8.E4M3, out_spread=(128, 192))
 
 
 def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
@@ -375,28 +327,6 @@ def test_compiled_kernel_matches_the_exact_product_on_gpu(fused):
     outs = run_each(split_ragged_dot_fp8_mgpu, candidates, (x_q, gs, slabs), {"fused": fused}, {"x_scale_SM": x_s})
     for blocks, out in zip(candidates, outs):
         assert _rel(np.asarray(out, np.float32), ref) < 2e-3, blocks
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("fused,blocks", [(True, ONE_PARTIAL_FP8_BLOCKS),
-                                          (True, dataclasses.replace(ONE_PARTIAL_FP8_BLOCKS, cluster_m=True)),
-                                          (False, BY_ROW_BLOCK_FP8_BLOCKS)], ids=["gate_up", "gate_up_pairs", "down"])
-def test_compiled_e4m3_output_is_the_bf16_output_quantized_on_gpu(fused, blocks):
-    """The compiled epilogue's quantization at R1's K and N, skewed groups over two slabs, cut tiles and, with
-    cluster_m, pairs of tiles (their scale slots two a schedule column)."""
-    from dwdp_jax.measure.gpu_bench import skewed_group_sizes
-
-    k, n = (7168, 2048) if fused else (2048, 7168)
-    sizes = skewed_group_sizes(8192, 32, 6.0)
-    keys = jax.random.split(jax.random.key(6), 3)
-    x_q, x_s = fp8.quantize_rows(jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32))
-    ws = [fp8.quantize_weights(0.02 * jax.random.normal(key, (32, n, k), jnp.float32)) for key in keys[1:]]
-    cut = lambda w, a, b: fp8.BlockScaled(w[0][a:b], w[1][a:b])  # noqa: E731
-    slabs = tuple(tuple(cut(w, a, b) for w in ws) if fused else cut(ws[0], a, b) for a, b in ((0, 8), (8, 32)))
-    _check_quantized(lambda dtype: split_ragged_dot_fp8_mgpu(x_q, jnp.asarray(sizes), slabs, x_scale_SM=x_s,
-                                                             fused=fused, blocks=blocks, out_dtype=dtype),
-                     int(sizes.sum()))
 
 
 def test_split_backends_take_this_kernel_for_fp8_and_keep_triton_as_the_ablation(tmp_path, monkeypatch):

@@ -14,8 +14,7 @@ at kv_a (576 columns); the path it replaced (dequantize, then a bf16 GEMM) ran a
 
 An output width that is not a multiple of 128 (kv_a_proj_with_mqa: 576) is padded to whole blocks with zero rows,
 which the partial block's scale leaves zero, and cut after the kernel. An MLP (`swiglu`) runs gate and up as the
-kernel's fused pair, its epilogue computing the SwiGLU and quantizing it for down: no [T, 2F] output, no separate
-pass for the SwiGLU or for the quantization.
+kernel's fused pair, its epilogue computing the SwiGLU: no [T, 2F] output, no separate pass for the SwiGLU.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ NAME_TUNED = "dense_mgpu_fp8"  # its entries in the block cache (`tuning`; `expe
 # the 60 MiB L2 while the weight streams past them.
 DEFAULT_DENSE_BLOCKS = Fp8Blocks(chain=True, per_group=True, group_m=16)
 # The SwiGLU's gate and up in one fused GEMM: the grouped kernel's gate/up tiling (128 columns of each weight, one
-# partial at a time, a warpgroup's columns one scale block so its epilogue quantizes the down projection's input)
-# in the same windows.
+# partial at a time) in the same windows.
 DEFAULT_SWIGLU_BLOCKS = Fp8Blocks(tile_n=128, chain=True, per_group=True, group_m=16, one_partial=True)
 
 
@@ -86,10 +84,9 @@ def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp
            blocks: tuple[Fp8Blocks, Fp8Blocks] | None = None, interpret: bool = False) -> jax.Array:
     """down(silu(x @ gate^T) * (x @ up^T)) for FP8 weights (an MLP as the checkpoint stores it): the products in
     fp32, the SwiGLU in fp32 rounded to x's dtype, quantized per row and 128 columns for the down projection; [T,
-    D] in x's dtype. On the kernel (`on_kernel`, the intermediate width whole blocks) x is quantized once, gate and
-    up run as one fused GEMM whose epilogue computes the SwiGLU and quantizes it (no [T, 2F] output, no pass over
-    it; `split_ragged_dot_fp8_mgpu`'s e4m3 output), then down on those bytes. Elsewhere `fp8.linear` computes each
-    product. blocks: (the fused GEMM's, down's), None the tuned ones for these shapes and this card, else the
+    D] in x's dtype. On the kernel (`on_kernel`, the intermediate width whole blocks) gate and up run as one fused
+    GEMM whose epilogue computes the SwiGLU (no [T, 2F] output, no pass over it), quantized by `fp8_rows` for down.
+    Elsewhere `fp8.linear` computes each product. blocks: (the fused GEMM's, down's), None the tuned ones for these shapes and this card, else the
     defaults."""
     f = gate.values_GNK.shape[0]
     if not (interpret or all(on_kernel(x_TK, w) for w in (gate, up, down))) or f % fp8.BLOCK:
@@ -101,9 +98,10 @@ def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp
     x_q, x_scale = fp8_rows.quantize_rows(x_TK)
     weights = ((fp8.BlockScaled(gate.values_GNK[None], gate.scales_GRS[None]).check("swiglu gate"),
                 fp8.BlockScaled(up.values_GNK[None], up.scales_GRS[None]).check("swiglu up")),)
-    h_q, h_scale = split_ragged_dot_fp8_mgpu(x_q, jnp.full((1,), t, jnp.int32), weights, x_scale_SM=x_scale,
-                                             fused=True, blocks=b, interpret=interpret, out_dtype=fp8.E4M3)
-    return block_scaled_gemm(h_q, h_scale, down, blocks=down_blocks, out_dtype=x_TK.dtype, interpret=interpret)
+    h_TF = split_ragged_dot_fp8_mgpu(x_q, jnp.full((1,), t, jnp.int32), weights, x_scale_SM=x_scale, fused=True,
+                                     blocks=b, interpret=interpret, out_dtype=jnp.bfloat16)
+    return block_scaled_gemm(*fp8_rows.quantize_rows(h_TF), down, blocks=down_blocks, out_dtype=x_TK.dtype,
+                             interpret=interpret)
 
 
 def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:

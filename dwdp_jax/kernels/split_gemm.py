@@ -97,7 +97,12 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     g = group_sizes_G.shape[0]
     if sum(slab_counts) != g:
         raise ValueError(f"slab_counts {slab_counts} must sum to the number of groups {g}")
-    starts, ends, first_block, tiles, tile_end = _group_tiles(group_sizes_G, block_m)
+    sizes = group_sizes_G.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first_block = starts // block_m
+    tiles = jnp.where(sizes > 0, (ends - 1) // block_m - first_block + 1, 0)
+    tile_end = jnp.cumsum(tiles)
     num_tiles = -(-num_rows // block_m) + g - 1
     t = jnp.arange(num_tiles, dtype=jnp.int32)
     group = jnp.minimum(count_at_or_below(tile_end, t), g - 1).astype(jnp.int32)
@@ -113,35 +118,6 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     count = jnp.full((num_tiles,), tile_end[-1], jnp.int32)
     first, size = _windows(t, tile_end - tiles, tiles, group, count, num_tiles, group_m, per_group)
     return jnp.stack([slab, in_slab, block, lo, hi, count, first, size]).astype(jnp.int32)
-
-
-def _group_tiles(group_sizes_G: jax.Array, block_m: int):
-    """Per group: its first and stop row in the sorted buffer, its first row block, its tile count (0 when empty) and
-    the cumulative tile count through it."""
-    sizes = group_sizes_G.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    first_block = starts // block_m
-    tiles = jnp.where(sizes > 0, (ends - 1) // block_m - first_block + 1, 0)
-    return starts, ends, first_block, tiles, jnp.cumsum(tiles)
-
-
-def row_slots(group_sizes_G: jax.Array, block_m: int, num_rows: int, pairs: bool = False) -> jax.Array:
-    """int32 [num_rows]: where each row of the sorted buffer lies in an array of block_m rows per tile, in the order
-    of `tile_schedule`'s columns (pairs: two per column, the pair's first tile then its second): for a kernel that
-    writes a tile's rows whole, unmasked, into rows of the tile's own, where two tiles sharing a row block (a group
-    boundary inside it) cannot overwrite each other's. Rows past the groups get 0."""
-    g = group_sizes_G.shape[0]
-    _, ends, first_block, tiles, tile_end = _group_tiles(group_sizes_G, block_m)
-    m = jnp.arange(num_rows, dtype=jnp.int32)
-    group = jnp.minimum(count_at_or_below(ends, m), g - 1)
-    k = m // block_m - first_block[group]  # the row's tile within its group
-    if pairs:
-        pairs_G = (tiles + 1) // 2
-        slot = 2 * ((jnp.cumsum(pairs_G) - pairs_G)[group] + k // 2) + k % 2
-    else:
-        slot = (tile_end - tiles)[group] + k
-    return jnp.where(m < ends[-1], slot * block_m + m % block_m, 0).astype(jnp.int32)
 
 
 def _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, num_tiles: int, group_m: int,
@@ -298,14 +274,10 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     not written (garbage): callers mask them. bf16 in, fp32 accumulation, x's dtype out.
 
     FP8 (x_scale_SM given): x is e4m3 with `fp8.quantize_rows` scales [K/128, M], every weight an e4m3 (values
-    [G_s, N, K], scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16; e4m3: the bf16
-    output quantized by `fp8_rows`, with its scales, as `split_gemm_fp8_mgpu` returns it); K and N multiples of
-    128, and the K and N tiles divide 128 (one scale per tile and K step).
+    [G_s, N, K], scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16); K and N multiples
+    of 128, and the K and N tiles divide 128 (one scale per tile and K step).
     """
     scaled = x_scale_SM is not None
-    if scaled and out_dtype is not None and jnp.dtype(out_dtype) == fp8.E4M3:
-        return fp8_rows.quantize_rows(split_ragged_dot(x_MK, group_sizes_G, weights, fused=fused, blocks=blocks,
-                                                       interpret=interpret, x_scale_SM=x_scale_SM))
     slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot", scaled)
     for i, ws in enumerate(slabs):
         q = ws[0][0] if scaled else ws[0]
@@ -347,11 +319,10 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_sca
 
     FP8 experts (each slab weight an e4m3 (values [E, out, in], scales) pair of `fp8.quantize_weights`) run
     `fp8_ragged_dot` (this module's scaled kernel, or `split_gemm_fp8_mgpu`'s; `split_ragged_dot`'s arguments with
-    x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in, as DeepSeek-V3's
-    inference does: the SwiGLU output in `out_dtype`, and for bf16 by the gate/up kernel itself (its e4m3 output,
-    in its epilogue where its tiles allow); x may come quantized already (e4m3 with its scales `x_scale_SM`, as
-    the MoE quantizes its tokens before they are copied into expert order). Rows past sum(group_sizes) come back
-    zeroed (the backend contract), in `out_dtype` (default: x's dtype)."""
+    x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in (`fp8_rows`), as
+    DeepSeek-V3's inference does; x may come quantized already (e4m3 with its scales `x_scale_SM`, as the MoE
+    quantizes its tokens before they are copied into expert order). Rows past sum(group_sizes) come back zeroed
+    (the backend contract), in `out_dtype` (default: x's dtype)."""
     gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
     down = tuple(s.w_down_EFD for s in slabs)
     fp8_experts = isinstance(down[0], tuple)
@@ -360,13 +331,9 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_sca
     out_dtype = out_dtype or x_MD.dtype
     if fp8_experts:
         x_q, x_scale = (x_MD, x_scale_SM) if x_scale_SM is not None else fp8_rows.quantize_rows(x_MD)
-        if jnp.dtype(out_dtype) == jnp.bfloat16:
-            h_q, h_scale = fp8_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale,
-                                          interpret=interpret, out_dtype=fp8.E4M3)
-        else:
-            h_q, h_scale = fp8_rows.quantize_rows(fp8_ragged_dot(x_q, group_sizes_E, gate_up, fused=True,
-                                                                 x_scale_SM=x_scale, interpret=interpret,
-                                                                 out_dtype=out_dtype))
+        h_MF = fp8_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale, interpret=interpret,
+                              out_dtype=out_dtype)
+        h_q, h_scale = fp8_rows.quantize_rows(h_MF)
         y_MD = fp8_ragged_dot(h_q, group_sizes_E, down, x_scale_SM=h_scale, interpret=interpret,
                               out_dtype=out_dtype)
     else:

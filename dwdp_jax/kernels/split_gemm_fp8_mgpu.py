@@ -20,9 +20,7 @@ memory a K block ahead (one scalar per K block: TMA moves nothing under 16 bytes
 
 The registers bound the tile: per warpgroup thread, a running fp32 sum per weight over its rows and a partial of
 one row block (`Fp8Blocks.acc_registers`). The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
-kernel. Rows past sum(group_sizes) are not written. For the down projection the epilogue can quantize the gate/up
-output itself (out_dtype e4m3: one scale per row and 128 columns, as `fp8_rows` would from the bf16 output), which
-saves writing the bf16 output and the pass that reads it back (0.45-0.59 ms of the R1 layer on H200).
+kernel. Rows past sum(group_sizes) are not written.
 
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
 for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
@@ -52,8 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
-from dwdp_jax.kernels import fp8, fp8_rows, tuning
-from dwdp_jax.kernels.split_gemm import launch_order, row_slots, slab_weights, tile_schedule
+from dwdp_jax.kernels import fp8, tuning
+from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, interpret_params, store_block
 
 KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the widest TMA swizzle
@@ -233,12 +231,11 @@ def chained_steps(blocks: Fp8Blocks, k: int) -> Fp8Blocks:
 
 
 def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: Fp8Blocks, k_dim: int,
-            n_dim: int, out_spread: tuple[int, int] | None, quantize: bool, interpret: bool):
-    """refs: per slab (values, scales) per weight (fused: gate then up), then the output, and with quantize its
-    scales by tile slot ([N/128, slots * tile_m], `split_gemm.row_slots`)."""
+            n_dim: int, out_spread: tuple[int, int] | None, interpret: bool):
+    """refs: per slab (values, scales) per weight (fused: gate then up), then the output."""
     # Register layouts are hints to Mosaic GPU's layout inference, which its interpreter does not take.
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
-    w_gmems, (out_gmem, slot_scales_gmem) = (refs[:-2], refs[-2:]) if quantize else (refs[:-1], (refs[-1], None))
+    w_gmems, out_gmem = refs[:-1], refs[-1]
     per_slab = 2 if fused else 1
     own = b.wg_weight_count(fused)  # running sums per row block
     wg_rows = b.wg_rows
@@ -277,12 +274,9 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             plgpu.TilingTransform((8, out_swizzle // itemsize)), plgpu.SwizzleTransform(out_swizzle)))
         out_views = (plain, swizzled) if interpret else plgpu.RefUnion(plain, swizzled)
 
-    # quantize: the scales of the rows each warpgroup stores
-    scales = dict(scale_smem=plgpu.SMEM((COMPUTE_WGS, out_rows), jnp.float32)) if quantize else {}
-
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*example), out_smem=out_views,
-                       collective_axes="wg", **swap, **scales)
-    def _scope(allocs, out_smem, swap=None, scale_smem=None):
+                       collective_axes="wg", **swap)
+    def _scope(allocs, out_smem, swap=None):
         out_smem, out_swz = out_smem if b.swizzled_store else (out_smem, None)
         wg = jax.lax.axis_index("wg")
         wg_row0 = 0 if b.wg_cols or b.wg_weights else wg * wg_rows  # within the tile
@@ -298,11 +292,9 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
                 ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
-            slot = ti  # the tile's rows of the scales by slot
             if b.cluster_m:  # the pair's second tile is the second CTA's
                 second = jax.lax.axis_index("cluster") == 1
                 block, lo, hi = (jnp.where(second, sched_gmem[8 + i, ti], v) for i, v in enumerate((block, lo, hi)))
-                slot = 2 * ti + jax.lax.axis_index("cluster")
             row0 = block * b.tile_m
             col0 = ni * b.cta_n + wg_col0
             out_col0 = col0 if out_spread is None else col0 // out_spread[0] * out_spread[1] + col0 % out_spread[0]
@@ -323,39 +315,16 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
 
             def epilogue(sums):
                 pairs = swap_halves(sums) if b.wg_weights else zip(sums[::per_slab], sums[per_slab - 1::per_slab])
-                outs = [jax.nn.silu(g) * u if fused else g for g, u in pairs]
-                outs, row_scales = zip(*map(quantize_rows, outs)) if quantize else (
-                    [out.astype(out_gmem.dtype) for out in outs], [None] * len(outs))
-                # (first row within the warpgroup's rows, the blocks stored together, their row scales) per store
-                # through the buffer
-                stores = ([(r, out, [s]) for (r, _), out, s in zip(row_blocks, outs, row_scales)]
-                          if b.out_by_row_block else [(0, outs[0] if len(outs) == 1 else outs, row_scales)])
-                for r, block, block_scales in stores:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has left the buffers
+                outs = [(jax.nn.silu(g) * u if fused else g).astype(out_gmem.dtype) for g, u in pairs]
+                # (first row within the warpgroup's rows, the blocks stored together) per store through the buffer
+                stores = ([(r, out) for (r, _), out in zip(row_blocks, outs)] if b.out_by_row_block
+                          else [(0, outs[0] if len(outs) == 1 else outs)])
+                for r, block in stores:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has left the buffer
                     own_lo = jnp.clip(lo - out_row0 - r, 0, out_rows)
                     own_hi = jnp.clip(hi - out_row0 - r, 0, out_rows)
                     store_block(block, out_smem.at[wg], None if out_swz is None else out_swz.at[wg], out_gmem, own_lo,
                                 own_hi, row0 + out_row0 + r, out_col0, b.tile_n)
-                    if quantize:
-                        store_scales(block_scales, out_row0 + r)
-
-            def quantize_rows(h):
-                """(e4m3 values, fp32 scale per row) of the rows h [rows, 128] rounded to bf16: `fp8.quantize_rows`
-                of the bf16 output, one scale block."""
-                h = h.astype(jnp.bfloat16).astype(jnp.float32)
-                scale = jnp.maximum(jnp.max(jnp.abs(h), axis=1), fp8.TINY) / fp8.E4M3_MAX
-                return (h / jax.lax.broadcast_in_dim(scale, h.shape, (0,))).astype(fp8.E4M3), scale
-
-            def store_scales(row_scales, first):
-                """The scales of a store's rows, whole, to the tile's slot rows from `first` (within the tile): the
-                rows past [lo, hi) go to the tile's own slot, which `split_gemm.row_slots` never reads there."""
-                at = 0
-                for s in row_scales:
-                    scale_smem[wg, pl.ds(at, s.shape[0])] = s
-                    at += s.shape[0]
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(scale_smem.at[wg, pl.ds(0, at)], slot_scales_gmem.at[
-                    scale_block, pl.ds(slot * b.tile_m + first, at)])
 
             def swap_halves(sums):
                 """(gate, up) per 64-row block of the warpgroup's half: the gate's warpgroup keeps the first half
@@ -449,14 +418,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
 
     out_spread (part, width): each run of `part` output columns starts a run of `width` in an output of N / part *
     width columns, the `width - part` after it left unwritten for the caller to fill in place (MLA's k: each
-    head's k_nope, then the rope key, without a concatenation that copies all of k).
-
-    out_dtype e4m3: the bf16 output quantized for the next FP8 GEMM, (values e4m3 [M, N], scales fp32 [N/128, M]),
-    `fp8.quantize_rows` of it (the down projection's input, without the bf16 copy and the pass that quantizes it):
-    in the epilogue where a warpgroup's columns are one scale block (tile_n 128), else by `fp8_rows` after it. The
-    epilogue writes each tile's row scales whole into rows of the tile's own (two tiles may share a row block, and
-    TMA stores no run under 16 bytes), and a gather puts them in row order (`split_gemm.row_slots`; 16 MiB at
-    262144 rows and N = 2048)."""
+    head's k_nope, then the rope key, without a concatenation that copies all of k)."""
     m, k = x_MK.shape
     n = jax.tree.leaves(weights)[0].shape[1]  # the first values [G, N, K]
     if k % fp8.BLOCK or n % fp8.BLOCK:  # before the scales' shapes, which follow from K and N
@@ -465,37 +427,22 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, n, fused, m) or (
         default_blocks(k, n, fused))
     check_inputs(x_MK, x_scale_SM, slabs, fused, b, interpret)
-    out_dtype = jnp.dtype(out_dtype or jnp.bfloat16)
-    quantize = out_dtype == fp8.E4M3
-    if quantize and out_spread is not None:
-        raise ValueError(f"{NAME}: out_spread takes a bf16 or fp32 output, not e4m3 (whose scales cover 128 "
-                         f"columns)")
-    if quantize and b.tile_n != fp8.BLOCK:
-        return fp8_rows.quantize_rows(split_ragged_dot_fp8_mgpu(
-            x_MK, group_sizes_G, weights, x_scale_SM=x_scale_SM, fused=fused, blocks=b, interpret=interpret))
+    out_dtype = out_dtype or jnp.bfloat16
     width = n if out_spread is None else spread_width(n, b, out_spread, out_dtype)
     pad = -m % b.tile_m  # whole row tiles: the last one's TMA loads stay in bounds
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
     sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad, b.group_m,
                           b.per_group, pairs=b.cluster_m)
-    out_type = jax.ShapeDtypeStruct((m + pad, width), out_dtype)
-    if quantize:  # and the row scales by tile slot: a pair of tiles a schedule column with cluster_m
-        slots = sched.shape[1] * (2 if b.cluster_m else 1)
-        out_type = (out_type, jax.ShapeDtypeStruct((n // fp8.BLOCK, slots * b.tile_m), jnp.float32))
     kernel = plgpu.kernel(
         functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, out_spread=out_spread,
-                          quantize=quantize, interpret=interpret),
-        out_type=out_type,
+                          interpret=interpret),
+        out_type=jax.ShapeDtypeStruct((m + pad, width), out_dtype),
         grid=(b.num_sms // 2 if b.clustered else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
         thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))
-    if quantize:
-        out, slot_scales = out
-        return out[:m] if pad else out, jnp.take(slot_scales, row_slots(group_sizes_G, b.tile_m, m, b.cluster_m),
-                                                 axis=1)
     return out[:m] if pad else out
 
 

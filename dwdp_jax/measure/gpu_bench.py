@@ -268,16 +268,12 @@ def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bo
 
 def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, counted_rows: int | None = None,
                    quantize_rows: bool = False, kernel: Callable | None = None,
-                   slab_counts: tuple[int, ...] | None = None,
-                   quantize_output: str | None = None) -> tuple[Callable, tuple, float]:
+                   slab_counts: tuple[int, ...] | None = None) -> tuple[Callable, tuple, float]:
     """The split-weight kernel's FP8 path over these groups (over `slab_counts` slabs, default one):
     `split_gemm_case`'s weights quantized in 128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16
     rows in, their quantization (`fp8_rows`, the model's) timed with the kernel (the pass the FFN adds before the
     down projection; the MoE quantizes gate/up's input per token before dispatch). `kernel`: an FP8 split kernel with
-    `split_ragged_dot`'s signature (default the Triton one's scaled path). `quantize_output`: the output quantized
-    for the down projection, "kernel" (out_dtype e4m3) or "after" (the bf16 output through `fp8_rows`)."""
-    if quantize_output not in (None, "kernel", "after"):
-        raise ValueError(f"fp8_split_case: quantize_output must be None, 'kernel' or 'after', got {quantize_output!r}")
+    `split_ragged_dot`'s signature (default the Triton one's scaled path)."""
     split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -285,9 +281,7 @@ def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, 
 
     def run(x, gs, ws):
         x_q, x_scale = fp8_rows.quantize_rows(x) if quantize_rows else x
-        out = split_ragged_dot(x_q, gs, ws, fused=fused, blocks=blocks, x_scale_SM=x_scale,
-                               **(dict(out_dtype=fp8.E4M3) if quantize_output == "kernel" else {}))
-        return fp8_rows.quantize_rows(out) if quantize_output == "after" else out
+        return split_ragged_dot(x_q, gs, ws, fused=fused, blocks=blocks, x_scale_SM=x_scale)
 
     rows = m if counted_rows is None else counted_rows
     return (jax.jit(run), (x if quantize_rows else fp8.quantize_rows(x), jnp.asarray(sizes, jnp.int32), ws),
