@@ -137,6 +137,19 @@ def test_every_benchmarked_candidate_lowers_for_cuda_at_r1_shapes(k, n):
         assert "mosaic_gpu" in f.trace(x, x_s, w).lower(lowering_platforms=("cuda",)).as_text(), b
 
 
+@pytest.mark.parametrize("d,f", [(7168, 2048), (7168, 18432)], ids=["shared_expert", "dense_mlp"])
+def test_swiglu_lowers_for_cuda_at_r1_shapes(d, f, monkeypatch):
+    """The FP8 MLP's kernel path (forced on CPU) lowers for CUDA at R1's widths with its default blocks: the fused
+    gate/up and down as Mosaic GPU kernels, the SwiGLU's [T, 2F] never an XLA intermediate."""
+    monkeypatch.setattr(dense_fp8, "on_kernel", lambda *_, **__: True)
+    x = jax.ShapeDtypeStruct((4096, d), jnp.bfloat16)
+    w = lambda n, k: fp8.BlockScaled(jax.ShapeDtypeStruct((n, k), fp8.E4M3),  # noqa: E731
+                                     jax.ShapeDtypeStruct((fp8.blocks(n), fp8.blocks(k)), jnp.float32))
+    text = jax.jit(dense_fp8.swiglu).trace(x, w(f, d), w(f, d), w(d, f)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2
+    assert f"4096x{2 * f}x" not in text
+
+
 def _exact_swiglu(x, gate, up, down) -> np.ndarray:
     """The FP8 MLP as `dense_fp8.swiglu` defines it, in fp64 over the dequantized operands: x quantized per row and
     128 columns, the SwiGLU rounded to x's dtype and quantized again before down."""
