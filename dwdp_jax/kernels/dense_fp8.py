@@ -86,8 +86,8 @@ def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp
     fp32, the SwiGLU in fp32 rounded to x's dtype, quantized per row and 128 columns for the down projection; [T,
     D] in x's dtype. On the kernel (`on_kernel`, the intermediate width whole blocks) gate and up run as one fused
     GEMM whose epilogue computes the SwiGLU (no [T, 2F] output, no pass over it), quantized by `fp8_rows` for down.
-    Elsewhere `fp8.linear` computes each product. blocks: (the fused GEMM's, down's), None the tuned ones for these shapes and this card, else the
-    defaults."""
+    Elsewhere `fp8.linear` computes each product. blocks: (the fused GEMM's, down's), None the tuned ones for these
+    shapes and this card, else the defaults."""
     f = gate.values_GNK.shape[0]
     if not (interpret or all(on_kernel(x_TK, w) for w in (gate, up, down))) or f % fp8.BLOCK:
         g_TF, u_TF = (fp8.linear(x_TK, w, out_dtype=jnp.float32) for w in (gate, up))
@@ -113,8 +113,8 @@ def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
 def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
     """x through several FP8 weights that share it (MLA's q_a and kv_a): [T, N_i] each. On the kernel, one GEMM
     over the weights stacked along N (each padded to whole 128-row blocks, so every scale block stays its own), x
-    quantized once: kv_a's 576 columns alone make 5 column tiles, about 10 waves of a 32K-token
-    batch over 132 SMs with one tile of padding in five; stacked under q_a's 1536 they are 17 tiles, 33 waves.
+    quantized once: kv_a's 576 columns alone make 5 column tiles, about 10 waves of a 32K-token batch over 132 SMs
+    with one tile of padding in five; stacked under q_a's 1536 they are 17 tiles, 33 waves.
     Elsewhere `fp8.linear` per weight. Each output column is the same product either way."""
     if not all(on_kernel(x_TK, w) for w in ws):
         return [fp8.linear(x_TK, w) for w in ws]
