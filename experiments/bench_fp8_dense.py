@@ -24,7 +24,7 @@ from absl import app, flags
 
 from dwdp_jax.kernels import dense_fp8, fp8, tuning
 from dwdp_jax.measure import gpu_bench as gb
-from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates
+from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates, swiglu_fp8_candidates
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import run_stamp, write_measurements
 
@@ -43,7 +43,8 @@ SHAPES = {"q_a": (7168, 1536), "q_b": (1536, 24576), "kv_a": (7168, 576), "kv_b"
 MLPS = {"shared_mlp": (7168, 2048), "dense_mlp": (7168, 18432)}
 
 _TOKENS = flags.DEFINE_integer("tokens", 32768, "rows (tokens of the prefill step)", lower_bound=128)
-_SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time")
+_SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the projections to time (all unless "
+                                  "only --mlp is given)")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "rounds of every case", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls of a case per round (a 32K-row GEMM of a narrow "
                                 "projection takes 0.3 ms: three calls from idle spread 0.27-0.74 of cuBLAS)",
@@ -51,8 +52,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls of a case per round 
 _MLPS = flags.DEFINE_multi_enum("mlp", [], list(MLPS), "MLPs to time whole: the fused SwiGLU the model runs "
                                  "(`dense_fp8.swiglu`) against gate and up stacked, the SwiGLU in XLA, its "
                                  "quantization, then down (the path before it)")
-_TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and pipeline depth per shape and record "
-                          "the fastest in the kernel block cache")
+_TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and pipeline depth per shape (and the "
+                          "fused gate/up's per MLP) and record the fastest in the kernel block cache")
 _TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against the fp32 product")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -66,14 +67,21 @@ def _weight(k: int, n: int, seed: int = 1) -> fp8.BlockScaled:
     return fp8.BlockScaled(w.values_GNK[0], w.scales_GRS[0])
 
 
+def exact_product(x_q, x_s, w: fp8.BlockScaled) -> jax.Array:
+    """The fp32 product of the dequantized operands (precision HIGHEST: a GPU's default takes fp32 dots in TF32)."""
+    w_NK = fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]
+    return jnp.dot(fp8.dequantize_rows(x_q, x_s), w_NK.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def rel_error(out, ref) -> float:
+    return float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
 def kernel_error(x_q, x_s, w: fp8.BlockScaled, blocks) -> float:
     """The kernel against the fp32 product of the dequantized operands on the first rows."""
     rows = _ROWS_CHECKED.value
-    out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks)[:rows].astype(jnp.float32)
-    x = fp8.dequantize_rows(x_q[:rows], x_s[:, :rows])
-    w_NK = fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]
-    ref = jnp.dot(x, w_NK.T, precision=jax.lax.Precision.HIGHEST)
-    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks)[:rows]
+    return rel_error(out, exact_product(x_q[:rows], x_s[:, :rows], w))
 
 
 def operands(t: int, k: int, n: int) -> tuple:
@@ -107,37 +115,48 @@ def stacked_mlp(x_TD, gate, up, down):
     return dense_fp8.linear(jax.nn.silu(g_TF) * u_TF, down)
 
 
-def mlp_cases(t: int, d: int, f: int) -> tuple[dict, tuple, float]:
-    """((fn, args, FLOPs) of the fused and the stacked MLP, cuBLAS FP8 at the same FLOPs, the fused MLP's relative
-    error against the fp32 MLP of the same quantized operands on the first rows_checked rows."""
-    x = operands(t, d, f)[0]
-    gate, up, down = _weight(d, f, 1), _weight(d, f, 2), _weight(f, d, 3)
+def mlp_operands(t: int, d: int, f: int) -> tuple:
+    """(bf16 activations, gate, up, down) of one FP8 MLP."""
+    return operands(t, d, f)[0], _weight(d, f, 1), _weight(d, f, 2), _weight(f, d, 3)
+
+
+def mlp_errors(x, gate, up, down, blocks) -> tuple[float, float]:
+    """The fused gate/up's SwiGLU and the whole MLP against fp32 products of the same quantized operands on the
+    first rows_checked rows (the MLP's hidden rows quantized again from the exact SwiGLU)."""
+    x_q, x_s = fp8.quantize_rows(x[:_ROWS_CHECKED.value])
+    g, u = (exact_product(x_q, x_s, w) for w in (gate, up))
+    hidden = (jax.nn.silu(g) * u).astype(jnp.bfloat16)
+    ours = dense_fp8.swiglu_hidden(x, gate, up, blocks=blocks[0])[:x_q.shape[0]]
+    mlp = dense_fp8.swiglu(x, gate, up, down, blocks=blocks)[:x_q.shape[0]]
+    return rel_error(ours, hidden.astype(jnp.float32)), rel_error(mlp, exact_product(*fp8.quantize_rows(hidden), down))
+
+
+def hidden_case(ops: tuple, blocks) -> tuple:
+    """The fused gate/up alone (`dense_fp8.swiglu_hidden`, its row quantization included)."""
+    x, gate, up, _ = ops
+    fn = jax.jit(lambda x, gate, up: dense_fp8.swiglu_hidden(x, gate, up, blocks=blocks))
+    return fn, (x, gate, up), 2 * 2 * x.shape[0] * x.shape[1] * gate.values_GNK.shape[0]
+
+
+def mlp_cases(ops: tuple, blocks) -> tuple[dict, tuple]:
+    """(fn, args, FLOPs) of the fused and the stacked MLP, and cuBLAS FP8 at the same FLOPs."""
+    x, gate, _, _ = ops
+    (t, d), f = x.shape, gate.values_GNK.shape[0]
     flops = 2 * t * d * f * 3
-    fused = jax.jit(dense_fp8.swiglu)
-    rows = _ROWS_CHECKED.value
-    x_q, x_s = fp8.quantize_rows(x[:rows])
-    deq = lambda w: fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]  # noqa: E731
-    hi = jax.lax.Precision.HIGHEST
-    g, u = (jnp.dot(fp8.dequantize_rows(x_q, x_s), deq(w).T, precision=hi) for w in (gate, up))
-    h_q, h_s = fp8.quantize_rows((jax.nn.silu(g) * u).astype(jnp.bfloat16))
-    ref = jnp.dot(fp8.dequantize_rows(h_q, h_s), deq(down).T, precision=hi)
-    out = fused(x, gate, up, down)[:rows].astype(jnp.float32)
-    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-    return ({"fused_swiglu": (fused, (x, gate, up, down), flops),
-             "stacked": (jax.jit(stacked_mlp), (x, gate, up, down), flops)},
-            gb.dense_gemm_case(t, d, 3 * f, jnp.float8_e4m3fn), err)
+    fused = jax.jit(lambda *ops: dense_fp8.swiglu(*ops, blocks=blocks))
+    return ({"fused_swiglu": (fused, ops, flops), "stacked": (jax.jit(stacked_mlp), ops, flops)},
+            gb.dense_gemm_case(t, d, 3 * f, jnp.float8_e4m3fn))
 
 
-def tune(name: str, ops: tuple) -> tuple:
-    """(fastest blocks, their TFLOP/s, the sweep): every candidate timed alone."""
+def tune(name: str, candidates, case) -> tuple:
+    """(fastest blocks, their TFLOP/s, the sweep): every candidate's case timed alone."""
     sweep = {}
-    for b in dense_fp8_candidates(ops[0].shape[1], ops[3].values_GNK.shape[0]):
+    for b in candidates:
         try:
-            sweep[b] = gb.tflops(kernel_case(ops, b))
+            sweep[b] = gb.tflops(case(b))
         except Exception as e:  # a schedule that cannot compile is skipped
             sweep[b] = repr(e)[:200]
-        print(name, b, sweep[b], f"shared-memory ceiling {b.smem_ceiling(False):.3f} of the FP8 peak", file=sys.stderr,
-              flush=True)
+        print(name, b, sweep[b], file=sys.stderr, flush=True)
     timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
     best = max(timed, key=timed.get)
     return best, timed[best], sweep
@@ -150,9 +169,10 @@ def main(argv):
         print(f"bench_fp8_dense: needs a Hopper GPU (found {device.device_kind})", file=sys.stderr)
         sys.exit(2)
     t = _TOKENS.value
+    shapes = _SHAPES.value if _SHAPES.present or not _MLPS.value else []
     metrics, raw, failed = {}, {}, []
     hbm = gb.hbm_gbps() * 1e9
-    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in _SHAPES.value},
+    config = {"tokens": t, "shapes": {s: SHAPES[s] for s in shapes},
               "mlps": {m: MLPS[m] for m in _MLPS.value}, "rounds": _ROUNDS.value,
               "repeats": _REPEATS.value,
               "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
@@ -160,11 +180,11 @@ def main(argv):
     # rewritten after each shape: a run cut short keeps the shapes it finished
     save = functools.partial(write_measurements, "bench_fp8_dense", config=config, raw=raw, metrics=metrics,
                              root=_RESULTS.value, run=run_stamp())
-    for name in progress_bar(list(_SHAPES.value), "shapes", "shape"):
+    for name in progress_bar(shapes, "shapes", "shape"):
         k, n = SHAPES[name]
         blocks, ops = None, operands(t, k, n)
         if _TUNE.value:
-            blocks, rate, sweep = tune(name, ops)
+            blocks, rate, sweep = tune(name, dense_fp8_candidates(k, n), functools.partial(kernel_case, ops))
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
             raw[f"{name}_smem_ceiling"] = {str(b): b.smem_ceiling(False) for b in sweep}
         shape_cases = cases(ops, blocks)
@@ -188,12 +208,23 @@ def main(argv):
         config["shapes_done"].append(name)
         save(echo=False)
     for name in progress_bar(list(_MLPS.value), "MLPs", "MLP"):
-        mlp, dense, err = mlp_cases(t, *MLPS[name])
-        metrics[f"{name}_fused_swiglu_rel_err"] = err
-        if not err <= _MLP_TOL:
-            failed.append(f"{name}: fused SwiGLU relative error {err:.3g} > {_MLP_TOL}")
+        d, f = MLPS[name]
+        blocks, ops = None, mlp_operands(t, d, f)
+        if _TUNE.value:
+            blocks, rate, sweep = tune(name, swiglu_fp8_candidates(d), functools.partial(hidden_case, ops))
+            raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
+        hidden_err, err = mlp_errors(*ops, (blocks, None))
+        metrics[f"{name}_hidden_rel_err"], metrics[f"{name}_fused_swiglu_rel_err"] = hidden_err, err
+        if not (hidden_err <= _TOL.value and err <= _MLP_TOL):
+            failed.append(f"{name}: relative error of the fused SwiGLU {hidden_err:.3g} (allowed {_TOL.value}), "
+                          f"of the MLP {err:.3g} (allowed {_MLP_TOL})")
+            save(echo=False)
             continue
-        got = gb.round_robin_over_dense(mlp, dense, rounds=_ROUNDS.value,
+        if _TUNE.value:
+            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, d, f, True, t, blocks, rate,
+                          f"experiments.bench_fp8_dense --mlp {datetime.date.today()}, {t} rows")
+        cases_, dense = mlp_cases(ops, (blocks, None))
+        got = gb.round_robin_over_dense(cases_, dense, rounds=_ROUNDS.value,
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
@@ -203,7 +234,7 @@ def main(argv):
         save(echo=False)
     print(f"\n{t} rows; rates over cuBLAS FP8 (per-tensor scale), medians of {_ROUNDS.value} rounds")
     print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6}")
-    for name in _SHAPES.value:
+    for name in shapes:
         if f"{name}_dense_tflops" in metrics:
             print(f"{name:15} {metrics[f'{name}_dense_tflops']:10.1f} "
                   + " ".join(f"{metrics[f'{name}_{c}_over_dense']:{w}.3f}" for c, w in (

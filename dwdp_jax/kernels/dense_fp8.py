@@ -81,27 +81,36 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
 
 
 def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp8.BlockScaled, *,
-           blocks: tuple[Fp8Blocks, Fp8Blocks] | None = None, interpret: bool = False) -> jax.Array:
+           blocks: tuple[Fp8Blocks | None, Fp8Blocks | None] | None = None, interpret: bool = False) -> jax.Array:
     """down(silu(x @ gate^T) * (x @ up^T)) for FP8 weights (an MLP as the checkpoint stores it): the products in
     fp32, the SwiGLU in fp32 rounded to x's dtype, quantized per row and 128 columns for the down projection; [T,
     D] in x's dtype. On the kernel (`on_kernel`, the intermediate width whole blocks) gate and up run as one fused
-    GEMM whose epilogue computes the SwiGLU (no [T, 2F] output, no pass over it), quantized by `fp8_rows` for down.
-    Elsewhere `fp8.linear` computes each product. blocks: (the fused GEMM's, down's), None the tuned ones for these
-    shapes and this card, else the defaults."""
-    f = gate.values_GNK.shape[0]
-    if not (interpret or all(on_kernel(x_TK, w) for w in (gate, up, down))) or f % fp8.BLOCK:
+    GEMM (`swiglu_hidden`), quantized by `fp8_rows` for down. Elsewhere `fp8.linear` computes each product.
+    blocks: (the fused GEMM's, down's), each None for the tuned ones for its shape and this card, else the
+    defaults."""
+    if not (interpret or all(on_kernel(x_TK, w) for w in (gate, up, down))) or gate.values_GNK.shape[0] % fp8.BLOCK:
         g_TF, u_TF = (fp8.linear(x_TK, w, out_dtype=jnp.float32) for w in (gate, up))
         return fp8.linear((jax.nn.silu(g_TF) * u_TF).astype(x_TK.dtype), down)
+    fused_blocks, down_blocks = blocks or (None, None)
+    h_TF = swiglu_hidden(x_TK, gate, up, blocks=fused_blocks, interpret=interpret)
+    return block_scaled_gemm(*fp8_rows.quantize_rows(h_TF), down, blocks=down_blocks, out_dtype=x_TK.dtype,
+                             interpret=interpret)
+
+
+def swiglu_hidden(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, *, blocks: Fp8Blocks | None = None,
+                  interpret: bool = False) -> jax.Array:
+    """silu(x @ gate^T) * (x @ up^T) on the kernel: x quantized per row and 128 columns, gate and up as one fused
+    GEMM whose epilogue computes the SwiGLU in fp32 (no [T, 2F] output, no pass over it); [T, F] bf16. blocks: None
+    the tuned ones for this shape and card (`NAME_TUNED`, fused), else `default_blocks(K, fused=True)`."""
     t, k = x_TK.shape
-    b, down_blocks = blocks or (tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, f, True, t)
-                                or default_blocks(k, fused=True), None)
+    f = gate.values_GNK.shape[0]
+    b = blocks or (tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, f, True, t)
+                   or default_blocks(k, fused=True))
     x_q, x_scale = fp8_rows.quantize_rows(x_TK)
     weights = ((fp8.BlockScaled(gate.values_GNK[None], gate.scales_GRS[None]).check("swiglu gate"),
                 fp8.BlockScaled(up.values_GNK[None], up.scales_GRS[None]).check("swiglu up")),)
-    h_TF = split_ragged_dot_fp8_mgpu(x_q, jnp.full((1,), t, jnp.int32), weights, x_scale_SM=x_scale, fused=True,
+    return split_ragged_dot_fp8_mgpu(x_q, jnp.full((1,), t, jnp.int32), weights, x_scale_SM=x_scale, fused=True,
                                      blocks=b, interpret=interpret, out_dtype=jnp.bfloat16)
-    return block_scaled_gemm(*fp8_rows.quantize_rows(h_TF), down, blocks=down_blocks, out_dtype=x_TK.dtype,
-                             interpret=interpret)
 
 
 def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:

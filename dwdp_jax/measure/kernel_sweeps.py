@@ -116,6 +116,19 @@ def dense_fp8_candidates(k: int, n: int) -> list:
         if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
 
 
+def swiglu_fp8_candidates(k: int) -> list:
+    """The FP8 MLP's fused gate/up (`dense_fp8.swiglu_hidden`; `experiments.bench_fp8_dense --tune --mlp`): its
+    defaults (one partial at a time at 128 columns of gate and of up) in windows of 8, 16 and 32 row tiles,
+    unchained, column-block-major, with x's fragments read once into registers, in clusters of two sharing the x
+    tile; the grouped kernel's other fused tilings (the column halves, 64 columns of each) in the defaults' windows."""
+    base = dense_fp8.default_blocks(k, fused=True)
+    return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
+        dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
+        dataclasses.replace(base, x_in_registers=True), dataclasses.replace(base, cluster_n=True)] + [
+        dense_fp8.chained_steps(dataclasses.replace(b, group_m=base.group_m), k)
+        for b in (WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS)]
+
+
 def swept(candidates, options: list[str]) -> list:
     """The candidates as a list, or with `options` the first and those with any of these fields set (ValueError
     naming an option that is not a field of the blocks)."""
