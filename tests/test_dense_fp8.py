@@ -196,6 +196,21 @@ def test_swiglu_on_the_kernel_is_the_exact_mlp_and_off_it_the_reference_path():
     assert _rel(dense_fp8.swiglu(x, gate, up, down), exact) < 1e-4
 
 
+def test_swiglu_refuses_weights_that_make_no_mlp():
+    """Mismatched weights are refused before any work, on and off the kernel, naming the weight and the shape."""
+    x, gate = _operands(11, 128, 256, 256)
+    _, down = _operands(12, 128, 256, 256)
+    bad_scales = fp8.BlockScaled(gate.values_GNK, gate.scales_GRS[:, :1])
+    _, narrow = _operands(13, 128, 128, 256)
+    for interpret in (False, True):
+        with pytest.raises(ValueError, match="swiglu up: FP8 weight values .* with scales"):
+            dense_fp8.swiglu(x.astype(jnp.bfloat16), gate, bad_scales, down, interpret=interpret)
+        with pytest.raises(ValueError, match=r"swiglu down: FP8 weight of shape \[256, 128\]; want \[256, 256\]"):
+            dense_fp8.swiglu(x.astype(jnp.bfloat16), gate, gate, narrow, interpret=interpret)
+        with pytest.raises(ValueError, match=r"swiglu gate: .* want \[256, 384\] for x of width 384"):
+            dense_fp8.swiglu(jnp.zeros((4, 384), jnp.bfloat16), gate, gate, down, interpret=interpret)
+
+
 def test_refusals_name_the_cause():
     x, w = _operands(2, 128, 256, 128)
     x_q, x_s = fp8.quantize_rows(x)

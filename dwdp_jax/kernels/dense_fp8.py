@@ -88,6 +88,7 @@ def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp
     GEMM (`swiglu_hidden`), quantized by `fp8_rows` for down. Elsewhere `fp8.linear` computes each product.
     blocks: (the fused GEMM's, down's), each None for the tuned ones for its shape and this card, else the
     defaults."""
+    _check_mlp(x_TK, gate, up, down)
     if not (interpret or all(on_kernel(x_TK, w) for w in (gate, up, down))) or gate.values_GNK.shape[0] % fp8.BLOCK:
         g_TF, u_TF = (fp8.linear(x_TK, w, out_dtype=jnp.float32) for w in (gate, up))
         return fp8.linear((jax.nn.silu(g_TF) * u_TF).astype(x_TK.dtype), down)
@@ -95,6 +96,17 @@ def swiglu(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp
     h_TF = swiglu_hidden(x_TK, gate, up, blocks=fused_blocks, interpret=interpret)
     return block_scaled_gemm(*fp8_rows.quantize_rows(h_TF), down, blocks=down_blocks, out_dtype=x_TK.dtype,
                              interpret=interpret)
+
+
+def _check_mlp(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, down: fp8.BlockScaled) -> None:
+    """ValueError naming the weight whose dtypes, scales or shape do not make an MLP of x's width: gate and up [F,
+    D], down [N, F], D x's last axis."""
+    d, f = x_TK.shape[-1], gate.values_GNK.shape[0]
+    for name, w, want in (("gate", gate, (f, d)), ("up", up, (f, d)), ("down", down, (down.values_GNK.shape[0], f))):
+        w.check(f"swiglu {name}")
+        if tuple(w.values_GNK.shape) != want:
+            raise ValueError(f"swiglu {name}: FP8 weight of shape {list(w.values_GNK.shape)}; want {list(want)} for "
+                             f"x of width {d} and gate's {f} outputs ([F, D] gate and up, [N, F] down)")
 
 
 def swiglu_hidden(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, *, blocks: Fp8Blocks | None = None,
