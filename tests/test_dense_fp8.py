@@ -319,3 +319,23 @@ def test_gpu_swiglu_at_r1_shapes(d, f):
     assert dense_fp8.on_kernel(x, gate)
     assert "mosaic_gpu" in jax.jit(dense_fp8.swiglu).lower(x, gate, up, down).as_text()
     _check_swiglu(x, gate, up, down)
+
+
+@pytest.mark.gpu
+def test_gpu_every_swept_swiglu_schedule():
+    """The fused gate/up schedules `bench_fp8_dense --tune --mlp` times (the fewest that take every option's every
+    value, and the card's cached ones), compiled, against the fp64 SwiGLU at the shared expert's widths: among them
+    the clusters of two (`cluster_n`), which Mosaic GPU's interpreter cannot run on CPU."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip("needs a GPU")
+    from test_gpu import covering, run_each  # every candidate compiled at once
+
+    x, gate = _operands(14, 4096 + 77, 7168, 2048)
+    _, up = _operands(15, 8, 7168, 2048)
+    x = x.astype(jnp.bfloat16)
+    exact = _exact_hidden(x, gate, up)
+    candidates = covering(swiglu_fp8_candidates(7168), dense_fp8.NAME_TUNED, 7168, 2048, True)
+    assert any(b.cluster_n for b in candidates)
+    hidden = jax.jit(dense_fp8.swiglu_hidden, static_argnames=("blocks",))
+    for b, out in zip(candidates, run_each(hidden, candidates, (x, gate, up), {})):
+        assert _rel(out, exact) < 2e-3, b
