@@ -22,11 +22,16 @@ from typing import Any
 RESULTS_ROOT = Path(os.environ.get("DWDP_RESULTS", "results"))
 
 
-def git_sha() -> str:
+def git_sha(root: Path | None = None) -> str:
+    """HEAD's short sha, with "-dirty" where tracked files differ from it (uncommitted changes, or a copy of a
+    working tree whose git metadata is stale): then `source_hash` alone names the code."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True,
+                              cwd=root or Path(__file__).resolve().parent).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        sha = git("rev-parse", "--short", "HEAD")
+        return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -495,6 +495,27 @@ def test_source_hash_follows_the_code_not_git(tmp_path):
     assert environment(with_devices=False)["source_hash"] == source_hash()
 
 
+def test_git_sha_says_when_the_tree_is_not_its_commit(tmp_path):
+    """A tracked file changed since HEAD (uncommitted work, or a copy of the tree under stale git metadata) marks the
+    sha "-dirty"; untracked files (results) do not; outside a repository it is "unknown"."""
+    import subprocess
+
+    from dwdp_jax.results import git_sha
+
+    assert git_sha(tmp_path) == "unknown"
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True).stdout.strip()
+    (tmp_path / "results.json").write_text("{}")
+    assert git_sha(tmp_path) == sha
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_sha(tmp_path) == sha + "-dirty"
+
+
 def test_contention_figure_shows_gpu_measurements_beside_the_model(tmp_path):
     from experiments.figures import fig_contention
 
