@@ -12,10 +12,14 @@ from pathlib import Path
 import jax
 import pytest
 
-for _key, _value in (("jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".jax_cache")),
-                     ("jax_persistent_cache_min_compile_time_secs", 0), ("jax_persistent_cache_min_entry_size_bytes", 0)):
-    os.environ.setdefault(_key.upper(), str(_value))
-    jax.config.update(_key, type(_value)(os.environ[_key.upper()]))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 jax.config.update("jax_num_cpu_devices", 8)
 
 

@@ -34,6 +34,11 @@ DEFAULT_DENSE_BLOCKS = Fp8Blocks(chain=True, per_group=True, group_m=16)
 # The SwiGLU's gate and up in one fused GEMM: the grouped kernel's gate/up tiling (128 columns of each weight, one
 # partial at a time) in the same windows.
 DEFAULT_SWIGLU_BLOCKS = Fp8Blocks(tile_n=128, chain=True, per_group=True, group_m=16, one_partial=True)
+# `swiglu`'s error against the fp32 MLP of the same quantized operands. Its hidden rows are quantized to e4m3 again:
+# a hidden value that the first GEMM's accumulation moves across an e4m3 rounding step moves by a whole step (up to
+# 1/16 of it), so the MLP is bounded by this, each GEMM alone by bf16 rounding (measured: 4.0-4.4e-3 on H100 at R1's
+# widths, each GEMM within 2e-3).
+SWIGLU_REL_TOL = 1e-2
 
 
 def default_blocks(k: int, fused: bool = False) -> Fp8Blocks:
@@ -43,8 +48,17 @@ def default_blocks(k: int, fused: bool = False) -> Fp8Blocks:
 
 
 def padded_width(n: int) -> int:
-    """Output columns the kernel computes for n: whole 128-wide weight blocks."""
+    """n in whole 128-wide weight blocks: the width the kernel's tuned blocks are cached under."""
     return fp8.blocks(n) * fp8.BLOCK
+
+
+def computed_width(n: int, b: Fp8Blocks) -> int:
+    """Output columns the kernel computes for n under blocks b: whole CTA column tiles (256 with the warpgroups on
+    column halves, twice that in clusters along N), the weight padded with zero rows. The column halves' tiles read
+    a third fewer L2 bytes per FLOP than the row split's; at a width they do not divide (q_a+kv_a's 2176: 2304) they
+    pay the padding's FLOPs for it, which the sweep weighs (`bench_fp8_dense --tune`)."""
+    step = b.cta_n * (2 if b.cluster_n else 1)
+    return -(-padded_width(n) // step) * step
 
 
 def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = None) -> bool:
@@ -73,8 +87,13 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
     # cached under the padded width: the kernel's problem (a stack of weights is padded per weight)
     b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, padded_width(n), False,
                                 t) or default_blocks(k)
-    values = jnp.pad(w.values_GNK, ((0, padded_width(n) - n), (0, 0)))
-    out = split_ragged_dot_fp8_mgpu(x_TK, jnp.full((1,), t, jnp.int32), ((values[None], w.scales_GRS[None]),),
+    width = computed_width(n, b)
+    if out_spread and width != n:
+        raise ValueError(f"block_scaled_gemm: out_spread needs N={n} in whole CTA column tiles of {b}: it would "
+                         f"compute {width} columns")
+    values = jnp.pad(w.values_GNK, ((0, width - n), (0, 0)))
+    scales = jnp.pad(w.scales_GRS, ((0, width // fp8.BLOCK - w.scales_GRS.shape[0]), (0, 0)), constant_values=1.0)
+    out = split_ragged_dot_fp8_mgpu(x_TK, jnp.full((1,), t, jnp.int32), ((values[None], scales[None]),),
                                     x_scale_SM=x_scale_ST, blocks=b, interpret=interpret, out_dtype=out_dtype,
                                     out_spread=out_spread)
     return out if out_spread else out[:, :n]

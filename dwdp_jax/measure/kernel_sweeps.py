@@ -96,13 +96,14 @@ FP8_MGPU_CANDIDATES = {
 }
 
 
-def dense_fp8_candidates(k: int, n: int) -> list:
+def dense_fp8_candidates(k: int) -> list:
     """The block-scaled dense GEMM's (`dense_fp8`; `experiments.bench_fp8_dense --tune`): launch windows,
-    unchained, row-tile order, full tiles stored through a swizzled view; and where the padded width takes 256-column
-    CTA tiles, the warpgroups on column halves (`Fp8Blocks.wg_cols`: 2 stages fit shared memory beside the whole
-    tile's output; 4 with the output leaving a 64-row block at a time, through the plain or the swizzled view: the
-    short-K projections' outputs, kv_b's 2 GB at 32768 rows, are most of their bytes); the defaults and the
-    latter two in clusters of two on adjacent row tiles, the weight tile multicast (`Fp8Blocks.cluster_m`)."""
+    unchained, row-tile order, full tiles stored through a swizzled view; the warpgroups on column halves
+    (`Fp8Blocks.wg_cols`: 2 stages fit shared memory beside the whole tile's output; 4 with the output leaving a
+    64-row block at a time, through the plain or the swizzled view: the short-K projections' outputs, kv_b's 2 GB at
+    32768 rows, are most of their bytes), over the width padded to their 256-column tiles where it is not a multiple
+    (`dense_fp8.computed_width`); the defaults and the latter two in clusters of two on adjacent row tiles, the
+    weight tile multicast (`Fp8Blocks.cluster_m`)."""
     base = dense_fp8.default_blocks(k)
     cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
                                                        max_concurrent_steps=2), k)
@@ -110,10 +111,9 @@ def dense_fp8_candidates(k: int, n: int) -> list:
                                                            out_by_row_block=True), k)
     return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
         dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
-        dataclasses.replace(base, swizzled_store=True), dataclasses.replace(base, cluster_m=True)] + (
-        [cols, by_block, dataclasses.replace(by_block, swizzled_store=True)]
-        + [dataclasses.replace(by_block, cluster_m=True, swizzled_store=s) for s in (False, True)]
-        if dense_fp8.padded_width(n) % cols.cta_n == 0 else [])
+        dataclasses.replace(base, swizzled_store=True), dataclasses.replace(base, cluster_m=True),
+        cols, by_block, dataclasses.replace(by_block, swizzled_store=True)] + [
+        dataclasses.replace(by_block, cluster_m=True, swizzled_store=s) for s in (False, True)]
 
 
 def swiglu_fp8_candidates(k: int) -> list:
