@@ -4,7 +4,8 @@ TF32 (JAX's default precision there), a 10-bit mantissa that would blur the tole
 
 Compiled programs go to XLA's persistent cache in the checkout's `.jax_cache` (ignored by git), which the pytest
 workers and the processes the multi-process tests start share (set through the environment, which they inherit):
-most of the suite's time is compiling, and the end-to-end tests compile the same tiny programs."""
+most of the suite's time is compiling, and the end-to-end tests compile the same tiny programs. For the same
+reason the GPU suite runs in two workers sharing the card (README)."""
 
 import os
 from pathlib import Path
@@ -12,6 +13,9 @@ from pathlib import Path
 import jax
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers of `pytest -m gpu -n 2` share one GPU: each allocates what it uses, not 75% of the card.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
