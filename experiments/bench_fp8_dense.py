@@ -8,8 +8,9 @@ rows); a shape that fails gets no rate, its swept blocks are not recorded, and t
 cuBLAS FP8 first in each, so all see the same clocks; ratios are medians over the rounds.
 
   python -m experiments.bench_fp8_dense                 # on a Hopper GPU; results/bench_fp8_dense/<run>.json
-  python -m experiments.bench_fp8_dense --tune          # also sweeps the kernel's launch windows per shape and
-                                                        # records the fastest in the kernel block cache
+  python -m experiments.bench_fp8_dense --tune          # also sweeps the kernel's schedules per shape and
+                                                        # records the fastest in the kernel block cache once it
+                                                        # beats the blocks before it in the rounds, side by side
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls of a case per round 
 _MLPS = flags.DEFINE_multi_enum("mlp", [], list(MLPS), "MLPs to time whole: the fused SwiGLU the model runs "
                                  "(`dense_fp8.swiglu`) against gate and up stacked, the SwiGLU in XLA, its "
                                  "quantization, then down (the path before it)")
-_TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's launch windows and pipeline depth per shape (and the "
-                          "fused gate/up's per MLP) and record the fastest in the kernel block cache")
+_TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's schedules per shape (and the fused gate/up's per MLP) "
+                          "and record the fastest in the kernel block cache where it beats, in the rounds, the blocks "
+                          "the kernel took before")
 _TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against the fp32 product")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -159,6 +161,19 @@ def tune(name: str, candidates, case) -> tuple:
     return best, timed[best], sweep
 
 
+def confirmed(name: str, got: dict, case: str, metrics: dict) -> bool:
+    """Whether the sweep's fastest blocks (`case`) beat, in the rounds, the blocks the kernel took before the sweep
+    (`case`_before, timed where they differ): a sweep times each candidate once, in turn, so its winner may be the
+    spread between calls. Their ratio goes into `metrics`."""
+    if f"{case}_before" not in got:
+        return True
+    ratio = got[case]["over_dense"] / got[f"{case}_before"]["over_dense"]
+    metrics[f"{name}_tuned_over_before"] = ratio
+    print(f"{name}: the sweep's fastest blocks at {ratio:.3f}x the blocks before them in the rounds: "
+          f"{'recorded' if ratio > 1 else 'not recorded'}")
+    return ratio > 1
+
+
 def main(argv):
     del argv
     device = jax.devices()[0]
@@ -180,25 +195,28 @@ def main(argv):
     for name in progress_bar(shapes, "shapes", "shape"):
         k, n = SHAPES[name]
         blocks, ops = None, operands(t, k, n)
+        before = dense_fp8.cached_blocks(k, n, t)
         if _TUNE.value:
             blocks, rate, sweep = tune(name, dense_fp8_candidates(k), functools.partial(kernel_case, ops))
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
             raw[f"{name}_smem_ceiling"] = {str(b): b.smem_ceiling(False) for b in sweep}
         shape_cases = cases(ops, blocks)
+        if _TUNE.value and blocks != before:
+            shape_cases["block_scaled_before"] = kernel_case(ops, before)
         err = kernel_error(*ops[1:], blocks)
         metrics[f"{name}_rel_err"] = err
         if not err <= _TOL.value:
             failed.append(f"{name}: relative error {err:.3g} > {_TOL.value}")
             save(echo=False)
             continue
-        if _TUNE.value:  # only blocks whose output checked out
-            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
-                          rate, f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
         dense = gb.dense_gemm_case(t, k, n, jnp.float8_e4m3fn)
         got = gb.round_robin_over_dense(shape_cases, dense, rounds=_ROUNDS.value,
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
+        if _TUNE.value and confirmed(name, got, "block_scaled", metrics):  # only blocks whose output checked out
+            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, blocks,
+                          rate, f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows")
         # the roofline at FP8: cuBLAS's rate, the bytes of x, the weight and the bf16 output once each
         secs = max(2 * t * k * n / (got["dense"]["tflops"] * 1e12), (t * k + k * n + 2 * t * n) / hbm)
         metrics[f"{name}_roofline_over_cublas_fp8"] = 2 * t * k * n / secs / (got["dense"]["tflops"] * 1e12)
@@ -207,6 +225,7 @@ def main(argv):
     for name in progress_bar(list(_MLPS.value), "MLPs", "MLP"):
         d, f = MLPS[name]
         blocks, ops = None, mlp_operands(t, d, f)
+        before = dense_fp8.cached_blocks(d, f, t, fused=True)
         if _TUNE.value:
             blocks, rate, sweep = tune(name, swiglu_fp8_candidates(d), functools.partial(hidden_case, ops))
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
@@ -217,14 +236,16 @@ def main(argv):
                           f"of the MLP {err:.3g} (allowed {dense_fp8.SWIGLU_REL_TOL})")
             save(echo=False)
             continue
-        if _TUNE.value:
-            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, d, f, True, t, blocks, rate,
-                          f"experiments.bench_fp8_dense --mlp {datetime.date.today()}, {t} rows")
         cases_, dense = mlp_cases(ops, (blocks, None))
+        if _TUNE.value and blocks != before:
+            cases_["fused_swiglu_before"] = mlp_cases(ops, (before, None))[0]["fused_swiglu"]
         got = gb.round_robin_over_dense(cases_, dense, rounds=_ROUNDS.value,
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
+        if _TUNE.value and confirmed(name, got, "fused_swiglu", metrics):
+            tuning.record(dense_fp8.NAME_TUNED, device.device_kind, d, f, True, t, blocks, rate,
+                          f"experiments.bench_fp8_dense --mlp {datetime.date.today()}, {t} rows")
         metrics[f"{name}_fused_over_stacked"] = got["fused_swiglu"]["over_dense"] / got["stacked"]["over_dense"]
         print(f"{name}: fused SwiGLU {got['fused_swiglu']['over_dense']:.3f} of cuBLAS FP8 at its FLOPs, stacked "
               f"{got['stacked']['over_dense']:.3f}: {metrics[f'{name}_fused_over_stacked']:.3f}x")

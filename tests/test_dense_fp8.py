@@ -198,6 +198,22 @@ def test_swiglu_on_the_kernel_is_the_exact_mlp_and_off_it_the_reference_path():
     assert _rel(dense_fp8.swiglu(x, gate, up, down), exact) < 1e-4
 
 
+def test_cached_blocks_are_the_cards_entry_under_the_padded_width_else_the_defaults(tmp_path, monkeypatch):
+    """The blocks the kernel and `bench_fp8_dense --tune` (its "before" case) take without an override: the entry
+    for this card, K, padded width (kv_a's 576 under 640) and fused-ness, nearest in rows; else the defaults."""
+    from dwdp_jax.kernels import tuning
+
+    monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(tmp_path / "blocks.json"))
+    kind = jax.devices()[0].device_kind
+    assert dense_fp8.cached_blocks(7168, 576, 32768) == dense_fp8.default_blocks(7168)
+    assert dense_fp8.cached_blocks(7168, 2048, 32768, fused=True) == dense_fp8.default_blocks(7168, fused=True)
+    tuning.record(dense_fp8.NAME_TUNED, kind, 7168, 640, False, 32768, SMALL_COLS, 1.0, "t")
+    tuning.record(dense_fp8.NAME_TUNED, kind, 7168, 2048, True, 32768, SMALL, 1.0, "t")
+    assert dense_fp8.cached_blocks(7168, 576, 30000) == SMALL_COLS
+    assert dense_fp8.cached_blocks(7168, 2048, 32768, fused=True) == SMALL
+    assert dense_fp8.cached_blocks(7168, 2048, 32768) == dense_fp8.default_blocks(7168)
+
+
 def test_swiglu_refuses_weights_that_make_no_mlp():
     """Mismatched weights are refused before any work, on and off the kernel, naming the weight and the shape."""
     x, gate = _operands(11, 128, 256, 256)

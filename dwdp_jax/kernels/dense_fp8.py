@@ -47,6 +47,13 @@ def default_blocks(k: int, fused: bool = False) -> Fp8Blocks:
     return chained_steps(DEFAULT_SWIGLU_BLOCKS if fused else DEFAULT_DENSE_BLOCKS, k)
 
 
+def cached_blocks(k: int, n: int, rows: int, fused: bool = False) -> Fp8Blocks:
+    """The blocks the kernel takes without an override: the card's tuned entry for this K, padded width (fused:
+    the intermediate width) and rows (`NAME_TUNED`), else the defaults."""
+    return (tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, padded_width(n), fused, rows)
+            or default_blocks(k, fused))
+
+
 def padded_width(n: int) -> int:
     """n in whole 128-wide weight blocks: the width the kernel's tuned blocks are cached under."""
     return fp8.blocks(n) * fp8.BLOCK
@@ -85,8 +92,7 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
         raise ValueError(f"block_scaled_gemm: out_spread needs N={n} in whole {fp8.BLOCK}-row blocks")
     t = x_TK.shape[0]
     # cached under the padded width: the kernel's problem (a stack of weights is padded per weight)
-    b = blocks or tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, padded_width(n), False,
-                                t) or default_blocks(k)
+    b = blocks or cached_blocks(k, n, t)
     width = computed_width(n, b)
     if out_spread and width != n:
         raise ValueError(f"block_scaled_gemm: out_spread needs N={n} in whole CTA column tiles of {b}: it would "
@@ -135,8 +141,7 @@ def swiglu_hidden(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, *
     the tuned ones for this shape and card (`NAME_TUNED`, fused), else `default_blocks(K, fused=True)`."""
     t, k = x_TK.shape
     f = gate.values_GNK.shape[0]
-    b = blocks or (tuning.lookup(NAME_TUNED, Fp8Blocks, jax.devices()[0].device_kind, k, f, True, t)
-                   or default_blocks(k, fused=True))
+    b = blocks or cached_blocks(k, f, t, fused=True)
     x_q, x_scale = fp8_rows.quantize_rows(x_TK)
     weights = ((fp8.BlockScaled(gate.values_GNK[None], gate.scales_GRS[None]).check("swiglu gate"),
                 fp8.BlockScaled(up.values_GNK[None], up.scales_GRS[None]).check("swiglu up")),)
