@@ -36,16 +36,16 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("t,k,n,blocks", [(300, 256, 192, SMALL), (128, 256, 256, SMALL), (300, 256, 384, SMALL_COLS),
-                                          (300, 256, 192, SMALL_COLS)],
+@pytest.mark.parametrize("t,k,n,blocks,width", [(300, 256, 192, SMALL, 256), (128, 256, 256, SMALL, 256),
+                                                (300, 256, 384, SMALL_COLS, 512), (300, 256, 192, SMALL_COLS, 256)],
                          ids=["partial_block_n", "whole_blocks", "column_halves_padded", "column_halves_partial"])
-def test_kernel_matches_the_exact_product(t, k, n, blocks):
+def test_kernel_matches_the_exact_product(t, k, n, blocks, width):
     """300 rows (3 row tiles, the last cut) x N=192 (a 128 block and a partial one padded with zero rows), and
     whole blocks; on column halves, widths their 256-column CTA tiles do not divide (384: the second tile's upper
     half zero rows; 192); bf16 output against the fp64 product: within bf16 rounding."""
     x, w = _operands(0, t, k, n)
     x_q, x_s = fp8.quantize_rows(x)
-    assert dense_fp8.computed_width(n, blocks) == (-(-n // 256) * 256 if blocks.wg_cols else -(-n // 128) * 128)
+    assert dense_fp8.computed_width(n, blocks) == width
     out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks, interpret=True)
     assert out.shape == (t, n) and out.dtype == jnp.bfloat16
     assert _rel(out, _exact(x_q, x_s, w)) < 4e-3
