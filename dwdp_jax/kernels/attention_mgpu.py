@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dwdp_jax.kernels import attention_tokamax as tk, tuning
-from dwdp_jax.kernels.split_gemm_mgpu import accumulate, interpret_params
+from dwdp_jax.kernels.split_gemm_mgpu import interpret_params
 
 NAME = "attention_mgpu"
 KERNEL = NAME  # its entries in the kernel block cache (`tuning`: k = q/k head width, n = v head width, rows = tokens)
@@ -128,6 +128,27 @@ def tile_ranges(starts_T: jax.Array, block_kv: int) -> jax.Array:
     end = ((jnp.arange(tiles, dtype=jnp.int32) + 1) * TILE_Q + block_kv - 1) // block_kv
     latest = per_tile.reshape(tiles, COMPUTE_WGS, BLOCK_Q).max(axis=2).T
     return jnp.concatenate([first[None], end[None], latest]).astype(jnp.int32)
+
+
+def _accumulate(o, body, others, interpret: bool):
+    """(o plus what `body(acc)`'s wgmmas add into the accumulator acc, body's other results: arrays shaped as
+    `others`). On GPU the accumulator starts at o (`pl.run_state`, which waits for every wgmma before it returns);
+    Mosaic GPU's interpreter has no run_state, so there it starts at zero and o is added after (the same sum up to
+    fp32 rounding)."""
+    if interpret:
+        def scoped(acc):
+            rest = body(acc)
+            return acc[...], rest
+
+        add, rest = pl.run_scoped(scoped, plgpu.ACC(o.shape, jnp.float32))
+        return o + add, rest
+
+    def step(refs):
+        acc, rest_refs = refs
+        for ref, value in zip(rest_refs, body(acc)):
+            ref[...] = value
+
+    return pl.run_state(step)((plgpu.ACC.init(o), others))
 
 
 def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem, starts_smem, k_smem, v_smem,
@@ -247,8 +268,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
 
                 return softmax(scores(j, then=pv), j, m_scale, m, l)
 
-            (o,), (p, m_scale, m, l, alpha) = accumulate((o,), lambda accs: step(*accs), (p, m_scale, m, l, m),
-                                                         interpret)
+            o, (p, m_scale, m, l, alpha) = _accumulate(o, step, (p, m_scale, m, l, m), interpret)
             plgpu.barrier_arrive(v_free.at[stage(j - 1)])
             return o * jax.lax.broadcast_in_dim(alpha, o.shape, (0,)), p, m_scale, m, l
 
@@ -261,7 +281,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
             pass_turn()
             return ()
 
-        (o,), _ = accumulate((o,), lambda accs: last_pv(*accs), (), interpret)
+        o, _ = _accumulate(o, last_pv, (), interpret)
         plgpu.barrier_arrive(v_free.at[stage(end - 1)])
         pl.when(wg == 0)(my_turn)  # observes warpgroup 1's last hand-back: every barrier phase is waited for
         out = o / jax.lax.broadcast_in_dim(l, o.shape, (0,))

@@ -52,7 +52,7 @@ from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pip
 
 from dwdp_jax.kernels import fp8, tuning
 from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
-from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, accumulate, interpret_params, store_block
+from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, interpret_params, store_block
 
 KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the widest TMA swizzle
 COMPUTE_WGS = 2
@@ -123,16 +123,6 @@ class Fp8Blocks(PipelinedTiles):
     # steps, so their chained pipelines stay in phase. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only (`pytest -m gpu` runs every swept candidate).
     cluster_m: bool = False
-    # The running sums carried in units of the current K block's scales (per row and weight, x_scale * w_scale):
-    # before a K block's wgmmas each sum is multiplied by the previous block's scale over this one's, and the wgmmas
-    # accumulate onto it (`split_gemm_mgpu.accumulate`), where the promotion fills a zeroed partial and adds it
-    # scaled (Mosaic GPU zero-fills every accumulator it allocates and issues every wgmma with scale-d 1, so the
-    # partial costs a move per register beside the multiply-add). No partial: half the accumulator registers at a
-    # tile, hence tiles of twice the rows, and one wait per K step for all row blocks. The epilogue multiplies by
-    # the last block's scales. Exact up to fp32 rounding while the sums stay finite: the sums reach |partial| times
-    # the largest ratio of an earlier block's scale to a later one's within a row, about 2^31 times it at R1's K, so
-    # the ratios must stay under 2^96 (a group of zeros quantizes at the 1e-12 floor: 1e12 below groups near 1).
-    rescaled: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -151,9 +141,6 @@ class Fp8Blocks(PipelinedTiles):
             raise ValueError("Fp8Blocks.wg_weights takes none of wg_cols, one_partial, x_in_registers, "
                              "swizzled_store (a warpgroup computes one weight over all rows; halves are stored as "
                              "64-row blocks)")
-        if self.rescaled and (self.one_partial or self.wg_weights):
-            raise ValueError("Fp8Blocks.rescaled takes neither one_partial nor wg_weights (it keeps no partials; "
-                             "each warpgroup's wgmmas accumulate onto its sums)")
         if self.cluster_m and self.cluster_n:
             raise ValueError("Fp8Blocks: cluster_m and cluster_n cannot be combined (clusters of two CTAs)")
         if self.cluster_m and self.num_sms % 2:
@@ -199,9 +186,9 @@ class Fp8Blocks(PipelinedTiles):
     def acc_registers(self, fused: bool) -> int:
         """fp32 registers per compute-warpgroup thread of the partials and running sums: sums over the warpgroup's
         rows per weight, partials of one row block (all of its rows on row halves, 64 with wg_cols or wg_weights)
-        per weight, or of one weight with one_partial; none when rescaled."""
+        per weight, or of one weight with one_partial."""
         weights = self.wg_weight_count(fused)
-        partial_rows = 0 if self.rescaled else 64 if self.wg_cols or self.wg_weights else self.wg_rows
+        partial_rows = 64 if self.wg_cols or self.wg_weights else self.wg_rows
         return (weights * self.wg_rows + (1 if self.one_partial else weights) * partial_rows) * self.tile_n // 128
 
 
@@ -320,19 +307,10 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                 def context(run):
                     # the first K block's weight scales, and running sums per row block and weight (row blocks
                     # outermost)
-                    sums = tuple(layout(jnp.zeros((n, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
-                                 for _, n in row_blocks for _ in range(own))
-                    if not b.rescaled:
-                        _, sums = run((weight_scales(w_scales, 0), sums))
-                        return epilogue(sums)
-                    # the sums in units of the last K block's scales: x's per row block, the weights' (units of
-                    # one before the first block, whose ratio is 0)
-                    ones = tuple(layout(jnp.ones((n,), jnp.float32), ROW_LAYOUT) for _, n in row_blocks)
-                    w0 = weight_scales(w_scales, 0)
-                    _, (w_units, x_units, sums) = run((w0, (tuple(jnp.ones_like(w) for w in w0), ones, sums)))
-                    epilogue(tuple(
-                        s * jax.lax.broadcast_in_dim(x_units[i // per_slab] * w_units[i % per_slab], s.shape, (0,))
-                        for i, s in enumerate(sums)))
+                    _, sums = run((weight_scales(w_scales, 0),
+                                   tuple(layout(jnp.zeros((n, b.tile_n), jnp.float32), plgpu.Layout.WGMMA)
+                                         for _, n in row_blocks for _ in range(own))))
+                    epilogue(sums)
                 return context
 
             def epilogue(sums):
@@ -366,32 +344,6 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                 gates, ups = jax.lax.cond(wg == 0, lambda: (kept, got), lambda: (got, kept))
                 return list(zip(gates, ups))
 
-            def x_operand(x_smem, rows):
-                return layout(x_smem[rows], plgpu.Layout.WGMMA_8BIT) if b.x_in_registers else x_smem.at[rows]
-
-            def rescaled_step(k, x_smem, xs_smem, w_views, w_scale, w_units, x_units, sums):
-                """`Fp8Blocks.rescaled`'s K step: (this block's weight scales, x scales per row block, the sums
-                rescaled to them with this block's wgmmas accumulated onto them)."""
-                w_ratio = [jnp.where(k == 0, 0.0, u / s) for u, s in zip(w_units, w_scale)]
-                x_scales, inits, operands = [], [], []
-                for i, (r, n) in enumerate(row_blocks):
-                    rows = pl.ds(wg_row0 + r, n)
-                    x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
-                    x_ratio = x_units[i] / x_scale
-                    x_scales.append(x_scale)
-                    for j in range(per_slab):
-                        acc = sums[i * per_slab + j]
-                        inits.append(acc * jax.lax.broadcast_in_dim(x_ratio * w_ratio[j], acc.shape, (0,)))
-                        operands.append((x_operand(x_smem, rows), w_views[j]))
-
-                def body(accs):
-                    for acc, (x_op, w_view) in zip(accs, operands):
-                        plgpu.wgmma(acc, x_op, w_view)
-                    return ()
-
-                new, _ = accumulate(tuple(inits), body, (), interpret)
-                return w_scale, tuple(x_scales), new
-
             def body_for(w_scales):
                 def mma(idx, x_smem, *refs):
                     w_smems, xs_smem, (w_scale, sums) = refs[:per_slab], refs[per_slab], refs[per_slab + 1]
@@ -402,13 +354,12 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     w_scale_next = weight_scales(w_scales, jnp.minimum(k + 1, k_iters - 1))
                     w_views = [plgpu.transpose_ref(w.at[pl.ds(wg_col0, b.tile_n)] if b.wg_cols else w, (1, 0))
                                for w in w_smems]
-                    if b.rescaled:
-                        return w_scale_next, rescaled_step(k, x_smem, xs_smem, w_views, w_scale, *sums)
                     new = list(sums)  # row blocks outermost, then weights
                     for i, (r, n) in enumerate(row_blocks):
                         rows = pl.ds(wg_row0 + r, n)
                         x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
-                        x_op = x_operand(x_smem, rows)
+                        x_op = (layout(x_smem[rows], plgpu.Layout.WGMMA_8BIT) if b.x_in_registers
+                                else x_smem.at[rows])
 
                         def fresh(ws, x_op=x_op, n=n):
                             """Fresh partials of the weights `ws`: their wgmmas issued, then one wait."""

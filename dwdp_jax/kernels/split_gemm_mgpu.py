@@ -277,27 +277,6 @@ def split_ragged_dot_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tu
     return out[:m] if pad else out
 
 
-def accumulate(inits: tuple, body, others: tuple, interpret: bool):
-    """(each of `inits` plus what `body(accs)`'s wgmmas add into its accumulator, body's other results: arrays
-    shaped as `others`). On GPU the accumulators start at inits (`pl.run_state`, which waits for every wgmma before
-    it returns): no zero fill and no second set of registers. Mosaic GPU's interpreter has no run_state, so there
-    they start at zero and inits are added after (the same sums up to fp32 rounding)."""
-    if interpret:
-        def scoped(accs):
-            rest = body(accs)
-            return tuple(acc[...] for acc in accs), rest
-
-        adds, rest = pl.run_scoped(scoped, tuple(plgpu.ACC(o.shape, jnp.float32) for o in inits))
-        return tuple(o + a for o, a in zip(inits, adds)), rest
-
-    def step(refs):
-        accs, rest_refs = refs
-        for ref, value in zip(rest_refs, body(accs)):
-            ref[...] = value
-
-    return pl.run_state(step)((tuple(plgpu.ACC.init(o) for o in inits), others))
-
-
 def interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: the only entry point
 
