@@ -57,3 +57,24 @@ def test_uniform_noise_reads_the_same_on_samples_as_on_every_row():
     full = np.linalg.norm(noise) / np.linalg.norm(exact)
     sampled = gpu_bench.grouped_rel_err((exact + noise).astype(np.float32), x, w, SIZES, per_group=32)
     assert sampled == pytest.approx(full, rel=0.2)
+
+
+def test_fp8_operands_are_dequantized_as_sampled_and_one_group_at_a_time():
+    """FP8 rows (values, scales) and block-scaled weights give the error of their dequantized arrays: the
+    reference is the product of the same quantized operands, not of the bf16 ones they came from."""
+    import jax.numpy as jnp
+
+    from dwdp_jax.kernels import fp8
+
+    x, w, _ = _operands(seed=4)
+    x_q, x_s = fp8.quantize_rows(jnp.asarray(x))
+    w_q = fp8.quantize_weights_kn(jnp.asarray(w))
+    x_deq, w_deq = np.asarray(fp8.dequantize_rows(x_q, x_s)), np.asarray(fp8.dequantize_weights_kn(*w_q))
+    exact = np.concatenate([x_deq[a:b].astype(np.float64) @ w_deq[g] for g, a, b in gpu_bench.group_spans(SIZES)])
+    out = exact.astype(np.float32)
+    assert gpu_bench.grouped_rel_err(out, (x_q, x_s), w_q, SIZES, per_group=16) < 1e-6
+    noisy = (exact * (1 + 1e-3 * np.random.default_rng(5).standard_normal(exact.shape))).astype(np.float32)
+    assert gpu_bench.grouped_rel_err(noisy, (x_q, x_s), w_q, SIZES, per_group=16) == pytest.approx(
+        gpu_bench.grouped_rel_err(noisy, x_deq, w_deq, SIZES, per_group=16), rel=1e-4)
+    # against the unquantized operands the same output reads e4m3's rounding, far above fp32's
+    assert gpu_bench.grouped_rel_err(out, x, w, SIZES, per_group=16) > 1e-2
