@@ -17,6 +17,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How long each process waits for the other's step (the handoff, the peer's done): starting JAX and CUDA in a
+# process took minutes beside a test suite compiling kernels on every core.
+WAIT_S = 240
 
 
 def owner(args) -> None:
@@ -46,7 +49,7 @@ def owner(args) -> None:
     with open(args.handoff + ".tmp", "w") as f:
         json.dump(dict(socket=server.path, bytes=alloc.size, fabric=fabric), f)
     os.rename(args.handoff + ".tmp", args.handoff)
-    deadline = time.time() + 120
+    deadline = time.time() + WAIT_S
     while not os.path.exists(args.handoff + ".done") and time.time() < deadline:
         time.sleep(0.05)
 
@@ -59,7 +62,7 @@ def peer(args) -> dict:
 
     from dwdp_jax.transport import vmm
 
-    deadline = time.time() + 120
+    deadline = time.time() + WAIT_S
     while not os.path.exists(args.handoff) and time.time() < deadline:
         time.sleep(0.05)
     handoff = json.load(open(args.handoff))
@@ -117,10 +120,13 @@ def main() -> int:
     base = [sys.executable, "-m", "experiments.bench_vmm", f"--mib={args.mib}", f"--repeats={args.repeats}",
             f"--handoff={handoff}"]
     own = subprocess.Popen(base + ["--role=owner"], env=env, cwd=ROOT)
-    out = subprocess.run(base + ["--role=peer"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(base + ["--role=peer"], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=2 * WAIT_S)
+    if out.returncode:  # the owner would wait out WAIT_S for a done that never comes
+        own.kill()
     own.wait(60)
     if out.returncode or own.returncode:
-        print(out.stdout, out.stderr, file=sys.stderr)
+        print(f"peer exit {out.returncode}, owner exit {own.returncode}", out.stdout, out.stderr, file=sys.stderr)
         return 1
     results = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps(results, indent=1))

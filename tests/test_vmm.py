@@ -26,9 +26,11 @@ def test_vmm_pull_moves_the_right_bytes_and_reports_bandwidth(tmp_path, monkeypa
         pytest.skip("needs a GPU")
     # The suite's own process holds its JAX pool on the GPU (75% by default): the two benchmark processes get 0.1 each
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")
+    from experiments.bench_vmm import WAIT_S
+
     out = tmp_path / "vmm.json"
     done = subprocess.run([sys.executable, "-m", "experiments.bench_vmm", "--mib=1024", f"--out={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=2 * WAIT_S + 60)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     print(json.dumps(results))
