@@ -33,13 +33,14 @@ defaults chosen from the sweep since (`default_blocks`) reach 0.738 (down) and 0
 long-K projections. Nsight Compute on the row split (down, the serving shape): the tensor pipe 63% busy with L2 at
 69% of its throughput, where cuBLAS's 192 x 192 tiles in clusters of two run it 95% busy at 52%: the 128 x 128 tile
 reads twice the bytes per FLOP from L2. Promoting a K block while the same warpgroup's next wgmma runs (a third more
-accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up). Chained tiles in
-clusters of two CTAs sharing a tile by TMA multicast (`Fp8Blocks.cluster_n`: the x tile; `cluster_m`: the weight
-tile of a pair of a group's row tiles) cut that L2 traffic by a sixth and a third, and ran 10-19% slower on H200:
-the two chained pipelines wait on each other. Carrying the running sums through the wgmma's own accumulator instead (rescaled to each K block's scales
-before its wgmma, no fresh partial: no zero fill, half the registers) ran 4-8% faster on H100 but erred 3.0e-3
-(q_a+kv_a) and 5.0e-3 (the shared expert's SwiGLU) against 1.7e-3 and 9e-4 promoted: the tensor cores add every
-product into the large sum at their reduced precision, the loss the promotion exists to avoid.
+accumulator registers) measured slower: 817 against 873 (down), 759 against 770 (gate/up). Chained tiles in clusters
+of two CTAs sharing a tile by TMA multicast (`Fp8Blocks.cluster_n`: the x tile; `cluster_m`: the weight tile of a
+pair of a group's row tiles) cut that L2 traffic by a sixth and a third, and ran 10-19% slower on H200: the two
+chained pipelines wait on each other. Carrying the running sums through the wgmma's own accumulator instead
+(rescaled to each K block's scales before its wgmma, no fresh partial: no zero fill, half the registers) ran 4-8%
+faster on H100 but erred 3.0e-3 (q_a+kv_a) and 5.0e-3 (the shared expert's SwiGLU) against 1.7e-3 and 9e-4 promoted:
+the tensor cores add every product into the large sum at their reduced precision, the loss the promotion exists to
+avoid.
 """
 
 from __future__ import annotations
