@@ -137,13 +137,21 @@ def hidden_case(ops: tuple, blocks) -> tuple:
     return fn, (x, gate, up), 2 * 2 * x.shape[0] * x.shape[1] * gate.values_GNK.shape[0]
 
 
+def mlp_flops(ops: tuple) -> int:
+    x, gate, _, _ = ops
+    return 2 * x.shape[0] * x.shape[1] * gate.values_GNK.shape[0] * 3
+
+
+def fused_mlp_case(ops: tuple, blocks) -> tuple:
+    """The fused MLP (`dense_fp8.swiglu`) the model runs."""
+    return jax.jit(lambda *ops: dense_fp8.swiglu(*ops, blocks=blocks)), ops, mlp_flops(ops)
+
+
 def mlp_cases(ops: tuple, blocks) -> tuple[dict, tuple]:
     """(fn, args, FLOPs) of the fused and the stacked MLP, and cuBLAS FP8 at the same FLOPs."""
     x, gate, _, _ = ops
     (t, d), f = x.shape, gate.values_GNK.shape[0]
-    flops = 2 * t * d * f * 3
-    fused = jax.jit(lambda *ops: dense_fp8.swiglu(*ops, blocks=blocks))
-    return ({"fused_swiglu": (fused, ops, flops), "stacked": (jax.jit(stacked_mlp), ops, flops)},
+    return ({"fused_swiglu": fused_mlp_case(ops, blocks), "stacked": (jax.jit(stacked_mlp), ops, mlp_flops(ops))},
             gb.dense_gemm_case(t, d, 3 * f, jnp.float8_e4m3fn))
 
 
@@ -238,7 +246,7 @@ def main(argv):
             continue
         cases_, dense = mlp_cases(ops, (blocks, None))
         if _TUNE.value and blocks != before:
-            cases_["fused_swiglu_before"] = mlp_cases(ops, (before, None))[0]["fused_swiglu"]
+            cases_["fused_swiglu_before"] = fused_mlp_case(ops, (before, None))
         got = gb.round_robin_over_dense(cases_, dense, rounds=_ROUNDS.value,
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():

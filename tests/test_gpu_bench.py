@@ -78,3 +78,19 @@ def test_fp8_operands_are_dequantized_as_sampled_and_one_group_at_a_time():
         gpu_bench.grouped_rel_err(noisy, x_deq, w_deq, SIZES, per_group=16), rel=1e-4)
     # against the unquantized operands the same output reads e4m3's rounding, far above fp32's
     assert gpu_bench.grouped_rel_err(out, x, w, SIZES, per_group=16) > 1e-2
+
+
+def test_fp8_kernel_error_is_bf16_rounding_against_its_quantized_operands():
+    """`fp8_grouped_gemm_error` on the FP8 kernel (Mosaic GPU interpret mode, two slabs of one quantized weight):
+    against the product of the same quantized operands within bf16 output rounding (issue 26's 2e-3), against the
+    bf16 operands e4m3's rounding."""
+    import functools
+
+    from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, split_ragged_dot_fp8_mgpu
+
+    sizes = np.array([64, 0, 130, 62], np.int32)
+    kernel = functools.partial(split_ragged_dot_fp8_mgpu, interpret=True)
+    blocks = Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=1)
+    errors = gpu_bench.fp8_grouped_gemm_error(sizes, 256, 128, blocks=blocks, kernel=kernel)
+    assert errors["kernel"] < 2e-3
+    assert 1e-2 < errors["quantization"] < 1e-1
