@@ -14,8 +14,11 @@ import jax
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # The workers of `pytest -m gpu -n 2` share one GPU: each allocates what it uses, not 75% of the card.
+    # The workers of `pytest -m gpu -n 2` share one GPU: each allocates what it uses, not 75% of the card, and its
+    # pool (which keeps what it grew to) stops at its share of 90%, so one worker cannot starve the other.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                          f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

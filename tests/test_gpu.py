@@ -83,11 +83,10 @@ def test_benchmarked_options_match_ragged_dot(fused, kernel):
     keys = jax.random.split(jax.random.key(5), 3)
     x = jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32).astype(jnp.bfloat16)
     g, u = ((0.02 * jax.random.normal(key, (64, k, n), jnp.float32)).astype(jnp.bfloat16) for key in keys[1:])
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     gs = jnp.asarray(sizes)
-    ref = jax.lax.ragged_dot(f32(x), f32(g), gs)
+    ref = gpu_bench.exact_ragged_dot(x, g, sizes)
     if fused:
-        ref = jax.nn.silu(ref) * jax.lax.ragged_dot(f32(x), f32(u), gs)
+        ref = jax.nn.silu(ref) * gpu_bench.exact_ragged_dot(x, u, sizes)
     weights = ((g[:16], u[:16]), (g[16:], u[16:])) if fused else (g[:16], g[16:])
     run, candidates = {"triton": (split_ragged_dot, CANDIDATES),
                        "mgpu": (split_ragged_dot_mgpu, MGPU_CANDIDATES)}[kernel]
@@ -143,11 +142,10 @@ def test_fp8_options_match_the_dequantized_product(fused):
     keys = jax.random.split(jax.random.key(6), 3)
     x_q, x_scale = fp8.quantize_rows(jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32))
     g, u = (fp8.quantize_weights_kn(0.02 * jax.random.normal(key, (64, k, n), jnp.float32)) for key in keys[1:])
-    gs, x = jnp.asarray(sizes), fp8.dequantize_rows(x_q, x_scale)
-    ref = jax.lax.ragged_dot(x, fp8.dequantize_weights_kn(*g), gs, precision=jax.lax.Precision.HIGHEST)
+    gs = jnp.asarray(sizes)
+    ref = gpu_bench.exact_ragged_dot((x_q, x_scale), g, sizes)
     if fused:
-        ref = jax.nn.silu(ref) * jax.lax.ragged_dot(x, fp8.dequantize_weights_kn(*u), gs,
-                                                    precision=jax.lax.Precision.HIGHEST)
+        ref = jax.nn.silu(ref) * gpu_bench.exact_ragged_dot((x_q, x_scale), u, sizes)
     half = lambda w, a, b: (w[0][a:b], w[1][a:b])  # noqa: E731
     weights = (((half(g, 0, 16), half(u, 0, 16)), (half(g, 16, 64), half(u, 16, 64))) if fused
                else (half(g, 0, 16), half(g, 16, 64)))

@@ -1,6 +1,6 @@
 """The grouped GEMM benchmarks' oracle (`gpu_bench.grouped_rel_err`) on CPU: against a float64 numpy product of
 every row, it samples every group (first and last rows included), sees an error in a sampled row, and never reads
-past a group's rows."""
+past a group's rows; the GPU tests' full product built the same way (`gpu_bench.exact_ragged_dot`)."""
 
 import numpy as np
 import pytest
@@ -94,3 +94,26 @@ def test_fp8_kernel_error_is_bf16_rounding_against_its_quantized_operands():
     errors = gpu_bench.fp8_grouped_gemm_error(sizes, 256, 128, blocks=blocks, kernel=kernel)
     assert errors["kernel"] < 2e-3
     assert 1e-2 < errors["quantization"] < 1e-1
+
+
+def test_the_full_product_group_by_group_is_ragged_dot_with_zeros_past_the_groups():
+    """Every row's fp32 product with its group's weights (within fp32 rounding of the float64 one), rows past the
+    groups 0 as `lax.ragged_dot` leaves them, FP8 operands dequantized first."""
+    import jax
+    import jax.numpy as jnp
+
+    from dwdp_jax.kernels import fp8
+
+    x, w, exact = _operands(seed=6)
+    x_pad = np.concatenate([x, np.full((5, x.shape[1]), 3.0, np.float32)])
+    ours = np.asarray(gpu_bench.exact_ragged_dot(x_pad, w, SIZES))
+    assert ours.shape == (len(x_pad), w.shape[2]) and not ours[len(x):].any()
+    assert np.linalg.norm(ours[:len(x)] - exact) / np.linalg.norm(exact) < 1e-6
+    ragged = jax.lax.ragged_dot(jnp.asarray(x_pad), jnp.asarray(w), jnp.asarray(SIZES, jnp.int32),
+                                precision=jax.lax.Precision.HIGHEST)
+    assert np.linalg.norm(ours - np.asarray(ragged)) / np.linalg.norm(ragged) < 1e-6
+    x_q, x_s = fp8.quantize_rows(jnp.asarray(x))
+    w_q = fp8.quantize_weights_kn(jnp.asarray(w))
+    deq = np.asarray(gpu_bench.exact_ragged_dot(np.asarray(fp8.dequantize_rows(x_q, x_s)),
+                                                np.asarray(fp8.dequantize_weights_kn(*w_q)), SIZES))
+    assert np.abs(np.asarray(gpu_bench.exact_ragged_dot((x_q, x_s), w_q, SIZES)) - deq).max() == 0

@@ -310,7 +310,7 @@ def test_compiled_kernel_matches_the_exact_product_on_gpu(fused):
     quantized operands: the fewest benchmarked candidates that between them take every option's every value, and
     the card's cached ones (`covering`; the CPU suite lowers every candidate for CUDA). All 15-16 a projection took
     64-70 s of the GPU suite on H100."""
-    from dwdp_jax.measure.gpu_bench import skewed_group_sizes
+    from dwdp_jax.measure.gpu_bench import exact_ragged_dot, skewed_group_sizes
     from dwdp_jax.measure.kernel_sweeps import FP8_MGPU_CANDIDATES
     from test_gpu import covering, run_each  # every candidate compiled at once
 
@@ -319,9 +319,8 @@ def test_compiled_kernel_matches_the_exact_product_on_gpu(fused):
     keys = jax.random.split(jax.random.key(5), 3)
     x_q, x_s = fp8.quantize_rows(jax.random.normal(keys[0], (int(sizes.sum()), k), jnp.float32))
     ws = [fp8.quantize_weights(0.02 * jax.random.normal(key, (32, n, k), jnp.float32)) for key in keys[1:]]
-    gs, x = jnp.asarray(sizes), fp8.dequantize_rows(x_q, x_s)
-    refs = [jax.lax.ragged_dot(x, jnp.swapaxes(fp8.dequantize_weights(*w), 1, 2), gs,
-                               precision=jax.lax.Precision.HIGHEST) for w in ws[:2 if fused else 1]]
+    gs = jnp.asarray(sizes)
+    refs = [exact_ragged_dot((x_q, x_s), w, sizes) for w in ws[:2 if fused else 1]]
     ref = np.asarray(jax.nn.silu(refs[0]) * refs[1] if fused else refs[0])
     cut = lambda w, a, b: fp8.BlockScaled(w[0][a:b], w[1][a:b])  # noqa: E731
     slabs = tuple(tuple(cut(w, a, b) for w in ws) if fused else cut(ws[0], a, b) for a, b in ((0, 8), (8, 32)))

@@ -83,15 +83,20 @@ def _require_blocks(shape: tuple[int, ...], axes: tuple[int, ...], what: str) ->
                              f"(the FP8 scale block), got {shape[axis]}")
 
 
+def _quantize_weight(w_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    n, k = w_NK.shape
+    r, c = blocks(n), blocks(k)
+    w_RBSC = _pad_to_blocks(w_NK.astype(jnp.float32), (0, 1)).reshape(r, BLOCK, c, BLOCK)
+    scale_RS = jnp.maximum(jnp.abs(w_RBSC).max(axis=(1, 3)), TINY) / E4M3_MAX
+    q_RBSC = (w_RBSC / scale_RS[:, None, :, None]).astype(E4M3)
+    return q_RBSC.reshape(r * BLOCK, c * BLOCK)[:n, :k], scale_RS
+
+
 def quantize_weights(w_GNK: jax.Array) -> BlockScaled:
     """(e4m3 [G, N, K], fp32 scales [G, ceil(N/128), ceil(K/128)]) of weights [G, N, K] ([out, in]): each 128 x 128
-    block (partial at the edges) scaled so its largest magnitude is e4m3's 448."""
-    g, n, k = w_GNK.shape
-    r, c = blocks(n), blocks(k)
-    w_GRBSC = _pad_to_blocks(w_GNK.astype(jnp.float32), (1, 2)).reshape(g, r, BLOCK, c, BLOCK)
-    scale_GRS = jnp.maximum(jnp.abs(w_GRBSC).max(axis=(2, 4)), TINY) / E4M3_MAX
-    q_GRBSC = (w_GRBSC / scale_GRS[:, :, None, :, None]).astype(E4M3)
-    return BlockScaled(q_GRBSC.reshape(g, r * BLOCK, c * BLOCK)[:, :n, :k], scale_GRS)
+    block (partial at the edges) scaled so its largest magnitude is e4m3's 448. One weight at a time (`lax.map`):
+    fp32 temporaries of one [N, K] only, where the whole of R1's routed down weights in fp32 are 14 GiB."""
+    return BlockScaled(*jax.lax.map(_quantize_weight, w_GNK))
 
 
 def dequantize_weights(q_GNK: jax.Array, scale_GRS: jax.Array) -> jax.Array:
@@ -103,8 +108,9 @@ def dequantize_weights(q_GNK: jax.Array, scale_GRS: jax.Array) -> jax.Array:
 
 
 def quantize_weights_kn(w_GKN: jax.Array) -> BlockScaled:
-    """`quantize_weights` of [G, K, N] weights (the model's [in, out] bf16 layout), stored [G, N, K]."""
-    return quantize_weights(jnp.swapaxes(w_GKN, 1, 2))
+    """`quantize_weights` of [G, K, N] weights (the model's [in, out] bf16 layout), stored [G, N, K]; each weight
+    transposed as it is quantized, so no transposed copy of them all."""
+    return BlockScaled(*jax.lax.map(lambda w_KN: _quantize_weight(w_KN.T), w_GKN))
 
 
 def dequantize_weights_kn(q_GNK: jax.Array, scale_GRS: jax.Array) -> jax.Array:
