@@ -1,7 +1,8 @@
 """Dense FP8 GEMMs at DeepSeek-R1's projection shapes on one GPU, side by side (issue 26): the block-scaled kernel
 the model runs for FP8 projections (`dwdp_jax.kernels.dense_fp8`: e4m3 weights with a scale per 128 x 128 block,
 rows in 1 x 128 groups, fp32 promotion per K block) against cuBLAS's FP8 GEMM with one scale per tensor (the
-ceiling), the path it replaced (the weight dequantized, then a bf16 GEMM), and the dense bf16 GEMM.
+ceiling), cuBLASLt's own block-scaled FP8 GEMM where the card and cuBLAS have it (`cublaslt_fp8`, case `cublaslt`),
+the path it replaced (the weight dequantized, then a bf16 GEMM), and the dense bf16 GEMM.
 
 Each shape's kernel output is checked first against the fp32 product of the same quantized operands (sampled
 rows); a shape that fails gets no rate, its swept blocks are not recorded, and the run exits 1. Cases run in rounds,
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from dwdp_jax.kernels import dense_fp8, fp8, tuning
+from dwdp_jax.kernels import cublaslt_fp8, dense_fp8, fp8, tuning
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates, swiglu_fp8_candidates
 from dwdp_jax.progress import progress_bar
@@ -80,6 +81,13 @@ def kernel_error(x_q, x_s, w: fp8.BlockScaled, blocks) -> float:
     """The kernel against the fp32 product of the dequantized operands on the first rows."""
     rows = _ROWS_CHECKED.value
     out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks)[:rows]
+    return rel_error(out, exact_product(x_q[:rows], x_s[:, :rows], w))
+
+
+def cublaslt_error(x_q, x_s, w: fp8.BlockScaled) -> float:
+    """cuBLASLt's block-scaled GEMM of all rows against the fp32 product on the first rows."""
+    rows = _ROWS_CHECKED.value
+    out = jax.jit(cublaslt_fp8.block_scaled_gemm)(x_q, x_s, w)[:rows]
     return rel_error(out, exact_product(x_q[:rows], x_s[:, :rows], w))
 
 
@@ -211,6 +219,16 @@ def main(argv):
         shape_cases = cases(ops, blocks)
         if _TUNE.value and blocks != before:
             shape_cases["block_scaled_before"] = kernel_case(ops, before)
+        if cublaslt_fp8.unavailable(device) is None:  # the other cases run whatever it gives: it is not the model's
+            try:
+                lt_err = metrics[f"{name}_cublaslt_rel_err"] = cublaslt_error(*ops[1:])
+            except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+                lt_err = float("inf")
+                failed.append(f"{name}: cuBLASLt failed: {str(e)[:300]}")
+            if lt_err <= _TOL.value:
+                shape_cases["cublaslt"] = (jax.jit(cublaslt_fp8.block_scaled_gemm), ops[1:], 2 * t * k * n)
+            elif lt_err < float("inf"):
+                failed.append(f"{name}: cuBLASLt's relative error {lt_err:.3g} > {_TOL.value}")
         err = kernel_error(*ops[1:], blocks)
         metrics[f"{name}_rel_err"] = err
         if not err <= _TOL.value:
@@ -259,12 +277,14 @@ def main(argv):
               f"{got['stacked']['over_dense']:.3f}: {metrics[f'{name}_fused_over_stacked']:.3f}x")
         save(echo=False)
     print(f"\n{t} rows; rates over cuBLAS FP8 (per-tensor scale), medians of {_ROUNDS.value} rounds")
-    print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6}")
+    print(f"{'shape':15} {'cuBLAS FP8':>10} {'block-scaled':>12} {'+ row quant':>11} {'dequant+bf16':>12} {'bf16':>6} "
+          f"{'cuBLASLt blocks':>15}")
     for name in shapes:
         if f"{name}_dense_tflops" in metrics:
             print(f"{name:15} {metrics[f'{name}_dense_tflops']:10.1f} "
-                  + " ".join(f"{metrics[f'{name}_{c}_over_dense']:{w}.3f}" for c, w in (
-                      ("block_scaled", 12), ("block_scaled_with_row_quant", 11), ("dequant_bf16", 12), ("bf16", 6))))
+                  + " ".join(f"{metrics.get(f'{name}_{c}_over_dense', float('nan')):{w}.3f}" for c, w in (
+                      ("block_scaled", 12), ("block_scaled_with_row_quant", 11), ("dequant_bf16", 12), ("bf16", 6),
+                      ("cublaslt", 15))))
     save()
     if failed:
         print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
