@@ -178,7 +178,8 @@ class _Plan:
         self.b = lt.create("cublasLtMatrixLayoutCreate", _CUDA_R_8F_E4M3, k, t, k)
         self.d = lt.create("cublasLtMatrixLayoutCreate", _CUDA_R_16BF, n, t, n)
         pref = lt.create("cublasLtMatmulPreferenceCreate")
-        lt.set("cublasLtMatmulPreferenceSetAttribute", pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(WORKSPACE_BYTES))
+        lt.set("cublasLtMatmulPreferenceSetAttribute", pref, _PREF_MAX_WORKSPACE_BYTES,
+               ctypes.c_uint64(WORKSPACE_BYTES))
         result, count = _HeuristicResult(), ctypes.c_int(0)
         lt.check("cublasLtMatmulAlgoGetHeuristic", lt.lib.cublasLtMatmulAlgoGetHeuristic(
             lt.handle, self.desc, self.a, self.b, self.d, self.d, pref, 1, ctypes.byref(result), ctypes.byref(count)))
