@@ -84,11 +84,24 @@ def kernel_error(x_q, x_s, w: fp8.BlockScaled, blocks) -> float:
     return rel_error(out, exact_product(x_q[:rows], x_s[:, :rows], w))
 
 
-def cublaslt_error(x_q, x_s, w: fp8.BlockScaled) -> float:
-    """cuBLASLt's block-scaled GEMM of all rows against the fp32 product on the first rows."""
+_CUBLASLT = jax.jit(cublaslt_fp8.block_scaled_gemm)
+
+
+def cublaslt_case(name: str, ops: tuple, metrics: dict, failed: list) -> tuple | None:
+    """cuBLASLt's block-scaled GEMM as a case, once its output on the first rows matched the fp32 product; else
+    None, the cause in `failed` (the other cases run: it is not the model's)."""
+    _, x_q, x_s, w = ops
     rows = _ROWS_CHECKED.value
-    out = jax.jit(cublaslt_fp8.block_scaled_gemm)(x_q, x_s, w)[:rows]
-    return rel_error(out, exact_product(x_q[:rows], x_s[:, :rows], w))
+    try:
+        err = metrics[f"{name}_cublaslt_rel_err"] = rel_error(_CUBLASLT(x_q, x_s, w)[:rows],
+                                                              exact_product(x_q[:rows], x_s[:, :rows], w))
+    except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+        failed.append(f"{name}: cuBLASLt failed: {str(e)[:300]}")
+        return None
+    if err > _TOL.value:
+        failed.append(f"{name}: cuBLASLt's relative error {err:.3g} > {_TOL.value}")
+        return None
+    return _CUBLASLT, (x_q, x_s, w), 2 * x_q.shape[0] * x_q.shape[1] * w.values_GNK.shape[0]
 
 
 def operands(t: int, k: int, n: int) -> tuple:
@@ -219,16 +232,8 @@ def main(argv):
         shape_cases = cases(ops, blocks)
         if _TUNE.value and blocks != before:
             shape_cases["block_scaled_before"] = kernel_case(ops, before)
-        if cublaslt_fp8.unavailable(device) is None:  # the other cases run whatever it gives: it is not the model's
-            try:
-                lt_err = metrics[f"{name}_cublaslt_rel_err"] = cublaslt_error(*ops[1:])
-            except (RuntimeError, jax.errors.JaxRuntimeError) as e:
-                lt_err = float("inf")
-                failed.append(f"{name}: cuBLASLt failed: {str(e)[:300]}")
-            if lt_err <= _TOL.value:
-                shape_cases["cublaslt"] = (jax.jit(cublaslt_fp8.block_scaled_gemm), ops[1:], 2 * t * k * n)
-            elif lt_err < float("inf"):
-                failed.append(f"{name}: cuBLASLt's relative error {lt_err:.3g} > {_TOL.value}")
+        if cublaslt_fp8.unavailable(device) is None and (lt := cublaslt_case(name, ops, metrics, failed)):
+            shape_cases["cublaslt"] = lt
         err = kernel_error(*ops[1:], blocks)
         metrics[f"{name}_rel_err"] = err
         if not err <= _TOL.value:

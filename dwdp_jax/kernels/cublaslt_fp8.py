@@ -62,10 +62,9 @@ def _library_path() -> str | None:
         pass
     import site
 
-    for root in site.getsitepackages():
-        for path in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libcublasLt.so*"))):
-            return path
-    return None
+    wheels = [p for root in site.getsitepackages()
+              for p in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libcublasLt.so*")))]
+    return wheels[0] if wheels else None
 
 
 class _Lt:
