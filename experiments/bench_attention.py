@@ -46,6 +46,9 @@ _SUSTAIN = flags.DEFINE_float("sustain_s", 1.0, "warm-up goes on this long, so e
 _BURST_IDLE = flags.DEFINE_float("burst_idle_s", 2.0, "each backend is also timed in a burst: this many seconds "
                                  "idle, one untimed call, the median of 3 (the clocks a short run gets before the "
                                  "power cap acts, as public kernel figures are taken); 0 skips it", lower_bound=0.0)
+_BURSTS = flags.DEFINE_integer("bursts", 1, "bursts per backend (idle, then timed): the median is the burst rate, "
+                               "the lowest and highest beside it", lower_bound=1)
+_BACKENDS = flags.DEFINE_list("backends", [], "the backends to time (default: all of the case's; see backends())")
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 64, "query rows per sequence checked against fp32")
 _TOL = flags.DEFINE_float("rel_tol", 1e-2, "relative norm error allowed on the checked rows (bf16)")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "dense bf16 peak of the card (H200/H100 SXM datasheet)")
@@ -125,6 +128,34 @@ def backends(lengths, qk: int, v: int):
     return out
 
 
+def check_backends(cases: dict, qk: int, v: int) -> None:
+    """ValueError naming any `--backends` entry no case has."""
+    known = {n for lengths in cases.values() for n in backends(lengths, qk, v)}
+    if unknown := set(_BACKENDS.value) - known:
+        raise ValueError(f"--backends: unknown {sorted(unknown)}; the cases have {sorted(known)}")
+
+
+def selected(available: dict) -> list:
+    """The (name, backend) pairs of a case that `--backends` names (all by default)."""
+    return [(n, b) for n, b in available.items() if not _BACKENDS.value or n in _BACKENDS.value]
+
+
+def bursts(f, args, flops: float, key: str) -> dict:
+    """`--bursts` times: `--burst_idle_s` idle, one untimed call, the median of 3 timed; their median rate (and its
+    SM clock), lowest and highest."""
+    rates, clocks = [], []
+    for _ in range(_BURSTS.value):
+        time.sleep(_BURST_IDLE.value)
+        rates.append(flops / gb.time_s(f, *args, repeats=3, warmup=1) / 1e12)
+        clocks.append(gb.sm_clock_mhz())
+    mid = int(np.argsort(rates)[len(rates) // 2])
+    out = {f"{key}_tflops": float(np.median(rates)), f"{key}_min_tflops": min(rates),
+           f"{key}_max_tflops": max(rates)}
+    if clocks[mid] is not None:
+        out[f"{key}_sm_clock_mhz"] = clocks[mid]
+    return out
+
+
 # The kernels --tune sweeps: backend -> (the attention fn taking blocks=, candidates per head widths, cache name,
 # cached-or-default blocks per (tokens, qk, v, device kind)).
 SWEPT = {"mgpu": (am.mgpu_attention, am.candidate_blocks, am.KERNEL, am.blocks_for),
@@ -184,12 +215,13 @@ def versions() -> dict:
 
 def main(argv):
     del argv
+    cases, heads, qk, vd = parse_cases(_CASES.value), _HEADS.value, _QK.value, _V.value
+    check_backends(cases, qk, vd)
     device = jax.devices()[0]
     if device.platform != "gpu":
         print("bench_attention: needs a GPU", file=sys.stderr)
         sys.exit(2)
     tk.check_device(device)
-    cases, heads, qk, vd = parse_cases(_CASES.value), _HEADS.value, _QK.value, _V.value
     timing = dict(repeats=_REPEATS.value, warmup=_WARMUP.value, sustain_s=_SUSTAIN.value)
     # the dense GEMM under the same timing, before and after: the card's clocks in this run
     metrics = {"roofline_tflops": _PEAK.value, "dense_gemm_tflops_before": gb.dense_gemm_tflops(8192, 8192, 8192,
@@ -208,7 +240,7 @@ def main(argv):
                                                      device.device_kind, timing)
         for kernel, (*_, blocks_for) in SWEPT.items():
             raw[f"{name}_{kernel}_blocks"] = dataclasses.astuple(blocks_for(sum(lengths), qk, vd, device.device_kind))
-        for backend, (fn, wide, own) in progress_bar(list(backends(lengths, qk, vd).items()), name, "backend"):
+        for backend, (fn, wide, own) in progress_bar(selected(backends(lengths, qk, vd)), name, "backend"):
             f = jax.jit(functools.partial(fn, scale=qk ** -0.5))
             args = (q, k, v_wide if wide else v, seg, pos)
             err = rel_error(f(*args), refs, lengths, rows)
@@ -217,11 +249,7 @@ def main(argv):
                 failed.append(f"{name}/{backend}: rel err {err:.3g} > {_TOL.value}")
                 continue
             if _BURST_IDLE.value:  # first, so that no earlier load holds the clocks down
-                time.sleep(_BURST_IDLE.value)
-                burst = gb.time_s(f, *args, repeats=3, warmup=1)
-                metrics[f"{name}_{backend}_burst_tflops"] = flops / burst / 1e12
-                if (clock := gb.sm_clock_mhz()) is not None:
-                    metrics[f"{name}_{backend}_burst_sm_clock_mhz"] = clock
+                metrics.update(bursts(f, args, flops, f"{name}_{backend}_burst"))
             seconds = gb.time_s(f, *args, **timing)
             if (clock := gb.sm_clock_mhz()) is not None:
                 metrics[f"{name}_{backend}_sm_clock_mhz"] = clock
@@ -230,15 +258,19 @@ def main(argv):
             metrics[f"{name}_{backend}_over_roofline"] = flops / seconds / 1e12 / _PEAK.value
             if own != 1.0:
                 metrics[f"{name}_{backend}_tflops_own_widths"] = own * flops / seconds / 1e12
-            burst = metrics.get(f"{name}_{backend}_burst_tflops")
+            b = f"{name}_{backend}_burst"
+            burst = "" if b + "_tflops" not in metrics else (
+                f"  burst {metrics[b + '_tflops']:.1f} [{metrics[b + '_min_tflops']:.1f}, "
+                f"{metrics[b + '_max_tflops']:.1f}] TFLOP/s")
             print(f"{name:<10}{backend:<20}{flops / seconds / 1e12:8.1f} TFLOP/s {seconds * 1e3:8.2f} ms  "
-                  f"rel err {err:.2e}" + ("" if burst is None else f"  burst {burst:.1f} TFLOP/s"), flush=True)
+                  f"rel err {err:.2e}{burst}", flush=True)
         for a, b in (("tokamax", "cudnn_padded_v"), ("mgpu", "tokamax")):
             if f"{name}_{a}_tflops" in metrics and f"{name}_{b}_tflops" in metrics:
                 metrics[f"{name}_{a}_over_{b}"] = metrics[f"{name}_{a}_tflops"] / metrics[f"{name}_{b}_tflops"]
     metrics["dense_gemm_tflops_after"] = gb.dense_gemm_tflops(8192, 8192, 8192, **timing)
     config = {"cases": cases, "heads": heads, "qk_dim": qk, "v_dim": vd, "repeats": _REPEATS.value,
               "warmup": _WARMUP.value, "sustain_s": _SUSTAIN.value, "burst_idle_s": _BURST_IDLE.value,
+              "bursts": _BURSTS.value, "backends": _BACKENDS.value,
               "rows_checked": _ROWS_CHECKED.value, "rel_tol": _TOL.value,
               "tuned_into": str(tuning.cache_path()) if _TUNE.value else ""}
     raw["failed"] = failed

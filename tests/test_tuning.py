@@ -137,6 +137,8 @@ def test_bench_grouped_gemm_exits_2_on_cpu_or_tune_without_sweep(flags, message)
     ("bench_grouped_gemm", "--routing=zipf", "value should be one of <skewed|uniform>"),
     ("gpu_calibration", "--sustain_s=-1", "sustain_s"),
     ("bench_attention", "--burst_idle_s=-1", "burst_idle_s"),
+    ("bench_attention", "--bursts=0", "bursts"),
+    ("bench_attention", "--backends=tokamax,flash", "--backends: unknown ['flash']"),
     ("bench_fp8_gemm", "--rel_tol=-1", "rel_tol"),
 ])
 def test_gpu_benchmarks_refuse_bad_flags_before_any_device_work(module, flag, message):
