@@ -165,14 +165,16 @@ def check_operands(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled) -
 
 
 class _Plan:
-    """One shape's matmul descriptor, layouts and algorithm (the heuristic's first), built on first use."""
+    """One shape's matmul descriptor, layouts and algorithm (the heuristic's first), built on first use, with that
+    call's scale pointers set before the heuristic (cuBLAS 13.1 refuses block scale modes without them: status 7)."""
 
-    def __init__(self, lt: _Lt, t: int, k: int, n: int):
+    def __init__(self, lt: _Lt, t: int, k: int, n: int, w_scale: int, x_scale: int):
         self.lt = lt
         self.desc = lt.create("cublasLtMatmulDescCreate", _CUBLAS_COMPUTE_32F, _CUDA_R_32F)
         for attr, value in ((_DESC_TRANSA, _CUBLAS_OP_T), (_DESC_TRANSB, _CUBLAS_OP_N),
                             (_DESC_A_SCALE_MODE, _SCALE_BLK128x128_32F), (_DESC_B_SCALE_MODE, _SCALE_VEC128_32F)):
             lt.set("cublasLtMatmulDescSetAttribute", self.desc, attr, ctypes.c_int32(value))
+        self.set_scales(w_scale, x_scale)
         self.a = lt.create("cublasLtMatrixLayoutCreate", _CUDA_R_8F_E4M3, k, n, k)
         self.b = lt.create("cublasLtMatrixLayoutCreate", _CUDA_R_8F_E4M3, k, t, k)
         self.d = lt.create("cublasLtMatrixLayoutCreate", _CUDA_R_16BF, n, t, n)
@@ -188,19 +190,28 @@ class _Plan:
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
         self.lock = threading.Lock()  # the scale pointers live on the descriptor, set per call
 
+    def set_scales(self, w_scale: int, x_scale: int) -> None:
+        self.lt.set("cublasLtMatmulDescSetAttribute", self.desc, _DESC_A_SCALE_POINTER, ctypes.c_void_p(w_scale))
+        self.lt.set("cublasLtMatmulDescSetAttribute", self.desc, _DESC_B_SCALE_POINTER, ctypes.c_void_p(x_scale))
+
     def launch(self, stream: int, out: int, x: int, x_scale: int, w: int, w_scale: int, workspace: int) -> None:
         lt = self.lt
         with self.lock:
-            lt.set("cublasLtMatmulDescSetAttribute", self.desc, _DESC_A_SCALE_POINTER, ctypes.c_void_p(w_scale))
-            lt.set("cublasLtMatmulDescSetAttribute", self.desc, _DESC_B_SCALE_POINTER, ctypes.c_void_p(x_scale))
+            self.set_scales(w_scale, x_scale)
             lt.check("cublasLtMatmul", lt.lib.cublasLtMatmul(
                 lt.handle, self.desc, ctypes.byref(self.alpha), w, self.a, x, self.b, ctypes.byref(self.beta), out,
                 self.d, out, self.d, ctypes.byref(self.algo), workspace, WORKSPACE_BYTES, stream))
 
 
-@functools.cache
-def _plan(t: int, k: int, n: int) -> _Plan:
-    return _Plan(_lt(), t, k, n)
+_PLANS: dict[tuple[int, int, int], _Plan] = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def _plan(t: int, k: int, n: int, w_scale: int, x_scale: int) -> _Plan:
+    with _PLANS_LOCK:
+        if (t, k, n) not in _PLANS:
+            _PLANS[t, k, n] = _Plan(_lt(), t, k, n, w_scale, x_scale)
+        return _PLANS[t, k, n]
 
 
 def _address(buffer) -> int:
@@ -211,8 +222,9 @@ def _callback(t: int, k: int, n: int):
     def run(ctx, outs, x, x_scale, w, w_scale):
         out, workspace = outs
         base = _address(workspace)
-        _plan(t, k, n).launch(ctx.stream, _address(out), _address(x), _address(x_scale), _address(w),
-                              _address(w_scale), base + (-base) % _WORKSPACE_ALIGN)
+        w_scale_ptr, x_scale_ptr = _address(w_scale), _address(x_scale)
+        _plan(t, k, n, w_scale_ptr, x_scale_ptr).launch(ctx.stream, _address(out), _address(x), x_scale_ptr,
+                                                        _address(w), w_scale_ptr, base + (-base) % _WORKSPACE_ALIGN)
 
     return run
 
