@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_dense_fp8 import _exact, _operands, _rel
 
-from dwdp_jax.kernels import cublaslt_fp8, fp8
+from dwdp_jax.kernels import cublaslt_fp8, dense_fp8, fp8, tuning
 
 
 def _quantized(t: int, k: int, n: int, seed: int = 0):
@@ -62,3 +62,65 @@ def test_gpu_product_is_the_exact_one_up_to_bf16(t, k, n):
     out = jax.jit(cublaslt_fp8.block_scaled_gemm)(x_q, x_s, w)
     assert out.shape == (t, n) and out.dtype == jnp.bfloat16
     assert _rel(out, _exact(x_q, x_s, w)) < 2e-3
+
+
+class _Card:
+    device_kind, platform = "NVIDIA H200", "gpu"
+
+
+def _record_rates(kind: str, k: int, width: int, rows: int, mosaic: float, library: float) -> None:
+    tuning.record(dense_fp8.NAME_TUNED, kind, k, width, False, rows, dense_fp8.default_blocks(k), mosaic, "t")
+    tuning.record(cublaslt_fp8.KERNEL, kind, k, width, False, rows, cublaslt_fp8.Blocks(), library, "t")
+
+
+def test_dense_fp8_takes_cublaslt_only_where_its_recorded_rate_is_higher(tmp_path, monkeypatch):
+    """`dense_fp8.library_faster`: the two entries of this card, K and padded width (kv_a's 576 under 640), nearest
+    in rows, compared; no entry of cuBLASLt, another card, or cuBLASLt unavailable: the Mosaic GPU kernel."""
+    monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(tmp_path / "blocks.json"))
+    card = _Card()
+    monkeypatch.setattr(cublaslt_fp8, "unavailable", lambda device=None: None)
+    assert not dense_fp8.library_faster(7168, 576, 32768, card)
+    _record_rates(card.device_kind, 7168, 640, 32768, 900.0, 1100.0)
+    _record_rates(card.device_kind, 16384, 7168, 32768, 1200.0, 1100.0)
+    assert dense_fp8.library_faster(7168, 576, 30000, card)
+    assert not dense_fp8.library_faster(16384, 7168, 32768, card)
+    other = type("Other", (_Card,), {"device_kind": "NVIDIA H100 80GB HBM3"})()
+    assert not dense_fp8.library_faster(7168, 576, 32768, other)
+    monkeypatch.setattr(cublaslt_fp8, "unavailable", lambda device=None: "no cuBLASLt")
+    assert not dense_fp8.library_faster(7168, 576, 32768, card)
+
+
+def test_dense_fp8_dispatch_to_cublaslt_only_for_plain_bf16_products(monkeypatch):
+    """Where cuBLASLt is faster, `block_scaled_gemm` hands it the operands unchanged, unless blocks are named (the
+    benchmark's kernel cases), the output is spread or not bf16, or the kernel is interpreted."""
+    x_q, x_s, w = _quantized(256, 384, 256)
+    calls = []
+    monkeypatch.setattr(dense_fp8, "library_faster", lambda k, n, rows: (k, n, rows) == (384, 256, 256))
+    monkeypatch.setattr(cublaslt_fp8, "block_scaled_gemm", lambda *ops: calls.append(ops) or "cublaslt")
+    assert dense_fp8.block_scaled_gemm(x_q, x_s, w) == "cublaslt" and calls[0] == (x_q, x_s, w)
+    monkeypatch.setattr(dense_fp8, "split_ragged_dot_fp8_mgpu", lambda *a, **kw: calls.append("mosaic") or
+                        jnp.zeros((256, 256), kw["out_dtype"]))
+    for kwargs in ({"blocks": dense_fp8.default_blocks(384)}, {"out_dtype": jnp.float32}, {"interpret": True},
+                   {"out_spread": (128, 256)}):
+        dense_fp8.block_scaled_gemm(x_q, x_s, w, **kwargs)
+    assert calls[1:] == ["mosaic"] * 4
+
+
+@pytest.mark.gpu
+def test_gpu_dense_fp8_on_cublaslt_where_recorded_faster(tmp_path, monkeypatch):
+    """With a cache recording cuBLASLt faster at this shape, the model's `dense_fp8.linear` gives cuBLASLt's output
+    bit for bit, within 2e-3 of the fp64 product; the Mosaic GPU kernel's within the same bound."""
+    reason = cublaslt_fp8.unavailable()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(tmp_path / "blocks.json"))
+    x, w = _operands(5, 2048, 1536, 576)
+    x = x.astype(jnp.bfloat16)
+    mosaic = jax.jit(dense_fp8.linear)(x, w)
+    _record_rates(jax.devices()[0].device_kind, 1536, 640, 2048, 1.0, 2.0)
+    jax.clear_caches()
+    out = jax.jit(dense_fp8.linear)(x, w)
+    lib = jax.jit(cublaslt_fp8.block_scaled_gemm)(*fp8.quantize_rows(x), w)
+    assert (np.asarray(out.astype(jnp.float32)) == np.asarray(lib.astype(jnp.float32))).all()
+    exact = _exact(*fp8.quantize_rows(x), w)
+    assert _rel(out, exact) < 2e-3 and _rel(mosaic, exact) < 2e-3

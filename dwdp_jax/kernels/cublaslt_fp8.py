@@ -4,7 +4,8 @@ for the activations, `BLK128x128_32F` for the weight), called inside the program
 stream: no host synchronization, the same stream order as the surrounding kernels.
 
 It is the library's answer to what `dense_fp8` does on this project's Mosaic GPU kernel, timed beside it by
-`experiments.bench_fp8_dense` (case `cublaslt`); the model does not take it.
+`experiments.bench_fp8_dense` (case `cublaslt`); `dense_fp8` takes it at the shapes where `--tune`'s rounds
+recorded it faster (`KERNEL`'s entries in the block cache).
 
 cuBLAS is column-major. The weight, [N, K] row-major as the checkpoint stores it, is cuBLAS's A: a K x N column-major
 matrix, transposed (cuBLASLt's FP8 kernels take only this "TN" form on Hopper). The activations, [T, K] row-major,
@@ -17,6 +18,7 @@ layout; B's 1 x 128 scales with the tokens contiguous, [K/128, T] row-major, whi
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import glob
 import os
@@ -29,6 +31,7 @@ from jax.experimental.buffer_callback import buffer_callback
 
 from dwdp_jax.kernels import fp8
 
+KERNEL = "dense_cublaslt_fp8"  # its rates in the block cache (`tuning`), beside dense_fp8.NAME_TUNED's
 MIN_VERSION = 120900  # cublasLtGetVersion() of cuBLAS 12.9, the first with block scales on Hopper
 WORKSPACE_BYTES = 32 << 20
 _WORKSPACE_ALIGN = 256  # cublasLtMatmul's workspace alignment
@@ -42,6 +45,11 @@ _DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER = 17, 18
 _DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 31, 32
 _SCALE_VEC128_32F, _SCALE_BLK128x128_32F = 4, 5
 _PREF_MAX_WORKSPACE_BYTES = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """cuBLASLt picks its own tiles (its heuristic's first algorithm): a cache entry carries only the rate."""
 
 
 class _HeuristicResult(ctypes.Structure):

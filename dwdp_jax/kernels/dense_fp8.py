@@ -12,6 +12,10 @@ Measured on H200 (`experiments.bench_fp8_dense`, 32768 rows, rounds against the 
 one scale per tensor): 0.878 of it at the dense MLP's gate/up (7168 x 18432), 0.842 at o_proj, 0.801 at q_b, 0.694
 at kv_a (576 columns); the path it replaced (dequantize, then a bf16 GEMM) ran at 0.50-0.54.
 
+Where cuBLASLt's own block-scaled GEMM (`cublaslt_fp8`, cuBLAS 12.9 and later) timed faster at a shape on this card
+in `bench_fp8_dense --tune`'s rounds (both rates recorded in the block cache), a plain product (no `out_spread`,
+bf16 out) runs there instead (`library_faster`); without entries, the Mosaic GPU kernel.
+
 An output width that is not a multiple of 128 (kv_a_proj_with_mqa: 576) is padded to whole blocks with zero rows,
 which the partial block's scale leaves zero, and cut after the kernel. An MLP (`swiglu`) runs gate and up as the
 kernel's fused pair, its epilogue computing the SwiGLU: no [T, 2F] output, no separate pass for the SwiGLU.
@@ -24,7 +28,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from dwdp_jax.kernels import fp8, fp8_rows, tuning
+from dwdp_jax.kernels import cublaslt_fp8, fp8, fp8_rows, tuning
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import Fp8Blocks, chained_steps, split_ragged_dot_fp8_mgpu
 
 NAME_TUNED = "dense_mgpu_fp8"  # its entries in the block cache (`tuning`; `experiments.bench_fp8_dense --tune`)
@@ -68,6 +72,15 @@ def computed_width(n: int, b: Fp8Blocks) -> int:
     return -(-padded_width(n) // step) * step
 
 
+def library_faster(k: int, n: int, rows: int, device: jax.Device | None = None) -> bool:
+    """Whether cuBLASLt's block-scaled GEMM timed faster than this kernel's tuned blocks at (K, N, rows) on this
+    card (`tuning.fastest` over both entries; N as the kernel's padded width) and can run here."""
+    device = device or jax.devices()[0]
+    faster = tuning.fastest((NAME_TUNED, cublaslt_fp8.KERNEL), device.device_kind, k, padded_width(n), False,
+                            rows) == cublaslt_fp8.KERNEL
+    return faster and n % 8 == 0 and cublaslt_fp8.unavailable(device) is None
+
+
 def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = None) -> bool:
     """Whether `linear` takes the kernel: bf16 activations, K whole scale blocks, a Hopper GPU."""
     device = device or jax.devices()[0]
@@ -81,7 +94,8 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
     """x @ W^T for e4m3 x [T, K] with `fp8.quantize_rows` scales [K/128, T] and an FP8 weight W [N, K]: [T, N] in
     out_dtype, or with out_spread (part, width) [T, N / part * width], each run of part columns at the start of
     a run of width, the rest unwritten (`split_ragged_dot_fp8_mgpu`; N whole blocks). blocks: None takes the tuned
-    ones for this shape and card (`tuning`), else the defaults."""
+    ones for this shape and card (`tuning`), else the defaults, or cuBLASLt where it timed faster
+    (`library_faster`: bf16 out, no out_spread)."""
     w.check("block_scaled_gemm weight")
     if w.values_GNK.ndim != 2:
         raise ValueError(f"block_scaled_gemm: the weight must be one [N, K] matrix, got {w.values_GNK.shape}")
@@ -91,6 +105,8 @@ def block_scaled_gemm(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled
     if out_spread and n != padded_width(n):
         raise ValueError(f"block_scaled_gemm: out_spread needs N={n} in whole {fp8.BLOCK}-row blocks")
     t = x_TK.shape[0]
+    if not (blocks or out_spread or interpret) and out_dtype == jnp.bfloat16 and library_faster(k, n, t):
+        return cublaslt_fp8.block_scaled_gemm(x_TK, x_scale_ST, w)
     # cached under the padded width: the kernel's problem (a stack of weights is padded per weight)
     b = blocks or cached_blocks(k, n, t)
     width = computed_width(n, b)
