@@ -14,6 +14,7 @@ cuBLAS FP8 first in each, so all see the same clocks; ratios are medians over th
                                                         # beats the blocks before it in the rounds, side by side,
                                                         # with its rate and cuBLASLt's from those rounds: the
                                                         # model's projections take the faster of the two
+  python -m experiments.bench_fp8_dense --record        # records those two rates without the sweep
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ _MLPS = flags.DEFINE_multi_enum("mlp", [], list(MLPS), "MLPs to time whole: the 
 _TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's schedules per shape (and the fused gate/up's per MLP) "
                           "and record the fastest in the kernel block cache where it beats, in the rounds, the blocks "
                           "the kernel took before")
+_RECORD = flags.DEFINE_bool("record", False, "record each shape's rates in the rounds, the kernel's (on its cached "
+                            "blocks, or --tune's) and cuBLASLt's, in the kernel block cache: the model's projections "
+                            "take the faster (--tune records them too)")
 _TOL = flags.DEFINE_float("rel_tol", 2e-3, "relative error allowed against the fp32 product (bf16 output)")
 _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against the fp32 product")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
@@ -218,7 +222,7 @@ def main(argv):
     config = {"tokens": t, "shapes": {s: SHAPES[s] for s in shapes},
               "mlps": {m: MLPS[m] for m in _MLPS.value}, "rounds": _ROUNDS.value,
               "repeats": _REPEATS.value,
-              "tune": _TUNE.value, "rel_tol": _TOL.value, "device": device.device_kind,
+              "tune": _TUNE.value, "record": _RECORD.value, "rel_tol": _TOL.value, "device": device.device_kind,
               "jax": jax.__version__, "failed": failed, "shapes_done": []}
     # rewritten after each shape: a run cut short keeps the shapes it finished
     save = functools.partial(write_measurements, "bench_fp8_dense", config=config, raw=raw, metrics=metrics,
@@ -248,7 +252,7 @@ def main(argv):
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
-        if _TUNE.value:  # both kernels' rates from the same rounds, so that `dense_fp8.library_faster` compares them
+        if _TUNE.value or _RECORD.value:  # both rates from the same rounds, for `dense_fp8.library_faster`
             kept = blocks if confirmed(name, got, "block_scaled", metrics) else before
             how = f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows"
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, kept,
