@@ -23,6 +23,7 @@ def test_bad_operands_are_refused_naming_the_operand():
     cases = {
         "x must be e4m3": (x_q.astype(jnp.bfloat16), x_s, w),
         "K must be a positive multiple of 128": (x_q[:, :200], x_s, w),
+        "T must be a positive multiple of 4": (x_q[:254], x_s[:, :254], w),
         r"x_scale must be float32 \[K/128, T\]": (x_q, x_s.T, w),
         "x_scale must be float32": (x_q, x_s.astype(jnp.bfloat16), w),
         "the weight must be e4m3": (x_q, x_s, fp8.BlockScaled(w.values_GNK[:, :128], w.scales_GRS)),
@@ -50,7 +51,7 @@ def test_weight_scales_padded_to_four_k_blocks_with_zeros():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,k,n", [(4096 + 77, 7168, 576), (4096, 1536, 3072), (2048 + 128, 16384, 1024),
+@pytest.mark.parametrize("t,k,n", [(4096 + 76, 7168, 576), (4096, 1536, 3072), (2048 + 128, 16384, 1024),
                                    (1024, 640, 256)], ids=["kv_a", "q_b_part", "o_part", "k_5_blocks"])
 def test_gpu_product_is_the_exact_one_up_to_bf16(t, k, n):
     """Against the fp64 product of the same quantized operands: relative error < 2e-3 (bf16 output), with
@@ -83,6 +84,7 @@ def test_dense_fp8_takes_cublaslt_only_where_its_recorded_rate_is_higher(tmp_pat
     _record_rates(card.device_kind, 7168, 640, 32768, 900.0, 1100.0)
     _record_rates(card.device_kind, 16384, 7168, 32768, 1200.0, 1100.0)
     assert dense_fp8.library_faster(7168, 576, 30000, card)
+    assert not dense_fp8.library_faster(7168, 576, 30001, card)  # rows not a multiple of 4: the kernel
     assert not dense_fp8.library_faster(16384, 7168, 32768, card)
     other = type("Other", (_Card,), {"device_kind": "NVIDIA H100 80GB HBM3"})()
     assert not dense_fp8.library_faster(7168, 576, 32768, other)

@@ -155,6 +155,9 @@ def check_operands(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled) -
     if x_TK.ndim != 2 or x_TK.dtype != fp8.E4M3:
         raise ValueError(f"cublaslt_fp8: x must be e4m3 [T, K], got {x_TK.dtype} {x_TK.shape}")
     t, k = x_TK.shape
+    if t % 4 or t == 0:
+        raise ValueError(f"cublaslt_fp8: T must be a positive multiple of 4 (cuBLAS 13.1 has no block-scaled "
+                         f"algorithm otherwise), got {t}")
     if k % fp8.BLOCK or k == 0:
         raise ValueError(f"cublaslt_fp8: K must be a positive multiple of {fp8.BLOCK}, got {k}")
     if x_scale_ST.dtype != jnp.float32 or x_scale_ST.shape != (k // fp8.BLOCK, t):
