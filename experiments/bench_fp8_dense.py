@@ -68,52 +68,33 @@ _ROWS_CHECKED = flags.DEFINE_integer("rows_checked", 1024, "rows checked against
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 
-def _weight(k: int, n: int, seed: int = 1) -> fp8.BlockScaled:
-    w = fp8.quantize_weights(0.02 * jax.random.normal(jax.random.key(seed), (1, n, k), jnp.float32))
-    return fp8.BlockScaled(w.values_GNK[0], w.scales_GRS[0])
-
-
-def exact_product(x_q, x_s, w: fp8.BlockScaled) -> jax.Array:
-    """The fp32 product of the dequantized operands (precision HIGHEST: a GPU's default takes fp32 dots in TF32)."""
-    w_NK = fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]
-    return jnp.dot(fp8.dequantize_rows(x_q, x_s), w_NK.T, precision=jax.lax.Precision.HIGHEST)
-
-
-def rel_error(out, ref) -> float:
-    return float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-
-
 def kernel_error(x_q, x_s, w: fp8.BlockScaled, blocks) -> float:
     """The kernel against the fp32 product of the dequantized operands on the first rows."""
     rows = _ROWS_CHECKED.value
     out = dense_fp8.block_scaled_gemm(x_q, x_s, w, blocks=blocks)[:rows]
-    return rel_error(out, exact_product(x_q[:rows], x_s[:, :rows], w))
-
-
-_CUBLASLT = jax.jit(cublaslt_fp8.block_scaled_gemm)
+    return gb.rel_error(out, gb.block_scaled_product(x_q[:rows], x_s[:, :rows], w))
 
 
 def cublaslt_case(name: str, ops: tuple, metrics: dict, failed: list) -> tuple | None:
     """cuBLASLt's block-scaled GEMM as a case, once its output on the first rows matched the fp32 product; else
     None, the cause in `failed` (the other cases run: it is not the model's)."""
     _, x_q, x_s, w = ops
-    rows = _ROWS_CHECKED.value
     try:
-        err = metrics[f"{name}_cublaslt_rel_err"] = rel_error(_CUBLASLT(x_q, x_s, w)[:rows],
-                                                              exact_product(x_q[:rows], x_s[:, :rows], w))
+        case, err = gb.cublaslt_case(x_q, x_s, w, _ROWS_CHECKED.value)
     except (RuntimeError, jax.errors.JaxRuntimeError) as e:
         failed.append(f"{name}: cuBLASLt failed: {str(e)[:300]}")
         return None
+    metrics[f"{name}_cublaslt_rel_err"] = err
     if err > _TOL.value:
         failed.append(f"{name}: cuBLASLt's relative error {err:.3g} > {_TOL.value}")
         return None
-    return _CUBLASLT, (x_q, x_s, w), 2 * x_q.shape[0] * x_q.shape[1] * w.values_GNK.shape[0]
+    return case
 
 
 def operands(t: int, k: int, n: int) -> tuple:
     """(bf16 activations, their e4m3 rows and scales, the FP8 weight) of one projection."""
     x = jax.random.normal(jax.random.key(0), (t, k), jnp.float32).astype(jnp.bfloat16)
-    return (x, *fp8.quantize_rows(x), _weight(k, n))
+    return (x, *fp8.quantize_rows(x), gb.block_scaled_weight(k, n))
 
 
 def kernel_case(ops: tuple, blocks) -> tuple:
@@ -143,18 +124,20 @@ def stacked_mlp(x_TD, gate, up, down):
 
 def mlp_operands(t: int, d: int, f: int) -> tuple:
     """(bf16 activations, gate, up, down) of one FP8 MLP."""
-    return operands(t, d, f)[0], _weight(d, f, 1), _weight(d, f, 2), _weight(f, d, 3)
+    weight = gb.block_scaled_weight
+    return operands(t, d, f)[0], weight(d, f, 1), weight(d, f, 2), weight(f, d, 3)
 
 
 def mlp_errors(x, gate, up, down, blocks) -> tuple[float, float]:
     """The fused gate/up's SwiGLU and the whole MLP against fp32 products of the same quantized operands on the
     first rows_checked rows (the MLP's hidden rows quantized again from the exact SwiGLU)."""
     x_q, x_s = fp8.quantize_rows(x[:_ROWS_CHECKED.value])
-    g, u = (exact_product(x_q, x_s, w) for w in (gate, up))
+    g, u = (gb.block_scaled_product(x_q, x_s, w) for w in (gate, up))
     hidden = (jax.nn.silu(g) * u).astype(jnp.bfloat16)
     ours = dense_fp8.swiglu_hidden(x, gate, up, blocks=blocks[0])[:x_q.shape[0]]
     mlp = dense_fp8.swiglu(x, gate, up, down, blocks=blocks)[:x_q.shape[0]]
-    return rel_error(ours, hidden.astype(jnp.float32)), rel_error(mlp, exact_product(*fp8.quantize_rows(hidden), down))
+    mlp_exact = gb.block_scaled_product(*fp8.quantize_rows(hidden), down)
+    return gb.rel_error(ours, hidden.astype(jnp.float32)), gb.rel_error(mlp, mlp_exact)
 
 
 def hidden_case(ops: tuple, blocks) -> tuple:
@@ -212,7 +195,7 @@ def confirmed(name: str, got: dict, case: str, metrics: dict) -> bool:
 def main(argv):
     del argv
     device = jax.devices()[0]
-    if not dense_fp8.on_kernel(jnp.zeros((1, 128), jnp.bfloat16), _weight(128, 128), device):
+    if not dense_fp8.on_kernel(jnp.zeros((1, 128), jnp.bfloat16), gb.block_scaled_weight(128, 128), device):
         print(f"bench_fp8_dense: needs a Hopper GPU (found {device.device_kind})", file=sys.stderr)
         sys.exit(2)
     t = _TOKENS.value

@@ -1,7 +1,9 @@
 """FP8 expert GEMMs on one GPU, side by side: the split-weight kernels' FP8 paths (e4m3 weights in 128 x 128
 blocks, rows in 1 x 128 groups, DeepSeek-V3's scheme; `dwdp_jax.kernels.fp8`): the Mosaic GPU kernel
 (`split_gemm_fp8_mgpu`, DeepGEMM's structure) and the Triton kernel's scaled path, against the dense FP8 GEMM
-(cuBLAS, one scale per tensor: the ceiling), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds,
+(cuBLAS, one scale per tensor: the ceiling), cuBLASLt's block-scaled dense FP8 GEMM of the same rows (the same
+scaling as the kernels, DeepGEMM's grouped-over-dense comparison; where the card and cuBLAS have it, its error
+checked first), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds,
 over the model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales", issue 26). Each
 kernel's fastest blocks are first checked against the fp32 product of the same quantized operands (sampled rows of
 every group, `gpu_bench.grouped_rel_err`): past --rel_tol, the projection gets no rate, nothing is recorded and the
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from dwdp_jax.measure import gpu_bench as gb
-from dwdp_jax.kernels import tuning
+from dwdp_jax.kernels import cublaslt_fp8, fp8, tuning
 from dwdp_jax.kernels.split_gemm import FP8_BLOCKS, Blocks, split_ragged_dot
 from dwdp_jax.kernels.split_gemm_fp8_mgpu import NAME_TUNED, Fp8Blocks, default_blocks, split_ragged_dot_fp8_mgpu
 from dwdp_jax.measure.kernel_sweeps import FP8_CANDIDATES, FP8_MGPU_CANDIDATES, swept
@@ -150,6 +152,9 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
              f"fp8_split_{fastest}_with_row_quant": case[fastest](quantize_rows=True),
              "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real,
                                               slab_counts=slabs)}
+    if cublaslt_fp8.unavailable() is None and (block_scaled := _block_scaled_dense(name, real, k, cols, metrics,
+                                                                                 failed)):
+        cases["dense_fp8_block_scaled"] = block_scaled
     dense = gb.dense_gemm_case(real, k, cols)
     runs = {"rounds": gb.round_robin_over_dense(cases, dense, rounds=_ROUNDS.value)}
     if _SUSTAINED_ROUNDS.value:
@@ -163,11 +168,30 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
         for c in split:
             metrics[f"{name}_{run}_{c}_over_dense_fp8"] = got[c]["over_dense"] / got["dense_fp8"]["over_dense"]
             metrics[f"{name}_{run}_{c}_over_bf16_split"] = got[c]["over_dense"] / got["bf16_split"]["over_dense"]
+            if "dense_fp8_block_scaled" in got:
+                metrics[f"{name}_{run}_{c}_over_dense_fp8_block_scaled"] = (
+                    got[c]["over_dense"] / got["dense_fp8_block_scaled"]["over_dense"])
     # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)
     metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
         sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,
         tile_rows=_ALIGN.value, itemsize=1)
     return metrics, raw
+
+
+def _block_scaled_dense(name: str, rows: int, k: int, n: int, metrics: dict, failed: list) -> tuple | None:
+    """cuBLASLt's block-scaled dense GEMM over all the routed rows at once, as a case, once its error on the first
+    rows is within --rel_tol; else None, the cause in `failed`."""
+    x = jax.random.normal(jax.random.key(0), (rows - rows % 4, k), jnp.float32).astype(jnp.bfloat16)
+    try:
+        case, err = gb.cublaslt_case(*fp8.quantize_rows(x), gb.block_scaled_weight(k, n), rows_checked=1024)
+    except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+        failed.append(f"{name}: cuBLASLt's block-scaled dense GEMM failed: {str(e)[:300]}")
+        return None
+    metrics[f"{name}_dense_fp8_block_scaled_rel_err"] = err
+    if not err <= _TOL.value:
+        failed.append(f"{name}: cuBLASLt's block-scaled dense GEMM's relative error {err:.3g} > {_TOL.value}")
+        return None
+    return case
 
 
 def main(argv):
@@ -194,13 +218,15 @@ def main(argv):
         raw.update(got_raw)
         config["problems_done"].append(name)
         save(echo=False)
-    print(f"{'':18} {'TFLOP/s':>8} {'/ dense FP8':>11} {'/ bf16 kernel':>13} {'roofline':>9}")
+    print(f"{'':18} {'TFLOP/s':>8} {'/ dense FP8':>11} {'/ block-scaled':>14} {'/ bf16 kernel':>13} "
+          f"{'roofline':>9}")
     for name, *_ in (p for p in PROBLEMS if p[0] in _PROBLEMS.value):
         for kernel in _KERNELS.value:
             c = f"{name}_rounds_fp8_split_{kernel}"
             if c + "_tflops" not in metrics:  # failed its error check: no rate
                 continue
             print(f"{name + ' ' + kernel:18} {metrics[c + '_tflops']:8.1f} {metrics[c + '_over_dense_fp8']:11.3f} "
+                  f"{metrics.get(c + '_over_dense_fp8_block_scaled', float('nan')):14.3f} "
                   f"{metrics[c + '_over_bf16_split']:13.3f} {metrics[f'{name}_fp8_roofline_over_dense_fp8']:9.3f}")
     save()
     if failed:

@@ -126,3 +126,18 @@ def test_gpu_dense_fp8_on_cublaslt_where_recorded_faster(tmp_path, monkeypatch):
     assert (np.asarray(out.astype(jnp.float32)) == np.asarray(lib.astype(jnp.float32))).all()
     exact = _exact(*fp8.quantize_rows(x), w)
     assert _rel(out, exact) < 2e-3 and _rel(mosaic, exact) < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_benchmark_case_times_the_checked_product():
+    """`gpu_bench.cublaslt_case`, the benchmarks' reference: its error against the fp32 product is bf16 rounding
+    and its case computes the same output, at 2 T K N FLOPs."""
+    reason = cublaslt_fp8.unavailable()
+    if reason:
+        pytest.skip(reason)
+    from dwdp_jax.measure import gpu_bench
+
+    x_q, x_s, w = _quantized(1024, 1024, 512, seed=6)
+    (fn, args, flops), err = gpu_bench.cublaslt_case(x_q, x_s, w, rows_checked=256)
+    assert err < 2e-3 and flops == 2 * 1024 * 1024 * 512
+    assert _rel(fn(*args), _exact(x_q, x_s, w)) < 2e-3

@@ -117,3 +117,23 @@ def test_the_full_product_group_by_group_is_ragged_dot_with_zeros_past_the_group
     deq = np.asarray(gpu_bench.exact_ragged_dot(np.asarray(fp8.dequantize_rows(x_q, x_s)),
                                                 np.asarray(fp8.dequantize_weights_kn(*w_q)), SIZES))
     assert np.abs(np.asarray(gpu_bench.exact_ragged_dot((x_q, x_s), w_q, SIZES)) - deq).max() == 0
+
+
+def test_block_scaled_product_is_the_dequantized_float64_product():
+    """The dense FP8 benchmarks' oracle: rows and weight dequantized from their scales (partial edge blocks
+    included), multiplied in fp32 at HIGHEST precision: within 1e-6 of float64; a perturbed output reads as such."""
+    import jax
+    import jax.numpy as jnp
+
+    from dwdp_jax.kernels import fp8
+
+    x = jax.random.normal(jax.random.key(3), (200, 384), jnp.float32).astype(jnp.bfloat16)
+    x_q, x_s = fp8.quantize_rows(x)
+    w = gpu_bench.block_scaled_weight(384, 200)
+    assert w.values_GNK.shape == (200, 384) and w.scales_GRS.shape == (2, 3)
+    x64 = np.asarray(fp8.dequantize_rows(x_q, x_s), np.float64)
+    w64 = np.asarray(fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0], np.float64)
+    exact = x64 @ w64.T
+    got = gpu_bench.block_scaled_product(x_q, x_s, w)
+    assert gpu_bench.rel_error(got, exact.astype(np.float32)) < 1e-6
+    assert gpu_bench.rel_error(got.at[7].multiply(1.1), exact.astype(np.float32)) > 1e-3

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwdp_jax.kernels import attention as attention_kernels
-from dwdp_jax.kernels import fp8, fp8_rows, gpu
+from dwdp_jax.kernels import cublaslt_fp8, fp8, fp8_rows, gpu
 from dwdp_jax.kernels.split_gemm import split_ragged_dot
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.runtime.dep_dispatch import shard_map
@@ -106,6 +106,33 @@ def dense_gemm_case(m: int, k: int, n: int, dtype=jnp.bfloat16) -> tuple[Callabl
     a = jax.random.normal(key, (m, k), jnp.float32).astype(dtype)
     b = jax.random.normal(key, (k, n), jnp.float32).astype(dtype)
     return jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (a, b), 2 * m * k * n
+
+
+def block_scaled_weight(k: int, n: int, seed: int = 1) -> fp8.BlockScaled:
+    """A random FP8 weight [n, k] with its 128 x 128 block scales."""
+    w = fp8.quantize_weights(0.02 * jax.random.normal(jax.random.key(seed), (1, n, k), jnp.float32))
+    return fp8.BlockScaled(w.values_GNK[0], w.scales_GRS[0])
+
+
+def block_scaled_product(x_q, x_s, w: fp8.BlockScaled) -> jax.Array:
+    """The fp32 product of the dequantized operands (precision HIGHEST: a GPU's default takes fp32 dots in TF32)."""
+    w_NK = fp8.dequantize_weights(w.values_GNK[None], w.scales_GRS[None])[0]
+    return jnp.dot(fp8.dequantize_rows(x_q, x_s), w_NK.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def rel_error(out, ref) -> float:
+    return float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+
+
+_CUBLASLT = jax.jit(cublaslt_fp8.block_scaled_gemm)
+
+
+def cublaslt_case(x_q, x_s, w: fp8.BlockScaled, rows_checked: int) -> tuple[tuple[Callable, tuple, float], float]:
+    """cuBLASLt's block-scaled dense GEMM (`cublaslt_fp8`) on e4m3 rows, their scales and an FP8 weight, as a case
+    (jitted fn, args, FLOPs), and its relative error on the first rows_checked rows against the fp32 product."""
+    rows = min(rows_checked, x_q.shape[0])
+    err = rel_error(_CUBLASLT(x_q, x_s, w)[:rows], block_scaled_product(x_q[:rows], x_s[:, :rows], w))
+    return (_CUBLASLT, (x_q, x_s, w), 2 * x_q.shape[0] * x_q.shape[1] * w.values_GNK.shape[0]), err
 
 
 def group_spans(sizes: np.ndarray) -> list[tuple[int, int, int]]:
