@@ -131,13 +131,15 @@ def test_gpu_dense_fp8_on_cublaslt_where_recorded_faster(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_benchmark_case_times_the_checked_product():
     """`gpu_bench.cublaslt_case`, the benchmarks' reference: its error against the fp32 product is bf16 rounding
-    and its case computes the same output, at 2 T K N FLOPs."""
+    and its case computes the same output, at 2 T K N FLOPs; past the bound, no case and the reason."""
     reason = cublaslt_fp8.unavailable()
     if reason:
         pytest.skip(reason)
     from dwdp_jax.measure import gpu_bench
 
     x_q, x_s, w = _quantized(1024, 1024, 512, seed=6)
-    (fn, args, flops), err = gpu_bench.cublaslt_case(x_q, x_s, w, rows_checked=256)
-    assert err < 2e-3 and flops == 2 * 1024 * 1024 * 512
+    (fn, args, flops), err, why = gpu_bench.cublaslt_case(x_q, x_s, w, 256, 2e-3)
+    assert err < 2e-3 and not why and flops == 2 * 1024 * 1024 * 512
     assert _rel(fn(*args), _exact(x_q, x_s, w)) < 2e-3
+    case, err_again, why = gpu_bench.cublaslt_case(x_q, x_s, w, 256, err / 2)  # a bound it misses: no case
+    assert case is None and err_again == err and "relative error" in why

@@ -36,6 +36,9 @@ from dwdp_jax.kernels import fp8
 KERNEL = "dense_cublaslt_fp8"  # its rates in the block cache (`tuning`), beside dense_fp8.NAME_TUNED's
 MIN_VERSION = 120900  # cublasLtGetVersion() of cuBLAS 12.9, the first with block scales on Hopper
 WORKSPACE_BYTES = 32 << 20
+# Rows: cuBLAS 13.1 has no block-scaled algorithm at T = 4173 or 4174 (status 15; 4168, 4172, 4176 run, H100).
+# Outputs: the bf16 output's rows 16-byte aligned.
+T_MULTIPLE, N_MULTIPLE = 4, 8
 _WORKSPACE_ALIGN = 256  # cublasLtMatmul's workspace alignment
 
 # cublasLt.h (cuBLAS 13.1) and library_types.h
@@ -150,16 +153,20 @@ def padded_weight_scales(scales_RS: jax.Array) -> jax.Array:
     return jnp.pad(scales_RS, ((0, 0), (0, pad))) if pad else scales_RS
 
 
+def aligned(t: int, n: int) -> bool:
+    """Whether cuBLAS 13.1 has a block-scaled algorithm for T rows and N outputs (`T_MULTIPLE`, `N_MULTIPLE`)."""
+    return t > 0 and n > 0 and t % T_MULTIPLE == 0 and n % N_MULTIPLE == 0
+
+
 def check_operands(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled) -> tuple[int, int, int]:
     """(T, K, N), or ValueError naming the operand: e4m3 rows [T, K] with fp32 scales [K/128, T]; an e4m3 weight
-    [N, K] with fp32 scales [N/128, K/128]; K a multiple of 128 (the activations' scale groups), N of 8 (the bf16
-    output's rows 16-byte aligned)."""
+    [N, K] with fp32 scales [N/128, K/128]; T a multiple of `T_MULTIPLE`, K of 128 (the activations' scale
+    groups), N of `N_MULTIPLE`."""
     if x_TK.ndim != 2 or x_TK.dtype != fp8.E4M3:
         raise ValueError(f"cublaslt_fp8: x must be e4m3 [T, K], got {x_TK.dtype} {x_TK.shape}")
     t, k = x_TK.shape
-    if t % 4 or t == 0:
-        raise ValueError(f"cublaslt_fp8: T must be a positive multiple of 4 (cuBLAS 13.1 has no block-scaled "
-                         f"algorithm otherwise), got {t}")
+    if t % T_MULTIPLE or t == 0:
+        raise ValueError(f"cublaslt_fp8: T must be a positive multiple of {T_MULTIPLE}, got {t}")
     if k % fp8.BLOCK or k == 0:
         raise ValueError(f"cublaslt_fp8: K must be a positive multiple of {fp8.BLOCK}, got {k}")
     if x_scale_ST.dtype != jnp.float32 or x_scale_ST.shape != (k // fp8.BLOCK, t):
@@ -169,8 +176,8 @@ def check_operands(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled) -
     if values.ndim != 2 or values.dtype != fp8.E4M3 or values.shape[1] != k:
         raise ValueError(f"cublaslt_fp8: the weight must be e4m3 [N, K={k}], got {values.dtype} {values.shape}")
     n = values.shape[0]
-    if n % 8 or n == 0:
-        raise ValueError(f"cublaslt_fp8: N must be a positive multiple of 8, got {n}")
+    if n % N_MULTIPLE or n == 0:
+        raise ValueError(f"cublaslt_fp8: N must be a positive multiple of {N_MULTIPLE}, got {n}")
     if scales.dtype != jnp.float32 or scales.shape != (fp8.blocks(n), k // fp8.BLOCK):
         raise ValueError(f"cublaslt_fp8: the weight's scales must be float32 [N/128, K/128] = "
                          f"{(fp8.blocks(n), k // fp8.BLOCK)}, got {scales.dtype} {scales.shape}")

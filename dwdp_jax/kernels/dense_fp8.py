@@ -75,11 +75,11 @@ def computed_width(n: int, b: Fp8Blocks) -> int:
 def library_faster(k: int, n: int, rows: int, device: jax.Device | None = None) -> bool:
     """Whether cuBLASLt's block-scaled GEMM timed faster than this kernel's tuned blocks at (K, N, rows) on this
     card (`tuning.fastest` over both entries; N as the kernel's padded width) and can run here (its operand
-    alignment: N a multiple of 8, rows of 4)."""
+    alignment, `cublaslt_fp8.aligned`)."""
     device = device or jax.devices()[0]
     faster = tuning.fastest((NAME_TUNED, cublaslt_fp8.KERNEL), device.device_kind, k, padded_width(n), False,
                             rows) == cublaslt_fp8.KERNEL
-    return faster and n % 8 == 0 and rows % 4 == 0 and cublaslt_fp8.unavailable(device) is None
+    return faster and cublaslt_fp8.aligned(rows, n) and cublaslt_fp8.unavailable(device) is None
 
 
 def on_kernel(x_TK: jax.Array, w: fp8.BlockScaled, device: jax.Device | None = None) -> bool:

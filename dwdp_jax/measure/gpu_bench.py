@@ -127,12 +127,19 @@ def rel_error(out, ref) -> float:
 _CUBLASLT = jax.jit(cublaslt_fp8.block_scaled_gemm)
 
 
-def cublaslt_case(x_q, x_s, w: fp8.BlockScaled, rows_checked: int) -> tuple[tuple[Callable, tuple, float], float]:
-    """cuBLASLt's block-scaled dense GEMM (`cublaslt_fp8`) on e4m3 rows, their scales and an FP8 weight, as a case
-    (jitted fn, args, FLOPs), and its relative error on the first rows_checked rows against the fp32 product."""
+def cublaslt_case(x_q, x_s, w: fp8.BlockScaled, rows_checked: int,
+                  tol: float) -> tuple[tuple[Callable, tuple, float] | None, float | None, str]:
+    """cuBLASLt's block-scaled dense GEMM (`cublaslt_fp8`) on e4m3 rows, their scales and an FP8 weight: (the case
+    (jitted fn, args, FLOPs), its relative error on the first rows_checked rows against the fp32 product, "") once
+    that error is within tol; else (None, the error or None where the call failed, why)."""
     rows = min(rows_checked, x_q.shape[0])
-    err = rel_error(_CUBLASLT(x_q, x_s, w)[:rows], block_scaled_product(x_q[:rows], x_s[:, :rows], w))
-    return (_CUBLASLT, (x_q, x_s, w), 2 * x_q.shape[0] * x_q.shape[1] * w.values_GNK.shape[0]), err
+    try:
+        err = rel_error(_CUBLASLT(x_q, x_s, w)[:rows], block_scaled_product(x_q[:rows], x_s[:, :rows], w))
+    except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+        return None, None, f"cuBLASLt failed: {str(e)[:300]}"
+    if not err <= tol:
+        return None, err, f"cuBLASLt's relative error {err:.3g} > {tol}"
+    return (_CUBLASLT, (x_q, x_s, w), 2 * x_q.shape[0] * x_q.shape[1] * w.values_GNK.shape[0]), err, ""
 
 
 def group_spans(sizes: np.ndarray) -> list[tuple[int, int, int]]:
