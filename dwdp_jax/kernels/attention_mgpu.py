@@ -212,7 +212,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, starts_gmem, ranges_gmem, out_gmem, qo_smem,
                 plgpu.barrier_arrive(turn.at[1 - wg])
 
         def k_t(j):
-            return plgpu.transpose_ref(k_smem.at[stage(j)], (1, 0))
+            return k_smem.at[stage(j)].T
 
         def softmax(s, j, m_scale, m, l):
             """Block j's probabilities (bf16, relative to m_scale), the new m_scale, running max and row sum, and

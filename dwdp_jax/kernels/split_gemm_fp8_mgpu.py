@@ -356,7 +356,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     # step, the loads' latency from L2 outlasted the wgmma (gate/up on H200: 838 TFLOP/s against
                     # 930 without the loads)
                     w_scale_next = weight_scales(w_scales, jnp.minimum(k + 1, k_iters - 1))
-                    w_views = [plgpu.transpose_ref(w.at[pl.ds(wg_col0, b.tile_n)] if b.wg_cols else w, (1, 0))
+                    w_views = [(w.at[pl.ds(wg_col0, b.tile_n)] if b.wg_cols else w).T
                                for w in w_smems]
                     new = list(sums)  # row blocks outermost, then weights
                     for i, (r, n) in enumerate(row_blocks):

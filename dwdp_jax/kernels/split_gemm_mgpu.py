@@ -286,7 +286,7 @@ def interpret_params():
 
 def _interpret_transposed_wgmma_operands() -> None:
     """Mosaic GPU's interpreter reads wgmma operands through index transforms only, and fails on a transposed view
-    (`plgpu.transpose_ref`), which a K-major B operand is (FP8 wgmma needs one: `split_gemm_fp8_mgpu`), and on an A
+    (`ref.T`), which a K-major B operand is (FP8 wgmma needs one: `split_gemm_fp8_mgpu`), and on an A
     operand held in registers (attention's probabilities: `attention_mgpu`). Its wgmma callback is replaced, once,
     by the same product with such operands read transposed, and register operands taken as they come."""
     from jax._src.pallas.mosaic.interpret import utils as interpret_utils
