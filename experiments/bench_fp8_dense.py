@@ -207,15 +207,14 @@ def main(argv):
                              root=_RESULTS.value, run=run_stamp())
     for name in progress_bar(shapes, "shapes", "shape"):
         k, n = SHAPES[name]
-        blocks, ops = None, operands(t, k, n)
+        ops = operands(t, k, n)
+        blocks = before = dense_fp8.cached_blocks(k, n, t)  # named: the kernel's cases never go to cuBLASLt
         if _TUNE.value:
-            before = dense_fp8.cached_blocks(k, n, t)
             blocks, _, sweep = tune(name, dense_fp8_candidates(k), functools.partial(kernel_case, ops))
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
             raw[f"{name}_smem_ceiling"] = {str(b): b.smem_ceiling(False) for b in sweep}
-        blocks = blocks or dense_fp8.cached_blocks(k, n, t)  # named: the kernel's cases never go to cuBLASLt
         shape_cases = cases(ops, blocks)
-        if _TUNE.value and blocks != before:
+        if blocks != before:
             shape_cases["block_scaled_before"] = kernel_case(ops, before)
         if cublaslt_fp8.unavailable(device) is None and (lt := cublaslt_case(name, ops, metrics, failed)):
             shape_cases["cublaslt"] = lt
