@@ -95,14 +95,16 @@ def slab_counts(experts: int, slabs: int) -> tuple[int, ...]:
 
 
 def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: bool,
-           slabs: tuple[int, ...]) -> tuple[dict, object]:
-    """(TFLOP/s or the error of every candidate of one FP8 kernel, the fastest candidate)."""
+           slabs: tuple[int, ...]) -> tuple[dict, object, object]:
+    """(TFLOP/s or the error of every candidate of one FP8 kernel, the fastest candidate, the blocks the kernel
+    takes today: its cached entry or its defaults)."""
     spec = KERNELS[kernel]
     tuned = tuning.lookup(spec.tuned_name, spec.blocks_type, jax.devices()[0].device_kind, k, n, fused, real)
+    before = tuned or spec.defaults(k, n, fused)
     sweep = {}
     candidates = swept(spec.candidates[fused], _WITH_OPTION.value)
-    candidates += [tuned] if tuned is not None and tuned not in candidates else []  # what --tune would replace
-    for b in candidates if _SWEEP.value else [tuned or spec.defaults(k, n, fused)]:
+    candidates += [before] if before not in candidates else []  # what --tune would replace
+    for b in candidates if _SWEEP.value else [before]:
         try:
             sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn,
                                                    slab_counts=slabs))
@@ -112,7 +114,7 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
         print(name, kernel, b, sweep[b], "" if ceiling is None else f"shared-memory ceiling {ceiling(fused):.3f} of "
               f"the FP8 peak", flush=True)
     timed = {b: v for b, v in sweep.items() if isinstance(v, float)}
-    return sweep, max(timed, key=timed.get)
+    return sweep, max(timed, key=timed.get), before
 
 
 def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -> tuple[dict, dict]:
@@ -121,11 +123,11 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
     kind = jax.devices()[0].device_kind
     real, cols = int(sizes.sum()), 2 * n if fused else n
     padded = -(-sizes // _ALIGN.value) * _ALIGN.value
-    metrics, raw, best = {}, {}, {}
+    metrics, raw, best, before = {}, {}, {}, {}
     slabs = slab_counts(len(padded), _SLABS.value)
     failed_before = len(failed)
     for kernel in _KERNELS.value:
-        sweep, best[kernel] = _sweep(name, kernel, padded, real, k, n, fused, slabs)
+        sweep, best[kernel], before[kernel] = _sweep(name, kernel, padded, real, k, n, fused, slabs)
         metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
@@ -144,12 +146,18 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
             tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, best[kernel], sweep[best[kernel]], how)
     if len(failed) > failed_before:
         return metrics, raw
-    case = {kernel: functools.partial(gb.fp8_split_case, padded, k, n, fused, best[kernel], counted_rows=real,
-                                      kernel=KERNELS[kernel].fn, slab_counts=slabs) for kernel in _KERNELS.value}
+
+    def case(kernel, b):
+        return functools.partial(gb.fp8_split_case, padded, k, n, fused, b, counted_rows=real,
+                                 kernel=KERNELS[kernel].fn, slab_counts=slabs)
+
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
-    split = {f"fp8_split_{kernel}": case[kernel]() for kernel in _KERNELS.value}
+    split = {f"fp8_split_{kernel}": case(kernel, best[kernel])() for kernel in _KERNELS.value}
+    # the blocks a sweep displaced, in the same rounds: the sweep's one-off timings rank, the rounds compare
+    replaced = {f"fp8_split_{kernel}_before": case(kernel, before[kernel])() for kernel in _KERNELS.value
+                if before[kernel] != best[kernel]}
     cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), **split,
-             f"fp8_split_{fastest}_with_row_quant": case[fastest](quantize_rows=True),
+             f"fp8_split_{fastest}_with_row_quant": case(fastest, best[fastest])(quantize_rows=True), **replaced,
              "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real,
                                               slab_counts=slabs)}
     if cublaslt_fp8.unavailable() is None and (block_scaled := _block_scaled_dense(name, real, k, cols, metrics,
@@ -171,6 +179,8 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
             if "dense_fp8_block_scaled" in got:
                 metrics[f"{name}_{run}_{c}_over_dense_fp8_block_scaled"] = (
                     got[c]["over_dense"] / got["dense_fp8_block_scaled"]["over_dense"])
+            if f"{c}_before" in got:
+                metrics[f"{name}_{run}_{c}_over_before"] = got[c]["over_dense"] / got[f"{c}_before"]["over_dense"]
     # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)
     metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
         sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,

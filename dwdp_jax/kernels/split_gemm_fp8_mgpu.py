@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
-from dwdp_jax.kernels import fp8, tuning
+from dwdp_jax.kernels import fp8, tuning, wgmma_overwrite
 from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, interpret_params, store_block
 
@@ -127,6 +127,10 @@ class Fp8Blocks(PipelinedTiles):
     # steps, so their chained pipelines stay in phase. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only (`pytest -m gpu` runs every swept candidate).
     cluster_m: bool = False
+    # Each K block's fresh partials are not zero-filled: the first wgmma into each overwrites it (PTX's scale-d off,
+    # DeepGEMM's way), which saves a compute thread one register move per partial register and K block
+    # (`wgmma_overwrite`). A lowering change: interpret mode computes the same product either way.
+    overwrite_partials: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -443,7 +447,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
                           interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, width), out_dtype),
         grid=(b.num_sms // 2 if b.clustered else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
-        thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
+        thread_name="wg", kernel_name=wgmma_overwrite.kernel_name(NAME, b.overwrite_partials), **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))
