@@ -29,7 +29,7 @@ from absl import app, flags
 
 from dwdp_jax.kernels import cublaslt_fp8, dense_fp8, fp8, tuning
 from dwdp_jax.measure import gpu_bench as gb
-from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates, swiglu_fp8_candidates
+from dwdp_jax.measure.kernel_sweeps import dense_fp8_candidates, swept, swiglu_fp8_candidates
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import run_stamp, write_measurements
 
@@ -60,6 +60,8 @@ _MLPS = flags.DEFINE_multi_enum("mlp", [], list(MLPS), "MLPs to time whole: the 
 _TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's schedules per shape (and the fused gate/up's per MLP) "
                           "and record the fastest in the kernel block cache where it beats, in the rounds, the blocks "
                           "the kernel took before")
+_WITH_OPTION = flags.DEFINE_multi_string("with_option", [], "with --tune, sweep only the first candidate and those "
+                                         "with any of these blocks options set (e.g. overwrite_partials)")
 _RECORD = flags.DEFINE_bool("record", False, "record each shape's rates in the rounds, the kernel's (on its cached "
                             "blocks, or --tune's) and cuBLASLt's, in the kernel block cache: the model's projections "
                             "take the faster (--tune records them too)")
@@ -174,21 +176,9 @@ def tune(name: str, candidates, case) -> tuple:
     return best, timed[best], sweep
 
 
-def confirmed(name: str, got: dict, case: str, metrics: dict) -> bool:
-    """Whether the sweep's fastest blocks (`case`) beat, in the rounds, the blocks the kernel took before the sweep
-    (`case`_before, timed where they differ): a sweep times each candidate once, in turn, so its winner may be the
-    spread between calls. Their ratio goes into `metrics`."""
-    if f"{case}_before" not in got:
-        return True
-    ratio = got[case]["over_dense"] / got[f"{case}_before"]["over_dense"]
-    metrics[f"{name}_tuned_over_before"] = ratio
-    print(f"{name}: the sweep's fastest blocks at {ratio:.3f}x the blocks before them in the rounds: "
-          f"{'recorded' if ratio > 1 else 'not recorded'}")
-    return ratio > 1
-
-
 def main(argv):
     del argv
+    swept(dense_fp8_candidates(fp8.BLOCK), _WITH_OPTION.value)  # a misspelt option fails before any device work
     device = jax.devices()[0]
     if not dense_fp8.on_kernel(jnp.zeros((1, 128), jnp.bfloat16), gb.block_scaled_weight(128, 128), device):
         print(f"bench_fp8_dense: needs a Hopper GPU (found {device.device_kind})", file=sys.stderr)
@@ -210,7 +200,8 @@ def main(argv):
         ops = operands(t, k, n)
         blocks = before = dense_fp8.cached_blocks(k, n, t)  # named: the kernel's cases never go to cuBLASLt
         if _TUNE.value:
-            blocks, _, sweep = tune(name, dense_fp8_candidates(k), functools.partial(kernel_case, ops))
+            blocks, _, sweep = tune(name, swept(dense_fp8_candidates(k), _WITH_OPTION.value),
+                                    functools.partial(kernel_case, ops))
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
             raw[f"{name}_smem_ceiling"] = {str(b): b.smem_ceiling(False) for b in sweep}
         shape_cases = cases(ops, blocks)
@@ -230,7 +221,7 @@ def main(argv):
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
         if _TUNE.value or _RECORD.value:  # both rates from the same rounds, for `dense_fp8.library_faster`
-            kept = blocks if confirmed(name, got, "block_scaled", metrics) else before
+            kept = blocks if gb.confirmed(name, got, "block_scaled", metrics) else before
             how = f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows"
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, kept,
                           got["block_scaled" if kept == blocks else "block_scaled_before"]["tflops"], how)
@@ -247,7 +238,8 @@ def main(argv):
         blocks, ops = None, mlp_operands(t, d, f)
         if _TUNE.value:
             before = dense_fp8.cached_blocks(d, f, t, fused=True)
-            blocks, rate, sweep = tune(name, swiglu_fp8_candidates(d), functools.partial(hidden_case, ops))
+            blocks, rate, sweep = tune(name, swept(swiglu_fp8_candidates(d), _WITH_OPTION.value),
+                                       functools.partial(hidden_case, ops))
             raw[f"{name}_sweep"] = {str(b): v for b, v in sweep.items()}
         hidden_err, err = mlp_errors(*ops, (blocks, None))
         metrics[f"{name}_hidden_rel_err"], metrics[f"{name}_fused_swiglu_rel_err"] = hidden_err, err
@@ -263,7 +255,7 @@ def main(argv):
                                         measure=functools.partial(gb.burst, repeats=_REPEATS.value))
         for case, stats in got.items():
             metrics.update({f"{name}_{case}_{key}": v for key, v in stats.items()})
-        if _TUNE.value and confirmed(name, got, "fused_swiglu", metrics):
+        if _TUNE.value and gb.confirmed(name, got, "fused_swiglu", metrics):
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, d, f, True, t, blocks, rate,
                           f"experiments.bench_fp8_dense --mlp {datetime.date.today()}, {t} rows")
         metrics[f"{name}_fused_over_stacked"] = got["fused_swiglu"]["over_dense"] / got["stacked"]["over_dense"]

@@ -140,6 +140,8 @@ def test_bench_grouped_gemm_exits_2_on_cpu_or_tune_without_sweep(flags, message)
     ("bench_attention", "--bursts=0", "bursts"),
     ("bench_attention", "--backends=tokamax,flash", "--backends: unknown ['flash']"),
     ("bench_fp8_gemm", "--rel_tol=-1", "rel_tol"),
+    ("bench_fp8_gemm", "--with_option=overwrite", "with_option ['overwrite']: not fields of"),
+    ("bench_fp8_dense", "--with_option=overwrite", "with_option ['overwrite']: not fields of Fp8Blocks"),
 ])
 def test_gpu_benchmarks_refuse_bad_flags_before_any_device_work(module, flag, message):
     proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", flag], cwd=ROOT, capture_output=True,

@@ -285,6 +285,19 @@ def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dens
     return out
 
 
+def confirmed(name: str, got: dict, case: str, metrics: dict) -> bool:
+    """Whether a sweep's fastest blocks (`case` in `round_robin_over_dense`'s `got`) beat, in the same rounds, the
+    blocks they would replace (`case`_before, timed where they differ): a sweep times each candidate once, in turn,
+    so its winner may be the spread between calls. Their ratio goes into `metrics` as `name`_tuned_over_before."""
+    if f"{case}_before" not in got:
+        return True
+    ratio = got[case]["over_dense"] / got[f"{case}_before"]["over_dense"]
+    metrics[f"{name}_tuned_over_before"] = ratio
+    print(f"{name}: the sweep's fastest blocks at {ratio:.3f}x the blocks before them in the rounds: "
+          f"{'recorded' if ratio > 1 else 'not recorded'}")
+    return ratio > 1
+
+
 def grouped_gemm_tflops(sizes: np.ndarray, k: int, n: int, backend: str = "pallas_mgpu") -> float:
     """One ragged GEMM (the backend's building block) over groups of the given sizes."""
     m, g = int(sizes.sum()), len(sizes)
