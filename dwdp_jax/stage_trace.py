@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 # The named scopes of models/ and runtime/dep.py, innermost first where they nest (moe_gmm inside routed_experts).
+# moe_combine also names an MoE layer's residual add, into which XLA fuses the combine's weighted sum.
 STAGES = ("attention", "attention_fp8_inputs", "mla_proj", "rope", "mla_out", "router", "shared_expert", "moe_quantize",
           "moe_permute", "moe_gmm", "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head")
 

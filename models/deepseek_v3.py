@@ -295,7 +295,8 @@ class DecoderLayer(nnx.Module):
         h_TD = self.post_attention_layernorm(x_TD)
         if isinstance(self.mlp, MoE):
             y_TD, ids_TK = self.mlp(h_TD, experts, valid_T)
-            return x_TD + y_TD, ids_TK
+            with jax.named_scope("moe_combine"):  # XLA fuses the combine's weighted sum into this add
+                return x_TD + y_TD, ids_TK
         with jax.named_scope("dense_mlp"):
             return x_TD + self.mlp(h_TD), None
 

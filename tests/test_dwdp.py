@@ -400,3 +400,24 @@ def test_copy_engine_fences_order_the_moe_program(params):
         stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
                                engine._view(0, 0, engine.transport.remote_specs(0)),
                                hook=engine.transport.hook(0), issue_after="early")
+
+
+def test_the_moe_layers_residual_add_is_the_combine_stage(params):
+    """The MoE layer's output, the residual add that XLA fuses the combine's weighted sum into (on GPU the fusion
+    takes the add's name), is named under `moe_combine`, so a trace's breakdown counts that fusion as the combine
+    instead of `other`."""
+    from dwdp_jax import stage_trace
+
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2))
+    batch = pack([[1, 2, 3]], budget=BUDGET)
+    w = engine.ranks[0]
+    args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
+    embed = w.weights.embed_VD
+    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), embed.dtype, sharding=embed.sharding)
+    module = stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
+                                    engine._view(0, 0, engine.transport.remote_specs(0))).compiler_ir()
+    main = next(op for op in module.body.operations if str(op.attributes["sym_name"]) == '"main"')
+    returned = main.regions[0].blocks[0].operations[len(main.regions[0].blocks[0].operations) - 1]
+    out = returned.operands[0].owner
+    name = re.search(r'loc\("([^"]+)"', str(out.location)).group(1)
+    assert out.name == "stablehlo.add" and stage_trace.stage_of(name) == "moe_combine", (out.name, name)

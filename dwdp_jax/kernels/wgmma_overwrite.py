@@ -39,11 +39,16 @@ def _in_marked_kernel(op) -> bool:
     return op is not None and ir.StringAttr(op.attributes["sym_name"]).value.endswith(f"{MARK}_mosaic_gpu")
 
 
+def _defining_op(value):
+    """The op whose result `value` is, or None for a block argument (a loop-carried accumulator)."""
+    return None if isinstance(value.owner, ir.Block) else value.owner
+
+
 def _constant_zero(value) -> bool:
-    while value.owner.name in ("vector.broadcast", "vector.splat", "builtin.unrealized_conversion_cast"):
-        value = value.owner.operands[0]
-    owner = value.owner
-    if owner.name not in ("arith.constant", "llvm.mlir.constant"):
+    while (owner := _defining_op(value)) is not None and owner.name in (
+            "vector.broadcast", "vector.splat", "builtin.unrealized_conversion_cast"):
+        value = owner.operands[0]
+    if owner is None or owner.name not in ("arith.constant", "llvm.mlir.constant"):
         return False
     attr = owner.attributes["value"]
     if isinstance(attr, ir.DenseElementsAttr):
@@ -58,9 +63,9 @@ def _constant_zero_attr(attr) -> bool:
 
 
 def _undefined(value) -> bool:
-    while value.owner.name in _VIEWS:
-        value = value.owner.operands[0]
-    return value.owner.name == "llvm.mlir.undef"
+    while (owner := _defining_op(value)) is not None and owner.name in _VIEWS:
+        value = owner.operands[0]
+    return owner is not None and owner.name == "llvm.mlir.undef"
 
 
 def _fills_one_fresh_accumulator(op) -> bool:
