@@ -61,7 +61,7 @@ _TUNE = flags.DEFINE_bool("tune", False, "sweep the kernel's schedules per shape
                           "and record the fastest in the kernel block cache where it beats, in the rounds, the blocks "
                           "the kernel took before")
 _WITH_OPTION = flags.DEFINE_multi_string("with_option", [], "with --tune, sweep only the first candidate and those "
-                                         "with any of these blocks options set (e.g. overwrite_partials)")
+                                         "with any of these blocks options set (e.g. cluster_m)")
 _RECORD = flags.DEFINE_bool("record", False, "record each shape's rates in the rounds, the kernel's (on its cached "
                             "blocks, or --tune's) and cuBLASLt's, in the kernel block cache: the model's projections "
                             "take the faster (--tune records them too)")

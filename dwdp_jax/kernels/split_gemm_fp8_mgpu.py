@@ -40,7 +40,9 @@ chained pipelines wait on each other. Carrying the running sums through the wgmm
 (rescaled to each K block's scales before its wgmma, no fresh partial: no zero fill, half the registers) ran 4-8%
 faster on H100 but erred 3.0e-3 (q_a+kv_a) and 5.0e-3 (the shared expert's SwiGLU) against 1.7e-3 and 9e-4 promoted:
 the tensor cores add every product into the large sum at their reduced precision, the loss the promotion exists to
-avoid.
+avoid. Leaving the fresh partial unfilled and issuing its first wgmma with scale-d off (DeepGEMM's way; Mosaic GPU
+zero-fills every accumulator and always accumulates, so it took a hook in Mosaic GPU's lowering) measured no gain on
+H100 side by side in rounds: 1.007x timed and 0.987x per SM clock (gate/up), 0.994x in the sweep (down).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
-from dwdp_jax.kernels import fp8, tuning, wgmma_overwrite
+from dwdp_jax.kernels import fp8, tuning
 from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, interpret_params, store_block
 
@@ -127,10 +129,6 @@ class Fp8Blocks(PipelinedTiles):
     # steps, so their chained pipelines stay in phase. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only (`pytest -m gpu` runs every swept candidate).
     cluster_m: bool = False
-    # Each K block's fresh partials are not zero-filled: the first wgmma into each overwrites it (PTX's scale-d off,
-    # DeepGEMM's way), which saves a compute thread one register move per partial register and K block
-    # (`wgmma_overwrite`). A lowering change: interpret mode computes the same product either way.
-    overwrite_partials: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -447,7 +445,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
                           interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, width), out_dtype),
         grid=(b.num_sms // 2 if b.clustered else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
-        thread_name="wg", kernel_name=wgmma_overwrite.kernel_name(NAME, b.overwrite_partials), **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
+        thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None)
     out = kernel(sched, x_pad, xs_pad, *(a for ws in slabs for w in ws for a in w))

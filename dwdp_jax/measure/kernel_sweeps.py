@@ -75,9 +75,7 @@ FP8_CANDIDATES = (FP8_BLOCKS, Blocks(block_k=128, num_stages=4, group_m=16, per_
 # and the output); down, the default's store through the swizzled view; both, the column halves in clusters of two
 # (unchained: a third less L2 traffic per CTA and K step); the row halves' full tiles stored through a swizzled view;
 # the default chained in clusters of two (down: also through the swizzled view), on one row tile with the x tile
-# multicast (`cluster_n`) or on a pair of a group's row tiles with the weight tile multicast (`cluster_m`); the
-# default, the column halves and the row split with each K block's partials overwritten by their first wgmma instead
-# of zero-filled (`overwrite_partials`).
+# multicast (`cluster_n`) or on a pair of a group's row tiles with the weight tile multicast (`cluster_m`).
 FP8_MGPU_CANDIDATES = {
     fused: [default, wide, dataclasses.replace(wide, max_concurrent_steps=other, chain=other in (2, 4)), narrow]
     + [dataclasses.replace(narrow, chain=False, **kw)
@@ -92,7 +90,6 @@ FP8_MGPU_CANDIDATES = {
              dataclasses.replace(default, swizzled_store=True, cluster_m=True)])
     + [dataclasses.replace(narrow, swizzled_store=True), dataclasses.replace(default, cluster_n=True),
        dataclasses.replace(default, cluster_m=True)]
-    + [dataclasses.replace(b, overwrite_partials=True) for b in (default, wide, narrow)]
     for fused, default, wide, narrow, other, most in (
         (True, ONE_PARTIAL_FP8_BLOCKS, WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS, 2, 6),
         (False, BY_ROW_BLOCK_FP8_BLOCKS, WG_COLS_FP8_BLOCKS, DEFAULT_FP8_BLOCKS, 3, 5))
@@ -106,8 +103,7 @@ def dense_fp8_candidates(k: int) -> list:
     64-row block at a time, through the plain or the swizzled view: the short-K projections' outputs, kv_b's 2 GB at
     32768 rows, are most of their bytes), over the width padded to their 256-column tiles where it is not a multiple
     (`dense_fp8.computed_width`); the defaults and the latter two in clusters of two on adjacent row tiles, the
-    weight tile multicast (`Fp8Blocks.cluster_m`); the defaults and the column halves by row block with the partials
-    overwritten by their first wgmma (`Fp8Blocks.overwrite_partials`)."""
+    weight tile multicast (`Fp8Blocks.cluster_m`)."""
     base = dense_fp8.default_blocks(k)
     cols = dense_fp8.chained_steps(dataclasses.replace(dense_fp8.DEFAULT_DENSE_BLOCKS, wg_cols=True,
                                                        max_concurrent_steps=2), k)
@@ -117,22 +113,20 @@ def dense_fp8_candidates(k: int) -> list:
         dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
         dataclasses.replace(base, swizzled_store=True), dataclasses.replace(base, cluster_m=True),
         cols, by_block, dataclasses.replace(by_block, swizzled_store=True)] + [
-        dataclasses.replace(by_block, cluster_m=True, swizzled_store=s) for s in (False, True)] + [
-        dataclasses.replace(b, overwrite_partials=True) for b in (base, by_block)]
+        dataclasses.replace(by_block, cluster_m=True, swizzled_store=s) for s in (False, True)]
 
 
 def swiglu_fp8_candidates(k: int) -> list:
     """The FP8 MLP's fused gate/up (`dense_fp8.swiglu_hidden`; `experiments.bench_fp8_dense --tune --mlp`): its
     defaults (one partial at a time at 128 columns of gate and of up) in windows of 8, 16 and 32 row tiles,
     unchained, column-block-major, with x's fragments read once into registers, in clusters of two sharing the x
-    tile; the grouped kernel's other fused tilings (the column halves, 64 columns of each) in the defaults' windows;
-    the defaults with the partials overwritten by their first wgmma (`Fp8Blocks.overwrite_partials`)."""
+    tile; the grouped kernel's other fused tilings (the column halves, 64 columns of each) in the defaults' windows."""
     base = dense_fp8.default_blocks(k, fused=True)
     return [dataclasses.replace(base, group_m=g) for g in (8, 16, 32)] + [
         dataclasses.replace(base, chain=False), dataclasses.replace(base, group_m=0, per_group=False),
         dataclasses.replace(base, x_in_registers=True), dataclasses.replace(base, cluster_n=True)] + [
         dense_fp8.chained_steps(dataclasses.replace(b, group_m=base.group_m), k)
-        for b in (WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS)] + [dataclasses.replace(base, overwrite_partials=True)]
+        for b in (WG_COLS_FUSED_FP8_BLOCKS, FUSED_FP8_BLOCKS)]
 
 
 def swept(candidates, options: list[str]) -> list:
