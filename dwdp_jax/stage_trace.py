@@ -53,6 +53,17 @@ def stage_of(op_name: str) -> str:
     return "other"
 
 
+def event_op_name(ops: dict[str, str], op: str | None, kernel: str) -> str:
+    """The op_name of the instruction a trace event ran: its `hlo_op`'s, or where that has none (a kernel inside an
+    XLA command buffer, whose events name the buffer) the fusion the kernel is named after: XLA names a fusion's
+    kernel after the instruction with its '.' as '_' (loop_add_fusion.1 -> loop_add_fusion_1). Library kernels
+    (cuBLAS's) and memsets in a command buffer keep none."""
+    if op in ops:
+        return ops[op]
+    m = re.fullmatch(r"(.+)_(\d+)", kernel)
+    return ops.get(f"{m.group(1)}.{m.group(2)}" if m else kernel, ops.get(kernel, ""))
+
+
 def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple]]:
     """{device: [(start_ns, end_ns, program_id, hlo_module, hlo_op, event name)]} of the kernels in a trace: GPU
     device planes (`/device:GPU:<n>`), or on CPU the host plane's XLA thunks (tagged with `device_ordinal`)."""
@@ -108,7 +119,7 @@ def breakdown(kernels: dict[int, list], scopes: dict[int | str, dict[str, str]])
             else:
                 ops = scopes.get(program, scopes.get(module))
                 undumped += ops is None
-                stage = stage_of((ops or {}).get(op, ""))
+                stage = stage_of(event_op_name(ops or {}, op, name))
             by_stage[stage].append((start, end))
         span = max(e for _, e, *_ in events) - min(s for s, *_ in events)
         busy = merged_ns([iv for stage, ivs in by_stage.items() if stage != "copy" for iv in ivs])
@@ -123,8 +134,8 @@ def top_kernels(events: list[tuple], scopes: dict[int | str, dict[str, str]], n:
     instruction, op_name, kernel names, launches and summed milliseconds, costliest first."""
     totals: dict[tuple, dict[str, Any]] = {}
     for start, end, program, module, op, name in events:
-        op_name = (scopes.get(program, scopes.get(module)) or {}).get(op, "")
-        row = totals.setdefault((module, op), {"stage": "copy" if _is_copy(name) else stage_of(op_name),
+        op_name = event_op_name(scopes.get(program, scopes.get(module)) or {}, op, name)
+        row = totals.setdefault((module, op, op_name), {"stage": "copy" if _is_copy(name) else stage_of(op_name),
                                                "hlo_op": op, "op_name": op_name, "kernels": set(), "calls": 0,
                                                "ms": 0.0})
         row["kernels"].add(name)

@@ -45,6 +45,24 @@ def test_breakdown_counts_span_busy_idle_and_stages_per_device():
     assert stage_trace.breakdown(kernels, by_name)[0]["stages_ms"] == {"attention": 4.0}
 
 
+def test_kernels_inside_a_command_buffer_take_the_stage_of_the_fusion_they_are_named_after():
+    """XLA's command buffers: each kernel's event names the buffer (no op_name); a fusion's kernel is named after its
+    instruction ('.' as '_'), so it finds its stage; a library kernel in the buffer stays "other"."""
+    scopes = {7: {"loop_add_fusion.1": "jit(f)/moe_combine/add", "loop_convert_fusion": "jit(f)/router/convert",
+                  "fusion.253": "jit(f)/shared_expert/mul"}}
+    kernels = {0: [(0, 1_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_1"),
+                   (1_000_000, 2_000_000, 7, "jit_f", "command_buffer_44", "loop_convert_fusion"),
+                   (2_000_000, 3_000_000, 7, "jit_f", "command_buffer_44", "fusion_253"),
+                   (3_000_000, 4_000_000, 7, "jit_f", "command_buffer_44", "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
+                   (4_000_000, 5_000_000, 7, "jit_f", "command_buffer_44", "fusion_9")]}
+    t = stage_trace.breakdown(kernels, scopes)[0]
+    assert t["stages_ms"] == {"moe_combine": 1.0, "router": 1.0, "shared_expert": 1.0, "other": 2.0}
+    rows = stage_trace.top_kernels(kernels[0], scopes, 10)
+    assert {(r["stage"], r["op_name"]) for r in rows} == {
+        ("moe_combine", "jit(f)/moe_combine/add"), ("router", "jit(f)/router/convert"),
+        ("shared_expert", "jit(f)/shared_expert/mul"), ("other", "")}
+
+
 def test_top_kernels_sum_each_instruction_and_sort_by_time():
     scopes = {7: {"a": "jit(f)/attention/dot", "g": "jit(f)/moe_gmm/custom-call"}}
     events = [(0, 4_000_000, 7, "jit_f", "a", "k_a"), (5_000_000, 6_000_000, 7, "jit_f", "g", "k_g"),
