@@ -367,19 +367,24 @@ def test_deleted_copy_engine_releases_its_slots(params):
     assert transport() is None and slot() is None
 
 
+def _moe_layer_args(engine) -> tuple:
+    """`stages.moe_layer`'s arguments for rank 0's first MoE layer over a 3-token batch (x abstract)."""
+    batch = pack([[1, 2, 3]], budget=BUDGET)
+    w = engine.ranks[0]
+    segment_ids, positions = jax.device_put((batch.segment_ids_T, batch.positions_T), w.device)
+    embed = w.weights.embed_VD
+    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), embed.dtype, sharding=embed.sharding)
+    return (engine.graphs.moe, w.weights.moe_states[0], x, segment_ids, positions,
+            engine._view(0, 0, engine.transport.remote_specs(0)))
+
+
 def test_copy_engine_fences_order_the_moe_program(params):
     """The lowered MoE program: the wait fence's token passes an optimization barrier with every expert weight (no
     weight is read except through it), and the issue fence takes the layer's output (so it runs after the reads)."""
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2),
                         options=DwdpOptions(transport="copy_engine"))
-    batch = pack([[1, 2, 3]], budget=BUDGET)
-    w = engine.ranks[0]
-    args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
-    embed = w.weights.embed_VD
-    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), embed.dtype, sharding=embed.sharding)
-    text = stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
-                                  engine._view(0, 0, engine.transport.remote_specs(0)),
-                                  hook=engine.transport.hook(0)).as_text()
+    args = _moe_layer_args(engine)
+    text = stages.moe_layer.lower(*args, hook=engine.transport.hook(0)).as_text()
     calls = re.findall(r"(%\d+) = stablehlo.custom_call @\w*callback\w*\((%\w+)\)", text)
     assert len(calls) == 2
     (wait_token, _), (issue_token, issued_after) = calls
@@ -397,9 +402,7 @@ def test_copy_engine_fences_order_the_moe_program(params):
     # the issue fence takes the layer output, and the program returns that output through the fence's barrier
     assert issued_after in final and final.split("=")[0].strip().split(":")[0] + "#0" in returned
     with pytest.raises(ValueError, match=r"issue_after must be one of \('moe', 'attention'\), got 'early'"):
-        stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
-                               engine._view(0, 0, engine.transport.remote_specs(0)),
-                               hook=engine.transport.hook(0), issue_after="early")
+        stages.moe_layer.lower(*args, hook=engine.transport.hook(0), issue_after="early")
 
 
 def test_the_moe_layers_residual_add_is_the_combine_stage(params):
@@ -409,15 +412,10 @@ def test_the_moe_layers_residual_add_is_the_combine_stage(params):
     from dwdp_jax import stage_trace
 
     engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2))
-    batch = pack([[1, 2, 3]], budget=BUDGET)
-    w = engine.ranks[0]
-    args = jax.device_put((batch.tokens_T, batch.segment_ids_T, batch.positions_T), w.device)
-    embed = w.weights.embed_VD
-    x = jax.ShapeDtypeStruct((batch.budget, CFG.hidden_size), embed.dtype, sharding=embed.sharding)
-    module = stages.moe_layer.lower(engine.graphs.moe, w.weights.moe_states[0], x, *args[1:],
-                                    engine._view(0, 0, engine.transport.remote_specs(0))).compiler_ir()
+    module = stages.moe_layer.lower(*_moe_layer_args(engine)).compiler_ir()
     main = next(op for op in module.body.operations if str(op.attributes["sym_name"]) == '"main"')
-    returned = main.regions[0].blocks[0].operations[len(main.regions[0].blocks[0].operations) - 1]
+    body = main.regions[0].blocks[0].operations
+    returned = body[len(body) - 1]
     out = returned.operands[0].owner
     name = re.search(r'loc\("([^"]+)"', str(out.location)).group(1)
     assert out.name == "stablehlo.add" and stage_trace.stage_of(name) == "moe_combine", (out.name, name)
