@@ -224,10 +224,10 @@ def main(argv):
             kept = blocks if gb.confirmed(name, got, "block_scaled", metrics) else before
             how = f"experiments.bench_fp8_dense {datetime.date.today()}, {t} rows"
             tuning.record(dense_fp8.NAME_TUNED, device.device_kind, k, dense_fp8.padded_width(n), False, t, kept,
-                          got["block_scaled" if kept == blocks else "block_scaled_before"]["tflops"], how)
+                          gb.recorded_tflops(got, "block_scaled" if kept == blocks else "block_scaled_before"), how)
             if "cublaslt" in got:
                 tuning.record(cublaslt_fp8.KERNEL, device.device_kind, k, dense_fp8.padded_width(n), False, t,
-                              cublaslt_fp8.Blocks(), got["cublaslt"]["tflops"], how)
+                              cublaslt_fp8.Blocks(), gb.recorded_tflops(got, "cublaslt"), how)
         # the roofline at FP8: cuBLAS's rate, the bytes of x, the weight and the bf16 output once each
         secs = max(2 * t * k * n / (got["dense"]["tflops"] * 1e12), (t * k + k * n + 2 * t * n) / hbm)
         metrics[f"{name}_roofline_over_cublas_fp8"] = 2 * t * k * n / secs / (got["dense"]["tflops"] * 1e12)

@@ -183,7 +183,7 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
         how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew "
                f"{_SKEW.value}, groups aligned to {_ALIGN.value} rows")
         tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, kept,
-                      runs["rounds"][c if kept == best[kernel] else f"{c}_before"]["tflops"], how)
+                      gb.recorded_tflops(runs["rounds"], c if kept == best[kernel] else f"{c}_before"), how)
     # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)
     metrics[f"{name}_fp8_roofline_over_dense_fp8"] = gb.grouped_gemm_roofline(
         sizes, k, cols, n, runs["rounds"]["dense_fp8"]["tflops"] * 1e12, gb.hbm_gbps() * 1e9,

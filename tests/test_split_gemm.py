@@ -160,6 +160,24 @@ def test_round_robin_takes_each_rounds_dense_reading_and_clocks():
     assert got["dense"]["over_dense"] == 1.0 and got["dense"]["sm_clock_mhz"] == 1250
 
 
+def test_recorded_rates_rank_two_cases_as_their_per_round_ratios_do():
+    """Clocks that move between rounds can order two cases' median rates against their per-round ratios (a faster
+    in two rounds of three, b's median rate higher). What a benchmark records (`recorded_tflops`) follows the ratios,
+    and `confirmed` keeps a sweep's pick only where its ratio beats the blocks before it."""
+    from dwdp_jax.measure.gpu_bench import confirmed, recorded_tflops
+
+    # per round: dense, a, b; a is faster in two of the three rounds
+    readings = iter({"tflops": v} for v in (100.0, 90.0, 60.0, 50.0, 40.0, 45.0, 50.0, 40.0, 30.0))
+    got = round_robin_over_dense({"a": None, "b": None}, None, rounds=3, measure=lambda case: next(readings))
+    assert got["a"]["tflops"] < got["b"]["tflops"]  # median rates 40 against 45 ...
+    assert got["a"]["over_dense"] > got["b"]["over_dense"]  # ... median ratios 0.8 against 0.6
+    assert recorded_tflops(got, "a") == pytest.approx(40.0) and recorded_tflops(got, "b") == pytest.approx(30.0)
+    metrics = {}
+    got["b_before"] = got.pop("a")
+    assert not confirmed("x", got, "b", metrics) and metrics["x_tuned_over_before"] < 1
+    assert confirmed("x", {"b": got["b"]}, "b", {})  # nothing displaced
+
+
 def test_uniform_routing_group_sizes_are_balanced():
     from dwdp_jax.measure.gpu_bench import skewed_group_sizes, uniform_group_sizes
 

@@ -285,6 +285,13 @@ def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dens
     return out
 
 
+def recorded_tflops(got: dict, case: str) -> float:
+    """The rate to record for a case of `round_robin_over_dense`'s rounds: its median ratio to each round's dense
+    GEMM times the dense GEMM's median rate. Two cases of one run so recorded compare as their per-round ratios do;
+    their own median rates can order them otherwise when the clocks move between rounds."""
+    return got[case]["over_dense"] * got["dense"]["tflops"]
+
+
 def confirmed(name: str, got: dict, case: str, metrics: dict) -> bool:
     """Whether a sweep's fastest blocks (`case` in `round_robin_over_dense`'s `got`) beat, in the same rounds, the
     blocks they would replace (`case`_before, timed where they differ): a sweep times each candidate once, in turn,
