@@ -60,8 +60,7 @@ def event_op_name(ops: dict[str, str], op: str | None, kernel: str) -> str:
     (cuBLAS's) and memsets in a command buffer keep none."""
     if op in ops:
         return ops[op]
-    m = re.fullmatch(r"(.+)_(\d+)", kernel)
-    return ops.get(f"{m.group(1)}.{m.group(2)}" if m else kernel, ops.get(kernel, ""))
+    return ops.get(re.sub(r"_(\d+)$", r".\1", kernel), ops.get(kernel, ""))
 
 
 def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple]]:

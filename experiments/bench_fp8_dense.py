@@ -178,6 +178,8 @@ def tune(name: str, candidates, case) -> tuple:
 
 def main(argv):
     del argv
+    if _WITH_OPTION.value and not _TUNE.value:
+        raise app.UsageError("--with_option narrows the sweep: it needs --tune")
     swept(dense_fp8_candidates(fp8.BLOCK), _WITH_OPTION.value)  # a misspelt option fails before any device work
     device = jax.devices()[0]
     if not dense_fp8.on_kernel(jnp.zeros((1, 128), jnp.bfloat16), gb.block_scaled_weight(128, 128), device):

@@ -177,11 +177,11 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
             if "dense_fp8_block_scaled" in got:
                 metrics[f"{name}_{run}_{c}_over_dense_fp8_block_scaled"] = (
                     got[c]["over_dense"] / got["dense_fp8_block_scaled"]["over_dense"])
+    how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew {_SKEW.value}, "
+           f"groups aligned to {_ALIGN.value} rows")
     for kernel in _KERNELS.value if _TUNE.value and _SWEEP.value else ():
         c = f"fp8_split_{kernel}"
         kept = best[kernel] if gb.confirmed(f"{name}_{kernel}", runs["rounds"], c, metrics) else before[kernel]
-        how = (f"experiments.bench_fp8_gemm {datetime.date.today()}, {_EXPERTS.value} groups, skew "
-               f"{_SKEW.value}, groups aligned to {_ALIGN.value} rows")
         tuning.record(KERNELS[kernel].tuned_name, kind, k, n, fused, real, kept,
                       gb.recorded_tflops(runs["rounds"], c if kept == best[kernel] else f"{c}_before"), how)
     # the roofline at FP8: the rounds' dense FP8 rate, every operand one byte (the bf16 output aside)

@@ -141,9 +141,10 @@ def test_bench_grouped_gemm_exits_2_on_cpu_or_tune_without_sweep(flags, message)
     ("bench_attention", "--backends=tokamax,flash", "--backends: unknown ['flash']"),
     ("bench_fp8_gemm", "--rel_tol=-1", "rel_tol"),
     ("bench_fp8_gemm", "--with_option=overwrite", "with_option ['overwrite']: not fields of"),
-    ("bench_fp8_dense", "--with_option=overwrite", "with_option ['overwrite']: not fields of Fp8Blocks"),
+    ("bench_fp8_dense", "--tune --with_option=overwrite", "with_option ['overwrite']: not fields of Fp8Blocks"),
+    ("bench_fp8_dense", "--with_option=cluster_m", "--with_option narrows the sweep: it needs --tune"),
 ])
 def test_gpu_benchmarks_refuse_bad_flags_before_any_device_work(module, flag, message):
-    proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", flag], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", *flag.split()], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr and "needs a GPU" not in proc.stderr, proc.stderr[-2000:]
