@@ -50,6 +50,26 @@ def test_weight_scales_padded_to_four_k_blocks_with_zeros():
     assert cublaslt_fp8.padded_weight_scales(s[:, :4]).shape == (2, 4)
 
 
+def test_plans_take_a_handle_per_device_and_a_plan_per_device_and_shape():
+    """One process drives a program per GPU: a handle made on one device must not launch on another, so each
+    device gets its own, made in its first call there, and its plans are built with it."""
+    device, handles = [0], []
+
+    def create_handle():
+        handles.append(100 + len(handles))
+        return handles[-1]
+
+    plans = cublaslt_fp8.Plans(create_handle, lambda handle, *shape: (handle, *shape), lambda: device[0])
+    first = plans.get(256, 384, 192, 11, 12)
+    assert first == (100, 256, 384, 192, 11, 12) and plans.get(256, 384, 192, 21, 22) is first
+    device[0] = 1
+    assert plans.get(256, 384, 192, 31, 32) == (101, 256, 384, 192, 31, 32)
+    assert plans.get(128, 384, 192, 41, 42)[0] == 101
+    device[0] = 0
+    assert plans.get(128, 384, 192, 51, 52)[0] == 100 and plans.get(256, 384, 192, 0, 0) is first
+    assert handles == [100, 101] and len(plans.plans) == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,k,n", [(4096 + 76, 7168, 576), (4096, 1536, 3072), (2048 + 128, 16384, 1024),
                                    (1024, 640, 256)], ids=["kv_a", "q_b_part", "o_part", "k_5_blocks"])

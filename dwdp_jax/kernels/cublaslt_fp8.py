@@ -103,7 +103,6 @@ class _Lt:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = i32, args
         self.lib, self.path, self.version = lib, path, int(lib.cublasLtGetVersion())
-        self.handle = self.create("cublasLtCreate")
 
     def check(self, call: str, status: int) -> None:
         if status:
@@ -185,11 +184,12 @@ def check_operands(x_TK: jax.Array, x_scale_ST: jax.Array, w: fp8.BlockScaled) -
 
 
 class _Plan:
-    """One shape's matmul descriptor, layouts and algorithm (the heuristic's first), built on first use, with that
-    call's scale pointers set before the heuristic (cuBLAS 13.1 refuses block scale modes without them: status 7)."""
+    """One device's and shape's handle, matmul descriptor, layouts and algorithm (the heuristic's first), built on
+    first use, with that call's scale pointers set before the heuristic (cuBLAS 13.1 refuses block scale modes
+    without them: status 7)."""
 
-    def __init__(self, lt: _Lt, t: int, k: int, n: int, w_scale: int, x_scale: int):
-        self.lt = lt
+    def __init__(self, lt: _Lt, handle: int, t: int, k: int, n: int, w_scale: int, x_scale: int):
+        self.lt, self.handle = lt, handle
         self.desc = lt.create("cublasLtMatmulDescCreate", _CUBLAS_COMPUTE_32F, _CUDA_R_32F)
         for attr, value in ((_DESC_TRANSA, _CUBLAS_OP_T), (_DESC_TRANSB, _CUBLAS_OP_N),
                             (_DESC_A_SCALE_MODE, _SCALE_BLK128x128_32F), (_DESC_B_SCALE_MODE, _SCALE_VEC128_32F)):
@@ -203,7 +203,7 @@ class _Plan:
                ctypes.c_uint64(WORKSPACE_BYTES))
         result, count = _HeuristicResult(), ctypes.c_int(0)
         lt.check("cublasLtMatmulAlgoGetHeuristic", lt.lib.cublasLtMatmulAlgoGetHeuristic(
-            lt.handle, self.desc, self.a, self.b, self.d, self.d, pref, 1, ctypes.byref(result), ctypes.byref(count)))
+            handle, self.desc, self.a, self.b, self.d, self.d, pref, 1, ctypes.byref(result), ctypes.byref(count)))
         if count.value < 1:
             raise RuntimeError(f"cuBLASLt {lt.version} has no block-scaled FP8 algorithm for T={t}, K={k}, N={n}")
         self.algo = (ctypes.c_uint64 * 8).from_buffer_copy(result.algo)
@@ -219,19 +219,51 @@ class _Plan:
         with self.lock:
             self.set_scales(w_scale, x_scale)
             lt.check("cublasLtMatmul", lt.lib.cublasLtMatmul(
-                lt.handle, self.desc, ctypes.byref(self.alpha), w, self.a, x, self.b, ctypes.byref(self.beta), out,
+                self.handle, self.desc, ctypes.byref(self.alpha), w, self.a, x, self.b, ctypes.byref(self.beta), out,
                 self.d, out, self.d, ctypes.byref(self.algo), workspace, WORKSPACE_BYTES, stream))
 
 
-_PLANS: dict[tuple[int, int, int], _Plan] = {}
-_PLANS_LOCK = threading.Lock()
+class Plans:
+    """The plans of one process: a cuBLASLt handle per CUDA device (a handle belongs to the device current at its
+    creation, and one process runs a program per GPU) and a plan per device and shape, each built in its first
+    call on that device (`create_handle()`, `make_plan(handle, t, k, n, w_scale, x_scale)`)."""
+
+    def __init__(self, create_handle, make_plan, current_device):
+        self.create_handle, self.make_plan, self.current_device = create_handle, make_plan, current_device
+        self.handles: dict[int, int] = {}
+        self.plans: dict[tuple[int, int, int, int], _Plan] = {}
+        self.lock = threading.Lock()
+
+    def get(self, t: int, k: int, n: int, w_scale: int, x_scale: int) -> _Plan:
+        device = self.current_device()
+        with self.lock:
+            if device not in self.handles:
+                self.handles[device] = self.create_handle()
+            if (device, t, k, n) not in self.plans:
+                self.plans[device, t, k, n] = self.make_plan(self.handles[device], t, k, n, w_scale, x_scale)
+            return self.plans[device, t, k, n]
 
 
-def _plan(t: int, k: int, n: int, w_scale: int, x_scale: int) -> _Plan:
-    with _PLANS_LOCK:
-        if (t, k, n) not in _PLANS:
-            _PLANS[t, k, n] = _Plan(_lt(), t, k, n, w_scale, x_scale)
-        return _PLANS[t, k, n]
+def _current_device() -> int:
+    """The CUDA device of the calling thread's current context: XLA makes the executing device's context current
+    around its custom calls."""
+    cuda = _driver()
+    device = ctypes.c_int(-1)
+    status = cuda.cuCtxGetDevice(ctypes.byref(device))
+    if status:
+        raise RuntimeError(f"cuBLASLt: cuCtxGetDevice returned status {status} (no current CUDA context)")
+    return device.value
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.cache
+def _plans() -> Plans:
+    lt = _lt()
+    return Plans(functools.partial(lt.create, "cublasLtCreate"), functools.partial(_Plan, lt), _current_device)
 
 
 def _address(buffer) -> int:
@@ -243,8 +275,9 @@ def _callback(t: int, k: int, n: int):
         out, workspace = outs
         base = _address(workspace)
         w_scale_ptr, x_scale_ptr = _address(w_scale), _address(x_scale)
-        _plan(t, k, n, w_scale_ptr, x_scale_ptr).launch(ctx.stream, _address(out), _address(x), x_scale_ptr,
-                                                        _address(w), w_scale_ptr, base + (-base) % _WORKSPACE_ALIGN)
+        plan = _plans().get(t, k, n, w_scale_ptr, x_scale_ptr)
+        plan.launch(ctx.stream, _address(out), _address(x), x_scale_ptr, _address(w), w_scale_ptr,
+                    base + (-base) % _WORKSPACE_ALIGN)
 
     return run
 
