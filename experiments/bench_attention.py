@@ -8,7 +8,9 @@ output is checked first against an fp32 reference on sampled query rows of every
 the check gets no rate and the run exits 1. Each backend is timed twice, with the SM clock read after each: in a
 burst from idle (`--burst_idle_s`; the clocks short runs and public kernel figures get) and after `--sustain_s` of
 load (the clocks serving gets: an H200's power cap lowers them within a second, most for the kernels that keep the
-tensor cores busiest).
+tensor cores busiest). tokamax's rows also carry the share of its tiles' work the count takes (`tile_share`:
+a tile of 128 query rows walks every key block from its rows' first sequence start to its diagonal,
+`attention_tokamax.visited_pairs`) and its rate over all the pairs its tiles computed (`visited_tflops`).
 
   python -m experiments.bench_attention           # on a GPU; writes results/bench_attention/<run>.json
   python -m experiments.bench_attention --tune    # also sweeps both Mosaic GPU kernels' blocks per token count and
@@ -258,6 +260,11 @@ def main(argv):
             metrics[f"{name}_{backend}_over_roofline"] = flops / seconds / 1e12 / _PEAK.value
             if own != 1.0:
                 metrics[f"{name}_{backend}_tflops_own_widths"] = own * flops / seconds / 1e12
+            if backend.startswith("tokamax"):  # the share of its tiles' work the FLOP count takes
+                share = sum(n * n for n in lengths) / 2 / tk.visited_pairs(
+                    lengths, tk.blocks_for(sum(lengths), qk, vd, device.device_kind))
+                metrics[f"{name}_{backend}_tile_share"] = share
+                metrics[f"{name}_{backend}_visited_tflops"] = flops / seconds / 1e12 / share
             b = f"{name}_{backend}_burst"
             burst = "" if b + "_tflops" not in metrics else (
                 f"  burst {metrics[b + '_tflops']:.1f} [{metrics[b + '_min_tflops']:.1f}, "

@@ -146,6 +146,24 @@ def test_default_and_candidate_blocks_fit_shared_memory():
     assert tk.default_blocks(256, 256).block_kv == 64
 
 
+def test_visited_pairs_follow_the_kernels_tiles():
+    """A sequence of whole 128-row tiles visits tile i's (i + 1) key blocks of 128; packed sequences on tile
+    boundaries visit what each would alone; a tile straddling two sequences walks the earlier one's keys too; never
+    fewer pairs than the causal ones."""
+    b = tk.Blocks()  # 64 x 128: 128 query rows a tile
+    assert tk.visited_pairs([1024], b) == sum(128 * 128 * (i + 1) for i in range(8))
+    aligned = (1024, 384, 2048)
+    assert tk.visited_pairs(aligned, b) == sum(tk.visited_pairs([n], b) for n in aligned)
+    # 1000 + 24: the tile of rows 896-1023 starts at sequence 0 and also holds sequence 1's 24 rows
+    assert tk.visited_pairs([1000, 24], b) == tk.visited_pairs([1024], b)
+    assert tk.visited_pairs([1000, 1048], b) > tk.visited_pairs([1024, 1024], b)
+    assert tk.visited_pairs([1000, 1048], b) - tk.visited_pairs([1024, 1024], b) == 8 * 128 * 128
+    for lengths in ((1,), (7, 300, 1), (4001, 7000, 3500, 8191, 6000, 4076)):
+        for blocks in (b, tk.Blocks(128, 64, 2, False)):
+            assert tk.visited_pairs(lengths, blocks) >= sum(n * n for n in lengths) / 2
+    assert tk.visited_pairs([1], b) == 128 * 128
+
+
 def test_blocks_come_from_the_cache_nearest_in_tokens(tmp_path, monkeypatch):
     path = tmp_path / "blocks.json"
     monkeypatch.setenv("DWDP_KERNEL_BLOCKS", str(path))

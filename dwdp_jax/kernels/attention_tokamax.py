@@ -25,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dwdp_jax.kernels import tuning
 
@@ -79,6 +80,21 @@ def blocks_for(tokens: int, qk_dim: int, v_dim: int, device_kind: str) -> Blocks
     """The cached blocks of this card and head widths nearest in tokens, else the heuristic."""
     cached = tuning.lookup(KERNEL, Blocks, device_kind, qk_dim, v_dim, False, tokens)
     return cached if cached is not None and fits(cached, qk_dim, v_dim) else default_blocks(qk_dim, v_dim)
+
+
+def visited_pairs(lengths, b: Blocks) -> int:
+    """Query-key pairs a head's tiles compute for sequences of these lengths packed in order: each CTA takes
+    `_COMPUTE_WARPGROUPS * block_q` query rows and walks the key blocks from its rows' lowest sequence start
+    (rounded down to block_kv) to its last row's diagonal (rounded up), masking the rest. A tile that straddles
+    two sequences walks the earlier one's keys for all its rows; the tiles along each diagonal compute their upper
+    triangle. Against the causal pairs (n^2 / 2 a sequence, as the FLOP count takes them): the share of the
+    tensor cores' work that counts."""
+    lengths = np.asarray(lengths, np.int64)
+    t, rows = int(lengths.sum()), _COMPUTE_WARPGROUPS * b.block_q
+    starts_T = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    first_Q = np.minimum.reduceat(starts_T, np.arange(0, t, rows)) // b.block_kv
+    last_Q = -(-np.minimum(np.arange(rows, t + rows, rows), t) // b.block_kv)
+    return int((last_Q - first_Q).sum()) * rows * b.block_kv
 
 
 def check_head_dims(qk_dim: int, v_dim: int) -> None:
