@@ -10,7 +10,8 @@ burst from idle (`--burst_idle_s`; the clocks short runs and public kernel figur
 load (the clocks serving gets: an H200's power cap lowers them within a second, most for the kernels that keep the
 tensor cores busiest). tokamax's rows also carry the share of its tiles' work the count takes (`tile_share`:
 a tile of 128 query rows walks every key block from its rows' first sequence start to its diagonal,
-`attention_tokamax.visited_pairs`) and its rates over all the pairs its tiles computed (`visited_tflops`, `burst_visited_tflops`).
+`attention_tokamax.visited_pairs`) and its rates over all the pairs its tiles computed (`visited_tflops`,
+`burst_visited_tflops`).
 
   python -m experiments.bench_attention           # on a GPU; writes results/bench_attention/<run>.json
   python -m experiments.bench_attention --tune    # also sweeps both Mosaic GPU kernels' blocks per token count and
@@ -265,8 +266,8 @@ def main(argv):
                     lengths, tk.blocks_for(sum(lengths), qk, vd, device.device_kind))
                 metrics[f"{name}_{backend}_tile_share"] = share
                 metrics[f"{name}_{backend}_visited_tflops"] = flops / seconds / 1e12 / share
-                if f"{name}_{backend}_burst_tflops" in metrics:
-                    metrics[f"{name}_{backend}_burst_visited_tflops"] = metrics[f"{name}_{backend}_burst_tflops"] / share
+                if (burst_key := f"{name}_{backend}_burst_tflops") in metrics:
+                    metrics[f"{name}_{backend}_burst_visited_tflops"] = metrics[burst_key] / share
             b = f"{name}_{backend}_burst"
             burst = "" if b + "_tflops" not in metrics else (
                 f"  burst {metrics[b + '_tflops']:.1f} [{metrics[b + '_min_tflops']:.1f}, "
