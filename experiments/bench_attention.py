@@ -261,14 +261,14 @@ def main(argv):
             metrics[f"{name}_{backend}_over_roofline"] = flops / seconds / 1e12 / _PEAK.value
             if own != 1.0:
                 metrics[f"{name}_{backend}_tflops_own_widths"] = own * flops / seconds / 1e12
+            b = f"{name}_{backend}_burst"
             if backend.startswith("tokamax"):  # the share of its tiles' work the FLOP count takes
                 share = sum(n * n for n in lengths) / 2 / tk.visited_pairs(
                     lengths, tk.blocks_for(sum(lengths), qk, vd, device.device_kind))
                 metrics[f"{name}_{backend}_tile_share"] = share
                 metrics[f"{name}_{backend}_visited_tflops"] = flops / seconds / 1e12 / share
-                if (burst_key := f"{name}_{backend}_burst_tflops") in metrics:
-                    metrics[f"{name}_{backend}_burst_visited_tflops"] = metrics[burst_key] / share
-            b = f"{name}_{backend}_burst"
+                if b + "_tflops" in metrics:
+                    metrics[b + "_visited_tflops"] = metrics[b + "_tflops"] / share
             burst = "" if b + "_tflops" not in metrics else (
                 f"  burst {metrics[b + '_tflops']:.1f} [{metrics[b + '_min_tflops']:.1f}, "
                 f"{metrics[b + '_max_tflops']:.1f}] TFLOP/s")
