@@ -13,8 +13,8 @@ one scale per tensor): 0.878 of it at the dense MLP's gate/up (7168 x 18432), 0.
 at kv_a (576 columns); the path it replaced (dequantize, then a bf16 GEMM) ran at 0.50-0.54.
 
 Where cuBLASLt's own block-scaled GEMM (`cublaslt_fp8`, cuBLAS 12.9 and later) timed faster at a shape on this card
-in `bench_fp8_dense`'s rounds (`--record` or `--tune`: both rates recorded in the block cache), a plain product (no `out_spread`,
-bf16 out) runs there instead (`library_faster`); without entries, the Mosaic GPU kernel.
+in `bench_fp8_dense`'s rounds (`--record` or `--tune`: both rates recorded in the block cache), a plain product (no
+`out_spread`, bf16 out) runs there instead (`library_faster`); without entries, the Mosaic GPU kernel.
 
 An output width that is not a multiple of 128 (kv_a_proj_with_mqa: 576) is padded to whole blocks with zero rows,
 which the partial block's scale leaves zero, and cut after the kernel. An MLP (`swiglu`) runs gate and up as the
