@@ -6,8 +6,9 @@ Table 1), `pareto` (e2e TPS/GPU vs TPS/user, Tables 5-6), `planner` (context GPU
 GPUs, calibrated), `memory` (which DWDP and DEP groups hold full-depth R1, FP8 experts or bf16, on which card),
 `projection` (full-depth R1 as released, DWDP8 against DEP8 on the calibrated card, context only).
 Every study that takes `hardware` also takes measured rates that replace the spec's (`fp8_gemm_tflops`,
-`fp8_grouped_gemm_tflops`, `fp8_grouped_gemm_down_tflops`, `attention_tflops`: unset keeps the spec's). Override any field with `--config.field=value`; lists are comma-separated strings. Every field is
-checked before any simulation runs: a bad one exits 2 naming it.
+`fp8_grouped_gemm_tflops`, `fp8_grouped_gemm_down_tflops`, `attention_tflops`: unset keeps the spec's). Override any
+field with `--config.field=value`; lists are comma-separated strings. Every field is checked before any simulation
+runs: a bad one exits 2 naming it.
 """
 
 from ml_collections import config_dict

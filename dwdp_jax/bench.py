@@ -108,7 +108,8 @@ def run(c, runtime_classes: dict[str, Callable] | None = None) -> dict[str, Any]
     path = results_lib.write_results(c.experiment, run_name, config=c, raw=s["raw"], metrics=summary,
                                      verification=s["verification"], root=c.results_root,
                                      hlo_collectives=s["hlo_collectives"], breakdown=s["breakdown"], routing_skew=skew,
-                                     model=dataclasses.asdict(p.cfg), placement=p.placement and dataclasses.asdict(p.placement),
+                                     model=dataclasses.asdict(p.cfg),
+                                     placement=p.placement and dataclasses.asdict(p.placement),
                                      failures=s["failures"], reference_noise=noise, timing=timing)
     if s["failures"]:
         raise RuntimeError(f"strategies failed (the others' results are in {path}): {s['failures']}")

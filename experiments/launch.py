@@ -68,7 +68,8 @@ def main(argv) -> int:
     if serving is not None:
         summary.update(completed=serving["completed"], requests=serving["requests"], lost=serving["lost"],
                        served_twice=serving["served_twice"], failures=[f["reason"] for f in serving["failures"]],
-                       per_group={g: (v["requests"] if "requests" in v else 0) for g, v in serving["per_group"].items()})
+                       per_group={g: (v["requests"] if "requests" in v else 0)
+                                  for g, v in serving["per_group"].items()})
     print(json.dumps(summary, indent=1))
     print(f"results: {path}")
     return 0 if ok else 1

@@ -1,6 +1,6 @@
-"""The figures command on CPU, from a fresh clone's results: every paper figure of the map in docs/results.md written, the
-missing simulator studies run by the command itself, unusable results files skipped with a reason, and the paper's
-values beside ours."""
+"""The figures command on CPU, from a fresh clone's results: every paper figure of the map in docs/results.md written,
+the missing simulator studies run by the command itself, unusable results files skipped with a reason, and the
+paper's values beside ours."""
 
 from __future__ import annotations
 

@@ -221,7 +221,8 @@ def _rebuild(template, name: str, arrays: dict[str, np.ndarray], put: Callable[[
 
 
 def _model_arrays(model: DeepseekV3) -> dict[str, jax.Array]:
-    return {k: a for p, v in nnx.to_flat_state(nnx.state(model)) for k, a in _leaves(_path_name(p), v.get_value()).items()}
+    return {k: a for p, v in nnx.to_flat_state(nnx.state(model))
+            for k, a in _leaves(_path_name(p), v.get_value()).items()}
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -123,7 +123,8 @@ def projection_study(cfg: ModelConfig, hw: HardwareSpec, workloads: dict[str, Wo
             for k, p in plans.items()}
     rows, metrics = [], {}
     for name, w in workloads.items():
-        results = {"dwdp": simulate.simulate_context(cfg, hw, dwdp, w), "dep": simulate.simulate_context(cfg, hw, dep, w)}
+        results = {"dwdp": simulate.simulate_context(cfg, hw, dwdp, w),
+                   "dep": simulate.simulate_context(cfg, hw, dep, w)}
         ratio = results["dwdp"].tps_per_gpu / results["dep"].tps_per_gpu
         rows.append({"workload": name, **{k: r.summary() for k, r in results.items()}, "dwdp_over_dep": ratio})
         metrics[name] = {"dwdp_tps_per_gpu": results["dwdp"].tps_per_gpu, "dep_tps_per_gpu": results["dep"].tps_per_gpu,

@@ -92,7 +92,8 @@ def _prop(ordinal: int, handle_type: int) -> _Prop:
 
 def _granularity(prop: _Prop) -> int:
     g = ctypes.c_size_t()
-    check(driver().cuMemGetAllocationGranularity(ctypes.byref(g), ctypes.byref(prop), 0), "cuMemGetAllocationGranularity")
+    check(driver().cuMemGetAllocationGranularity(ctypes.byref(g), ctypes.byref(prop), 0),
+          "cuMemGetAllocationGranularity")
     return g.value
 
 

@@ -2,8 +2,8 @@
 
 Each study runs exactly as `python -m experiments.simulate --config=configs/simulate.py:NAME` runs it
 (experiments.simulate.produce with that config) and writes the same results file. They are CPU-only and independent,
-so they run in worker processes, longest first, one per core. A study that cannot run here (calibration without GPU measurements) is
-reported with its reason and skipped; any other error is a bug and propagates.
+so they run in worker processes, longest first, one per core. A study that cannot run here (calibration without GPU
+measurements) is reported with its reason and skipped; any other error is a bug and propagates.
 """
 
 from __future__ import annotations
