@@ -146,7 +146,8 @@ def test_round_robin_measures_a_known_ratio():
     got = round_robin_over_dense({"twice": twice}, (fn, args, flops), rounds=5)
     assert 0 < got["twice"]["over_dense"] < 1, got
     assert got["twice"]["over_dense_min"] <= got["twice"]["over_dense"] <= got["twice"]["over_dense_max"]
-    assert got["dense"]["over_dense"] == 1.0 and got["dense"]["tflops"] > got["twice"]["tflops"] > 0
+    # the medians of the two rates come from different rounds: on a loaded CPU their order can flip, the ratio's not
+    assert got["dense"]["over_dense"] == 1.0 and got["dense"]["tflops"] > 0 and got["twice"]["tflops"] > 0
 
 
 def test_round_robin_takes_each_rounds_dense_reading_and_clocks():
