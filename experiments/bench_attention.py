@@ -241,8 +241,11 @@ def main(argv):
             for kernel in SWEPT:
                 raw[f"{name}_{kernel}_sweep"] = tune(name, kernel, lengths, q, k, v, seg, pos, refs, rows, flops,
                                                      device.device_kind, timing)
-        for kernel, (*_, blocks_for) in SWEPT.items():
-            raw[f"{name}_{kernel}_blocks"] = dataclasses.astuple(blocks_for(sum(lengths), qk, vd, device.device_kind))
+        blocks = {kernel: blocks_for(sum(lengths), qk, vd, device.device_kind)
+                  for kernel, (*_, blocks_for) in SWEPT.items()}
+        raw.update({f"{name}_{kernel}_blocks": dataclasses.astuple(b) for kernel, b in blocks.items()})
+        # the share of tokamax's tiles' work the FLOP count takes
+        tile_share = sum(n * n for n in lengths) / 2 / tk.visited_pairs(lengths, blocks["tokamax"])
         for backend, (fn, wide, own) in progress_bar(selected(backends(lengths, qk, vd)), name, "backend"):
             f = jax.jit(functools.partial(fn, scale=qk ** -0.5))
             args = (q, k, v_wide if wide else v, seg, pos)
@@ -262,13 +265,11 @@ def main(argv):
             if own != 1.0:
                 metrics[f"{name}_{backend}_tflops_own_widths"] = own * flops / seconds / 1e12
             b = f"{name}_{backend}_burst"
-            if backend.startswith("tokamax"):  # the share of its tiles' work the FLOP count takes
-                share = sum(n * n for n in lengths) / 2 / tk.visited_pairs(
-                    lengths, tk.blocks_for(sum(lengths), qk, vd, device.device_kind))
-                metrics[f"{name}_{backend}_tile_share"] = share
-                metrics[f"{name}_{backend}_visited_tflops"] = flops / seconds / 1e12 / share
+            if backend.startswith("tokamax"):
+                metrics[f"{name}_{backend}_tile_share"] = tile_share
+                metrics[f"{name}_{backend}_visited_tflops"] = flops / seconds / 1e12 / tile_share
                 if b + "_tflops" in metrics:
-                    metrics[b + "_visited_tflops"] = metrics[b + "_tflops"] / share
+                    metrics[b + "_visited_tflops"] = metrics[b + "_tflops"] / tile_share
             burst = "" if b + "_tflops" not in metrics else (
                 f"  burst {metrics[b + '_tflops']:.1f} [{metrics[b + '_min_tflops']:.1f}, "
                 f"{metrics[b + '_max_tflops']:.1f}] TFLOP/s")

@@ -405,22 +405,27 @@ def test_copy_engine_fences_order_the_moe_program(params):
         stages.moe_layer.lower(*args, hook=engine.transport.hook(0), issue_after="early")
 
 
+def _lowered_moe_layer(params):
+    """Rank 0's MoE program (DWDP over 2 ranks) as an MLIR module, and an op's name path (`jit(moe_layer)/...`)."""
+    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2))
+    module = stages.moe_layer.lower(*_moe_layer_args(engine)).compiler_ir()
+    return module, lambda op: re.search(r'loc\("([^"]+)"', str(op.location)).group(1)
+
+
 def test_every_rms_norm_of_the_moe_layer_is_the_norm_stage(params):
     """The layer's RMSNorms (input, post-attention, and q_a's and kv_a's inside mla_proj) are named under `norm`:
     on GPU each is a fusion of its own, which a trace's breakdown otherwise counts as `other` (0.32 ms each at
     32768 tokens of R1's width in bf16)."""
     from dwdp_jax import stage_trace
 
-    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2))
-    module = stages.moe_layer.lower(*_moe_layer_args(engine)).compiler_ir()
+    module, name_of = _lowered_moe_layer(params)
 
     def walk(ops):
         for op in ops:
             yield op
             yield from (o for r in op.regions for b in r.blocks for o in walk(b.operations))
 
-    names = [re.search(r'loc\("([^"]+)"', str(op.location)).group(1)
-             for op in walk(module.body.operations) if op.name == "stablehlo.rsqrt"]
+    names = [name_of(op) for op in walk(module.body.operations) if op.name == "stablehlo.rsqrt"]
     assert len(names) == 4 and {stage_trace.stage_of(n) for n in names} == {"norm"}, names
 
 
@@ -430,11 +435,10 @@ def test_the_moe_layers_residual_add_is_the_combine_stage(params):
     instead of `other`."""
     from dwdp_jax import stage_trace
 
-    engine = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2))
-    module = stages.moe_layer.lower(*_moe_layer_args(engine)).compiler_ir()
+    module, name_of = _lowered_moe_layer(params)
     main = next(op for op in module.body.operations if str(op.attributes["sym_name"]) == '"main"')
     body = main.regions[0].blocks[0].operations
     returned = body[len(body) - 1]
     out = returned.operands[0].owner
-    name = re.search(r'loc\("([^"]+)"', str(out.location)).group(1)
+    name = name_of(out)
     assert out.name == "stablehlo.add" and stage_trace.stage_of(name) == "moe_combine", (out.name, name)
