@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax._src.pallas.mosaic_gpu.pipeline import PipelinePipeline  # the enum pipeline_state takes (not re-exported)
 
 from dwdp_jax.kernels import fp8, tuning
 from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
@@ -389,12 +388,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     return w_scale_next, tuple(new)
                 return mma
 
-            state, alone = None, True
-            if b.chain:  # the CTA's first tile starts the chain, its last drains it; a lone tile is its own
-                first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
-                state = jnp.where(first, int(PipelinePipeline.START),
-                                  jnp.where(last, int(PipelinePipeline.STOP), int(PipelinePipeline.STEADY)))
-                alone = info.num_local_steps == 1
+            state, alone = b.chain_state(info)
             for s in range(num_slabs):  # the tile's slab: one branch runs
                 slab_refs = w_gmems[2 * per_slab * s: 2 * per_slab * (s + 1)]
                 values, scales = slab_refs[0::2], slab_refs[1::2]

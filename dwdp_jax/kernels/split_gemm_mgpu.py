@@ -62,6 +62,16 @@ class PipelinedTiles:
         if self.cluster_n and self.num_sms % 2:
             raise ValueError(f"{name}.cluster_n needs an even num_sms (clusters of 2), got {self.num_sms}")
 
+    def chain_state(self, info: plgpu.NDLoopInfo):
+        """(pipeline_state, alone) of a CTA's tile: with chain, its first tile starts the chain, its last drains it
+        and a lone tile is its own pipeline; without, every tile is alone."""
+        if not self.chain:
+            return None, True
+        first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+        state = jnp.where(first, int(PipelinePipeline.START),
+                          jnp.where(last, int(PipelinePipeline.STOP), int(PipelinePipeline.STEADY)))
+        return state, info.num_local_steps == 1
+
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBlocks(PipelinedTiles):
@@ -227,12 +237,7 @@ def _kernel(sched_gmem, x_gmem, *refs, num_slabs: int, fused: bool, b: MgpuBlock
                 plgpu.wgmma_wait(b.delay_release)  # reading the accumulators after the pipeline waits for all
                 return accs
 
-            state, alone = None, True
-            if b.chain:  # the CTA's first tile starts the chain, its last drains it; a lone tile is its own
-                first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
-                state = jnp.where(first, int(PipelinePipeline.START),
-                                  jnp.where(last, int(PipelinePipeline.STOP), int(PipelinePipeline.STEADY)))
-                alone = info.num_local_steps == 1
+            state, alone = b.chain_state(info)
             for s in range(num_slabs):  # the tile's slab: one branch runs
                 refs = (x_gmem.at[pl.ds(row0, b.tile_m)],) + tuple(
                     w.at[group, :, pl.ds(ni * cta_n, cta_n)] for w in w_gmems[per_slab * s: per_slab * (s + 1)])
