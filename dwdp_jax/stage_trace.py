@@ -27,12 +27,32 @@ STAGES = ("attention", "attention_fp8_inputs", "mla_proj", "rope", "mla_out", "r
           "moe_permute", "moe_gmm", "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head", "norm")
 
 _MODULE_FILE = re.compile(r"^module_(\d+)\.([^.]+)\..*after_optimizations\.txt$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name=\"([^\"]*)\"")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
+_OP_NAME = re.compile(r"metadata=\{[^}]*?op_name=\"([^\"]*)\"")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\) -> .*\{$")
+_BUFFER = "command_buffer"  # XLA's command buffers: computations command_buffer.N, named command_buffer_N in traces
+# Instructions a library runs (cuBLAS, cuBLASLt, cuDNN): their kernels are not named after them.
+_LIBRARY_CALL = re.compile(r" custom-call\(|__cudnn\$fusion")
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-    """{instruction name: op_name} of an HLO module's text (instructions without an op_name left out)."""
-    return {m.group(1): m.group(2) for line in hlo_text.splitlines() if (m := _INSTRUCTION.match(line))}
+    """{instruction name: op_name} of an HLO module's text ("" where an instruction has none), and for each command
+    buffer whose library calls share one stage, {buffer name as trace events give it: their first op_name} (a
+    library kernel's event inside a buffer names only the buffer)."""
+    ops, buffer, calls = {}, None, []
+    for line in hlo_text.splitlines():
+        if c := _COMPUTATION.match(line):
+            buffer, calls = (c.group(1).replace(".", "_") if c.group(1).startswith(_BUFFER) else None), []
+        elif line.startswith("}") and buffer:
+            if calls and len({stage_of(op) for op in calls}) == 1:
+                ops[buffer] = calls[0]
+            buffer = None
+        elif m := _INSTRUCTION.match(line):
+            n = _OP_NAME.search(line)
+            op_name = ops[m.group(1)] = n.group(1) if n else ""
+            if buffer and _LIBRARY_CALL.search(line):
+                calls.append(op_name)
+    return ops
 
 
 def hlo_scopes(dump_dir: str | Path) -> dict[int | str, dict[str, str]]:
@@ -55,13 +75,14 @@ def stage_of(op_name: str) -> str:
 
 
 def event_op_name(ops: dict[str, str], op: str | None, kernel: str) -> str:
-    """The op_name of the instruction a trace event ran: its `hlo_op`'s, or where that has none (a kernel inside an
-    XLA command buffer, whose events name the buffer) the fusion the kernel is named after: XLA names a fusion's
-    kernel after the instruction with its '.' as '_' (loop_add_fusion.1 -> loop_add_fusion_1). Library kernels
-    (cuBLAS's) and memsets in a command buffer keep none."""
-    if op in ops:
+    """The op_name of the instruction a trace event ran: its `hlo_op`'s, or for a kernel inside an XLA command
+    buffer (whose events name the buffer) the fusion the kernel is named after (XLA names a fusion's kernel after
+    the instruction with its '.' as '_': loop_add_fusion.1 -> loop_add_fusion_1), else the buffer's library calls'
+    where they share a stage (`op_names`: cuBLAS's GEMMs and their memsets); else none."""
+    if ops.get(op) and not op.startswith(_BUFFER):
         return ops[op]
-    return ops.get(re.sub(r"_(\d+)$", r".\1", kernel), ops.get(kernel, ""))
+    named = ops.get(re.sub(r"_(\d+)$", r".\1", kernel), ops.get(kernel))
+    return named if named is not None else ops.get(op, "")
 
 
 def device_kernels(xplane_path: str | Path) -> dict[int, list[tuple]]:

@@ -21,13 +21,13 @@ def test_intervals_merge_and_op_names_map_to_their_innermost_stage(tmp_path):
     assert stage_trace.stage_of("jit(front)/embed/gather") == "other"
     text = ('  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/attention/exp"}\n'
             '  ROOT %copy.1 = f32[4]{0} copy(%fusion.3)\n')
-    assert stage_trace.op_names(text) == {"fusion.3": "jit(f)/attention/exp"}
+    assert stage_trace.op_names(text) == {"fusion.3": "jit(f)/attention/exp", "copy.1": ""}
     for name in ("module_0012.jit_f.sm_9.0_gpu_after_optimizations.txt",
                  "module_0013.jit_f.cpu_after_optimizations.txt",
                  "module_0012.jit_f.sm_9.0_gpu_after_optimizations-buffer-assignment.txt"):
         (tmp_path / name).write_text(text)
     scopes = stage_trace.hlo_scopes(tmp_path)
-    assert set(scopes) == {12, 13, "jit_f"} and scopes[12] == {"fusion.3": "jit(f)/attention/exp"}
+    assert set(scopes) == {12, 13, "jit_f"} and scopes[12] == {"fusion.3": "jit(f)/attention/exp", "copy.1": ""}
 
 
 def test_breakdown_counts_span_busy_idle_and_stages_per_device():
@@ -45,22 +45,55 @@ def test_breakdown_counts_span_busy_idle_and_stages_per_device():
     assert stage_trace.breakdown(kernels, by_name)[0]["stages_ms"] == {"attention": 4.0}
 
 
-def test_kernels_inside_a_command_buffer_take_the_stage_of_the_fusion_they_are_named_after():
+# A command buffer as XLA's GPU dump writes it: its fusions, and two cuBLAS GEMMs of the shared expert.
+_BUFFER_HLO = """\
+%command_buffer.44 (p: bf16[8,16], p.1: bf16[16,32]) -> (bf16[8,32], f32[8]) {
+  %custom-call.13 = (bf16[8,32]{1,0}, s8[64]{0}) custom-call(%p, %p.1), custom_call_target="__cublas$gemm", \
+metadata={op_name="jit(f)/shared_expert/dot_general" source_file="m.py" source_line=3}
+  %fusion.253 = bf16[8,32]{1,0} fusion(%custom-call.13), kind=kLoop, calls=%fc, \
+metadata={op_name="jit(f)/shared_expert/mul"}
+  %custom-call.14 = (bf16[8,32]{1,0}, s8[64]{0}) custom-call(%fusion.253, %p.1), custom_call_target="__cublas$gemm", \
+metadata={op_name="jit(f)/shared_expert/dot_general"}
+  %loop_add_fusion.1 = bf16[8,32]{1,0} fusion(%custom-call.14), kind=kLoop, calls=%fa, \
+metadata={op_name="jit(f)/moe_combine/add"}
+  %loop_convert_fusion = f32[8]{0} fusion(%p), kind=kLoop, calls=%fb, metadata={op_name="jit(f)/router/convert"}
+  %fusion.9 = bf16[8,32]{1,0} fusion(%p), kind=kLoop, calls=%fd
+  ROOT %tuple = (bf16[8,32]{1,0}, f32[8]{0}) tuple(%loop_add_fusion.1, %loop_convert_fusion)
+}
+
+ENTRY %main.1 (a: bf16[8,16], b: bf16[16,32]) -> (bf16[8,32], f32[8]) {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  ROOT %call = (bf16[8,32]{1,0}, f32[8]{0}) call(%a, %b), to_apply=%command_buffer.44
+}
+"""
+
+
+def test_kernels_inside_a_command_buffer_take_their_fusions_or_the_buffers_library_calls_stage():
     """XLA's command buffers: each kernel's event names the buffer (no op_name); a fusion's kernel is named after its
-    instruction ('.' as '_'), so it finds its stage; a library kernel in the buffer stays "other"."""
-    scopes = {7: {"loop_add_fusion.1": "jit(f)/moe_combine/add", "loop_convert_fusion": "jit(f)/router/convert",
-                  "fusion.253": "jit(f)/shared_expert/mul"}}
+    instruction ('.' as '_'), so it finds its stage; a library kernel (cuBLAS's GEMMs, their memsets) takes the stage
+    its buffer's library calls share, and stays "other" where they differ; a fusion without an op_name is "other"."""
+    scopes = {7: stage_trace.op_names(_BUFFER_HLO)}
+    assert scopes[7]["command_buffer_44"] == "jit(f)/shared_expert/dot_general"
     kernels = {0: [(0, 1_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_1"),
                    (1_000_000, 2_000_000, 7, "jit_f", "command_buffer_44", "loop_convert_fusion"),
                    (2_000_000, 3_000_000, 7, "jit_f", "command_buffer_44", "fusion_253"),
                    (3_000_000, 4_000_000, 7, "jit_f", "command_buffer_44", "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
-                   (4_000_000, 5_000_000, 7, "jit_f", "command_buffer_44", "fusion_9")]}
+                   (4_000_000, 4_500_000, 7, "jit_f", "command_buffer_44", "Memset 3"),
+                   (5_000_000, 6_000_000, 7, "jit_f", "command_buffer_44", "fusion_9")]}
     t = stage_trace.breakdown(kernels, scopes)[0]
-    assert t["stages_ms"] == {"moe_combine": 1.0, "router": 1.0, "shared_expert": 1.0, "other": 2.0}
+    assert t["stages_ms"] == {"moe_combine": 1.0, "router": 1.0, "shared_expert": 2.5, "other": 1.0}
     rows = stage_trace.top_kernels(kernels[0], scopes, 10)
     assert {(r["stage"], r["op_name"]) for r in rows} == {
         ("moe_combine", "jit(f)/moe_combine/add"), ("router", "jit(f)/router/convert"),
-        ("shared_expert", "jit(f)/shared_expert/mul"), ("other", "")}
+        ("shared_expert", "jit(f)/shared_expert/mul"), ("shared_expert", "jit(f)/shared_expert/dot_general"),
+        ("other", "")}
+    # library calls of two stages (or one without an op_name) in one buffer: their kernels cannot be told apart
+    for other in ('metadata={op_name="jit(f)/mla_out/dot_general"}', ""):
+        mixed = _BUFFER_HLO.replace('metadata={op_name="jit(f)/shared_expert/dot_general"}', other)
+        scopes = {7: stage_trace.op_names(mixed)}
+        assert "command_buffer_44" not in scopes[7]
+        assert stage_trace.breakdown(kernels, scopes)[0]["stages_ms"]["other"] == 2.5
 
 
 def test_top_kernels_sum_each_instruction_and_sort_by_time():
