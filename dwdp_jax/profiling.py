@@ -56,8 +56,9 @@ def traced_pass(name: str, serve_pass: Callable[[], list], p: Plan, ranks: int, 
     per_rank = collections.Counter(i.rank for i in iters)
     iterations = {r: len({i.iteration for i in iters}) if lock_step else per_rank[r] for r in range(ranks)}
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
-    by_device = stage_trace.breakdown({d.id: kernels[d.id] for d in p.devices[:ranks] if kernels.get(d.id)},
-                                      stage_trace.hlo_scopes(Path(p.measure.trace) / "hlo"))
+    events = {d.id: kernels[d.id] for d in p.devices[:ranks] if kernels.get(d.id)}
+    scopes = stage_trace.hlo_scopes(Path(p.measure.trace) / "hlo", [e for es in events.values() for e in es])
+    by_device = stage_trace.breakdown(events, scopes)
     traced = {rank: by_device[d.id] for rank, d in enumerate(p.devices[:ranks]) if d.id in by_device}
     per_iteration = collections.defaultdict(list)
     for rank, t in traced.items():

@@ -27,42 +27,68 @@ STAGES = ("attention", "attention_fp8_inputs", "mla_proj", "rope", "mla_out", "r
           "moe_permute", "moe_gmm", "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head", "norm")
 
 _MODULE_FILE = re.compile(r"^module_(\d+)\.([^.]+)\..*after_optimizations\.txt$")
+_THUNK_FILE = re.compile(r"^module_(\d+)\.[^.]+\.thunk_metadata\.txt$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ")
 _OP_NAME = re.compile(r"metadata=\{[^}]*?op_name=\"([^\"]*)\"")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\) -> .*\{$")
-_BUFFER = "command_buffer"  # XLA's command buffers: computations command_buffer.N, named command_buffer_N in traces
-# Instructions a library runs (cuBLAS, cuBLASLt, cuDNN): their kernels are not named after them.
-_LIBRARY_CALL = re.compile(r" custom-call\(|__cudnn\$fusion")
+_THUNK = re.compile(r'thunk_info \{\s*(?:profile_annotation: "([^"]*)")?[^}]*\}\s*thunk_kind: "(\w+)"')
+_BUFFER = "kCommandBuffer"
+_BUFFER_ANNOTATION = "command_buffer"  # how XLA names a command buffer's thunk (command_buffer_44)
+# Thunks that only hold or move others (copies count as `copy` by their events' names; memsets belong to the
+# library call they clear for), and the kernels XLA generates, named after their instruction or, where two fusions
+# compile to one kernel, after the other's (loop_add_fusion, fusion.253, wrapped_concatenate, gemm_fusion_dot.1).
+_PLAIN_THUNKS = (_BUFFER, "kSequential", "kCopy", "kMemset32BitValue", "kMemzero")
+_KERNEL_THUNKS = ("kKernel", "kCustomKernel")
+_XLA_KERNEL = re.compile(r"fusion|^wrapped_")
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-    """{instruction name: op_name} of an HLO module's text ("" where an instruction has none), and for each command
-    buffer whose library calls share one stage, {buffer name as trace events give it: their first op_name} (a
-    library kernel's event inside a buffer names only the buffer)."""
-    ops, buffer, calls = {}, None, []
+    """{instruction name: op_name} of an HLO module's text ("" where an instruction has none)."""
+    ops = {}
     for line in hlo_text.splitlines():
-        if c := _COMPUTATION.match(line):
-            buffer, calls = (c.group(1).replace(".", "_") if c.group(1).startswith(_BUFFER) else None), []
-        elif line.startswith("}") and buffer:
-            if calls and len({stage_of(op) for op in calls}) == 1:
-                ops[buffer] = calls[0]
-            buffer = None
-        elif m := _INSTRUCTION.match(line):
+        if m := _INSTRUCTION.match(line):
             n = _OP_NAME.search(line)
-            op_name = ops[m.group(1)] = n.group(1) if n else ""
-            if buffer and _LIBRARY_CALL.search(line):
-                calls.append(op_name)
+            ops[m.group(1)] = n.group(1) if n else ""
     return ops
 
 
-def hlo_scopes(dump_dir: str | Path) -> dict[int | str, dict[str, str]]:
+def command_buffers(thunk_text: str) -> dict[str, list[tuple[str, str]]]:
+    """{command buffer: [(instruction, thunk kind)]} from XLA's `thunk_metadata.txt` dump of a program. The file
+    lists the thunks in pre-order without their nesting, so a buffer's list is its own thunks and then the top-level
+    ones up to the next buffer."""
+    buffers, current = {}, None
+    for annotation, kind in _THUNK.findall(thunk_text):
+        if kind == _BUFFER:
+            current = buffers[annotation] = []
+        elif current is not None and annotation:
+            current.append((annotation, kind))
+    return buffers
+
+
+def hlo_scopes(dump_dir: str | Path, events: list[tuple] = ()) -> dict[int | str, dict[str, str]]:
     """{program id: {instruction name: op_name}} from XLA's after-optimization HLO text dumps in `dump_dir`, and
-    under each module name the union of its programs' (for trace events that name the module, not the program)."""
+    under each module name the union of its programs' (for trace events that name the module, not the program).
+
+    With the trace's `events` (`device_kernels`), also {command buffer: op_name} where the buffer's other kernels
+    (cuBLAS's GEMMs and their memsets, Triton's: events that name only the buffer and no instruction) have one
+    stage: the buffer's thunks (`command_buffers`) less the instructions whose kernels the trace names directly are
+    its members, and where its members other than XLA's own kernels share a stage, that stage is theirs."""
     scopes: dict[int | str, dict[str, str]] = {}
     for path in Path(dump_dir).iterdir():
         if m := _MODULE_FILE.match(path.name):
             ops = scopes[int(m.group(1))] = op_names(path.read_text())
             scopes.setdefault(m.group(2), {}).update(ops)
+    if not events:
+        return scopes
+    direct = {(program, op) for _, _, program, _, op, _ in events}
+    for path in Path(dump_dir).iterdir():
+        if (m := _THUNK_FILE.match(path.name)) and (ops := scopes.get(int(m.group(1)))) is not None:
+            program = int(m.group(1))
+            for buffer, thunks in command_buffers(path.read_text()).items():
+                others = sorted({ops.get(i, "") for i, kind in thunks if (program, i) not in direct
+                                 and kind not in _PLAIN_THUNKS
+                                 and not (kind in _KERNEL_THUNKS and _XLA_KERNEL.search(i))})
+                if others and len({stage_of(o) for o in others}) == 1:
+                    ops[buffer] = others[0]
     return scopes
 
 
@@ -78,8 +104,8 @@ def event_op_name(ops: dict[str, str], op: str | None, kernel: str) -> str:
     """The op_name of the instruction a trace event ran: its `hlo_op`'s, or for a kernel inside an XLA command
     buffer (whose events name the buffer) the fusion the kernel is named after (XLA names a fusion's kernel after
     the instruction with its '.' as '_': loop_add_fusion.1 -> loop_add_fusion_1), else the buffer's library calls'
-    where they share a stage (`op_names`: cuBLAS's GEMMs and their memsets); else none."""
-    if ops.get(op) and not op.startswith(_BUFFER):
+    where `hlo_scopes` found them (cuBLAS's GEMMs and their memsets); else none."""
+    if ops.get(op) and not op.startswith(_BUFFER_ANNOTATION):
         return ops[op]
     named = ops.get(re.sub(r"_(\d+)$", r".\1", kernel), ops.get(kernel))
     return named if named is not None else ops.get(op, "")

@@ -218,7 +218,7 @@ def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) ->
     metrics[f"{name}_trace_wall_ms"] = (result.end_s - result.start_s) * 1e3  # host time of the same step
     kernels = stage_trace.device_kernels(stage_trace.newest_xplane(trace_dir))
     events = kernels.get(device.id) or next(iter(kernels.values()))  # CPU thunks carry the device ordinal
-    scopes = stage_trace.hlo_scopes(Path(_TRACE.value) / "hlo")
+    scopes = stage_trace.hlo_scopes(Path(_TRACE.value) / "hlo", events)
     t = stage_trace.breakdown({0: events}, scopes)[0]
     for key in ("span_ms", "busy_ms", "idle_ms"):
         metrics[f"{name}_trace_{key}"] = t[key]

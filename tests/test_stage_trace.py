@@ -45,55 +45,96 @@ def test_breakdown_counts_span_busy_idle_and_stages_per_device():
     assert stage_trace.breakdown(kernels, by_name)[0]["stages_ms"] == {"attention": 4.0}
 
 
-# A command buffer as XLA's GPU dump writes it: its fusions, and two cuBLAS GEMMs of the shared expert.
-_BUFFER_HLO = """\
-%command_buffer.44 (p: bf16[8,16], p.1: bf16[16,32]) -> (bf16[8,32], f32[8]) {
-  %custom-call.13 = (bf16[8,32]{1,0}, s8[64]{0}) custom-call(%p, %p.1), custom_call_target="__cublas$gemm", \
-metadata={op_name="jit(f)/shared_expert/dot_general" source_file="m.py" source_line=3}
-  %fusion.253 = bf16[8,32]{1,0} fusion(%custom-call.13), kind=kLoop, calls=%fc, \
-metadata={op_name="jit(f)/shared_expert/mul"}
-  %custom-call.14 = (bf16[8,32]{1,0}, s8[64]{0}) custom-call(%fusion.253, %p.1), custom_call_target="__cublas$gemm", \
-metadata={op_name="jit(f)/shared_expert/dot_general"}
-  %loop_add_fusion.1 = bf16[8,32]{1,0} fusion(%custom-call.14), kind=kLoop, calls=%fa, \
-metadata={op_name="jit(f)/moe_combine/add"}
-  %loop_convert_fusion = f32[8]{0} fusion(%p), kind=kLoop, calls=%fb, metadata={op_name="jit(f)/router/convert"}
-  %fusion.9 = bf16[8,32]{1,0} fusion(%p), kind=kLoop, calls=%fd
-  ROOT %tuple = (bf16[8,32]{1,0}, f32[8]{0}) tuple(%loop_add_fusion.1, %loop_convert_fusion)
-}
-
-ENTRY %main.1 (a: bf16[8,16], b: bf16[16,32]) -> (bf16[8,32], f32[8]) {
-  %a = bf16[8,16]{1,0} parameter(0)
-  %b = bf16[16,32]{1,0} parameter(1)
-  ROOT %call = (bf16[8,32]{1,0}, f32[8]{0}) call(%a, %b), to_apply=%command_buffer.44
-}
-"""
+def _thunks(*thunks: tuple[str, str]) -> str:
+    """XLA's thunk_metadata.txt for (instruction, thunk kind) pairs; a kCommandBuffer's own kSequential follows it."""
+    out = []
+    for i, (name, kind) in enumerate(thunks):
+        out.append(f'thunk_metadata {{\n  thunk_info {{\n    profile_annotation: "{name}"\n    thunk_id: {i}\n  }}\n'
+                   f'  thunk_kind: "{kind}"\n}}\n')
+        if kind == "kCommandBuffer":
+            out.append('thunk_metadata {\n  thunk_info {\n  }\n  thunk_kind: "kSequential"\n}\n')
+    return "".join(out)
 
 
-def test_kernels_inside_a_command_buffer_take_their_fusions_or_the_buffers_library_calls_stage():
-    """XLA's command buffers: each kernel's event names the buffer (no op_name); a fusion's kernel is named after its
+# The bf16 MoE layer's second command buffer as XLA dumped it on H100 (2026-12-07; fewer fusions): the shared
+# expert's three cuBLAS GEMMs inside it, the routed experts' Triton kernels listed after it but run outside.
+_THUNKS = _thunks(("command_buffer_44", "kCommandBuffer"), ("loop_add_fusion.2", "kCustomKernel"),
+                  ("pallas_call.0", "kCustomKernel"), ("fusion.251", "kCustomKernel"),
+                  ("custom-call.8", "kCublasLtMatmul"), ("fusion.252", "kCustomKernel"),
+                  ("custom-call.9", "kCublasLtMatmul"), ("custom-call.5", "kCublasLtMatmul"),
+                  ("loop_add_fusion.1", "kCustomKernel"))
+_OPS = {"loop_add_fusion.2": "jit(f)/router/add", "pallas_call.0": "jit(f)/moe_gmm/pallas_call",
+        "fusion.251": "jit(f)/shared_expert/mul", "fusion.252": "jit(f)/shared_expert/mul",
+        "custom-call.8": "jit(f)/shared_expert/dot_general", "custom-call.9": "jit(f)/shared_expert/dot_general",
+        "custom-call.5": "jit(f)/shared_expert/dot_general", "loop_add_fusion.1": "jit(f)/moe_combine/add",
+        "fusion.9": ""}
+
+
+def test_command_buffers_list_each_buffers_thunks_from_xlas_thunk_dump():
+    text = _thunks(("command_buffer_1", "kCommandBuffer"), ("fusion.1", "kCustomKernel"),
+                   ("custom-call.2", "kCublasLtMatmul"), ("command_buffer_3", "kCommandBuffer"),
+                   ("mpmd_map.4", "kCustomCall"))
+    assert stage_trace.command_buffers(_thunks(("fusion.0", "kCustomKernel")) + text) == {
+        "command_buffer_1": [("fusion.1", "kCustomKernel"), ("custom-call.2", "kCublasLtMatmul")],
+        "command_buffer_3": [("mpmd_map.4", "kCustomCall")]}
+
+
+def _buffer_scopes(tmp_path, events, ops=_OPS, thunks=_THUNKS):
+    hlo = "".join(f'  %{name} = f32[4]{{0}} fusion(%p), kind=kLoop, calls=%c, metadata={{op_name="{op}"}}\n'
+                  for name, op in ops.items())
+    (tmp_path / "module_0007.jit_f.sm_9.0a_gpu_after_optimizations.txt").write_text(hlo)
+    (tmp_path / "module_0007.jit_f.thunk_metadata.txt").write_text(thunks)
+    return stage_trace.hlo_scopes(tmp_path, events)
+
+
+def test_kernels_inside_a_command_buffer_take_their_fusions_or_the_buffers_library_calls_stage(tmp_path):
+    """XLA's command buffers: each kernel's event names the buffer (no op_name). A fusion's kernel is named after its
     instruction ('.' as '_'), so it finds its stage; a library kernel (cuBLAS's GEMMs, their memsets) takes the stage
-    its buffer's library calls share, and stays "other" where they differ; a fusion without an op_name is "other"."""
-    scopes = {7: stage_trace.op_names(_BUFFER_HLO)}
+    its buffer's library calls share, where every other kernel of the buffer is accounted for by name."""
+    buffer = [(0, 1_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_2"),
+              (1_000_000, 2_000_000, 7, "jit_f", "command_buffer_44", "fusion_251"),
+              (2_000_000, 2_500_000, 7, "jit_f", "command_buffer_44", "Memset 3"),
+              (2_500_000, 4_000_000, 7, "jit_f", "command_buffer_44", "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
+              # fusion.252 runs fusion.251's kernel (XLA compiled the two alike, and named the kernel once)
+              (4_000_000, 5_000_000, 7, "jit_f", "command_buffer_44", "fusion_251"),
+              (5_000_000, 7_000_000, 7, "jit_f", "command_buffer_44", "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
+              (7_000_000, 8_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_1")]
+    direct = [(8_000_000, 9_000_000, 7, "jit_f", "pallas_call.0", "split_ragged_dot_fused")]
+    scopes = _buffer_scopes(tmp_path, buffer + direct)
     assert scopes[7]["command_buffer_44"] == "jit(f)/shared_expert/dot_general"
-    kernels = {0: [(0, 1_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_1"),
-                   (1_000_000, 2_000_000, 7, "jit_f", "command_buffer_44", "loop_convert_fusion"),
-                   (2_000_000, 3_000_000, 7, "jit_f", "command_buffer_44", "fusion_253"),
-                   (3_000_000, 4_000_000, 7, "jit_f", "command_buffer_44", "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
-                   (4_000_000, 4_500_000, 7, "jit_f", "command_buffer_44", "Memset 3"),
-                   (5_000_000, 6_000_000, 7, "jit_f", "command_buffer_44", "fusion_9")]}
-    t = stage_trace.breakdown(kernels, scopes)[0]
-    assert t["stages_ms"] == {"moe_combine": 1.0, "router": 1.0, "shared_expert": 2.5, "other": 1.0}
-    rows = stage_trace.top_kernels(kernels[0], scopes, 10)
+    t = stage_trace.breakdown({0: buffer + direct}, scopes)[0]
+    assert t["stages_ms"] == {"router": 1.0, "shared_expert": 6.0, "moe_combine": 1.0, "moe_gmm": 1.0}
+    rows = stage_trace.top_kernels(buffer + direct, scopes, 10)
     assert {(r["stage"], r["op_name"]) for r in rows} == {
-        ("moe_combine", "jit(f)/moe_combine/add"), ("router", "jit(f)/router/convert"),
-        ("shared_expert", "jit(f)/shared_expert/mul"), ("shared_expert", "jit(f)/shared_expert/dot_general"),
-        ("other", "")}
-    # library calls of two stages (or one without an op_name) in one buffer: their kernels cannot be told apart
-    for other in ('metadata={op_name="jit(f)/mla_out/dot_general"}', ""):
-        mixed = _BUFFER_HLO.replace('metadata={op_name="jit(f)/shared_expert/dot_general"}', other)
-        scopes = {7: stage_trace.op_names(mixed)}
-        assert "command_buffer_44" not in scopes[7]
-        assert stage_trace.breakdown(kernels, scopes)[0]["stages_ms"]["other"] == 2.5
+        ("router", "jit(f)/router/add"), ("shared_expert", "jit(f)/shared_expert/mul"),
+        ("shared_expert", "jit(f)/shared_expert/dot_general"), ("moe_combine", "jit(f)/moe_combine/add"),
+        ("moe_gmm", "jit(f)/moe_gmm/pallas_call")}
+    assert "command_buffer_44" not in stage_trace.hlo_scopes(tmp_path)[7]  # without the trace: no attribution
+
+
+@pytest.mark.parametrize("case", ["two stages", "no op_name", "a Triton kernel inside", "fusion without op_name"])
+def test_a_command_buffers_library_kernels_stay_other_where_the_trace_cannot_tell_them_apart(tmp_path, case):
+    """Library calls of two stages in one buffer, one without an op_name, or a Triton kernel of another stage run
+    inside it (its kernel is not named after its instruction either): the unnamed kernels stay "other"."""
+    buffer = [(0, 1_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_2"),
+              (1_000_000, 2_000_000, 7, "jit_f", "command_buffer_44", "fusion_251"),
+              (2_000_000, 4_000_000, 7, "jit_f", "command_buffer_44", "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT"),
+              (4_000_000, 5_000_000, 7, "jit_f", "command_buffer_44", "fusion_252"),
+              (5_000_000, 6_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_1")]
+    direct = [(8_000_000, 9_000_000, 7, "jit_f", "pallas_call.0", "split_ragged_dot_fused")]
+    ops, thunks = dict(_OPS), _THUNKS
+    if case == "two stages":
+        ops["custom-call.5"] = "jit(f)/mla_out/dot_general"
+    elif case == "no op_name":
+        ops["custom-call.5"] = ""
+    elif case == "a Triton kernel inside":
+        direct = []
+    else:  # a kernel named after a fusion that has no op_name is "other", not the library's
+        buffer.append((6_000_000, 7_000_000, 7, "jit_f", "command_buffer_44", "fusion_9"))
+        thunks = _THUNKS + _thunks(("fusion.9", "kCustomKernel"))
+    scopes = _buffer_scopes(tmp_path, buffer + direct, ops, thunks)
+    other = stage_trace.breakdown({0: buffer + direct}, scopes)[0]["stages_ms"].get("other")
+    assert other == (1.0 if case == "fusion without op_name" else 2.0)
 
 
 def test_top_kernels_sum_each_instruction_and_sort_by_time():
