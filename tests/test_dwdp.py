@@ -429,6 +429,21 @@ def test_every_rms_norm_of_the_moe_layer_is_the_norm_stage(params):
     assert len(names) == 4 and {stage_trace.stage_of(n) for n in names} == {"norm"}, names
 
 
+def test_the_staged_heads_logits_are_the_lm_head_stage(params):
+    """The staged runtime's head (the reference's and DWDP's last program) names its logits GEMM `lm_head`, as the
+    model's own head does: on GPU its 0.6 ms GEMM fusion (R1's vocabulary, 4 sequences) counted as `other`."""
+    from dwdp_jax import stage_trace
+
+    w = DwdpEngine(params, Placement.for_group(CFG.n_routed_experts, 2)).ranks[0].weights
+    x = jax.ShapeDtypeStruct((BUDGET, CFG.hidden_size), w.embed_VD.dtype, sharding=w.embed_VD.sharding)
+    graphs, _ = stages.split_model(params.model)
+    module = stages.head.lower(graphs.norm, w.norm_state, w.lm_head_DV, x).compiler_ir()
+    main = next(op for op in module.body.operations if str(op.attributes["sym_name"]) == '"main"')
+    dots = [op for op in main.regions[0].blocks[0].operations if op.name == "stablehlo.dot_general"]
+    names = [re.search(r'loc\("([^"]+)"', str(op.location)).group(1) for op in dots]
+    assert len(names) == 1 and stage_trace.stage_of(names[0]) == "lm_head", names
+
+
 def test_the_moe_layers_residual_add_is_the_combine_stage(params):
     """The MoE layer's output, the residual add that XLA fuses the combine's weighted sum into (on GPU the fusion
     takes the add's name), is named under `moe_combine`, so a trace's breakdown counts that fusion as the combine

@@ -87,8 +87,9 @@ ffn = jax.jit(_ffn, static_argnames=("graphdef", "merge", "hook", "issue_after")
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def head(graphdef, norm_state, lm_head_DV, x_TD, rows_R=None):
-    h_TD = nnx.merge(graphdef, norm_state)(x_TD if rows_R is None else x_TD[rows_R])
-    return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head"):  # as `DeepseekV3.head`, whose final norm and lm_head these are
+        h_TD = nnx.merge(graphdef, norm_state)(x_TD if rows_R is None else x_TD[rows_R])
+        return jnp.einsum("td,dv->tv", h_TD, lm_head_DV, preferred_element_type=jnp.float32)
 
 
 def run_front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T, clock: StageClock, hook=None):
