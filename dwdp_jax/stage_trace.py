@@ -24,7 +24,7 @@ from typing import Any
 # moe_combine also names an MoE layer's residual add, into which XLA fuses the combine's weighted sum; norm every
 # RMSNorm (the paper's "Others"), the small ones inside mla_proj and lm_head too.
 STAGES = ("attention", "attention_fp8_inputs", "mla_proj", "rope", "mla_out", "router", "shared_expert", "moe_quantize",
-          "moe_permute", "moe_gmm", "moe_combine", "dispatch", "combine", "dense_mlp", "lm_head", "norm")
+          "moe_permute", "moe_gmm", "moe_combine", "dispatch", "combine", "dense_mlp", "embed", "lm_head", "norm")
 
 _MODULE_FILE = re.compile(r"^module_(\d+)\.([^.]+)\..*after_optimizations\.txt$")
 _THUNK_FILE = re.compile(r"^module_(\d+)\.[^.]+\.thunk_metadata\.txt$")

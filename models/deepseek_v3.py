@@ -333,7 +333,8 @@ class DeepseekV3(nnx.Module):
         self.mtp = nnx.List([MTP(cfg, rngs, attention_impl) for _ in range(cfg.num_nextn_predict_layers)])
 
     def embed(self, tokens_T):
-        return self.embed_tokens[...][tokens_T]
+        with jax.named_scope("embed"):
+            return self.embed_tokens[...][tokens_T]
 
     def head(self, h_TD):
         """Final norm and fp32 logits."""

@@ -18,7 +18,8 @@ def test_intervals_merge_and_op_names_map_to_their_innermost_stage(tmp_path):
     assert stage_trace.merged_ns([(0, 10), (5, 20), (30, 40), (40, 45), (1, 2)]) == 35
     assert stage_trace.stage_of("jit(step)/layer_3/routed_experts/dispatch/all-to-all") == "dispatch"
     assert stage_trace.stage_of("jit(moe_layer)/routed_experts/moe_gmm/custom-call") == "moe_gmm"
-    assert stage_trace.stage_of("jit(front)/embed/gather") == "other"
+    assert stage_trace.stage_of("jit(front)/embed/gather") == "embed"
+    assert stage_trace.stage_of("jit(front)/convert_element_type") == "other"
     text = ('  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/attention/exp"}\n'
             '  ROOT %copy.1 = f32[4]{0} copy(%fusion.3)\n')
     assert stage_trace.op_names(text) == {"fusion.3": "jit(f)/attention/exp", "copy.1": ""}

@@ -50,7 +50,8 @@ def _experts(view, merge, hook):
 def front(graphdef, dense_states, embed_VD, tokens_T, segment_ids_T, positions_T, hook=None):
     if hook is not None:
         tokens_T = hook.issue_after(tokens_T)
-    x_TD = embed_VD[tokens_T]
+    with jax.named_scope("embed"):  # as `DeepseekV3.embed`, whose table this is
+        x_TD = embed_VD[tokens_T]
     for state in dense_states:
         x_TD, _ = nnx.merge(graphdef, state)(x_TD, segment_ids_T, positions_T)
     return x_TD
