@@ -73,22 +73,23 @@ def hlo_scopes(dump_dir: str | Path, events: list[tuple] = ()) -> dict[int | str
     stage: the buffer's thunks (`command_buffers`) less the instructions whose kernels the trace names directly are
     its members, and where its members other than XLA's own kernels share a stage, that stage is theirs."""
     scopes: dict[int | str, dict[str, str]] = {}
-    for path in Path(dump_dir).iterdir():
+    paths = list(Path(dump_dir).iterdir())
+    for path in paths:
         if m := _MODULE_FILE.match(path.name):
             ops = scopes[int(m.group(1))] = op_names(path.read_text())
             scopes.setdefault(m.group(2), {}).update(ops)
-    if not events:
-        return scopes
     direct = {(program, op) for _, _, program, _, op, _ in events}
-    for path in Path(dump_dir).iterdir():
-        if (m := _THUNK_FILE.match(path.name)) and (ops := scopes.get(int(m.group(1)))) is not None:
-            program = int(m.group(1))
-            for buffer, thunks in command_buffers(path.read_text()).items():
-                others = sorted({ops.get(i, "") for i, kind in thunks if (program, i) not in direct
-                                 and kind not in _PLAIN_THUNKS
-                                 and not (kind in _KERNEL_THUNKS and _XLA_KERNEL.search(i))})
-                if others and len({stage_of(o) for o in others}) == 1:
-                    ops[buffer] = others[0]
+    for path in paths if events else ():
+        m = _THUNK_FILE.match(path.name)
+        program = m and int(m.group(1))
+        if program not in scopes:
+            continue
+        ops = scopes[program]
+        for buffer, thunks in command_buffers(path.read_text()).items():
+            others = sorted({ops.get(i, "") for i, kind in thunks if (program, i) not in direct
+                             and kind not in _PLAIN_THUNKS and not (kind in _KERNEL_THUNKS and _XLA_KERNEL.search(i))})
+            if others and len({stage_of(o) for o in others}) == 1:
+                ops[buffer] = others[0]
     return scopes
 
 

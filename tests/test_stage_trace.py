@@ -90,8 +90,9 @@ def _buffer_scopes(tmp_path, events, ops=_OPS, thunks=_THUNKS):
 
 def test_kernels_inside_a_command_buffer_take_their_fusions_or_the_buffers_library_calls_stage(tmp_path):
     """XLA's command buffers: each kernel's event names the buffer (no op_name). A fusion's kernel is named after its
-    instruction ('.' as '_'), so it finds its stage; a library kernel (cuBLAS's GEMMs, their memsets) takes the stage
-    its buffer's library calls share, where every other kernel of the buffer is accounted for by name."""
+    instruction ('.' as '_'), so it finds its stage, even where it runs another fusion's kernel; a library kernel
+    (cuBLAS's GEMMs, their memsets) takes the stage its buffer's library calls share, the kernels the trace names
+    directly (the Triton GEMM listed after the buffer) left out."""
     buffer = [(0, 1_000_000, 7, "jit_f", "command_buffer_44", "loop_add_fusion_2"),
               (1_000_000, 2_000_000, 7, "jit_f", "command_buffer_44", "fusion_251"),
               (2_000_000, 2_500_000, 7, "jit_f", "command_buffer_44", "Memset 3"),
