@@ -78,19 +78,27 @@ def hlo_scopes(dump_dir: str | Path, events: list[tuple] = ()) -> dict[int | str
         if m := _MODULE_FILE.match(path.name):
             ops = scopes[int(m.group(1))] = op_names(path.read_text())
             scopes.setdefault(m.group(2), {}).update(ops)
+    if not events:
+        return scopes
     direct = {(program, op) for _, _, program, _, op, _ in events}
-    for path in paths if events else ():
+    for path in paths:
         m = _THUNK_FILE.match(path.name)
-        program = m and int(m.group(1))
-        if program not in scopes:
+        if not m or int(m.group(1)) not in scopes:
             continue
+        program = int(m.group(1))
         ops = scopes[program]
         for buffer, thunks in command_buffers(path.read_text()).items():
-            others = sorted({ops.get(i, "") for i, kind in thunks if (program, i) not in direct
-                             and kind not in _PLAIN_THUNKS and not (kind in _KERNEL_THUNKS and _XLA_KERNEL.search(i))})
+            members = [i for i, kind in thunks if (program, i) not in direct and _library_thunk(i, kind)]
+            others = sorted({ops.get(i, "") for i in members})
             if others and len({stage_of(o) for o in others}) == 1:
                 ops[buffer] = others[0]
     return scopes
+
+
+def _library_thunk(instruction: str, kind: str) -> bool:
+    """Whether a buffer's thunk runs kernels not named after an XLA instruction (a library's), not one that only
+    holds or moves others or a kernel XLA generated."""
+    return kind not in _PLAIN_THUNKS and not (kind in _KERNEL_THUNKS and _XLA_KERNEL.search(instruction))
 
 
 def stage_of(op_name: str) -> str:
