@@ -10,7 +10,8 @@ stage. Memory copies (a peer pull's memcpy) count as `copy`, instructions withou
 
 Per device: the span from its first kernel to its last, the time any computing kernel ran (busy: intervals merged,
 copies left out, so idle = span - busy is time the device computed nothing), and each stage's merged time (stages
-on concurrent streams may overlap, so they need not sum to busy).
+on concurrent streams may overlap, so they need not sum to busy). The idle time is charged to the instruction whose
+kernel ended each gap (`idle_gaps`): a launch that waited on the host, such as a new program's dispatch.
 """
 
 from __future__ import annotations
@@ -199,6 +200,28 @@ def top_kernels(events: list[tuple], scopes: dict[int | str, dict[str, str]], n:
         row["ms"] += (end - start) / 1e6
     rows = sorted(totals.values(), key=lambda r: -r["ms"])[:n]
     return [{**r, "kernels": sorted(r["kernels"])} for r in rows]
+
+
+def idle_gaps(events: list[tuple], scopes: dict[int | str, dict[str, str]], n: int) -> list[dict[str, Any]]:
+    """One device's idle time charged to the instruction whose kernel ended it: each gap in which no computing
+    kernel ran (copies left out, as `breakdown`'s busy), between its first and last computing kernel, goes to the
+    kernel that starts after it, summed per instruction; each row with its stage, HLO instruction, op_name, the
+    stages that ran before its gaps, how many gaps and their summed milliseconds, costliest `n` first. A launch
+    that waits on the host (a callback, a program's dispatch) shows here, not in any stage's time."""
+    totals: dict[tuple, dict[str, Any]] = {}
+    end, before = None, None
+    for start, stop, program, module, op, name in sorted(e for e in events if not _is_copy(e[5])):
+        op_name = event_op_name(scopes.get(program, scopes.get(module)) or {}, op, name)
+        if end is not None and start > end:
+            row = totals.setdefault((module, op, op_name), {"stage": stage_of(op_name), "hlo_op": op,
+                                                            "op_name": op_name, "after": set(), "gaps": 0, "ms": 0.0})
+            row["after"].add(before)
+            row["gaps"] += 1
+            row["ms"] += (start - end) / 1e6
+        if end is None or stop > end:
+            end, before = stop, stage_of(op_name)
+    rows = sorted(totals.values(), key=lambda r: -r["ms"])[:n]
+    return [{**r, "after": sorted(r["after"])} for r in rows]
 
 
 def newest_xplane(trace_dir: str | Path) -> Path:

@@ -191,8 +191,8 @@ def main(argv):
         runtime.step(0, batch, profile=True)  # compiles the per-stage programs
         for stage, s in runtime.step(0, batch, profile=True).stages_s.items():
             metrics[f"{name}_{stage}_ms"] = s * 1e3
-    top = {name: traced_step(name, runtime, batch, device, metrics) for name, runtime in runtimes.items()
-           } if _TRACE.value else {}
+    traced = {name: traced_step(name, runtime, batch, device, metrics) for name, runtime in runtimes.items()
+              } if _TRACE.value else {}
     for name in list(variants)[1:]:
         metrics[f"{name}_over_{base}_tokens_per_s"] = (metrics[f"{name}_tokens_per_s"]
                                                        / metrics[f"{base}_tokens_per_s"])
@@ -200,18 +200,24 @@ def main(argv):
             if f"{name}_trace_{key}_ms" in metrics:
                 metrics[f"{name}_over_{base}_trace_{key}"] = (metrics[f"{base}_trace_{key}_ms"]
                                                               / metrics[f"{name}_trace_{key}_ms"])
-    write_measurements("bench_layer", config=_config(gemm, impls), raw={"seconds": seconds, "top_kernels": top},
-                       metrics=metrics, root=_RESULTS.value)
+    raw = {"seconds": seconds, "top_kernels": {n: top for n, (top, _) in traced.items()},
+           "idle_gaps": {n: gaps for n, (_, gaps) in traced.items()}}
+    write_measurements("bench_layer", config=_config(gemm, impls), raw=raw, metrics=metrics, root=_RESULTS.value)
     _table(list(variants), metrics, gpu)
-    for name, rows in top.items():
+    for name, (top, gaps) in traced.items():
         print(f"{name}: costliest instructions of one traced step")
-        for r in rows[:12]:
+        for r in top[:12]:
             print(f"  {r['ms']:9.3f} ms {r['calls']:4d}x  {r['stage']:<14} {r['hlo_op']:<28} {r['kernels'][0][:60]}")
+        print(f"{name}: idle before these instructions' kernels (the device computing nothing)")
+        for r in gaps[:8]:
+            after = ",".join(r["after"])
+            print(f"  {r['ms']:9.3f} ms {r['gaps']:4d}x  {r['stage']:<14} {r['hlo_op']:<28} after {after}")
 
 
-def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) -> list[dict]:
-    """One step of `runtime` under the profiler: its wall time and its device's time by stage into `metrics`
-    ({name}_trace_*_ms), and its costliest instructions (`stage_trace.top_kernels`)."""
+def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) -> tuple[list[dict], list[dict]]:
+    """One step of `runtime` under the profiler: its wall time, its device's time by stage and its idle time by the
+    stage that waited ({name}_trace_idle_before_{stage}_ms) into `metrics`, and its costliest instructions and
+    idle gaps (`stage_trace.top_kernels`, `stage_trace.idle_gaps`)."""
     trace_dir = Path(_TRACE.value) / name.replace(":", "_").replace("=", "_").replace("@", "_")
     with jax.profiler.trace(str(trace_dir)):
         result = runtime.step(0, batch)
@@ -224,7 +230,12 @@ def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) ->
         metrics[f"{name}_trace_{key}"] = t[key]
     for stage, ms in t["stages_ms"].items():
         metrics[f"{name}_trace_{stage}_ms"] = ms
-    return stage_trace.top_kernels(events, scopes, TOP_KERNELS)
+    gaps = stage_trace.idle_gaps(events, scopes, len(events))
+    for row in gaps:
+        key = f"{name}_trace_idle_before_{row['stage']}_ms"
+        metrics[key] = metrics.get(key, 0.0) + row["ms"]
+    return stage_trace.top_kernels(events, scopes, TOP_KERNELS), gaps[:TOP_KERNELS]
+
 
 
 def _config(gemm: str, attention_impls: list[str]) -> dict:

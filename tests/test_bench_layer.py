@@ -60,10 +60,15 @@ def test_traced_step_breaks_device_time_down_by_scope(tmp_path):
         assert 0 < len(rows) <= 20 and [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
         assert {r["stage"] for r in rows} <= set(stage_trace.STAGES) | {"other", "copy"}
         assert any(r["stage"] == "moe_gmm" for r in rows)
+        idle = {k: v for k, v in metrics.items() if k.startswith(f"{preset}_trace_idle_before_")}
+        assert sum(idle.values()) == pytest.approx(metrics[f"{preset}_trace_idle_ms"], rel=1e-6, abs=1e-9)
+        gaps = doc["raw"]["idle_gaps"][preset]
+        assert [r["ms"] for r in gaps] == sorted((r["ms"] for r in gaps), reverse=True)
+        assert all(idle[f"{preset}_trace_idle_before_{r['stage']}_ms"] >= r["ms"] for r in gaps)
     for key in ("busy", "wall"):  # the FP8 variant's speedup over the first in the traced step
         assert metrics[f"deepseek_r1_released_over_deepseek_r1_trace_{key}"] == pytest.approx(
             metrics[f"deepseek_r1_trace_{key}_ms"] / metrics[f"deepseek_r1_released_trace_{key}_ms"])
-    assert "costliest instructions of one traced step" in done.stdout
+    assert "costliest instructions of one traced step" in done.stdout and "idle before these" in done.stdout
     again = _run("--tiny", "--tokens=128", "--rounds=1", "--warmup=0", f"--trace={trace}", tmp_path=tmp_path / "x")
     assert again.returncode != 0 and "is not empty; give a new directory" in again.stderr
 

@@ -151,6 +151,22 @@ def test_top_kernels_sum_each_instruction_and_sort_by_time():
     assert stage_trace.top_kernels(events, scopes, 10)[-1]["stage"] == "other"  # no dump names program 9
 
 
+def test_idle_gaps_charge_each_gap_to_the_kernel_that_ends_it_and_sum_to_the_idle_time():
+    scopes = {7: {"a": "jit(f)/attention/dot", "g": "jit(f)/moe_gmm/custom-call", "o": "jit(f)/mla_out/cb"}}
+    events = [(0, 4_000_000, 7, "jit_f", "a", "k_a"), (1_000_000, 5_000_000, 7, "jit_f", "a", "k_a"),  # overlap
+              (5_500_000, 6_000_000, 7, "jit_f", "g", "k_g"),  # 0.5 ms after attention
+              (6_000_000, 7_000_000, None, None, None, "MemcpyD2D"),  # a copy does not end a gap
+              (8_000_000, 9_000_000, 7, "jit_f", "o", "k_o"),  # 2 ms after moe_gmm
+              (9_500_000, 9_600_000, 7, "jit_f", "g", "k_g"),  # 0.5 ms after mla_out
+              (9_600_000, 9_700_000, 9, "jit_h", "x", "k_x")]  # no gap: it starts as the last one ends
+    rows = stage_trace.idle_gaps(events, scopes, 5)
+    assert [(r["stage"], r["hlo_op"], r["after"], r["gaps"], r["ms"]) for r in rows] == [
+        ("mla_out", "o", ["moe_gmm"], 1, 2.0), ("moe_gmm", "g", ["attention", "mla_out"], 2, 1.0)]
+    idle = stage_trace.breakdown({0: events}, scopes)[0]["idle_ms"]
+    assert sum(r["ms"] for r in rows) == pytest.approx(idle)  # the copy lies inside the span
+    assert stage_trace.idle_gaps(events, scopes, 1) == rows[:1]
+
+
 def test_a_cpu_trace_names_each_kernel_by_its_scope(tmp_path):
     @jax.jit
     def f(x):
