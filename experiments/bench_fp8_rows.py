@@ -7,6 +7,10 @@ fails gets no time and the run exits 1. Cases run in rounds (the cast first in e
 
   python -m experiments.bench_fp8_rows            # on a GPU with FP8 (compute capability >= 8.9)
   python -m experiments.bench_fp8_rows --sweep    # also times every (block_m, num_warps) of the kernel
+  python -m experiments.bench_fp8_rows --shape=hidden --norm   # and RMSNorm with it: unfused, fused (`norm_rows`)
+
+With `--norm`, each norm input shape also times the layer's input RMSNorm followed by the kernel (the model's path)
+against `norm_rows`' fused kernel (`ModelConfig.fp8_fused_norm`), after checking the fused one is as accurate.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from dwdp_jax.kernels import fp8, fp8_rows
+from dwdp_jax.kernels import fp8, fp8_rows, norm_rows
 from dwdp_jax.measure import gpu_bench as gb
 from dwdp_jax.progress import progress_bar
 from dwdp_jax.results import write_measurements
@@ -28,11 +32,15 @@ from dwdp_jax.results import write_measurements
 SHAPES = {"routed_gate_up": (262144, 7168), "routed_down": (262144, 2048), "hidden": (32768, 7168),
           "attention_out": (32768, 16384), "shared_down": (32768, 2048)}
 SWEEP = [(bm, w) for bm in (32, 64, 128, 256) for w in (2, 4, 8)]
+NORM_SHAPES = ("hidden",)  # the rows an RMSNorm hands an FP8 projection: the layer's input norm
+NORM_EPS = 1e-6
 
 _SHAPES = flags.DEFINE_multi_enum("shape", list(SHAPES), list(SHAPES), "the shapes to time")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "rounds of every case", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per case and round (median)", lower_bound=1)
 _SWEEP = flags.DEFINE_bool("sweep", False, "also time every (block_m, num_warps) in SWEEP")
+_NORM = flags.DEFINE_bool("norm", False, "also time RMSNorm then the kernel against the fused kernel (`norm_rows`) "
+                          f"at {NORM_SHAPES}")
 _RESULTS = flags.DEFINE_string("results", "results", "results root")
 
 
@@ -62,6 +70,30 @@ def cases(x: jax.Array, sweep: bool) -> dict:
     return out
 
 
+def check_norm(x: jax.Array, w: jax.Array) -> dict[str, float]:
+    """The fused kernel against the norm then the quantization: each one's error against the normed rows (XLA may
+    keep at fp32 a bf16 rounding the kernel makes) and the share of e4m3 values that differ."""
+    normed = jax.jit(norm_rows.rms_norm, static_argnums=2)(x, w, NORM_EPS).astype(jnp.float32)
+    got = {}
+    for name, (q, s) in (("fused", norm_rows.rms_norm_quantized_kernel(x, w, eps=NORM_EPS)),
+                         ("unfused", fp8_rows.quantize_rows_kernel(normed.astype(x.dtype)))):
+        got[f"{name}_rel_err"] = float(jnp.linalg.norm(fp8.dequantize_rows(q, s) - normed) / jnp.linalg.norm(normed))
+        got.setdefault("q", []).append(q)
+    fused_q, unfused_q = got.pop("q")
+    got["values_differ"] = float(jnp.mean((fused_q.astype(jnp.float32) != unfused_q.astype(jnp.float32))
+                                          .astype(jnp.float32)))
+    return got
+
+
+def norm_cases(w: jax.Array) -> dict:
+    unfused = jax.jit(lambda x: fp8_rows.quantize_rows_kernel(norm_rows.rms_norm(x, w, NORM_EPS)))
+    out = {"norm_unfused": unfused}
+    for warps in (2, 4, 8):
+        out[f"norm_fused_w{warps}"] = jax.jit(
+            lambda x, warps=warps: norm_rows.rms_norm_quantized_kernel(x, w, eps=NORM_EPS, num_warps=warps))
+    return out
+
+
 def main(argv):
     del argv
     device = jax.devices()[0]
@@ -81,6 +113,14 @@ def main(argv):
             continue
         num_bytes = m * k * 3 + m * (k // fp8.BLOCK) * 4
         fns = cases(x, _SWEEP.value)
+        if _NORM.value and name in NORM_SHAPES:
+            w = (1 + 0.3 * jax.random.normal(jax.random.key(2), (k,), jnp.float32)).astype(jnp.bfloat16)
+            got = check_norm(x, w)
+            metrics.update({f"{name}_norm_{key}": v for key, v in got.items()})
+            if not (got["fused_rel_err"] <= 1.05 * got["unfused_rel_err"] and got["values_differ"] <= 0.05):
+                failed.append(f"{name} norm: {got}")
+            else:
+                fns.update(norm_cases(w))
         seconds = {c: [] for c in fns}
         for _ in range(_ROUNDS.value):
             for c, fn in fns.items():
@@ -89,8 +129,12 @@ def main(argv):
         for c, s in seconds.items():
             med = statistics.median(s)
             metrics[f"{name}_{c}_ms"] = med * 1e3
+            # the fused norm's floor is the quantization's (2 bytes read, 1 written per element); unfused, 4 more
             metrics[f"{name}_{c}_over_floor"] = med / (num_bytes / hbm)
         metrics[f"{name}_floor_ms"] = num_bytes / hbm * 1e3
+        if f"{name}_norm_unfused_ms" in metrics:
+            fused = min(v for c, v in metrics.items() if c.startswith(f"{name}_norm_fused_w") and c.endswith("_ms"))
+            metrics[f"{name}_norm_fused_speedup"] = metrics[f"{name}_norm_unfused_ms"] / fused
     print(f"\nmedians of {_ROUNDS.value} rounds; floor: the bytes (2 read + 1 written per element, 4 per scale) at "
           f"{hbm / 1e9:.0f} GB/s (measured read rate)")
     print(f"{'shape':16} {'floor ms':>8} {'cast e4m3':>9} {'xla':>7} {'kernel':>7}   (ms)")
@@ -98,6 +142,12 @@ def main(argv):
         if f"{name}_kernel_ms" in metrics:
             print(f"{name:16} {metrics[f'{name}_floor_ms']:8.3f} " + " ".join(
                 f"{metrics[f'{name}_{c}_ms']:{w}.3f}" for c, w in (("cast_e4m3", 9), ("xla", 7), ("kernel", 7))))
+    for name in _SHAPES.value:
+        if f"{name}_norm_fused_speedup" in metrics:
+            fused = {c: v for c, v in metrics.items() if c.startswith(f"{name}_norm_fused_w") and c.endswith("_ms")}
+            print(f"{name}: RMSNorm then the kernel {metrics[f'{name}_norm_unfused_ms']:.3f} ms, fused "
+                  + ", ".join(f"{c[len(name) + 12:-3]} {v:.3f}" for c, v in fused.items())
+                  + f" ms: {metrics[f'{name}_norm_fused_speedup']:.3f}x (floor {metrics[f'{name}_floor_ms']:.3f})")
     if _SWEEP.value:
         for name in _SHAPES.value:
             timed = {c: v for c, v in metrics.items() if c.startswith(f"{name}_kernel") and c.endswith("_ms")}
@@ -105,7 +155,8 @@ def main(argv):
                 best = min(timed, key=timed.get)
                 print(f"{name}: fastest {best} {timed[best]:.3f} ms")
     config = {"shapes": {s: SHAPES[s] for s in _SHAPES.value}, "rounds": _ROUNDS.value, "repeats": _REPEATS.value,
-              "sweep": _SWEEP.value, "device": device.device_kind, "jax": jax.__version__, "failed": failed,
+              "sweep": _SWEEP.value, "norm": _NORM.value, "device": device.device_kind, "jax": jax.__version__,
+              "failed": failed,
               "kernel_blocks": {"block_m": fp8_rows.BLOCK_M, "num_warps": fp8_rows.NUM_WARPS}}
     write_measurements("bench_fp8_rows", config=config, raw=raw, metrics=metrics, root=_RESULTS.value)
     if failed:

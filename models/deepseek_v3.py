@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dwdp_jax.kernels import attention as attention_kernels
-from dwdp_jax.kernels import dense_fp8, fp8, fp32_dot
+from dwdp_jax.kernels import dense_fp8, fp8, fp32_dot, norm_rows
 from models.config import ModelConfig
 from models.experts import WEIGHTS, ExpertSlab, RoutedExperts
 
@@ -112,9 +112,12 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         with jax.named_scope("norm"):
-            x32 = x.astype(jnp.float32)
-            x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-            return self.weight[...] * x32.astype(x.dtype)
+            return norm_rows.rms_norm(x, self.weight[...], self.eps)
+
+    def quantized(self, x_TD) -> dense_fp8.QuantizedRows:
+        """The normed rows as the FP8 kernels take them, computed with the norm in one kernel where it runs."""
+        with jax.named_scope("norm"):
+            return dense_fp8.QuantizedRows(*norm_rows.rms_norm_quantized(x_TD, self.weight[...], self.eps), x_TD.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[jax.Array, float]:
@@ -177,7 +180,15 @@ class MLA(nnx.Module):
         self.kv_b_proj = proj((cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = proj((h, cfg.v_head_dim, d), in_axes=2)
 
+    def takes_quantized(self, x_TD) -> bool:
+        """Whether x may come as `dense_fp8.QuantizedRows` (`fp8_fused_norm`): every projection of x on the kernel."""
+        first = (self.q_proj,) if self.cfg.q_lora_rank is None else (self.q_a_proj,)
+        values = [w.get_value() for w in (*first, self.kv_a_proj_with_mqa)]
+        return self.cfg.fp8_fused_norm and all(isinstance(v, fp8.BlockScaled) and dense_fp8.on_kernel(x_TD, v)
+                                               for v in values)
+
     def __call__(self, x_TD, segment_ids_T, positions_T):
+        """x_TD: the normed rows, or with `takes_quantized` their FP8 quantization."""
         cfg = self.cfg
         t, h = x_TD.shape[0], cfg.num_attention_heads
         with jax.named_scope("mla_proj"):
@@ -290,7 +301,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(cfg, rngs) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, dt, rngs, cfg.fp8_dense)
 
     def attention(self, x_TD, segment_ids_T, positions_T):
-        return x_TD + self.self_attn(self.input_layernorm(x_TD), segment_ids_T, positions_T)
+        norm = self.input_layernorm
+        h_TD = norm.quantized(x_TD) if self.self_attn.takes_quantized(x_TD) else norm(x_TD)
+        return x_TD + self.self_attn(h_TD, segment_ids_T, positions_T)
 
     def ffn(self, x_TD, experts: RoutedExperts | None = None, valid_T=None):
         h_TD = self.post_attention_layernorm(x_TD)

@@ -23,7 +23,7 @@ kernel's fused pair, its epilogue computing the SwiGLU: no [T, 2F] output, no se
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,19 @@ DEFAULT_SWIGLU_BLOCKS = Fp8Blocks(tile_n=128, chain=True, per_group=True, group_
 # 1/16 of it), so the MLP is bounded by this, each GEMM alone by bf16 rounding (measured: 4.0-4.4e-3 on H100 at R1's
 # widths, each GEMM within 2e-3).
 SWIGLU_REL_TOL = 1e-2
+
+
+class QuantizedRows(NamedTuple):
+    """Activations already quantized for the kernel (`fp8.quantize_rows`' e4m3 values [T, K] and scales [K/128,
+    T]; `norm_rows.rms_norm_quantized` computes them with their norm) and the dtype the products come out in."""
+
+    values_TK: jax.Array
+    scales_ST: jax.Array
+    dtype: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values_TK.shape
 
 
 def default_blocks(k: int, fused: bool = False) -> Fp8Blocks:
@@ -166,25 +179,27 @@ def swiglu_hidden(x_TK: jax.Array, gate: fp8.BlockScaled, up: fp8.BlockScaled, *
                                      blocks=b, interpret=interpret, out_dtype=jnp.bfloat16)
 
 
-def linear(x_TK: jax.Array, w: fp8.BlockScaled) -> jax.Array:
+def linear(x_TK: jax.Array | QuantizedRows, w: fp8.BlockScaled) -> jax.Array:
     """`fp8.linear` (x quantized per row and 128 columns, times the block-scaled weight, fp32 accumulation), on the
-    block-scaled kernel where `on_kernel`; [T, N] in x's dtype."""
+    block-scaled kernel where `on_kernel` or x comes quantized; [T, N] in x's dtype."""
     return linear_stacked(x_TK, (w,))[0]
 
 
-def linear_stacked(x_TK: jax.Array, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
+def linear_stacked(x_TK: jax.Array | QuantizedRows, ws: Sequence[fp8.BlockScaled]) -> list[jax.Array]:
     """x through several FP8 weights that share it (MLA's q_a and kv_a): [T, N_i] each. On the kernel, one GEMM
     over the weights stacked along N (each padded to whole 128-row blocks, so every scale block stays its own), x
-    quantized once: kv_a's 576 columns alone make 5 column tiles, about 10 waves of a 32K-token batch over 132 SMs
-    with one tile of padding in five; stacked under q_a's 1536 they are 17 tiles, 33 waves.
-    Elsewhere `fp8.linear` per weight. Each output column is the same product either way."""
-    if not all(on_kernel(x_TK, w) for w in ws):
+    quantized once (or as it comes, `QuantizedRows`): kv_a's 576 columns alone make 5 column tiles, about 10 waves
+    of a 32K-token batch over 132 SMs with one tile of padding in five; stacked under q_a's 1536 they are 17 tiles,
+    33 waves. Elsewhere `fp8.linear` per weight. Each output column is the same product either way."""
+    quantized = isinstance(x_TK, QuantizedRows)
+    if not quantized and not all(on_kernel(x_TK, w) for w in ws):
         return [fp8.linear(x_TK, w) for w in ws]
     widths = [w.values_GNK.shape[0] for w in ws]
     values = jnp.concatenate([jnp.pad(w.values_GNK, ((0, padded_width(n) - n), (0, 0)))
                               for w, n in zip(ws, widths)])
     stacked = fp8.BlockScaled(values, jnp.concatenate([w.scales_GRS for w in ws]))
-    out = block_scaled_gemm(*fp8_rows.quantize_rows(x_TK), stacked.check("linear_stacked"), out_dtype=x_TK.dtype)
+    x_rows = (x_TK.values_TK, x_TK.scales_ST) if quantized else fp8_rows.quantize_rows(x_TK)
+    out = block_scaled_gemm(*x_rows, stacked.check("linear_stacked"), out_dtype=x_TK.dtype)
     starts = [sum(padded_width(n) for n in widths[:i]) for i in range(len(ws))]
     return [out[:, a:a + n] for a, n in zip(starts, widths)]
 
