@@ -226,7 +226,7 @@ def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) ->
     events = kernels.get(device.id) or next(iter(kernels.values()))  # CPU thunks carry the device ordinal
     scopes = stage_trace.hlo_scopes(Path(_TRACE.value) / "hlo", events)
     t = stage_trace.breakdown({0: events}, scopes)[0]
-    for key in ("span_ms", "busy_ms", "idle_ms"):
+    for key in ("span_ms", "busy_ms", "idle_ms", "kernels"):
         metrics[f"{name}_trace_{key}"] = t[key]
     for stage, ms in t["stages_ms"].items():
         metrics[f"{name}_trace_{stage}_ms"] = ms

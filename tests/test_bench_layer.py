@@ -53,6 +53,7 @@ def test_traced_step_breaks_device_time_down_by_scope(tmp_path):
     metrics, top = doc["metrics"], doc["raw"]["top_kernels"]
     for preset in ("deepseek_r1", "deepseek_r1_released"):
         assert 0 < metrics[f"{preset}_trace_busy_ms"] <= metrics[f"{preset}_trace_span_ms"]
+        assert metrics[f"{preset}_trace_kernels"] >= sum(r["calls"] for r in top[preset])  # the costliest 20 and more
         for stage in ("attention", "mla_proj", "moe_gmm"):  # others may fuse into a neighbour
             assert metrics[f"{preset}_trace_{stage}_ms"] > 0, stage
         assert metrics[f"{preset}_routed_max_over_mean"] >= 1.0
