@@ -110,6 +110,13 @@ def stage_of(op_name: str) -> str:
     return "other"
 
 
+def program_ops(scopes: dict[int | str, dict[str, str]], program: int | None, module: str | None
+                ) -> dict[str, str] | None:
+    """The op_names of an event's program (`hlo_scopes`), found by its id or else its module's name; None where
+    no dump describes it."""
+    return scopes.get(program, scopes.get(module))
+
+
 def event_op_name(ops: dict[str, str], op: str | None, kernel: str) -> str:
     """The op_name of the instruction a trace event ran: its `hlo_op`'s, or for a kernel inside an XLA command
     buffer (whose events name the buffer) the fusion the kernel is named after (XLA names a fusion's kernel after
@@ -174,7 +181,7 @@ def breakdown(kernels: dict[int, list], scopes: dict[int | str, dict[str, str]])
             if _is_copy(name):  # a copy-engine pull is no compute, even when launched inside a custom call
                 stage = "copy"
             else:
-                ops = scopes.get(program, scopes.get(module))
+                ops = program_ops(scopes, program, module)
                 undumped += ops is None
                 stage = stage_of(event_op_name(ops or {}, op, name))
             by_stage[stage].append((start, end))
@@ -191,7 +198,7 @@ def top_kernels(events: list[tuple], scopes: dict[int | str, dict[str, str]], n:
     instruction, op_name, kernel names, launches and summed milliseconds, costliest first."""
     totals: dict[tuple, dict[str, Any]] = {}
     for start, end, program, module, op, name in events:
-        op_name = event_op_name(scopes.get(program, scopes.get(module)) or {}, op, name)
+        op_name = event_op_name(program_ops(scopes, program, module) or {}, op, name)
         row = totals.setdefault((module, op, op_name), {"stage": "copy" if _is_copy(name) else stage_of(op_name),
                                                "hlo_op": op, "op_name": op_name, "kernels": set(), "calls": 0,
                                                "ms": 0.0})
@@ -211,7 +218,7 @@ def idle_gaps(events: list[tuple], scopes: dict[int | str, dict[str, str]], n: i
     totals: dict[tuple, dict[str, Any]] = {}
     end, before = None, None
     for start, stop, program, module, op, name in sorted(e for e in events if not _is_copy(e[5])):
-        op_name = event_op_name(scopes.get(program, scopes.get(module)) or {}, op, name)
+        op_name = event_op_name(program_ops(scopes, program, module) or {}, op, name)
         if end is not None and start > end:
             row = totals.setdefault((module, op, op_name), {"stage": stage_of(op_name), "hlo_op": op,
                                                             "op_name": op_name, "after": set(), "gaps": 0, "ms": 0.0})

@@ -237,7 +237,6 @@ def traced_step(name: str, runtime, batch, device: jax.Device, metrics: dict) ->
     return stage_trace.top_kernels(events, scopes, TOP_KERNELS), gaps[:TOP_KERNELS]
 
 
-
 def _config(gemm: str, attention_impls: list[str]) -> dict:
     return {"presets": _PRESETS.value, "tokens": tokens(), "sequences": _SEQUENCES.value,
             "rounds": _ROUNDS.value, "warmup": _WARMUP.value, "gemm_backend": gemm, "attention_impls": attention_impls,

@@ -48,11 +48,10 @@ def chunks(groups: int) -> list[tuple[int, int]]:
 def _kernel(x_ref, w_ref, q_ref, scale_ref, *, groups: int, eps: float):
     # one row, held whole in registers: [G, 128] as power-of-two runs of groups
     runs = chunks(groups)
-    x_GK = [x_ref[pl.ds(a, n), :] for a, n in runs]
-    ss = sum(jnp.sum(x.astype(jnp.float32) * x.astype(jnp.float32)) for x in x_GK)
-    inv = jax.lax.rsqrt(ss / (groups * fp8.BLOCK) + eps)
-    for (a, n), x in zip(runs, x_GK):
-        normed = (x.astype(jnp.float32) * inv).astype(x.dtype)
+    x32_GK = [x_ref[pl.ds(a, n), :].astype(jnp.float32) for a, n in runs]
+    inv = jax.lax.rsqrt(sum(jnp.sum(x * x) for x in x32_GK) / (groups * fp8.BLOCK) + eps)
+    for (a, n), x in zip(runs, x32_GK):
+        normed = (x * inv).astype(x_ref.dtype)
         y = (w_ref[pl.ds(a, n), :] * normed).astype(jnp.float32)
         scale_G = jnp.maximum(jnp.max(jnp.abs(y), axis=1), fp8.TINY) / fp8.E4M3_MAX
         q_ref[pl.ds(a, n), :] = (y / scale_G[:, None]).astype(fp8.E4M3)
