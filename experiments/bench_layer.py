@@ -5,8 +5,9 @@ after a backend change, in the same run.
 
 The layer is the model's own first MoE layer (the config with num_hidden_layers=1, first_k_dense_replace=0) run by
 the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
-and shared experts), head. The variants (preset x attention backend) alternate round by round; a step's time is the
-median of its rounds, after warm-up. The rounds run back to back, so on an H100 or H200 they reach the 700 W power
+and shared experts), head. The variants (preset x attention backend) take turns, each round starting one variant
+later (`round_order`), so none always runs after the same one; a step's time is the median of its rounds, after
+warm-up. The rounds run back to back, so on an H100 or H200 they reach the 700 W power
 cap within a second; nvidia-smi's SM clock and power samples over them are recorded (`rounds_sm_clock_mhz_*`,
 `rounds_power_w_max`). Each stage's time comes from a separate profiled step (every stage waits for its outputs).
 
@@ -105,6 +106,13 @@ def experts_key(cfg: C.ModelConfig) -> tuple:
             cfg.dtype)
 
 
+def round_order(names: list[str], i: int) -> list[str]:
+    """Round i's order: the variants rotated by i. A step warms the card for the next (clocks at the power cap
+    follow the last steps' power), so with a fixed order each variant would always follow the same one."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int,
           expert_views=None):
     """(params, runtime) of one variant; `expert_views`: an earlier variant's, when `experts_key` is the same."""
@@ -174,8 +182,8 @@ def main(argv):
     seconds = {name: [] for name in variants}
     with gb.sampled_clocks() as clocks:  # the clocks the timed steps ran at (the power cap's, back to back)
         for i in progress_bar(list(range(_WARMUP.value + _ROUNDS.value)), "rounds", "round"):
-            for name, runtime in runtimes.items():
-                result = runtime.step(0, batch)
+            for name in round_order(list(runtimes), i):
+                result = runtimes[name].step(0, batch)
                 if i >= _WARMUP.value:
                     seconds[name].append(result.end_s - result.start_s)
     if clocks:

@@ -116,3 +116,17 @@ def test_rounds_record_the_clocks_nvidia_smi_sampled(tmp_path):
     metrics = json.loads(path.read_text())["metrics"]
     assert metrics["rounds_sm_clock_mhz_median"] == 1500 and metrics["rounds_sm_clock_mhz_min"] == 1320
     assert metrics["rounds_power_w_max"] == 700.5
+
+
+def test_each_variant_takes_every_place_in_the_rounds():
+    """Over as many rounds as variants, each variant runs once at each position and after each other variant."""
+    from experiments.bench_layer import round_order
+    names = ["bf16", "fp8", "fp8_fused"]
+    orders = [round_order(names, i) for i in range(len(names))]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    for pos in range(len(names)):
+        assert sorted(o[pos] for o in orders) == sorted(names)
+    followed = {(o[j - 1], o[j]) for o in orders for j in range(1, len(o))}
+    followed |= {(a[-1], b[0]) for a, b in zip(orders, orders[1:] + orders[:1])}
+    assert followed == {(a, b) for a in names for b in names if a != b}
+    assert round_order(names, 4) == orders[1]
