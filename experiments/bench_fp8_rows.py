@@ -9,8 +9,9 @@ fails gets no time and the run exits 1. Cases run in rounds (the cast first in e
   python -m experiments.bench_fp8_rows --sweep    # also times every (block_m, num_warps) of the kernel
   python -m experiments.bench_fp8_rows --shape=hidden --norm   # and RMSNorm with it: unfused, fused (`norm_rows`)
 
-With `--norm`, each norm input shape also times the layer's input RMSNorm followed by the kernel (the model's path)
-against `norm_rows`' fused kernel (`ModelConfig.fp8_fused_norm`), after checking the fused one is as accurate.
+With `--norm`, each norm input shape also times the layer's input RMSNorm followed by the kernel (the
+`fp8_fused_norm=False` ablation) against `norm_rows`' fused kernel (the model's default), after checking the fused
+one is as accurate.
 """
 
 from __future__ import annotations

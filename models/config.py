@@ -67,10 +67,11 @@ class ModelConfig:
     # so: e4m3 [out, in] with 128 x 128 block scales, inputs quantized in 1 x 128 groups.
     # Embedding, lm_head, router and norms stay `dtype` (as in the checkpoint). False: `dtype`.
     fp8_dense: bool = False
-    # With fp8_dense, on the block-scaled kernel: each layer's input RMSNorm and the FP8 quantization of its output
-    # for MLA's projections in one kernel (`norm_rows`: one read of the rows, no bf16 copy of the normed ones),
-    # where otherwise the norm writes its rows and the quantization reads them back. The same arithmetic.
-    fp8_fused_norm: bool = False
+    # Where MLA's FP8 projections (fp8_dense) run on the block-scaled kernel: each layer's input RMSNorm and the FP8
+    # quantization of its rows in one kernel (`norm_rows`: one read of the rows, no bf16 copy of the normed ones),
+    # HF's arithmetic (the normed rows rounded to bf16 before the weight multiply). Without FP8 projections it has
+    # nothing to fuse. Ablation False: the norm writes its rows and the quantization reads them back, two passes.
+    fp8_fused_norm: bool = True
     # Ablation (no checkpoint's behaviour): Q, K and V rounded to e4m3 with one fp32 scale per 128 tokens of one
     # head before attention, the inputs an FP8 attention kernel (FlashAttention-3's FP8 path) would read; the
     # attention itself runs on the configured backend in `dtype`, so this measures the accuracy, not the speed.
@@ -122,8 +123,6 @@ class ModelConfig:
         for name in ("fp8_experts", "fp8_dense", "fp8_fused_norm", "fp8_attention_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.fp8_fused_norm and not self.fp8_dense:
-            raise ValueError("ModelConfig.fp8_fused_norm needs fp8_dense=True (it quantizes for the FP8 projections)")
 
     @property
     def qk_head_dim(self) -> int:

@@ -117,8 +117,8 @@ def _attention(monkeypatch, fused: bool, fused_norm=None):
 def test_fused_norm_in_the_model(monkeypatch):
     """`fp8_fused_norm`: the input norm's rows reach MLA's FP8 projections quantized with the norm, the same
     output as the norm then the quantization (their reference arithmetic on CPU), within the quantization's
-    error with the kernel itself (interpreted); off, the fused function is never called; without fp8_dense, an
-    error naming the field."""
+    error with the kernel itself (interpreted); off (the ablation), the fused function is never called; on by
+    default."""
     reference, calls = norm_rows.rms_norm_quantized, []
 
     def spy(x, w, eps):
@@ -132,8 +132,7 @@ def test_fused_norm_in_the_model(monkeypatch):
     kernel = _attention(monkeypatch, True, lambda x, w, eps: norm_rows.rms_norm_quantized_kernel(
         x, w, eps=eps, interpret=True))
     assert 0 < np.linalg.norm(kernel - unfused) / np.linalg.norm(unfused) < 1e-2
-    with pytest.raises(ValueError, match="fp8_fused_norm needs fp8_dense=True"):
-        tiny(fp8_fused_norm=True)
+    assert tiny().fp8_fused_norm
 
 
 @pytest.mark.gpu
