@@ -178,7 +178,7 @@ def test_fused_norm_in_the_r1_layer():
     def attention(fused: bool) -> np.ndarray:
         layer.self_attn.cfg = cfg.replace(fp8_fused_norm=fused)
         graphdef, state = nnx.split(layer)
-        return np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s).attention(x, seg, pos))(state), np.float64)
+        return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s).attention(x, seg, pos))(state, x), np.float64)
 
     assert isinstance(layer.self_attn, MLA) and layer.self_attn.takes_quantized(x)
     fused, unfused = attention(True), attention(False)
