@@ -7,7 +7,8 @@ The layer is the model's own first MoE layer (the config with num_hidden_layers=
 the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
 and shared experts), head. The variants (preset x attention backend) take turns, each round starting one variant
 later (`round_order`), so none always runs after the same one; a step's time is the median of its rounds, after
-warm-up. The rounds run back to back, so on an H100 or H200 they reach the 700 W power
+warm-up, and a variant's speedup over the first is also given as the median of its rounds' own ratios
+(`paired_ratios`). The rounds run back to back, so on an H100 or H200 they reach the 700 W power
 cap within a second; nvidia-smi's SM clock and power samples over them are recorded (`rounds_sm_clock_mhz_*`,
 `rounds_power_w_max`). Each stage's time comes from a separate profiled step (every stage waits for its outputs).
 
@@ -113,6 +114,12 @@ def round_order(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def paired_ratios(base_s: list[float], other_s: list[float]) -> list[float]:
+    """Each round's speedup of a variant over the base (base seconds / its seconds): the two steps of a round run
+    within a second of each other, so a drift of the clocks over the rounds moves both."""
+    return [b / o for b, o in zip(base_s, other_s, strict=True)]
+
+
 def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int,
           expert_views=None):
     """(params, runtime) of one variant; `expert_views`: an earlier variant's, when `experts_key` is the same."""
@@ -204,6 +211,9 @@ def main(argv):
     for name in list(variants)[1:]:
         metrics[f"{name}_over_{base}_tokens_per_s"] = (metrics[f"{name}_tokens_per_s"]
                                                        / metrics[f"{base}_tokens_per_s"])
+        paired = paired_ratios(seconds[base], seconds[name])
+        metrics[f"{name}_over_{base}_paired_median"] = statistics.median(paired)
+        metrics[f"{name}_over_{base}_paired_min"], metrics[f"{name}_over_{base}_paired_max"] = min(paired), max(paired)
         for key in ("busy", "wall"):  # the speedup in the traced step, at the clocks one step alone runs at
             if f"{name}_trace_{key}_ms" in metrics:
                 metrics[f"{name}_over_{base}_trace_{key}"] = (metrics[f"{base}_trace_{key}_ms"]

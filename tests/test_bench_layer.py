@@ -35,6 +35,8 @@ def test_tiny_layer_fp8_against_bf16_and_an_ablation(tmp_path):
         assert metrics[f"{preset}_step_ms"] > 0 and metrics[f"{preset}_attention_ms"] > 0
         assert metrics[f"{preset}_moe_ms"] > 0
     assert metrics["deepseek_r1_over_deepseek_r1_released_tokens_per_s"] > 0
+    assert metrics["deepseek_r1_over_deepseek_r1_released_paired_median"] == pytest.approx(  # one round: the same
+        metrics["deepseek_r1_over_deepseek_r1_released_tokens_per_s"], rel=1e-12)
     assert 0 < metrics["deepseek_r1_logits_rel_to_deepseek_r1_released"] < 0.5
     assert 0 < metrics[f"{ablated}_logits_rel_to_deepseek_r1_released"] < 0.1
 
@@ -130,3 +132,14 @@ def test_each_variant_takes_every_place_in_the_rounds():
     followed |= {(a[-1], b[0]) for a, b in zip(orders, orders[1:] + orders[:1])}
     assert followed == {(a, b) for a in names for b in names if a != b}
     assert round_order(names, 4) == orders[1]
+
+
+def test_paired_ratios_are_each_rounds_own():
+    """Clocks slowing over the rounds, the variant at 0.8 of the base's time in each: every round's ratio is 1.25;
+    rounds that do not pair up are refused."""
+    from experiments.bench_layer import paired_ratios
+    base = [1.0, 1.0, 1.3, 1.6, 1.6]
+    other = [0.8 * b for b in base]
+    assert paired_ratios(base, other) == pytest.approx([1.25] * 5)
+    with pytest.raises(ValueError):
+        paired_ratios(base, other[:-1])
