@@ -6,9 +6,9 @@ after a backend change, in the same run.
 The layer is the model's own first MoE layer (the config with num_hidden_layers=1, first_k_dense_replace=0) run by
 the single-device `reference` runtime with synthetic weights: embedding, one layer (attention, then router, routed
 and shared experts), head. The variants (preset x attention backend) take turns, each round starting one variant
-later (`round_order`), so none always runs after the same one; a step's time is the median of its rounds, after
-warm-up, and a variant's speedup over the first is also given as the median of its rounds' own ratios
-(`paired_ratios`). The rounds run back to back, so on an H100 or H200 they reach the 700 W power
+later (`gpu_bench.round_order`), so none always runs after the same one; a step's time is the median of its rounds,
+after warm-up, and a variant's speedup over the first is also given as the median of its rounds' own ratios
+(`gpu_bench.paired_ratios`). The rounds run back to back, so on an H100 or H200 they reach the 700 W power
 cap within a second; nvidia-smi's SM clock and power samples over them are recorded (`rounds_sm_clock_mhz_*`,
 `rounds_power_w_max`). Each stage's time comes from a separate profiled step (every stage waits for its outputs).
 
@@ -107,19 +107,6 @@ def experts_key(cfg: C.ModelConfig) -> tuple:
             cfg.dtype)
 
 
-def round_order(names: list[str], i: int) -> list[str]:
-    """Round i's order: the variants rotated by i. A step warms the card for the next (clocks at the power cap
-    follow the last steps' power), so with a fixed order each variant would always follow the same one."""
-    k = i % len(names)
-    return names[k:] + names[:k]
-
-
-def paired_ratios(base_s: list[float], other_s: list[float]) -> list[float]:
-    """Each round's speedup of a variant over the base (base seconds / its seconds): the two steps of a round run
-    within a second of each other, so a drift of the clocks over the rounds moves both."""
-    return [b / o for b, o in zip(base_s, other_s, strict=True)]
-
-
 def build(cfg: C.ModelConfig, device: jax.Device, gemm_backend: str, attention_impl: str, seed: int,
           expert_views=None):
     """(params, runtime) of one variant; `expert_views`: an earlier variant's, when `experts_key` is the same."""
@@ -189,7 +176,7 @@ def main(argv):
     seconds = {name: [] for name in variants}
     with gb.sampled_clocks() as clocks:  # the clocks the timed steps ran at (the power cap's, back to back)
         for i in progress_bar(list(range(_WARMUP.value + _ROUNDS.value)), "rounds", "round"):
-            for name in round_order(list(runtimes), i):
+            for name in gb.round_order(list(runtimes), i):
                 result = runtimes[name].step(0, batch)
                 if i >= _WARMUP.value:
                     seconds[name].append(result.end_s - result.start_s)
@@ -211,7 +198,7 @@ def main(argv):
     for name in list(variants)[1:]:
         metrics[f"{name}_over_{base}_tokens_per_s"] = (metrics[f"{name}_tokens_per_s"]
                                                        / metrics[f"{base}_tokens_per_s"])
-        paired = paired_ratios(seconds[base], seconds[name])
+        paired = gb.paired_ratios(seconds[base], seconds[name])
         metrics[f"{name}_over_{base}_paired_median"] = statistics.median(paired)
         metrics[f"{name}_over_{base}_paired_min"], metrics[f"{name}_over_{base}_paired_max"] = min(paired), max(paired)
         for key in ("busy", "wall"):  # the speedup in the traced step, at the clocks one step alone runs at

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from dwdp_jax.measure import gpu_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -122,24 +124,22 @@ def test_rounds_record_the_clocks_nvidia_smi_sampled(tmp_path):
 
 def test_each_variant_takes_every_place_in_the_rounds():
     """Over as many rounds as variants, each variant runs once at each position and after each other variant."""
-    from experiments.bench_layer import round_order
     names = ["bf16", "fp8", "fp8_fused"]
-    orders = [round_order(names, i) for i in range(len(names))]
+    orders = [gpu_bench.round_order(names, i) for i in range(len(names))]
     assert all(sorted(o) == sorted(names) for o in orders)
     for pos in range(len(names)):
         assert sorted(o[pos] for o in orders) == sorted(names)
     followed = {(o[j - 1], o[j]) for o in orders for j in range(1, len(o))}
     followed |= {(a[-1], b[0]) for a, b in zip(orders, orders[1:] + orders[:1])}
     assert followed == {(a, b) for a in names for b in names if a != b}
-    assert round_order(names, 4) == orders[1]
+    assert gpu_bench.round_order(names, 4) == orders[1]
 
 
 def test_paired_ratios_are_each_rounds_own():
     """Clocks slowing over the rounds, the variant at 0.8 of the base's time in each: every round's ratio is 1.25;
     rounds that do not pair up are refused."""
-    from experiments.bench_layer import paired_ratios
     base = [1.0, 1.0, 1.3, 1.6, 1.6]
     other = [0.8 * b for b in base]
-    assert paired_ratios(base, other) == pytest.approx([1.25] * 5)
+    assert gpu_bench.paired_ratios(base, other) == pytest.approx([1.25] * 5)
     with pytest.raises(ValueError):
-        paired_ratios(base, other[:-1])
+        gpu_bench.paired_ratios(base, other[:-1])

@@ -285,6 +285,19 @@ def round_robin_over_dense(cases: dict[str, tuple[Callable, tuple, float]], dens
     return out
 
 
+def round_order(names: list[str], i: int) -> list[str]:
+    """Round i's order: the variants rotated by i. A step warms the card for the next (clocks at the power cap
+    follow the last steps' power), so with a fixed order each variant would always follow the same one."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+def paired_ratios(base_s: list[float], other_s: list[float]) -> list[float]:
+    """Each round's speedup of a variant over the base (base seconds / its seconds): the two steps of a round run
+    within a second of each other, so a drift of the clocks over the rounds moves both."""
+    return [b / o for b, o in zip(base_s, other_s, strict=True)]
+
+
 def recorded_tflops(got: dict, case: str) -> float:
     """The rate to record for a case of `round_robin_over_dense`'s rounds: its median ratio to each round's dense
     GEMM times the dense GEMM's median rate. Two cases of one run so recorded compare as their per-round ratios do;
