@@ -75,7 +75,7 @@ def _served_despite_a_fault(tmp_path, kind: str, num_requests: int, reason: str,
     result = launch.run(spec, str(tmp_path), timeout_s=150)
     assert time.time() - start < 150 and result["finished"], outcome_text(result)
     serving = result["serving"]
-    assert serving["completed"] == serving["requests"] == num_requests
+    assert serving["completed"] == serving["requests"] == num_requests, serving["failures"]
     assert not serving["lost"] and not serving["served_twice"]
     [failure] = serving["failures"]
     assert failure["group"] == 0 and failure["rank"] == rank and reason in failure["reason"]
@@ -119,8 +119,10 @@ def test_the_process_hosting_the_coordination_service_killed_takes_only_its_grou
 
 def test_a_rank_stalled_past_the_deadline_takes_only_its_group_down(tmp_path):
     """A real rank process holding its batch past step_deadline_s: its group is failed and its processes ended, the
-    batch re-runs on the other group, every request completed once, nothing hangs."""
-    _served_despite_a_fault(tmp_path, "stall", 16, "stalled", step_deadline_s=8.0)
+    batch re-runs on the other group, every request completed once, nothing hangs. The deadline leaves a healthy
+    rank's first step (its programs compiled) room on a loaded 2-core machine: at 8 s a CI run completed no request,
+    most likely both groups past the deadline."""
+    _served_despite_a_fault(tmp_path, "stall", 16, "stalled", step_deadline_s=25.0)
 
 
 def _failed_fast(result, seconds):
@@ -135,21 +137,22 @@ def test_a_missing_process_fails_the_others_within_the_start_timeout(tmp_path):
     assert present["exit"] == 2 and any("did not assemble" in s and "2 processes" in s for s in present["said"])
 
 
+# The start timeout (the default 30 s) leaves two processes room to import JAX and assemble beside a loaded test run:
+# at 10 s a CI run's process exited 2 without the owner's message, most likely before its group assembled.
 def test_mismatched_configurations_fail_every_process_naming_the_field(tmp_path):
-    spec = Spec.of(group_size=2, start_timeout_s=10.0)
-    other = Spec.of(group_size=2, start_timeout_s=10.0, seed=4)
-    result = launch.run(spec, str(tmp_path), timeout_s=60, spec_of=lambda g, p: other if p == 1 else spec)
-    for p in _failed_fast(result, 30).values():
+    spec = Spec.of(group_size=2)
+    other = Spec.of(group_size=2, seed=4)
+    result = launch.run(spec, str(tmp_path), timeout_s=90, spec_of=lambda g, p: other if p == 1 else spec)
+    for p in _failed_fast(result, 60).values():
         assert p["exit"] == 2 and any("seed = 3 on process 0, 4 on process 1" in s for s in p["said"]), p
 
 
 def test_a_handle_that_cannot_be_mapped_fails_every_process_naming_the_owner(tmp_path):
-    spec = Spec.of(group_size=2, start_timeout_s=10.0, fault=dict(group=0, rank=1, after_batches=0,
-                                                                  kind="bad_handle"))
-    result = launch.run(spec, str(tmp_path), timeout_s=60)
-    for p in _failed_fast(result, 30).values():
+    spec = Spec.of(group_size=2, fault=dict(group=0, rank=1, after_batches=0, kind="bad_handle"))
+    result = launch.run(spec, str(tmp_path), timeout_s=90)
+    for p in _failed_fast(result, 60).values():
         assert p["exit"] == 2 and any("owner 1's slab segment /dev/shm/dwdp_missing_segment cannot be opened" in s
-                                      for s in p["said"]), p
+                                      for s in p["said"]), p["said"]
 
 
 def test_bad_launch_fields_are_refused_naming_the_field():
