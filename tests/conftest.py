@@ -13,6 +13,7 @@ their cost and running them is not, and the programs that carry host callbacks (
 fences) never enter the persistent cache. The level changes code generation, not the operations' semantics: the
 tolerances and bit-for-bit comparisons hold at it, between programs compiled alike."""
 
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -20,13 +21,21 @@ from pathlib import Path
 import jax
 import pytest
 
+
+def _cuda_plugin_installed() -> bool:
+    """jax's CUDA plugin, as a module or as an installed distribution (jax-cuda12-plugin, jax-cuda13-pjrt, ...)."""
+    return (any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+            or any((d.metadata["Name"] or "").lower().replace("_", "-").startswith("jax-cuda")
+                   for d in importlib.metadata.distributions()))
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The workers of `pytest -m gpu -n 2` share one GPU: each allocates what it uses, not 75% of the card, and its
     # pool (which keeps what it grew to) stops at its share of 90%, so one worker cannot starve the other.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
                           f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
-if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+if not _cuda_plugin_installed():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
