@@ -11,11 +11,12 @@ Where no CUDA plugin is installed, XLA compiles with LLVM's optimizations off (`
 appended to XLA_FLAGS, which the processes the tests start inherit): the tests' programs are tiny, so compiling is
 their cost and running them is not, and the programs that carry host callbacks (the copy-engine transport's
 fences) never enter the persistent cache. The level changes code generation, not the operations' semantics: the
-tolerances and bit-for-bit comparisons hold at it, between programs compiled alike."""
+tolerances and bit-for-bit comparisons hold at it, between programs compiled alike. There too, one cache entry
+serves a program on every virtual device (`_one_cache_entry_for_every_device`)."""
 
 import importlib.metadata
-import inspect
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -28,25 +29,6 @@ def _cuda_plugin_installed() -> bool:
     return (any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
             or any((d.metadata["Name"] or "").lower().replace("_", "-").startswith("jax-cuda")
                    for d in importlib.metadata.distributions()))
-
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # The workers of `pytest -m gpu -n 2` share one GPU: each allocates what it uses, not 75% of the card, and its
-    # pool (which keeps what it grew to) stops at its share of 90%, so one worker cannot starve the other.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                          f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
-if not _cuda_plugin_installed():
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
-jax.config.update("jax_num_cpu_devices", 8)
 
 
 def _one_cache_entry_for_every_device() -> None:
@@ -64,8 +46,24 @@ def _one_cache_entry_for_every_device() -> None:
         lambda hash_obj, options, strip_device_assignment=False: hash_options(hash_obj, options, True))
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The workers of `pytest -m gpu -n 2` share one GPU: each allocates what it uses, not 75% of the card, and its
+    # pool (which keeps what it grew to) stops at its share of 90%, so one worker cannot starve the other.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                          f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
 if not _cuda_plugin_installed():
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
     _one_cache_entry_for_every_device()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture(autouse=True)
