@@ -31,6 +31,9 @@ def get_config(name: str = "tiny") -> config_dict.ConfigDict:
     # rounds every intermediate as written: DEP then matches the reference bit for bit on CPU at MNT 192 (from
     # 256 tokens a smaller difference remains there, in the shared expert).
     c.xla_excess_precision = True
+    # XLA's persistent compilation cache ("" = off): a DWDP rank's programs compile once for all ranks, and a rerun
+    # loads what an earlier run compiled (`dwdp_jax.compile_cache`)
+    c.compilation_cache = ".jax_cache"
 
     c.model = config_dict.ConfigDict()
     c.model.preset = "tiny"

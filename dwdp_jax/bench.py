@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import os
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
-from dwdp_jax import checkpoint, memory, strategies
+from dwdp_jax import checkpoint, compile_cache, memory, strategies
 from dwdp_jax import results as results_lib
 from dwdp_jax.expert_source import SyntheticExperts
 from dwdp_jax.profiling import first_step_batches, traced_pass
@@ -32,6 +34,16 @@ from dwdp_jax.validation import plan
 from dwdp_jax.verification import (judged_by_floor, reference_noise, reference_output, routing_skew,
                                    verification_batches, verify)
 from models import deepseek_v3
+
+
+def configure_backend(c) -> None:
+    """What the config sets before the JAX backend starts (which reads XLA_FLAGS and the CPU device count then):
+    XLA's excess precision, the virtual CPU devices and the persistent compilation cache."""
+    if not c.xla_excess_precision:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_allow_excess_precision=false".strip()
+    jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
+    if c.compilation_cache:
+        compile_cache.enable(c.compilation_cache)
 
 
 def build_params(p: Plan) -> reference.Params:

@@ -94,6 +94,11 @@ def _creatable_dir(v) -> str | None:
     return None if os.access(have, os.W_OK | os.X_OK) else f"{allowed}; {have} is not writable"
 
 
+def _cache_dir(v) -> str | None:
+    problem = None if v == "" else _creatable_dir(v)
+    return None if problem is None else f"'' (off) or {problem}"
+
+
 def _new_dir(v) -> str | None:
     """config.trace: XLA numbers its HLO dumps per process, so another run's would name other programs."""
     if v == "":
@@ -128,6 +133,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "num_ranks": _integer(1),
     "cpu_devices": _integer(1, " (virtual CPU devices, one per rank)"),
     "xla_excess_precision": _boolean,
+    "compilation_cache": _cache_dir,
     "model.preset": _one_of(tuple(model_config.PRESETS)),
     **{f"model.{k}": _integer(0, " (0: the preset's)") for k in MODEL_OVERRIDES},
     "model.dtype": _registered(lambda v: model_config.ModelConfig(dtype=v)),

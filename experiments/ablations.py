@@ -12,12 +12,11 @@ verification or a strategy of it failed (after every point ran), 2 for invalid i
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from dwdp_jax import ablations
+from dwdp_jax import ablations, bench
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(configs.__file__), "context_bench.py"), "base benchmark config",
@@ -34,9 +33,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     c = _CONFIG.value
     scale = "tiny" if c.name == "tiny" else "r1"
-    if not c.xla_excess_precision:  # read when the backend starts, which is below
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_allow_excess_precision=false".strip()
-    jax.config.update("jax_num_cpu_devices", c.cpu_devices)
+    bench.configure_backend(c)  # before the backend starts, which is below
     try:
         ablations.points(_SWEEP.value or "", scale)  # validates the name before any device work
         outcomes = ablations.run_points(c, _SWEEP.value, scale, _RESULTS.value,

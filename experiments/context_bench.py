@@ -13,7 +13,6 @@ import os
 import re
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -84,13 +83,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     c = _CONFIG.value
-    try:  # before the backend starts: jax_num_cpu_devices and XLA_FLAGS are read then, and devices cost time
+    try:  # before the backend starts: the config sets what it reads, and devices cost time
         validation.validate(c)
     except ValueError as e:
         invalid(str(e))
-    if not c.xla_excess_precision:
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_allow_excess_precision=false".strip()
-    jax.config.update("jax_num_cpu_devices", c.cpu_devices)  # only affects the CPU backend
+    bench.configure_backend(c)
     try:
         if c.trace:  # the trace names HLO instructions; the dump maps them to their named scopes (stage_trace)
             profiling.start_trace_dump(c.trace)

@@ -11,17 +11,18 @@ Where no CUDA plugin is installed, XLA compiles with LLVM's optimizations off (`
 appended to XLA_FLAGS, which the processes the tests start inherit): the tests' programs are tiny, so compiling is
 their cost and running them is not, and the programs that carry host callbacks (the copy-engine transport's
 fences) never enter the persistent cache. The level changes code generation, not the operations' semantics: the
-tolerances and bit-for-bit comparisons hold at it, between programs compiled alike. There too, one cache entry
-serves a program on every virtual device (`_one_cache_entry_for_every_device`)."""
+tolerances and bit-for-bit comparisons hold at it, between programs compiled alike. One cache entry serves a
+program on every device (`compile_cache`), as in the main job."""
 
 import importlib.metadata
 import importlib.util
-import inspect
 import os
 from pathlib import Path
 
 import jax
 import pytest
+
+from dwdp_jax import compile_cache
 
 
 def _cuda_plugin_installed() -> bool:
@@ -29,21 +30,6 @@ def _cuda_plugin_installed() -> bool:
     return (any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
             or any((d.metadata["Name"] or "").lower().replace("_", "-").startswith("jax-cuda")
                    for d in importlib.metadata.distributions()))
-
-
-def _one_cache_entry_for_every_device() -> None:
-    """XLA's persistent cache keys a CPU program by its device assignment, so the per-rank programs of a DWDP group
-    (the same HLO on each virtual device) compiled once per device. jax strips the assignment from the key on GPU,
-    where processes share programs, and loads an entry onto the devices that ask for it; the same here. The tiny
-    context_bench on 2 cores, cold: DWDP's verify, warm-up and profile 34.5 -> 16.8 s, the run 86 -> 71 s. jax
-    0.10.2's private key function; left alone where its signature differs (a speed-up only)."""
-    from jax._src import cache_key
-
-    hash_options = cache_key._hash_serialized_compile_options
-    if "strip_device_assignment" not in inspect.signature(hash_options).parameters:
-        return
-    cache_key._hash_serialized_compile_options = (
-        lambda hash_obj, options, strip_device_assignment=False: hash_options(hash_obj, options, True))
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -54,15 +40,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
                           f"{0.9 / int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')):.3f}")
 if not _cuda_plugin_installed():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    _one_cache_entry_for_every_device()
+# the environment carries the cache to the processes the multi-process tests start
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+compile_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_num_cpu_devices", 8)
 
 

@@ -116,7 +116,11 @@ def test_paths_must_be_usable(tmp_path):
     with pytest.raises(ValueError, match="config.results_root='.*file/results': a directory that exists or can be "
                                          "created; .*file is a file"):
         validation.validate(config_with(tmp_path, results_root=str(tmp_path / "file" / "results")))
+    with pytest.raises(ValueError, match="config.compilation_cache='.*file/cache': '' \\(off\\) or a directory that "
+                                         "exists or can be created; .*file is a file"):
+        validation.validate(config_with(tmp_path, compilation_cache=str(tmp_path / "file" / "cache")))
     validation.validate(config_with(tmp_path, trace=str(tmp_path / "new" / "trace")))
+    validation.validate(config_with(tmp_path, compilation_cache=""))
 
 
 def test_ragged_dispatch_is_refused_on_cpu_before_building(tmp_path):
