@@ -30,7 +30,8 @@ print(json.dumps([program(jax.device_put(x, d)).tolist() for d in jax.devices()]
 
 
 def entries(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("jit_program-") and p.name.endswith("-cache"))
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name.startswith("jit_program-") and p.name.endswith("-cache"))
 
 
 def run(cache: Path, mode: str) -> list:
