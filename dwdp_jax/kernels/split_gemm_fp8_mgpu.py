@@ -126,7 +126,8 @@ class Fp8Blocks(PipelinedTiles):
     # Clusters of two CTAs on two row tiles of one group and one column block, the weight tile loaded once for both
     # (TMA multicast): at 128 x 256 a third less L2 traffic per CTA and K step (x 16 KiB + half the weight's 32),
     # cuBLAS FP8's structure. A group's tiles go in pairs (`tile_schedule(pairs=True)`): a group of an odd number of
-    # tiles leaves one CTA of its last pair computing without storing (half a tile a group on average). Clusters
+    # tiles leaves one CTA of its last pair without rows (half a tile a group on average), walking the K steps in
+    # phase with its partner but computing nothing (its row blocks have no rows of the group). Clusters
     # (cluster_m, cluster_n) chain like single CTAs: both CTAs of a cluster walk the same tiles with the same K
     # steps, so their chained pipelines stay in phase. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only (`pytest -m gpu` runs every swept candidate).
