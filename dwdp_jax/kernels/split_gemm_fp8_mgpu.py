@@ -20,10 +20,10 @@ memory a K block ahead (one scalar per K block: TMA moves nothing under 16 bytes
 
 The registers bound the tile: per warpgroup thread, a running fp32 sum per weight over its rows and a partial of
 one row block (`Fp8Blocks.acc_registers`). The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
-kernel. Rows past sum(group_sizes) are not written. A warpgroup skips its row blocks (64 rows; row halves: its
-half) outside its tile's rows of the group, and, told the groups' real rows (`row_counts_G`: the model's
-tile-aligned buffer), those of padding only, which come out zero: about half of the aligned buffer's padding, 7% of
-its rows at a DWDP rank's 236K rows over 256 experts.
+kernel. Rows past sum(group_sizes) are not written. Told the groups' real rows (`row_counts_G`: the model's
+tile-aligned buffer), a warpgroup skips its row blocks (64 rows; row halves: its half) without any, which come out
+zero, and those of another group in a tile cut at a group boundary: about half of the aligned buffer's padding, 7%
+of its rows at a DWDP rank's 236K rows over 256 experts. Not told, the kernel computes every row of its tiles.
 
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
 for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
@@ -127,7 +127,7 @@ class Fp8Blocks(PipelinedTiles):
     # (TMA multicast): at 128 x 256 a third less L2 traffic per CTA and K step (x 16 KiB + half the weight's 32),
     # cuBLAS FP8's structure. A group's tiles go in pairs (`tile_schedule(pairs=True)`): a group of an odd number of
     # tiles leaves one CTA of its last pair without rows (half a tile a group on average), walking the K steps in
-    # phase with its partner but computing nothing (its row blocks have no rows of the group). Clusters
+    # phase with its partner, computing without storing (nothing, told the real rows). Clusters
     # (cluster_m, cluster_n) chain like single CTAs: both CTAs of a cluster walk the same tiles with the same K
     # steps, so their chained pipelines stay in phase. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only (`pytest -m gpu` runs every swept candidate).
@@ -301,12 +301,14 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
                 ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
-            # rows [lo, stop) are computed, [lo, hi) stored: the rest of the tile's rows keep zero sums
-            stop = sched_gmem[PAIRS_COMPUTE_STOP if b.cluster_m else COMPUTE_STOP, ti] if real_rows else hi
+            # told the real rows: the row blocks with rows in [lo, stop) are computed, [lo, hi) stored, the other
+            # blocks keep zero sums
+            stop = sched_gmem[PAIRS_COMPUTE_STOP if b.cluster_m else COMPUTE_STOP, ti] if real_rows else None
             if b.cluster_m:  # the pair's second tile is the second CTA's
                 second = jax.lax.axis_index("cluster") == 1
                 block, lo, hi = (jnp.where(second, sched_gmem[8 + i, ti], v) for i, v in enumerate((block, lo, hi)))
-                stop = jnp.where(second, sched_gmem[PAIRS_COMPUTE_STOP + 1, ti], stop) if real_rows else hi
+                if real_rows:
+                    stop = jnp.where(second, sched_gmem[PAIRS_COMPUTE_STOP + 1, ti], stop)
             row0 = block * b.tile_m
             col0 = ni * b.cta_n + wg_col0
             out_col0 = col0 if out_spread is None else col0 // out_spread[0] * out_spread[1] + col0 % out_spread[0]
@@ -397,7 +399,10 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     new = []  # row blocks outermost, then weights
                     for i, (r, n) in enumerate(row_blocks):
                         old = sums[i * own:(i + 1) * own]
-                        # a row block outside the rows to compute (another group's, or padding) keeps its sums
+                        if not real_rows:
+                            new += promoted(r, n, old)
+                            continue
+                        # a row block outside the rows to compute (padding, or another group's) keeps its sums
                         needed = (wg_row0 + r < stop) & (wg_row0 + r + n > lo)
                         new += jax.lax.cond(needed, functools.partial(promoted, r, n, old), lambda old=old: old)
                     return w_scale_next, tuple(new)
