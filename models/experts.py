@@ -127,8 +127,8 @@ def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, sla
     """The grouped GEMMs over the slabs, the weights used where they lie: one kernel over all slabs for a split
     backend, else one grouped GEMM per slab over the rows of the sorted buffer. `x_scale_SM`: the rows come
     quantized (e4m3 with `fp8.quantize_rows` scales; FP8 experts on a split backend), the output in `out_dtype`.
-    `row_counts_E`: the real rows of each group of the tile-aligned buffer (`align_groups`), given to the split
-    backends' FP8 kernels, which skip the row blocks of padding only."""
+    `row_counts_E`: the real rows at the start of each group (fewer than its size in a tile-aligned buffer,
+    `align_groups`), given to the split backends' FP8 kernels, which skip the row blocks without any."""
     split = grouped_gemm.get_split_backend(backend)
     if slabs[0].fp8:
         grouped_gemm.check_fp8(backend)
@@ -222,9 +222,8 @@ class ExpertView:
                 x_TD, scale_ST = fp8_rows.quantize_rows(x_TD)
         with jax.named_scope("moe_permute"):
             order_M, group_sizes_E = sort_by_expert(ids_TK, self.num_experts, valid_T)
-            aligned_M, row_counts_E = None, None
+            aligned_M, row_counts_E = None, group_sizes_E
             if align > 1:  # one gather straight into the aligned buffer; its padding rows read a zero row
-                row_counts_E = group_sizes_E
                 aligned_M, group_sizes_E, num_aligned = align_groups(group_sizes_E, order_M.shape[0], align)
                 token_P = jnp.full((num_aligned,), x_TD.shape[0], order_M.dtype).at[aligned_M].set(order_M // k)
             else:

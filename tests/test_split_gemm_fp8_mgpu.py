@@ -91,6 +91,19 @@ def test_three_slabs_match_the_exact_product(blocks):
     assert _rel(ours, exact) < 2e-3
 
 
+@pytest.mark.parametrize("blocks", [SMALL, dataclasses.replace(SMALL_COLS, chain=True, per_group=True, num_sms=2)],
+                         ids=["row_halves", "column_halves_chained"])
+def test_packed_groups_told_their_rows_are_the_exact_product(blocks):
+    """Row counts equal to the sizes (a packed buffer, DEP's): a tile cut at a group boundary computes only the row
+    blocks with its group's rows (row 70: group 2's first tile skips rows 0-63), the same product."""
+    x_q, x_s, weights = _operands(1, 256, 256, False)
+    out = split_ragged_dot_fp8_mgpu(x_q, jnp.asarray(SIZES), _slabs(weights, False, SLAB_CUTS), x_scale_SM=x_s,
+                                    blocks=blocks, interpret=True, out_dtype=jnp.float32,
+                                    row_counts_G=jnp.asarray(SIZES))
+    used = int(SIZES.sum())
+    assert _rel(np.asarray(out[:used]), _exact(x_q, x_s, weights, False)) < 1e-5
+
+
 @pytest.mark.parametrize("blocks", [dataclasses.replace(SMALL, swizzled_store=True),
                                     dataclasses.replace(SMALL_COLS, out_by_row_block=True, swizzled_store=True)],
                          ids=["row_halves", "column_halves_by_row_block"])

@@ -290,7 +290,7 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
     FP8 (x_scale_SM given): x is e4m3 with `fp8.quantize_rows` scales [K/128, M], every weight an e4m3 (values
     [G_s, N, K], scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16); K and N multiples
     of 128, and the K and N tiles divide 128 (one scale per tile and K step). row_counts_G (each group's real rows,
-    the rest zero rows): the FP8 kernels' common argument, which this kernel does not use: it computes every row
+    any others zero rows): the FP8 kernels' common argument, which this kernel does not use: it computes every row
     of its tiles (or half tiles), the zero rows giving zero.
     """
     del row_counts_G
@@ -339,9 +339,9 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_sca
     x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in (`fp8_rows`), as
     DeepSeek-V3's inference does; x may come quantized already (e4m3 with its scales `x_scale_SM`, as the MoE
     quantizes its tokens before they are copied into expert order). Rows past sum(group_sizes) come back zeroed
-    (the backend contract), in `out_dtype` (default: x's dtype). row_counts_E: each group's real rows at its start,
-    its other rows zero (the tile-aligned buffer, `models.experts.align_groups`), whose 64-row blocks the FP8
-    kernels skip (`split_gemm_fp8_mgpu`); their outputs are zero either way."""
+    (the backend contract), in `out_dtype` (default: x's dtype). row_counts_E: each group's real rows at its start
+    (all of them in a packed buffer; in the tile-aligned one, `models.experts.align_groups`, the rest zero rows),
+    which the FP8 kernels may take to skip row blocks without any (`split_gemm_fp8_mgpu`); outputs are the same."""
     gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
     down = tuple(s.w_down_EFD for s in slabs)
     fp8_experts = isinstance(down[0], tuple)

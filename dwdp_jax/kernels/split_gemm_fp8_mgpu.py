@@ -441,9 +441,10 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     width columns, the `width - part` after it left unwritten for the caller to fill in place (MLA's k: each
     head's k_nope, then the rope key, without a concatenation that copies all of k).
 
-    row_counts_G: each group's real rows, at its start (the tile-aligned buffer's groups, `models.experts.align_groups`,
-    whose padding rows are zero rows): a warpgroup's 64-row block (row halves: its half) holding none of them is not
-    computed and comes out zero; the padding rows of a block with real rows come out as computed."""
+    row_counts_G: each group's real rows, at its start (its size in a packed buffer; fewer in a tile-aligned one,
+    `models.experts.align_groups`, whose padding rows are zero rows): a warpgroup's 64-row block (row halves: its
+    half) holding none of the tile's is not computed (if stored: zero); the padding rows of a block with real rows
+    come out as computed."""
     m, k = x_MK.shape
     n = jax.tree.leaves(weights)[0].shape[1]  # the first values [G, N, K]
     if k % fp8.BLOCK or n % fp8.BLOCK:  # before the scales' shapes, which follow from K and N
