@@ -4,9 +4,7 @@ blocks, rows in 1 x 128 groups, DeepSeek-V3's scheme; `dwdp_jax.kernels.fp8`): t
 (cuBLAS, one scale per tensor: the ceiling), cuBLASLt's block-scaled dense FP8 GEMM of the same rows (the same
 scaling as the kernels, DeepGEMM's grouped-over-dense comparison; where the card and cuBLAS have it, its error
 checked first), the dense bf16 GEMM and the bf16 split kernel serving runs, in rounds,
-over the model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales", issue 26), the
-kernels told each group's real rows as the model tells them (the Mosaic GPU kernel skips row blocks of padding only;
-also timed computing every padding row, `fp8_split_mgpu_all_rows`). Each
+over the model's tile-aligned groups (issue 6's "FP8 (e4m3) weight path with per-block scales", issue 26). Each
 kernel's fastest blocks are first checked against the fp32 product of the same quantized operands (sampled rows of
 every group, `gpu_bench.grouped_rel_err`): past --rel_tol, the projection gets no rate, nothing is recorded and the
 run exits 1.
@@ -98,12 +96,10 @@ def slab_counts(experts: int, slabs: int) -> tuple[int, ...]:
     return tuple(min(each, experts - i * each) for i in range(slabs) if experts > i * each)
 
 
-def _sweep(name: str, kernel: str, sizes, padded, k: int, n: int, fused: bool,
+def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: bool,
            slabs: tuple[int, ...]) -> tuple[dict, object, object]:
-    """(TFLOP/s or the error of every candidate of one FP8 kernel over the groups `sizes` padded to `padded` rows,
-    as the model lays them out and tells the kernels, the fastest candidate, the blocks the kernel takes today: its
-    cached entry or its defaults)."""
-    real = int(sizes.sum())
+    """(TFLOP/s or the error of every candidate of one FP8 kernel, the fastest candidate, the blocks the kernel
+    takes today: its cached entry or its defaults)."""
     spec = KERNELS[kernel]
     tuned = tuning.lookup(spec.tuned_name, spec.blocks_type, jax.devices()[0].device_kind, k, n, fused, real)
     before = tuned or spec.defaults(k, n, fused)
@@ -113,7 +109,7 @@ def _sweep(name: str, kernel: str, sizes, padded, k: int, n: int, fused: bool,
     for b in candidates if _SWEEP.value else [before]:
         try:
             sweep[b] = gb.tflops(gb.fp8_split_case(padded, k, n, fused, b, counted_rows=real, kernel=spec.fn,
-                                                   slab_counts=slabs, row_counts=sizes))
+                                                   slab_counts=slabs))
         except Exception as e:  # a configuration that cannot compile (shared memory, registers) is skipped
             sweep[b] = repr(e)[:200]
         ceiling = getattr(b, "smem_ceiling", None)
@@ -133,7 +129,7 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
     slabs = slab_counts(len(padded), _SLABS.value)
     failed_before = len(failed)
     for kernel in _KERNELS.value:
-        sweep, best[kernel], before[kernel] = _sweep(name, kernel, sizes, padded, k, n, fused, slabs)
+        sweep, best[kernel], before[kernel] = _sweep(name, kernel, padded, real, k, n, fused, slabs)
         metrics[f"{name}_fp8_{kernel}_best_tflops"] = sweep[best[kernel]]
         raw.update({f"{name}_{kernel}_sweep": {str(b): v for b, v in sweep.items()},
                     f"{name}_{kernel}_best_blocks": str(best[kernel])})
@@ -151,17 +147,14 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
 
     def case(kernel, b):
         return functools.partial(gb.fp8_split_case, padded, k, n, fused, b, counted_rows=real,
-                                 kernel=KERNELS[kernel].fn, slab_counts=slabs, row_counts=sizes)
+                                 kernel=KERNELS[kernel].fn, slab_counts=slabs)
 
     fastest = max(best, key=lambda kernel: metrics[f"{name}_fp8_{kernel}_best_tflops"])
     split = {f"fp8_split_{kernel}": case(kernel, best[kernel])() for kernel in _KERNELS.value}
     # the blocks a sweep would displace, in the same rounds: the sweep's one-off timings rank, the rounds decide
     replaced = {f"fp8_split_{kernel}_before": case(kernel, before[kernel])() for kernel in _KERNELS.value
                 if before[kernel] != best[kernel]}
-    # the Mosaic GPU kernel not told the real rows, computing every padding row (Triton's computes them anyway)
-    all_rows = {"fp8_split_mgpu_all_rows": case("mgpu", best["mgpu"])(row_counts=None)} if (
-        "mgpu" in best and (padded > sizes).any()) else {}
-    cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), **split, **all_rows,
+    cases = {"dense_fp8": gb.dense_gemm_case(real, k, cols, jnp.float8_e4m3fn), **split,
              f"fp8_split_{fastest}_with_row_quant": case(fastest, best[fastest])(quantize_rows=True), **replaced,
              "bf16_split": gb.split_gemm_case(padded, k, n, fused, kernel=_bf16_split, counted_rows=real,
                                               slab_counts=slabs)}
@@ -181,8 +174,6 @@ def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -
         for c in split:
             metrics[f"{name}_{run}_{c}_over_dense_fp8"] = got[c]["over_dense"] / got["dense_fp8"]["over_dense"]
             metrics[f"{name}_{run}_{c}_over_bf16_split"] = got[c]["over_dense"] / got["bf16_split"]["over_dense"]
-            if c + "_all_rows" in got:
-                metrics[f"{name}_{run}_{c}_over_all_rows"] = got[c]["over_dense"] / got[c + "_all_rows"]["over_dense"]
             if "dense_fp8_block_scaled" in got:
                 metrics[f"{name}_{run}_{c}_over_dense_fp8_block_scaled"] = (
                     got[c]["over_dense"] / got["dense_fp8_block_scaled"]["over_dense"])

@@ -122,21 +122,17 @@ def align_groups(group_sizes_E: jax.Array, num_rows: int, align: int):
 
 
 def grouped_ffn_over_slabs(x_sorted_MD: jax.Array, group_sizes_E: jax.Array, slabs: tuple[ExpertSlab, ...],
-                           backend: str, x_scale_SM: jax.Array | None = None, out_dtype=None,
-                           row_counts_E: jax.Array | None = None) -> jax.Array:
+                           backend: str, x_scale_SM: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """The grouped GEMMs over the slabs, the weights used where they lie: one kernel over all slabs for a split
     backend, else one grouped GEMM per slab over the rows of the sorted buffer. `x_scale_SM`: the rows come
-    quantized (e4m3 with `fp8.quantize_rows` scales; FP8 experts on a split backend), the output in `out_dtype`.
-    `row_counts_E`: the real rows at the start of each group (fewer than its size in a tile-aligned buffer,
-    `align_groups`), given to the split backends' FP8 kernels, which skip the row blocks without any."""
+    quantized (e4m3 with `fp8.quantize_rows` scales; FP8 experts on a split backend), the output in `out_dtype`."""
     split = grouped_gemm.get_split_backend(backend)
     if slabs[0].fp8:
         grouped_gemm.check_fp8(backend)
     if split is not None:
         if x_scale_SM is None:
             return split(x_sorted_MD, group_sizes_E, slabs)
-        return split(x_sorted_MD, group_sizes_E, slabs, x_scale_SM=x_scale_SM, out_dtype=out_dtype,
-                     row_counts_E=row_counts_E)
+        return split(x_sorted_MD, group_sizes_E, slabs, x_scale_SM=x_scale_SM, out_dtype=out_dtype)
     if x_scale_SM is not None:
         raise ValueError(f"grouped GEMM backend {backend!r} takes bf16 rows; quantized rows go to a split backend")
     ffn = grouped_gemm.get_backend(backend)
@@ -222,7 +218,7 @@ class ExpertView:
                 x_TD, scale_ST = fp8_rows.quantize_rows(x_TD)
         with jax.named_scope("moe_permute"):
             order_M, group_sizes_E = sort_by_expert(ids_TK, self.num_experts, valid_T)
-            aligned_M, row_counts_E = None, group_sizes_E
+            aligned_M = None
             if align > 1:  # one gather straight into the aligned buffer; its padding rows read a zero row
                 aligned_M, group_sizes_E, num_aligned = align_groups(group_sizes_E, order_M.shape[0], align)
                 token_P = jnp.full((num_aligned,), x_TD.shape[0], order_M.dtype).at[aligned_M].set(order_M // k)
@@ -232,7 +228,7 @@ class ExpertView:
             scale_SM = None if scale_ST is None else jnp.take(scale_ST, token_P, axis=1, mode="fill", fill_value=0)
         with jax.named_scope("moe_gmm"):
             y_sorted_MD = grouped_ffn_over_slabs(x_sorted_MD, group_sizes_E, self.slabs, self.backend,
-                                                 x_scale_SM=scale_SM, out_dtype=out_dtype, row_counts_E=row_counts_E)
+                                                 x_scale_SM=scale_SM, out_dtype=out_dtype)
         with jax.named_scope("moe_combine"):
             return combine(y_sorted_MD, order_M, weights_TK, aligned_M)
 

@@ -11,8 +11,7 @@ import pytest
 
 from dwdp_jax.measure.gpu_bench import dense_gemm_case, lowered_for_cuda, round_robin_over_dense, time_s
 from dwdp_jax.kernels import grouped_gemm
-from dwdp_jax.kernels.split_gemm import (COMPUTE_STOP, PAIRS_COMPUTE_STOP, Blocks, split_ragged_dot,
-                                         tile_schedule)
+from dwdp_jax.kernels.split_gemm import Blocks, split_ragged_dot, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import split_ragged_dot_mgpu
 from dwdp_jax.packing import pack
 from dwdp_jax.placement import Placement
@@ -79,29 +78,6 @@ def test_pair_schedule_pairs_each_groups_consecutive_tiles(seed, group_m, per_gr
     assert [tuple(int(v) for v in (*sched[:5, p], *sched[8:, p])) for p in range(count)] == expected
     first, size = sched[6, :count], sched[7, :count]
     assert ((first <= np.arange(count)) & (np.arange(count) < first + size)).all()
-
-
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("pairs", [False, True])
-def test_real_row_stops_cut_each_tile_at_its_groups_real_rows(seed, pairs):
-    """`row_counts_G`: one more row per tile (pairs: per tile of the pair) holding where its group's real rows end
-    within it, between its first row and its stop; the rest of the schedule is unchanged."""
-    rng = np.random.default_rng(seed)
-    counts = tuple(int(c) for c in rng.integers(1, 5, size=rng.integers(1, 4)))
-    sizes = rng.integers(0, 70, size=sum(counts)) * (rng.random(sum(counts)) < 0.7)
-    real = (sizes * rng.random(len(sizes))).astype(np.int32)
-    num_rows = int(sizes.sum()) + int(rng.integers(0, 20))
-    plain = np.asarray(tile_schedule(jnp.asarray(sizes, jnp.int32), counts, 16, num_rows, pairs=pairs))
-    sched = np.asarray(tile_schedule(jnp.asarray(sizes, jnp.int32), counts, 16, num_rows, pairs=pairs,
-                                     row_counts_G=jnp.asarray(real)))
-    np.testing.assert_array_equal(sched[:plain.shape[0]], plain)
-    starts = np.cumsum(sizes) - sizes
-    group = np.asarray(counts).cumsum() - np.asarray(counts)  # the slabs' first groups
-    row = PAIRS_COMPUTE_STOP if pairs else COMPUTE_STOP
-    for t in range(int(sched[5, 0])):
-        g = group[sched[0, t]] + sched[1, t]
-        for i, (block, lo, hi) in enumerate([sched[2:5, t]] + ([sched[8:11, t]] if pairs else [])):
-            assert sched[row + i, t] == np.clip(starts[g] + real[g] - 16 * block, lo, hi)
 
 
 def test_tile_schedule_refuses_wrong_slab_counts():

@@ -4,7 +4,6 @@ lowering for CUDA at DeepSeek-R1 sizes (shared memory and the TMA/wgmma lowering
 compiled kernel against the same reference at R1's K and N."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -91,19 +90,6 @@ def test_three_slabs_match_the_exact_product(blocks):
     assert _rel(ours, exact) < 2e-3
 
 
-@pytest.mark.parametrize("blocks", [SMALL, dataclasses.replace(SMALL_COLS, chain=True, per_group=True, num_sms=2)],
-                         ids=["row_halves", "column_halves_chained"])
-def test_packed_groups_told_their_rows_are_the_exact_product(blocks):
-    """Row counts equal to the sizes (a packed buffer, DEP's): a tile cut at a group boundary computes only the row
-    blocks with its group's rows (row 70: group 2's first tile skips rows 0-63), the same product."""
-    x_q, x_s, weights = _operands(1, 256, 256, False)
-    out = split_ragged_dot_fp8_mgpu(x_q, jnp.asarray(SIZES), _slabs(weights, False, SLAB_CUTS), x_scale_SM=x_s,
-                                    blocks=blocks, interpret=True, out_dtype=jnp.float32,
-                                    row_counts_G=jnp.asarray(SIZES))
-    used = int(SIZES.sum())
-    assert _rel(np.asarray(out[:used]), _exact(x_q, x_s, weights, False)) < 1e-5
-
-
 @pytest.mark.parametrize("blocks", [dataclasses.replace(SMALL, swizzled_store=True),
                                     dataclasses.replace(SMALL_COLS, out_by_row_block=True, swizzled_store=True)],
                          ids=["row_halves", "column_halves_by_row_block"])
@@ -182,84 +168,6 @@ def test_a_warpgroup_per_weight_gives_the_exact_swiglu(blocks, out_dtype):
     assert _rel(ours, exact) < (1e-5 if out_dtype == jnp.float32 else 2e-3)
 
 
-# Tile-aligned groups (the model's layout): real rows at each group's start, NaN padding after them. Group 0: 70 real
-# rows in one tile (both row halves and both 64-row blocks hold some); group 2: 186 over two tiles, the second
-# with 58 (its second half and block none); group 3: 20 (the same).
-REAL_ROWS = np.array([70, 0, 186, 20], np.int32)
-ALIGNED = -(-REAL_ROWS // 128) * 128
-
-
-def _check_padding_blocks_skipped(blocks, fused: bool, k: int, n: int, interpret: bool):
-    """`row_counts_G` over `ALIGNED` groups whose padding rows are NaN: the real rows are the exact product (fp32
-    out interpreted; bf16 compiled, within its rounding, the defaults' shared memory holding a bf16 tile), a
-    warpgroup's row blocks of padding only come out zero (computed, they would give NaN, as the padding rows of
-    blocks with real rows do)."""
-    rng = np.random.default_rng(4)
-    m = int(ALIGNED.sum())
-    starts = np.cumsum(ALIGNED) - ALIGNED
-    real = np.concatenate([np.arange(s, s + r) for s, r in zip(starts, REAL_ROWS)])
-    x = np.full((m, k), np.nan, np.float32)
-    x[real] = rng.standard_normal((len(real), k)) * rng.uniform(0.1, 10, (len(real), 1))
-    x_q, x_s = fp8.quantize_rows(jnp.asarray(x))
-    weights = [fp8.quantize_weights(jnp.asarray(rng.standard_normal((len(ALIGNED), n, k)) / np.sqrt(k), jnp.float32))
-               for _ in range(2 if fused else 1)]
-    out = np.asarray(split_ragged_dot_fp8_mgpu(
-        x_q, jnp.asarray(ALIGNED), _slabs(weights, fused, SLAB_CUTS), x_scale_SM=x_s, fused=fused, blocks=blocks,
-        interpret=interpret, out_dtype=jnp.float32 if interpret else jnp.bfloat16,
-        row_counts_G=jnp.asarray(REAL_ROWS)), np.float32)
-    group = np.repeat(np.arange(len(ALIGNED)), ALIGNED)
-    x_real = np.asarray(fp8.dequantize_rows(x_q[real], x_s[:, real]), np.float64)
-    exact = [np.einsum("mk,mnk->mn", x_real, np.asarray(fp8.dequantize_weights(*w), np.float64)[group[real]])
-             for w in weights]
-    exact = exact[0] / (1 + np.exp(-exact[0])) * exact[1] if fused else exact[0]
-    assert _rel(out[real], exact) < (1e-5 if interpret else 2e-3), blocks
-    block_rows = 64 if blocks.wg_cols or blocks.wg_weights else blocks.tile_m // 2
-    within = np.arange(m) - np.repeat(starts, ALIGNED)  # row within its group
-    idle = within // block_rows * block_rows >= np.repeat(REAL_ROWS, ALIGNED)
-    assert idle.sum() == 2 * block_rows  # the second half (or block) of groups 2's and 3's last tiles
-    np.testing.assert_array_equal(out[idle], 0)
-    assert np.isnan(out[~idle & ~np.isin(np.arange(m), real)]).all()
-
-
-@pytest.mark.parametrize("blocks,fused", [
-    (SMALL, False), (dataclasses.replace(SMALL_COLS, out_by_row_block=True), False),
-    (dataclasses.replace(SMALL_COLS, chain=True, per_group=True, num_sms=2), True),
-    (Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=2, chain=True, per_group=True,
-               one_partial=True), True),
-    (Fp8Blocks(tile_m=128, tile_n=128, max_concurrent_steps=2, num_sms=1, wg_weights=True), True)],
-    ids=["row_halves", "column_halves_by_row_block", "column_halves_fused_chained", "one_partial", "wg_weights"])
-def test_row_blocks_without_real_rows_are_not_computed(blocks, fused):
-    _check_padding_blocks_skipped(blocks, fused, k=256, n=256, interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("fused", [False, True])
-def test_compiled_kernel_skips_row_blocks_without_real_rows_on_gpu(fused):
-    """The compiled kernel at R1's K and N on its defaults, and in clusters on a group's pair of tiles (each CTA
-    reading its own tile's stop), the same checks as interpreted on CPU."""
-    k, n = (7168, 2048) if fused else (2048, 7168)
-    default = default_blocks(k, n, fused)
-    for blocks in (default, dataclasses.replace(default, cluster_m=True)):
-        _check_padding_blocks_skipped(blocks, fused, k, n, interpret=False)
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_real_row_counts_lower_for_cuda_at_r1_sizes(fused):
-    """With `row_counts_G` (the stops read from the schedule's extra rows; a cluster's second CTA from its own), the
-    defaults and the clusters on a group's pair of tiles lower for CUDA at R1's K and N."""
-    from dwdp_jax.measure.gpu_bench import lowered_for_cuda
-
-    def run(x, gs, ws, fused, blocks):
-        x_q, x_scale = fp8.quantize_rows(x)
-        return split_ragged_dot_fp8_mgpu(x_q, gs, jax.tree.map(fp8.quantize_weights_kn, ws), x_scale_SM=x_scale,
-                                         fused=fused, blocks=blocks, row_counts_G=gs - 1)
-
-    default = default_blocks(7168, 2048, True) if fused else default_blocks(2048, 7168, False)
-    for blocks in (default, dataclasses.replace(default, cluster_m=True)):
-        assert "mosaic_gpu" in lowered_for_cuda(run, fused, blocks, num_rows=8192, slab_counts=(128, 128)), blocks
-
-
 def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
     """`split_grouped_ffn` on FP8 slabs with this kernel for both projections (quantizing x and the SwiGLU output
     on the way in) against `fp8.reference_ffn`; rows past the groups come back zero."""
@@ -282,42 +190,6 @@ def test_expert_ffn_with_the_fp8_kernel_matches_the_reference():
     used = int(sizes.sum())
     assert _rel(out[:used].astype(jnp.float32), ref[:used].astype(jnp.float32)) < 1e-2  # bf16 h and output
     np.testing.assert_array_equal(np.asarray(out[used:], np.float32), 0)
-
-
-def test_the_moe_skips_padding_blocks_and_its_output_does_not_change():
-    """The MoE on FP8 experts over this kernel's tile-aligned groups (each under 64 real rows: every tile's second
-    half is padding) gives its kernels the groups' real rows: its output is bit for bit the one computing every
-    padding row, and that of the FP8 reference FFN (XLA: the same quantization, fp32 products) up to summation order
-    and bf16 roundings."""
-    from dwdp_jax.kernels import grouped_gemm
-    from models.experts import ExpertView
-
-    seen = []
-
-    def kernel(*args, fused=False, interpret=False, row_counts_G=None, skip=True, **kw):
-        seen.append(row_counts_G)
-        return split_ragged_dot_fp8_mgpu(*args, fused=fused, interpret=interpret, blocks=SMALL_FUSED if fused
-                                         else SMALL, row_counts_G=row_counts_G if skip else None, **kw)
-
-    for name, skip in (("fp8_mgpu_skipping_for_test", True), ("fp8_mgpu_computing_for_test", False)):
-        grouped_gemm.register_split_backend(name, functools.partial(
-            split_grouped_ffn, interpret=True, fp8_ragged_dot=functools.partial(kernel, skip=skip)), row_align=128)
-    t, k, d, f, e = 96, 2, 256, 128, 4
-    keys = jax.random.split(jax.random.key(5), 4)
-    x = jax.random.normal(keys[0], (t, d), jnp.float32).astype(jnp.bfloat16)
-    ids = jax.vmap(lambda kk: jax.random.choice(kk, e, (k,), replace=False))(jax.random.split(keys[1], t))
-    weights = jax.random.uniform(keys[2], (t, k))
-    w = [fp8.quantize_weights(0.1 * jax.random.normal(kk, shape)) for kk, shape in zip(
-        jax.random.split(keys[3], 3), ((e, f, d), (e, f, d), (e, d, f)))]
-    slabs = tuple(ExpertSlab(*(fp8.BlockScaled(v[a:b], sc[a:b]) for v, sc in w), start=a) for a, b in ((0, 1), (1, 4)))
-    skipping = np.asarray(ExpertView(slabs, e, "fp8_mgpu_skipping_for_test")(x, ids, weights), np.float32)
-    real = np.bincount(np.asarray(ids).ravel(), minlength=e)
-    assert (real < 64).all() and len(seen) == 2
-    np.testing.assert_array_equal(np.asarray(seen[0]), real)
-    computing = np.asarray(ExpertView(slabs, e, "fp8_mgpu_computing_for_test")(x, ids, weights), np.float32)
-    np.testing.assert_array_equal(skipping, computing)
-    reference = np.asarray(ExpertView(slabs, e, "xla")(x, ids, weights), np.float32)
-    assert _rel(skipping, reference) < 1e-3  # the same quantized operands: summation order, bf16 roundings
 
 
 def test_bad_inputs_are_refused_before_launch():

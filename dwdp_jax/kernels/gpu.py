@@ -61,13 +61,13 @@ def fastest_fp8_split_kernel(k: int, n: int, fused: bool, rows: int) -> str:
 
 
 def fastest_fp8_split_ragged_dot(x_MK, group_sizes_G, weights, *, x_scale_SM, fused: bool = False,
-                                 interpret: bool = False, out_dtype=None, row_counts_G=None):
+                                 interpret: bool = False, out_dtype=None):
     """`split_gemm.split_ragged_dot`'s FP8 path on the faster kernel of this projection (`fastest_fp8_split_kernel`)."""
     _, n = split_gemm.slab_weights(x_MK, weights, fused, "fastest_fp8_split_ragged_dot", scaled=True)
     m, k = x_MK.shape
     kernel = FP8_SPLIT_KERNELS[fastest_fp8_split_kernel(k, n, fused, m)]
     return kernel(x_MK, group_sizes_G, weights, x_scale_SM=x_scale_SM, fused=fused, interpret=interpret,
-                  out_dtype=out_dtype, row_counts_G=row_counts_G)
+                  out_dtype=out_dtype)
 
 
 # The split kernels' row tiles are 128 rows (every benchmarked block_m / tile_m but the 64-row Triton candidate):

@@ -81,13 +81,8 @@ def count_at_or_below(sorted_N: jax.Array, query_Q: jax.Array) -> jax.Array:
     return jnp.searchsorted(sorted_N, query_Q, side="right", method="compare_all").astype(jnp.int32)
 
 
-COMPUTE_STOP = 8  # `tile_schedule`'s row of real-row stops (pairs: the first tile's; the second's follows)
-PAIRS_COMPUTE_STOP = 11
-
-
 def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_m: int, num_rows: int,
-                  group_m: int = 0, per_group: bool = False, pairs: bool = False,
-                  row_counts_G: jax.Array | None = None) -> jax.Array:
+                  group_m: int = 0, per_group: bool = False, pairs: bool = False) -> jax.Array:
     """int32 [8, T]: per row tile (slab, group within the slab, row block, first row, row stop), in row 5 the
     number of real tiles (rows [first, stop) of block b are rows 128 b + first .. of the sorted buffer), and in
     rows 6-7 the first tile and the size of the tile's launch window (`Blocks.group_m`, `Blocks.per_group`).
@@ -98,16 +93,10 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     for two CTAs sharing one weight tile: rows 0-4 the first tile's, rows 8-10 the second's (row block, first row,
     row stop), which a group with an odd number of tiles leaves without rows in its last pair (its first tile's
     block, rows [0, 0)); rows 5-7 count and windows of pairs.
-
-    row_counts_G: the real rows at the start of each group (the rest its padding, `models.experts.align_groups`); one
-    more row (`COMPUTE_STOP`; pairs: two, the first tile's and the second's) holds each tile's stop of real rows,
-    between its first row and its row stop: the rows past it need no computing.
     """
     g = group_sizes_G.shape[0]
     if sum(slab_counts) != g:
         raise ValueError(f"slab_counts {slab_counts} must sum to the number of groups {g}")
-    if row_counts_G is not None and row_counts_G.shape != group_sizes_G.shape:
-        raise ValueError(f"row_counts_G {row_counts_G.shape} must have group_sizes_G's shape {group_sizes_G.shape}")
     sizes = group_sizes_G.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
@@ -120,21 +109,19 @@ def tile_schedule(group_sizes_G: jax.Array, slab_counts: tuple[int, ...], block_
     block = first_block[group] + t - (tile_end - tiles)[group]
     lo = jnp.maximum(starts[group] - block * block_m, 0)
     hi = jnp.minimum(ends[group] - block * block_m, block_m)
-    stops = () if row_counts_G is None else (
-        jnp.clip(starts[group] + row_counts_G.astype(jnp.int32)[group] - block * block_m, lo, hi),)
     slab_starts = np.cumsum((0,) + tuple(slab_counts))[:-1]
     slab = count_at_or_below(jnp.asarray(slab_starts[1:], jnp.int32), group)
     in_slab = group - jnp.asarray(slab_starts, jnp.int32)[slab]
     if pairs:
-        return _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, stops, num_tiles,
-                              group_m, per_group)
+        return _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, num_tiles, group_m,
+                              per_group)
     count = jnp.full((num_tiles,), tile_end[-1], jnp.int32)
     first, size = _windows(t, tile_end - tiles, tiles, group, count, num_tiles, group_m, per_group)
-    return jnp.stack([slab, in_slab, block, lo, hi, count, first, size, *stops]).astype(jnp.int32)
+    return jnp.stack([slab, in_slab, block, lo, hi, count, first, size]).astype(jnp.int32)
 
 
-def _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, stops: tuple, num_tiles: int,
-                   group_m: int, per_group: bool) -> jax.Array:
+def _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi, num_tiles: int, group_m: int,
+                   per_group: bool) -> jax.Array:
     """`tile_schedule(..., pairs=True)` from the tiles' columns: pair p of group g holds its tiles 2j and 2j + 1."""
     g = group_sizes_G.shape[0]
     pairs = (tiles + 1) // 2
@@ -150,8 +137,7 @@ def _pair_schedule(group_sizes_G, tiles, tile_end, slab, in_slab, block, lo, hi,
     return jnp.stack([slab[first_tile], in_slab[first_tile], block[first_tile], lo[first_tile], hi[first_tile],
                       count, first, size,
                       jnp.where(has_second, block[second_tile], block[first_tile]),
-                      jnp.where(has_second, lo[second_tile], 0), jnp.where(has_second, hi[second_tile], 0),
-                      *(v for stop in stops for v in (stop[first_tile], jnp.where(has_second, stop[second_tile], 0)))]
+                      jnp.where(has_second, lo[second_tile], 0), jnp.where(has_second, hi[second_tile], 0)]
                      ).astype(jnp.int32)
 
 
@@ -279,7 +265,7 @@ def _kernel(sched_ref, x_ref, *refs, num_slabs: int, fused: bool, b: Blocks, num
 @functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret", "out_dtype"))
 def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, fused: bool = False,
                      blocks: Blocks | None = None, interpret: bool = False, x_scale_SM: jax.Array | None = None,
-                     out_dtype=None, row_counts_G: jax.Array | None = None) -> jax.Array:
+                     out_dtype=None) -> jax.Array:
     """x rows sorted by group times each group's weights, the groups spread over slabs.
 
     weights: one [G_s, K, N] array per slab (fused: a (gate, up) pair per slab, and the result is
@@ -289,11 +275,8 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
 
     FP8 (x_scale_SM given): x is e4m3 with `fp8.quantize_rows` scales [K/128, M], every weight an e4m3 (values
     [G_s, N, K], scales) pair of `fp8.quantize_weights`, the output `out_dtype` (default bf16); K and N multiples
-    of 128, and the K and N tiles divide 128 (one scale per tile and K step). row_counts_G (each group's real rows,
-    any others zero rows): the FP8 kernels' common argument, which this kernel does not use: it computes every row
-    of its tiles (or half tiles), the zero rows giving zero.
+    of 128, and the K and N tiles divide 128 (one scale per tile and K step).
     """
-    del row_counts_G
     scaled = x_scale_SM is not None
     slabs, n = slab_weights(x_MK, weights, fused, "split_ragged_dot", scaled)
     for i, ws in enumerate(slabs):
@@ -330,7 +313,7 @@ def split_ragged_dot(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, 
 
 def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_scale_SM: jax.Array | None = None,
                       out_dtype=None, interpret: bool = False, ragged_dot=split_ragged_dot,
-                      fp8_ragged_dot=split_ragged_dot, row_counts_E: jax.Array | None = None) -> jax.Array:
+                      fp8_ragged_dot=split_ragged_dot) -> jax.Array:
     """The SwiGLU expert FFN over all slabs at once: a fused gate/up kernel, then the down projection
     (`ragged_dot`: this module's Triton kernel or `split_gemm_mgpu`'s Mosaic GPU one).
 
@@ -339,9 +322,7 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_sca
     x_scale_SM), x and the SwiGLU output quantized per row and 128 columns on the way in (`fp8_rows`), as
     DeepSeek-V3's inference does; x may come quantized already (e4m3 with its scales `x_scale_SM`, as the MoE
     quantizes its tokens before they are copied into expert order). Rows past sum(group_sizes) come back zeroed
-    (the backend contract), in `out_dtype` (default: x's dtype). row_counts_E: each group's real rows at its start
-    (all of them in a packed buffer; in the tile-aligned one, `models.experts.align_groups`, the rest zero rows),
-    which the FP8 kernels may take to skip row blocks without any (`split_gemm_fp8_mgpu`); outputs are the same."""
+    (the backend contract), in `out_dtype` (default: x's dtype)."""
     gate_up = tuple((s.w_gate_EDF, s.w_up_EDF) for s in slabs)
     down = tuple(s.w_down_EFD for s in slabs)
     fp8_experts = isinstance(down[0], tuple)
@@ -351,10 +332,10 @@ def split_grouped_ffn(x_MD: jax.Array, group_sizes_E: jax.Array, slabs, *, x_sca
     if fp8_experts:
         x_q, x_scale = (x_MD, x_scale_SM) if x_scale_SM is not None else fp8_rows.quantize_rows(x_MD)
         h_MF = fp8_ragged_dot(x_q, group_sizes_E, gate_up, fused=True, x_scale_SM=x_scale, interpret=interpret,
-                              out_dtype=out_dtype, row_counts_G=row_counts_E)
+                              out_dtype=out_dtype)
         h_q, h_scale = fp8_rows.quantize_rows(h_MF)
         y_MD = fp8_ragged_dot(h_q, group_sizes_E, down, x_scale_SM=h_scale, interpret=interpret,
-                              out_dtype=out_dtype, row_counts_G=row_counts_E)
+                              out_dtype=out_dtype)
     else:
         h_MF = ragged_dot(x_MD, group_sizes_E, gate_up, fused=True, interpret=interpret)
         y_MD = ragged_dot(h_MF, group_sizes_E, down, interpret=interpret)

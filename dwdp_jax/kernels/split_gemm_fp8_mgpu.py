@@ -20,10 +20,7 @@ memory a K block ahead (one scalar per K block: TMA moves nothing under 16 bytes
 
 The registers bound the tile: per warpgroup thread, a running fp32 sum per weight over its rows and a partial of
 one row block (`Fp8Blocks.acc_registers`). The output is bf16; fused: silu(gate) * up in the epilogue, as the bf16
-kernel. Rows past sum(group_sizes) are not written. Told the groups' real rows (`row_counts_G`: the model's
-tile-aligned buffer), a warpgroup skips its row blocks (64 rows; row halves: its half) without any, which come out
-zero, and those of another group in a tile cut at a group boundary: about half of the aligned buffer's padding, 7%
-of its rows at a DWDP rank's 236K rows over 256 experts. Not told, the kernel computes every row of its tiles.
+kernel. Rows past sum(group_sizes) are not written.
 
 Tested on CPU in Mosaic GPU interpret mode against the fp32 product of the same quantized operands, and lowered
 for CUDA there; on H200 the compiled kernel matches that product within 2e-3 (bf16 output) at R1's K and N. Its
@@ -59,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dwdp_jax.kernels import fp8, tuning
-from dwdp_jax.kernels.split_gemm import COMPUTE_STOP, PAIRS_COMPUTE_STOP, launch_order, slab_weights, tile_schedule
+from dwdp_jax.kernels.split_gemm import launch_order, slab_weights, tile_schedule
 from dwdp_jax.kernels.split_gemm_mgpu import PipelinedTiles, interpret_params, store_block
 
 KSTEP = fp8.BLOCK  # one K step per scale block: 128 e4m3 bytes per row, the widest TMA swizzle
@@ -126,8 +123,7 @@ class Fp8Blocks(PipelinedTiles):
     # Clusters of two CTAs on two row tiles of one group and one column block, the weight tile loaded once for both
     # (TMA multicast): at 128 x 256 a third less L2 traffic per CTA and K step (x 16 KiB + half the weight's 32),
     # cuBLAS FP8's structure. A group's tiles go in pairs (`tile_schedule(pairs=True)`): a group of an odd number of
-    # tiles leaves one CTA of its last pair without rows (half a tile a group on average), walking the K steps in
-    # phase with its partner, computing without storing (nothing, told the real rows). Clusters
+    # tiles leaves one CTA of its last pair computing without storing (half a tile a group on average). Clusters
     # (cluster_m, cluster_n) chain like single CTAs: both CTAs of a cluster walk the same tiles with the same K
     # steps, so their chained pipelines stay in phase. Mosaic GPU's interpreter (jax 0.10.2) allocates no cluster
     # barriers: clusters are lowered on CPU and run on GPU only (`pytest -m gpu` runs every swept candidate).
@@ -240,7 +236,7 @@ def chained_steps(blocks: Fp8Blocks, k: int) -> Fp8Blocks:
 
 
 def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: Fp8Blocks, k_dim: int,
-            n_dim: int, out_spread: tuple[int, int] | None, real_rows: bool, interpret: bool):
+            n_dim: int, out_spread: tuple[int, int] | None, interpret: bool):
     """refs: per slab (values, scales) per weight (fused: gate then up), then the output."""
     # Register layouts are hints to Mosaic GPU's layout inference, which its interpreter does not take.
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
@@ -301,14 +297,9 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
             if b.cluster_n:  # the cluster's two CTAs: one row tile, adjacent column blocks
                 ni = 2 * ni + jax.lax.axis_index("cluster")
             slab, group, block, lo, hi = (sched_gmem[i, ti] for i in range(5))
-            # told the real rows: the row blocks with rows in [lo, stop) are computed, [lo, hi) stored, the other
-            # blocks keep zero sums
-            stop = sched_gmem[PAIRS_COMPUTE_STOP if b.cluster_m else COMPUTE_STOP, ti] if real_rows else None
             if b.cluster_m:  # the pair's second tile is the second CTA's
                 second = jax.lax.axis_index("cluster") == 1
                 block, lo, hi = (jnp.where(second, sched_gmem[8 + i, ti], v) for i, v in enumerate((block, lo, hi)))
-                if real_rows:
-                    stop = jnp.where(second, sched_gmem[PAIRS_COMPUTE_STOP + 1, ti], stop)
             row0 = block * b.tile_m
             col0 = ni * b.cta_n + wg_col0
             out_col0 = col0 if out_spread is None else col0 // out_spread[0] * out_spread[1] + col0 % out_spread[0]
@@ -368,14 +359,14 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                     w_scale_next = weight_scales(w_scales, jnp.minimum(k + 1, k_iters - 1))
                     w_views = [(w.at[pl.ds(wg_col0, b.tile_n)] if b.wg_cols else w).T
                                for w in w_smems]
-                    def promoted(r, n, old):
-                        """The running sums of the row block at r (n rows; per weight) with this K block added."""
+                    new = list(sums)  # row blocks outermost, then weights
+                    for i, (r, n) in enumerate(row_blocks):
                         rows = pl.ds(wg_row0 + r, n)
                         x_scale = layout(xs_smem[0, rows], ROW_LAYOUT)
                         x_op = (layout(x_smem[rows], plgpu.Layout.WGMMA_8BIT) if b.x_in_registers
                                 else x_smem.at[rows])
 
-                        def fresh(ws):
+                        def fresh(ws, x_op=x_op, n=n):
                             """Fresh partials of the weights `ws`: their wgmmas issued, then one wait."""
                             def run(accs):
                                 for j, acc in zip(ws, accs):
@@ -387,24 +378,13 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
                         if b.wg_weights:  # this warpgroup's weight: the gate (warpgroup 0) or the up
                             (part,) = jax.lax.cond(wg == 0, lambda: fresh([0]), lambda: fresh([1]))
                             scale = x_scale * jnp.where(wg == 0, w_scale[0], w_scale[1])
-                            return (old[0] + part * jax.lax.broadcast_in_dim(scale, part.shape, (0,)),)
-                        new = list(old)
+                            new[i] = new[i] + part * jax.lax.broadcast_in_dim(scale, part.shape, (0,))
+                            continue
                         # the weights whose wgmmas run before one wait: all of them, or one at a time
                         for ws in ([[j] for j in range(per_slab)] if b.one_partial else [range(per_slab)]):
                             for j, part in zip(ws, fresh(ws)):
-                                new[j] = new[j] + part * jax.lax.broadcast_in_dim(x_scale * w_scale[j], part.shape,
-                                                                                  (0,))
-                        return tuple(new)
-
-                    new = []  # row blocks outermost, then weights
-                    for i, (r, n) in enumerate(row_blocks):
-                        old = sums[i * own:(i + 1) * own]
-                        if not real_rows:
-                            new += promoted(r, n, old)
-                            continue
-                        # a row block outside the rows to compute (padding, or another group's) keeps its sums
-                        needed = (wg_row0 + r < stop) & (wg_row0 + r + n > lo)
-                        new += jax.lax.cond(needed, functools.partial(promoted, r, n, old), lambda old=old: old)
+                                scale = jax.lax.broadcast_in_dim(x_scale * w_scale[j], part.shape, (0,))
+                                new[i * per_slab + j] = new[i * per_slab + j] + part * scale
                     return w_scale_next, tuple(new)
                 return mma
 
@@ -428,8 +408,7 @@ def _kernel(sched_gmem, x_gmem, xs_gmem, *refs, num_slabs: int, fused: bool, b: 
 @functools.partial(jax.jit, static_argnames=("fused", "blocks", "interpret", "out_dtype", "out_spread"))
 def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights: tuple, *, x_scale_SM: jax.Array,
                               fused: bool = False, blocks: Fp8Blocks | None = None, interpret: bool = False,
-                              out_dtype=None, out_spread: tuple[int, int] | None = None,
-                              row_counts_G: jax.Array | None = None) -> jax.Array:
+                              out_dtype=None, out_spread: tuple[int, int] | None = None) -> jax.Array:
     """`split_gemm.split_ragged_dot`'s FP8 path on Mosaic GPU, same arguments: x (e4m3 [M, K] with
     `fp8.quantize_rows` scales x_scale_SM [K/128, M]) rows sorted by group times each group's block-scaled weights,
     the groups spread over slabs (weights: per slab one e4m3 (values [G_s, N, K], scales [G_s, N/128, K/128]) pair
@@ -439,12 +418,7 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
 
     out_spread (part, width): each run of `part` output columns starts a run of `width` in an output of N / part *
     width columns, the `width - part` after it left unwritten for the caller to fill in place (MLA's k: each
-    head's k_nope, then the rope key, without a concatenation that copies all of k).
-
-    row_counts_G: each group's real rows, at its start (its size in a packed buffer; fewer in a tile-aligned one,
-    `models.experts.align_groups`, whose padding rows are zero rows): a warpgroup's 64-row block (row halves: its
-    half) holding none of the tile's is not computed (if stored: zero); the padding rows of a block with real rows
-    come out as computed."""
+    head's k_nope, then the rope key, without a concatenation that copies all of k)."""
     m, k = x_MK.shape
     n = jax.tree.leaves(weights)[0].shape[1]  # the first values [G, N, K]
     if k % fp8.BLOCK or n % fp8.BLOCK:  # before the scales' shapes, which follow from K and N
@@ -459,10 +433,10 @@ def split_ragged_dot_fp8_mgpu(x_MK: jax.Array, group_sizes_G: jax.Array, weights
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
     xs_pad = jnp.pad(x_scale_SM, ((0, 0), (0, pad))) if pad else x_scale_SM
     sched = tile_schedule(group_sizes_G, tuple(ws[0][0].shape[0] for ws in slabs), b.tile_m, m + pad, b.group_m,
-                          b.per_group, pairs=b.cluster_m, row_counts_G=row_counts_G)
+                          b.per_group, pairs=b.cluster_m)
     kernel = plgpu.kernel(
         functools.partial(_kernel, num_slabs=len(slabs), fused=fused, b=b, k_dim=k, n_dim=n, out_spread=out_spread,
-                          real_rows=row_counts_G is not None, interpret=interpret),
+                          interpret=interpret),
         out_type=jax.ShapeDtypeStruct((m + pad, width), out_dtype),
         grid=(b.num_sms // 2 if b.clustered else b.num_sms,), grid_names=("sm",), num_threads=COMPUTE_WGS + 1,
         thread_name="wg", **(dict(cluster=(2,), cluster_names=("cluster",)) if b.clustered else {}),

@@ -372,26 +372,20 @@ def _fp8_slab_weights(g: int, k: int, n: int, counts: tuple[int, ...], fused: bo
 
 def fp8_split_case(sizes: np.ndarray, k: int, n: int, fused: bool, blocks=None, counted_rows: int | None = None,
                    quantize_rows: bool = False, kernel: Callable | None = None,
-                   slab_counts: tuple[int, ...] | None = None,
-                   row_counts: np.ndarray | None = None) -> tuple[Callable, tuple, float]:
+                   slab_counts: tuple[int, ...] | None = None) -> tuple[Callable, tuple, float]:
     """The split-weight kernel's FP8 path over these groups (over `slab_counts` slabs, default one):
     `split_gemm_case`'s weights quantized in 128 x 128 blocks, the rows in 1 x 128 groups; `quantize_rows`: bf16
     rows in, their quantization (`fp8_rows`, the model's) timed with the kernel (the pass the FFN adds before the
     down projection; the MoE quantizes gate/up's input per token before dispatch). `kernel`: an FP8 split kernel with
-    `split_ragged_dot`'s signature (default the Triton one's scaled path). `row_counts`: each group's real rows,
-    given to the kernel, the rest of its rows zero (the model's tile-aligned buffer)."""
+    `split_ragged_dot`'s signature (default the Triton one's scaled path)."""
     split_ragged_dot = _split_kernel(kernel)
     m, g = int(sizes.sum()), len(sizes)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
-    if row_counts is not None:
-        within = np.arange(m) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        x = jnp.where(jnp.asarray(within < np.repeat(row_counts, sizes))[:, None], x, 0)
     ws = _fp8_slab_weights(g, k, n, tuple(slab_counts or (g,)), fused)
-    counts = None if row_counts is None else jnp.asarray(row_counts, jnp.int32)
 
     def run(x, gs, ws):
         x_q, x_scale = fp8_rows.quantize_rows(x) if quantize_rows else x
-        return split_ragged_dot(x_q, gs, ws, fused=fused, blocks=blocks, x_scale_SM=x_scale, row_counts_G=counts)
+        return split_ragged_dot(x_q, gs, ws, fused=fused, blocks=blocks, x_scale_SM=x_scale)
 
     rows = m if counted_rows is None else counted_rows
     return (jax.jit(run), (x if quantize_rows else fp8.quantize_rows(x), jnp.asarray(sizes, jnp.int32), ws),

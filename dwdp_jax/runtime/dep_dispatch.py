@@ -250,10 +250,8 @@ def expert_ffn(x_grouped_RD: jax.Array, plan: DispatchPlan, slab: ExpertSlab, ba
     """The grouped GEMM over this rank's own experts, ids local to the slab (its start is 0); rows sent quantized
     (`plan.x_scale_SR`) give their output in `out_dtype` (the model's)."""
     with jax.named_scope("moe_gmm"):
-        sizes_L = dispatcher.local_group_sizes(plan.peer_counts)
-        # every grouped row is real: the FP8 kernels skip only the row blocks of a neighbouring group in a cut tile
-        return grouped_ffn_over_slabs(x_grouped_RD, sizes_L, (slab,), backend, x_scale_SM=plan.x_scale_SR,
-                                      out_dtype=out_dtype, row_counts_E=sizes_L)
+        return grouped_ffn_over_slabs(x_grouped_RD, dispatcher.local_group_sizes(plan.peer_counts), (slab,), backend,
+                                      x_scale_SM=plan.x_scale_SR, out_dtype=out_dtype)
 
 
 def combine_tokens(y_grouped_RD: jax.Array, plan: DispatchPlan, weights_TK: jax.Array, dispatcher,
