@@ -48,8 +48,7 @@ def run(cache: Path, mode: str) -> tuple[list, list]:
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), mode], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    outputs, loaded = json.loads(proc.stdout.splitlines()[-1])
-    return outputs, loaded
+    return tuple(json.loads(proc.stdout.splitlines()[-1]))
 
 
 def test_one_entry_serves_every_device(tmp_path):
