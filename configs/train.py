@@ -26,7 +26,8 @@ def get_config(name: str = "cpu") -> config_dict.ConfigDict:
         first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6,
-        rope_theta=10000.0, max_position_embeddings=4096, num_nextn_predict_layers=0, dtype="float32"))
+        rope_theta=10000.0, max_position_embeddings=4096, num_nextn_predict_layers=0, dtype="float32",
+        router_dtype="float32"))  # trained in fp32, as transformers keeps the gate (R1 ships it in bf16)
 
     c.train = config_dict.ConfigDict()
     c.train.steps = 600

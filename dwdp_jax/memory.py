@@ -199,13 +199,13 @@ def fp8_matrix_bytes(n: int, k: int) -> int:
 
 
 def replicated_bytes(cfg: ModelConfig, fp8_dense: bool | None = None) -> int:
-    """Bytes of the weights every rank holds (`replicated_params`) as the model stores them: `dtype`, the routers
-    (weight and correction bias) fp32, and every `projection_shapes` matrix FP8 when `fp8_dense` (default:
-    `cfg.fp8_dense`, the model's own choice)."""
+    """Bytes of the weights every rank holds (`replicated_params`) as the model stores them: `dtype`, the routers'
+    weights `router_dtype` and their correction biases fp32, and every `projection_shapes` matrix FP8 when
+    `fp8_dense` (default: `cfg.fp8_dense`, the model's own choice)."""
     fp8_dense = cfg.fp8_dense if fp8_dense is None else fp8_dense
-    router = cfg.hidden_size * cfg.n_routed_experts + cfg.n_routed_experts
-    total = (replicated_params(cfg) * _DTYPE_BYTES[cfg.dtype]
-             + cfg.num_moe_layers * router * (4 - _DTYPE_BYTES[cfg.dtype]))
+    a, e = _DTYPE_BYTES[cfg.dtype], cfg.n_routed_experts
+    router = cfg.hidden_size * e * (_DTYPE_BYTES[cfg.router_dtype] - a) + e * (4 - a)
+    total = replicated_params(cfg) * a + cfg.num_moe_layers * router
     if fp8_dense:
         for layer in range(cfg.num_hidden_layers):
             for n, k in projection_shapes(cfg, layer):

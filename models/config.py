@@ -65,7 +65,7 @@ class ModelConfig:
     fp8_experts: bool = False
     # Every other linear layer the checkpoint stores in FP8 (the attention projections, dense and shared MLPs) kept
     # so: e4m3 [out, in] with 128 x 128 block scales, inputs quantized in 1 x 128 groups.
-    # Embedding, lm_head, router and norms stay `dtype` (as in the checkpoint). False: `dtype`.
+    # Embedding, lm_head and norms stay `dtype`, the router `router_dtype` (as in the checkpoint). False: `dtype`.
     fp8_dense: bool = False
     # Where MLA's FP8 projections (fp8_dense) run on the block-scaled kernel: each layer's input RMSNorm and the FP8
     # quantization of its rows in one kernel (`norm_rows`: one read of the rows, no bf16 copy of the normed ones),
@@ -80,6 +80,11 @@ class ModelConfig:
     # exact products, fp32 sums). Ablation "tensorfloat32": JAX's default for fp32 dots on NVIDIA GPUs (inputs
     # rounded to a 10-bit mantissa), which can flip near-tie expert choices; CPUs compute fp32 either way.
     router_precision: str = "float32"
+    # Storage dtype of the router's weight: "bfloat16", as the released checkpoint stores `mlp.gate.weight`
+    # (`load_hf_checkpoint` takes the checkpoint's own, "float32" for transformers' `save_pretrained`, which keeps
+    # the gate in fp32). Its dot is fp32 either way (`fp32_dot.dot_f32`): a bf16 weight in one bf16 pass, whose
+    # products are exact, where an fp32 weight takes three.
+    router_dtype: str = "bfloat16"
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -117,6 +122,9 @@ class ModelConfig:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"ModelConfig.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
+        if self.router_dtype not in DTYPE_BYTES:
+            raise ValueError(f"ModelConfig.router_dtype must be one of float32, bfloat16, float16, "
+                             f"got {self.router_dtype!r}")
         if self.router_precision not in ROUTER_PRECISIONS:
             raise ValueError(f"ModelConfig.router_precision must be one of {ROUTER_PRECISIONS}, "
                              f"got {self.router_precision!r}")

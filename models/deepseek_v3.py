@@ -246,7 +246,7 @@ class Router(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.weight = _param(rngs, (cfg.hidden_size, cfg.n_routed_experts), jnp.float32)
+        self.weight = _param(rngs, (cfg.hidden_size, cfg.n_routed_experts), jnp.dtype(cfg.router_dtype))
         self.e_score_correction_bias = nnx.Param(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
 
     def __call__(self, x_TD):

@@ -72,14 +72,16 @@ def _layer(prefix: str, layer, slab, fused: bool) -> dict:
     t |= _attention(prefix + "self_attn.", layer.self_attn)
     if slab is None:
         return t | _mlp(prefix + "mlp.", layer.mlp)
-    return t | {f"{prefix}mlp.gate.weight": _linear(layer.mlp.gate.weight[...]),
+    router_DE = layer.mlp.gate.weight[...]
+    return t | {f"{prefix}mlp.gate.weight": _linear(router_DE).astype(router_DE.dtype),
                 f"{prefix}mlp.gate.e_score_correction_bias": layer.mlp.gate.e_score_correction_bias[...],
                 **_mlp(prefix + "mlp.shared_experts.", layer.mlp.shared_experts),
                 **_experts(prefix + "mlp.experts.", slab, fused)}
 
 
 def hf_tensors(config: ModelConfig, params, fused: bool = False, mtp: bool = True) -> dict[str, np.ndarray]:
-    """`params` under DeepSeek's checkpoint names (transformers' fused expert names if `fused`), fp32."""
+    """`params` under DeepSeek's checkpoint names (transformers' fused expert names if `fused`), fp32 but for the
+    routers' weights, in their own dtype (R1's: bf16)."""
     model, slabs = params.model, iter(params.experts)
     t = {"model.embed_tokens.weight": model.embed_tokens[...], "model.norm.weight": model.norm.weight[...],
          "lm_head.weight": _linear(model.lm_head[...])}
@@ -93,7 +95,7 @@ def hf_tensors(config: ModelConfig, params, fused: bool = False, mtp: bool = Tru
               f"{prefix}embed_tokens.weight": t["model.embed_tokens.weight"],
               f"{prefix}shared_head.head.weight": t["lm_head.weight"]}
         t |= _layer(prefix, module.layer, next(slabs), fused)
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in t.items()}
+    return {k: np.ascontiguousarray(v, v.dtype if k.endswith("mlp.gate.weight") else np.float32) for k, v in t.items()}
 
 
 def hf_config(config: ModelConfig, **changes) -> dict:
@@ -208,7 +210,7 @@ def random_params(config: ModelConfig, seed: int) -> Params:
         if var.ndim == 1:
             return 1 + 0.1 * rng.standard_normal(var.shape, np.float32)
         return 0.1 * rng.standard_normal(var.shape, np.float32)
-    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(fill(p, v)))) for p, v in nnx.to_flat_state(state)])
+    state = nnx.from_flat_state([(p, v.replace(jnp.asarray(fill(p, v), v.dtype))) for p, v in nnx.to_flat_state(state)])
     experts = jax.tree.map(lambda w: jnp.asarray(0.1 * rng.standard_normal(w.shape, np.float32)), abstract_experts)
     return Params(nnx.merge(graphdef, state), experts)
 
@@ -261,18 +263,39 @@ def test_round_trip_with_mtp_and_both_expert_layouts(original, tmp_path):
 
 
 def test_bf16_checkpoint_without_mtp(original, tmp_path):
-    """A bf16 checkpoint (router kept fp32, as transformers saves it) without MTP tensors: no MTP module, and every
-    weight equals the original rounded to bf16."""
+    """A bf16 checkpoint (router kept fp32, as transformers saves it) without MTP tensors: no MTP module, the routers
+    fp32, and every weight equals the original rounded to bf16."""
     router = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
-    tensors = {k: v if router.search(k) else v.astype(ml_dtypes.bfloat16)
+    tensors = {k: v.astype(np.float32) if router.search(k) else v.astype(ml_dtypes.bfloat16)
                for k, v in hf_tensors(CONFIG, original, mtp=False).items()}
     config, params = load_hf_checkpoint(write_checkpoint(tmp_path, hf_config(CONFIG), tensors),
                                                  dtype="bfloat16")
-    assert config == CONFIG.replace(num_nextn_predict_layers=0, dtype="bfloat16")
+    assert config == CONFIG.replace(num_nextn_predict_layers=0, dtype="bfloat16", router_dtype="float32")
     assert len(params.model.mtp) == 0 and len(params.experts) == CONFIG.num_moe_layers
-    expected = {k: v if "/mlp/gate/" in k else v.astype(ml_dtypes.bfloat16) for k, v in flat_params(original).items()
+    expected = {k: v.astype(np.float32) if "/mlp/gate/" in k else v.astype(ml_dtypes.bfloat16)
+                for k, v in flat_params(original).items()
                 if not k.startswith("mtp/") and k.split("/")[:2] != ["experts", str(CONFIG.num_moe_layers)]}
     assert_flat_equal(flat_params(params), expected)
+
+
+def test_routers_load_as_stored(original, tmp_path):
+    """The routers' weights keep the checkpoint's dtype (R1's bf16 stays bf16, no fp32 copy); layers stored in two
+    dtypes load in fp32, exact for both; a router stored in FP8 is refused, named."""
+    tensors = hf_tensors(CONFIG, original)
+    name = f"model.layers.{CONFIG.first_k_dense_replace}.mlp.gate.weight"
+    assert tensors[name].dtype == ml_dtypes.bfloat16 and CONFIG.router_dtype == "bfloat16"
+    config, params = load_hf_checkpoint(write_checkpoint(tmp_path / "bf16", hf_config(CONFIG), tensors))
+    assert config.router_dtype == "bfloat16"
+    assert params.model.layers[CONFIG.first_k_dense_replace].mlp.gate.weight[...].dtype == jnp.bfloat16
+    mixed = tensors | {name: tensors[name].astype(np.float32)}
+    config, params = load_hf_checkpoint(write_checkpoint(tmp_path / "mixed", hf_config(CONFIG), mixed))
+    assert config.router_dtype == "float32"
+    assert_flat_equal(flat_params(params), {k: v.astype(np.float32) if k.endswith("/mlp/gate/weight") else v
+                                            for k, v in flat_params(original).items()})
+    fp8 = tensors | {name: tensors[name].astype(ml_dtypes.float8_e4m3fn)}
+    with pytest.raises(CheckpointError, match=rf"the routers' weights \({re.escape(name)}, \.\.\.\) are stored as "
+                                              r"\['BF16', 'F8_E4M3'\]; supported: \['BF16', 'F16', 'F32'\]"):
+        load_hf_checkpoint(write_checkpoint(tmp_path / "fp8", hf_config(CONFIG), fp8))
 
 
 # --- bad checkpoints and configs ---------------------------------------------------------------------------

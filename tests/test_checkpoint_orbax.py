@@ -87,17 +87,35 @@ def test_whole_round_trip_is_bit_exact(params, saved):
     config, restored = ckpt.restore_model(saved)
     assert config == CFG and ckpt.load_config(saved) == CFG and ckpt.is_orbax_checkpoint(saved)
     leaves_equal(params, restored)
-    assert restored.model.layers[1].mlp.gate.weight[...].dtype == np.float32
+    assert restored.model.layers[1].mlp.gate.weight[...].dtype == np.dtype(CFG.router_dtype)
 
 
-def test_bf16_round_trip_keeps_router_fp32(tmp_path):
-    cfg = CFG.replace(dtype="bfloat16")
+@pytest.mark.parametrize("router_dtype", ["bfloat16", "float32"])
+def test_bf16_round_trip_keeps_the_router_dtype(tmp_path, router_dtype):
+    cfg = CFG.replace(dtype="bfloat16", router_dtype=router_dtype)
     params = Params(*M.init_model(cfg, seed=1))
     ckpt.save_model(str(tmp_path / "bf16"), cfg, params)
     config, restored = ckpt.restore_model(str(tmp_path / "bf16"))
     assert config == cfg
     leaves_equal(params, restored)
     assert restored.experts[0].w_up_EDF.dtype == np.dtype("bfloat16")
+    assert restored.model.layers[1].mlp.gate.weight[...].dtype == np.dtype(router_dtype)
+
+
+def test_a_header_without_router_dtype_holds_fp32_routers(tmp_path):
+    """Checkpoints written before ModelConfig.router_dtype (the shipped tiny model among them) stored the routers'
+    weights in fp32: they restore so."""
+    cfg = CFG.replace(router_dtype="float32")
+    path = str(tmp_path / "old")
+    ckpt.save_model(path, cfg, Params(*M.init_model(cfg, seed=2)))
+    header_path = os.path.join(path, "config.json")
+    with open(header_path) as f:
+        header = json.load(f)
+    del header["model_config"]["router_dtype"]
+    with open(header_path, "w") as f:
+        json.dump(header, f)
+    config, restored = ckpt.restore_model(path)
+    assert config == cfg and restored.model.layers[1].mlp.gate.weight[...].dtype == np.float32
 
 
 def test_each_expert_row_is_its_own_file(saved):

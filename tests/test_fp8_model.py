@@ -305,13 +305,15 @@ def test_full_r1_fp8_shapes_and_scale_layout_from_the_abstract_model():
     assert sum(a.size * a.dtype.itemsize for a in slabs[0].arrays()) == 256 * cfg.expert_bytes()
 
 
+@pytest.mark.parametrize("router_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("preset", ["deepseek_r1", "deepseek_r1_released"])
-def test_planned_replicated_bytes_are_the_models(preset):
+def test_planned_replicated_bytes_are_the_models(preset, router_dtype):
     """The planner's replicated weights against the abstract model's own arrays (the MTP module and the routed
     experts are not replicated serving weights), at R1's widths with its 3 dense layers and 2 MoE layers (the
-    planner's terms are per layer); as released, every projection is FP8 in [out, in] with 128 x 128 block scales,
-    partial edge blocks included (kv_a: 576 rows = 4.5 blocks)."""
-    cfg = get_preset(preset).replace(num_hidden_layers=5)
+    planner's terms are per layer), with the routers' weights as R1 stores them (bf16) or in fp32; as released,
+    every projection is FP8 in [out, in] with 128 x 128 block scales, partial edge blocks included (kv_a: 576 rows
+    = 4.5 blocks)."""
+    cfg = get_preset(preset).replace(num_hidden_layers=5, router_dtype=router_dtype)
     model, _ = deepseek_v3.abstract_model(cfg)
     flat = nnx.to_flat_state(nnx.state(model))
     held = sum(a.size * a.dtype.itemsize for p, v in flat if p[0] != "mtp" for a in jax.tree.leaves(v.get_value()))

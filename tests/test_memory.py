@@ -17,8 +17,8 @@ def test_replicated_plus_all_local_experts_is_the_whole_model():
     cfg = deepseek_r1()
     placement = Placement.uniform(cfg.n_routed_experts, 4)
     plan = memory.plan_dwdp(cfg, placement, max_num_tokens=8192)
-    routers_fp32 = 2 * cfg.num_moe_layers * (cfg.hidden_size + 1) * cfg.n_routed_experts  # 4 bytes, not 2
-    whole = 2 * cfg.param_count() + routers_fp32
+    biases_fp32 = 2 * cfg.num_moe_layers * cfg.n_routed_experts  # 4 bytes, not 2; the routers' weights bf16
+    whole = 2 * cfg.param_count() + biases_fp32
     assert plan.replicated_weight_bytes + placement.num_ranks * plan.local_expert_bytes == whole
     assert plan.prefetch_slot_bytes == 2 * 192 * cfg.expert_params() * 2
     reference = memory.plan_reference(cfg, 8192)

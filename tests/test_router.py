@@ -1,7 +1,7 @@
 """The router's fp32 dot: fp32 products and sums (HF's gate), on bf16 tensor cores for bf16 activations
-(`fp32_dot`: the fp32 weight split exactly into three bf16 parts), never JAX's default precision, which lets NVIDIA
-GPUs take TF32; `router_precision="tensorfloat32"` is the named ablation; anything else is refused naming the
-field."""
+(`fp32_dot`: a bf16 weight, as R1 stores it, in one pass; an fp32 weight split exactly into three bf16 parts), never
+JAX's default precision, which lets NVIDIA GPUs take TF32; `router_precision="tensorfloat32"` is the named ablation;
+anything else is refused naming the field."""
 
 import dataclasses
 import re
@@ -52,20 +52,38 @@ def test_bf16_activations_get_the_fp32_product():
     assert np.linalg.norm(one - exact) / np.linalg.norm(exact) > 1e-3
 
 
+def test_a_bf16_weight_takes_one_pass_with_the_same_exact_products():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((128, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((512, 64)) * 0.05, jnp.bfloat16)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    one = np.asarray(fp32_dot.dot_f32(x, w), np.float64)
+    three = np.asarray(fp32_dot.dot_f32(x, w.astype(jnp.float32)), np.float64)  # split: two parts of zeros
+    assert np.linalg.norm(one - exact) / np.linalg.norm(exact) < 1e-6
+    assert np.linalg.norm(one - three) / np.linalg.norm(exact) < 1e-6
+    [dot] = [line for line in jax.jit(fp32_dot.dot_f32).lower(x, w).as_text().splitlines() if "dot_general" in line]
+    assert "tensor<512x64xbf16>" in dot and "-> tensor<128x64xf32>" in dot
+
+
 def test_the_router_takes_tensor_cores_in_fp32_and_tf32_only_as_the_ablation():
     cfg = C.tiny()
-    assert cfg.router_precision == "float32"
+    assert cfg.router_precision == "float32" and cfg.router_dtype == "bfloat16"  # R1's gate as the checkpoint has it
+    e = cfg.n_routed_experts
     [(types, precision)] = _router_dots(cfg, jnp.bfloat16)
-    assert types.count("bf16") == 2 and precision in ("", "DEFAULT")  # bf16 operands: the three-part split
+    assert types.endswith(f"x{e}xbf16>") and precision in ("", "DEFAULT")  # one bf16 pass
+    [(types, precision)] = _router_dots(dataclasses.replace(cfg, router_dtype="float32"), jnp.bfloat16)
+    assert types.endswith(f"x{3 * e}xbf16>") and precision in ("", "DEFAULT")  # the three-part split
     [(types, precision)] = _router_dots(cfg, jnp.float32)
     assert "bf16" not in types and precision == "HIGHEST"
     [(types, precision)] = _router_dots(dataclasses.replace(cfg, router_precision="tensorfloat32"), jnp.bfloat16)
     assert "bf16" not in types and precision == "HIGH"
 
 
-def test_an_unknown_router_precision_is_refused():
+def test_an_unknown_router_precision_or_dtype_is_refused():
     with pytest.raises(ValueError, match=r"router_precision must be one of \('float32', 'tensorfloat32'\)"):
         dataclasses.replace(C.tiny(), router_precision="bfloat16")
+    with pytest.raises(ValueError, match=r"router_dtype must be one of float32, bfloat16, float16, got 'float8'"):
+        dataclasses.replace(C.tiny(), router_dtype="float8")
 
 
 @pytest.mark.gpu

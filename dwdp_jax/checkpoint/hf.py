@@ -49,6 +49,7 @@ from models.experts import ExpertSlab
 _RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
 _SUPPORTED_DTYPES = {"F32", "BF16", "F16", *_RAW_DTYPES}
 _FP8 = "F8_E4M3"
+_ROUTER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 Read = Callable[[str], np.ndarray]  # a checkpoint tensor by name, dequantized, in its stored layout
 FP8_MODES = ("dequantize", "keep", "keep_experts")
@@ -81,6 +82,7 @@ def load_hf_checkpoint(path: str, dtype: Any = None, fp8: str = "dequantize", ex
         shards = _Shards(path, stack)
         config = config.replace(num_nextn_predict_layers=_present_mtp_layers(config, shards),
                                 fp8_experts=fp8 != "dequantize", fp8_dense=fp8 == "keep")
+        config = config.replace(router_dtype=_router_dtype(config, shards))
         if fp8 != "dequantize":
             _check_fp8_experts(shards, config, fp8_block, fp8)
         model, expert_targets = abstract_model(config)
@@ -364,6 +366,20 @@ def _present_mtp_layers(config: ModelConfig, shards: _Shards) -> int:
         raise CheckpointError(f"{shards.path}: checkpoint holds {len(present)} of the {len(prefixes)} declared MTP "
                               f"layers; no tensors under {missing}")
     return config.num_nextn_predict_layers if present else 0
+
+
+def _router_dtype(config: ModelConfig, shards: _Shards) -> str:
+    """The routers' weights as stored (DeepSeek-R1: bf16; transformers' `save_pretrained`: fp32), fp32 where the
+    layers differ; a config without MoE layers, or a checkpoint lacking a router (`_validate` names it), keeps
+    its own."""
+    names = [f"{p[:-len('experts.')]}gate.weight" for p in _expert_prefixes(config)]
+    stored = {shards.dtype(n) for n in names if n in shards.names}
+    if not stored:
+        return config.router_dtype
+    if not stored <= _ROUTER_DTYPES.keys():
+        raise CheckpointError(f"{shards.path}: the routers' weights ({names[0]}, ...) are stored as {sorted(stored)}; "
+                              f"supported: {sorted(_ROUTER_DTYPES)}")
+    return _ROUTER_DTYPES[stored.pop()] if len(stored) == 1 else "float32"
 
 
 def _mtp_copies(config: ModelConfig, shards: _Shards) -> dict[str, tuple[int, ...]]:

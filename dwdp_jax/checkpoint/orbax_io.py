@@ -271,7 +271,8 @@ def _read_header(path: str) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{config_path} has format version {header.get('version')!r}, this code reads "
                               f"{ORBAX_VERSION}")
     try:
-        fields = dict(header["model_config"])
+        # headers written before ModelConfig.router_dtype existed hold the router weights in fp32
+        fields = {"router_dtype": "float32", **header["model_config"]}
         yarn = fields.pop("rope_scaling")
         config = ModelConfig(**fields, rope_scaling=None if yarn is None else YarnConfig(**yarn))
         if not {"model", "experts"} <= header["arrays"].keys():

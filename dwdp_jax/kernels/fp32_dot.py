@@ -2,7 +2,8 @@
 parts whose sum is the weight exactly (8 significand bits each, fp32's 24 between them), the activations exact in
 bf16, so every partial product is exact in fp32 and only the sums round: the tensor cores accumulate in fp32, in
 their own order and rounding, as two fp32 GEMM libraries differ in theirs. One bf16 GEMM over the parts side by
-side, then their sum.
+side, then their sum. A bf16 weight (DeepSeek-R1's checkpoint stores the gate in bf16) is its own only part: one
+pass, the same exact products and fp32 sums, where splitting it would multiply two parts of zeros.
 
 MoE routers use it: DeepSeek-V3's HF gate runs in fp32, which a GPU computes on its CUDA cores (67 TFLOP/s peak on
 an H100 SXM: at least 1.8 ms for R1's router at 32768 tokens, 1.2e11 FLOPs) or, JAX's default there, in TF32
@@ -30,10 +31,12 @@ def split_bf16(w: jax.Array) -> list[jax.Array]:
 
 
 def dot_f32(x_TD: jax.Array, w_DE: jax.Array) -> jax.Array:
-    """x @ w in fp32 [T, E]: bf16 x on the three-part split (see the module docstring), other dtypes as one fp32
-    dot at precision HIGHEST."""
+    """x @ w in fp32 [T, E]: bf16 x with a bf16 w in one bf16 pass, with another w on the three-part split (see
+    the module docstring), other dtypes as one fp32 dot at precision HIGHEST."""
     if x_TD.dtype != jnp.bfloat16:
         return jnp.dot(x_TD.astype(jnp.float32), w_DE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    if w_DE.dtype == jnp.bfloat16:
+        return jnp.dot(x_TD, w_DE, preferred_element_type=jnp.float32)
     e = w_DE.shape[1]
     out_TPE = jnp.dot(x_TD, jnp.concatenate(split_bf16(w_DE), axis=1),
                       preferred_element_type=jnp.float32).reshape(-1, PARTS, e)
