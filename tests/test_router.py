@@ -40,27 +40,31 @@ def test_the_weight_splits_exactly_into_three_bf16_parts():
     np.testing.assert_array_equal(total, w.astype(np.float64))
 
 
-def test_bf16_activations_get_the_fp32_product():
-    rng = np.random.default_rng(1)
+def _operands(seed: int, w_dtype):
+    """bf16 activations, a weight in `w_dtype` and their float64 product."""
+    rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((128, 512)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((512, 64)) * 0.05, jnp.float32)
-    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    got = np.asarray(fp32_dot.dot_f32(x, w), np.float64)
-    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 1e-6
+    w = jnp.asarray(rng.standard_normal((512, 64)) * 0.05, w_dtype)
+    return x, w, np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+
+def _rel(a, b) -> float:
+    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+def test_bf16_activations_get_the_fp32_product():
+    x, w, exact = _operands(1, jnp.float32)
+    assert _rel(fp32_dot.dot_f32(x, w), exact) < 1e-6
     # a single bf16 pass (the weight rounded) is three orders of magnitude off
-    one = np.asarray(jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32), np.float64)
-    assert np.linalg.norm(one - exact) / np.linalg.norm(exact) > 1e-3
+    assert _rel(jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32), exact) > 1e-3
 
 
 def test_a_bf16_weight_takes_one_pass_with_the_same_exact_products():
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((128, 512)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((512, 64)) * 0.05, jnp.bfloat16)
-    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    one = np.asarray(fp32_dot.dot_f32(x, w), np.float64)
+    x, w, exact = _operands(2, jnp.bfloat16)
+    one = fp32_dot.dot_f32(x, w)
+    assert _rel(one, exact) < 1e-6
     three = np.asarray(fp32_dot.dot_f32(x, w.astype(jnp.float32)), np.float64)  # split: two parts of zeros
-    assert np.linalg.norm(one - exact) / np.linalg.norm(exact) < 1e-6
-    assert np.linalg.norm(one - three) / np.linalg.norm(exact) < 1e-6
+    assert _rel(one, three) < 1e-6
     [dot] = [line for line in jax.jit(fp32_dot.dot_f32).lower(x, w).as_text().splitlines() if "dot_general" in line]
     assert "tensor<512x64xbf16>" in dot and "-> tensor<128x64xf32>" in dot
 
