@@ -119,12 +119,17 @@ def _sweep(name: str, kernel: str, padded, real: int, k: int, n: int, fused: boo
     return sweep, max(timed, key=timed.get), before
 
 
+def _padded(sizes):
+    """Each group's rows padded to --align, as the model lays them out."""
+    return -(-sizes // _ALIGN.value) * _ALIGN.value
+
+
 def _problem(name: str, sizes, k: int, n: int, fused: bool, failed: list[str]) -> tuple[dict, dict]:
     """(metrics, raw) of one projection; a kernel whose error is past --rel_tol is appended to `failed`, and the
     projection then gets no rounds."""
     kind = jax.devices()[0].device_kind
     real, cols = int(sizes.sum()), 2 * n if fused else n
-    padded = -(-sizes // _ALIGN.value) * _ALIGN.value
+    padded = _padded(sizes)
     metrics, raw, best, before = {}, {}, {}, {}
     slabs = slab_counts(len(padded), _SLABS.value)
     failed_before = len(failed)
@@ -213,9 +218,8 @@ def main(argv):
         print("bench_fp8_gemm: needs a GPU", file=sys.stderr)
         sys.exit(2)
     sizes = gb.skewed_group_sizes(_ROWS.value, _EXPERTS.value, _SKEW.value)
-    computed = int((-(-sizes // _ALIGN.value) * _ALIGN.value).sum())  # the kernels compute the padding rows too
-    metrics = {"group_max_over_mean": float(sizes.max() / sizes.mean()),
-               "computed_rows_over_real": computed / int(sizes.sum())}
+    metrics = {"group_max_over_mean": float(sizes.max() / sizes.mean()),  # the kernels compute the padding too
+               "computed_rows_over_real": int(_padded(sizes).sum()) / int(sizes.sum())}
     raw, failed = {}, []
     config = {"rows": _ROWS.value, "experts": _EXPERTS.value, "slabs": _SLABS.value, "skew": _SKEW.value,
               "align": _ALIGN.value,

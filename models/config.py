@@ -120,11 +120,10 @@ class ModelConfig:
                              f"{self.topk_group * group_size}], got {self.num_experts_per_tok}")
         if self.routed_scaling_factor <= 0 or self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("ModelConfig.routed_scaling_factor, rms_norm_eps and rope_theta must be > 0")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"ModelConfig.dtype must be one of float32, bfloat16, float16, got {self.dtype!r}")
-        if self.router_dtype not in DTYPE_BYTES:
-            raise ValueError(f"ModelConfig.router_dtype must be one of float32, bfloat16, float16, "
-                             f"got {self.router_dtype!r}")
+        for name in ("dtype", "router_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise ValueError(f"ModelConfig.{name} must be one of {', '.join(DTYPE_BYTES)}, "
+                                 f"got {getattr(self, name)!r}")
         if self.router_precision not in ROUTER_PRECISIONS:
             raise ValueError(f"ModelConfig.router_precision must be one of {ROUTER_PRECISIONS}, "
                              f"got {self.router_precision!r}")
