@@ -373,13 +373,14 @@ def _router_dtype(config: ModelConfig, shards: _Shards) -> str:
     layers differ; a config without MoE layers, or a checkpoint lacking a router (`_validate` names it), keeps
     its own."""
     names = [f"{p[:-len('experts.')]}gate.weight" for p in _expert_prefixes(config)]
-    stored = {shards.dtype(n) for n in names if n in shards.names}
+    stored = {n: shards.dtype(n) for n in names if n in shards.names}
     if not stored:
         return config.router_dtype
-    if not stored <= _ROUTER_DTYPES.keys():
-        raise CheckpointError(f"{shards.path}: the routers' weights ({names[0]}, ...) are stored as {sorted(stored)}; "
-                              f"supported: {sorted(_ROUTER_DTYPES)}")
-    return _ROUTER_DTYPES[stored.pop()] if len(stored) == 1 else "float32"
+    if bad := {n: d for n, d in stored.items() if d not in _ROUTER_DTYPES}:
+        raise CheckpointError(f"{shards.path}: router weights stored as {bad}; supported dtypes: "
+                              f"{sorted(_ROUTER_DTYPES)}")
+    dtypes = set(stored.values())
+    return _ROUTER_DTYPES[dtypes.pop()] if len(dtypes) == 1 else "float32"
 
 
 def _mtp_copies(config: ModelConfig, shards: _Shards) -> dict[str, tuple[int, ...]]:
